@@ -1,0 +1,154 @@
+"""A model dir: ``config.json`` (lmforge ModelConfig) + ``model.safetensors`` (sharded with an index
+above a size limit) + tokenizer files. Loading never unpickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import UserError, from_dict, to_dict
+from lmforge.models.config import ModelConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without the tied duplicate (safetensors refuses shared storage)."""
+    sd = model.state_dict()
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    return sd
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], directory: str | os.PathLike,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None,
+                 weights_name: str = WEIGHTS_NAME) -> list[str]:
+    """Write safetensors into ``directory`` (one file, or shards + an index). Returns the file names."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / weights_name), metadata=meta)
+        return [weights_name]
+    stem = weights_name.removesuffix(".safetensors")
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=meta)
+        names.append(name)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names + [f"{stem}.safetensors.index.json"]
+
+
+def load_weights(directory: str | os.PathLike, weights_name: str = WEIGHTS_NAME) -> dict[str, torch.Tensor]:
+    """Read a single or sharded safetensors checkpoint (never pickle)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    single = directory / weights_name
+    index = directory / (weights_name.removesuffix(".safetensors") + ".safetensors.index.json")
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        out: dict[str, torch.Tensor] = {}
+        for name in sorted(set(weight_map.values())):
+            path = directory / name
+            if not path.is_file():
+                raise UserError(f"shard '{path}' named in {index.name} is missing; re-export the model")
+            out.update(load_file(str(path)))
+        return out
+    raise UserError(f"'{directory}' holds no {weights_name} (or its index); pass a model dir "
+                    "written by lmforge (RUN/model, `lmforge import`)")
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise UserError(f"'{directory}' is not a model dir: {CONFIG_NAME} is missing "
+                        "(for a Hugging Face checkpoint run `lmforge import --hf DIR --out DIR` first)")
+    data = json.loads(path.read_text())
+    data = data.get("model", data)
+    return from_dict(ModelConfig, data, prefix="model")
+
+
+def save_model_dir(model: torch.nn.Module, directory: str | os.PathLike, tokenizer_dir: str | None = None,
+                   extra: dict[str, Any] | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a complete model dir atomically: build it in a temp dir beside the target, then rename."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
+    try:
+        cfg_json = {"model": to_dict(model.cfg), "lmforge_version": __import__("lmforge").__version__}
+        cfg_json.update(extra or {})
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg_json, indent=2))
+        save_weights(unique_state_dict(model), tmp, max_shard_bytes)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "lmforge_tokenizer.json", "chat_template.jinja")
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        p = Path(src) / name
+        if p.is_file():
+            shutil.copy2(p, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32):
+    """Build the model from ``config.json`` and load its weights (strict: missing or extra keys fail)."""
+    from lmforge.models.transformer import build_model
+
+    cfg = read_config(directory)
+    model = build_model(cfg, device=device, dtype=dtype, init=False)
+    sd = load_weights(directory)
+    if cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "output.weight")]
+    if missing or unexpected:
+        raise UserError(f"weights in '{directory}' do not match its config.json: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}; re-export the model dir")
+    model.tie_weights()
+    return model

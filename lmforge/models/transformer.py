@@ -1,0 +1,258 @@
+"""The Transformer, as single-device code.
+
+Parallelism (tensor parallel, activation checkpointing, compile, FSDP2) is applied from outside
+(`lmforge.distributed`); adapters and heads are injected (`lmforge.models.lora`, `.heads`).
+Module names are stable: they are the checkpoint keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.config import ModelConfig
+from lmforge.models.positional import apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_table
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+
+def reference_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0, training=False):
+    """softmax(Q Kᵀ / √d_k) V, written out; the fast path is held to this by tests.
+
+    q: (B, H, T, d), k/v: (B, H, S, d), mask: bool (B|1, 1|H, T, S), True = may attend.
+    """
+    d_k = q.size(-1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (B, H, T, S)
+    if is_causal:
+        t, s = scores.shape[-2:]
+        causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0 and training:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v  # (B, H, T, d)
+
+
+class Attention(nn.Module):
+    """Multi-head (and grouped-query) self-attention with output projection W^O."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.dim, cfg.q_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=qkv_bias)
+        self.wo = nn.Linear(cfg.q_dim, cfg.dim, bias=cfg.bias)
+
+    def forward(self, x, rope=None, mask=None, cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        # Heads are read from the projected width so a tensor-parallel shard (fewer local heads) works too.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, KV, S, d), S = cached + T
+        S = k.size(2)
+        causal = self.cfg.causal
+        if causal and S != T and mask is None:  # a chunk after cached tokens: offset causal mask
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)[None, None]
+            causal = False
+        elif causal and mask is not None:  # fold causality into the explicit mask
+            mask = mask & torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            causal = False
+        p = self.cfg.dropout if self.training else 0.0
+        if self.cfg.attention == "reference":
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = reference_attention(q, k, v, mask, causal, p, self.training)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, enable_gqa=q.size(1) != k.size(1)
+            )
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*d)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN: w2(act(w1 x)) or, for SwiGLU, w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.activation = cfg.activation
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)
+        if cfg.activation == "swiglu":
+            self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.activation == "swiglu":
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.activation == "relu":
+            return self.w2(F.relu(self.w1(x)))
+        approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+        return self.w2(F.gelu(self.w1(x), approximate=approximate))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = make_norm(cfg)
+        self.ffn_norm = make_norm(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, mask=None, cache=None):
+        if self.pre_norm:
+            x = x + self.dropout(self.attention(self.attention_norm(x), rope, mask, cache, self.layer_idx))
+            return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, rope, mask, cache, self.layer_idx)))
+        return self.ffn_norm(x + self.dropout(self.feed_forward(x)))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM (causal) or encoder (bidirectional), selected by the config."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if cfg.pos_encoding == "learned":
+            self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        if cfg.type_vocab_size:
+            self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.dim)
+        if cfg.embedding_norm:
+            self.embedding_norm = make_norm(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        if cfg.final_norm:
+            self.norm = make_norm(cfg)
+        if cfg.lm_head:
+            self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Derived, not learned: rebuilt by init_weights() / init_buffers(), never checkpointed.
+        if cfg.pos_encoding == "rope":
+            self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.pos_encoding == "sinusoidal":
+            self.register_buffer("sinusoidal", sinusoidal_table(cfg.max_seq_len, cfg.dim), persistent=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    # ---- initialization ------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re)compute the derived buffers in fp32 on the weights' device (after `to_empty`/`.to(dtype)`)."""
+        device = self.tok_embeddings.weight.device
+        if self.cfg.pos_encoding == "rope":
+            self.register_buffer("rope_inv_freq", rope_inv_freq(self.cfg).to(device), persistent=False)
+        if self.cfg.pos_encoding == "sinusoidal":
+            table = sinusoidal_table(self.cfg.max_seq_len, self.cfg.dim).to(device)
+            self.register_buffer("sinusoidal", table, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, std) weights; output projections (wo, w2) scaled by 1/√(2·layers) (GPT-2)."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.tok_embeddings.weight.device).manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                s = out_std if name.endswith((".wo", ".w2")) else std
+                _normal(module.weight, s, gen)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                _normal(module.weight, std, gen)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                if module.weight is not None:
+                    module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        self.tie_weights()
+        self.init_buffers()
+
+    # ---- forward -------------------------------------------------------------------------------
+    def hidden_states(self, tokens, positions=None, mask=None, cache=None, token_type_ids=None):
+        """tokens (B, T) -> final hidden states (B, T, dim).
+
+        positions: (B, T) absolute positions (default: cache offset + arange). mask: bool
+        (B, 1, T, S), True = may attend (padding / document boundaries); causality is added here.
+        cache: a `lmforge.generate.KVCache`; its length advances by T.
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        if self.cfg.embed_scale:
+            h = h * math.sqrt(self.cfg.dim)
+        if self.cfg.pos_encoding == "learned":
+            h = h + self.pos_embeddings(positions)
+        elif self.cfg.pos_encoding == "sinusoidal":
+            h = h + self.sinusoidal[positions].to(h.dtype)
+        if self.cfg.type_vocab_size:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(tokens)
+            h = h + self.token_type_embeddings(token_type_ids)
+        if self.cfg.embedding_norm:
+            h = self.embedding_norm(h)
+        h = self.dropout(h)
+        rope = rope_cos_sin(self.rope_inv_freq, positions, h.dtype) if self.cfg.pos_encoding == "rope" else None
+        for layer in self.layers:
+            h = layer(h, rope, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        if self.cfg.final_norm:
+            h = self.norm(h)
+        return h
+
+    def forward(self, tokens, positions=None, mask=None, cache=None, token_type_ids=None):
+        """tokens (B, T) -> logits (B, T, vocab) (hidden states when the model has no LM head)."""
+        h = self.hidden_states(tokens, positions, mask, cache, token_type_ids)
+        return self.output(h) if self.cfg.lm_head else h
+
+
+def _normal(t: torch.Tensor, std: float, gen: torch.Generator | None) -> None:
+    nn.init.trunc_normal_(t, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=gen)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int | None = None, init: bool = True) -> Transformer:
+    """Build on the meta device (no memory), materialize on `device`, then initialize.
+
+    With ``init=False`` the weights are left uninitialized (for loading a checkpoint right after).
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
+    if init:
+        model.init_weights(seed)
+    else:
+        model.init_buffers()
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
