@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from lmforge.config import ConfigError
+from lmforge.models import ModelConfig, build_model
+from lmforge.models.lora import LoraConfig, LoRALinear, apply_lora, lora_state_dict, merge_lora
+
+
+def tiny():
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=32)
+    return build_model(cfg, seed=0)
+
+
+def test_fresh_adapters_leave_outputs_unchanged_and_only_adapters_train():
+    model = tiny()
+    x = torch.randint(0, 64, (2, 10))
+    before = model(x)
+    info = apply_lora(model, LoraConfig(rank=4, alpha=8, targets=["wq", "wv"]))
+    assert info["adapted_modules"] == 4
+    torch.testing.assert_close(model(x), before)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert info["trainable"] == 4 * 4 * (32 + 32)
+    assert 0 < info["trainable"] / info["total"] < 0.1
+
+
+def test_merge_equals_unmerged_after_training():
+    model = tiny()
+    apply_lora(model, LoraConfig(rank=4, alpha=16, targets=["all-linear"]))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randint(0, 64, (4, 12))
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    unmerged = model(x)
+    assert lora_state_dict(model)
+    assert merge_lora(model) == 2 * 7
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+    assert set(model.state_dict()) == set(tiny().state_dict())  # plain checkpoint keys again
+
+
+def test_state_dict_keeps_base_keys():
+    model = tiny()
+    base_keys = set(model.state_dict())
+    apply_lora(model, LoraConfig())
+    keys = set(model.state_dict())
+    assert base_keys <= keys
+    assert all(".lora_" in k for k in keys - base_keys)
+
+
+def test_bad_targets():
+    with pytest.raises(ConfigError, match="lora.targets"):
+        apply_lora(tiny(), LoraConfig(targets=["qkv"]))
+    with pytest.raises(ConfigError, match="lora.rank"):
+        LoraConfig(rank=0)
