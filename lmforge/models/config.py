@@ -47,6 +47,7 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on q/k/v only (Qwen2)
     dropout: float = 0.0  # embeddings, attention probabilities, residual branches
     causal: bool = True  # False = bidirectional encoder (BERT)
+    sliding_window: int | None = None  # causal attention to the last W keys only (Mistral v0.1); None = all
     embed_scale: bool = False  # multiply token embeddings by sqrt(dim) (Vaswani et al.)
     embedding_norm: bool = False  # norm after the embedding sum (BERT)
     final_norm: bool | None = None  # None = True for pre-norm, False for post-norm
@@ -77,6 +78,10 @@ class ModelConfig:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even for rope")
         if self.pos_encoding == "sinusoidal" and self.dim % 2:
             raise ConfigError(f"model.dim={self.dim} must be even for sinusoidal positions")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"model.sliding_window={self.sliding_window} must be positive (or null for full attention)")
+        if self.sliding_window is not None and not self.causal:
+            raise ConfigError("model.sliding_window needs a causal model; set model.sliding_window=null")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.tie_embeddings and not self.lm_head:

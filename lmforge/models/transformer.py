@@ -67,12 +67,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, KV, S, d), S = cached + T
         S = k.size(2)
-        causal = self.cfg.causal
-        if causal and S != T and mask is None:  # a chunk after cached tokens: offset causal mask
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)[None, None]
-            causal = False
-        elif causal and mask is not None:  # fold causality into the explicit mask
-            mask = mask & torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        causal, window = self.cfg.causal, self.cfg.sliding_window
+        if causal and (S != T or mask is not None or (window is not None and S > window)):
+            # Explicit mask: causality offset by the cached keys (query t sits at key index S-T+t),
+            # folded into the caller's mask, and limited to the last `window` keys (Mistral).
+            allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            if window is not None:
+                allowed = allowed.triu(diagonal=S - T - window + 1)
+            mask = allowed[None, None] if mask is None else mask & allowed
             causal = False
         p = self.cfg.dropout if self.training else 0.0
         if self.cfg.attention == "reference":
