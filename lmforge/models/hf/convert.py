@@ -1,0 +1,359 @@
+"""Moving tensors between a Hugging Face checkpoint and an lmforge model dir.
+
+Conversion never changes a value: tensors keep their dtype and bytes (GPT-2's Conv1D weights are
+transposed, its fused ``c_attn`` split / concatenated), so import → export reproduces every tensor bit for
+bit. Reading never unpickles except ``pytorch_model.bin`` through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from lmforge.config import UserError, to_dict
+from lmforge.models.config import ModelConfig
+from lmforge.models.hf.families import (FAMILIES, Family, family_for_hf_config, family_for_model_config,
+                                        hf_to_model_config, model_config_to_hf)
+
+HF_CONFIG = "config.json"
+HF_GENERATION_CONFIG = "generation_config.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---- reading a HF checkpoint -------------------------------------------------------------------------
+def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(hf_dir) / HF_CONFIG
+    if not Path(hf_dir).is_dir():
+        raise UserError(f"Hugging Face model dir '{hf_dir}' does not exist; pass a local directory "
+                        "(lmforge never downloads: use `huggingface-cli download` first)")
+    if not path.is_file():
+        raise UserError(f"'{hf_dir}' has no {HF_CONFIG}; pass a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"'{path}' is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses arbitrary pickles: say so instead of a traceback
+        raise UserError(f"'{path}' cannot be read safely ({type(e).__name__}); convert it to safetensors "
+                        "with a trusted tool first") from None
+
+
+def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a HF checkpoint: model.safetensors, sharded safetensors + index, or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    d = Path(hf_dir)
+    candidates = [("model.safetensors", load_file), ("pytorch_model.bin", _load_bin)]
+    for name, loader in candidates:
+        if (d / name).is_file():
+            return loader(d / name) if loader is _load_bin else loader(str(d / name))
+        index = d / f"{name.rsplit('.', 1)[0]}.{name.rsplit('.', 1)[1]}.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            out: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                p = d / shard
+                if not p.is_file():
+                    raise UserError(f"shard '{p}' named in {index.name} is missing; download it too")
+                out.update(load_file(str(p)) if loader is load_file else _load_bin(p))
+            return out
+    raise UserError(f"'{hf_dir}' holds no model.safetensors, sharded safetensors index or pytorch_model.bin")
+
+
+def read_hf_checkpoint(hf_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    return read_hf_config(hf_dir), read_hf_weights(hf_dir)
+
+
+# ---- state-dict adapters ---------------------------------------------------------------------------
+def _expected_keys(cfg: ModelConfig) -> list[str]:
+    """The backbone's checkpoint keys (the tied output weight excluded), from a model built on meta."""
+    from lmforge.models.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    keys = list(model.state_dict())
+    return [k for k in keys if not (cfg.tie_embeddings and k == "output.weight")]
+
+
+def _split_param(lm_key: str) -> tuple[str, str]:
+    module, _, param = lm_key.rpartition(".")
+    return module, param
+
+
+def _fused_sizes(cfg: ModelConfig) -> list[int]:
+    return [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]
+
+
+def hf_to_lmforge_state_dict(family: Family, cfg: ModelConfig, hf_sd: dict[str, torch.Tensor]
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """HF tensors → (backbone state dict, heads state dict, dropped HF keys). Strict: a tensor the family
+    does not know, or a missing one, is an error naming it."""
+    canon: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for k, v in hf_sd.items():
+        c = family.normalize_key(k)
+        if c is None:
+            dropped.append(k)
+        else:
+            canon[c] = v
+    if cfg.tie_embeddings and "lm_head.weight" in canon and family.modules.get("output") == "lm_head":
+        canon.pop("lm_head.weight")  # tied: the embedding is the head (some checkpoints store both)
+        dropped.append("lm_head.weight")
+    used: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+    for lm_key in _expected_keys(cfg):
+        module, param = _split_param(lm_key)
+        entry = family.module_entry(module)
+        if entry is None:
+            raise UserError(f"{family.name}: no Hugging Face name for lmforge tensor '{lm_key}'")
+        hf_module, layout = entry
+        hf_key = f"{hf_module}.{param}"
+        if hf_key not in canon:
+            raise UserError(f"{family.name} checkpoint is missing '{hf_key}' (needed for '{lm_key}'); "
+                            "the checkpoint and its config.json disagree")
+        t = canon[hf_key]
+        used.add(hf_key)
+        if isinstance(layout, tuple):  # ("fused", part, "conv1d"): a slice of GPT-2's c_attn
+            _, part, inner = layout
+            full = t.t() if (inner == "conv1d" and param == "weight") else t
+            sizes = _fused_sizes(cfg)
+            start = sum(sizes[:part])
+            t = full[start:start + sizes[part]]
+        elif layout == "conv1d" and param == "weight":
+            t = t.t()
+        out[lm_key] = t.contiguous()
+    heads: dict[str, torch.Tensor] = {}
+    for lm_key, hf_key in family.head_keys.items():
+        if hf_key in canon:
+            heads[lm_key] = canon[hf_key]
+            used.add(hf_key)
+    unknown = sorted(set(canon) - used)
+    if unknown:
+        raise UserError(f"{family.name} checkpoint has tensors lmforge does not know: {unknown[:4]}"
+                        f"{' …' if len(unknown) > 4 else ''}; is config.json from the same model?")
+    for name in {k.split(".")[0] for k in heads}:
+        need = [k for k in family.head_keys if k.startswith(name + ".")]
+        missing = [k for k in need if k not in heads]
+        if missing:
+            raise UserError(f"{family.name} checkpoint has part of the '{name}' head but lacks "
+                            f"{[family.head_keys[k] for k in missing]}")
+    return out, heads, dropped
+
+
+def lmforge_to_hf_state_dict(family: Family, cfg: ModelConfig, sd: dict[str, torch.Tensor],
+                             heads: dict[str, torch.Tensor] | None = None, prefix: str = ""
+                             ) -> dict[str, torch.Tensor]:
+    """lmforge backbone (+ heads) tensors → HF tensors. ``prefix`` goes before backbone keys
+    (``bert.`` for BertForMaskedLM)."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[int, torch.Tensor]] = {}
+    for lm_key in _expected_keys(cfg):
+        if lm_key not in sd:
+            raise UserError(f"model weights lack '{lm_key}'; the model dir is incomplete")
+        module, param = _split_param(lm_key)
+        entry = family.module_entry(module)
+        if entry is None:
+            raise UserError(f"lmforge tensor '{lm_key}' has no {family.name} equivalent")
+        hf_module, layout = entry
+        hf_key = ("" if hf_module == "lm_head" else prefix) + f"{hf_module}.{param}"
+        t = sd[lm_key]
+        if isinstance(layout, tuple):
+            _, part, inner = layout
+            fused.setdefault(hf_key, {})[part] = t
+            if len(fused[hf_key]) == 3:
+                full = torch.cat([fused[hf_key][i] for i in range(3)], dim=0)
+                out[hf_key] = (full.t() if inner == "conv1d" and param == "weight" else full).contiguous()
+            continue
+        if layout == "conv1d" and param == "weight":
+            t = t.t()
+        out[hf_key] = t.contiguous()
+    for lm_key, t in (heads or {}).items():
+        if lm_key not in family.head_keys:
+            raise UserError(f"head tensor '{lm_key}' has no {family.name} equivalent")
+        hf_key = family.head_keys[lm_key]
+        if hf_key.startswith("pooler."):
+            hf_key = prefix + hf_key
+        out[hf_key] = t.contiguous()
+    return out
+
+
+# ---- model dirs ------------------------------------------------------------------------------------
+@contextmanager
+def _atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory beside ``out`` and rename it into place only when complete."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _check_out(src: Path, out: Path) -> None:
+    if out.resolve() == src.resolve():
+        raise UserError(f"--out '{out}' is the source directory; write to a new directory")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' exists and is not a directory")
+
+
+def _hf_dtype_name(t: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(t, str(t).removeprefix("torch."))
+
+
+def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
+              max_shard_bytes: int | None = None) -> dict[str, Any]:
+    """Convert a Hugging Face checkpoint dir into an lmforge model dir. Returns a summary."""
+    from lmforge.models.hf import tokenizer_files
+    from lmforge.models.model_dir import DEFAULT_SHARD_BYTES, save_weights
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    _check_out(hf_dir, out)
+    hf_cfg = read_hf_config(hf_dir)
+    family = family_for_hf_config(hf_cfg)
+    cfg = hf_to_model_config(hf_cfg, family)
+    sd, heads, dropped = hf_to_lmforge_state_dict(family, cfg, read_hf_weights(hf_dir))
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+        sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
+        heads = {k: v.to(DTYPES[dtype]) for k, v in heads.items()}
+    head_names = sorted({k.split(".")[0] for k in heads})
+    generation = {}
+    if (hf_dir / HF_GENERATION_CONFIG).is_file():
+        generation = json.loads((hf_dir / HF_GENERATION_CONFIG).read_text())
+    n_params = sum(v.numel() for v in sd.values()) + sum(v.numel() for v in heads.values())
+    with _atomic_dir(out) as tmp:
+        from safetensors.torch import save_file
+
+        record = {"family": family.name, "architecture": (hf_cfg.get("architectures") or [None])[0],
+                  "config": hf_cfg, "generation_config": generation}
+        cfg_json = {"model": to_dict(cfg), "lmforge_version": __import__("lmforge").__version__, "hf": record}
+        if head_names:
+            cfg_json["heads"] = head_names
+        (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2, ensure_ascii=False))
+        files = save_weights(sd, tmp, max_shard_bytes or DEFAULT_SHARD_BYTES)
+        if heads:
+            from lmforge.models.heads import HEADS_NAME
+
+            save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / HEADS_NAME), metadata={"format": "pt"})
+            files.append(HEADS_NAME)
+        tok = tokenizer_files.import_tokenizer(hf_dir, tmp, hf_cfg, generation, cfg)
+    dtypes = sorted({_hf_dtype_name(v.dtype) for v in sd.values()})
+    return {"family": family.name, "architecture": record["architecture"], "out": str(out), "params": n_params,
+            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "heads": head_names, "files": files,
+            "tokenizer": tok, "dropped": dropped}
+
+
+def _read_model_dir_json(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"'{model_dir}' is not an lmforge model dir: config.json is missing")
+    data = json.loads(path.read_text())
+    if "model" not in data and "model_type" in data:
+        raise UserError(f"'{model_dir}' is a Hugging Face model dir, not an lmforge one; "
+                        f"run `lmforge import --hf {model_dir} --out DIR` first")
+    return data
+
+
+def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | None = None,
+              dtype: str | None = None, max_shard_bytes: int | None = None) -> dict[str, Any]:
+    """Write a Hugging Face model dir (config.json, generation_config.json, safetensors, tokenizer files)."""
+    from lmforge.models.heads import HEADS_NAME, head_names
+    from lmforge.models.hf import tokenizer_files
+    from lmforge.models.model_dir import DEFAULT_SHARD_BYTES, load_weights, read_config, save_weights
+
+    model_dir, out = Path(model_dir), Path(out)
+    _check_out(model_dir, out)
+    data = _read_model_dir_json(model_dir)
+    if data.get("task") == "classify":
+        raise UserError(f"'{model_dir}' is a classifier model dir; export supports language models and "
+                        "encoders (export the base model instead)")
+    cfg = read_config(model_dir)
+    record = data.get("hf") or {}
+    if family is not None:
+        if family not in FAMILIES:
+            raise UserError(f"--family {family} is not one of {', '.join(FAMILIES)}")
+        fam = FAMILIES[family]
+    elif record.get("family") in FAMILIES:
+        fam = FAMILIES[record["family"]]
+    else:
+        fam = family_for_model_config(cfg)
+    sd = load_weights(model_dir)
+    if cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    heads: dict[str, torch.Tensor] = {}
+    names = head_names(model_dir)
+    if names:
+        from safetensors.torch import load_file
+
+        if not (model_dir / HEADS_NAME).is_file():
+            raise UserError(f"'{model_dir}' lists heads {names} but {HEADS_NAME} is missing")
+        heads = load_file(str(model_dir / HEADS_NAME))
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+        sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
+        heads = {k: v.to(DTYPES[dtype]) for k, v in heads.items()}
+    base = dict(record.get("config") or {}) if record.get("family") == fam.name else {}
+    arch = _export_architecture(fam, base, heads)
+    prefix = "bert." if arch in ("BertForMaskedLM", "BertForPreTraining") else ""
+    if fam.name == "bert" and arch == "BertModel":
+        heads = {k: v for k, v in heads.items() if k.startswith("pooler.")}
+    hf_sd = lmforge_to_hf_state_dict(fam, cfg, sd, heads, prefix)
+    hf_cfg = model_config_to_hf(cfg, fam, base)
+    hf_cfg["architectures"] = [arch]
+    weight_dtype = next(iter(sd.values())).dtype
+    hf_cfg.pop("dtype", None)
+    hf_cfg["torch_dtype"] = _hf_dtype_name(weight_dtype)
+    try:
+        import transformers
+
+        hf_cfg["transformers_version"] = transformers.__version__
+    except ImportError:
+        hf_cfg.setdefault("transformers_version", "4.45.0")
+    with _atomic_dir(out) as tmp:
+        tok = tokenizer_files.export_tokenizer(model_dir, tmp, cfg, hf_cfg)
+        (tmp / HF_CONFIG).write_text(json.dumps(dict(sorted(hf_cfg.items())), indent=2, ensure_ascii=False) + "\n")
+        if cfg.causal:
+            gen = dict(record.get("generation_config") or {})
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if hf_cfg.get(key) is not None:
+                    gen.setdefault(key, hf_cfg[key])
+            gen["transformers_version"] = hf_cfg["transformers_version"]
+            (tmp / HF_GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
+        files = save_weights(hf_sd, tmp, max_shard_bytes or DEFAULT_SHARD_BYTES)
+    return {"family": fam.name, "architecture": arch, "out": str(out), "files": files,
+            "dtype": hf_cfg["torch_dtype"], "tokenizer": tok,
+            "params": sum(v.numel() for v in hf_sd.values())}
+
+
+def _export_architecture(fam: Family, base: dict[str, Any], heads: dict[str, torch.Tensor]) -> str:
+    archs = base.get("architectures") or []
+    if fam.name == "bert":
+        has_mlm = any(k.startswith("mlm.") for k in heads)
+        if has_mlm:
+            return "BertForMaskedLM"
+        return "BertModel"
+    if archs and archs[0] in fam.architectures:
+        return archs[0]
+    return fam.architectures[0]
