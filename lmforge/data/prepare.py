@@ -1,0 +1,395 @@
+"""``prepare``: text -> cleaned, deduplicated, tokenized, EOS-joined token shards + ``index.json``.
+
+Pipeline (streaming; memory does not grow with the corpus except the dedup tables, 8 bytes per kept
+document for exact dedup and ~0.6 KB for near dedup):
+
+1. inputs are resolved in a fixed order and cut into *tasks*: groups of small local files (the worker
+   reads them) or batches of ~1 MB of documents streamed by the main process from big files, URLs,
+   compressed files and datasets;
+2. each task is cleaned and tokenized in a worker process (``workers`` > 1) or in-process: PII
+   scrubbing, empty / short removal, normalized-text hash, MinHash signature (``dedup="near"``),
+   ``encode_batch``;
+3. the main process takes results *in task order*, drops exact and near duplicates, assigns each
+   document to train/val from (seed, text hash), and appends its tokens + EOS to the split's shard.
+
+So shards are byte-identical whatever ``workers`` is. Output is built in a temp dir beside ``out_dir``
+and renamed into place at the end: a failed run leaves no half-written dir.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from lmforge.config import UserError
+from lmforge.console import info
+from lmforge.data import clean
+from lmforge.data.shards import FORMAT, INDEX_NAME, dtype_for_vocab
+from lmforge.data.sources import TXT_MODES, ReadStats, file_format, file_size, iter_file_documents, resolve_inputs
+
+DEDUP_MODES = ("exact", "near", "none")
+SMALL_FILE = 4 << 20  # local files up to this size are read by the workers themselves
+TASK_BYTES = 1 << 20  # ~text per task
+
+
+@dataclass
+class TaskConfig:
+    tokenizer_dir: str
+    text_field: str = "text"
+    txt_mode: str = "file"
+    min_chars: int = 16
+    pii: bool = False
+    near: bool = False
+    add_bos: bool = False
+
+
+@dataclass
+class TaskResult:
+    keys: list[int] = field(default_factory=list)  # normalized-text hash per kept document
+    lengths: list[int] = field(default_factory=list)  # tokens per kept document (without EOS)
+    tokens: np.ndarray | None = None  # all kept documents' tokens, concatenated
+    sigs: np.ndarray | None = None  # (docs, num_perm) MinHash signatures
+    removed_empty: int = 0
+    removed_short: int = 0
+    pii_emails: int = 0
+    pii_phones: int = 0
+    chars: int = 0
+    stats: ReadStats = field(default_factory=ReadStats)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_state(cfg: TaskConfig) -> dict[str, Any]:
+    if _WORKER.get("dir") != cfg.tokenizer_dir:
+        from lmforge.tokenizer import load_tokenizer
+
+        _WORKER.clear()
+        _WORKER.update(dir=cfg.tokenizer_dir, tok=load_tokenizer(cfg.tokenizer_dir),
+                       minhash=clean.MinHasher())
+    return _WORKER
+
+
+def _init_worker() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+
+
+def process_task(task: tuple[str, list[str]], cfg: TaskConfig) -> TaskResult:
+    """Clean + hash + tokenize one task (runs in a worker process)."""
+    state = _worker_state(cfg)
+    tok, minhash = state["tok"], state["minhash"]
+    res = TaskResult()
+    kind, items = task
+    if kind == "files":
+        docs: list[str] = []
+        for path in items:
+            docs.extend(iter_file_documents(path, cfg.text_field, cfg.txt_mode, res.stats))
+    else:
+        docs = items
+    kept: list[str] = []
+    sigs = []
+    for doc in docs:
+        if cfg.pii:
+            doc, ne, nph = clean.scrub_pii(doc)
+            res.pii_emails += ne
+            res.pii_phones += nph
+        if not doc.strip():
+            res.removed_empty += 1
+            continue
+        if len(doc) < cfg.min_chars:
+            res.removed_short += 1
+            continue
+        norm = clean.normalize(doc)
+        res.keys.append(clean.text_key(norm))
+        if cfg.near:
+            sigs.append(minhash.signature(norm))
+        res.chars += len(doc)
+        kept.append(doc)
+    ids = tok.encode_batch(kept, add_bos=cfg.add_bos) if kept else []
+    res.lengths = [len(x) for x in ids]
+    if ids:
+        res.tokens = np.fromiter((t for x in ids for t in x), dtype=np.uint32, count=sum(res.lengths))
+    if cfg.near and sigs:
+        res.sigs = np.stack(sigs)
+    return res
+
+
+class _ShardWriter:
+    """Appends tokens to ``{split}_{i:05d}.bin`` files of at most ``shard_tokens`` tokens each."""
+
+    def __init__(self, directory: Path, split: str, dtype: str, shard_tokens: int):
+        self.dir, self.split, self.dtype, self.cap = directory, split, np.dtype(dtype), shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.f = None
+        self.h = None
+        self.n = 0
+        self.docs = 0
+        self.total_docs = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        self.f = open(self.dir / name, "wb")
+        self.h = hashlib.sha256()
+        self.n, self.docs = 0, 0
+        self.shards.append({"file": name, "tokens": 0, "documents": 0, "sha256": ""})
+
+    def _close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.shards[-1].update(tokens=self.n, documents=self.docs, sha256=self.h.hexdigest())
+            self.f = None
+
+    def write(self, tokens: np.ndarray, docs_ending: int) -> None:
+        arr = tokens.astype(self.dtype, copy=False)
+        while len(arr):
+            if self.f is None or self.n >= self.cap:
+                self._close()
+                self._open()
+            take = min(len(arr), self.cap - self.n)
+            blob = arr[:take].tobytes()
+            self.f.write(blob)
+            self.h.update(blob)
+            self.n += take
+            arr = arr[take:]
+        self.docs += docs_ending
+        self.total_docs += docs_ending
+
+    def finish(self) -> dict[str, Any]:
+        self._close()
+        return {"tokens": sum(s["tokens"] for s in self.shards), "documents": self.total_docs,
+                "shards": self.shards}
+
+
+def _tasks(paths: list[str], cfg: TaskConfig, stats: ReadStats) -> Iterator[tuple[str, list[str]]]:
+    """Cut the inputs into ordered tasks of about TASK_BYTES."""
+    group: list[str] = []
+    group_bytes = 0
+    for path in paths:
+        size = file_size(path)
+        fmt = file_format(path)
+        if size is not None and size <= SMALL_FILE and fmt != "parquet":
+            group.append(path)
+            group_bytes += size
+            if group_bytes >= TASK_BYTES:
+                yield "files", group
+                group, group_bytes = [], 0
+            continue
+        if group:
+            yield "files", group
+            group, group_bytes = [], 0
+        batch: list[str] = []
+        batch_bytes = 0
+        for doc in iter_file_documents(path, cfg.text_field, cfg.txt_mode, stats):
+            batch.append(doc)
+            batch_bytes += len(doc)
+            if batch_bytes >= TASK_BYTES:
+                yield "docs", batch
+                batch, batch_bytes = [], 0
+        if batch:
+            yield "docs", batch
+    if group:
+        yield "files", group
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, docs: int, tokens: int, nbytes: int, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not final and now - self.last < (0.5 if self.tty else 10.0):
+            return
+        self.last = now
+        dt = max(now - self.t0, 1e-9)
+        line = (f"prepare: {docs:,} docs | {tokens:,} tokens | {nbytes / 1e6:,.1f} MB | "
+                f"{nbytes / 1e6 / dt:.2f} MB/s | {tokens / dt:,.0f} tok/s")
+        if self.tty:
+            sys.stderr.write("\r" + line + ("\n" if final else ""))
+            sys.stderr.flush()
+        else:
+            info(line)
+
+
+def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
+            val_fraction: float = 0.0, workers: int = 1, dedup: str = "exact", seed: int = 0,
+            text_field: str = "text", min_chars: int = 16, txt_mode: str = "file", pii: bool = False,
+            shard_tokens: int = 1 << 28, add_bos: bool = False, near_threshold: float = 0.8,
+            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Tokenize ``inputs`` into a token-shard dir at ``out_dir``; returns the report (also in index.json).
+
+    ``txt_mode``: ``file`` (one document per text file, e.g. source code), ``blank`` (blank-line-separated
+    blocks) or ``line``. ``dedup``: ``exact`` (normalized-text hash), ``near`` (exact + MinHash LSH at
+    ``near_threshold`` estimated Jaccard over character 5-grams) or ``none``. ``pii`` replaces e-mail
+    addresses and phone numbers with ``[EMAIL]`` / ``[PHONE]``.
+    """
+    from lmforge.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    if dedup not in DEDUP_MODES:
+        raise UserError(f"--dedup={dedup!r} is not one of {', '.join(DEDUP_MODES)}")
+    if txt_mode not in TXT_MODES:
+        raise UserError(f"--txt-mode={txt_mode!r} is not one of {', '.join(TXT_MODES)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction={val_fraction} must be in [0, 1)")
+    if workers < 1:
+        raise UserError(f"--workers={workers} must be at least 1")
+    if shard_tokens < 1:
+        raise UserError(f"shard_tokens={shard_tokens} must be positive")
+    if min_chars < 0:
+        raise UserError(f"--min-chars={min_chars} must be >= 0")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        if not out.is_dir() or any(out.iterdir()):
+            raise UserError(f"output '{out_dir}' already exists; pass --overwrite or choose another --out")
+    tokenizer_dir = str(Path(tokenizer_dir).expanduser().resolve())
+    tok = load_tokenizer(tokenizer_dir)
+    if tok.eos_id is None:
+        raise UserError(f"tokenizer '{tokenizer_dir}' has no EOS token to separate documents")
+    if add_bos and tok.bos_id is None:
+        raise UserError(f"tokenizer '{tokenizer_dir}' has no BOS token; drop --add-bos")
+    dtype = dtype_for_vocab(tok.vocab_size)
+    stats = ReadStats()
+    paths = resolve_inputs(inputs, stats)
+    cfg = TaskConfig(tokenizer_dir, text_field, txt_mode, min_chars, pii, dedup == "near", add_bos)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary dir
+    pool = None
+    try:
+        writers = {"train": _ShardWriter(tmp, "train", dtype, shard_tokens),
+                   "val": _ShardWriter(tmp, "val", dtype, shard_tokens)}
+        eos = np.array([tok.eos_id], dtype=np.uint32)
+        seen: set[int] = set()
+        near = clean.NearDedup(threshold=near_threshold) if dedup == "near" else None
+        counts = collections.Counter()
+        bar = _Progress(progress)
+
+        def consume(res: TaskResult) -> None:
+            stats.add(res.stats)
+            for k in ("removed_empty", "removed_short", "pii_emails", "pii_phones"):
+                counts[k] += getattr(res, k)
+            offset = 0
+            pieces: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+            ndocs = {"train": 0, "val": 0}
+            for i, (key, n) in enumerate(zip(res.keys, res.lengths)):
+                doc_tokens = res.tokens[offset:offset + n]
+                offset += n
+                if dedup != "none":
+                    if key in seen:
+                        counts["removed_exact_duplicates"] += 1
+                        continue
+                    seen.add(key)
+                    if near is not None and near.seen(res.sigs[i]):
+                        counts["removed_near_duplicates"] += 1
+                        continue
+                split = "val" if clean.is_val(key, seed, val_fraction) else "train"
+                pieces[split] += [doc_tokens, eos]
+                ndocs[split] += 1
+            for split, arrs in pieces.items():
+                if arrs:
+                    writers[split].write(np.concatenate(arrs), ndocs[split])
+            counts["read_chars"] += res.chars
+            docs = writers["train"].total_docs + writers["val"].total_docs
+            toks = sum(w.n + sum(s["tokens"] for s in w.shards[:-1]) for w in writers.values() if w.shards)
+            bar.update(docs, toks, stats.bytes)
+
+        tasks = _tasks(paths, cfg, stats)
+        if workers == 1:
+            for task in tasks:
+                consume(process_task(task, cfg))
+        else:
+            import multiprocessing as mp
+
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+            pending: collections.deque = collections.deque()
+            for task in tasks:
+                pending.append(pool.apply_async(process_task, (task, cfg)))
+                while len(pending) >= 2 * workers + 2:
+                    consume(pending.popleft().get())
+            while pending:
+                consume(pending.popleft().get())
+            pool.close()
+            pool.join()
+            pool = None
+
+        splits = {name: w.finish() for name, w in writers.items()}
+        for name in list(splits):
+            if not splits[name]["shards"]:
+                splits[name]["shards"] = []
+        n_docs = splits["train"]["documents"] + splits["val"]["documents"]
+        if n_docs == 0:
+            raise UserError(f"no text left to write from {len(paths)} input file(s): "
+                            f"{stats.documents} documents read, {counts['removed_empty']} empty, "
+                            f"{counts['removed_short']} shorter than --min-chars={min_chars}, "
+                            f"{counts['removed_exact_duplicates']} duplicates; check the inputs and --text-field")
+        if splits["train"]["documents"] == 0:
+            raise UserError(f"every document went to the val split (--val-fraction={val_fraction}); lower it")
+        seconds = time.perf_counter() - t0
+        tokens_total = splits["train"]["tokens"] + splits["val"]["tokens"]
+        report: dict[str, Any] = {
+            "files": stats.files, "skipped_files": stats.skipped_files, "documents_read": stats.documents,
+            "bytes_read": stats.bytes, "invalid_utf8_documents": stats.invalid_utf8_documents,
+            "replaced_chars": stats.replaced_chars, "removed_empty": counts["removed_empty"],
+            "removed_short": counts["removed_short"],
+            "removed_exact_duplicates": counts["removed_exact_duplicates"],
+            "removed_near_duplicates": counts["removed_near_duplicates"],
+            "pii_emails": counts["pii_emails"], "pii_phones": counts["pii_phones"],
+            "documents_kept": n_docs, "train_documents": splits["train"]["documents"],
+            "val_documents": splits["val"]["documents"], "train_tokens": splits["train"]["tokens"],
+            "val_tokens": splits["val"]["tokens"], "tokens": tokens_total,
+            "seconds": round(seconds, 3), "mb_per_s": round(stats.bytes / 1e6 / max(seconds, 1e-9), 3),
+            "tokens_per_s": round(tokens_total / max(seconds, 1e-9), 1),
+            "chars_per_token": round(counts["read_chars"] / max(tokens_total - n_docs, 1), 4),
+        }
+        if val_fraction > 0 and splits["val"]["documents"] == 0:
+            report["warning"] = (f"--val-fraction={val_fraction} put no document in val "
+                                 f"({n_docs} documents kept); use more documents or a larger fraction")
+            info("warning: " + report["warning"])
+        index = {
+            "format": FORMAT, "version": 1,
+            "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                          "bos_id": tok.bos_id, "pad_id": tok.pad_id, "path": tokenizer_dir},
+            "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size, "dtype": dtype,
+            "eos_id": tok.eos_id, "bos_id": tok.bos_id if add_bos else None,
+            "splits": splits,
+            "cleaning": report,
+            "config": {"inputs": [str(i) for i in ([inputs] if isinstance(inputs, str) else inputs)],
+                       "val_fraction": val_fraction, "dedup": dedup, "seed": seed, "text_field": text_field,
+                       "txt_mode": txt_mode, "min_chars": min_chars, "pii": pii, "add_bos": add_bos,
+                       "near_threshold": near_threshold, "shard_tokens": shard_tokens, "workers": workers},
+            "lmforge_version": __import__("lmforge").__version__,
+        }
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False))
+        bar.update(n_docs, tokens_total, stats.bytes, final=True)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return report
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

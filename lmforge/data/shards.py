@@ -1,0 +1,133 @@
+"""Token-shard dirs: ``index.json`` + raw ``train_*.bin`` / ``val_*.bin`` (uint16, or uint32 above 65,536 ids).
+
+``index.json`` (written last by ``prepare``; format version 1)::
+
+    {"format": "lmforge-token-shards", "version": 1,
+     "tokenizer": {"hash": "sha256:…", "vocab_size": 8192, "eos_id": 2, "bos_id": 1, "pad_id": 0, "path": "…"},
+     "tokenizer_hash": "sha256:…", "vocab_size": 8192, "dtype": "uint16", "eos_id": 2,
+     "splits": {"train": {"tokens": N, "documents": D,
+                          "shards": [{"file": "train_00000.bin", "tokens": n, "documents": d, "sha256": "…"}]},
+                "val": {…}},
+     "cleaning": {…the prepare report…}, "config": {…prepare arguments…}}
+
+Documents are stored back to back, each followed by the EOS id (and preceded by BOS when prepared with
+``add_bos``). A document may continue from one shard into the next; readers see one stream per split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge.config import UserError
+
+INDEX_NAME = "index.json"
+FORMAT = "lmforge-token-shards"
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65536 else "uint32"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_index(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    """Parse and sanity-check ``index.json``; every problem is a one-line UserError."""
+    d = Path(shard_dir)
+    p = d / INDEX_NAME
+    if not d.is_dir():
+        raise UserError(f"token-shard dir '{shard_dir}' does not exist; run `lmforge prepare --out {shard_dir}` first")
+    if not p.is_file():
+        raise UserError(f"'{shard_dir}' is not a token-shard dir ({INDEX_NAME} is missing); "
+                        f"run `lmforge prepare --out {shard_dir}`")
+    try:
+        index = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p} is corrupt ({e}); re-run `lmforge prepare`") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise UserError(f"{p} is not an lmforge token-shard index (format != {FORMAT!r}); re-run `lmforge prepare`")
+    if index.get("dtype") not in DTYPES:
+        raise UserError(f"{p}: dtype {index.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    if not isinstance(index.get("splits"), dict):
+        raise UserError(f"{p} has no 'splits'; re-run `lmforge prepare`")
+    return index
+
+
+def check_shards(shard_dir: str | os.PathLike, index: dict[str, Any], split: str, verify: bool = False) -> None:
+    """Each shard of ``split`` exists with the size its token count implies (and the recorded sha256)."""
+    d = Path(shard_dir)
+    itemsize = np.dtype(DTYPES[index["dtype"]]).itemsize
+    for shard in index["splits"].get(split, {}).get("shards", []):
+        path = d / shard["file"]
+        if not path.is_file():
+            raise UserError(f"shard {path} listed in {INDEX_NAME} is missing; re-run `lmforge prepare`")
+        expected = int(shard["tokens"]) * itemsize
+        size = path.stat().st_size
+        if size != expected:
+            what = "truncated" if size < expected else "longer than recorded"
+            raise UserError(f"shard {path} is {what} ({size:,} bytes, index says {expected:,}); "
+                            "re-run `lmforge prepare`")
+        if verify and sha256_file(path) != shard.get("sha256"):
+            raise UserError(f"shard {path} is corrupt (sha256 differs from {INDEX_NAME}); re-run `lmforge prepare`")
+
+
+def verify_shards(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    """Full check of every split including checksums; returns the index."""
+    index = read_index(shard_dir)
+    for split in index["splits"]:
+        check_shards(shard_dir, index, split, verify=True)
+    return index
+
+
+class TokenStream:
+    """The concatenated tokens of one split, memory-mapped; ``read(start, n)`` crosses shard borders."""
+
+    def __init__(self, shard_dir: str | os.PathLike, index: dict[str, Any], split: str):
+        self.dir = Path(shard_dir)
+        self.split = split
+        self.dtype = DTYPES[index["dtype"]]
+        shards = index["splits"].get(split, {}).get("shards", [])
+        self.files = [s["file"] for s in shards if int(s["tokens"]) > 0]
+        counts = [int(s["tokens"]) for s in shards if int(s["tokens"]) > 0]
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+        self.maps: list[np.memmap | None] = [None] * len(self.files)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _map(self, i: int) -> np.ndarray:
+        m = self.maps[i]
+        if m is None:
+            m = self.maps[i] = np.memmap(self.dir / self.files[i], dtype=self.dtype, mode="r")
+        return m
+
+    def shard_of(self, pos: int) -> str:
+        i = int(np.searchsorted(self.offsets, pos, side="right") - 1)
+        return str(self.dir / self.files[min(max(i, 0), len(self.files) - 1)])
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) as int64."""
+        out = np.empty(n, dtype=np.int64)
+        pos, filled = start, 0
+        i = int(np.searchsorted(self.offsets, pos, side="right") - 1)
+        while filled < n:
+            m = self._map(i)
+            lo = pos - int(self.offsets[i])
+            take = min(n - filled, len(m) - lo)
+            out[filled:filled + take] = m[lo:lo + take]
+            filled += take
+            pos += take
+            i += 1
+        return out
