@@ -1,0 +1,259 @@
+"""Chat templates: Jinja, rendered in jinja2's immutable sandbox, and encoding with assistant-only labels.
+
+A template sees ``messages`` (``[{role, content}]``), ``add_generation_prompt``, ``bos_token`` and
+``eos_token`` — the variables Hugging Face chat templates use, so an imported model's template renders
+the same way (``raise_exception`` and the loop-control extension are provided too). It is configurable:
+pass a template string or a ``.jinja`` file, or store one with the tokenizer as ``chat_template.jinja``
+(`save_chat_template`) so model dirs and exports carry it.
+
+The default template uses the tokenizer's role tokens — lmforge's ``<|system|>`` / ``<|user|>`` /
+``<|assistant|>`` … ``<|end|>`` (`lmforge.tokenizer.DEFAULT_CHAT_TEMPLATE`) or ChatML — and falls back to
+plain-text headers for a tokenizer without them. In training every assistant turn ends with EOS (appended
+when the template does not write it), so generation stops.
+
+The tokenizer is duck-typed: ``encode(text) -> ids``, ``decode(ids)``, ``eos_id``, ``bos_id``,
+``special_tokens`` (mapping token -> id, or a list of tokens) and optionally ``chat_template``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from lmforge.config import ConfigError, atomic_write_text
+
+IGNORE_INDEX = -100
+TEMPLATE_FILE = "chat_template.jinja"
+
+
+# ---- the sandbox ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def _compile(template: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise ConfigError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise ConfigError(f"chat template does not compile: {e}; fix the Jinja syntax") from None
+
+
+def render(template: str, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False,
+           bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
+    """Render ``messages`` with a Jinja chat template in the immutable sandbox (no attribute writes,
+    no access to Python internals)."""
+    from jinja2 import TemplateError
+
+    try:
+        return _compile(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         bos_token=bos_token, eos_token=eos_token, **extra)
+    except ConfigError:
+        raise
+    except TemplateError as e:
+        raise ConfigError(f"chat template failed to render: {e}") from None
+
+
+# ---- tokenizer access ----------------------------------------------------------------------------
+def special_token_strings(tokenizer) -> dict[str, int | None]:
+    """The tokenizer's special tokens as {token: id (or None when unknown)}."""
+    st = getattr(tokenizer, "special_tokens", None) or {}
+    if callable(st):
+        st = st()
+    if isinstance(st, dict):
+        if all(isinstance(k, str) for k in st):
+            return {k: (v if isinstance(v, int) else None) for k, v in st.items()}
+        return {v: k for k, v in st.items() if isinstance(v, str)}
+    return {t: None for t in st if isinstance(t, str)}
+
+
+def _token_text(tokenizer, which: str) -> str:
+    """The text of the BOS / EOS token ("" when the tokenizer has none)."""
+    text = getattr(tokenizer, f"{which}_token", None)
+    if isinstance(text, str) and text:
+        return text
+    tid = getattr(tokenizer, f"{which}_id", None)
+    if tid is None:
+        return ""
+    for tok, i in special_token_strings(tokenizer).items():
+        if i == tid:
+            return tok
+    return ""
+
+
+def token_texts(tokenizer) -> tuple[str, str]:
+    return _token_text(tokenizer, "bos"), _token_text(tokenizer, "eos")
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """``tokenizer.encode`` without automatically added BOS / EOS (the template places those)."""
+    if not text:
+        return []
+    ids = list(tokenizer.encode(text))
+    bos, eos = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)
+    bos_text, eos_text = token_texts(tokenizer)
+    if bos is not None:
+        lead = next((i for i, t in enumerate(ids) if t != bos), len(ids))
+        written = 1 if bos_text and text.startswith(bos_text) else 0
+        if lead > written:
+            ids = ids[lead - written:]
+    if eos is not None and ids and ids[-1] == eos and not (eos_text and text.endswith(eos_text)):
+        ids = ids[:-1]
+    return ids
+
+
+# ---- templates -----------------------------------------------------------------------------------
+_PLAIN_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+
+
+def _jinja_str(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def default_chat_template(tokenizer=None) -> str:
+    """The template for the tokenizer's role tokens: lmforge's own (``<|user|>`` … ``<|end|>``, the one
+    `lmforge tokenizer train` stores), ChatML (``<|im_start|>`` / ``<|im_end|>``), or plain-text headers."""
+    specials = set(special_token_strings(tokenizer)) if tokenizer is not None else set()
+    if {"<|user|>", "<|assistant|>", "<|end|>"} <= specials:
+        from lmforge.tokenizer.core import DEFAULT_CHAT_TEMPLATE
+
+        return DEFAULT_CHAT_TEMPLATE
+    if {"<|im_start|>", "<|im_end|>"} <= specials:
+        heads = {r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")}
+        end = "<|im_end|>\n"
+    else:
+        heads = dict(_PLAIN_HEADERS)
+        end = "\n\n"
+    parts = ["{{ bos_token }}{% for message in messages %}"]
+    for i, role in enumerate(("system", "user", "assistant")):
+        kw = "if" if i == 0 else "elif"
+        eos = " + eos_token" if role == "assistant" else ""
+        parts.append(f"{{% {kw} message['role'] == '{role}' %}}"
+                     f"{{{{ {_jinja_str(heads[role])} + message['content']{eos} + {_jinja_str(end)} }}}}")
+    parts.append("{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}{% endfor %}")
+    parts.append(f"{{% if add_generation_prompt %}}{{{{ {_jinja_str(heads['assistant'])} }}}}{{% endif %}}")
+    return "".join(parts)
+
+
+def get_chat_template(tokenizer=None, template: str | os.PathLike | None = None) -> str:
+    """The template to use: ``template`` (Jinja text or a file path), else the tokenizer's stored one,
+    else the default for its role tokens."""
+    if template is not None:
+        t = str(template)
+        if "{" not in t and (t.endswith(".jinja") or os.path.sep in t or Path(t).is_file()):
+            p = Path(t)
+            if not p.is_file():
+                raise ConfigError(f"chat template file '{t}' does not exist; pass a .jinja file or template text")
+            return p.read_text(encoding="utf-8")
+        return t
+    stored = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if isinstance(stored, str) and stored.strip():
+        return stored
+    return default_chat_template(tokenizer)
+
+
+def save_chat_template(template: str, directory: str | os.PathLike) -> Path:
+    """Store a template beside the tokenizer files (``chat_template.jinja``), checked to compile first."""
+    _compile(template)
+    path = Path(directory) / TEMPLATE_FILE
+    atomic_write_text(path, template)
+    return path
+
+
+def render_chat(tokenizer, messages: Sequence[dict[str, str]], template: str | None = None,
+                add_generation_prompt: bool = False) -> str:
+    bos, eos = token_texts(tokenizer)
+    return render(get_chat_template(tokenizer, template), messages, add_generation_prompt, bos, eos)
+
+
+def render_generation_prompt(tokenizer, messages: Sequence[dict[str, str]], template: str | None = None) -> str:
+    """The text a model continues to answer ``messages`` (the conversation + the assistant header)."""
+    return render_chat(tokenizer, messages, template, add_generation_prompt=True)
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+def _prefix(longer: str, shorter: str, what: str) -> str:
+    if not longer.startswith(shorter):
+        raise ConfigError(f"chat template is not incremental: rendering {what} changes the text before it; "
+                          "assistant-only labels need a template whose output for messages[:i] is a prefix "
+                          "of its output for messages[:i+1]")
+    return longer[len(shorter):]
+
+
+def encode_chat(tokenizer, messages: Sequence[dict[str, str]], template: str | None = None
+                ) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and labels that train only the assistant replies.
+
+    ``labels[i] == input_ids[i]`` for tokens of an assistant reply and the EOS that ends it (EOS is
+    appended when the template does not write it); every other label is ``IGNORE_INDEX``. Labels are
+    aligned with the inputs (not shifted). Non-trained text is encoded in one piece per stretch, so the
+    prompt of a single-turn conversation is token for token ``encode_prompt(messages[:-1])``.
+    """
+    template = get_chat_template(tokenizer, template)
+    bos_text, eos_text = token_texts(tokenizer)
+    eos_id = getattr(tokenizer, "eos_id", None)
+    if eos_id is None:
+        raise ConfigError("the tokenizer has no EOS token; SFT appends EOS after each assistant turn "
+                          "so generation stops — train or load a tokenizer with one")
+
+    def rend(msgs, gen=False):
+        return render(template, msgs, gen, bos_text, eos_text)
+
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def emit(text: str, train: bool) -> None:
+        new = encode_text(tokenizer, text)
+        ids.extend(new)
+        labels.extend(new if train else [IGNORE_INDEX] * len(new))
+
+    done = rend([])
+    pending = done
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            full = rend(messages[: i + 1])
+            pending += _prefix(full, done, f"message {i}")
+            done = full
+            continue
+        header = rend(messages[:i], gen=True)
+        pending += _prefix(header, done, f"the assistant header before message {i}")
+        full = rend(messages[: i + 1])
+        reply = _prefix(full, header, f"assistant message {i}")
+        start = reply.find(msg["content"]) if msg["content"] else 0
+        k = reply.find(eos_text, max(start, 0) + len(msg["content"])) if eos_text else -1
+        emit(pending, train=False)
+        if k >= 0:  # the template wrote EOS: train through it; what follows belongs to the next prompt part
+            emit(reply[:k], train=True)
+            pending = reply[k + len(eos_text):]
+        else:  # train the reply and its end-of-turn marker (e.g. <|end|>), then EOS; whitespace after waits
+            body = reply.rstrip()
+            emit(body, train=True)
+            pending = reply[len(body):]
+        ids.append(eos_id)
+        labels.append(eos_id)
+        done = full
+    emit(pending, train=False)
+    return ids, labels
+
+
+def uses_bos(tokenizer, template: str | None = None) -> bool:
+    """Whether the chat template starts a conversation with BOS (Llama-style) — then raw-text inputs
+    (prompt/completion pairs, perplexity documents) start with BOS too."""
+    bos_text, eos_text = token_texts(tokenizer)
+    if not bos_text or getattr(tokenizer, "bos_id", None) is None:
+        return False
+    text = render(get_chat_template(tokenizer, template), [{"role": "user", "content": "x"}], False,
+                  bos_text, eos_text)
+    return text.startswith(bos_text)
+
+
+def encode_prompt(tokenizer, messages: Sequence[dict[str, str]], template: str | None = None) -> list[int]:
+    """Token ids of the generation prompt for ``messages`` (what the model sees before answering)."""
+    return encode_text(tokenizer, render_generation_prompt(tokenizer, messages, template))
