@@ -468,12 +468,6 @@ def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     return [sorted(r) for r in rows]
 
 
-def doc_attention_mask(doc_ids):
-    """(B, T) document ids -> bool (B, 1, T, T), True where query and key share a document.
-    Causality is added by the model; padding (id -1) only sees padding, so no row is empty."""
-    return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
-
-
 @dataclass
 class SFTBatch:
     """One rank's slice of a global batch. ``labels`` are shifted targets (``IGNORE_INDEX`` = no loss).
@@ -518,6 +512,8 @@ def collate_rows(dataset: SFTDataset, rows: Sequence[Sequence[int]], seq_len: in
     """
     import torch
 
+    from lmforge.data.loader import document_mask
+
     fills = [sum(len(dataset.input_ids[i]) - 1 for i in r) for r in rows]
     if packed:
         T = seq_len
@@ -543,7 +539,7 @@ def collate_rows(dataset: SFTDataset, rows: Sequence[Sequence[int]], seq_len: in
             positions[b, t:t + n] = torch.arange(n)
             doc_ids[b, t:t + n] = d
             t += n
-    mask = doc_attention_mask(doc_ids) if packed else None
+    mask = document_mask(doc_ids) if packed else None
     return SFTBatch(tokens, labels, positions, doc_ids, mask)
 
 
@@ -556,45 +552,46 @@ class SFTBatchIterator:
     ``mode``: ``pack`` (several examples per ``seq_len`` row, block-diagonal attention), ``group``
     (one example per row, rows of similar length batched together to cut padding) or ``shuffle``
     (one example per row, plain random order). Every epoch reorders the units (packed rows or examples)
-    with a generator seeded by ``(seed, epoch)``; a global batch is ``global_batch_size`` consecutive
-    units and rank ``r`` of ``world_size`` takes its contiguous slice, so the global stream does not
-    depend on the world size. The last incomplete global batch of an epoch is dropped.
+    with a generator seeded by ``(seed, epoch)``; a global batch is ``global_batch`` consecutive
+    units and rank ``r`` of ``world_size`` takes its contiguous slice — as `lmforge.data.ShardLoader` does
+    for pretraining — so the global stream does not depend on the world size and a run resumes on more or
+    fewer ranks (with the same global batch). The last incomplete global batch of an epoch is dropped.
     """
 
-    def __init__(self, dataset: SFTDataset, global_batch_size: int, seq_len: int, *, mode: str = "pack",
+    def __init__(self, dataset: SFTDataset, global_batch: int, seq_len: int, *, mode: str = "pack",
                  rank: int = 0, world_size: int = 1, seed: int = 0, pad_id: int = 0,
                  group_size: int = 64, pad_to_multiple: int = 8):
         if mode not in BatchMode:
             raise UserError(f"batching mode '{mode}' is not one of {', '.join(BatchMode)}")
-        if global_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
-            raise UserError(f"bad batch layout: global_batch_size={global_batch_size}, rank={rank}, "
+        if global_batch <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+            raise UserError(f"bad batch layout: global_batch={global_batch}, rank={rank}, "
                             f"world_size={world_size}")
-        if global_batch_size % world_size:
-            fix = -(-global_batch_size // world_size) * world_size
-            raise UserError(f"global batch {global_batch_size} is not divisible by {world_size} ranks; try {fix}")
+        if global_batch % world_size:
+            fix = -(-global_batch // world_size) * world_size
+            raise UserError(f"global batch {global_batch} is not divisible by {world_size} ranks; try {fix}")
         too_long = [i for i, n in enumerate(dataset.lengths()) if n > seq_len]
         if too_long:
             raise UserError(f"{len(too_long)} encoded examples are longer than seq_len={seq_len}; "
                             "encode with the same seq_len (encode_examples cuts them)")
         self.dataset, self.seq_len, self.mode = dataset, seq_len, mode
-        self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.seed, self.pad_id = seed, pad_id
         self.group_size, self.pad_to_multiple = group_size, pad_to_multiple
         if mode == "pack":
             self.units = pack_rows(dataset.lengths(), seq_len)
         else:
             self.units = [[i] for i in range(len(dataset))]
-        if len(self.units) < global_batch_size:
+        if len(self.units) < global_batch:
             what = "packed rows" if mode == "pack" else "examples"
             raise UserError(f"the data fills only {len(self.units)} {what}, fewer than one global batch of "
-                            f"{global_batch_size}; lower the batch size or add data")
+                            f"{global_batch}; lower the batch size or add data")
         self.epoch = 0
         self.batch_in_epoch = 0
         self._order: list[int] | None = None
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.units) // self.global_batch_size
+        return len(self.units) // self.global_batch
 
     def _epoch_order(self, epoch: int) -> list[int]:
         import numpy as np
@@ -605,7 +602,7 @@ class SFTBatchIterator:
             return order
         # Length grouping: sort within chunks of `group_size` global batches, then shuffle the batches.
         lengths = self.dataset.lengths()
-        G = self.global_batch_size
+        G = self.global_batch
         chunk = G * self.group_size
         batches: list[list[int]] = []
         for s in range(0, len(order), chunk):
@@ -619,13 +616,17 @@ class SFTBatchIterator:
         return self
 
     def __next__(self) -> SFTBatch:
+        return self.next_batch()
+
+    def next_batch(self) -> SFTBatch:
+        """This rank's slice of the next global batch (``global_batch // world_size`` rows)."""
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch += 1
             self.batch_in_epoch = 0
             self._order = None
         if self._order is None:
             self._order = self._epoch_order(self.epoch)
-        G, local = self.global_batch_size, self.global_batch_size // self.world_size
+        G, local = self.global_batch, self.global_batch // self.world_size
         start = self.batch_in_epoch * G + self.rank * local
         rows = [self.units[u] for u in self._order[start:start + local]]
         self.batch_in_epoch += 1
@@ -633,12 +634,14 @@ class SFTBatchIterator:
                             self.pad_to_multiple)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
-                "global_batch_size": self.global_batch_size, "mode": self.mode, "units": len(self.units),
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples_seen": (self.epoch * self.batches_per_epoch + self.batch_in_epoch) * self.global_batch,
+                "seed": self.seed,
+                "global_batch": self.global_batch, "mode": self.mode, "units": len(self.units),
                 "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "global_batch_size", "mode", "units", "seq_len"):
+        for key in ("seed", "global_batch", "mode", "units", "seq_len"):
             mine = getattr(self, key) if key != "units" else len(self.units)
             if state.get(key) != mine:
                 raise UserError(f"cannot resume the SFT data stream: checkpoint has {key}={state.get(key)!r}, "

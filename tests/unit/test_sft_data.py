@@ -11,7 +11,7 @@ from lmforge.finetune.chat_template import (
     save_chat_template,
 )
 from lmforge.finetune.data import (
-    IGNORE_INDEX, DataError, SFTBatchIterator, SFTExample, collate_rows, doc_attention_mask, encode_example,
+    IGNORE_INDEX, DataError, SFTBatchIterator, SFTExample, collate_rows, encode_example,
     encode_examples, encode_labelled, label_list, load_labelled, load_sft_examples, pack_rows, read_records,
 )
 
@@ -261,7 +261,9 @@ def test_packed_batch_layout(tok):
     m = batch.attention_mask[0, 0]
     assert not m[n0, n0 - 1] and m[n0 + 1, n0] and m[-1, -1]  # no attention across examples
     assert (batch.labels[batch.doc_ids == -1] == IGNORE_INDEX).all()
-    torch.testing.assert_close(doc_attention_mask(torch.tensor([[0, 0, 1, -1]]))[0, 0].long(),
+    from lmforge.data.loader import document_mask
+
+    torch.testing.assert_close(document_mask(torch.tensor([[0, 0, 1, -1]]))[0, 0].long(),
                                torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
 
 
