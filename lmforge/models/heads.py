@@ -1,0 +1,173 @@
+"""Heads injected on top of an encoder backbone (BERT-style), kept outside the Transformer.
+
+- `MLMHead`: BertForMaskedLM's prediction head — dense → activation → LayerNorm → decoder tied to the
+  token embeddings, plus a per-token output bias.
+- `Pooler`: BertModel's pooler — tanh(dense(h[CLS])).
+- `mask_tokens`: BERT's masking recipe (15% of tokens; 80% → [MASK], 10% → random, 10% unchanged), a pure
+  function the trainer calls when ``objective: mlm``.
+
+Heads live in a model dir beside the backbone: ``heads.safetensors`` (keys ``mlm.*``, ``pooler.*``) and a
+``"heads": [names]`` list in ``config.json``, so `load_model_dir` still loads the backbone alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import UserError
+from lmforge.models.config import ModelConfig
+
+HEADS_NAME = "heads.safetensors"
+IGNORE_INDEX = -100
+
+
+def _act(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "relu":
+        return F.relu(x)
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+class MLMHead(nn.Module):
+    """hidden (B, T, dim) → vocabulary logits (B, T, vocab); the decoder matrix is the token embedding."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.activation = "gelu" if cfg.activation == "swiglu" else cfg.activation
+        self.dense = nn.Linear(cfg.dim, cfg.dim, **kw)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, **kw)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size, **kw))
+        self.init_std = cfg.init_std
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        nn.init.trunc_normal_(self.dense.weight, std=self.init_std, a=-3 * self.init_std, b=3 * self.init_std,
+                              generator=generator)
+        self.dense.bias.zero_()
+        self.norm.weight.fill_(1.0)
+        self.norm.bias.zero_()
+        self.bias.zero_()
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        h = self.norm(_act(self.activation, self.dense(hidden)))  # (B, T, dim)
+        return F.linear(h, embedding_weight, self.bias)  # (B, T, vocab)
+
+    def resize(self, vocab_size: int) -> None:
+        """Grow (or shrink) the output bias with the vocabulary; new entries start at zero."""
+        with torch.no_grad():
+            new = torch.zeros(vocab_size, device=self.bias.device, dtype=self.bias.dtype)
+            n = min(vocab_size, self.bias.numel())
+            new[:n] = self.bias[:n]
+        self.bias = nn.Parameter(new)
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(W h_[CLS] + b) → (B, dim)."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.dense = nn.Linear(cfg.dim, cfg.dim, device=device, dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+HEAD_CLASSES = {"mlm": MLMHead, "pooler": Pooler}
+
+
+def mlm_logits(model: nn.Module, head: MLMHead, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Encoder + MLM head: tokens (B, T) → logits (B, T, vocab)."""
+    h = model.hidden_states(tokens, mask=mask, token_type_ids=token_type_ids)
+    return head(h, model.tok_embeddings.weight)
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the masked positions only (labels are IGNORE_INDEX elsewhere)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def mask_tokens(tokens: torch.Tensor, mask_id: int, vocab_size: int, special_ids=(), prob: float = 0.15,
+                generator: torch.Generator | None = None, replace_prob: float = 0.8,
+                random_prob: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking. Returns (inputs, labels): a ``prob`` fraction of the non-special tokens is selected;
+    of those, ``replace_prob`` become ``mask_id``, ``random_prob`` a uniformly random token, the rest stay.
+    ``labels`` holds the original id at selected positions and IGNORE_INDEX elsewhere. Pure: ``tokens`` is
+    not modified."""
+    if not 0.0 < prob < 1.0:
+        raise UserError(f"mlm masking probability {prob} must be in (0, 1); BERT uses 0.15")
+    if replace_prob + random_prob > 1.0:
+        raise UserError("mlm replace_prob + random_prob must not exceed 1 (BERT: 0.8 + 0.1)")
+    device = tokens.device
+
+    def uniform() -> torch.Tensor:
+        return torch.rand(tokens.shape, generator=generator, device=generator.device if generator else device).to(device)
+
+    special = torch.zeros_like(tokens, dtype=torch.bool)
+    for s in set(int(i) for i in special_ids):
+        special |= tokens == s
+    selected = (uniform() < prob) & ~special
+    labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
+    r = uniform()
+    to_mask = selected & (r < replace_prob)
+    to_random = selected & (r >= replace_prob) & (r < replace_prob + random_prob)
+    random_ids = torch.randint(vocab_size, tokens.shape, generator=generator,
+                               device=generator.device if generator else device).to(device)
+    inputs = torch.where(to_mask, torch.full_like(tokens, mask_id), tokens)
+    inputs = torch.where(to_random, random_ids, inputs)
+    return inputs, labels
+
+
+# ---- storage in a model dir ------------------------------------------------------------------------
+def save_heads(heads: dict[str, nn.Module], directory: str | os.PathLike) -> list[str]:
+    """Write ``heads.safetensors`` (``name.param`` keys) into ``directory`` atomically; returns the names.
+    The caller records the names in config.json (``"heads": [...]``)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{name}.{k}": v.detach().to("cpu").contiguous()
+               for name, head in heads.items() for k, v in head.state_dict().items()}
+    path = Path(directory) / HEADS_NAME
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return list(heads)
+
+
+def head_names(directory: str | os.PathLike) -> list[str]:
+    path = Path(directory) / "config.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    return list(data.get("heads", []))
+
+
+def load_heads(directory: str | os.PathLike, cfg: ModelConfig, device="cpu",
+               dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
+    """The heads a model dir lists in config.json, loaded from ``heads.safetensors`` ({} when none)."""
+    from safetensors.torch import load_file
+
+    names = head_names(directory)
+    if not names:
+        return {}
+    path = Path(directory) / HEADS_NAME
+    if not path.is_file():
+        raise UserError(f"'{directory}' lists heads {names} in config.json but {HEADS_NAME} is missing; "
+                        "re-import or re-export the model dir")
+    sd = load_file(str(path))
+    out: dict[str, nn.Module] = {}
+    for name in names:
+        if name not in HEAD_CLASSES:
+            raise UserError(f"'{directory}' lists an unknown head '{name}'; known: {', '.join(HEAD_CLASSES)}")
+        part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        head = HEAD_CLASSES[name](cfg, device=device, dtype=dtype or next(iter(part.values())).dtype)
+        missing, unexpected = head.load_state_dict(part, strict=False)
+        if missing or unexpected:
+            raise UserError(f"head '{name}' in '{path}' does not match the config: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")
+        out[name] = head
+    return out
