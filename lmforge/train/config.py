@@ -1,0 +1,252 @@
+"""The pretraining config: one dataclass per YAML section, validated before any work starts.
+
+Keys users' scripts rely on keep their names: ``run.dir``, ``model.preset``, ``data.dir``,
+``data.seq_len``, ``train.global_batch`` (sequences), ``train.micro_batch``, ``train.max_steps``,
+``train.seed``, ``train.resume`` (``auto | never | PATH``), ``optim.lr``, ``eval.interval``,
+``checkpoint.interval``, ``log.interval``. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from lmforge.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # the run directory; default runs/<config file stem>
+    name: str | None = None  # a label for reports; default the run dir's name
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # token-shard dir written by `lmforge prepare`
+    seq_len: int = 512
+    tokenizer: str | None = None  # tokenizer dir copied into RUN/model; default: the one the index names
+    doc_mask: bool = False  # attend only within documents (EOS-separated) instead of across the packed row
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int | None = None  # sequences per optimizer step, all ranks together
+    global_batch_tokens: int | None = None  # alternative to global_batch: tokens per step (multiple of seq_len)
+    micro_batch: int = 8  # sequences per forward/backward on one rank
+    max_steps: int | None = None
+    max_tokens: int | None = None  # alternative to max_steps
+    seed: int = 0
+    resume: str = "auto"  # auto | never | PATH (a checkpoint dir, a run's checkpoints/ dir or a run dir)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast over fp32 master weights
+    compile: bool = False  # torch.compile the model (optional; off by default)
+    max_nonfinite: int = 5  # stop after this many non-finite steps in a row
+    time_limit_minutes: float | None = None  # checkpoint and stop after this long; a re-run resumes
+    threads: int | None = None  # torch CPU threads (default: torch's choice)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms_and_biases: bool = False  # by default norms and biases get no weight decay
+    decay_embeddings: bool = False  # by default embeddings (and a tied head) get no weight decay
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    fused: bool | None = None  # AdamW implementation: None = torch's default (foreach), True = fused
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "wsd", "constant", "linear"] = "cosine"
+    warmup_steps: int = 0
+    min_lr: float | None = None  # floor of the decay; None = 0.1 × optim.lr
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays to min_lr
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # wsd decay shape
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0  # steps between evaluations; 0 = only at the end
+    batches: int = 20  # validation batches per evaluation
+    batch_size: int | None = None  # sequences per validation batch; default train.micro_batch
+    at_start: bool = True  # evaluate once before the first step (the curve's starting point)
+    patience: int = 0  # early stopping: stop after this many evaluations without improvement; 0 = off
+    min_delta: float = 0.0  # an improvement must lower val loss by more than this
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 3  # complete checkpoints to keep (the newest is never deleted)
+    at_end: bool = True  # checkpoint the final step
+    allow_mismatch: list[str] = field(default_factory=list)  # math-changing fields allowed to differ on resume
+    save_model: bool = True  # write the consolidated RUN/model/ at the end
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10  # steps between metrics.jsonl rows
+    tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard (needs `tensorboard`)
+    progress: bool = True  # a progress line on stderr with loss and ETA
+    peak_tflops: float | None = None  # MFU denominator per device; None = measured (CPU) or the GPU's spec
+
+
+@dataclass
+class ParallelConfig:
+    """Scale-out settings; filled in by `lmforge.distributed` (data parallel needs none: torchrun decides)."""
+
+
+@dataclass
+class PretrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: dict[str, Any] = field(default_factory=dict)  # {preset: NAME, <ModelConfig field>: value, ...}
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def model_config(self):
+        """The resolved lmforge ModelConfig (preset + overrides)."""
+        from lmforge.models.presets import model_config_from_dict
+
+        if not self.model:
+            raise ConfigError("model section is empty; set model.preset (see `lmforge model list`)")
+        try:
+            return model_config_from_dict(self.model)
+        except TypeError as e:
+            raise ConfigError(f"model: {e}") from None
+
+    def steps_for(self, seq_len: int | None = None) -> int:
+        """max_steps, or max_tokens converted to steps."""
+        if self.train.max_steps is not None:
+            return self.train.max_steps
+        per_step = self.global_batch_size * (seq_len or self.data.seq_len)
+        return math.ceil(self.train.max_tokens / per_step)
+
+    @property
+    def global_batch_size(self) -> int:
+        if self.train.global_batch is not None:
+            return self.train.global_batch
+        return self.train.global_batch_tokens // self.data.seq_len
+
+
+def grad_accum_steps(global_batch: int, micro_batch: int, dp_ranks: int) -> int:
+    """global batch ÷ (micro batch × data-parallel ranks), or a ConfigError saying what would divide."""
+    denom = micro_batch * dp_ranks
+    if global_batch % denom:
+        up = math.ceil(global_batch / denom) * denom
+        raise ConfigError(
+            f"train.global_batch={global_batch} is not divisible by train.micro_batch={micro_batch} × "
+            f"{dp_ranks} rank{'s' if dp_ranks != 1 else ''}; try train.global_batch={up}"
+        )
+    return global_batch // denom
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Checks that need no files: types were checked by `from_dict`; these are value and combination checks."""
+    t, o, s, e, c, lg = cfg.train, cfg.optim, cfg.schedule, cfg.eval, cfg.checkpoint, cfg.log
+    if not cfg.data.dir:
+        raise ConfigError("data.dir is not set; point it at a token-shard dir written by `lmforge prepare`")
+    if cfg.data.seq_len <= 0:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be positive")
+    if (t.global_batch is None) == (t.global_batch_tokens is None):
+        raise ConfigError("set exactly one of train.global_batch (sequences) and train.global_batch_tokens")
+    if t.global_batch_tokens is not None and (t.global_batch_tokens <= 0 or t.global_batch_tokens % cfg.data.seq_len):
+        k = max(1, round(t.global_batch_tokens / cfg.data.seq_len))
+        raise ConfigError(f"train.global_batch_tokens={t.global_batch_tokens} is not a positive multiple of "
+                          f"data.seq_len={cfg.data.seq_len}; try {k * cfg.data.seq_len}")
+    if cfg.global_batch_size <= 0:
+        raise ConfigError(f"train.global_batch={cfg.global_batch_size} must be positive")
+    if t.micro_batch <= 0:
+        raise ConfigError(f"train.micro_batch={t.micro_batch} must be positive")
+    if (t.max_steps is None) == (t.max_tokens is None):
+        raise ConfigError("set exactly one of train.max_steps and train.max_tokens")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps={t.max_steps} must be positive")
+    if t.max_tokens is not None and t.max_tokens <= 0:
+        raise ConfigError(f"train.max_tokens={t.max_tokens} must be positive")
+    if t.max_nonfinite <= 0:
+        raise ConfigError(f"train.max_nonfinite={t.max_nonfinite} must be at least 1")
+    if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
+        raise ConfigError(f"train.time_limit_minutes={t.time_limit_minutes} must be positive")
+    if t.threads is not None and t.threads <= 0:
+        raise ConfigError(f"train.threads={t.threads} must be positive")
+    if t.resume not in ("auto", "never") and not Path(t.resume).exists():
+        raise ConfigError(f"train.resume='{t.resume}' is neither auto, never nor an existing checkpoint path")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if o.eps <= 0:
+        raise ConfigError(f"optim.eps={o.eps} must be positive")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    if o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 turns clipping off)")
+    if s.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
+    steps = cfg.steps_for()
+    if s.warmup_steps > steps:
+        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} exceeds the run's {steps} steps; "
+                          f"lower it (e.g. {max(0, steps // 10)})")
+    if s.min_lr is not None and not 0.0 <= s.min_lr <= o.lr:
+        raise ConfigError(f"schedule.min_lr={s.min_lr} must be in [0, optim.lr={o.lr}]")
+    if not 0.0 < s.decay_fraction <= 1.0:
+        raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must be in (0, 1]")
+    for key, value in (("eval.interval", e.interval), ("eval.batches", e.batches), ("eval.patience", e.patience),
+                       ("checkpoint.interval", c.interval), ("eval.min_delta", e.min_delta)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if e.batch_size is not None and e.batch_size <= 0:
+        raise ConfigError(f"eval.batch_size={e.batch_size} must be positive")
+    if e.patience and not e.interval:
+        raise ConfigError("eval.patience needs periodic evaluation; set eval.interval > 0")
+    if e.patience and not e.batches:
+        raise ConfigError("eval.patience needs validation batches; set eval.batches > 0")
+    if c.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={c.keep_last} must be at least 1 (the newest is always kept)")
+    if lg.interval <= 0:
+        raise ConfigError(f"log.interval={lg.interval} must be positive")
+    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+        raise ConfigError(f"log.peak_tflops={lg.peak_tflops} must be positive")
+    if lg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                          "(or set log.tensorboard=false)")
+    mcfg = cfg.model_config()
+    if not mcfg.causal or not mcfg.lm_head:
+        raise ConfigError("pretraining needs a causal LM: model.causal=true and model.lm_head=true")
+    if mcfg.pos_encoding in ("learned", "sinusoidal") and cfg.data.seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len} "
+                          f"for {mcfg.pos_encoding} positions; lower data.seq_len or raise model.max_seq_len")
+
+
+def load_config(path: str | None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> PretrainConfig:
+    """YAML file (or ``base``) + ``section.key=value`` overrides -> a validated PretrainConfig."""
+    data = load_yaml(path) if path else dict(base or {})
+    data = apply_overrides(data, overrides)
+    cfg = from_dict(PretrainConfig, data)
+    if cfg.run.dir is None:
+        stem = Path(path).stem if path else "run"
+        cfg.run.dir = str(Path("runs") / stem)
+    if cfg.run.name is None:
+        cfg.run.name = Path(cfg.run.dir).name
+    validate(cfg)
+    return cfg
+
+
+def config_dict(cfg: PretrainConfig) -> dict[str, Any]:
+    return to_dict(cfg)
+
+
+__all__ = ["PretrainConfig", "RunConfig", "DataConfig", "TrainConfig", "OptimConfig", "ScheduleConfig",
+           "EvalConfig", "CheckpointConfig", "LogConfig", "ParallelConfig", "grad_accum_steps", "validate",
+           "load_config", "config_dict"]

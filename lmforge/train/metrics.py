@@ -1,0 +1,230 @@
+"""Metrics: the metrics.jsonl writer (plus optional TensorBoard), the progress line, memory, and the
+peak-FLOPs figure MFU is measured against (CPU: the fp32 matmul peak measured once and cached)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against the device name.
+GPU_BF16_PEAK = {
+    "H200": 989.5e12,
+    "H100": 989.5e12,  # SXM; the PCIe card is lower (756 TF) — set log.peak_tflops for it
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMFORGE_CACHE_DIR") or Path.home() / ".cache" / "lmforge")
+
+
+def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                         n: int = 2048, seconds: float = 1.0) -> float:
+    """Best sustained FLOP/s of an n×n×n matmul over ~``seconds`` (the practical peak MFU compares to)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG (exact resume)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    best = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_flops(device: torch.device, precision: str = "fp32", configured_tflops: float | None = None) -> tuple[float, str]:
+    """(FLOP/s per device, where the figure comes from). Measured figures are cached per machine."""
+    if configured_tflops:
+        return configured_tflops * 1e12, "configured"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if precision in ("bf16", "fp16"):
+            for key, value in GPU_BF16_PEAK.items():
+                if key in name:
+                    return value, f"{key} bf16 spec"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        key = f"cuda|{name}|{dtype}|{torch.__version__}"
+        return _cached(key, lambda: measure_matmul_flops(device, dtype, n=8192, seconds=1.0)), "measured matmul"
+    key = f"cpu|{_cpu_name()}|threads={torch.get_num_threads()}|{torch.__version__}"
+    return _cached(key, lambda: measure_matmul_flops("cpu", torch.float32)), "measured fp32 matmul"
+
+
+def _cached(key: str, measure) -> float:
+    path = cache_dir() / "peak_flops.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key in table:
+        return float(table[key])
+    value = measure()
+    table[key] = value
+    try:
+        from lmforge.config import atomic_write_text
+
+        atomic_write_text(path, json.dumps(table, indent=1))
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return value
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Current and peak memory in GB: accelerator allocations on CUDA, process RSS on CPU."""
+    if device.type == "cuda":
+        return {"mem_gb": torch.cuda.memory_allocated(device) / 1e9,
+                "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+    rss = 0.0
+    try:
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KiB on Linux
+    return {"mem_gb": rss, "peak_mem_gb": max(peak, rss)}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the row parseable
+    if isinstance(value, torch.Tensor):
+        return _clean(value.item())
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per row to RUN/metrics.jsonl (rank 0 only), optionally to TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume from ``step``: drop rows the interrupted run wrote past it, so the file reads as one run."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a half-written last line from a kill
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        from lmforge.config import atomic_write_text
+
+        atomic_write_text(self.path, "".join(x + "\n" for x in keep))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {k: _clean(v) for k, v in row.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            step = row.get("step", 0)
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{row.get('kind', 'train')}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+    """One status line on stderr: step, loss, lr, tokens/s, ETA. Redrawn in place on a terminal."""
+
+    def __init__(self, total_steps: int, enabled: bool = True, every: int = 1):
+        self.total = total_steps
+        self.every = max(1, every)  # without a terminal, print one line every this many steps
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self._last_len = 0
+
+    def update(self, step: int, loss: float, lr: float, tok_per_s: float, seconds_per_step: float,
+               extra: str = "") -> None:
+        if not self.enabled or (not self.tty and step % self.every and step != self.total):
+            return
+        eta = (self.total - step) * seconds_per_step
+        width = 20
+        done = int(width * step / max(1, self.total))
+        bar = "#" * done + "." * (width - done)
+        line = (f"[{bar}] step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                f"{tok_per_s:,.0f} tok/s ETA {format_duration(eta)}{extra}")
+        if self.tty:
+            pad = max(0, self._last_len - len(line))
+            sys.stderr.write("\r" + line + " " * pad)
+            sys.stderr.flush()
+            self._last_len = len(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.tty and self._last_len:
+            sys.stderr.write("\n")
+            self._last_len = 0
+        print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty and self._last_len:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._last_len = 0
