@@ -1,1 +1,37 @@
-"""lmforge.distributed."""
+"""Scale-out with PyTorch's own stack: process group, ParallelDims/DeviceMesh, TP -> AC -> compile -> FSDP2.
+
+Names are imported lazily so config validation (and `lmforge model info`) never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ParallelConfig": "lmforge.distributed.config",
+    "ParallelDims": "lmforge.distributed.config",
+    "DistInfo": "lmforge.distributed.process_group",
+    "init_distributed": "lmforge.distributed.process_group",
+    "shutdown_distributed": "lmforge.distributed.process_group",
+    "launched_by_torchrun": "lmforge.distributed.process_group",
+    "all_reduce_mean": "lmforge.distributed.process_group",
+    "barrier": "lmforge.distributed.process_group",
+    "parallelize": "lmforge.distributed.parallelize",
+    "apply_tp": "lmforge.distributed.parallelize",
+    "apply_ac": "lmforge.distributed.parallelize",
+    "apply_compile": "lmforge.distributed.parallelize",
+    "apply_fsdp": "lmforge.distributed.parallelize",
+    "apply_ddp": "lmforge.distributed.parallelize",
+    "clip_grad_norm_": "lmforge.distributed.parallelize",
+    "set_grad_sync": "lmforge.distributed.parallelize",
+    "compute_dtypes": "lmforge.distributed.parallelize",
+    "Watchdog": "lmforge.distributed.watchdog",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lmforge.distributed' has no attribute '{name}'")

@@ -1,0 +1,163 @@
+"""The `parallel` config section and `ParallelDims`, which checks it against the world and the model.
+
+Pure Python (no torch import) so config validation and the planner stay instant; only
+`ParallelDims.build_mesh` touches torch.
+
+Ranks are laid out as a (dp_replicate, dp_shard, tp) grid, tp fastest:
+``rank = (r * dp_shard + s) * tp + t``. Tensor-parallel peers are neighbours (same node when
+tp ≤ GPUs per node); the data-parallel rank (which slice of the global batch a rank reads) is
+``rank // tp``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lmforge.config import ConfigError
+
+ActivationCheckpoint = Literal["none", "selective", "full"]
+Dtype = Literal["bf16", "fp32"]
+
+
+@dataclass
+class ParallelConfig:
+    """How one training job is spread over ranks; the same file works for any world size with dp_shard=-1."""
+
+    dp_replicate: int = 1  # data-parallel replicas (DDP when dp_shard == 1, HSDP's outer dim otherwise)
+    dp_shard: int = -1  # FSDP2 shard group size; -1 = whatever world / (dp_replicate * tp) leaves
+    tp: int = 1  # tensor-parallel degree (DTensor colwise/rowwise plan on attention and MLP)
+    sequence_parallel: bool = True  # with tp > 1: norms and residuals sharded along the sequence
+    activation_checkpoint: ActivationCheckpoint = "none"  # per block: none | selective (ops) | full
+    compile: bool = False  # torch.compile each block's forward
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" for quick CPU checks)
+    param_dtype: Dtype = "bf16"  # FSDP2 compute/all-gather dtype on CUDA (CPU always computes in fp32)
+    reduce_dtype: Dtype = "fp32"  # gradient reduce-scatter / all-reduce dtype
+    reshard_after_forward: bool = True  # FSDP2 ZeRO-3 (True) or keep gathered until backward (ZeRO-2-like)
+    timeout_s: float = 600.0  # process-group timeout; a dead rank makes the others exit within it
+
+    def __post_init__(self) -> None:
+        if self.dp_replicate < 1:
+            raise ConfigError(f"parallel.dp_replicate={self.dp_replicate} must be >= 1")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ConfigError(f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 to fill the rest of the world")
+        if self.tp < 1:
+            raise ConfigError(f"parallel.tp={self.tp} must be >= 1")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"parallel.timeout_s={self.timeout_s} must be > 0 seconds")
+        if not self.compile_backend:
+            raise ConfigError("parallel.compile_backend must name a torch.compile backend, e.g. inductor")
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Resolved degrees for one world size; construct with :meth:`from_config`."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+        if world_size < 1:
+            raise ConfigError(f"world size {world_size} must be >= 1")
+        rep, tp = cfg.dp_replicate, cfg.tp
+        shard = cfg.dp_shard
+        if shard == -1:
+            if world_size % (rep * tp):
+                raise ConfigError(
+                    f"parallel.dp_replicate={rep} x parallel.tp={tp} = {rep * tp} does not divide the world size "
+                    f"{world_size}; choose dp_replicate and tp whose product divides it "
+                    f"(divisors: {', '.join(map(str, _divisors(world_size)))})"
+                )
+            shard = world_size // (rep * tp)
+        if rep * shard * tp != world_size:
+            raise ConfigError(
+                f"parallel.dp_replicate={rep} x dp_shard={shard} x tp={tp} = {rep * shard * tp} != world size "
+                f"{world_size}; set parallel.dp_shard=-1 to fill the rest, or change the degrees"
+            )
+        return cls(rep, shard, tp, world_size)
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many slices the global batch is cut into."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def data_parallel(self) -> Literal["none", "ddp", "fsdp", "hsdp"]:
+        """Which data-parallel wrapper `parallelize` applies (see `lmforge.distributed.parallelize`)."""
+        if self.dp_shard > 1:
+            return "hsdp" if self.dp_replicate > 1 else "fsdp"
+        if self.dp_replicate > 1:
+            return "ddp"
+        return "none"
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(replicate index, shard index, tp index) of a global rank."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world of {self.world_size}")
+        t = rank % self.tp
+        s = (rank // self.tp) % self.dp_shard
+        r = rank // (self.tp * self.dp_shard)
+        return r, s, t
+
+    def dp_rank(self, rank: int) -> int:
+        """Which slice of the global batch `rank` reads (tp peers read the same one)."""
+        return rank // self.tp
+
+    # ---- checks against the model --------------------------------------------------------------
+    def check_model(self, model_cfg) -> None:
+        """Raise ConfigError when the model cannot be split `tp` ways (heads, kv heads, widths, vocab)."""
+        tp = self.tp
+        if tp == 1:
+            return
+        checks = [
+            ("model.n_heads", model_cfg.n_heads),
+            ("model.n_kv_heads", model_cfg.n_kv_heads),
+            ("model.hidden_dim (FFN width)", model_cfg.hidden_dim),
+            ("model.dim", model_cfg.dim),
+            ("model.vocab_size", model_cfg.vocab_size),
+        ]
+        for name, value in checks:
+            if value % tp:
+                ok = [d for d in _divisors(value) if d <= max(tp, 8) and self.world_size % d == 0]
+                raise ConfigError(
+                    f"parallel.tp={tp} does not divide {name}={value}; use a tp that divides it "
+                    f"(e.g. {', '.join(map(str, ok))})"
+                )
+        if not model_cfg.lm_head and not model_cfg.final_norm:
+            raise ConfigError(
+                "parallel.tp>1 on a model without an LM head needs model.final_norm=true "
+                "(the hidden states are gathered after it); use parallel.tp=1"
+            )
+
+    def check_batch(self, global_batch: int, micro_batch: int) -> int:
+        """Gradient-accumulation steps for a global batch; ConfigError naming the fix when it does not divide."""
+        per_step = micro_batch * self.dp
+        if global_batch % per_step:
+            up = -(-global_batch // per_step) * per_step
+            raise ConfigError(
+                f"train.global_batch={global_batch} is not divisible by micro_batch={micro_batch} x "
+                f"{self.dp} data-parallel ranks; try {up}"
+            )
+        return global_batch // per_step
+
+    # ---- torch ---------------------------------------------------------------------------------
+    def build_mesh(self, device_type: str):
+        """A 3-D DeviceMesh ("dp_replicate", "dp_shard", "tp"); size-1 dims are kept so names always exist."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(
+            device_type, (self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
+        )
+
+    def describe(self) -> str:
+        parts = [f"world={self.world_size}", f"dp_replicate={self.dp_replicate}", f"dp_shard={self.dp_shard}",
+                 f"tp={self.tp}", f"wrapper={self.data_parallel}"]
+        return " ".join(parts)
