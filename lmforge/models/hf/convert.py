@@ -325,11 +325,11 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str 
     weight_dtype = next(iter(sd.values())).dtype
     hf_cfg.pop("dtype", None)
     hf_cfg["torch_dtype"] = _hf_dtype_name(weight_dtype)
-    try:
-        import transformers
+    try:  # the installed version, read without importing transformers (seconds)
+        from importlib.metadata import version
 
-        hf_cfg["transformers_version"] = transformers.__version__
-    except ImportError:
+        hf_cfg["transformers_version"] = version("transformers")
+    except Exception:
         hf_cfg.setdefault("transformers_version", "4.45.0")
     with _atomic_dir(out) as tmp:
         tok = tokenizer_files.export_tokenizer(model_dir, tmp, cfg, hf_cfg)
@@ -354,6 +354,6 @@ def _export_architecture(fam: Family, base: dict[str, Any], heads: dict[str, tor
         if has_mlm:
             return "BertForMaskedLM"
         return "BertModel"
-    if archs and archs[0] in fam.architectures:
+    if fam.name != "gpt2" and archs and archs[0] in fam.architectures:
         return archs[0]
-    return fam.architectures[0]
+    return fam.architectures[0]  # GPT2Model checkpoints come back as GPT2LMHeadModel (tied head)
