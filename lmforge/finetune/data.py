@@ -45,14 +45,14 @@ class DataError(UserError):
 # ================================================================================================
 # Reading records
 # ================================================================================================
-def _check_file(path: str | os.PathLike) -> Path:
+def check_file(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file '{path}' does not exist; check data.train / data.dev / --data")
     return p
 
 
-def _read_text(p: Path) -> str:
+def read_text(p: Path) -> str:
     try:
         return p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -62,8 +62,8 @@ def _read_text(p: Path) -> str:
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield ``(line, record)`` from a JSON array file or a JSON Lines file (chosen by content)."""
-    p = _check_file(path)
-    text = _read_text(p)
+    p = check_file(path)
+    text = read_text(p)
     stripped = text.lstrip()
     if p.suffix.lower() == ".jsonl" or not stripped.startswith("["):
         yield from _read_jsonl(p, text)
@@ -127,8 +127,8 @@ def read_table(path: str | os.PathLike, delimiter: str | None = None) -> Iterato
     ``.tsv`` / ``.txt`` are tab-separated without quoting (GLUE style); ``.csv`` is comma-separated with
     standard quoting (fields may span lines; ``line`` is where the row ends).
     """
-    p = _check_file(path)
-    text = _read_text(p)
+    p = check_file(path)
+    text = read_text(p)
     if delimiter is None:
         delimiter = "," if p.suffix.lower() == ".csv" else "\t"
     quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
@@ -300,7 +300,7 @@ def load_labelled(path: str | os.PathLike, text_field: str | int | None = None,
     Column numbers (``0``, ``1`` or ``"1"``) mean the file has no header (e.g. THUCNews ``title<TAB>label``).
     Labels are kept as strings.
     """
-    p = _check_file(path)
+    p = check_file(path)
     out: list[LabelledExample] = []
     if p.suffix.lower() in (".json", ".jsonl"):
         for line, rec in read_records(p):

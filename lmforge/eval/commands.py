@@ -1,0 +1,260 @@
+"""`lmforge eval --model DIR --task ppl|classify|qa|summarize|translate --data PATH`.
+
+Prints a short table of the metrics (stderr) and one summary line — or, with ``--json``, one JSON object —
+on stdout, and writes the full results (settings, metrics, every prediction) as JSON to ``--out``
+(default ``MODEL/eval/TASK-DATA.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lmforge.console import emit, info
+
+HELP = "evaluate a model dir: perplexity, classification, QA, summarization or translation"
+TASKS = ("ppl", "classify", "qa", "summarize", "translate")
+DEFAULT_NEW_TOKENS = {"qa": 32, "summarize": 96, "translate": 96}
+HEADLINE = {"ppl": ("perplexity", "bits_per_byte"), "classify": ("accuracy", "macro_f1"),
+            "qa": ("exact_match", "f1"), "summarize": ("rouge1", "rouge2", "rougeL"),
+            "translate": ("bleu", "chrf")}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="model dir (RUN/model, imported, fine-tuned or a classifier)")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--data", required=True, help="data file: txt/jsonl (ppl), tsv/csv/jsonl (classify), "
+                   "SQuAD json / jsonl (qa), jsonl (summarize), tsv / jsonl pairs (translate)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", default=None, help="results JSON (default MODEL/eval/TASK-DATA.json)")
+    p.add_argument("--max-examples", type=int, default=None, help="evaluate only N examples (documents for ppl)")
+    p.add_argument("--subset", choices=("first", "spread"), default="first",
+                   help="with --max-examples: the first N, or N spread evenly over the file")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
+    g.add_argument("--text-field", default=None, help="jsonl text field (ppl: text; classify: auto)")
+    g = p.add_argument_group("classification")
+    g.add_argument("--label-field", default="label", help="label column / field (a number for header-less TSV)")
+    g.add_argument("--labels", default=None, help="comma-separated label set (default: the model's or the data's)")
+    g.add_argument("--label-words", default=None,
+                   help="zero-shot: comma-separated words the LM scores, one per label (default: the labels)")
+    g = p.add_argument_group("generation (qa, summarize, translate)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="qa 32, summarize/translate 96")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--prompt", default=None, help="prompt template with {field} placeholders (qa: {question} "
+                   "{context}; summarize: {source}; translate: {source} {src_name} {tgt_name}; "
+                   "classify: {text})")
+    g.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+    g.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
+    g.add_argument("--src-lang", default=None, help="translate: source language code (default: guessed)")
+    g.add_argument("--tgt-lang", default=None, help="translate: target language code (default: guessed)")
+    g.add_argument("--reverse", action="store_true", help="translate TSV: target<TAB>source instead")
+
+
+def _check_args(args) -> None:
+    from lmforge.config import UserError
+
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size={args.batch_size} must be positive")
+    if args.max_examples is not None and args.max_examples <= 0:
+        raise UserError(f"--max-examples={args.max_examples} must be positive")
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be positive")
+    if not Path(args.model).is_dir():
+        raise UserError(f"model dir '{args.model}' does not exist; pass RUN/model or a dir from `lmforge import`")
+    if not Path(args.data).is_file():
+        raise UserError(f"data file '{args.data}' does not exist")
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def run(args) -> int:
+    import torch
+
+    from lmforge.config import UserError, atomic_write_text
+    from lmforge.eval.progress import Progress
+
+    _check_args(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    result = {"task": args.task, "model": str(args.model), "data": str(args.data), "seed": args.seed,
+              "batch_size": args.batch_size, "device": str(device)}
+    progress = Progress(0, f"eval {args.task}", enabled=True)
+    try:
+        runner = {"ppl": _ppl, "classify": _classify, "qa": _generation, "summarize": _generation,
+                  "translate": _generation}[args.task]
+        result.update(runner(args, device, dtype, progress))
+    finally:
+        progress.close()
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+
+    out = Path(args.out) if args.out else Path(args.model) / "eval" / f"{args.task}-{Path(args.data).stem}.json"
+    try:
+        atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False))
+    except OSError as e:
+        raise UserError(f"cannot write results to '{out}' ({e.strerror}); pass --out FILE") from None
+
+    metrics = result["metrics"]
+    for line in format_table(args.task, metrics):
+        info(line)
+    head = " ".join(f"{k}={metrics[k]:.4g}" for k in HEADLINE[args.task])
+    summary = f"eval {args.task}: {head} (n={metrics.get('n', metrics.get('documents'))}, " \
+              f"{result['seconds']:.1f}s) -> {out}"
+    payload = {k: v for k, v in result.items() if k != "predictions"}
+    payload["results_file"] = str(out)
+    emit(args, summary, payload)
+    return 0
+
+
+def format_table(task: str, metrics: dict) -> list[str]:
+    """A short human table: the headline metrics, then a confusion matrix for classification."""
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in rows]
+    if task == "classify" and "confusion_matrix" in metrics:
+        labels = metrics["labels"]
+        w = max(6, *(len(lab) for lab in labels))
+        lines.append("  confusion (rows = gold, columns = predicted):")
+        lines.append("  " + " " * w + "".join(f"{lab:>{w + 1}}" for lab in labels))
+        for lab, row in zip(labels, metrics["confusion_matrix"]):
+            lines.append(f"  {lab:>{w}}" + "".join(f"{c:>{w + 1}}" for c in row))
+    return lines
+
+
+# ---- tasks ------------------------------------------------------------------------------------------
+def _load_lm(args, device, dtype):
+    from lmforge.models.model_dir import load_model_dir
+    from lmforge.tokenizer import load_tokenizer
+
+    model = load_model_dir(args.model, device=device, dtype=dtype).eval()
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        from lmforge.config import UserError
+
+        raise UserError(f"the tokenizer in '{args.model}' has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.cfg.vocab_size} embeddings; the model dir mixes files from different models")
+    return model, tokenizer
+
+
+def _ppl(args, device, dtype, progress) -> dict:
+    from lmforge.eval.datasets import read_texts, subset
+    from lmforge.eval.perplexity import perplexity
+
+    texts = subset(read_texts(args.data, args.text_field or "text"), args.max_examples, args.subset)
+    model, tokenizer = _load_lm(args, device, dtype)
+    metrics = perplexity(model, tokenizer, texts, args.seq_len, args.batch_size, progress)
+    return {"metrics": metrics}
+
+
+def _classify(args, device, dtype, progress) -> dict:
+    from lmforge.config import UserError
+    from lmforge.eval.classification import classification_scores
+    from lmforge.eval.datasets import subset
+    from lmforge.eval.tasks import classify_with_head, zero_shot_classify
+    from lmforge.finetune.data import encode_labelled, label_list, load_labelled
+    from lmforge.models.classifier import load_classifier_dir, read_task
+    from lmforge.tokenizer import load_tokenizer
+
+    examples = subset(load_labelled(args.data, args.text_field, args.label_field), args.max_examples, args.subset)
+    tokenizer = load_tokenizer(args.model)
+    if read_task(args.model).get("task") == "classify":
+        clf, labels = load_classifier_dir(args.model, device=device, dtype=dtype)
+        if args.labels and _split(args.labels) != labels:
+            raise UserError(f"--labels {args.labels} differ from the classifier's labels {labels}; drop --labels")
+        unknown = sorted({e.label for e in examples} - set(labels))
+        if unknown:
+            raise UserError(f"the data has labels {unknown} the classifier does not know (it has {labels}); "
+                            "check --label-field")
+        ids, golds = encode_labelled(tokenizer, examples, labels, clf.cfg.max_seq_len)
+        progress.total = len(ids)
+        preds = classify_with_head(clf, ids, args.batch_size, tokenizer.pad_id or 0, progress)
+        mode = "head"
+        words = None
+    else:
+        model, tokenizer = _load_lm(args, device, dtype)
+        labels = _split(args.labels) or label_list(examples)
+        unknown = sorted({e.label for e in examples} - set(labels))
+        if unknown:
+            raise UserError(f"the data has labels {unknown} missing from --labels {labels}")
+        words = _split(args.label_words) or labels
+        if len(words) != len(labels):
+            raise UserError(f"--label-words has {len(words)} words for {len(labels)} labels {labels}; "
+                            "give one word per label, in the same order")
+        index = {lab: i for i, lab in enumerate(labels)}
+        golds = [index[e.label] for e in examples]
+        progress.total = len(examples) * len(labels)
+        preds = zero_shot_classify(model, tokenizer, [e.text for e in examples], words, args.batch_size,
+                                   args.prompt or "{text}\nAnswer:", progress)
+        mode = "zero-shot"
+    metrics = classification_scores([labels[g] for g in golds], [labels[p] for p in preds], labels)
+    predictions = [{"where": e.where, "gold": labels[g], "predicted": labels[p]}
+                   for e, g, p in zip(examples, golds, preds)]
+    return {"mode": mode, "label_words": words, "metrics": metrics, "predictions": predictions}
+
+
+def _generation(args, device, dtype, progress) -> dict:
+    from lmforge.config import UserError
+    from lmforge.eval import datasets as D
+    from lmforge.eval.tasks import PromptBuilder, generate_answers, postprocess
+
+    task = args.task
+    extra: dict[str, str] = {}
+    settings: dict = {}
+    if task == "qa":
+        examples = D.load_qa(args.data)
+    elif task == "summarize":
+        examples = D.load_summarization(args.data)
+    else:
+        examples, src, tgt = D.load_translation(args.data, args.src_lang, args.tgt_lang, args.reverse)
+        extra = {"src_lang": src, "tgt_lang": tgt, "src_name": D.lang_name(src), "tgt_name": D.lang_name(tgt)}
+        settings.update(src_lang=src, tgt_lang=tgt)
+    examples = D.subset(examples, args.max_examples, args.subset)
+    model, tokenizer = _load_lm(args, device, dtype)
+    if not model.cfg.causal or not model.cfg.lm_head:
+        raise UserError(f"task {task} generates text and needs a causal LM; '{args.model}' is an encoder")
+    new_tokens = args.max_new_tokens or DEFAULT_NEW_TOKENS[task]
+    max_prompt = model.cfg.max_seq_len - new_tokens
+    if max_prompt < 8:
+        raise UserError(f"--max-new-tokens={new_tokens} leaves no room for a prompt in the model's "
+                        f"max_seq_len={model.cfg.max_seq_len}; ask for fewer tokens")
+    build = PromptBuilder(tokenizer, task, max_prompt, chat=not args.no_chat, template=args.chat_template,
+                          custom_prompt=args.prompt, extra_fields=extra)
+    prompts, truncated = [], 0
+    for ex in examples:
+        ids, cut = build(ex)
+        prompts.append(ids)
+        truncated += cut
+    progress.total = len(prompts)
+    raw = generate_answers(model, tokenizer, prompts, new_tokens, args.batch_size, args.seed,
+                           args.temperature, args.top_k, args.top_p, progress)
+    preds = [postprocess(task, r) for r in raw]
+    refs = [ex.references for ex in examples]
+    if task == "qa":
+        from lmforge.eval.qa import qa_scores
+
+        metrics = qa_scores(preds, refs)
+    elif task == "summarize":
+        from lmforge.eval.rouge import rouge_scores
+
+        metrics = rouge_scores(preds, refs)
+    else:
+        from lmforge.eval.translation import translation_scores
+
+        metrics = translation_scores(preds, refs, "zh" if settings["tgt_lang"].startswith("zh") else None)
+    metrics["truncated_prompts"] = truncated
+    metrics["empty_predictions"] = sum(1 for p in preds if not p)
+    settings.update(max_new_tokens=new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, chat=not args.no_chat)
+    predictions = [{"id": ex.id, "prediction": p, "references": ex.references, "raw": r}
+                   for ex, p, r in zip(examples, preds, raw)]
+    return {"settings": settings, "metrics": metrics, "predictions": predictions}
