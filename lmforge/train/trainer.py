@@ -130,6 +130,7 @@ class TrainResult:
     nonfinite_total: int = 0
     model_dir: str | None = None
     run_dir: str = ""
+    peak_flops_source: str | None = None
 
 
 class Trainer:
@@ -394,7 +395,7 @@ class Trainer:
             tok_per_s=tps, mfu=(tps * self.flops_per_token / (peak * world.world_size)
                                 if tps and self.flops_per_token else None),
             nonfinite_total=self.nonfinite_total, model_dir=str(model_dir) if model_dir else None,
-            run_dir=str(self.run_dir))
+            run_dir=str(self.run_dir), peak_flops_source=self.peak_source)
 
     def export_model(self) -> Path | None:
         """Consolidate the weights (gathered from all ranks) into RUN/model on rank 0."""

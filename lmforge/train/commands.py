@@ -1,0 +1,26 @@
+"""`lmforge pretrain --config FILE [section.key=value ...]`."""
+
+from __future__ import annotations
+
+from lmforge.console import emit
+
+HELP = "pretrain a causal LM on token shards (resumes from RUN/checkpoints/LATEST by default)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/pretrain/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. train.max_steps=100 optim.lr=1e-3 run.dir=runs/try")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary line")
+
+
+def run(args) -> int:
+    from lmforge.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # ConfigError before anything is imported or built
+    from lmforge.train.pretrain import pretrain, summary
+
+    result = pretrain(cfg)
+    line, payload = summary(result)
+    emit(args, line, payload)
+    return 0
