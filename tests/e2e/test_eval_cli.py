@@ -1,0 +1,148 @@
+"""`lmforge eval` end to end on a tiny model dir: every task, --json, results file, errors, real data."""
+
+import json
+
+import pytest
+import torch
+
+from lmforge.cli import main
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello there, how are you today?",
+    "Question: what is two plus two? Answer: four. Passage: the cat sat on the mat.",
+    "今天天气很好，我们去公园散步吧。你好，世界！机器学习很有趣。",
+    "it 's a charming and often affecting journey . a bleak and desperate film .",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from lmforge.models import ModelConfig, build_model
+    from lmforge.models.model_dir import save_model_dir
+    from lmforge.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("evalcli")
+    (d / "corpus.txt").write_text("\n".join(CORPUS), encoding="utf-8")
+    train_tokenizer([str(d / "corpus.txt")], 400, d / "tok", progress=False)
+    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_hidden=128, max_seq_len=128,
+                      tie_embeddings=True)
+    return save_model_dir(build_model(cfg, seed=0), d / "model", tokenizer_dir=str(d / "tok"))
+
+
+def run_json(capsys, *argv):
+    rc = main(["eval", *map(str, argv), "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out  # --json: one object on stdout, progress and table on stderr
+    return json.loads(lines[0]), err
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_ppl(model_dir, tmp_path, capsys):
+    data = write(tmp_path / "t.jsonl", '{"text": "The quick brown fox."}\n{"text": "你好，世界！"}\n')
+    res, err = run_json(capsys, "--model", model_dir, "--task", "ppl", "--data", data, "--out", tmp_path / "r.json")
+    m = res["metrics"]
+    assert m["documents"] == 2 and m["bytes"] == len("The quick brown fox.".encode()) + len("你好，世界！".encode())
+    # a random model is about as unsure as its vocabulary is large
+    assert 100 < m["perplexity"] < 2000 and m["bits_per_byte"] > 1
+    assert "perplexity" in err and "bits_per_byte" in err  # the table
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"] == m
+
+
+def test_generation_tasks_and_determinism(model_dir, tmp_path, capsys):
+    qa = write(tmp_path / "qa.jsonl", '{"question": "what is two plus two?", "answer": ["four", "4"]}\n'
+                                     '{"question": "who?", "context": "the cat sat", "answers": "cat"}\n')
+    summ = write(tmp_path / "s.jsonl", json.dumps({"source": ["The cat sat.", "It was happy."],
+                                                   "target": ["A cat sat."]}) + "\n")
+    tr = write(tmp_path / "t.tsv", "Hello.\t你好。\tCC\nHello.\t您好。\tCC\nThe dog.\t狗。\tCC\n")
+    for task, data, keys in [("qa", qa, ("exact_match", "f1")), ("summarize", summ, ("rouge1", "rouge2", "rougeL")),
+                             ("translate", tr, ("bleu", "chrf"))]:
+        out = tmp_path / f"{task}.json"
+        res, _ = run_json(capsys, "--model", model_dir, "--task", task, "--data", data, "--max-new-tokens", 5,
+                          "--batch-size", 2, "--out", out)
+        assert all(0 <= res["metrics"][k] <= 100 for k in keys)
+        full = json.loads(out.read_text())
+        assert len(full["predictions"]) == res["metrics"]["n"]
+        again, _ = run_json(capsys, "--model", model_dir, "--task", task, "--data", data, "--max-new-tokens", 5,
+                            "--batch-size", 1, "--out", tmp_path / "again.json")
+        assert [p["raw"] for p in json.loads((tmp_path / "again.json").read_text())["predictions"]] == \
+            [p["raw"] for p in full["predictions"]]
+    assert full["settings"]["tgt_lang"] == "zh" and full["metrics"]["bleu_tokenize"] == "zh"
+    assert full["predictions"][0]["references"] == ["你好。", "您好。"]
+
+
+def test_classify_zero_shot_and_head(model_dir, tmp_path, capsys):
+    from lmforge.finetune.data import encode_labelled, load_labelled
+    from lmforge.models.classifier import SequenceClassifier, save_classifier_dir
+    from lmforge.models.model_dir import load_model_dir
+    from lmforge.tokenizer import load_tokenizer
+
+    data = write(tmp_path / "d.tsv", "sentence\tlabel\na charming journey .\t1\nbleak and desperate\t0\n"
+                                     "how are you\t1\nthe lazy dog\t0\nhello there\t1\n")
+    res, err = run_json(capsys, "--model", model_dir, "--task", "classify", "--data", data,
+                        "--label-words", "bad,good", "--out", tmp_path / "z.json")
+    m = res["metrics"]
+    assert res["mode"] == "zero-shot" and m["labels"] == ["0", "1"] and m["n"] == 5
+    assert sum(map(sum, m["confusion_matrix"])) == 5
+    assert "confusion (rows = gold" in err
+
+    torch.manual_seed(0)
+    clf = SequenceClassifier(load_model_dir(model_dir), 2, "last").eval()
+    clf_dir = save_classifier_dir(clf, tmp_path / "clf", ["0", "1"], tokenizer_dir=str(model_dir))
+    res, _ = run_json(capsys, "--model", clf_dir, "--task", "classify", "--data", data, "--batch-size", 2)
+    assert res["mode"] == "head"
+    tok = load_tokenizer(clf_dir)
+    ids, golds = encode_labelled(tok, load_labelled(data), ["0", "1"], 128)
+    with torch.no_grad():
+        preds = [int(clf(torch.tensor([x])).argmax(-1)) for x in ids]
+    want = 100 * sum(p == g for p, g in zip(preds, golds)) / len(golds)
+    assert res["metrics"]["accuracy"] == pytest.approx(want)
+    assert (clf_dir / "eval" / "classify-d.json").is_file()  # default results path: MODEL/eval/TASK-DATA.json
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "ppl", "--data", "MISSING"], "data file 'MISSING' does not exist"),
+    (["--task", "qa", "--data", "BAD"], r"bad\.jsonl:2: a QA record needs"),
+    (["--task", "classify", "--data", "TSV", "--label-words", "a,b,c"], "--label-words has 3 words for 2 labels"),
+    (["--task", "qa", "--data", "BAD", "--batch-size", "0"], "--batch-size=0 must be positive"),
+    (["--task", "translate", "--data", "TSV", "--max-new-tokens", "125"], "leaves no room for a prompt"),
+    (["--task", "qa", "--data", "GOOD", "--prompt", "{nope}"], r"prompt template uses \{nope\}"),
+])
+def test_errors_are_one_line(model_dir, tmp_path, capsys, argv, message):
+    files = {"BAD": write(tmp_path / "bad.jsonl", '{"question": "q", "answer": "a"}\n{"x": 1}\n'),
+             "GOOD": write(tmp_path / "good.jsonl", '{"question": "q", "answer": "a"}\n'),
+             "TSV": write(tmp_path / "d.tsv", "text\tlabel\na\t0\nb\t1\n")}
+    argv = [str(files.get(a, a)) for a in argv]
+    rc = main(["eval", "--model", str(model_dir), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ")
+    assert __import__("re").search(message, err[-1]), err[-1]
+
+
+def test_missing_model_dir(capsys, tmp_path):
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--task", "ppl", "--data", __file__]) == 2
+    assert "model dir" in capsys.readouterr().err
+
+
+def test_real_data_end_to_end(model_dir, shared_data, tmp_path, capsys):
+    """Tatoeba en->zh, SciTLDR, SQuAD, NQ-Open and SST-2 through the CLI (a random model scores ~0;
+    the point is that the readers, prompts, generation and metrics run on the real files)."""
+    cases = [
+        ("translate", shared_data / "translation_en_zh_tatoeba" / "cmn.txt", "bleu"),
+        ("summarize", shared_data / "summarization_en_scitldr" / "test.jsonl", "rougeL"),
+        ("qa", shared_data / "qa_en_squad_v1.1_dev" / "squad_v1.1_dev_reconstructed.json", "f1"),
+        ("qa", shared_data / "qa_en_nq_open" / "NQ-open.dev.jsonl", "exact_match"),
+    ]
+    for task, data, key in cases:
+        res, _ = run_json(capsys, "--model", model_dir, "--task", task, "--data", data, "--max-examples", 3,
+                          "--subset", "spread", "--max-new-tokens", 4, "--out", tmp_path / f"{task}.json")
+        assert res["metrics"]["n"] == 3 and 0 <= res["metrics"][key] <= 100
+    res, _ = run_json(capsys, "--model", model_dir, "--task", "classify", "--data",
+                      shared_data / "sentiment_en_sst2" / "dev.tsv", "--max-examples", 8,
+                      "--label-words", "negative,positive", "--out", tmp_path / "c.json")
+    assert res["metrics"]["n"] == 8
