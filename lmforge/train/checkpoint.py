@@ -14,6 +14,9 @@ checkpoints are pruned after that, keeping the newest ``keep_last`` and never th
 
 Only tensors go through DCP (loaded with ``weights_only=True``); everything else is JSON. DCP's
 ``.metadata`` index is PyTorch's own format.
+
+Frozen parameters (a LoRA run's base weights, a frozen backbone) are not saved: they come from the model
+dir the run started from, so a LoRA checkpoint holds only the adapters (and head) and their optimizer state.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lmforge.config import UserError, atomic_write_text
 
@@ -181,6 +184,13 @@ def _reason(e: BaseException) -> str:
 
 
 # ---- save / load ------------------------------------------------------------------------------
+def state_dict_options(model: torch.nn.Module) -> StateDictOptions | None:
+    """Checkpoint only trainable parameters when some are frozen (they are reloaded from the base model)."""
+    if any(not p.requires_grad for p in model.parameters()):
+        return StateDictOptions(ignore_frozen_params=True, strict=False)
+    return None
+
+
 class CheckpointManager:
     """Saves and loads training state under ``ckpt_dir`` (all ranks call save/load together)."""
 
@@ -208,7 +218,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=state_dict_options(model))
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
             dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=str(tmp))
@@ -245,8 +255,9 @@ class CheckpointManager:
         """Load model (+ optimizer) state in place; returns (meta, this rank's state)."""
         path = Path(path)
         meta = read_meta(path)
-        model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
-            get_state_dict(model, [])[0], None)
+        options = state_dict_options(model)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options) if optimizer is not None else (
+            get_state_dict(model, [], options=options)[0], None)
         state = {"model": model_sd}
         if optim_sd is not None:
             state["optim"] = optim_sd["state"]
@@ -259,11 +270,12 @@ class CheckpointManager:
                             "resume with the config it was trained with or start a new run.dir") from None
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"],
-                           optim_state_dict={"state": state["optim"], "param_groups": optim_sd["param_groups"]})
+                           optim_state_dict={"state": state["optim"], "param_groups": optim_sd["param_groups"]},
+                           options=options)
         else:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-            set_model_state_dict(model, state["model"])
+            set_model_state_dict(model, state["model"], options=options)
         rank_file = path / f"rank_{self.rank:05d}.json"
         if not rank_file.is_file():
             rank_file = path / "rank_00000.json"  # resumed on more ranks than it was saved with

@@ -11,6 +11,11 @@ of tensors with the batch on dim 0), ``state_dict()`` and ``load_state_dict()``.
 returns an iterable of batches. ``loss_fn(model, batch) -> (loss_sum, n_tokens)``: the summed loss
 and how many targets it covers; the Trainer normalizes by the global count, so micro-batches and
 ranks with different numbers of real tokens weigh correctly.
+
+Optional hooks for fine-tuning recipes: ``eval_fn(model) -> {metric: value}`` adds metrics to every
+evaluation (e.g. dev accuracy; every rank calls it); early stopping follows ``cfg.eval.metric``
+(default ``val_loss``) in the direction ``cfg.eval.metric_mode`` (``min`` | ``max``); ``on_best(trainer)``
+runs on every rank whenever an evaluation sets a new best (a recipe keeps the best weights there).
 """
 
 from __future__ import annotations
@@ -123,6 +128,9 @@ class TrainResult:
     final_loss: float | None
     val: dict[str, float] = field(default_factory=dict)
     best_val_loss: float | None = None
+    best_metric: str = "val_loss"  # what early stopping / best tracking followed
+    best_value: float | None = None
+    best_step: int | None = None
     resumed_from: str | None = None
     elapsed_s: float = 0.0
     tok_per_s: float | None = None
@@ -141,7 +149,9 @@ class Trainer:
                  total_steps: int, world: World | None = None, device: torch.device | str = "cpu",
                  config_dict: dict[str, Any] | None = None, math_fields: dict[str, Any] | None = None,
                  flops_per_token: float | None = None, bytes_per_token: float | None = None,
-                 save_model: Callable[[nn.Module, Path], Any] | None = None, resume_from: Path | None | str = "find"):
+                 save_model: Callable[[nn.Module, Path], Any] | None = None, resume_from: Path | None | str = "find",
+                 eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+                 on_best: Callable[["Trainer"], Any] | None = None):
         self.cfg = cfg
         self.world = world or World()
         self.device = torch.device(device)
@@ -150,6 +160,10 @@ class Trainer:
         self.train_batches = train_batches
         self.val_batches = val_batches
         self.loss_fn = loss_fn
+        self.eval_fn = eval_fn
+        self.on_best = on_best
+        self.best_metric = getattr(cfg.eval, "metric", None) or "val_loss"
+        self.maximize = getattr(cfg.eval, "metric_mode", "min") == "max"
         self.config_dict = config_dict if config_dict is not None else _to_dict(cfg)
         self.math_fields = dict(math_fields or {})
         self.flops_per_token = flops_per_token
@@ -171,6 +185,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.best_val: float | None = None
+        self.best_step: int | None = None
         self.evals_since_best = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
@@ -185,7 +200,8 @@ class Trainer:
             "math": self.math_fields,
             "config_hash": config_hash(self.math_fields),
             "schedule": self.schedule.state_dict(),
-            "trainer": {"best_val": self.best_val, "evals_since_best": self.evals_since_best,
+            "trainer": {"best_val": self.best_val, "best_step": self.best_step,
+                        "evals_since_best": self.evals_since_best,
                         "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
                         "last_val": self.last_val},
             "lmforge_version": __import__("lmforge").__version__,
@@ -200,6 +216,7 @@ class Trainer:
         self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
         t = meta.get("trainer", {})
         self.best_val = t.get("best_val")
+        self.best_step = t.get("best_step")
         self.evals_since_best = int(t.get("evals_since_best", 0))
         self.nonfinite_total = int(t.get("nonfinite_total", 0))
         self.nonfinite_streak = int(t.get("nonfinite_streak", 0))
@@ -215,30 +232,43 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token), perplexity and bits per byte over ``eval.batches`` batches."""
+        """Validation loss (nats/token), perplexity and bits per byte over ``eval.batches`` batches,
+        plus whatever ``eval_fn`` measures."""
         model = self.model
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        extra: dict[str, float] = {}
         try:
-            for batch in self.val_batches():
+            for batch in (self.val_batches() if self.val_batches is not None else ()):
                 batch = to_device(batch, self.device)
                 with self._autocast():
                     loss_sum, n = self.loss_fn(model, batch)
                 total[0] += loss_sum.double()
                 total[1] += float(n)
+            if self.eval_fn is not None:
+                with self._autocast():
+                    extra = dict(self.eval_fn(model))
         finally:
             model.train(was_training)
-        all_reduce_sum(total)
-        if total[1] == 0:
+        if self.val_batches is not None:
+            all_reduce_sum(total)
+        out: dict[str, float] = {}
+        if total[1] > 0:
+            loss = float(total[0] / total[1])
+            out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+            if self.bytes_per_token:
+                out["val_bpb"] = loss / math.log(2) / self.bytes_per_token
+        out.update(extra)
+        if not out:
             return {}
-        loss = float(total[0] / total[1])
-        out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
-        if self.bytes_per_token:
-            out["val_bpb"] = loss / math.log(2) / self.bytes_per_token
         out["eval_time"] = time.perf_counter() - t0
         return out
+
+    @property
+    def can_evaluate(self) -> bool:
+        return (self.val_batches is not None or self.eval_fn is not None) and bool(self.cfg.eval.batches)
 
     def _autocast(self):
         import contextlib
@@ -315,8 +345,7 @@ class Trainer:
         ema_dt: float | None = None
         try:
             self.model.train()
-            if (cfg.eval.at_start and self.step == 0 and self.val_batches is not None and cfg.eval.batches
-                    and not resumed):
+            if cfg.eval.at_start and self.step == 0 and self.can_evaluate and not resumed:
                 self._log_eval(self.evaluate())
                 evaluated_at = 0
             while self.step < self.total_steps:
@@ -354,11 +383,10 @@ class Trainer:
                 ema_dt = dt if ema_dt is None else 0.9 * ema_dt + 0.1 * dt
                 progress.update(self.step, out["loss"], out["lr"], out["tokens"] / ema_dt, ema_dt)
                 stop = None
-                if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.val_batches is not None \
-                        and cfg.eval.batches:
+                if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.can_evaluate:
                     val = self._log_eval(self.evaluate())
                     evaluated_at = self.step
-                    if val and self._early_stop(val["val_loss"]):
+                    if val and self._early_stop(val):
                         stop = "early_stop"
                 if cfg.train.time_limit_minutes and time.perf_counter() - t_start > cfg.train.time_limit_minutes * 60:
                     stop = stop or "time_limit"
@@ -374,8 +402,10 @@ class Trainer:
                         progress.message(f"stopping at step {self.step}: {stop.replace('_', ' ')}")
                     break
             progress.close()
-            if self.val_batches is not None and cfg.eval.batches and evaluated_at != self.step:
-                self._log_eval(self.evaluate())
+            if self.can_evaluate and evaluated_at != self.step:
+                val = self._log_eval(self.evaluate())
+                if val:
+                    self._early_stop(val)  # the last evaluation counts for the best (no stop decision left)
             if cfg.checkpoint.at_end and saved_at != self.step and self.step > 0:
                 self.save_checkpoint()
         finally:
@@ -391,7 +421,9 @@ class Trainer:
         tps = sorted(tps_hist)[len(tps_hist) // 2] if tps_hist else None
         return TrainResult(
             step=self.step, tokens=self.tokens, stop_reason=stop_reason, final_loss=last_row.get("loss"),
-            val=dict(self.last_val), best_val_loss=self.best_val, resumed_from=resumed, elapsed_s=elapsed,
+            val=dict(self.last_val), best_val_loss=self.best_val if self.best_metric == "val_loss" else None,
+            best_metric=self.best_metric, best_value=self.best_val, best_step=self.best_step,
+            resumed_from=resumed, elapsed_s=elapsed,
             tok_per_s=tps, mfu=(tps * self.flops_per_token / (peak * world.world_size)
                                 if tps and self.flops_per_token else None),
             nonfinite_total=self.nonfinite_total, model_dir=str(model_dir) if model_dir else None,
@@ -441,14 +473,28 @@ class Trainer:
         self.last_val = {k: v for k, v in val.items() if k != "eval_time"}
         self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens, **val})
         if self.world.is_main:
-            bpb = f", {val['val_bpb']:.3f} bits/byte" if "val_bpb" in val else ""
-            info(f"step {self.step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f}{bpb}")
+            parts = []
+            if "val_loss" in val:
+                bpb = f", {val['val_bpb']:.3f} bits/byte" if "val_bpb" in val else ""
+                parts.append(f"val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f}{bpb}")
+            parts += [f"{k} {v:.4g}" for k, v in val.items()
+                      if k not in ("val_loss", "val_ppl", "val_bpb", "eval_time") and isinstance(v, (int, float))]
+            info(f"step {self.step}: " + ", ".join(parts))
         return val
 
-    def _early_stop(self, val_loss: float) -> bool:
-        if self.best_val is None or val_loss < self.best_val - self.cfg.eval.min_delta:
-            self.best_val = val_loss
+    def _early_stop(self, val: dict[str, float]) -> bool:
+        """Track the best ``eval.metric``; True when ``eval.patience`` evaluations passed without a better one."""
+        if self.best_metric not in val:
+            raise ConfigError(f"eval.metric={self.best_metric} is not among the evaluation's metrics "
+                              f"({', '.join(k for k in val if k != 'eval_time')}); pick one of those")
+        value, delta = float(val[self.best_metric]), self.cfg.eval.min_delta
+        better = self.best_val is None or (value > self.best_val + delta if self.maximize
+                                           else value < self.best_val - delta)
+        if better:
+            self.best_val, self.best_step = value, self.step
             self.evals_since_best = 0
+            if self.on_best is not None:
+                self.on_best(self)
             return False
         self.evals_since_best += 1
         return bool(self.cfg.eval.patience) and self.evals_since_best >= self.cfg.eval.patience
