@@ -18,6 +18,7 @@ from lmforge.config import ConfigError
 
 ActivationCheckpoint = Literal["none", "selective", "full"]
 Dtype = Literal["bf16", "fp32"]
+ParamDtype = Literal["auto", "bf16", "fp32"]
 
 
 @dataclass
@@ -31,7 +32,9 @@ class ParallelConfig:
     activation_checkpoint: ActivationCheckpoint = "none"  # per block: none | selective (ops) | full
     compile: bool = False  # torch.compile each block's forward
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" for quick CPU checks)
-    param_dtype: Dtype = "bf16"  # FSDP2 compute/all-gather dtype on CUDA (CPU always computes in fp32)
+    # FSDP2 compute / all-gather dtype on CUDA (master weights stay fp32; CPU always computes in fp32).
+    # auto: bf16 unless the trainer's train.precision says fp32/fp16.
+    param_dtype: ParamDtype = "auto"
     reduce_dtype: Dtype = "fp32"  # gradient reduce-scatter / all-reduce dtype
     reshard_after_forward: bool = True  # FSDP2 ZeRO-3 (True) or keep gathered until backward (ZeRO-2-like)
     timeout_s: float = 600.0  # process-group timeout; a dead rank makes the others exit within it
@@ -91,7 +94,7 @@ class ParallelDims:
 
     @property
     def data_parallel(self) -> Literal["none", "ddp", "fsdp", "hsdp"]:
-        """Which data-parallel wrapper `parallelize` applies (see `lmforge.distributed.parallelize`)."""
+        """Which data-parallel wrapper `parallelize` applies (see `lmforge.distributed.apply`)."""
         if self.dp_shard > 1:
             return "hsdp" if self.dp_replicate > 1 else "fsdp"
         if self.dp_replicate > 1:
@@ -127,9 +130,11 @@ class ParallelDims:
         for name, value in checks:
             if value % tp:
                 ok = [d for d in _divisors(value) if d <= max(tp, 8) and self.world_size % d == 0]
+                pad = (f", or pad it: model.vocab_size={-(-value // tp) * tp}" if name == "model.vocab_size"
+                       else "")
                 raise ConfigError(
                     f"parallel.tp={tp} does not divide {name}={value}; use a tp that divides it "
-                    f"(e.g. {', '.join(map(str, ok))})"
+                    f"(e.g. {', '.join(map(str, ok))}){pad}"
                 )
         if not model_cfg.lm_head and not model_cfg.final_norm:
             raise ConfigError(

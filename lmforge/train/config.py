@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from lmforge.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from lmforge.distributed.config import ParallelConfig  # the `parallel` section (no torch import)
 
 
 @dataclass
@@ -94,11 +95,6 @@ class LogConfig:
     tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard (needs `tensorboard`)
     progress: bool = True  # a progress line on stderr with loss and ETA
     peak_tflops: float | None = None  # MFU denominator per device; None = measured (CPU) or the GPU's spec
-
-
-@dataclass
-class ParallelConfig:
-    """Scale-out settings; filled in by `lmforge.distributed` (data parallel needs none: torchrun decides)."""
 
 
 @dataclass

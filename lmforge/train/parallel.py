@@ -1,15 +1,17 @@
 """Where the trainer meets the world: which rank this is, which device, and the ONE hook that turns the
 single-device model into whatever the job runs (`parallelize_model`).
 
-Today the hook applies DDP when there is more than one rank and `torch.compile` when asked; the
-scale-out code (`lmforge.distributed`) plugs FSDP2 / tensor parallel / activation checkpointing in
-here, in the fixed order TP -> AC -> compile -> FSDP2, without touching the training loop.
+The hook hands the model to `lmforge.distributed.apply` with the config's ``parallel`` section:
+tensor parallel -> activation checkpointing -> compile -> FSDP2 (HSDP / DDP per ``dp_replicate`` /
+``dp_shard``), in place and without renaming a parameter. The training loop does not change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,8 @@ class World:
     local_rank: int = 0
     dp_rank: int = 0  # which slice of the global batch this rank reads
     dp_size: int = 1  # how many slices the global batch is cut into
+    dims: Any = None  # lmforge.distributed.ParallelDims of this job
+    dist_info: Any = None  # lmforge.distributed.DistInfo (holds the failure watchdog)
 
     @property
     def is_main(self) -> bool:
@@ -43,39 +47,79 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def setup_world(device_pref: str = "auto") -> tuple[World, torch.device]:
-    """Rank and world from torch.distributed; under torchrun, join (create) the process group first."""
-    if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = pick_device(device_pref, local_rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+def _parallel_cfg(cfg):
+    """The config's ``parallel`` section (defaults when a recipe's config has none); train.compile folds in."""
+    from lmforge.distributed.config import ParallelConfig
+
+    pcfg = getattr(cfg, "parallel", None)
+    if not isinstance(pcfg, ParallelConfig):
+        pcfg = ParallelConfig()
+    train = getattr(cfg, "train", None)
+    if getattr(train, "compile", False) and not pcfg.compile:
+        pcfg = replace(pcfg, compile=True)
+    return pcfg
+
+
+def setup_world(device_pref: str = "auto", parallel=None) -> tuple[World, torch.device]:
+    """Rank and world; under torchrun, join (create) the process group first (nccl on CUDA, gloo on CPU).
+
+    ``parallel`` (the config's parallel section) sets the process-group timeout and the data-parallel
+    layout: tensor-parallel peers read the same slice of the global batch (dp_rank = rank // tp).
+    """
+    from lmforge.distributed.config import ParallelConfig, ParallelDims
+    from lmforge.distributed.process_group import init_distributed, launched_by_torchrun
+
+    pcfg = parallel if parallel is not None else ParallelConfig()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref, local_rank)
+    dist_info = None
+    if launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        dist_info = init_distributed(pcfg.timeout_s, device=device.type)
     if dist.is_available() and dist.is_initialized():
         rank, size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        world = World(rank, size, local_rank, dp_rank=rank, dp_size=size)
+        dims = ParallelDims.from_config(pcfg, size)
+        world = World(rank, size, local_rank, dp_rank=dims.dp_rank(rank), dp_size=dims.dp, dims=dims,
+                      dist_info=dist_info)
+        _set_dp_group(dims, rank)
     else:
-        world = World()
+        world = World(dims=ParallelDims.from_config(pcfg, 1))
     device = pick_device(device_pref, world.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return world, device
 
 
-def parallelize_model(model: nn.Module, cfg, world: World, device: torch.device) -> nn.Module:
-    """THE parallelization hook: single-device model in, the model the training loop runs out."""
-    if getattr(cfg.train, "compile", False):
-        model = torch.compile(model)
-    if world.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+_DP_GROUP = None  # the ranks that share this rank's TP index (None = the whole world)
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+def _set_dp_group(dims, rank: int) -> None:
+    """Sums over data (losses, token counts) must skip TP peers, which hold the same batch."""
+    global _DP_GROUP
+    _DP_GROUP = None
+    if dims.tp > 1:
+        for t in range(dims.tp):  # every rank creates every group, in the same order
+            group = dist.new_group([r for r in range(dims.world_size) if r % dims.tp == t])
+            if rank % dims.tp == t:
+                _DP_GROUP = group
+
+
+def parallelize_model(model: nn.Module, cfg, world: World, device: torch.device) -> nn.Module:
+    """THE parallelization hook: single-device model in, the model the training loop runs out (same object)."""
+    from lmforge.distributed.config import ParallelDims
+    from lmforge.distributed.apply import parallelize
+
+    pcfg = _parallel_cfg(cfg)
+    dims = world.dims if world.dims is not None else ParallelDims.from_config(pcfg, world.world_size)
+    if dist.is_available() and dist.is_initialized() and dims.tp > 1 and _DP_GROUP is None:
+        _set_dp_group(dims, world.rank)
+    precision = getattr(getattr(cfg, "train", None), "precision", None)
+    parallelize(model, pcfg, dims, device=device, precision=precision)
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
+    """The plain module under DDP / torch.compile wrappers (FSDP2 and TP work in place: nothing to strip)."""
     while True:
         if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
@@ -86,18 +130,33 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def no_sync(model: nn.Module, skip: bool):
-    """DDP: skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    import contextlib
+    """Skip the gradient reduction on all but the last micro-batch of an accumulation.
 
+    The flag is set (not restored on exit) because FSDP2 reads it during backward, which the
+    trainer runs after this context; the last micro-batch (skip=False) turns syncing back on.
+    """
     if skip and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
+    from lmforge.distributed.apply import set_grad_sync
+
+    set_grad_sync(model, not skip)
     return contextlib.nullcontext()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the data-parallel ranks (TP peers hold the same data and are counted once)."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_DP_GROUP)
     return t
+
+
+def failure_guard(world: World):
+    """Wrap the training run: a rank failing (or dying) makes the others exit naming it (see
+    `lmforge.distributed.watchdog`); a no-op without a process group."""
+    info = world.dist_info
+    if info is not None and info.watchdog is not None:
+        return info.watchdog.guard()
+    return contextlib.nullcontext()
 
 
 def barrier() -> None:

@@ -219,30 +219,33 @@ def apply_ddp(model: nn.Module, dp_mesh, device: torch.device) -> None:
 
 
 def set_grad_sync(model: nn.Module, enabled: bool) -> None:
-    """Turn gradient reduction off for all but the last micro batch of a gradient-accumulation step."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 / HSDP
-        model.set_requires_gradient_sync(enabled)
-        return
-    from torch.distributed._composable.replicate import replicate
+    """Turn gradient reduction off for all but the last micro batch of a gradient-accumulation step.
 
-    try:
-        state = replicate.state(model)
-    except Exception:  # not wrapped: nothing to synchronise
-        state = None
-    if state is not None and hasattr(state, "_ddp") and state._ddp is not None:
-        state._ddp.require_backward_grad_sync = enabled
+    FSDP2 reads the flag in backward, composable replicate (DDP) in forward: set it before both.
+    A model without a data-parallel wrapper has nothing to synchronise.
+    """
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 / HSDP / replicate
+        model.set_requires_gradient_sync(enabled)
 
 
 # ---- entry point -------------------------------------------------------------------------------
-def compute_dtypes(cfg: ParallelConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(param/compute dtype, gradient-reduce dtype); CPU always runs fp32."""
+def compute_dtypes(cfg: ParallelConfig, device: torch.device,
+                   precision: str | None = None) -> tuple[torch.dtype, torch.dtype]:
+    """(param/compute dtype, gradient-reduce dtype); CPU always runs fp32.
+
+    ``param_dtype: auto`` follows the trainer's ``train.precision`` when given (bf16 -> bf16, fp32 or
+    fp16 -> fp32 params, fp16 being autocast's business) and is bf16 otherwise.
+    """
     if device.type != "cuda":
         return torch.float32, torch.float32
-    return _DTYPES[cfg.param_dtype], _DTYPES[cfg.reduce_dtype]
+    name = cfg.param_dtype
+    if name == "auto":
+        name = "bf16" if precision in (None, "bf16") else "fp32"
+    return _DTYPES[name], _DTYPES[cfg.reduce_dtype]
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims | None = None,
-                device: torch.device | str | None = None, mesh=None):
+                device: torch.device | str | None = None, mesh=None, precision: str | None = None):
     """Apply TP -> AC -> compile -> FSDP2/DDP to ``model`` in place; returns (model, mesh or None).
 
     The model must hold fp32 weights, identical on every rank (same seed, or loaded before).
@@ -251,7 +254,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims | None
       - "ddp": composable replicate over dp_replicate;
       - "none" (one data-parallel rank): on CUDA with a process group and bf16, FSDP2 over the
         size-1 mesh anyway, so its MixedPrecisionPolicy keeps fp32 master weights; else nothing.
-    Without a process group (plain single process) only AC and compile apply.
+    Without a process group (plain single process) only AC and compile apply. ``precision`` is the
+    trainer's train.precision, which ``parallel.param_dtype: auto`` follows.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     have_pg = dist.is_available() and dist.is_initialized()
@@ -266,7 +270,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims | None
             f"parallel.dp_replicate={dims.dp_replicate} with tp={dims.tp} and dp_shard=1: DDP does not compose "
             "with tensor parallel; use parallel.dp_shard>1 (FSDP2/HSDP) instead of dp_replicate"
         )
-    param_dtype, reduce_dtype = compute_dtypes(cfg, device)
+    param_dtype, reduce_dtype = compute_dtypes(cfg, device, precision)
     if have_pg and mesh is None:
         mesh = dims.build_mesh(device.type)
 
