@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +38,14 @@ from lmforge.config import UserError
 from lmforge.console import info
 from lmforge.data import clean
 from lmforge.data.shards import FORMAT, INDEX_NAME, dtype_for_vocab
-from lmforge.data.sources import TXT_MODES, ReadStats, file_format, file_size, iter_file_documents, resolve_inputs
+from lmforge.data.sources import (
+    TXT_MODES,
+    ReadStats,
+    file_format,
+    file_size,
+    iter_file_documents,
+    resolve_inputs,
+)
 
 DEDUP_MODES = ("exact", "near", "none")
 SMALL_FILE = 4 << 20  # local files up to this size are read by the workers themselves
@@ -119,7 +128,7 @@ def process_task(task: tuple[str, list[str]], cfg: TaskConfig) -> TaskResult:
     ids = tok.encode_batch(kept, add_bos=cfg.add_bos) if kept else []
     res.lengths = [len(x) for x in ids]
     if ids:
-        res.tokens = np.fromiter((t for x in ids for t in x), dtype=np.uint32, count=sum(res.lengths))
+        res.tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=sum(res.lengths))
     if cfg.near and sigs:
         res.sigs = np.stack(sigs)
     return res
@@ -229,13 +238,15 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
             val_fraction: float = 0.0, workers: int = 1, dedup: str = "exact", seed: int = 0,
             text_field: str = "text", min_chars: int = 16, txt_mode: str = "file", pii: bool = False,
             shard_tokens: int = 1 << 28, add_bos: bool = False, near_threshold: float = 0.8,
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+            overwrite: bool = False, progress: bool = True,
+            include: list[str] | str | None = None) -> dict[str, Any]:
     """Tokenize ``inputs`` into a token-shard dir at ``out_dir``; returns the report (also in index.json).
 
     ``txt_mode``: ``file`` (one document per text file, e.g. source code), ``blank`` (blank-line-separated
     blocks) or ``line``. ``dedup``: ``exact`` (normalized-text hash), ``near`` (exact + MinHash LSH at
     ``near_threshold`` estimated Jaccard over character 5-grams) or ``none``. ``pii`` replaces e-mail
-    addresses and phone numbers with ``[EMAIL]`` / ``[PHONE]``.
+    addresses and phone numbers with ``[EMAIL]`` / ``[PHONE]``. ``include`` (``["*.py"]``) picks the files
+    read inside input directories (default: txt, text, md, py, json, jsonl, ndjson, parquet).
     """
     from lmforge.tokenizer import load_tokenizer
 
@@ -264,7 +275,7 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
         raise UserError(f"tokenizer '{tokenizer_dir}' has no BOS token; drop --add-bos")
     dtype = dtype_for_vocab(tok.vocab_size)
     stats = ReadStats()
-    paths = resolve_inputs(inputs, stats)
+    paths = resolve_inputs(inputs, stats, include)
     cfg = TaskConfig(tokenizer_dir, text_field, txt_mode, min_chars, pii, dedup == "near", add_bos)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -374,7 +385,8 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
             "config": {"inputs": [str(i) for i in ([inputs] if isinstance(inputs, str) else inputs)],
                        "val_fraction": val_fraction, "dedup": dedup, "seed": seed, "text_field": text_field,
                        "txt_mode": txt_mode, "min_chars": min_chars, "pii": pii, "add_bos": add_bos,
-                       "near_threshold": near_threshold, "shard_tokens": shard_tokens, "workers": workers},
+                       "near_threshold": near_threshold, "shard_tokens": shard_tokens, "workers": workers,
+                       "include": include},
             "lmforge_version": __import__("lmforge").__version__,
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False))

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import bz2
 import dataclasses
+import fnmatch
 import glob as _glob
 import gzip
 import io
 import json
 import lzma
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from lmforge.config import UserError
 
@@ -47,7 +49,7 @@ class ReadStats:
     replaced_chars: int = 0
     skipped_files: int = 0
 
-    def add(self, other: "ReadStats") -> None:
+    def add(self, other: ReadStats) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
@@ -82,9 +84,16 @@ def file_format(path: str) -> str:
     return "text"
 
 
-def _dir_wanted(name: str) -> bool:
+def _dir_wanted(name: str, include: list[str] | None = None) -> bool:
+    """Whether a file found while walking a directory is read: by ``include`` patterns when given
+    (``*.py``), else by extension (DIR_EXTENSIONS, optionally compressed)."""
+    name = name.rsplit("/", 1)[-1]
+    if name.startswith("."):
+        return False
+    if include:
+        return any(fnmatch.fnmatch(name, pat) for pat in include)
     base, _ = _strip_compression(name)
-    return not Path(name).name.startswith(".") and base.lower().endswith(DIR_EXTENSIONS)
+    return base.lower().endswith(DIR_EXTENSIONS)
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -92,11 +101,16 @@ def _is_saved_dataset(path: Path) -> bool:
         path.is_dir() and (path / "dataset_dict.json").is_file())
 
 
-def resolve_inputs(inputs: list[str] | str, stats: ReadStats | None = None) -> list[str]:
+def resolve_inputs(inputs: list[str] | str, stats: ReadStats | None = None,
+                   include: list[str] | str | None = None) -> list[str]:
     """Expand paths, globs, directories and URLs into a sorted, de-duplicated list of files.
 
-    The order is deterministic: inputs in the given order, each expanded in sorted order.
+    The order is deterministic: inputs in the given order, each expanded in sorted order. Inside
+    directories only files matching ``include`` (file-name patterns such as ``*.py``; default: the
+    DIR_EXTENSIONS) are taken; the others are counted in ``stats.skipped_files``.
     """
+    if isinstance(include, str):
+        include = [p.strip() for p in include.split(",") if p.strip()]
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [str(i) for i in inputs]
@@ -114,7 +128,7 @@ def resolve_inputs(inputs: list[str] | str, stats: ReadStats | None = None) -> l
         if item.startswith("hf:"):
             add(item)
         elif is_url(item):
-            for p in _resolve_url(item, stats):
+            for p in _resolve_url(item, stats, include):
                 add(p)
         else:
             p = Path(item).expanduser()
@@ -132,14 +146,14 @@ def resolve_inputs(inputs: list[str] | str, stats: ReadStats | None = None) -> l
                 for root, dirs, names in os.walk(p):
                     dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
                     for name in sorted(names):
-                        if _dir_wanted(name):
+                        if _dir_wanted(name, include):
                             add(os.path.join(root, name))
                             found += 1
                         elif stats is not None:
                             stats.skipped_files += 1
                 if not found:
-                    raise UserError(f"input directory '{item}' holds no readable file "
-                                    f"({', '.join(DIR_EXTENSIONS)}, optionally compressed)")
+                    what = ", ".join(include) if include else ", ".join(DIR_EXTENSIONS) + ", optionally compressed"
+                    raise UserError(f"input directory '{item}' holds no readable file ({what})")
             elif p.is_file():
                 add(str(p))
             else:
@@ -147,7 +161,7 @@ def resolve_inputs(inputs: list[str] | str, stats: ReadStats | None = None) -> l
     return out
 
 
-def _resolve_url(url: str, stats: ReadStats | None) -> list[str]:
+def _resolve_url(url: str, stats: ReadStats | None, include: list[str] | None = None) -> list[str]:
     import fsspec
 
     try:
@@ -171,7 +185,7 @@ def _resolve_url(url: str, stats: ReadStats | None) -> list[str]:
         if fs.isdir(path):
             files = []
             for p in sorted(fs.find(path)):
-                if _dir_wanted(p.rsplit("/", 1)[-1]):
+                if _dir_wanted(p, include):
                     files.append(full(p))
                 elif stats is not None:
                     stats.skipped_files += 1
@@ -225,8 +239,7 @@ def decode(data: bytes, stats: ReadStats | None = None) -> str:
         if stats is not None:
             stats.invalid_utf8_documents += 1
             stats.replaced_chars += text.count(_REPLACEMENT) - data.count(_REPLACEMENT_BYTES)
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     return text
 
 
@@ -405,12 +418,12 @@ def iter_file_documents(path: str, text_field: str = "text", txt_mode: str = "fi
 
 
 def iter_documents(inputs: list[str] | str, text_field: str = "text", txt_mode: str = "file",
-                   stats: ReadStats | None = None) -> Iterator[str]:
+                   stats: ReadStats | None = None, include: list[str] | str | None = None) -> Iterator[str]:
     """All documents of all inputs, in a deterministic order."""
     stats = stats if stats is not None else ReadStats()
     if txt_mode not in TXT_MODES:
         raise UserError(f"txt mode '{txt_mode}' is not one of {', '.join(TXT_MODES)}")
-    for path in resolve_inputs(inputs, stats):
+    for path in resolve_inputs(inputs, stats, include):
         yield from iter_file_documents(path, text_field, txt_mode, stats)
 
 

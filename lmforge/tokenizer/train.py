@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from lmforge.config import UserError
 from lmforge.console import info
@@ -49,12 +49,13 @@ def train_tokenizer(inputs: list[str] | str, vocab_size: int, out_dir: str | os.
                     text_field: str = "text", txt_mode: str = "file", min_frequency: int = 2,
                     special_tokens: Sequence[str] = SPECIAL_TOKENS, max_bytes: int | None = None,
                     max_token_length: int | None = None, chat_template: str | None = DEFAULT_CHAT_TEMPLATE,
-                    progress: bool = True) -> HFTokenizer:
+                    progress: bool = True, include: list[str] | str | None = None) -> HFTokenizer:
     """Train on ``inputs`` (paths, globs, dirs, URLs; streamed) and save to ``out_dir`` (when given).
 
     ``special_tokens`` take ids 0..n-1; the first three are PAD, BOS and EOS (lmforge's defaults are
     ``<|pad|> <|bos|> <|eos|> <|system|> <|user|> <|assistant|> <|end|>``). ``max_bytes`` stops reading
-    after that much text (a sample of a large corpus is enough for a tokenizer).
+    after that much text (a sample of a large corpus is enough for a tokenizer). ``include`` (``["*.py"]``)
+    picks the files read inside input directories.
     """
     from tokenizers import pre_tokenizers, trainers
 
@@ -76,7 +77,8 @@ def train_tokenizer(inputs: list[str] | str, vocab_size: int, out_dir: str | os.
     last = [t0]
 
     def texts() -> Iterator[str]:
-        for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode, stats=stats):
+        for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode, stats=stats,
+                                  include=include):
             if not doc.strip():
                 continue
             counted["docs"] += 1

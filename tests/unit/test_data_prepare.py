@@ -70,6 +70,13 @@ def test_text_per_file_round_trip(tmp_path, tok_dir, passages):
     assert index["splits"]["train"]["tokens"] == sum(len(tok.encode(p)) + 1 for p in passages[:5])
     assert index["cleaning"]["documents_kept"] == 5
     assert oct((tmp_path / "out").stat().st_mode & 0o777) != oct(0o700)
+    # include patterns pick files inside dirs (e.g. source code only, not its JSON test data)
+    (src / "pkg").mkdir()
+    (src / "pkg" / "mod.py").write_text("def main():\n    return 42  # the answer\n")
+    (src / "pkg" / "data.json").write_text('{"no_text_field": 1}')
+    r = prepare([str(src)], tok_dir, tmp_path / "py", include="*.py", progress=False)
+    assert r["files"] == 1 and r["skipped_files"] == 7
+    assert docs_of(tmp_path / "py", tok) == ["def main():\n    return 42  # the answer\n"]
 
 
 def test_cleaning_counts_dedup_short_pii_utf8(tmp_path, tok_dir, passages):

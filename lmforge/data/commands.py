@@ -1,0 +1,46 @@
+"""`lmforge prepare`: text -> cleaned, deduplicated token shards + index.json."""
+
+from __future__ import annotations
+
+from lmforge.console import emit
+
+HELP = "tokenize text into token shards (dedup, PII scrub, val split, parallel workers)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
+                   help="files, dirs, globs, fsspec URLs (s3://, gs://, memory://), hf:NAME[:SPLIT] or a "
+                        "saved `datasets` dir; txt / jsonl / json / parquet, .gz/.zst/.bz2/.xz; repeatable")
+    p.add_argument("--tokenizer", required=True, help="tokenizer dir (tokenizer.json or tokenizer.model)")
+    p.add_argument("--out", required=True, help="output token-shard dir (written atomically)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out for val")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--dedup", default="exact", choices=["exact", "near", "none"])
+    p.add_argument("--seed", type=int, default=0, help="decides the val split")
+    p.add_argument("--text-field", default="text", help="jsonl/json/parquet field; 'a,b' = first present")
+    p.add_argument("--txt-mode", default="file", choices=["file", "blank", "line"],
+                   help="text files: one document per file (default), per blank-line block or per line")
+    p.add_argument("--include", default=None, help="file-name patterns read inside input dirs, e.g. '*.py,*.txt'")
+    p.add_argument("--min-chars", type=int, default=16, help="drop shorter documents")
+    p.add_argument("--pii", action="store_true", help="replace e-mail addresses and phone numbers")
+    p.add_argument("--add-bos", action="store_true", help="start every document with BOS")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    from lmforge.data.prepare import prepare
+
+    r = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
+                dedup=args.dedup, seed=args.seed, text_field=args.text_field, min_chars=args.min_chars,
+                txt_mode=args.txt_mode, pii=args.pii, shard_tokens=args.shard_tokens, add_bos=args.add_bos,
+                overwrite=args.overwrite, progress=not args.no_progress, include=args.include)
+    removed = r["removed_exact_duplicates"] + r["removed_near_duplicates"]
+    summary = (f"{r['tokens']:,} tokens ({r['train_tokens']:,} train / {r['val_tokens']:,} val) from "
+               f"{r['documents_kept']:,} of {r['documents_read']:,} documents "
+               f"({removed:,} duplicates, {r['removed_short'] + r['removed_empty']:,} empty/short removed) "
+               f"in {r['seconds']:.1f}s, {r['mb_per_s']:.2f} MB/s -> {args.out}")
+    emit(args, summary, {"out": args.out, **r})
+    return 0
