@@ -18,12 +18,20 @@ from lmforge.train.config import PretrainConfig, grad_accum_steps
 MATH_DATA_FIELDS = ("seq_len", "doc_mask")
 
 
-class DocMaskBatches:
-    """Wraps a ShardLoader built with ``doc_mask=True``: (tokens, doc_ids) -> the causal-LM batch dict with
-    an attention mask and positions that restart in every packed document."""
+class PretrainBatches:
+    """The trainer's batch source over a ShardLoader.
 
-    def __init__(self, loader):
+    With ``doc_mask`` the loader yields (tokens, doc_ids), turned here into the causal-LM batch dict
+    with an attention mask and positions that restart in every packed document. On resume, a loader
+    state from other data settings (seq_len, tokenizer, data dir) is refused unless the user allowed
+    that change (``checkpoint.allow_mismatch`` naming a ``data.*`` field): the stream then continues
+    after the same number of tokens, in the new data's order.
+    """
+
+    def __init__(self, loader, doc_mask: bool = False, allow_data_change: bool = False):
         self.loader = loader
+        self.doc_mask = doc_mask
+        self.allow_data_change = allow_data_change
 
     @staticmethod
     def convert(item) -> dict[str, Any]:
@@ -34,13 +42,25 @@ class DocMaskBatches:
         return {"tokens": tokens, "mask": document_mask(ids), "positions": document_positions(ids)}
 
     def next_batch(self):
-        return self.convert(self.loader.next_batch())
+        item = self.loader.next_batch()
+        return self.convert(item) if self.doc_mask else item
 
     def state_dict(self):
         return self.loader.state_dict()
 
     def load_state_dict(self, state):
-        self.loader.load_state_dict(state)
+        from lmforge.config import UserError
+
+        try:
+            self.loader.load_state_dict(state)
+            return
+        except UserError as e:
+            if not self.allow_data_change:
+                raise UserError(f"{e}; or continue on the new data with checkpoint.allow_mismatch=[data.dir]") from None
+        tokens_seen = int(state["samples_seen"]) * int(state.get("seq_len") or self.loader.seq_len)
+        self.loader.samples_seen = tokens_seen // self.loader.seq_len
+        info(f"note: data changed since the checkpoint; continuing after {tokens_seen:,} tokens "
+             f"({self.loader.samples_seen:,} samples of the new data)")
 
 
 def resolve_model_config(cfg: PretrainConfig, data_vocab: int):
@@ -110,7 +130,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     from lmforge.data.shards import read_index
     from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
-    from lmforge.train.parallel import setup_world
+    from lmforge.train.parallel import failure_guard, setup_world
     from lmforge.train.trainer import Trainer, check_compatible, find_resume
 
     # ---- checks (no work yet) ----
@@ -119,7 +139,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     mcfg = resolve_model_config(cfg, data_vocab)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    world, device = setup_world(cfg.train.device)
+    world, device = setup_world(cfg.train.device, cfg.parallel)
     if cfg.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 is not supported (no loss scaling); use bf16 or fp32")
     grad_accum_steps(cfg.global_batch_size, cfg.train.micro_batch, world.dp_size)
@@ -134,7 +154,8 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     loader = ShardLoader(cfg.data.dir, "train", cfg.data.seq_len, cfg.global_batch_size, rank=world.dp_rank,
                          world_size=world.dp_size, seed=cfg.train.seed, check_vocab=mcfg.vocab_size,
                          tokenizer_hash=index.get("tokenizer_hash"), doc_mask=cfg.data.doc_mask)
-    source = DocMaskBatches(loader) if cfg.data.doc_mask else loader
+    source = PretrainBatches(loader, cfg.data.doc_mask,
+                             any(k.startswith("data.") for k in cfg.checkpoint.allow_mismatch))
     val_batches = None
     has_val = bool(index["splits"].get("val", {}).get("tokens"))
     if cfg.eval.batches and has_val:
@@ -143,7 +164,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
         def val_batches():
             batches = loader.eval_batches(cfg.eval.batches, eval_bs)
             if cfg.data.doc_mask:
-                batches = map(DocMaskBatches.convert, batches)
+                batches = map(PretrainBatches.convert, batches)
             return itertools.islice(batches, world.dp_rank, None, world.dp_size)  # each rank its share
     elif cfg.eval.batches:
         info(f"note: {cfg.data.dir} has no val split; no validation loss (prepare with --val-fraction 0.01)")
@@ -170,7 +191,8 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     trainer = Trainer(cfg, model, source, val_batches, total_steps=total_steps, world=world, device=device,
                       config_dict=resolved, math_fields=fields, flops_per_token=mcfg.flops_per_token(cfg.data.seq_len),
                       bytes_per_token=bpt, save_model=save_model, resume_from=resume_from)
-    return trainer.fit()
+    with failure_guard(world):  # a rank that fails or dies makes the others exit, naming it
+        return trainer.fit()
 
 
 def summary(result) -> tuple[str, dict[str, Any]]:
@@ -195,4 +217,4 @@ def summary(result) -> tuple[str, dict[str, Any]]:
     return line, payload
 
 
-__all__ = ["pretrain", "summary", "DocMaskBatches", "resolve_model_config", "math_fields", "bytes_per_token"]
+__all__ = ["pretrain", "summary", "PretrainBatches", "resolve_model_config", "math_fields", "bytes_per_token"]

@@ -1,0 +1,196 @@
+"""`lmforge report RUN_DIR`: loss / val-loss / lr curves as RUN/report.png and a markdown summary RUN/report.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import UserError
+from lmforge.console import emit
+
+HELP = "draw a run's loss, validation loss and learning-rate curves (PNG) and write a markdown summary"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `lmforge pretrain`")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' has no metrics.jsonl; pass a run dir written by `lmforge pretrain`")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def summarize(run_dir: str | Path) -> dict[str, Any]:
+    """Figures of a run from its metrics.jsonl (and config.yaml / model dir when present)."""
+    run_dir = Path(run_dir)
+    rows = _rows(run_dir)
+    train = [r for r in rows if r.get("kind") == "train" and _num(r.get("loss")) is not None]
+    evals = [r for r in rows if r.get("kind") == "eval" and _num(r.get("val_loss")) is not None]
+    events = [r for r in rows if r.get("kind") == "event"]
+    if not train and not evals:
+        raise UserError(f"'{run_dir}/metrics.jsonl' holds no training rows yet; run some steps first")
+    out: dict[str, Any] = {"run_dir": str(run_dir), "name": run_dir.name}
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        import yaml
+
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        out["name"] = (cfg.get("run") or {}).get("name") or out["name"]
+        model = cfg.get("model") or {}
+        out["preset"] = model.get("preset")
+        try:
+            from lmforge.models.presets import model_config_from_dict
+
+            mcfg = model_config_from_dict(model)
+            out["params"] = mcfg.num_params()
+            out["model"] = f"{mcfg.n_layers} layers, dim {mcfg.dim}, {mcfg.n_heads} heads, vocab {mcfg.vocab_size:,}"
+        except Exception:  # a hand-edited config: the figures below still stand
+            pass
+        data, tr = cfg.get("data") or {}, cfg.get("train") or {}
+        out["seq_len"], out["global_batch"] = data.get("seq_len"), tr.get("global_batch")
+        out["lr"] = (cfg.get("optim") or {}).get("lr")
+        out["schedule"] = (cfg.get("schedule") or {}).get("name")
+    last = (train or evals)[-1]
+    out["steps"] = max(r.get("step", 0) for r in train + evals)
+    out["tokens"] = last.get("tokens")
+    ends = [e for e in events if e.get("event") == "end"]
+    total_steps = [e.get("total_steps") for e in events if e.get("total_steps")]
+    out["total_steps"] = total_steps[-1] if total_steps else None
+    out["segments"] = sum(1 for e in events if e.get("event") in ("start", "resume")) or 1
+    out["stop_reason"] = ends[-1].get("reason") if ends and ends[-1].get("step") == out["steps"] else "running or killed"
+    out["train_seconds"] = sum(_num(e.get("elapsed_s")) or 0.0 for e in ends) or None
+    if train:
+        out["first_loss"], out["final_loss"] = train[0]["loss"], train[-1]["loss"]
+        tps = [v for r in train if (v := _num(r.get("tok_per_s")))]
+        mfu = [v for r in train if (v := _num(r.get("mfu")))]
+        mem = [v for r in train if (v := _num(r.get("peak_mem_gb")))]
+        out["median_tok_per_s"] = statistics.median(tps) if tps else None
+        out["median_mfu"] = statistics.median(mfu) if mfu else None
+        out["peak_mem_gb"] = max(mem) if mem else None
+    if evals:
+        best = min(evals, key=lambda r: r["val_loss"])
+        out["first_val_loss"] = evals[0]["val_loss"]
+        out["final_val_loss"] = evals[-1]["val_loss"]
+        out["final_val_ppl"] = evals[-1].get("val_ppl")
+        out["final_val_bpb"] = evals[-1].get("val_bpb")
+        out["best_val_loss"], out["best_val_step"] = best["val_loss"], best["step"]
+    out["nonfinite_steps"] = sum(1 for e in events if e.get("event") == "nonfinite")
+    out["has_model"] = (run_dir / "model" / "config.json").is_file()
+    return out
+
+
+def plot(run_dir: str | Path, path: str | Path | None = None) -> Path:
+    """Two panels: train + validation loss against step (tokens on the top axis), and the learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = _rows(run_dir)
+    train = [r for r in rows if r.get("kind") == "train" and _num(r.get("loss")) is not None]
+    evals = [r for r in rows if r.get("kind") == "eval" and _num(r.get("val_loss")) is not None]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1.2]})
+    if train:
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2, label="train loss")
+        ax_lr.plot([r["step"] for r in train], [r.get("lr", 0.0) for r in train], color="tab:green", lw=1.2)
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=4, lw=1.2,
+                     color="tab:orange", label="val loss")
+    ax_loss.set_ylabel("loss (nats / token)")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_loss.set_title(f"{run_dir.name}: pretraining")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    fig.tight_layout()
+    out = Path(path) if path else run_dir / "report.png"
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def _fmt(v, spec: str = "", none: str = "—") -> str:
+    if v is None:
+        return none
+    return format(v, spec) if spec else str(v)
+
+
+def markdown(s: dict[str, Any], image: str | None = "report.png", extra: dict[str, str] | None = None) -> str:
+    from lmforge.train.metrics import format_duration
+
+    lines = [f"# Run `{s['name']}`", ""]
+    if image:
+        lines += [f"![loss and learning rate]({image})", ""]
+    rows = [
+        ("model", f"{s.get('preset') or 'custom'}" + (f" — {s['params']:,} parameters" if s.get("params") else "")
+         + (f" ({s['model']})" if s.get("model") else "")),
+        ("batch", f"{_fmt(s.get('global_batch'))} sequences × {_fmt(s.get('seq_len'))} tokens"),
+        ("optimizer", f"AdamW, peak lr {_fmt(s.get('lr'))}, {_fmt(s.get('schedule'))} schedule"),
+        ("steps", f"{s['steps']:,}" + (f" of {s['total_steps']:,}" if s.get("total_steps") else "")
+         + f" ({s['stop_reason'].replace('_', ' ')}; {s['segments']} segment{'s' if s['segments'] != 1 else ''})"),
+        ("tokens", _fmt(s.get("tokens"), ",")),
+        ("training time", format_duration(s["train_seconds"]) if s.get("train_seconds") else "—"),
+        ("train loss", f"{_fmt(s.get('first_loss'), '.4f')} → {_fmt(s.get('final_loss'), '.4f')}"),
+        ("val loss", f"{_fmt(s.get('first_val_loss'), '.4f')} → {_fmt(s.get('final_val_loss'), '.4f')} "
+                     f"(best {_fmt(s.get('best_val_loss'), '.4f')} at step {_fmt(s.get('best_val_step'))})"),
+        ("val perplexity", _fmt(s.get("final_val_ppl"), ".2f")),
+        ("val bits per byte", _fmt(s.get("final_val_bpb"), ".3f")),
+        ("throughput (median)", f"{_fmt(s.get('median_tok_per_s'), ',.0f')} tokens/s"
+         + (f", MFU {s['median_mfu']:.1%}" if s.get("median_mfu") else "")),
+        ("peak memory", f"{_fmt(s.get('peak_mem_gb'), '.2f')} GB"),
+        ("non-finite steps skipped", str(s.get("nonfinite_steps", 0))),
+        ("model dir", "`model/` (use `lmforge generate --model RUN/model --prompt ...`)" if s.get("has_model")
+         else "not written yet"),
+    ]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    for title, body in (extra or {}).items():
+        lines += ["", f"## {title}", "", body]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | Path, extra: dict[str, str] | None = None) -> tuple[dict[str, Any], Path, Path]:
+    """PNG + markdown into the run dir; returns (summary, png path, markdown path)."""
+    from lmforge.config import atomic_write_text
+
+    run_dir = Path(run_dir)
+    s = summarize(run_dir)
+    png = plot(run_dir)
+    md = run_dir / "report.md"
+    atomic_write_text(md, markdown(s, png.name, extra))
+    return s, png, md
+
+
+def run(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run dir '{run_dir}' does not exist; pass the run.dir of a pretraining run")
+    s, png, md = write_report(run_dir)
+    val = f", val loss {s['final_val_loss']:.4f}" if s.get("final_val_loss") is not None else ""
+    loss = f", loss {s['final_loss']:.4f}" if s.get("final_loss") is not None else ""
+    emit(args, f"report: {s['steps']:,} steps{loss}{val}; wrote {png} and {md}",
+         {**s, "png": str(png), "markdown": str(md)})
+    return 0
