@@ -70,7 +70,7 @@ def main() -> int:
         t_bare = best(lambda: backend.encode_batch(docs, add_special_tokens=False))
         t_fast = best(lambda: backend.encode_batch_fast(docs, add_special_tokens=False)) \
             if hasattr(backend, "encode_batch_fast") else None
-        del docs
+        docs.clear()  # free the memory before prepare runs
 
         def run_prepare():
             out = work / "out"

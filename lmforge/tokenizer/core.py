@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from lmforge.config import UserError, atomic_write_text
 
@@ -216,7 +217,7 @@ def tokenizer_json_hash(data: dict[str, Any]) -> str:
     merges = model.get("merges")
     if isinstance(merges, list):
         model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges]
-    added = sorted(((t["id"], t["content"], bool(t.get("special"))) for t in data.get("added_tokens") or []))
+    added = sorted((t["id"], t["content"], bool(t.get("special"))) for t in data.get("added_tokens") or [])
     canon = {"model": model, "added_tokens": added, "normalizer": data.get("normalizer"),
              "pre_tokenizer": data.get("pre_tokenizer")}
     blob = json.dumps(canon, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
@@ -342,6 +343,13 @@ def _special_names(directory: Path) -> tuple[dict[str, Any], str | None]:
     return names, template
 
 
+def _pick(name: str | None, candidates: tuple[str, ...], vocab: dict[str, int]) -> str | None:
+    """The configured special-token name if the vocab has it, else the first known name it has."""
+    if name in vocab:
+        return name
+    return next((c for c in candidates if c in vocab), None)
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a dir holding ``tokenizer.json`` (preferred) or ``tokenizer.model``, or one of those files."""
     p = Path(path).expanduser()
@@ -364,14 +372,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             except Exception as e:
                 raise UserError(f"'{f}' is not a readable tokenizer.json: {str(e).splitlines()[0]}") from None
             vocab = backend.get_vocab(with_added_tokens=True)
-
-            def pick(key: str, candidates: tuple[str, ...]) -> str | None:
-                if names.get(key) in vocab:
-                    return names[key]
-                return next((c for c in candidates if c in vocab), None)
-
-            return HFTokenizer(backend, pick("bos_token", _BOS_NAMES), pick("eos_token", _EOS_NAMES),
-                               pick("pad_token", _PAD_NAMES), template, str(directory))
+            bos, eos, pad = (_pick(names.get(k), cands, vocab) for k, cands in
+                             (("bos_token", _BOS_NAMES), ("eos_token", _EOS_NAMES), ("pad_token", _PAD_NAMES)))
+            return HFTokenizer(backend, bos, eos, pad, template, str(directory))
         if f.suffix == ".model":
             return SentencePieceTokenizer(str(f), template, str(directory), names.get("bos_token"),
                                           names.get("eos_token"), names.get("pad_token"))

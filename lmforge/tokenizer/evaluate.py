@@ -22,25 +22,15 @@ def evaluate_tokenizer(tokenizer, inputs: list[str] | str, text_field: str = "te
     for path in resolve_inputs(inputs, include=include):
         row = {"documents": 0, "bytes": 0, "chars": 0, "tokens": 0, "exact": 0}
         batch: list[str] = []
-
-        def flush() -> None:
-            for doc, ids in zip(batch, tok.encode_batch(batch)):
-                row["documents"] += 1
-                row["bytes"] += len(doc.encode("utf-8", errors="surrogatepass"))
-                row["chars"] += len(doc)
-                row["tokens"] += len(ids)
-                row["exact"] += int(tok.decode(ids, skip_special_tokens=False) == doc)
-            batch.clear()
-
         for doc in iter_file_documents(path, text_field, txt_mode, ReadStats()):
             if not doc:
                 continue
             batch.append(doc)
             if len(batch) >= batch_docs:
-                flush()
+                _measure(tok, batch, row)
             if max_bytes_per_file and row["bytes"] >= max_bytes_per_file:
                 break
-        flush()
+        _measure(tok, batch, row)
         for k in total:
             total[k] += row[k]
         files.append({"file": path, **_ratios(row)})
@@ -48,6 +38,17 @@ def evaluate_tokenizer(tokenizer, inputs: list[str] | str, text_field: str = "te
         raise UserError(f"the inputs {inputs} hold no text to evaluate; check the paths and --text-field")
     return {"tokenizer": getattr(tok, "path", None), "hash": tok.hash, "vocab_size": tok.vocab_size,
             "files": files, "total": _ratios(total)}
+
+
+def _measure(tok, batch: list[str], row: dict[str, int]) -> None:
+    """Add a batch of documents to ``row`` and empty the batch."""
+    for doc, ids in zip(batch, tok.encode_batch(batch)):
+        row["documents"] += 1
+        row["bytes"] += len(doc.encode("utf-8", errors="surrogatepass"))
+        row["chars"] += len(doc)
+        row["tokens"] += len(ids)
+        row["exact"] += int(tok.decode(ids, skip_special_tokens=False) == doc)
+    batch.clear()
 
 
 def _ratios(row: dict[str, int]) -> dict[str, Any]:

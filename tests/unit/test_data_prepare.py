@@ -221,7 +221,7 @@ def test_existing_output_needs_overwrite(tmp_path, tok_dir, passages):
 
 def test_datasets_inputs_need_the_package(tmp_path, tok_dir):
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
         with pytest.raises(UserError, match="needs the `datasets` package"):
             prepare(["hf:some/dataset"], tok_dir, tmp_path / "o", progress=False)

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from lmforge.config import UserError
-from lmforge.data.loader import FeistelPermutation, ShardLoader, document_ids, document_mask, document_positions
+from lmforge.data.loader import (
+    FeistelPermutation,
+    ShardLoader,
+    document_ids,
+    document_mask,
+    document_positions,
+)
 from lmforge.data.shards import FORMAT
 
 
