@@ -190,6 +190,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.last_val: dict[str, float] = {}
+        self.last_val_step: int | None = None
         self._stop_signal: str | None = None
 
     # ---- state ---------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ class Trainer:
             "trainer": {"best_val": self.best_val, "best_step": self.best_step,
                         "evals_since_best": self.evals_since_best,
                         "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
-                        "last_val": self.last_val},
+                        "last_val": self.last_val, "last_val_step": self.last_val_step},
             "lmforge_version": __import__("lmforge").__version__,
         }
 
@@ -221,6 +222,7 @@ class Trainer:
         self.nonfinite_total = int(t.get("nonfinite_total", 0))
         self.nonfinite_streak = int(t.get("nonfinite_streak", 0))
         self.last_val = t.get("last_val", {}) or {}
+        self.last_val_step = t.get("last_val_step")
         if "loader" in rank_state:
             self.train_batches.load_state_dict(rank_state["loader"])
         if "rng" in rank_state:
@@ -340,7 +342,9 @@ class Trainer:
         stop_reason = "max_steps"
         window = {"loss": 0.0, "n": 0, "skipped": 0, "tokens": 0, "time": 0.0, "steps": 0, "grad_norm": 0.0}
         last_row: dict[str, Any] = {}
-        saved_at = evaluated_at = -1
+        # a resumed run already holds the checkpoint (and maybe the evaluation) of its starting step
+        saved_at = self.step if resumed else -1
+        evaluated_at = self.last_val_step if resumed and self.last_val_step == self.step else -1
         tps_hist: list[float] = []
         ema_dt: float | None = None
         try:
@@ -471,6 +475,7 @@ class Trainer:
         if not val:
             return val
         self.last_val = {k: v for k, v in val.items() if k != "eval_time"}
+        self.last_val_step = self.step
         self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens, **val})
         if self.world.is_main:
             parts = []
