@@ -1,1 +1,24 @@
-"""lmforge.planner."""
+"""lmforge.planner: parameters, FLOPs, memory per GPU and time for a training plan; no model is built.
+
+Names are imported lazily; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "PlanRequest": "lmforge.planner.estimate",
+    "estimate": "lmforge.planner.estimate",
+    "suggest": "lmforge.planner.estimate",
+    "estimate_activations": "lmforge.planner.activations",
+    "GPUS": "lmforge.planner.hardware",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lmforge.planner' has no attribute '{name}'")

@@ -4,9 +4,9 @@ The model is built tensor by tensor from what `lmforge.models.transformer` actua
 rule of thumb. For one micro batch of B sequences of T tokens, every block saves (elements per token):
 
     pre-norm block (Llama)                     saved by
-    x (block input)          d                 attention_norm (RMSNorm/LayerNorm backward)
-    norm statistics          1-2               rstd (RMSNorm), mean+rstd (LayerNorm)
-    x * rstd                 d                 only composite RMSNorm (CPU); fused CUDA kernel does not
+    x (block input)          d (fp32)          attention_norm (RMSNorm/LayerNorm; see `norm` below)
+    norm statistics          1-2 (fp32)        rstd (RMSNorm), mean+rstd (LayerNorm)
+    x * rstd                 d (fp32)          only composite RMSNorm (CPU); the fused CUDA kernel not
     norm output              d                 wq/wk/wv (their shared input)
     q, k, v                  q_dim+2*kv_dim    fused attention (flash / efficient)
     attention output         q_dim             fused attention, and wo (same storage)
@@ -154,15 +154,20 @@ def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_byte
         return n / tp
 
     def norm(prefix: str) -> list[Term]:
-        """What a norm keeps besides its output (which the next op saves): input and statistics."""
-        terms = [Term(f"{prefix}.input", seq(N * d * a))]
+        """What a norm keeps besides its output (which the next op saves): input and statistics.
+
+        RMSNorm computes in fp32 in every case that matters here: PyTorch's composite RMSNorm (CPU)
+        upcasts to fp32 itself, and on CUDA autocast (which the trainer enables for bf16) lists
+        rms_norm and layer_norm as fp32 ops, so the norm keeps an fp32 copy of its input; the
+        output is cast back to the compute dtype for the next matmul. CPU autocast runs LayerNorm
+        in the compute dtype."""
         if cfg.norm == "layernorm":
-            terms.append(Term(f"{prefix}.mean_rstd", seq(N * 2 * FP32)))
-        elif device == "cpu":  # composite RMSNorm: rsqrt, then x * rstd (kept for the weight's grad)
-            terms += [Term(f"{prefix}.rstd", seq(N * a)), Term(f"{prefix}.x_rstd", seq(N * d * a))]
-        else:  # fused RMSNorm kernel keeps input and fp32 rstd only
-            terms.append(Term(f"{prefix}.rstd", seq(N * FP32)))
-        return terms
+            nb = FP32 if device == "cuda" else a
+            return [Term(f"{prefix}.input", seq(N * d * nb)), Term(f"{prefix}.mean_rstd", seq(N * 2 * nb))]
+        terms = [Term(f"{prefix}.input", seq(N * d * FP32)), Term(f"{prefix}.rstd", seq(N * FP32))]
+        if device == "cpu":  # composite RMSNorm also keeps x * rstd (for the weight's gradient)
+            terms.append(Term(f"{prefix}.x_rstd", seq(N * d * FP32)))
+        return terms  # the fused CUDA kernel keeps input and rstd only
 
     def attention_core() -> list[Term]:
         q_el, kv_el = N * cfg.q_dim, N * cfg.kv_dim
@@ -175,18 +180,21 @@ def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_byte
                     Term("attn.logsumexp", heads(N * H * FP32))]
         probs = N * H * T  # (B, H, T, T)
         full_heads = N * H * hd  # k and v expanded to every query head
-        terms = bias + [Term("attn.q", heads(q_el * a)), Term("attn.k_expanded", heads(full_heads * a)),
-                 Term("attn.v_expanded", heads(full_heads * a))]
+        ab = a
+        if path == "math" and device == "cpu":  # SDPA's math path upcasts bf16/fp16 to fp32 on CPU
+            ab = FP32
+        terms = bias + [Term("attn.q", heads(q_el * ab)), Term("attn.k_expanded", heads(full_heads * ab)),
+                        Term("attn.v_expanded", heads(full_heads * ab))]
         if path == "reference":
             # softmax runs in fp32; the cast back to the compute dtype is a second copy unless fp32
             terms.append(Term("attn.probs", heads(probs * (FP32 + (a if a != FP32 else 0)))))
             if cfg.causal and not doc_mask:
                 terms.append(Term("attn.causal_mask", T * T))  # bool (T, T), one per block
         else:
-            terms.append(Term("attn.probs", heads(probs * a)))
+            terms.append(Term("attn.probs", heads(probs * ab)))
         if p:
-            terms += [Term("attn.dropout_mask", heads(probs * mask_bytes)),
-                      Term("attn.probs_dropped", heads(probs * a))]
+            terms += [Term("attn.dropout_mask", heads(probs * (ab if device == "cpu" else mask_bytes))),
+                      Term("attn.probs_dropped", heads(probs * ab))]
         terms.append(Term("attn.out", heads(q_el * a)))  # re-laid-out copy, the input of wo
         return terms
 
@@ -237,8 +245,7 @@ def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_byte
     if cfg.type_vocab_size:
         outside.append(Term("token_type_ids", N * INT64))
     if cfg.embedding_norm:
-        outside += [Term("embedding_norm.input", seq(N * d * a)), Term("embedding_norm.mean_rstd",
-                                                                      seq(N * 2 * FP32))]
+        outside += norm("embedding_norm")
     if p:
         outside.append(Term("embedding.dropout_mask", seq(N * d * mask_bytes)))
     if cfg.pos_encoding == "rope":

@@ -1,0 +1,139 @@
+"""`lmforge plan`: will this training plan fit, and how long will it take? (No model is built.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import ConfigError
+from lmforge.console import emit
+
+HELP = "per-GPU memory, fits verdict, FLOPs and time for training a model on N GPUs (--suggest searches)"
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def token_count(text: str) -> float:
+    """'2e12', '2T', '300B', '1.5t' -> a token count."""
+    s = str(text).strip().lower().replace("_", "").replace(",", "")
+    mult = _SUFFIX.get(s[-1:], None)
+    try:
+        return float(s[:-1]) * mult if mult else float(s)
+    except ValueError:
+        raise ConfigError(f"--tokens {text!r} is not a number; write e.g. 2e12 or 2T") from None
+
+
+def add_arguments(p) -> None:
+    from lmforge.planner.hardware import GPUS
+
+    p.add_argument("--model", required=True,
+                   help="preset name (see `lmforge model list`), a model dir / config.json, or a pretrain YAML recipe")
+    p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default 1)")
+    p.add_argument("--gpu", default="h100", help=f"GPU preset for memory and peak FLOP/s: {', '.join(GPUS)}")
+    p.add_argument("--gpu-mem-gb", type=float, default=None, help="memory per GPU in GB (default: the preset's)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense peak TFLOP/s (default: the preset's)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: model max_seq_len)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per GPU per forward (default 1)")
+    p.add_argument("--dp-shard", type=int, default=None, help="FSDP2 shard degree (default: fill the rest)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default 1)")
+    p.add_argument("--dp-replicate", type=int, default=None, help="replicas (DDP / HSDP outer degree, default 1)")
+    p.add_argument("--ac", choices=["none", "selective", "full"], default=None, help="activation checkpointing")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="compute precision (default bf16)")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    p.add_argument("--doc-mask", action="store_true", default=None,
+                   help="packed documents masked apart (an explicit attention mask in every block)")
+    p.add_argument("--tokens", type=token_count, default=None, help="training tokens for the time estimate (2e12, 2T)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
+    p.add_argument("--suggest", action="store_true",
+                   help="search micro batch, activation checkpointing, dp_shard and tp for the fastest plan that fits")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+
+def _model_source(arg: str) -> tuple[Any, str, dict[str, Any]]:
+    """(preset name or ModelConfig, display name, defaults taken from a recipe)."""
+    path = Path(arg)
+    if not path.exists():
+        return arg, arg, {}
+    from lmforge.models.presets import model_config_from_dict
+
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"--model {arg}: a model dir needs a config.json; pass a preset name or a model dir")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--model {arg}: cannot read {path} as JSON ({e})") from None
+        return model_config_from_dict(data.get("model", data)), arg, {}
+    from lmforge.config import load_yaml
+
+    recipe = load_yaml(path)
+    if not isinstance(recipe.get("model"), dict):
+        raise ConfigError(f"--model {arg}: the YAML has no 'model:' section; pass a pretrain recipe or a preset")
+    defaults: dict[str, Any] = {}
+    data, train, par = recipe.get("data") or {}, recipe.get("train") or {}, recipe.get("parallel") or {}
+    if data.get("seq_len"):
+        defaults["seq_len"] = int(data["seq_len"])
+    if data.get("doc_mask") is not None:
+        defaults["doc_mask"] = bool(data["doc_mask"])
+    if train.get("micro_batch"):
+        defaults["micro_batch"] = int(train["micro_batch"])
+    if train.get("precision") in ("bf16", "fp32"):
+        defaults["precision"] = train["precision"]
+    for key, name in (("tp", "tp"), ("dp_replicate", "dp_replicate"), ("dp_shard", "dp_shard"),
+                      ("activation_checkpoint", "ac")):
+        if par.get(key) is not None:
+            defaults[name] = par[key]
+    model = recipe["model"]
+    display = model.get("preset", path.stem) if isinstance(model, dict) else path.stem
+    return model_config_from_dict(model), display, defaults
+
+
+def _request(args):
+    from lmforge.planner.estimate import PlanRequest
+
+    model, display, defaults = _model_source(args.model)
+    given = {k: getattr(args, k) for k in ("gpus", "seq_len", "micro_batch", "dp_shard", "tp", "dp_replicate",
+                                           "ac", "precision", "doc_mask") if getattr(args, k) is not None}
+    values = {"gpus": 1, "micro_batch": 1, "dp_shard": -1, "tp": 1, "dp_replicate": 1, "ac": "none",
+              "precision": "bf16", "doc_mask": False, **defaults, **given}
+    return PlanRequest(model=model, model_name=display, gpu=args.gpu, gpu_mem_gb=args.gpu_mem_gb,
+                       peak_tflops=args.peak_tflops, optimizer=args.optimizer, tokens=args.tokens, mfu=args.mfu,
+                       **values)
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.1f} h" if h < 48 else f"{h / 24:,.1f} days"
+
+
+def summary(plan: dict[str, Any]) -> str:
+    m, par = plan["memory_gb"], plan["parallel"]
+    verdict = "fits" if plan["fits"] else "does NOT fit"
+    layout = f"dp_replicate={par['dp_replicate']} dp_shard={par['dp_shard']} tp={par['tp']} ({par['wrapper']})"
+    line = (f"{plan['model']} ({plan['params'] / 1e9:.2f}B params) on {plan['gpus']}x {plan['gpu']}, {layout}, "
+            f"seq {plan['seq_len']} x micro batch {plan['micro_batch']}, ac={plan['ac']}, {plan['precision']}, "
+            f"{plan['optimizer']}: weights {m['weights']:.1f} + grads {m['grads']:.1f} + optimizer "
+            f"{m['optimizer']:.1f} + activations {m['activations']:.1f} + buffers {m['buffers']:.1f} = "
+            f"{m['total']:.1f} GB per GPU of {plan['gpu_mem_gb']:g} -> {verdict}; "
+            f"{plan['flops']['per_token'] / 1e9:.1f} GFLOP/token, {plan['tokens_per_s']:,.0f} tokens/s at "
+            f"MFU {plan['mfu']['effective']:.2f}")
+    if "hours" in plan:
+        line += f"; {plan['tokens']:.3g} tokens in {_hours(plan['hours'])} ({plan['gpu_hours']:,.0f} GPU-hours)"
+    else:
+        line += (f"; Chinchilla {plan['chinchilla_tokens']:.3g} tokens in {_hours(plan['hours_chinchilla'])}")
+    if plan.get("suggested") is False:
+        line = "no plan fits; the smallest: " + line
+    elif plan.get("suggested"):
+        line = f"fastest of {plan['candidates_that_fit']} plans that fit: " + line
+    return line
+
+
+def run(args) -> int:
+    from lmforge.planner.estimate import estimate, suggest
+
+    req = _request(args)
+    plan = suggest(req) if args.suggest else estimate(req)
+    emit(args, summary(plan), plan)
+    return 0
