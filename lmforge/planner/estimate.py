@@ -274,7 +274,7 @@ def suggest(req: PlanRequest, top: int = 5) -> dict[str, Any]:
 
     Fastest = highest effective MFU (recompute and TP cost); ties go to less checkpointing (selective
     recomputes no matmuls but still re-runs the pointwise ops), then the larger micro batch (fewer
-    FSDP all-gathers per token), smaller dp_shard (less cross-node traffic) and smaller tp. `req.micro_batch` is the upper bound of the micro-batch search when > 1.
+    FSDP all-gathers per token), then more memory headroom. `req.micro_batch` is the upper bound of the micro-batch search when > 1.
     """
     cfg, _ = _resolve_model(req)
     max_mb = req.micro_batch if req.micro_batch > 1 else 64
@@ -293,7 +293,7 @@ def suggest(req: PlanRequest, top: int = 5) -> dict[str, Any]:
             for ac_rank, ac in enumerate(AC_MODES):
                 for mb in micro_batches:
                     plan = estimate(replace(req, tp=tp, dp_shard=shard, dp_replicate=rep, ac=ac, micro_batch=mb))
-                    key = (-plan["mfu"]["effective"], ac_rank, -mb, shard, tp)
+                    key = (-plan["mfu"]["effective"], ac_rank, -mb, -plan["headroom_gb"], tp)
                     if plan["fits"]:
                         candidates.append((key, plan))
                     elif best_effort is None or plan["memory_gb"]["total"] < best_effort["memory_gb"]["total"]:
