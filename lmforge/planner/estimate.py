@@ -21,13 +21,17 @@ forward a checkpointed block recomputes; hours = FLOPs / (GPUs x peak x MFU).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lmforge.config import ConfigError
 from lmforge.models.config import ModelConfig
-from lmforge.planner.activations import (AC_MODES, estimate_activations, largest_weight_elements,
-                                         logits_transient_bytes)
+from lmforge.planner.activations import (
+    AC_MODES,
+    estimate_activations,
+    largest_weight_elements,
+    logits_transient_bytes,
+)
 from lmforge.planner.hardware import GPU, GPUS, GPUS_PER_NODE, get_gpu
 
 GB = 1e9
@@ -313,4 +317,4 @@ def suggest(req: PlanRequest, top: int = 5) -> dict[str, Any]:
     return {**best, "suggested": True, "candidates_that_fit": len(candidates), "alternatives": alts}
 
 
-__all__ = ["PlanRequest", "estimate", "suggest", "validate", "asdict"]
+__all__ = ["PlanRequest", "estimate", "suggest", "validate"]

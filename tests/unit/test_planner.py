@@ -34,7 +34,7 @@ def test_sharding_divides_state_and_not_activations():
 
 
 def test_activation_checkpointing_and_micro_batch_scale_activations():
-    base = dict(model="llama2-7b", gpus=8)
+    base = {"model": "llama2-7b", "gpus": 8}
     none, sel, full = (estimate(PlanRequest(**base, ac=ac))["memory_gb"]["activations"]
                        for ac in ("none", "selective", "full"))
     assert full < sel < none
@@ -89,16 +89,16 @@ def test_suggest_returns_fastest_plan_that_fits():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(gpus=8, tp=3), "does not divide --gpus 8"),
-    (dict(gpus=8, dp_shard=3), "!= --gpus 8"),
-    (dict(gpus=8, tp=8, model="llama3-8b", dp_shard=1), None),
-    (dict(gpus=16, tp=16), "span nodes"),
-    (dict(gpus=6, tp=6), "does not divide the model's n_heads=32"),
-    (dict(gpus=4, tp=2, dp_replicate=2, dp_shard=1), "DDP"),
-    (dict(seq_len=100_000), "max_seq_len"),
-    (dict(mfu=1.5), "--mfu"),
-    (dict(gpu="h300"), "did you mean 'h200'"),
-    (dict(model="llama2-7c"), "did you mean 'llama2-7b'"),
+    ({"gpus": 8, "tp": 3}, "does not divide --gpus 8"),
+    ({"gpus": 8, "dp_shard": 3}, "!= --gpus 8"),
+    ({"gpus": 8, "tp": 8, "model": "llama3-8b", "dp_shard": 1}, None),
+    ({"gpus": 16, "tp": 16}, "span nodes"),
+    ({"gpus": 6, "tp": 6}, "does not divide the model's n_heads=32"),
+    ({"gpus": 4, "tp": 2, "dp_replicate": 2, "dp_shard": 1}, "DDP"),
+    ({"seq_len": 100_000}, "max_seq_len"),
+    ({"mfu": 1.5}, "--mfu"),
+    ({"gpu": "h300"}, "did you mean 'h200'"),
+    ({"model": "llama2-7c"}, "did you mean 'llama2-7b'"),
 ])
 def test_bad_requests_name_the_fix(kwargs, match):
     kwargs = {"model": "llama2-7b", **kwargs}

@@ -19,11 +19,10 @@ from torch.utils._pytree import tree_leaves
 
 from lmforge.models.presets import get_preset
 from lmforge.models.transformer import build_model
-from lmforge.planner.activations import (estimate_activations, largest_weight_elements,
-                                         logits_transient_bytes)
+from lmforge.planner.activations import estimate_activations, largest_weight_elements, logits_transient_bytes
 
 B = 2
-SMALL = dict(n_layers=2, dim=96, n_heads=6, ffn_hidden=200, vocab_size=300, max_seq_len=128)
+SMALL = {"n_layers": 2, "dim": 96, "n_heads": 6, "ffn_hidden": 200, "vocab_size": 300, "max_seq_len": 128}
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -44,12 +43,16 @@ def _batch(cfg, T, seed=0, doc_mask=False):
 def _loss(cfg, out, targets):
     if cfg.lm_head:  # as lmforge.train.trainer.causal_lm_loss: fp32 log-probs
         return F.cross_entropy(out.flatten(0, 1).float(), targets.flatten())
-    return out.float().pow(2).mean()  # an encoder: any head saves the final hidden states
+    return out.pow(2).float().mean()  # an encoder: any head saves the final hidden states
 
 
-def measure_saved(cfg, T, doc_mask=False) -> int:
-    """Bytes of the unique non-parameter storages autograd saves for backward."""
-    model = build_model(cfg, seed=0)
+def measure_saved(cfg, T, doc_mask=False, bf16=False) -> int:
+    """Bytes of the unique non-parameter storages autograd saves for backward.
+
+    bf16: bf16 weights under bf16 autocast, as the trainer runs on GPU (FSDP2 casts the weights)."""
+    import contextlib
+
+    model = build_model(cfg, seed=0, dtype=torch.bfloat16 if bf16 else torch.float32)
     model.train()
     params = {_storage_key(p) for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -61,7 +64,8 @@ def measure_saved(cfg, T, doc_mask=False) -> int:
         return t
 
     tokens, targets, mask = _batch(cfg, T, doc_mask=doc_mask)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _loss(cfg, model(tokens, mask=mask), targets)
     return sum(seen.values())
 
@@ -115,13 +119,13 @@ def _rel(est: float, meas: float) -> float:
 
 
 CASES = {
-    "llama-gqa": ("tiny", dict(n_kv_heads=2)),
-    "mha": ("tiny", dict(n_kv_heads=6)),
-    "mqa-gelu": ("tiny", dict(n_kv_heads=1, activation="gelu")),
-    "gqa-dropout": ("tiny", dict(n_kv_heads=3, dropout=0.1)),  # SDPA math fallback on CPU
-    "reference-attn": ("tiny", dict(n_kv_heads=2, attention="reference")),
-    "layernorm-relu": ("tiny", dict(norm="layernorm", activation="relu")),
-    "qwen-qkv-bias": ("qwen2.5-7b", dict(n_kv_heads=2)),
+    "llama-gqa": ("tiny", {"n_kv_heads": 2}),
+    "mha": ("tiny", {"n_kv_heads": 6}),
+    "mqa-gelu": ("tiny", {"n_kv_heads": 1, "activation": "gelu"}),
+    "gqa-dropout": ("tiny", {"n_kv_heads": 3, "dropout": 0.1}),  # SDPA math fallback on CPU
+    "reference-attn": ("tiny", {"n_kv_heads": 2, "attention": "reference"}),
+    "layernorm-relu": ("tiny", {"norm": "layernorm", "activation": "relu"}),
+    "qwen-qkv-bias": ("qwen2.5-7b", {"n_kv_heads": 2}),
     "gpt2": ("gpt2-124m", {}),
     "bert": ("bert-base", {}),
     "transformer-base": ("transformer-base", {}),
@@ -139,6 +143,17 @@ def test_saved_tensors_match_autograd(case, T):
     assert abs(est - measured) <= 16, "the model is built tensor by tensor; only scalars may differ"
 
 
+@pytest.mark.parametrize("case", ["llama-gqa", "mqa-gelu", "gqa-dropout", "reference-attn", "gpt2", "bert"])
+def test_saved_tensors_bf16_autocast(case):
+    """bf16 activations, with norms and the loss kept in fp32 by autocast."""
+    preset, over = CASES[case]
+    cfg = get_preset(preset, **{**SMALL, **over})
+    measured = measure_saved(cfg, 48, bf16=True)
+    est = estimate_activations(cfg, B, 48, act_bytes=2, device="cpu").saved_bytes
+    assert _rel(est, measured) < 0.10, (case, est, measured)
+    assert abs(est - measured) <= 16
+
+
 def test_doc_mask_bias_is_counted():
     cfg = get_preset("tiny", **{**SMALL, "n_kv_heads": 2})
     measured = measure_saved(cfg, 64, doc_mask=True)
@@ -149,9 +164,9 @@ def test_doc_mask_bias_is_counted():
 
 
 AC_CASES = {
-    "llama-gqa": dict(n_kv_heads=2, n_layers=3, tie_embeddings=False),
-    "gelu-mha": dict(n_kv_heads=6, activation="gelu", ffn_hidden=512, n_layers=3, tie_embeddings=False),
-    "dropout": dict(n_kv_heads=3, dropout=0.1, n_layers=3, tie_embeddings=False),
+    "llama-gqa": {"n_kv_heads": 2, "n_layers": 3, "tie_embeddings": False},
+    "gelu-mha": {"n_kv_heads": 6, "activation": "gelu", "ffn_hidden": 512, "n_layers": 3, "tie_embeddings": False},
+    "dropout": {"n_kv_heads": 3, "dropout": 0.1, "n_layers": 3, "tie_embeddings": False},
 }
 
 
