@@ -81,6 +81,7 @@ def init_distributed(timeout_s: float = 600.0, device: str | None = None, watchd
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank = _env_int("LOCAL_RANK", 0)
     timeout = datetime.timedelta(seconds=float(timeout_s))
+    pg_kwargs = _attempt_store(rank, world, timeout)
     if want_cuda:
         if local_rank >= torch.cuda.device_count():
             raise UserError(
@@ -89,11 +90,11 @@ def init_distributed(timeout_s: float = 600.0, device: str | None = None, watchd
             )
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", timeout=timeout, device_id=dev)
+        dist.init_process_group("nccl", timeout=timeout, device_id=dev, **pg_kwargs)
         backend = "nccl"
     else:
         dev = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", timeout=timeout, **pg_kwargs)
         backend = "gloo"
     info = DistInfo(rank, world, local_rank, dev, backend)
     if watchdog and world > 1:
@@ -106,6 +107,21 @@ def init_distributed(timeout_s: float = 600.0, device: str | None = None, watchd
 
 
 _CURRENT: DistInfo | None = None
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dict[str, Any]:
+    """Under torchrun's shared agent store, a per-restart-attempt namespace for the process group.
+
+    torchrun (c10d rendezvous) lets workers share its agent's TCPStore across restarts without a
+    per-attempt prefix, so a restarted rank can read a peer's address from the failed attempt and
+    fail to connect (pytorch/pytorch#135712). Keys under ``/lmforge/attempt_<n>`` cannot be stale.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), world, is_master=False,
+                         timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"/lmforge/attempt_{attempt}", base), "rank": rank, "world_size": world}
 
 
 def current() -> DistInfo:

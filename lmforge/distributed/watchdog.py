@@ -75,17 +75,34 @@ class Watchdog:
         self._last_value = [0] * world_size
         self._last_change = [time.monotonic()] * world_size
         self._peer_info: dict[int, dict] = {}
-        self._done: set[int] = set()
         self.culprit: str | None = None  # set once a failure has been identified
 
     @classmethod
     def start(cls, rank: int, world_size: int, timeout_s: float, store=None, **kwargs) -> "Watchdog":
         wd = cls(store if store is not None else _default_store(), rank, world_size, timeout_s, **kwargs)
         wd.store.set(f"info/{rank}", json.dumps({"host": wd.host, "pid": os.getpid()}))
-        wd.store.add(f"hb/{rank}", 1)
-        wd._thread = threading.Thread(target=wd._run, name=f"lmforge-watchdog-{rank}", daemon=True)
-        wd._thread.start()
+        wd._launch()
         return wd
+
+    def _launch(self) -> None:
+        self.store.add(f"hb/{self.rank}", 1)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"lmforge-watchdog-{self.rank}", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def resume(self) -> None:
+        """Watch again after `stop()` (a second run in the same process): un-mark done, restart the thread."""
+        if self.running:
+            return
+        if self.store.add(f"done/{self.rank}", 0) > 0:
+            self.store.add(f"done/{self.rank}", -1)
+        now = time.monotonic()
+        self._last_change = [now] * self.world_size
+        self._launch()
 
     # ---- thread --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -129,10 +146,7 @@ class Watchdog:
         now = time.monotonic()
         for step in range(1, self.world_size):
             r = (self.rank + step) % self.world_size
-            if r in self._done:
-                continue
-            if self.store.add(f"done/{r}", 0) > 0:
-                self._done.add(r)
+            if self.store.add(f"done/{r}", 0) > 0:  # finished cleanly: watch the next one
                 continue
             info = self._peer(r)
             where = f" (host {info.get('host')}, pid {info.get('pid')})" if info else ""
@@ -180,9 +194,12 @@ class Watchdog:
 
     @contextlib.contextmanager
     def guard(self):
-        """Run the training loop inside this: see the module docstring."""
+        """Run the training loop inside this: see the module docstring. On success this rank is marked
+        finished (peers stop watching it, so its exit is not mistaken for a crash)."""
+        self.resume()
         try:
             yield self
+            self.stop()
         except BaseException as e:  # noqa: BLE001 - re-raised below
             text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if _looks_like_peer_failure(e) and self.wait_for_culprit() is not None:

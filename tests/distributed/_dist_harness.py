@@ -192,6 +192,10 @@ def trainer_config(run_dir, data_dir, max_steps: int, parallel: dict | None = No
     from lmforge.config import from_dict
     from lmforge.train.config import PretrainConfig
 
+    return from_dict(PretrainConfig, trainer_config_dict(run_dir, data_dir, max_steps, parallel, **sections))
+
+
+def trainer_config_dict(run_dir, data_dir, max_steps: int, parallel: dict | None = None, **sections) -> dict:
     data = {
         "run": {"dir": str(run_dir)},
         "model": {"preset": "tiny", "vocab_size": VOCAB_T, "dim": 32, "n_heads": 4, "n_kv_heads": 2,
@@ -207,7 +211,7 @@ def trainer_config(run_dir, data_dir, max_steps: int, parallel: dict | None = No
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
-    return from_dict(PretrainConfig, data)
+    return data
 
 
 class RecordingSource:
