@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.eval.text import cjk_fraction
-from lmforge.finetune.data import DataError, check_file, read_text, read_records, read_table
+from lmforge.finetune.data import DataError, check_file, read_records, read_table, read_text
 
 
 @dataclass

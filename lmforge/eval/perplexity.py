@@ -14,7 +14,7 @@ Bits per byte does not depend on the tokenizer, so it compares models with diffe
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -43,9 +43,3 @@ class Progress:
     def close(self) -> None:
         if self.enabled and self.tty:
             print(file=self.stream, flush=True)
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

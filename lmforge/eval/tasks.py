@@ -7,8 +7,8 @@ sampling seed derived from ``seed`` and the batch index otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -181,7 +181,7 @@ def label_loglikelihoods(model, prompts: Sequence[list[int]], continuations: Seq
     per_prompt = len(continuations)
     for start in range(0, len(order), batch_size * per_prompt):
         chunk = [rows[r] for r in order[start:start + batch_size * per_prompt]]
-        x, lengths = _right_pad([p + c for _, _, p, c in chunk], pad_id)
+        x, _ = _right_pad([p + c for _, _, p, c in chunk], pad_id)
         logp = F.log_softmax(model(x.to(device)).float(), dim=-1).cpu()
         for b, (n, k, p, c) in enumerate(chunk):
             pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)

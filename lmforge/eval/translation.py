@@ -7,7 +7,7 @@ default ``13a``; chrF works on characters and needs no tokenizer. Examples may c
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from lmforge.eval.text import cjk_fraction
 

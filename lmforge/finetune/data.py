@@ -23,11 +23,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from lmforge.config import UserError
 
@@ -486,12 +486,12 @@ class SFTBatch:
     def n_target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
-    def to(self, device) -> "SFTBatch":
+    def to(self, device) -> SFTBatch:
         mask = None if self.attention_mask is None else self.attention_mask.to(device)
         return SFTBatch(self.tokens.to(device), self.labels.to(device), self.positions.to(device),
                         self.doc_ids.to(device), mask)
 
-    def split(self, n: int) -> list["SFTBatch"]:
+    def split(self, n: int) -> list[SFTBatch]:
         """``n`` micro-batches (gradient accumulation); the batch size must divide by ``n``."""
         B = self.tokens.size(0)
         if B % n:
@@ -612,7 +612,7 @@ class SFTBatchIterator:
         perm = rng.permutation(len(full)).tolist()
         return [u for k in perm for u in full[k]] + [u for b in tail for u in b]
 
-    def __iter__(self) -> "SFTBatchIterator":
+    def __iter__(self) -> SFTBatchIterator:
         return self
 
     def __next__(self) -> SFTBatch:

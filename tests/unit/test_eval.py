@@ -11,7 +11,12 @@ from lmforge.config import UserError
 from lmforge.eval.datasets import load_qa, load_summarization, load_translation, read_texts, subset
 from lmforge.eval.perplexity import perplexity, token_stream
 from lmforge.eval.tasks import (
-    PromptBuilder, classify_with_head, fill, generate_answers, label_loglikelihoods, postprocess,
+    PromptBuilder,
+    classify_with_head,
+    fill,
+    generate_answers,
+    label_loglikelihoods,
+    postprocess,
     zero_shot_classify,
 )
 from lmforge.finetune.data import DataError

@@ -7,12 +7,28 @@ import torch
 
 from lmforge.config import ConfigError, UserError
 from lmforge.finetune.chat_template import (
-    default_chat_template, encode_chat, encode_prompt, get_chat_template, render, render_generation_prompt,
+    default_chat_template,
+    encode_chat,
+    encode_prompt,
+    get_chat_template,
+    render,
+    render_generation_prompt,
     save_chat_template,
 )
 from lmforge.finetune.data import (
-    IGNORE_INDEX, DataError, SFTBatchIterator, SFTExample, collate_rows, encode_example,
-    encode_examples, encode_labelled, label_list, load_labelled, load_sft_examples, pack_rows, read_records,
+    IGNORE_INDEX,
+    DataError,
+    SFTBatchIterator,
+    SFTExample,
+    collate_rows,
+    encode_example,
+    encode_examples,
+    encode_labelled,
+    label_list,
+    load_labelled,
+    load_sft_examples,
+    pack_rows,
+    read_records,
 )
 
 CORPUS = [
@@ -241,7 +257,7 @@ def _dataset(tok, n=12, seed=0):
     import random
 
     rng = random.Random(seed)
-    words = "the quick brown fox jumps over lazy dog 你好 世界".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "你好", "世界"]
     examples = [SFTExample(messages=[
         {"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))},
         {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))}])
@@ -301,7 +317,7 @@ def _take(it, n):
 def test_iterator_is_deterministic_and_resumes_exactly(tok, mode):
     ds = _dataset(tok, 40)
     seq = 64
-    make = lambda **kw: SFTBatchIterator(ds, 4, seq, mode=mode, seed=3, pad_id=tok.pad_id, **kw)  # noqa: E731
+    make = lambda **kw: SFTBatchIterator(ds, 4, seq, mode=mode, seed=3, pad_id=tok.pad_id, **kw)
     ref = _take(make(), 12)  # crosses epoch boundaries
     again = _take(make(), 12)
     for a, b in zip(ref, again):
