@@ -132,17 +132,48 @@ def format_table(task: str, metrics: dict) -> list[str]:
 
 
 # ---- tasks ------------------------------------------------------------------------------------------
-def _load_lm(args, device, dtype):
+ADAPTER_CONFIG = "adapter_config.json"  # RUN/adapter of a LoRA fine-tune (lmforge.finetune.recipes)
+
+
+def load_for_eval(model_dir, device, dtype):
+    """(model, tokenizer, labels) for a model dir: a plain LM (labels None), a classifier model dir
+    (``task: classify``), or a LoRA adapter dir (adapters + a reference to the base model dir)."""
+    from lmforge.config import UserError
+    from lmforge.models.classifier import load_classifier_dir, read_task
     from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer import load_tokenizer
 
-    model = load_model_dir(args.model, device=device, dtype=dtype).eval()
-    tokenizer = load_tokenizer(args.model)
+    d = Path(model_dir)
+    labels = None
+    tok_dir = d
+    if (d / ADAPTER_CONFIG).is_file():
+        try:
+            from lmforge.finetune.recipes import load_adapter
+        except ImportError:
+            raise UserError(f"'{d}' is a LoRA adapter dir but this build has no lmforge.finetune.recipes; "
+                            "evaluate the merged RUN/model instead") from None
+        model, meta = load_adapter(d, device=device)
+        model = model.to(dtype)
+        labels = list(meta["labels"]) if meta.get("task") == "classify" else None
+        if not (d / "tokenizer.json").is_file() and not (d / "tokenizer.model").is_file():
+            tok_dir = Path(meta["base_model"])
+    elif read_task(d).get("task") == "classify":
+        model, labels = load_classifier_dir(d, device=device, dtype=dtype)
+    else:
+        model = load_model_dir(d, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(tok_dir)
     if tokenizer.vocab_size > model.cfg.vocab_size:
-        from lmforge.config import UserError
-
-        raise UserError(f"the tokenizer in '{args.model}' has {tokenizer.vocab_size} tokens but the model only "
+        raise UserError(f"the tokenizer in '{tok_dir}' has {tokenizer.vocab_size} tokens but the model only "
                         f"{model.cfg.vocab_size} embeddings; the model dir mixes files from different models")
+    return model.eval(), tokenizer, labels
+
+
+def _load_lm(args, device, dtype):
+    from lmforge.config import UserError
+
+    model, tokenizer, labels = load_for_eval(args.model, device, dtype)
+    if labels is not None:
+        raise UserError(f"'{args.model}' is a classifier (labels {labels}); use it with --task classify")
     return model, tokenizer
 
 
@@ -162,13 +193,11 @@ def _classify(args, device, dtype, progress) -> dict:
     from lmforge.eval.datasets import subset
     from lmforge.eval.tasks import classify_with_head, zero_shot_classify
     from lmforge.finetune.data import encode_labelled, label_list, load_labelled
-    from lmforge.models.classifier import load_classifier_dir, read_task
-    from lmforge.tokenizer import load_tokenizer
 
     examples = subset(load_labelled(args.data, args.text_field, args.label_field), args.max_examples, args.subset)
-    tokenizer = load_tokenizer(args.model)
-    if read_task(args.model).get("task") == "classify":
-        clf, labels = load_classifier_dir(args.model, device=device, dtype=dtype)
+    model, tokenizer, head_labels = load_for_eval(args.model, device, dtype)
+    if head_labels is not None:
+        clf, labels = model, head_labels
         if args.labels and _split(args.labels) != labels:
             raise UserError(f"--labels {args.labels} differ from the classifier's labels {labels}; drop --labels")
         unknown = sorted({e.label for e in examples} - set(labels))
@@ -181,7 +210,6 @@ def _classify(args, device, dtype, progress) -> dict:
         mode = "head"
         words = None
     else:
-        model, tokenizer = _load_lm(args, device, dtype)
         labels = _split(args.labels) or label_list(examples)
         unknown = sorted({e.label for e in examples} - set(labels))
         if unknown:
