@@ -171,3 +171,79 @@ def load_heads(directory: str | os.PathLike, cfg: ModelConfig, device="cpu",
                             f"unexpected {unexpected[:3]}")
         out[name] = head
     return out
+
+
+# ---- masked-LM pretraining (``train.objective: mlm``) ------------------------------------------------
+MASK_NAMES = ("[MASK]", "<mask>", "<|mask|>")
+
+
+def mask_token_id(tokenizer, vocab_size: int) -> tuple[int, int]:
+    """(mask id, model vocab size): the tokenizer's mask token when it has one, else one extra id after
+    its vocabulary (the model then needs ``vocab_size + 1`` rows)."""
+    if tokenizer is not None:
+        for name in MASK_NAMES:
+            i = tokenizer.token_to_id(name)
+            if i is not None:
+                return i, vocab_size
+    return vocab_size, vocab_size + 1
+
+
+def attach_mlm_head(model: nn.Module, seed: int | None = None) -> MLMHead:
+    """Inject an MLM head as ``model.mlm`` (its parameters train, checkpoint and shard with the model)."""
+    w = model.tok_embeddings.weight
+    head = MLMHead(model.cfg, device=w.device, dtype=w.dtype)
+    gen = torch.Generator(device=w.device).manual_seed(seed) if seed is not None else None
+    head.init_weights(gen)
+    model.add_module("mlm", head)
+    return head
+
+
+def mlm_objective(mask_id: int, vocab_size: int, special_ids=(), prob: float = 0.15, seed: int = 0):
+    """A Trainer ``loss_fn(model, batch) -> (loss sum, targets)`` for BERT pretraining on token rows.
+
+    The masks are a function of the batch's content and ``seed`` (not of a global RNG), so a resumed run
+    and every evaluation see the same masks for the same rows."""
+    import hashlib
+
+    def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = batch["tokens"] if isinstance(batch, dict) else batch
+        tokens = tokens[:, :-1]  # (B, T): the rows the causal loader cuts (T+1) → T, like the LM objective
+        digest = hashlib.blake2b(tokens.detach().cpu().numpy().tobytes(), digest_size=8).digest()
+        g = torch.Generator(device="cpu").manual_seed((int.from_bytes(digest, "little") ^ seed) & (2**63 - 1))
+        inputs, labels = mask_tokens(tokens.cpu(), mask_id, vocab_size, special_ids, prob, generator=g)
+        inputs, labels = inputs.to(tokens.device), labels.to(tokens.device)
+        core = getattr(model, "module", model)  # under DDP
+        h = model(inputs)  # (B, T, dim): an encoder without an LM head returns its hidden states
+        logits = core.mlm(h, core.tok_embeddings.weight)  # (B, T, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
+                               ignore_index=IGNORE_INDEX)
+        return loss, (labels != IGNORE_INDEX).sum()
+
+    return loss_fn
+
+
+def save_model_dir_with_heads(model: nn.Module, directory: str | os.PathLike, tokenizer_dir: str | None = None,
+                              extra: dict | None = None) -> Path:
+    """`save_model_dir` for a backbone carrying injected heads (``model.mlm``, ``model.pooler``): the
+    backbone goes to model.safetensors, the heads to heads.safetensors, their names to config.json."""
+    from lmforge.models.model_dir import save_model_dir
+
+    heads = {n: getattr(model, n) for n in HEAD_CLASSES if isinstance(getattr(model, n, None), nn.Module)}
+    for n in heads:
+        delattr(model, n)
+    # A consolidated copy (the trainer's export) carries the heads' tensors instead of the modules.
+    extra_sd = getattr(model, "extra_state_dict", None) or {}
+    for n, cls in HEAD_CLASSES.items():
+        part = {k[len(n) + 1:]: v for k, v in extra_sd.items() if k.startswith(n + ".")}
+        if part and n not in heads:
+            head = cls(model.cfg, dtype=next(iter(part.values())).dtype)
+            head.load_state_dict(part)
+            heads[n] = head
+    try:
+        out = save_model_dir(model, directory, tokenizer_dir, {**(extra or {}), "heads": list(heads)})
+    finally:
+        for n, h in heads.items():
+            if n not in extra_sd and not any(k.startswith(n + ".") for k in extra_sd):
+                model.add_module(n, h)
+    save_heads(heads, out)
+    return out

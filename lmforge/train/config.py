@@ -47,6 +47,7 @@ class TrainConfig:
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     time_limit_minutes: float | None = None  # checkpoint and stop after this long; a re-run resumes
     threads: int | None = None  # torch CPU threads (default: torch's choice)
+    objective: Literal["clm", "mlm"] = "clm"  # mlm: BERT masked-LM pretraining of an encoder preset
 
 
 @dataclass
@@ -97,6 +98,10 @@ class LogConfig:
     peak_tflops: float | None = None  # MFU denominator per device; None = measured (CPU) or the GPU's spec
 
 
+# Keys of the model section that steer initialization, not the architecture (lmforge.models.embedding_init).
+MODEL_INIT_KEYS = ("init_embeddings_from",)
+
+
 @dataclass
 class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
@@ -116,8 +121,8 @@ class PretrainConfig:
 
         if not self.model:
             raise ConfigError("model section is empty; set model.preset (see `lmforge model list`)")
-        try:
-            return model_config_from_dict(self.model)
+        try:  # init options (model.init_embeddings_from) are not part of the architecture
+            return model_config_from_dict({k: v for k, v in self.model.items() if k not in MODEL_INIT_KEYS})
         except TypeError as e:
             raise ConfigError(f"model: {e}") from None
 
@@ -218,8 +223,17 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
                           "(or set log.tensorboard=false)")
     mcfg = cfg.model_config()
-    if not mcfg.causal or not mcfg.lm_head:
-        raise ConfigError("pretraining needs a causal LM: model.causal=true and model.lm_head=true")
+    if t.objective == "mlm":
+        if mcfg.causal or mcfg.lm_head:
+            raise ConfigError("train.objective=mlm needs an encoder: model.causal=false and model.lm_head=false "
+                              "(e.g. model.preset=bert-base)")
+    elif not mcfg.causal or not mcfg.lm_head:
+        raise ConfigError("pretraining needs a causal LM: model.causal=true and model.lm_head=true "
+                          "(or train.objective=mlm for an encoder)")
+    vectors = cfg.model.get("init_embeddings_from")
+    if vectors is not None and not Path(str(vectors)).is_file():
+        raise ConfigError(f"model.init_embeddings_from='{vectors}' does not exist; pass a word2vec/GloVe/fastText "
+                          "text-format vector file")
     if mcfg.pos_encoding in ("learned", "sinusoidal") and cfg.data.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len} "
                           f"for {mcfg.pos_encoding} positions; lower data.seq_len or raise model.max_seq_len")

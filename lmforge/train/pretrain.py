@@ -131,12 +131,24 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
     from lmforge.train.parallel import failure_guard, setup_world
-    from lmforge.train.trainer import Trainer, check_compatible, find_resume
+    from lmforge.train.trainer import Trainer, causal_lm_loss, check_compatible, find_resume
 
     # ---- checks (no work yet) ----
     index = read_index(cfg.data.dir)
     data_vocab = int(index.get("vocab_size") or 0)
     mcfg = resolve_model_config(cfg, data_vocab)
+    mlm = None
+    if cfg.train.objective == "mlm":  # BERT: a mask id (the tokenizer's, or one extra row) and its specials
+        from lmforge.models.heads import mask_token_id
+        from lmforge.tokenizer import load_tokenizer
+
+        tok_dir = resolve_tokenizer_dir(cfg, index)
+        mlm_tok = load_tokenizer(tok_dir) if tok_dir else None
+        mask_id, need = mask_token_id(mlm_tok, data_vocab)
+        if mcfg.vocab_size < need:
+            cfg.model = {**cfg.model, "vocab_size": need}
+            mcfg = cfg.model_config()
+        mlm = (mask_id, sorted(set(mlm_tok.special_tokens.values())) if mlm_tok else [])
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     world, device = setup_world(cfg.train.device, cfg.parallel)
@@ -175,6 +187,8 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     resolved = to_dict(cfg)
     resolved["model"] = {"preset": cfg.model.get("preset"), **to_dict(mcfg)} if cfg.model.get("preset") \
         else to_dict(mcfg)
+    if cfg.model.get("init_embeddings_from"):
+        resolved["model"]["init_embeddings_from"] = cfg.model["init_embeddings_from"]
     if world.is_main:
         accum = grad_accum_steps(cfg.global_batch_size, cfg.train.micro_batch, world.dp_size)
         info(f"pretrain: {mcfg.num_params() / 1e6:,.1f}M params, {total_steps:,} steps x "
@@ -184,11 +198,30 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     # ---- work ----
     model = build_model(mcfg, device=device, dtype=torch.float32, seed=cfg.train.seed, init=resume_from is None)
     extra = {"trained_with": "lmforge pretrain", "tokenizer_hash": index.get("tokenizer_hash")}
+    vectors = cfg.model.get("init_embeddings_from")
+    if vectors and resume_from is None:  # word2vec / GloVe / fastText rows for the tokens that spell words
+        from lmforge.models.embedding_init import coverage_line, init_embeddings_from
+        from lmforge.tokenizer import load_tokenizer
+
+        if tokenizer_dir is None:
+            raise ConfigError("model.init_embeddings_from needs the data's tokenizer; set data.tokenizer")
+        report = init_embeddings_from(model, load_tokenizer(tokenizer_dir), vectors, seed=cfg.train.seed)
+        extra["init_embeddings_from"] = report
+        if world.is_main:
+            info(coverage_line(report))
+    loss_fn = causal_lm_loss
+    save_fn = save_model_dir
+    if mlm is not None:
+        from lmforge.models.heads import attach_mlm_head, mlm_objective, save_model_dir_with_heads
+
+        attach_mlm_head(model, seed=cfg.train.seed)
+        loss_fn = mlm_objective(mlm[0], mcfg.vocab_size, mlm[1], seed=cfg.train.seed)
+        save_fn = save_model_dir_with_heads
 
     def save_model(m, out):
-        save_model_dir(m, out, tokenizer_dir=tokenizer_dir, extra=extra)
+        save_fn(m, out, tokenizer_dir=tokenizer_dir, extra=extra)
 
-    trainer = Trainer(cfg, model, source, val_batches, total_steps=total_steps, world=world, device=device,
+    trainer = Trainer(cfg, model, source, val_batches, loss_fn, total_steps=total_steps, world=world, device=device,
                       config_dict=resolved, math_fields=fields, flops_per_token=mcfg.flops_per_token(cfg.data.seq_len),
                       bytes_per_token=bpt, save_model=save_model, resume_from=resume_from)
     with failure_guard(world):  # a rank that fails or dies makes the others exit, naming it

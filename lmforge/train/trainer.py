@@ -443,8 +443,9 @@ class Trainer:
             raw = unwrap(self.raw_model)
             with torch.device("meta"):
                 shell = type(raw)(raw.cfg)
-            shell.load_state_dict(sd, assign=True, strict=False)
+            unexpected = shell.load_state_dict(sd, assign=True, strict=False).unexpected_keys
             shell.tie_weights()
+            shell.extra_state_dict = {k: sd[k] for k in unexpected}  # injected heads' weights (model.mlm, …)
             if self.save_model_fn is not None:
                 self.save_model_fn(shell, out)
             else:
