@@ -250,8 +250,11 @@ def uses_bos(tokenizer, template: str | None = None) -> bool:
     bos_text, eos_text = token_texts(tokenizer)
     if not bos_text or getattr(tokenizer, "bos_id", None) is None:
         return False
-    text = render(get_chat_template(tokenizer, template), [{"role": "user", "content": "x"}], False,
-                  bos_text, eos_text)
+    try:
+        text = render(get_chat_template(tokenizer, template), [{"role": "user", "content": "x"}], False,
+                      bos_text, eos_text)
+    except ConfigError:  # a template that refuses a lone user turn: fall back to the tokenizer's habit
+        return False
     return text.startswith(bos_text)
 
 
