@@ -397,3 +397,22 @@ def test_real_alpaca_data_packs(tok, shared_data):
     assert b.tokens.shape == (4, 256) and b.n_target_tokens > 0
     fill = sum(ds.lengths()) / (len(it.units) * 256)
     assert fill > 0.8, f"packing fill {fill:.2f}"
+
+
+def test_qwen_style_chatml_template_with_im_end_as_eos(tmp_path):
+    """A Hugging Face ChatML template (Qwen2) whose EOS is <|im_end|>: replies train through <|im_end|>,
+    which is not appended a second time."""
+    from lmforge.tokenizer import train_tokenizer
+
+    (tmp_path / "c.txt").write_text("\n".join(CORPUS), encoding="utf-8")
+    qtok = train_tokenizer([str(tmp_path / "c.txt")], 400, None, progress=False,
+                           special_tokens=("<|endoftext|>", "<|bos|>", "<|im_end|>", "<|im_start|>"),
+                           chat_template=("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' "
+                                          "+ message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+                                          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"))
+    ids, labels = encode_chat(qtok, CHAT[1:])
+    assert qtok.decode(ids, skip_special_tokens=False) == (
+        "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\nFour.<|im_end|>\n"
+        "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n你好，世界！<|im_end|>\n")
+    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert qtok.decode(trained, skip_special_tokens=False) == "Four.<|im_end|>你好，世界！<|im_end|>"
