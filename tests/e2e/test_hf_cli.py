@@ -133,3 +133,35 @@ def test_cli_errors_are_one_line(tmp_path):
     r = cli("export", "--model", tmp_path / "sin", "--out", tmp_path / "out", check=False)
     assert r.returncode == 2 and "no Hugging Face equivalent" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_import_finetune_export(tmp_path):
+    """The README's flow: a HF checkpoint → lmforge SFT → back to transformers."""
+    pytest.importorskip("lmforge.finetune.commands")
+    data = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    alpaca = data / "instruct_llamafactory_demo" / "alpaca_en_demo.json"
+    if not alpaca.is_file():
+        pytest.skip(f"real data not found at {data} (the ../shared/data folder beside the checkout)")
+    src = tmp_path / "hf"
+    fast = _hf_tokenizer(src)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)).save_pretrained(src)
+    cli("import", "--hf", src, "--out", tmp_path / "lm")
+    (tmp_path / "sft.yaml").write_text("finetune:\n  mode: sft\n")
+    r = json.loads(cli("finetune", "--config", tmp_path / "sft.yaml", f"model.from={tmp_path / 'lm'}",
+                       f"data.train=[{alpaca}]", "data.seq_len=128", "data.max_train_examples=200",
+                       "train.max_steps=6", "train.global_batch=8", "train.micro_batch=8", "train.threads=1",
+                       f"run.dir={tmp_path / 'run'}", "optim.lr=1e-3", "eval.batches=2", "--json").stdout)
+    assert r["step"] == 6
+    cli("export", "--model", tmp_path / "run" / "model", "--out", tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    from lmforge.models.model_dir import load_model_dir
+
+    tuned = load_model_dir(tmp_path / "run" / "model").eval()
+    x = torch.tensor([tok.encode("A journey of a thousand miles", add_special_tokens=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, tuned(x), atol=1e-5, rtol=0)
+    assert tok.eos_token_id == 2 and tok.chat_template == TEMPLATE
