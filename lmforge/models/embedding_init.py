@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -174,4 +175,4 @@ def coverage_line(report: dict[str, Any]) -> str:
             f"{report['vector_dim']}→{report['model_dim']} dims ({report['projection']})")
 
 
-__all__ = ["init_embeddings_from", "iter_word_vectors", "match_vectors", "token_surfaces", "coverage_line"]
+__all__ = ["coverage_line", "init_embeddings_from", "iter_word_vectors", "match_vectors", "token_surfaces"]

@@ -111,7 +111,7 @@ def mask_tokens(tokens: torch.Tensor, mask_id: int, vocab_size: int, special_ids
         return torch.rand(tokens.shape, generator=generator, device=generator.device if generator else device).to(device)
 
     special = torch.zeros_like(tokens, dtype=torch.bool)
-    for s in set(int(i) for i in special_ids):
+    for s in {int(i) for i in special_ids}:
         special |= tokens == s
     selected = (uniform() < prob) & ~special
     labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))

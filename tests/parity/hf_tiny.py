@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
-import torch  # noqa: E402
+import torch
 
 V = 128  # vocabulary of every tiny model
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from hf_tiny import BERT_KW, V, make_bert
+from hf_tiny import V, make_bert
 from safetensors.torch import load_file
 
 from lmforge.models.heads import load_heads, mlm_logits

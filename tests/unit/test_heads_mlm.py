@@ -5,8 +5,16 @@ import torch
 
 from lmforge.config import UserError
 from lmforge.models import build_model, get_preset
-from lmforge.models.heads import (IGNORE_INDEX, MLMHead, Pooler, load_heads, mask_tokens, mlm_logits, mlm_loss,
-                                  save_heads)
+from lmforge.models.heads import (
+    IGNORE_INDEX,
+    MLMHead,
+    Pooler,
+    load_heads,
+    mask_tokens,
+    mlm_logits,
+    mlm_loss,
+    save_heads,
+)
 
 MASK, SPECIAL = 4, (0, 1, 2)
 
@@ -85,8 +93,8 @@ def test_heads_save_and_load(tmp_path):
     save_heads(heads, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"heads": ["mlm", "pooler"]}))
     back = load_heads(tmp_path, model.cfg)
-    for name in heads:
-        for k, v in heads[name].state_dict().items():
+    for name, head in heads.items():
+        for k, v in head.state_dict().items():
             assert torch.equal(back[name].state_dict()[k], v)
     (tmp_path / "config.json").write_text(json.dumps({"heads": ["nsp"]}))
     with pytest.raises(UserError, match="unknown head 'nsp'"):

@@ -11,16 +11,23 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from lmforge.config import UserError, to_dict
 from lmforge.models.config import ModelConfig
-from lmforge.models.hf.families import (FAMILIES, Family, family_for_hf_config, family_for_model_config,
-                                        hf_to_model_config, model_config_to_hf)
+from lmforge.models.hf.families import (
+    FAMILIES,
+    Family,
+    family_for_hf_config,
+    family_for_model_config,
+    hf_to_model_config,
+    model_config_to_hf,
+)
 
 HF_CONFIG = "config.json"
 HF_GENERATION_CONFIG = "generation_config.json"

@@ -12,8 +12,9 @@ weights load as they are; only Meta's original interleaved checkpoints would nee
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from lmforge.config import UserError, from_dict, to_dict
 from lmforge.models.config import ModelConfig, RopeScaling
@@ -305,8 +306,7 @@ def _bert_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _bert_normalize(key: str) -> str | None:
-    if key.startswith("bert."):
-        key = key[len("bert."):]
+    key = key.removeprefix("bert.")
     if key.endswith("position_ids") or key.startswith("cls.seq_relationship.") or key in (
             "cls.predictions.decoder.bias",  # the same tensor as cls.predictions.bias
             "cls.predictions.decoder.weight"):  # tied to the word embeddings
