@@ -27,9 +27,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.distributed import ParallelConfig, init_distributed, parallelize, shutdown_distributed  # noqa: E402
-from lmforge.models.presets import get_preset, model_config_from_dict  # noqa: E402
-from lmforge.models.transformer import build_model  # noqa: E402
+from lmforge.distributed import ParallelConfig, init_distributed, parallelize, shutdown_distributed
+from lmforge.models.presets import get_preset, model_config_from_dict
+from lmforge.models.transformer import build_model
 
 GB = 1e9  # the planner's unit
 ONE_B = dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_hidden=5632, max_seq_len=2048,
@@ -122,7 +122,7 @@ def planner_prediction(model: str, gpu: str, seq: int, micro: int, ac: str) -> d
     cmd = [sys.executable, "-m", "lmforge", "plan", "--model", model, "--gpus", "1", "--gpu", gpu,
            "--seq-len", str(seq), "--micro-batch", str(micro), "--ac", ac, "--json"]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
                              env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"error": f"{type(e).__name__}: {e}"}

@@ -11,7 +11,7 @@ and FSDP2 swap parameters for DTensors in place, DDP is the composable ``replica
 from __future__ import annotations
 
 import functools
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -69,8 +69,13 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
     its local head count from the projected width, so no model code changes are needed.
     """
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     cfg = model.cfg
     sp = sequence_parallel

@@ -66,7 +66,7 @@ class ParallelDims:
     world_size: int
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
         if world_size < 1:
             raise ConfigError(f"world size {world_size} must be >= 1")
         rep, tp = cfg.dp_replicate, cfg.tp

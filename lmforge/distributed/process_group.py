@@ -132,7 +132,7 @@ def current() -> DistInfo:
         rank, world = dist.get_rank(), dist.get_world_size()
         backend = dist.get_backend()
         dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        return DistInfo(rank, world, int(os.environ.get("LOCAL_RANK", 0)), dev, backend)
+        return DistInfo(rank, world, int(os.environ.get("LOCAL_RANK", "0")), dev, backend)
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return DistInfo(device=dev)
 

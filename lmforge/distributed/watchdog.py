@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_PEER_FAILED = 75
 
@@ -78,7 +78,7 @@ class Watchdog:
         self.culprit: str | None = None  # set once a failure has been identified
 
     @classmethod
-    def start(cls, rank: int, world_size: int, timeout_s: float, store=None, **kwargs) -> "Watchdog":
+    def start(cls, rank: int, world_size: int, timeout_s: float, store=None, **kwargs) -> Watchdog:
         wd = cls(store if store is not None else _default_store(), rank, world_size, timeout_s, **kwargs)
         wd.store.set(f"info/{rank}", json.dumps({"host": wd.host, "pid": os.getpid()}))
         wd._launch()
@@ -112,7 +112,7 @@ class Watchdog:
                 self.store.add(f"hb/{self.rank}", 1)
                 problem = self.check_peers()
                 store_errors = 0
-            except Exception as e:  # the store lives in rank 0 or in torchrun's agent
+            except Exception as e:  # noqa: BLE001 - any store failure: it lives in rank 0 or torchrun's agent
                 if self._stop.is_set():
                     return
                 store_errors += 1
@@ -130,9 +130,8 @@ class Watchdog:
                 return
 
     def _peer(self, r: int) -> dict:
-        if r not in self._peer_info:
-            if self.store.check([f"info/{r}"]):
-                self._peer_info[r] = json.loads(self.store.get(f"info/{r}"))
+        if r not in self._peer_info and self.store.check([f"info/{r}"]):
+            self._peer_info[r] = json.loads(self.store.get(f"info/{r}"))
         return self._peer_info.get(r, {})
 
     def check_peers(self) -> str | None:
@@ -200,7 +199,7 @@ class Watchdog:
         try:
             yield self
             self.stop()
-        except BaseException as e:  # noqa: BLE001 - re-raised below
+        except BaseException as e:
             text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if _looks_like_peer_failure(e) and self.wait_for_culprit() is not None:
                 raise  # the thread already exited the process; only reached with a custom on_failure

@@ -96,8 +96,8 @@ def build_initial(model_name: str) -> dict[str, torch.Tensor]:
 
 def reference(model_name: str, ac: str = "none", compile_backend: str | None = None, accum: int = 1):
     """One process, no wrappers: the numbers every parallel layout must reproduce."""
-    from lmforge.distributed.config import ParallelConfig
     from lmforge.distributed.apply import parallelize
+    from lmforge.distributed.config import ParallelConfig
     from lmforge.models.transformer import build_model
 
     cfg = model_config(model_name)
@@ -141,8 +141,8 @@ def spawn(world: int, target: str, **kwargs) -> None:
 
 def run_layouts(info, out_dir: str, layouts: dict) -> None:
     """For each named layout: build the same seeded model, parallelize, train, dump metrics + params."""
-    from lmforge.distributed.config import ParallelConfig, ParallelDims
     from lmforge.distributed.apply import parallelize
+    from lmforge.distributed.config import ParallelConfig, ParallelDims
     from lmforge.models.transformer import build_model
 
     for name, spec in layouts.items():

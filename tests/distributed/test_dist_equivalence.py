@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import _dist_harness as h
 import pytest
 import torch
-
-import _dist_harness as h
 
 pytestmark = pytest.mark.distributed
 
@@ -72,7 +71,7 @@ def _check(out_dir: Path, name: str, spec: dict) -> None:
     moved = max((ref_state[k] - init[k]).abs().max().item() for k in ref_state)
     assert moved > 1e-3, "the reference did not train; the comparison would be vacuous"
     for k in ref_state:
-        torch.testing.assert_close(state[k], ref_state[k], rtol=0, atol=PARAM_TOL, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(state[k], ref_state[k], rtol=0, atol=PARAM_TOL, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS_2))

@@ -13,10 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
+import _dist_harness as h
 import pytest
 import torch
-
-import _dist_harness as h
 
 pytestmark = pytest.mark.distributed
 
@@ -67,7 +66,7 @@ def test_resumed_run_matches_the_uninterrupted_one(runs, name):
     w_ref, w = _weights(runs / "ref"), _weights(runs / name)
     assert set(w) == set(w_ref)
     for k in w_ref:
-        torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=5e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=5e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("name", ["two_one", "two_two", "one_two", "tp_one"])
