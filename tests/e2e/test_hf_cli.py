@@ -44,6 +44,7 @@ def _hf_tokenizer(path):
     return fast
 
 
+@pytest.mark.slow
 def test_import_generate_export_round_trip_with_tokenizer(tmp_path):
     from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer import load_tokenizer
@@ -115,26 +116,32 @@ def test_export_of_a_model_lmforge_trained(tmp_path):
         torch.testing.assert_close(back(x).logits, model(x), atol=1e-5, rtol=0)
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    (tmp_path / "empty").mkdir()
-    r = cli("import", "--hf", tmp_path / "empty", "--out", tmp_path / "lm", check=False)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "config.json" in r.stderr
-    assert "Traceback" not in r.stderr
-    hf_like = tmp_path / "hfdir"
-    hf_like.mkdir()
-    (hf_like / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    r = cli("export", "--model", hf_like, "--out", tmp_path / "out", check=False)
-    assert r.returncode == 2 and "is a Hugging Face model dir" in r.stderr
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from lmforge.cli import main
     from lmforge.models import build_model, get_preset
     from lmforge.models.model_dir import save_model_dir
 
+    def err(*args):
+        assert main([str(a) for a in args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith("error: ") and "Traceback" not in "".join(lines)
+        return lines[-1]
+
+    (tmp_path / "empty").mkdir()
+    assert "config.json" in err("import", "--hf", tmp_path / "empty", "--out", tmp_path / "lm")
+    hf_like = tmp_path / "hfdir"
+    hf_like.mkdir()
+    (hf_like / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert "is a Hugging Face model dir" in err("export", "--model", hf_like, "--out", tmp_path / "out")
     save_model_dir(build_model(get_preset("transformer-base", vocab_size=64, dim=32, n_layers=1, n_heads=2,
                                           ffn_hidden=64, max_seq_len=16), seed=0), tmp_path / "sin")
-    r = cli("export", "--model", tmp_path / "sin", "--out", tmp_path / "out", check=False)
-    assert r.returncode == 2 and "no Hugging Face equivalent" in r.stderr
+    assert "no Hugging Face equivalent" in err("export", "--model", tmp_path / "sin", "--out", tmp_path / "out")
+    assert "is not a size" in err("export", "--model", tmp_path / "sin", "--out", tmp_path / "out",
+                                  "--max-shard-size", "lots")
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_import_finetune_export(tmp_path):
     """The README's flow: a HF checkpoint → lmforge SFT → back to transformers."""
     pytest.importorskip("lmforge.finetune.commands")

@@ -47,6 +47,7 @@ def _args(shards, run_dir, steps):
             "eval.batches=4", f"checkpoint.interval={steps}", "log.interval=10"]
 
 
+@pytest.mark.slow
 def test_bert_mlm_pretraining_from_scratch_exports_to_transformers(shards, tmp_path):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
