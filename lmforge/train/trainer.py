@@ -482,7 +482,8 @@ class Trainer:
             parts = []
             if "val_loss" in val:
                 bpb = f", {val['val_bpb']:.3f} bits/byte" if "val_bpb" in val else ""
-                parts.append(f"val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f}{bpb}")
+                ppl = f", ppl {val['val_ppl']:.2f}" if "val_ppl" in val else ""
+                parts.append(f"val loss {val['val_loss']:.4f}{ppl}{bpb}")
             parts += [f"{k} {v:.4g}" for k, v in val.items()
                       if k not in ("val_loss", "val_ppl", "val_bpb", "eval_time") and isinstance(v, (int, float))]
             info(f"step {self.step}: " + ", ".join(parts))

@@ -1,0 +1,26 @@
+"""`lmforge finetune --config FILE [section.key=value ...]`: sft | lora | classify from a model dir."""
+
+from __future__ import annotations
+
+from lmforge.console import emit
+
+HELP = "fine-tune a model dir: instruction SFT, LoRA or a classifier (resumes from RUN/checkpoints/LATEST)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/sft.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. model.from=runs/tiny/model finetune.mode=lora lora.rank=16")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary line")
+
+
+def run(args) -> int:
+    from lmforge.finetune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # ConfigError before anything heavy is imported
+    from lmforge.finetune.recipes import finetune, summary
+
+    result = finetune(cfg, args.config)
+    line, payload = summary(result)
+    emit(args, line, payload)
+    return 0

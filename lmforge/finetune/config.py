@@ -1,0 +1,300 @@
+"""The fine-tuning config: pretraining's sections (run, train, optim, schedule, eval, checkpoint, log,
+parallel) plus ``model.from``, ``finetune``, ``lora``, ``classify`` and fine-tuning ``data`` keys.
+
+Keys users' scripts rely on: ``model.from`` (a model dir), ``finetune.mode`` (``sft | lora | classify``),
+``data.train``, ``data.dev``, ``data.format`` (``alpaca | chat | sharegpt | prompt_completion | labels``),
+``data.text_field``, ``data.label_field``, ``lora.rank``, ``lora.alpha``, ``lora.targets``, and from
+pretraining ``run.dir``, ``train.*``, ``optim.*``, ``eval.interval``, ``checkpoint.interval``,
+``log.interval``. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from lmforge.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from lmforge.distributed.config import ParallelConfig
+from lmforge.train.config import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, RunConfig,
+                                  ScheduleConfig, TrainConfig)
+
+MODES = ("sft", "lora", "classify")
+SFT_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion")
+# Metrics an evaluation reports, and which way is better.
+MAXIMIZE = ("accuracy", "macro_f1")
+MINIMIZE = ("val_loss", "val_ppl")
+
+
+@dataclass
+class ModelSource:
+    """``model:`` — the model dir to start from (``from``) and training-time changes to it."""
+
+    path: str = ""  # written `from:` in YAML (a Python keyword, hence the field name)
+    dropout: float | None = None  # dropout in the backbone while fine-tuning; None = the model's own
+
+    @staticmethod
+    def from_yaml(data: Any) -> "ModelSource":
+        if data is None:
+            data = {}
+        if isinstance(data, str):  # model: DIR
+            data = {"from": data}
+        if not isinstance(data, dict):
+            raise ConfigError(f"model must be a mapping with 'from: MODEL_DIR', got {data!r}")
+        data = dict(data)
+        if "path" in data and "from" not in data:
+            data["from"] = data.pop("path")
+        if "preset" in data:
+            raise ConfigError("model.preset does not apply to fine-tuning; set model.from to a model dir "
+                              "(RUN/model of a pretraining run, or `lmforge import --hf DIR --out DIR`)")
+        data["path"] = data.pop("from", "")
+        return from_dict(ModelSource, data, prefix="model")
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {"from": self.path, "dropout": self.dropout}
+
+
+@dataclass
+class FinetuneSection:
+    mode: Literal["sft", "lora", "classify"] = "sft"
+
+
+@dataclass
+class LoraSection:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])  # or attention | mlp | all-linear
+    save_adapter: bool = True  # also write RUN/adapter/ (adapter weights + a reference to the base model)
+
+
+@dataclass
+class ClassifySection:
+    method: Literal["full", "lora"] = "full"  # train the whole backbone, or LoRA adapters + the head
+    pooling: Literal["last", "mean", "first"] = "last"
+    dropout: float = 0.1  # on the pooled vector, before the head
+    labels: list[str] | None = None  # fix the label list and order; default: sorted labels of data.train
+
+
+@dataclass
+class FinetuneDataConfig:
+    train: list[str] = field(default_factory=list)  # json/jsonl (sft, lora) or tsv/csv/jsonl (classify)
+    dev: list[str] = field(default_factory=list)  # held-out split; empty = dev_fraction of train
+    dev_fraction: float = 0.05  # used only without data.dev: a seeded share of train held out
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "labels"] = "auto"
+    columns: dict[str, str] = field(default_factory=dict)  # rename fields, e.g. {instruction: zh_instruction}
+    text_field: str | None = None  # labels: text column (name, or number for header-less files)
+    label_field: str = "label"  # labels: label column
+    delimiter: str | None = None  # labels: column separator (default: ',' for .csv, tab otherwise)
+    seq_len: int = 512  # longest example (tokens); longer ones are cut
+    batching: Literal["pack", "group", "shuffle"] = "pack"  # sft/lora rows: packed or one example per row
+    chat_template: str | None = None  # Jinja text or .jinja file; default: the tokenizer's
+    max_train_examples: int | None = None  # read at most this many (the first N of the files)
+    max_dev_examples: int | None = None
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    global_batch: int | None = 32  # examples (classify, unpacked sft) or packed rows per optimizer step
+    micro_batch: int = 8
+    epochs: float | None = None  # alternative to max_steps: passes over data.train
+
+
+@dataclass
+class FinetuneEvalConfig(EvalConfig):
+    interval: int = 0
+    batches: int = 1000  # at most this many dev batches per evaluation (0 = no evaluation)
+    metric: str | None = None  # what early stopping and keep_best follow; None: val_loss (sft/lora), accuracy
+    metric_mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracy/macro_f1, min otherwise
+    keep_best: bool = True  # RUN/model gets the weights of the best evaluation, not of the last step
+
+
+@dataclass
+class FinetuneConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelSource = field(default_factory=ModelSource)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    classify: ClassifySection = field(default_factory=ClassifySection)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0))
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def mode(self) -> str:
+        return self.finetune.mode
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.mode == "lora" or (self.mode == "classify" and self.classify.method == "lora")
+
+    @property
+    def global_batch_size(self) -> int:
+        return int(self.train.global_batch)
+
+    def steps_for(self, units_per_epoch: int) -> int:
+        """max_steps, or epochs × optimizer steps per epoch (``units_per_epoch`` // global batch)."""
+        if self.train.max_steps is not None:
+            return self.train.max_steps
+        per_epoch = max(1, units_per_epoch // self.global_batch_size)
+        return max(1, math.ceil(self.train.epochs * per_epoch))
+
+    def lora_config(self):
+        from lmforge.models.lora import LoraConfig
+
+        return LoraConfig(rank=self.lora.rank, alpha=self.lora.alpha, dropout=self.lora.dropout,
+                          targets=list(self.lora.targets))
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Value and combination checks that need no files (types were checked by `from_dict`)."""
+    t, o, s, e, c, lg, d = cfg.train, cfg.optim, cfg.schedule, cfg.eval, cfg.checkpoint, cfg.log, cfg.data
+    if not cfg.model.path:
+        raise ConfigError("model.from is not set; point it at a model dir (RUN/model of a pretraining run, "
+                          "or the output of `lmforge import --hf DIR --out DIR`)")
+    if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    if not d.train:
+        raise ConfigError("data.train is not set; give one or more data files (json/jsonl for sft/lora, "
+                          "tsv/csv/jsonl with a label column for classify)")
+    if cfg.mode == "classify" and d.format not in ("auto", "labels"):
+        raise ConfigError(f"finetune.mode=classify reads labelled data; data.format={d.format} should be labels "
+                          "(or auto)")
+    if cfg.mode != "classify" and d.format == "labels":
+        raise ConfigError(f"data.format=labels is for finetune.mode=classify, not {cfg.mode}; use alpaca, chat, "
+                          "sharegpt or prompt_completion (or auto)")
+    if not d.dev and not 0.0 <= d.dev_fraction < 1.0:
+        raise ConfigError(f"data.dev_fraction={d.dev_fraction} must be in [0, 1) (or set data.dev)")
+    if d.seq_len < 2:
+        raise ConfigError(f"data.seq_len={d.seq_len} must be at least 2 (typically 512-4096)")
+    for key, value in (("data.max_train_examples", d.max_train_examples),
+                       ("data.max_dev_examples", d.max_dev_examples)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be positive (or unset for all)")
+    if t.global_batch_tokens is not None:
+        raise ConfigError("train.global_batch_tokens is for pretraining; fine-tuning counts examples: set "
+                          "train.global_batch")
+    if t.max_tokens is not None:
+        raise ConfigError("train.max_tokens is for pretraining; fine-tuning runs train.max_steps or train.epochs")
+    if t.global_batch is None or t.global_batch <= 0:
+        raise ConfigError(f"train.global_batch={t.global_batch} must be a positive number of examples")
+    if t.micro_batch <= 0:
+        raise ConfigError(f"train.micro_batch={t.micro_batch} must be positive")
+    if (t.max_steps is None) == (t.epochs is None):
+        raise ConfigError("set exactly one of train.max_steps and train.epochs")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps={t.max_steps} must be positive")
+    if t.epochs is not None and t.epochs <= 0:
+        raise ConfigError(f"train.epochs={t.epochs} must be positive")
+    if t.max_nonfinite <= 0:
+        raise ConfigError(f"train.max_nonfinite={t.max_nonfinite} must be at least 1")
+    if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
+        raise ConfigError(f"train.time_limit_minutes={t.time_limit_minutes} must be positive")
+    if t.threads is not None and t.threads <= 0:
+        raise ConfigError(f"train.threads={t.threads} must be positive")
+    if t.resume not in ("auto", "never") and not Path(t.resume).exists():
+        raise ConfigError(f"train.resume='{t.resume}' is neither auto, never nor an existing checkpoint path")
+    if t.precision == "fp16":
+        raise ConfigError("train.precision=fp16 is not supported (no loss scaling); use bf16 or fp32")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if o.eps <= 0:
+        raise ConfigError(f"optim.eps={o.eps} must be positive")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    if o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 turns clipping off)")
+    if s.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
+    if t.max_steps is not None and s.warmup_steps > t.max_steps:
+        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} exceeds train.max_steps={t.max_steps}; "
+                          f"lower it (e.g. {max(0, t.max_steps // 10)})")
+    if s.min_lr is not None and not 0.0 <= s.min_lr <= o.lr:
+        raise ConfigError(f"schedule.min_lr={s.min_lr} must be in [0, optim.lr={o.lr}]")
+    if not 0.0 < s.decay_fraction <= 1.0:
+        raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must be in (0, 1]")
+    for key, value in (("eval.interval", e.interval), ("eval.batches", e.batches), ("eval.patience", e.patience),
+                       ("checkpoint.interval", c.interval), ("eval.min_delta", e.min_delta)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if e.batch_size is not None and e.batch_size <= 0:
+        raise ConfigError(f"eval.batch_size={e.batch_size} must be positive")
+    if e.patience and not e.interval:
+        raise ConfigError("eval.patience needs periodic evaluation; set eval.interval > 0")
+    if (e.patience or e.keep_best) and e.batches and d.dev_fraction == 0 and not d.dev:
+        raise ConfigError("early stopping and eval.keep_best need a dev split: set data.dev or data.dev_fraction "
+                          "(or eval.keep_best=false)")
+    known = MAXIMIZE + MINIMIZE
+    if e.metric is not None and e.metric not in known:
+        raise ConfigError(f"eval.metric={e.metric} is not one of {', '.join(known)}")
+    if e.metric in MAXIMIZE and cfg.mode != "classify":
+        raise ConfigError(f"eval.metric={e.metric} is measured for finetune.mode=classify only; use val_loss")
+    if c.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={c.keep_last} must be at least 1 (the newest is always kept)")
+    if lg.interval <= 0:
+        raise ConfigError(f"log.interval={lg.interval} must be positive")
+    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+        raise ConfigError(f"log.peak_tflops={lg.peak_tflops} must be positive")
+    if lg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                          "(or set log.tensorboard=false)")
+    if cfg.uses_lora:
+        if cfg.lora.alpha <= 0:
+            raise ConfigError(f"lora.alpha={cfg.lora.alpha} must be positive (typical: 2 × lora.rank)")
+        cfg.lora_config().target_names()  # rank, dropout and target names, with their own messages
+    if not 0.0 <= cfg.classify.dropout < 1.0:
+        raise ConfigError(f"classify.dropout={cfg.classify.dropout} must be in [0, 1)")
+    if cfg.classify.labels is not None and len(set(cfg.classify.labels)) < 2:
+        raise ConfigError(f"classify.labels={cfg.classify.labels} must list at least 2 distinct labels")
+
+
+def resolve(cfg: FinetuneConfig, path: str | None) -> None:
+    """Fill the defaults that depend on other keys (run dir, eval metric and its direction)."""
+    if cfg.run.dir is None:
+        stem = Path(path).stem if path else "finetune"
+        cfg.run.dir = str(Path("runs") / stem)
+    if cfg.run.name is None:
+        cfg.run.name = Path(cfg.run.dir).name
+    if cfg.eval.metric is None:
+        cfg.eval.metric = "accuracy" if cfg.mode == "classify" else "val_loss"
+    if cfg.eval.metric_mode == "auto":
+        cfg.eval.metric_mode = "max" if cfg.eval.metric in MAXIMIZE else "min"
+
+
+def config_from_dict(data: dict[str, Any], path: str | None = None) -> FinetuneConfig:
+    data = dict(data)
+    model = ModelSource.from_yaml(data.pop("model", None))
+    cfg = from_dict(FinetuneConfig, data)
+    cfg.model = model
+    resolve(cfg, path)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None
+                ) -> FinetuneConfig:
+    """YAML file (or ``base``) + ``section.key=value`` overrides -> a validated FinetuneConfig."""
+    data = load_yaml(path) if path else dict(base or {})
+    data = apply_overrides(data, overrides)
+    return config_from_dict(data, path)
+
+
+def config_dict(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The resolved config as plain data (``model.from`` spelled as in YAML)."""
+    out = to_dict(cfg)
+    out["model"] = cfg.model.to_yaml()
+    return out
+
+
+__all__ = ["FinetuneConfig", "ModelSource", "FinetuneSection", "LoraSection", "ClassifySection",
+           "FinetuneDataConfig", "FinetuneTrainConfig", "FinetuneEvalConfig", "MODES", "validate",
+           "load_config", "config_from_dict", "config_dict"]

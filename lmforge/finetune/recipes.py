@@ -1,0 +1,599 @@
+"""The fine-tuning recipes: config -> (checks) -> model dir + data -> `Trainer.fit()` -> RUN/model.
+
+    sft       full fine-tuning on instruction data; the loss covers assistant tokens (and the EOS ending
+              each reply) only
+    lora      the same with LoRA adapters: only adapters train, checkpoints hold only them (and their
+              optimizer state); RUN/model gets the merged weights, RUN/adapter the adapters + base reference
+    classify  a `SequenceClassifier` head on the backbone (full, or LoRA + head); accuracy and macro-F1 on
+              the dev split at every evaluation
+
+All three share pretraining's Trainer (accumulation, schedules, early stopping, DCP checkpoints, exact
+resume, metrics). With ``eval.keep_best`` the weights of the best evaluation are kept in RUN/best/ and
+become RUN/model at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from lmforge.config import ConfigError, UserError
+from lmforge.console import info
+from lmforge.finetune.config import FinetuneConfig, config_dict
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+BEST_DIR = "best"
+BEST_WEIGHTS = "weights.safetensors"
+BEST_META = "best.json"
+
+
+# ================================================================================================
+# Batches and loss for instruction tuning
+# ================================================================================================
+def sft_loss(model, batch: dict) -> tuple[Any, Any]:
+    """Summed next-token cross-entropy on the labelled (assistant) positions; labels are already shifted."""
+    import torch.nn.functional as F
+
+    logits = model(batch["tokens"], positions=batch.get("positions"), mask=batch.get("mask"))  # (B, T, V)
+    labels = batch["labels"]  # (B, T), -100 = no loss
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum", ignore_index=-100)
+    return loss, (labels != -100).sum()
+
+
+def sft_batch_dict(b) -> dict[str, Any]:
+    """`SFTBatch` -> the dict the Trainer splits into micro-batches (no mask for unpacked rows)."""
+    out = {"tokens": b.tokens, "labels": b.labels, "positions": b.positions}
+    if b.attention_mask is not None:
+        out["mask"] = b.attention_mask
+    return out
+
+
+class SFTBatches:
+    """`SFTBatchIterator` as a Trainer batch source (dict batches, same resumable state)."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def next_batch(self) -> dict[str, Any]:
+        return sft_batch_dict(self.iterator.next_batch())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.iterator.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iterator.load_state_dict(state)
+
+
+# ================================================================================================
+# Model dirs: loading, fingerprints, adapters
+# ================================================================================================
+def model_fingerprint(directory: str | os.PathLike) -> str:
+    """A cheap identity of a model dir: config.json, and each weight file's size plus its first and last
+    MiB. Frozen weights are not checkpointed, so a resume checks the base is still the same."""
+    d = Path(directory)
+    h = hashlib.sha256((d / "config.json").read_bytes())
+    for f in sorted(d.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def set_dropout(model, p: float) -> None:
+    """Set the backbone's dropout (residual/embedding modules and attention probabilities) to ``p``."""
+    from torch import nn
+
+    model.cfg.dropout = p
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
+def load_base(cfg: FinetuneConfig, device, mcfg):
+    """The model dir of ``model.from`` on ``device`` in fp32, with the fine-tuning dropout."""
+    from lmforge.models.model_dir import load_model_dir
+
+    model = load_model_dir(cfg.model.path, device=device)
+    if cfg.model.dropout is not None:
+        set_dropout(model, cfg.model.dropout)
+    return model
+
+
+def lora_trainable_prefixes(cfg: FinetuneConfig) -> tuple[str, ...]:
+    return ("score.",) if cfg.mode == "classify" else ()
+
+
+def save_adapter(model, directory: Path, cfg: FinetuneConfig, base_fingerprint: str,
+                 labels: Sequence[str] | None) -> Path:
+    """RUN/adapter: the LoRA tensors (+ a classifier head) and a reference to the base model dir."""
+    from lmforge.models.lora import lora_state_dict
+    from lmforge.models.model_dir import save_weights
+
+    sd = lora_state_dict(model)
+    sd.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})
+    meta = {"base_model": str(Path(cfg.model.path).resolve()), "base_fingerprint": base_fingerprint,
+            "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets),
+            "task": "classify" if cfg.mode == "classify" else "lm",
+            "lmforge_version": __import__("lmforge").__version__}
+    if cfg.mode == "classify":
+        meta.update(labels=list(labels or []), pooling=cfg.classify.pooling)
+
+    def write(tmp: Path) -> None:
+        save_weights(sd, tmp, weights_name=ADAPTER_WEIGHTS)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+
+    return _write_dir_atomic(directory, write)
+
+
+def load_adapter(directory: str | os.PathLike, device="cpu", check_base: bool = True):
+    """Base model + LoRA adapters, unmerged (a `Transformer`, or a `SequenceClassifier` for classifiers).
+    Returns (model, meta). The merged equivalent is the run's RUN/model."""
+    from lmforge.models.classifier import SequenceClassifier
+    from lmforge.models.lora import LoraConfig, apply_lora
+    from lmforge.models.model_dir import load_model_dir, load_weights
+
+    d = Path(directory)
+    if not (d / ADAPTER_CONFIG).is_file():
+        raise UserError(f"'{directory}' is not an adapter dir ({ADAPTER_CONFIG} is missing); pass RUN/adapter "
+                        "of a finetune.mode=lora run")
+    meta = json.loads((d / ADAPTER_CONFIG).read_text())
+    base = meta["base_model"]
+    if not Path(base).is_dir():
+        raise UserError(f"the base model '{base}' named in {d / ADAPTER_CONFIG} is gone; use the merged RUN/model")
+    if check_base and model_fingerprint(base) != meta["base_fingerprint"]:
+        raise UserError(f"the base model '{base}' changed since the adapters were trained; use the merged RUN/model")
+    model = load_model_dir(base, device=device)
+    if meta.get("task") == "classify":
+        model = SequenceClassifier(model, len(meta["labels"]), meta.get("pooling", "last"))
+    apply_lora(model, LoraConfig(rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"]),
+               trainable=("score.",))
+    sd = load_weights(d, weights_name=ADAPTER_WEIGHTS)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "lora_" in k or k.startswith("score.")]
+    if missing or unexpected:
+        raise UserError(f"adapters in '{directory}' do not fit the base model: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    return model.to(device).eval(), meta
+
+
+def _write_dir_atomic(directory: Path, write) -> Path:
+    """Build a dir in a temp sibling with ``write(tmp)``, then swap it into place."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
+    try:
+        write(tmp)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+# ================================================================================================
+# Data
+# ================================================================================================
+def split_dev(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded ``fraction`` of the examples (at least one) as the dev split."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    k = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    held = set(random.Random(seed).sample(range(len(examples)), k))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def _cap(examples: list, n: int | None) -> list:
+    return examples if n is None else examples[:n]
+
+
+def _check_ids(seqs: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
+    top = max((max(s) for s in seqs if s), default=-1)
+    if top >= vocab_size:
+        raise UserError(f"{what} encodes to token id {top}, outside the model's vocabulary of {vocab_size}; "
+                        "model.from must hold the tokenizer the model was trained with")
+
+
+@dataclass
+class Prepared:
+    """What the data stage hands the trainer."""
+
+    batches: Any
+    val_batches: Any = None
+    eval_fn: Any = None
+    units_per_epoch: int = 0
+    n_train: int = 0
+    n_dev: int = 0
+    labels: list[str] | None = None
+    majority_baseline: float | None = None
+    stats: dict[str, Any] | None = None
+    template: str | None = None
+
+
+def prepare_sft(cfg: FinetuneConfig, tokenizer, mcfg, world, device) -> Prepared:
+    from lmforge.finetune.chat_template import get_chat_template
+    from lmforge.finetune.data import SFTBatchIterator, collate_rows, encode_examples, load_sft_examples
+
+    d = cfg.data
+    template = get_chat_template(tokenizer, d.chat_template)
+    train = load_sft_examples(d.train, d.format, d.columns, d.max_train_examples)
+    if d.dev:
+        dev = load_sft_examples(d.dev, d.format, d.columns, d.max_dev_examples)
+    else:
+        train, dev = split_dev(train, d.dev_fraction, cfg.train.seed)
+        dev = _cap(dev, d.max_dev_examples)
+    train_ds = encode_examples(tokenizer, train, d.seq_len, template)
+    _check_ids(train_ds.input_ids, mcfg.vocab_size, "data.train")
+    pad_id = _pad_id(tokenizer)
+    iterator = SFTBatchIterator(train_ds, cfg.global_batch_size, d.seq_len, mode=d.batching, rank=world.dp_rank,
+                                world_size=world.dp_size, seed=cfg.train.seed, pad_id=pad_id)
+    prepared = Prepared(SFTBatches(iterator), units_per_epoch=len(iterator.units), n_train=len(train_ds),
+                        n_dev=len(dev), stats={"train": train_ds.stats}, template=template)
+    if dev and cfg.eval.batches:
+        dev_ds = encode_examples(tokenizer, dev, d.seq_len, template)
+        _check_ids(dev_ds.input_ids, mcfg.vocab_size, "data.dev")
+        prepared.stats["dev"] = dev_ds.stats
+        bs = cfg.eval.batch_size or cfg.train.micro_batch
+        order = sorted(range(len(dev_ds)), key=lambda i: (-len(dev_ds.input_ids[i]), i))
+        rows = [[i] for i in order]
+        fixed = [sft_batch_dict(collate_rows(dev_ds, rows[s:s + bs], d.seq_len, pad_id, packed=False))
+                 for s in range(0, len(rows), bs)][: cfg.eval.batches]
+
+        def val_batches():
+            return itertools.islice(fixed, world.dp_rank, None, world.dp_size)  # each rank its share
+
+        prepared.val_batches = val_batches
+    return prepared
+
+
+def prepare_classify(cfg: FinetuneConfig, tokenizer, mcfg, world, device) -> Prepared:
+    from lmforge.finetune.classify import DevEvaluator, LabelledBatches
+    from lmforge.finetune.data import encode_labelled, label_list, load_labelled
+
+    d = cfg.data
+
+    def read(paths: list[str], cap: int | None) -> list:
+        out: list = []
+        for p in paths:
+            out += load_labelled(p, d.text_field, d.label_field, None if cap is None else cap - len(out),
+                                 d.delimiter)
+            if cap is not None and len(out) >= cap:
+                break
+        return out
+
+    train = read(d.train, d.max_train_examples)
+    if d.dev:
+        dev = read(d.dev, d.max_dev_examples)
+    else:
+        train, dev = split_dev(train, d.dev_fraction, cfg.train.seed)
+        dev = _cap(dev, d.max_dev_examples)
+    labels = list(cfg.classify.labels) if cfg.classify.labels else label_list(train)
+    if len(labels) < 2:
+        raise UserError(f"data.train has a single label {labels}; classification needs at least 2 "
+                        "(check data.label_field)")
+    for split, examples in (("data.train", train), ("data.dev", dev)):
+        unknown = sorted({e.label for e in examples} - set(labels))
+        if unknown:
+            raise UserError(f"{split} has labels {unknown[:5]} outside classify.labels={labels}; add them or "
+                            "fix data.label_field")
+    ids, ys = encode_labelled(tokenizer, train, labels, d.seq_len)
+    _check_ids(ids, mcfg.vocab_size, "data.train")
+    pad_id = _pad_id(tokenizer)
+    batches = LabelledBatches(ids, ys, cfg.global_batch_size, rank=world.dp_rank, world_size=world.dp_size,
+                              seed=cfg.train.seed, pad_id=pad_id)
+    prepared = Prepared(batches, units_per_epoch=len(ids), n_train=len(ids), n_dev=len(dev), labels=labels)
+    if dev and cfg.eval.batches:
+        dev_ids, dev_ys = encode_labelled(tokenizer, dev, labels, d.seq_len)
+        _check_ids(dev_ids, mcfg.vocab_size, "data.dev")
+        evaluator = DevEvaluator(dev_ids, dev_ys, labels, cfg.eval.batch_size or cfg.train.micro_batch, pad_id,
+                                 device, cfg.eval.batches)
+        prepared.eval_fn = evaluator
+        prepared.majority_baseline = evaluator.majority_baseline()
+        prepared.n_dev = evaluator.n
+    return prepared
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_id", "eos_id"):
+        v = getattr(tokenizer, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def _data_fingerprint(paths: Sequence[str]) -> list[str]:
+    return [f"{Path(p).name}:{Path(p).stat().st_size}" for p in paths]
+
+
+# ================================================================================================
+# Best weights and the final model dir
+# ================================================================================================
+def _gather(model, trainable_only: bool) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=trainable_only))
+
+
+def save_best(trainer, run_dir: Path) -> None:
+    """on_best hook: keep the trainable weights of the best evaluation in RUN/best/ (all ranks call it)."""
+    from lmforge.models.model_dir import save_weights
+    from lmforge.train.parallel import barrier
+
+    sd = _gather(trainer.model, trainable_only=True)
+    seen: set = set()
+    for k in list(sd):  # tied weights (embeddings = output) are stored once; tie_weights() restores them
+        key = (sd[k].untyped_storage().data_ptr(), sd[k].storage_offset(), tuple(sd[k].shape))
+        if key in seen:
+            del sd[k]
+        seen.add(key)
+    if trainer.world.is_main:
+        meta = {"step": trainer.step, "metric": trainer.best_metric, "value": trainer.best_val}
+
+        def write(tmp: Path) -> None:
+            save_weights(sd, tmp, weights_name=BEST_WEIGHTS)
+            (tmp / BEST_META).write_text(json.dumps(meta, indent=1))
+
+        _write_dir_atomic(run_dir / BEST_DIR, write)
+    barrier()
+
+
+def _export_shell(cfg: FinetuneConfig, base_cfg, labels):
+    """The fine-tuned structure on the meta device (no memory): backbone [+ head] [+ LoRA]."""
+    import torch
+
+    from lmforge.models.classifier import SequenceClassifier
+    from lmforge.models.lora import apply_lora
+    from lmforge.models.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(base_cfg)
+        if cfg.mode == "classify":
+            model = SequenceClassifier(model, len(labels), cfg.classify.pooling)
+    if cfg.uses_lora:
+        apply_lora(model, cfg.lora_config(), trainable=lora_trainable_prefixes(cfg))
+    return model
+
+
+def _backbone(model):
+    return getattr(model, "backbone", model)
+
+
+def export(trainer, result, cfg: FinetuneConfig, base_cfg, labels, template: str | None,
+           base_fingerprint: str) -> tuple[str | None, str | None, int | None]:
+    """Write RUN/model (best or last weights; LoRA merged) and RUN/adapter. Returns
+    (model dir, adapter dir, step whose weights RUN/model holds)."""
+    from safetensors.torch import load_file
+
+    from lmforge.finetune.chat_template import save_chat_template
+    from lmforge.models.classifier import save_classifier_dir
+    from lmforge.models.lora import merge_lora
+    from lmforge.models.model_dir import save_model_dir
+    from lmforge.train.parallel import barrier
+
+    run_dir = Path(cfg.run.dir)
+    sd = _gather(trainer.model, trainable_only=False)
+    out = run_dir / "model"
+    adapter_dir = None
+    weights_step = result.step
+    if trainer.world.is_main:
+        shell = _export_shell(cfg, base_cfg, labels)
+        backbone = _backbone(shell)
+        if backbone.cfg.tie_embeddings:
+            sd = {k: v for k, v in sd.items() if not k.endswith("output.weight") or k.startswith("score")}
+        missing, unexpected = shell.load_state_dict(sd, assign=True, strict=False)
+        missing = [k for k in missing if not (backbone.cfg.tie_embeddings and k.endswith("output.weight"))]
+        if missing or unexpected:
+            raise RuntimeError(f"fine-tuned state does not match the export structure: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+        backbone.tie_weights()
+        best = run_dir / BEST_DIR
+        if cfg.eval.keep_best and result.best_step is not None and result.best_step != result.step:
+            meta = json.loads((best / BEST_META).read_text()) if (best / BEST_META).is_file() else {}
+            if meta.get("step") == result.best_step:
+                best_sd = load_file(str(best / BEST_WEIGHTS))
+                missing, unexpected = shell.load_state_dict(best_sd, strict=False)
+                if unexpected:
+                    raise RuntimeError(f"best weights hold unexpected keys {unexpected[:3]}")
+                backbone.tie_weights()
+                weights_step = result.best_step
+                info(f"RUN/model gets the best weights: step {result.best_step} ({result.best_metric} "
+                     f"{result.best_value:.4g}), not the last step {result.step}")
+            else:
+                info(f"note: {best} does not hold step {result.best_step}'s weights (an interrupted run); "
+                     f"RUN/model gets the last step's")
+        if cfg.uses_lora and cfg.lora.save_adapter:
+            adapter_dir = str(save_adapter(shell, run_dir / "adapter", cfg, base_fingerprint, labels))
+        if cfg.uses_lora:
+            merge_lora(shell)
+        extra = {"trained_with": "lmforge finetune", "finetune": {"mode": cfg.mode, "base_model": cfg.model.path,
+                                                                    "step": weights_step}}
+        if cfg.mode == "classify":
+            save_classifier_dir(shell, out, labels, tokenizer_dir=cfg.model.path)
+        else:
+            save_model_dir(shell, out, tokenizer_dir=cfg.model.path, extra=extra)
+            if template is not None and cfg.data.chat_template is not None:
+                save_chat_template(template, out)  # the template it was trained with travels with the model
+    barrier()
+    return str(out), adapter_dir, weights_step
+
+
+# ================================================================================================
+# The recipe
+# ================================================================================================
+@dataclass
+class FinetuneResult:
+    mode: str
+    train: Any  # the Trainer's TrainResult
+    model_dir: str | None
+    adapter_dir: str | None
+    weights_step: int | None
+    trainable_params: int
+    total_params: int
+    n_train: int
+    n_dev: int
+    labels: list[str] | None = None
+    majority_baseline: float | None = None
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / max(1, self.total_params)
+
+
+def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneResult:
+    """Run (or resume) fine-tuning per ``cfg``."""
+    import torch
+
+    from lmforge.finetune.classify import classify_loss
+    from lmforge.models.classifier import SequenceClassifier, read_task
+    from lmforge.models.lora import apply_lora, trainable_summary
+    from lmforge.models.model_dir import read_config
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.config import grad_accum_steps
+    from lmforge.train.parallel import barrier, setup_world
+    from lmforge.train.trainer import Trainer, check_compatible, find_resume
+
+    # ---- checks (no work yet) ----
+    base_dir = Path(cfg.model.path)
+    base_cfg = read_config(base_dir)  # "not a model dir" errors name the fix
+    if read_task(base_dir).get("task") == "classify":
+        raise UserError(f"model.from='{base_dir}' is a classifier; fine-tune from a language-model dir "
+                        "(RUN/model of pretraining or an imported model)")
+    if not any((base_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"model.from='{base_dir}' holds no tokenizer (tokenizer.json / tokenizer.model); "
+                        "fine-tuning encodes text with the model's own tokenizer")
+    if cfg.mode != "classify" and not base_cfg.lm_head:
+        raise UserError(f"finetune.mode={cfg.mode} needs a causal LM with an LM head; '{base_dir}' has none "
+                        "(an encoder): use finetune.mode=classify")
+    if cfg.mode != "classify" and not base_cfg.causal:
+        raise UserError(f"finetune.mode={cfg.mode} needs a causal LM; '{base_dir}' is an encoder: "
+                        "use finetune.mode=classify")
+    if cfg.data.seq_len > base_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={base_cfg.max_seq_len}; "
+                          f"lower data.seq_len")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    world, device = setup_world(cfg.train.device, cfg.parallel)
+    grad_accum_steps(cfg.global_batch_size, cfg.train.micro_batch, world.dp_size)
+    tokenizer = load_tokenizer(base_dir)
+    mcfg = replace(base_cfg, dropout=cfg.model.dropout) if cfg.model.dropout is not None else base_cfg
+    prepare = prepare_classify if cfg.mode == "classify" else prepare_sft
+    data = prepare(cfg, tokenizer, mcfg, world, device)
+    total_steps = cfg.steps_for(data.units_per_epoch)
+    if cfg.schedule.warmup_steps > total_steps:
+        raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds the run's {total_steps} "
+                          f"steps; lower it (e.g. {max(0, total_steps // 10)})")
+    run_dir = Path(cfg.run.dir)
+    base_fp = model_fingerprint(base_dir)
+    fields: dict[str, Any] = {"finetune.mode": cfg.mode, "model.base": base_fp,
+                              "data.seq_len": cfg.data.seq_len, "data.format": cfg.data.format,
+                              "data.columns": dict(cfg.data.columns), "data.train": _data_fingerprint(cfg.data.train)}
+    if cfg.mode == "classify":
+        fields.update({"classify.labels": data.labels, "classify.pooling": cfg.classify.pooling,
+                       "classify.method": cfg.classify.method})
+    else:
+        fields.update({"data.batching": cfg.data.batching,
+                       "chat_template": hashlib.sha256((data.template or "").encode()).hexdigest()[:16]})
+    if cfg.uses_lora:
+        fields.update({"lora.rank": cfg.lora.rank, "lora.alpha": cfg.lora.alpha,
+                       "lora.targets": sorted(cfg.lora_config().target_names())})
+    resume_from = find_resume(run_dir, cfg.train.resume)
+    if resume_from is not None:
+        check_compatible(resume_from, fields, cfg.checkpoint.allow_mismatch)
+
+    # ---- model ----
+    torch.manual_seed(cfg.train.seed)  # the head's and the adapters' initialization
+    model = load_base(cfg, device, mcfg)
+    if cfg.mode == "classify":
+        model = SequenceClassifier(model, len(data.labels), cfg.classify.pooling, cfg.classify.dropout)
+    if cfg.uses_lora:
+        counts = apply_lora(model, cfg.lora_config(), trainable=lora_trainable_prefixes(cfg))
+    else:
+        counts = trainable_summary(model)
+    if world.is_main:
+        what = {"sft": "full fine-tuning", "lora": "LoRA", "classify": f"classification ({cfg.classify.method})"}
+        unit = "packed rows" if cfg.mode != "classify" and cfg.data.batching == "pack" else "examples"
+        per_epoch = max(1, data.units_per_epoch // cfg.global_batch_size)
+        info(f"finetune {cfg.mode}: {what[cfg.mode]} of {base_dir}; {counts['trainable']:,} of {counts['total']:,} "
+             f"parameters trainable ({counts['trainable'] / max(1, counts['total']):.2%}); {data.n_train:,} train / "
+             f"{data.n_dev:,} dev examples; {data.units_per_epoch:,} {unit} -> {per_epoch:,} steps/epoch, "
+             f"{total_steps:,} steps on {device}; run dir {run_dir}")
+        if data.labels:
+            base = f", majority-class baseline {data.majority_baseline:.1f}% on dev" \
+                if data.majority_baseline is not None else ""
+            info(f"labels {data.labels}{base}")
+        if resume_from is None and (run_dir / BEST_DIR).exists():
+            shutil.rmtree(run_dir / BEST_DIR, ignore_errors=True)  # a fresh run: no best from an earlier attempt
+    barrier()
+
+    trainer_cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, save_model=False))  # the recipe exports
+    resolved = config_dict(cfg)
+    on_best = (lambda tr: save_best(tr, run_dir)) if cfg.eval.keep_best else None
+    loss_fn = classify_loss if cfg.mode == "classify" else sft_loss
+    flops = None if cfg.mode == "classify" else mcfg.flops_per_token(cfg.data.seq_len)
+    trainer = Trainer(trainer_cfg, model, data.batches, data.val_batches, loss_fn, total_steps=total_steps,
+                      world=world, device=device, config_dict=resolved, math_fields=fields, flops_per_token=flops,
+                      resume_from=resume_from, eval_fn=data.eval_fn, on_best=on_best)
+    result = trainer.fit()
+    model_dir = adapter_dir = weights_step = None
+    if cfg.checkpoint.save_model:
+        model_dir, adapter_dir, weights_step = export(trainer, result, cfg, base_cfg, data.labels, data.template,
+                                                      base_fp)
+        result.model_dir = model_dir
+    return FinetuneResult(cfg.mode, result, model_dir, adapter_dir, weights_step, counts["trainable"],
+                          counts["total"], data.n_train, data.n_dev, data.labels, data.majority_baseline)
+
+
+def summary(res: FinetuneResult) -> tuple[str, dict[str, Any]]:
+    """The one-line CLI summary and the --json payload."""
+    from lmforge.train.metrics import format_duration
+
+    r = res.train
+    val = r.val or {}
+    unit = "examples" if res.mode == "classify" else "tokens"
+    parts = [f"{r.stop_reason.replace('_', ' ')} at step {r.step:,} ({r.tokens:,} {unit}) in "
+             f"{format_duration(r.elapsed_s)}"]
+    if r.final_loss is not None and math.isfinite(r.final_loss):
+        parts.append(f"loss {r.final_loss:.4f}")
+    if "accuracy" in val:
+        base = f" (majority {res.majority_baseline:.1f}%)" if res.majority_baseline is not None else ""
+        parts.append(f"dev accuracy {val['accuracy']:.1f}%{base}, macro-F1 {val['macro_f1']:.1f}")
+    elif "val_loss" in val:
+        parts.append(f"val loss {val['val_loss']:.4f}")
+    if r.best_step is not None and r.best_value is not None:
+        parts.append(f"best {r.best_metric} {r.best_value:.4g} at step {r.best_step:,}")
+    parts.append(f"{res.trainable_params:,} of {res.total_params:,} params trained ({res.trainable_fraction:.2%})")
+    line = f"finetune {res.mode}: " + ", ".join(parts)
+    if res.model_dir:
+        line += f"; model in {res.model_dir}"
+        if res.weights_step is not None and res.weights_step != r.step:
+            line += f" (step {res.weights_step})"
+    payload = {"mode": res.mode, **{k: v for k, v in vars(r).items()}, "model_dir": res.model_dir,
+               "adapter_dir": res.adapter_dir, "weights_step": res.weights_step,
+               "trainable_params": res.trainable_params, "total_params": res.total_params,
+               "trainable_fraction": res.trainable_fraction, "train_examples": res.n_train,
+               "dev_examples": res.n_dev, "labels": res.labels, "majority_baseline": res.majority_baseline}
+    return line, payload
+
+
+__all__ = ["finetune", "summary", "FinetuneResult", "sft_loss", "SFTBatches", "load_adapter", "model_fingerprint",
+           "split_dev", "save_adapter"]
