@@ -51,7 +51,7 @@ def _failed_at(err: str) -> float:
 
 @pytest.mark.parametrize("mode,victim", [("kill", 1), ("raise", 1), ("kill", 0)])
 def test_survivor_exits_within_timeout_naming_the_dead_rank(mode, victim):
-    timeout_s = 10.0
+    timeout_s = 20.0
     results = _run_pair(mode, victim, timeout_s)
     survivor = 1 - victim
     rc, err, ended = results[survivor]
