@@ -37,6 +37,9 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("perplexity")
     g.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
     g.add_argument("--text-field", default=None, help="jsonl text field (ppl: text; classify: auto)")
+    g.add_argument("--txt-mode", choices=("file", "blank", "line"), default="file",
+                   help="ppl on text files: one document per file, per blank-line block or per line "
+                        "(use what `lmforge prepare --txt-mode` used for training)")
     g = p.add_argument_group("classification")
     g.add_argument("--label-field", default="label", help="label column / field (a number for header-less TSV)")
     g.add_argument("--labels", default=None, help="comma-separated label set (default: the model's or the data's)")
@@ -181,7 +184,7 @@ def _ppl(args, device, dtype, progress) -> dict:
     from lmforge.eval.datasets import read_texts, subset
     from lmforge.eval.perplexity import perplexity
 
-    texts = subset(read_texts(args.data, args.text_field or "text"), args.max_examples, args.subset)
+    texts = subset(read_texts(args.data, args.text_field or "text", args.txt_mode), args.max_examples, args.subset)
     model, tokenizer = _load_lm(args, device, dtype)
     metrics = perplexity(model, tokenizer, texts, args.seq_len, args.batch_size, progress)
     return {"metrics": metrics}

@@ -66,15 +66,18 @@ def _records(path: str | os.PathLike):
 
 
 # ---- perplexity text -------------------------------------------------------------------------------
-def read_texts(path: str | os.PathLike, text_field: str = "text") -> list[str]:
-    """Documents to score: a .txt file is one document; .jsonl/.json hold strings or objects with
-    ``text_field``."""
+def read_texts(path: str | os.PathLike, text_field: str = "text", txt_mode: str = "file") -> list[str]:
+    """Documents to score. .jsonl/.json hold strings or objects with ``text_field``; any other file is
+    text (also .gz/.zst), one document per file, per blank-line block or per line (``txt_mode``, as in
+    `lmforge prepare`, so a model is scored on documents cut the way it was trained on them)."""
     p = check_file(path)
     if p.suffix.lower() not in (".json", ".jsonl"):
-        text = read_text(p)
-        if not text.strip():
+        from lmforge.data.sources import iter_file_documents
+
+        docs = [d for d in iter_file_documents(str(p), txt_mode=txt_mode) if d.strip()]
+        if not docs:
             raise DataError(f"'{p}' is empty; perplexity needs text")
-        return [text]
+        return docs
     out = []
     for line, rec in read_records(p):
         where = f"{p}:{line}"

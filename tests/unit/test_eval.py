@@ -93,6 +93,9 @@ def test_perplexity_errors(tok, model):
 
 def test_read_texts(tmp_path):
     assert read_texts(write(tmp_path / "a.txt", "one\ntwo\n")) == ["one\ntwo\n"]
+    paras = write(tmp_path / "p.txt", "one\ntwo\n\n\nthree\n")
+    assert read_texts(paras, txt_mode="blank") == ["one\ntwo", "three"]
+    assert read_texts(paras, txt_mode="line") == ["one", "two", "three"]
     assert read_texts(write(tmp_path / "a.jsonl", '{"text": "x"}\n"y"\n{"text": ["a", "b"]}\n')) == ["x", "y", "a b"]
     with pytest.raises(DataError, match=r"b\.jsonl:2: record has no 'text' field"):
         read_texts(write(tmp_path / "b.jsonl", '{"text": "x"}\n{"body": "y"}\n'))
