@@ -191,6 +191,21 @@ def state_dict_options(model: torch.nn.Module) -> StateDictOptions | None:
     return None
 
 
+_WRAPPER_PARTS = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def drop_frozen(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """Remove frozen parameters from a model state dict, aliases included (a tied output head shares the
+    frozen embedding but DCP's ``ignore_frozen_params`` only sees the first name of a shared parameter)."""
+    frozen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            for part in _WRAPPER_PARTS:
+                name = name.replace(part, "")
+            frozen.add(name)
+    return {k: v for k, v in state.items() if k not in frozen} if frozen else state
+
+
 class CheckpointManager:
     """Saves and loads training state under ``ckpt_dir`` (all ranks call save/load together)."""
 
@@ -219,6 +234,7 @@ class CheckpointManager:
             tmp.mkdir()
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer, options=state_dict_options(model))
+        model_sd = drop_frozen(model, model_sd)
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
             dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=str(tmp))
@@ -258,6 +274,7 @@ class CheckpointManager:
         options = state_dict_options(model)
         model_sd, optim_sd = get_state_dict(model, optimizer, options=options) if optimizer is not None else (
             get_state_dict(model, [], options=options)[0], None)
+        model_sd = drop_frozen(model, model_sd)
         state = {"model": model_sd}
         if optim_sd is not None:
             state["optim"] = optim_sd["state"]
