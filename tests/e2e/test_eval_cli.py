@@ -146,3 +146,37 @@ def test_real_data_end_to_end(model_dir, shared_data, tmp_path, capsys):
                       shared_data / "sentiment_en_sst2" / "dev.tsv", "--max-examples", 8,
                       "--label-words", "negative,positive", "--out", tmp_path / "c.json")
     assert res["metrics"]["n"] == 8
+
+
+def test_lora_adapter_dir_scores_like_the_merged_model(model_dir, tmp_path, capsys):
+    """RUN/adapter (base + unmerged LoRA) and RUN/model (merged) of one `lmforge finetune` run agree."""
+    train = write(tmp_path / "train.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        {"instruction": "Say hello.", "input": "", "output": "Hello there."},
+        {"instruction": "What is two plus two?", "input": "", "output": "Four."},
+        {"instruction": "Greet in Chinese.", "input": "", "output": "你好，世界！"},
+        {"instruction": "Name a fox.", "input": "", "output": "The quick brown fox."}]))
+    cfg = write(tmp_path / "lora.yaml", f"""
+run: {{dir: {tmp_path / 'run'}}}
+model: {{from: {model_dir}}}
+finetune: {{mode: lora}}
+lora: {{rank: 4, alpha: 8, targets: [wq, wv]}}
+data: {{train: [{train}], dev_fraction: 0.0, seq_len: 64, batching: shuffle}}
+train: {{global_batch: 2, micro_batch: 2, max_steps: 3, device: cpu}}
+optim: {{lr: 0.05}}
+eval: {{interval: 0, batches: 0}}
+checkpoint: {{interval: 0}}
+""")
+    assert main(["finetune", "--config", str(cfg)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    ppl = {}
+    for name, path in (("model", tmp_path / "run" / "model"), ("adapter", tmp_path / "run" / "adapter"),
+                       ("base", model_dir)):
+        res, _ = run_json(capsys, "--model", path, "--task", "ppl", "--data", train,
+                          "--text-field", "output", "--out", tmp_path / f"{name}.json")
+        ppl[name] = res["metrics"]["perplexity"]
+    assert ppl["adapter"] == pytest.approx(ppl["model"], rel=1e-4)
+    assert ppl["adapter"] != pytest.approx(ppl["base"], rel=1e-3)  # the adapters did change the model
+    res, _ = run_json(capsys, "--model", tmp_path / "run" / "adapter", "--task", "qa", "--data",
+                      write(tmp_path / "qa.jsonl", '{"question": "Say hello.", "answer": "Hello there."}\n'),
+                      "--max-new-tokens", 4, "--out", tmp_path / "qa.json")
+    assert res["metrics"]["n"] == 1
