@@ -59,7 +59,7 @@ class OptimConfig:
     decay_norms_and_biases: bool = False  # by default norms and biases get no weight decay
     decay_embeddings: bool = False  # by default embeddings (and a tied head) get no weight decay
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
-    fused: bool | None = None  # AdamW implementation: None = torch's default (foreach), True = fused
+    fused: bool | None = None  # AdamW implementation: None = fused where supported (CPU/CUDA), False = foreach
 
 
 @dataclass

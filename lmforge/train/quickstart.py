@@ -1,0 +1,210 @@
+"""`lmforge quickstart`: the whole pipeline on text every machine has — the running Python's standard
+library sources — in a few minutes, no download.
+
+    stdlib *.py -> tokenizer -> token shards -> pretrain the `small` preset -> evaluate -> sample -> report
+
+Everything lands in ``--out`` (default ``runs/quickstart``): ``data/tokenizer``, ``data/shards`` and the
+run itself (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``model/``, ``report.png``, ``report.md``).
+Each stage is skipped when its output exists, and training resumes from the last checkpoint, so
+re-running continues instead of starting over. The step count is fitted to ``--minutes`` once, from a
+short timing of the model on this machine, and then kept in ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import UserError
+from lmforge.console import emit, info
+
+HELP = "train a small model on Python's standard library sources in a few minutes (no download); re-run resumes"
+
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+SAMPLE_PROMPT = "def "
+
+# The pretraining config the quickstart runs (configs/quickstart.yaml holds the same; a test keeps them equal).
+# run.dir, data.dir and train.max_steps are filled in at run time.
+QUICKSTART_CONFIG: dict[str, Any] = {
+    "model": {"preset": "small"},
+    "data": {"seq_len": 256},
+    "train": {"global_batch": 16, "micro_batch": 16, "seed": 0, "resume": "auto", "device": "auto",
+              "precision": "fp32"},
+    "optim": {"lr": 2.0e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0},
+    "schedule": {"name": "cosine", "warmup_steps": 10, "min_lr": 2.0e-4},
+    "eval": {"interval": 50, "batches": 8, "batch_size": 16},
+    "checkpoint": {"interval": 50, "keep_last": 2},
+    "log": {"interval": 5},
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="runs/quickstart", help="output dir (data, checkpoints, model, report)")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
+    p.add_argument("--preset", default="small", help="model preset (default small; tiny for a smoke run)")
+    p.add_argument("--data-mb", type=float, default=None,
+                   help="use only the first MB of the sources (default: all of them, ~12 MB on CPython 3.11)")
+    p.add_argument("--json", action="store_true")
+
+
+def stdlib_sources(limit_bytes: int | None = None) -> list[str]:
+    """The standard library's .py files (no site-packages, no test suites), in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files: list[str] = []
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            path = Path(dirpath) / name
+            size = path.stat().st_size
+            if size == 0:
+                continue
+            files.append(str(path))
+            total += size
+            if limit_bytes is not None and total >= limit_bytes:
+                return files
+    if not files:
+        raise UserError(f"found no .py files under the standard library at {root}; is this a full Python install?")
+    return files
+
+
+def fit_steps(cfg, minutes: float, device) -> tuple[int, float]:
+    """Steps that fill ``minutes`` on this machine: time a few training steps of the real model shape."""
+    import torch
+
+    from lmforge.models.transformer import build_model
+    from lmforge.train.optim import build_optimizer
+
+    mcfg = cfg.model_config()
+    model = build_model(mcfg, device=device, seed=0)
+    opt = build_optimizer(model, cfg.optim)
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, mcfg.vocab_size, (cfg.train.micro_batch, cfg.data.seq_len + 1), generator=gen)
+    batch = batch.to(device)
+    accum = cfg.global_batch_size // cfg.train.micro_batch
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16" else None
+    times = []
+    for i in range(4):
+        t0 = time.perf_counter()
+        for _ in range(accum):
+            if autocast is not None:
+                with autocast:
+                    logits = model(batch[:, :-1])
+            else:
+                logits = model(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - t0)
+    per_step = sorted(times)[len(times) // 2] * 1.08  # + logging, evaluation and checkpoint overhead
+    steps = max(20, int(minutes * 60 / per_step))
+    return steps, per_step
+
+
+def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset: str = "small",
+               data_mb: float | None = None) -> dict[str, Any]:
+    import torch
+
+    from lmforge.config import from_dict, to_dict
+    from lmforge.data.prepare import prepare
+    from lmforge.models.presets import get_preset
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.train import train_tokenizer
+    from lmforge.train.config import PretrainConfig, load_config, validate
+    from lmforge.train.pretrain import pretrain
+    from lmforge.train.report import write_report
+
+    if minutes <= 0:
+        raise UserError(f"--minutes={minutes} must be positive")
+    if data_mb is not None and data_mb <= 0:
+        raise UserError(f"--data-mb={data_mb} must be positive")
+    t_start = time.perf_counter()
+    out = Path(out)
+    tok_dir, shard_dir = out / "data" / "tokenizer", out / "data" / "shards"
+    vocab = get_preset(preset).vocab_size  # the preset's vocabulary: the tokenizer is trained to fit it
+    files: list[str] | None = None
+
+    # 1. tokenizer
+    if (tok_dir / "tokenizer.json").is_file():
+        info(f"quickstart: tokenizer exists ({tok_dir}), skipping")
+    else:
+        files = stdlib_sources(int(data_mb * 1e6) if data_mb else None)
+        size = sum(os.path.getsize(f) for f in files)
+        info(f"quickstart: {len(files)} standard-library files ({size / 1e6:.1f} MB) from "
+             f"{sysconfig.get_paths()['stdlib']}; training a {vocab:,}-token BPE tokenizer")
+        train_tokenizer(files, vocab, tok_dir, txt_mode="file", progress=False)
+    # 2. shards
+    if (shard_dir / "index.json").is_file():
+        info(f"quickstart: token shards exist ({shard_dir}), skipping")
+    else:
+        files = files or stdlib_sources(int(data_mb * 1e6) if data_mb else None)
+        info("quickstart: tokenizing into shards (3% of the files held out for validation)")
+        rep = prepare(files, tok_dir, shard_dir, val_fraction=0.03, workers=min(4, os.cpu_count() or 1),
+                      dedup="exact", txt_mode="file", overwrite=True, progress=False)
+        info(f"quickstart: {rep['train_tokens']:,} train / {rep['val_tokens']:,} val tokens")
+    # 3. pretraining config: fitted once, then reused so a re-run resumes the same schedule
+    cfg_path = out / "config.yaml"
+    if cfg_path.is_file():
+        cfg = load_config(str(cfg_path), [f"run.dir={out}", f"data.dir={shard_dir}", "train.resume=auto"])
+        info(f"quickstart: continuing the run in {out} ({cfg.train.max_steps} steps)")
+    else:
+        data = to_dict(QUICKSTART_CONFIG)
+        data["model"] = {"preset": preset}
+        data["run"] = {"dir": str(out), "name": "quickstart"}
+        data["data"] = {**data["data"], "dir": str(shard_dir)}
+        cuda = torch.cuda.is_available()
+        if cuda:  # bigger steps on a GPU
+            data["train"].update(precision="bf16", global_batch=64, micro_batch=64)
+        data["train"]["max_steps"] = 1000  # placeholder until timed below
+        cfg = from_dict(PretrainConfig, data)
+        device = torch.device("cuda" if cuda else "cpu")
+        steps, per_step = fit_steps(cfg, minutes, device)
+        if cuda:
+            steps = min(steps, 3000)
+        cfg.train.max_steps = steps
+        cfg.schedule.warmup_steps = max(1, min(cfg.schedule.warmup_steps, steps // 10))
+        cfg.eval.interval = cfg.checkpoint.interval = max(10, steps // 6)
+        validate(cfg)
+        info(f"quickstart: {per_step:.2f} s/step here -> {steps} steps of {cfg.global_batch_size}x{cfg.data.seq_len} "
+             f"tokens (~{minutes:g} min)")
+    result = pretrain(cfg)
+    # 4. sample from the consolidated model dir (the same path `lmforge generate` takes)
+    from lmforge.generate import generate
+    from lmforge.models.model_dir import load_model_dir
+
+    model = load_model_dir(out / "model").eval()
+    tokenizer = load_tokenizer(out / "model")
+    sample = SAMPLE_PROMPT + generate(model, SAMPLE_PROMPT, tokenizer, max_new_tokens=120, temperature=0.8,
+                                      top_k=40, seed=0)
+    info("quickstart: sample (temperature 0.8, top-k 40):\n" + "-" * 60 + "\n" + sample + "\n" + "-" * 60)
+    # 5. report
+    summary, png, md = write_report(out, extra={"Sample": f"Prompt `{SAMPLE_PROMPT}`, temperature 0.8, top-k 40:\n\n"
+                                                          f"```python\n{sample}\n```"})
+    return {"out": str(out), "model_dir": str(out / "model"), "report": str(md), "plot": str(png),
+            "steps": result.step, "tokens": result.tokens, "stop_reason": result.stop_reason,
+            "first_val_loss": summary.get("first_val_loss"), "final_val_loss": summary.get("final_val_loss"),
+            "final_val_bpb": summary.get("final_val_bpb"), "tok_per_s": result.tok_per_s, "mfu": result.mfu,
+            "resumed_from": result.resumed_from, "sample": sample,
+            "seconds": round(time.perf_counter() - t_start, 1)}
+
+
+def run(args) -> int:
+    from lmforge.train.metrics import format_duration
+
+    r = quickstart(args.out, args.minutes, args.preset, args.data_mb)
+    val = ""
+    if r["first_val_loss"] is not None and r["final_val_loss"] is not None:
+        bpb = f", {r['final_val_bpb']:.2f} bits/byte" if r.get("final_val_bpb") else ""
+        val = f", val loss {r['first_val_loss']:.2f} -> {r['final_val_loss']:.2f}{bpb}"
+    emit(args, f"quickstart: {r['steps']:,} steps ({r['tokens']:,} tokens) in {format_duration(r['seconds'])}{val}; "
+               f"try `lmforge generate --model {r['model_dir']} --prompt 'def '`; report {r['report']}", r)
+    return 0
