@@ -269,3 +269,42 @@ def test_errors_name_the_problem(model_dir, sft_file, tsv_files, tmp_path):
                            eval={"batches": 0, "keep_best": False}))
     with pytest.raises(UserError, match="is a classifier"):
         finetune(sft_cfg(clf.model_dir, sft_file, tmp_path / "r5"))
+
+
+def test_lora_sft_from_an_hf_imported_llama(tmp_path, capsys):
+    """A model dir from `lmforge import` (a tiny random Llama whose HF chat template writes
+    EOS itself) fine-tunes with LoRA, and the merged RUN/model generates through the CLI."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lmforge.cli import main
+
+    src = tmp_path / "hf"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="</s>")
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] }}"
+                          "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                          "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
+    fast.save_pretrained(src)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)).save_pretrained(src)
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "lm")]) == 0, capsys.readouterr().err
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in SFT), encoding="utf-8")
+    res = finetune(sft_cfg(tmp_path / "lm", data, tmp_path / "run", finetune={"mode": "lora"},
+                           lora={"rank": 2, "alpha": 4, "targets": ["attention"]}, train={"max_steps": 4},
+                           eval={"interval": 2}))
+    evals = rows(tmp_path / "run", "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert 0 < res.trainable_fraction < 0.2
+    capsys.readouterr()
+    assert main(["generate", "--model", res.model_dir, "--chat", "--prompt", "Say hello.", "--max-new-tokens", "4",
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["completions"]) == 1
