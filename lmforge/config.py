@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from lmforge.atomic import atomic_write_text  # noqa: F401  (re-exported)
+
 T = TypeVar("T")
 
 
@@ -212,17 +214,6 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def dump_yaml(data: Any, path: str | os.PathLike) -> None:
     """Atomic YAML write (temp file + rename)."""
     atomic_write_text(path, yaml.safe_dump(to_dict(data), sort_keys=False, allow_unicode=True))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
 
 
 def config_hash(data: Any) -> str:

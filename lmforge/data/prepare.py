@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.atomic import make_temp_dir, swap_into_place
 from lmforge.config import UserError
 from lmforge.console import info
 from lmforge.data import clean
@@ -278,11 +278,7 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
     paths = resolve_inputs(inputs, stats, include)
     cfg = TaskConfig(tokenizer_dir, text_field, txt_mode, min_chars, pii, dedup == "near", add_bos)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary dir
+    tmp = make_temp_dir(out)  # filled, then renamed to `out` only when complete
     pool = None
     try:
         writers = {"train": _ShardWriter(tmp, "train", dtype, shard_tokens),
@@ -391,13 +387,7 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False))
         bar.update(n_docs, tokens_total, stats.bytes, final=True)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)
         return report
     except BaseException:
         if pool is not None:

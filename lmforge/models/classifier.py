@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
+from lmforge.atomic import atomic_directory
 from lmforge.config import UserError, to_dict
 
 Pooling = Literal["last", "mean", "first"]
@@ -62,10 +61,7 @@ def save_classifier_dir(clf: SequenceClassifier, directory: str | os.PathLike, l
                         tokenizer_dir: str | None = None) -> Path:
     from lmforge.models.model_dir import CONFIG_NAME, copy_tokenizer_files, save_weights, unique_state_dict
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         sd = unique_state_dict(clf.backbone)
         sd.update({f"score.{k}": v for k, v in clf.score.state_dict().items()})
         (tmp / CONFIG_NAME).write_text(json.dumps(
@@ -74,13 +70,7 @@ def save_classifier_dir(clf: SequenceClassifier, directory: str | os.PathLike, l
         save_weights(sd, tmp)
         if tokenizer_dir:
             copy_tokenizer_files(tokenizer_dir, tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def read_task(directory: str | os.PathLike) -> dict:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge.atomic import atomic_directory
 from lmforge.config import UserError, from_dict, to_dict
 from lmforge.models.config import ModelConfig
 
@@ -98,27 +98,14 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
 def save_model_dir(model: torch.nn.Module, directory: str | os.PathLike, tokenizer_dir: str | None = None,
                    extra: dict[str, Any] | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write a complete model dir atomically: build it in a temp dir beside the target, then rename."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         cfg_json = {"model": to_dict(model.cfg), "lmforge_version": __import__("lmforge").__version__}
         cfg_json.update(extra or {})
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg_json, indent=2))
         save_weights(unique_state_dict(model), tmp, max_shard_bytes)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

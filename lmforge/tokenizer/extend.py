@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lmforge.atomic import atomic_directory
 from lmforge.config import UserError
 from lmforge.console import emit, info
 
@@ -314,9 +314,7 @@ def extend_model_dir(base: str | os.PathLike, inputs: list[str], n_add: int, out
               "first_new_id": added[0]["id"], "documents": len(texts)}
     data["tokenizer_extension"] = {k: report[k] for k in ("added", "old_vocab_size", "new_vocab_size",
                                                            "first_new_id")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         for name in TOKENIZER_FILES:
             if (base / name).is_file() and name != "tokenizer.json":
                 shutil.copy2(base / name, tmp / name)
@@ -328,16 +326,6 @@ def extend_model_dir(base: str | os.PathLike, inputs: list[str], n_add: int, out
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(data, indent=2, ensure_ascii=False))
         save_weights(sd, tmp, DEFAULT_SHARD_BYTES)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     new_tok = load_tokenizer(out)
     sample = eval_texts if eval_texts is not None else texts[: min(len(texts), 2000)]
     report["chars_per_token_before"] = round(_chars_per_token(old_tok, sample), 4)

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge.atomic import atomic_directory
 from lmforge.config import UserError, to_dict
 from lmforge.models.config import ModelConfig
 from lmforge.models.hf.families import (
@@ -196,26 +193,6 @@ def lmforge_to_hf_state_dict(family: Family, cfg: ModelConfig, sd: dict[str, tor
 
 
 # ---- model dirs ------------------------------------------------------------------------------------
-@contextmanager
-def _atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory beside ``out`` and rename it into place only when complete."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _check_out(src: Path, out: Path) -> None:
     if out.resolve() == src.resolve():
         raise UserError(f"--out '{out}' is the source directory; write to a new directory")
@@ -249,7 +226,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | No
     if (hf_dir / HF_GENERATION_CONFIG).is_file():
         generation = json.loads((hf_dir / HF_GENERATION_CONFIG).read_text())
     n_params = sum(v.numel() for v in sd.values()) + sum(v.numel() for v in heads.values())
-    with _atomic_dir(out) as tmp:
+    with atomic_directory(out) as tmp:
         from safetensors.torch import save_file
 
         record = {"family": family.name, "architecture": (hf_cfg.get("architectures") or [None])[0],
@@ -338,7 +315,7 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str 
         hf_cfg["transformers_version"] = version("transformers")
     except Exception:
         hf_cfg.setdefault("transformers_version", "4.45.0")
-    with _atomic_dir(out) as tmp:
+    with atomic_directory(out) as tmp:
         tok = tokenizer_files.export_tokenizer(model_dir, tmp, cfg, hf_cfg)
         (tmp / HF_CONFIG).write_text(json.dumps(dict(sorted(hf_cfg.items())), indent=2, ensure_ascii=False) + "\n")
         if cfg.causal:
