@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def quickstart(out, *extra):
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    p = subprocess.run([sys.executable, "-m", "lmforge", "quickstart", "--out", str(out), "--minutes", "0.25",
+    p = subprocess.run([sys.executable, "-m", "lmforge", "quickstart", "--out", str(out), "--minutes", "0.1",
                         "--preset", "tiny", "--data-mb", "1.5", "--json", *extra], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
