@@ -6,7 +6,8 @@ A batch is a dict: ``tokens`` (B, T) right-padded ids, ``lengths`` (B,) real len
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,4 +137,4 @@ class DevEvaluator:
         return {"val_loss": loss / max(1, self.n), "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
 
-__all__ = ["LabelledBatches", "DevEvaluator", "classify_loss", "pad_batch"]
+__all__ = ["DevEvaluator", "LabelledBatches", "classify_loss", "pad_batch"]

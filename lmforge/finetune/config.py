@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from lmforge.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from lmforge.distributed.config import ParallelConfig
-from lmforge.train.config import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, RunConfig,
-                                  ScheduleConfig, TrainConfig)
+from lmforge.train.config import (
+    CheckpointConfig,
+    EvalConfig,
+    LogConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
 
 MODES = ("sft", "lora", "classify")
 SFT_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion")
@@ -36,7 +44,7 @@ class ModelSource:
     dropout: float | None = None  # dropout in the backbone while fine-tuning; None = the model's own
 
     @staticmethod
-    def from_yaml(data: Any) -> "ModelSource":
+    def from_yaml(data: Any) -> ModelSource:
         if data is None:
             data = {}
         if isinstance(data, str):  # model: DIR
@@ -295,6 +303,18 @@ def config_dict(cfg: FinetuneConfig) -> dict[str, Any]:
     return out
 
 
-__all__ = ["FinetuneConfig", "ModelSource", "FinetuneSection", "LoraSection", "ClassifySection",
-           "FinetuneDataConfig", "FinetuneTrainConfig", "FinetuneEvalConfig", "MODES", "validate",
-           "load_config", "config_from_dict", "config_dict"]
+__all__ = [
+    "MODES",
+    "ClassifySection",
+    "FinetuneConfig",
+    "FinetuneDataConfig",
+    "FinetuneEvalConfig",
+    "FinetuneSection",
+    "FinetuneTrainConfig",
+    "LoraSection",
+    "ModelSource",
+    "config_dict",
+    "config_from_dict",
+    "load_config",
+    "validate",
+]

@@ -21,10 +21,10 @@ import math
 import os
 import random
 import shutil
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lmforge.config import ConfigError, UserError
 from lmforge.console import info
@@ -171,23 +171,12 @@ def load_adapter(directory: str | os.PathLike, device="cpu", check_base: bool = 
 
 
 def _write_dir_atomic(directory: Path, write) -> Path:
-    """Build a dir in a temp sibling with ``write(tmp)``, then swap it into place."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
-    try:
-        write(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    """Build a dir with ``write(tmp)`` in a temp sibling, then swap it into place (`lmforge.atomic`)."""
+    from lmforge.atomic import atomic_directory
+
+    with atomic_directory(directory) as tmp:
+        write(Path(tmp))
+    return Path(directory)
 
 
 # ================================================================================================
@@ -570,8 +559,8 @@ def summary(res: FinetuneResult) -> tuple[str, dict[str, Any]]:
     r = res.train
     val = r.val or {}
     unit = "examples" if res.mode == "classify" else "tokens"
-    parts = [f"{r.stop_reason.replace('_', ' ')} at step {r.step:,} ({r.tokens:,} {unit}) in "
-             f"{format_duration(r.elapsed_s)}"]
+    parts = [(f"{r.stop_reason.replace('_', ' ')} at step {r.step:,} ({r.tokens:,} {unit}) in "
+             f"{format_duration(r.elapsed_s)}")]
     if r.final_loss is not None and math.isfinite(r.final_loss):
         parts.append(f"loss {r.final_loss:.4f}")
     if "accuracy" in val:
@@ -595,5 +584,14 @@ def summary(res: FinetuneResult) -> tuple[str, dict[str, Any]]:
     return line, payload
 
 
-__all__ = ["finetune", "summary", "FinetuneResult", "sft_loss", "SFTBatches", "load_adapter", "model_fingerprint",
-           "split_dev", "save_adapter"]
+__all__ = [
+    "FinetuneResult",
+    "SFTBatches",
+    "finetune",
+    "load_adapter",
+    "model_fingerprint",
+    "save_adapter",
+    "sft_loss",
+    "split_dev",
+    "summary",
+]

@@ -142,7 +142,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(model_dir, sft_file, tmp_p
         v.numel() for v in base.values())
     assert 0 < res.trainable_fraction < 0.1
     # checkpoints hold the adapters (and their optimizer state), not the frozen base
-    ckpt = sorted((tmp_path / "checkpoints").glob("step_*"))[-1]
+    ckpt = max((tmp_path / "checkpoints").glob("step_*"))
     keys = list(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
     assert keys and all("lora_" in k for k in keys), keys
     # RUN/model: merged; untouched modules equal the base, adapted ones moved
@@ -219,7 +219,7 @@ def test_early_stopping_keeps_the_best_weights(model_dir, tsv_files, tmp_path):
     final = load_weights(res.model_dir)
     assert set(best) == set(final) - {"output.weight"}  # the tied head is stored once
     assert all(torch.equal(best[k], final[k]) for k in best)
-    last = sorted((tmp_path / "checkpoints").glob("step_*"))[-1]
+    last = max((tmp_path / "checkpoints").glob("step_*"))
     assert last.name == "step_000006"  # the last step's state is still checkpointed (resume), not exported
     # the exported classifier scores on dev exactly what the step-3 evaluation logged
     from lmforge.finetune.data import encode_labelled, load_labelled
