@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lmforge.atomic import atomic_directory
 from lmforge.config import ConfigError, UserError
 from lmforge.console import info
 from lmforge.finetune.config import FinetuneConfig, config_dict
@@ -171,11 +172,9 @@ def load_adapter(directory: str | os.PathLike, device="cpu", check_base: bool = 
 
 
 def _write_dir_atomic(directory: Path, write) -> Path:
-    """Build a dir with ``write(tmp)`` in a temp sibling, then swap it into place (`lmforge.atomic`)."""
-    from lmforge.atomic import atomic_directory
-
+    """Build a dir in a temp sibling with ``write(tmp)``, then swap it into place."""
     with atomic_directory(directory) as tmp:
-        write(Path(tmp))
+        write(tmp)
     return Path(directory)
 
 
