@@ -1,12 +1,14 @@
 """Training throughput: lmforge's Trainer vs a plain loop over transformers' LlamaForCausalLM.
 
 Same Llama-style shape, same initial weights (converted with lmforge's HF adapter), same AdamW
-hyperparameters, same random token batches, fp32. Each side runs in its own fresh process (so peak
-memory is measured per side) and the two alternate A B A B ...; the figures are medians over all
-measured steps. MFU is against the fp32 matmul peak measured in this same run.
+hyperparameters, same random token batches, fp32. Throughput: both sides live in one process and
+alternate step by step (A B, B A, A B, ...), so load from other processes on a shared machine hits
+both alike; the figures are medians. Peak memory: each side alone in a fresh process (the growth of
+RSS, or CUDA max allocated, over its training steps). MFU is against the fp32 matmul peak measured
+in this same run (best of before and after).
 
     .venv/bin/python bench/train_throughput.py                 # 6 layers, dim 384, seq 256, batch 8
-    .venv/bin/python bench/train_throughput.py --rounds 4 --steps 12 --json
+    .venv/bin/python bench/train_throughput.py --steps 20 --json
     .venv/bin/python bench/train_throughput.py --profile        # where lmforge's step time goes
 
 Not part of the test suite. Prints tokens/s of each side, the ratio, MFU and peak memory.
@@ -70,10 +72,9 @@ def mem_peak(device) -> float:
     return peak_rss_gb()
 
 
-# ---- workers (one fresh process each) ---------------------------------------------------------
-def worker_lmforge(args, device) -> dict:
-    import torch
-
+# ---- the two sides -----------------------------------------------------------------------------
+def lmforge_side(args, device):
+    """lmforge's Trainer over an in-memory batch source; returns (step function, trainer)."""
     from lmforge.config import from_dict
     from lmforge.models.transformer import build_model
     from lmforge.train.config import PretrainConfig
@@ -81,53 +82,31 @@ def worker_lmforge(args, device) -> dict:
 
     mcfg = model_config(args)
     model = build_model(mcfg, device=device, seed=0)
-    data = batches(args, args.warmup + args.steps)
-
-    class Source:
-        i = 0
-
-        def next_batch(self):
-            self.i += 1
-            return data[self.i - 1]
-
-        def state_dict(self):
-            return {"i": self.i}
-
-        def load_state_dict(self, s):
-            self.i = s["i"]
-
     run_dir = tempfile.mkdtemp(prefix="lmforge-bench-")
     cfg = from_dict(PretrainConfig, {
         "run": {"dir": run_dir}, "model": {"preset": "tiny"}, "data": {"dir": "-", "seq_len": args.seq},
-        "train": {"global_batch": args.batch, "micro_batch": args.batch, "max_steps": args.warmup + args.steps,
+        "train": {"global_batch": args.batch, "micro_batch": args.micro or args.batch, "max_steps": 10**6,
                   "compile": args.compile, "resume": "never"},
         "optim": {"lr": 3e-4, "weight_decay": 0.1, "grad_clip": 1.0, "fused": args.fused},
         "schedule": {"name": "constant"}, "eval": {"batches": 0, "at_start": False},
         "checkpoint": {"interval": 0, "at_end": False, "save_model": False},
         "log": {"interval": 1, "progress": False, "peak_tflops": 1.0},
     })
-    trainer = Trainer(cfg, model, Source(), None, total_steps=args.warmup + args.steps, device=device,
+    trainer = Trainer(cfg, model, None, None, total_steps=10**6, device=device,
                       flops_per_token=mcfg.flops_per_token(args.seq), resume_from=None)
-    base = mem_before(device)
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
+    trainer.model.train()
 
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-            trainer.fit()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
-    else:
-        trainer.fit()
-    peak = mem_peak(device)
-    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r["kind"] == "train"]
-    import shutil
+    def step(x):
+        out = trainer.train_step(x)  # the Trainer's own step: accumulation, normalization, clip, AdamW
+        if device.type == "cuda":
+            torch_sync()
+        return out["loss"]
 
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return {"step_times": [r["step_time"] for r in train[args.warmup:]], "loss": [r["loss"] for r in train],
-            "peak_mem_gb": peak - base}
+    return step
 
 
-def worker_hf(args, device) -> dict:
+def hf_side(args, device):
+    """A plain loop over transformers' LlamaForCausalLM with lmforge's initial weights."""
     import torch
     import transformers
 
@@ -148,11 +127,8 @@ def worker_hf(args, device) -> dict:
     del src
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    data = batches(args, args.warmup + args.steps)
-    base = mem_before(device)
-    times, losses = [], []
-    for i, x in enumerate(data):
-        t0 = time.perf_counter()
+
+    def step(x):
         x = x.to(device)
         # T tokens in and T targets, exactly lmforge's (inputs = x[:, :-1], targets = x[:, 1:]);
         # shift_labels makes HF's own loss use the targets as given instead of shifting them again
@@ -162,12 +138,28 @@ def worker_hf(args, device) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        value = loss.item()
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return {"step_times": times, "loss": losses, "peak_mem_gb": mem_peak(device) - base}
+            torch_sync()
+        return value
+
+    return step
+
+
+def torch_sync():
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def memory_worker(args, device, side: str) -> dict:
+    """Peak memory of one side's training steps, alone in a fresh process."""
+    step = (lmforge_side if side == "lmforge" else hf_side)(args, device)
+    data = batches(args, args.warmup + 3)
+    base = mem_before(device)
+    for x in data:
+        step(x)
+    return {"peak_mem_gb": mem_peak(device) - base}
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -180,9 +172,9 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=8, help="measured steps per round and side")
-    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps at the start of each worker")
-    p.add_argument("--rounds", type=int, default=3, help="A B rounds (alternating which side goes first)")
+    p.add_argument("--steps", type=int, default=12, help="measured steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps at the start")
+    p.add_argument("--micro", type=int, default=None, help="lmforge micro batch (default: the whole batch)")
     p.add_argument("--compile", action="store_true", help="torch.compile lmforge's model (train.compile)")
     p.add_argument("--fused", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                    help="lmforge AdamW fused=true/false (default: torch's choice)")
@@ -190,7 +182,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--worker", choices=["lmforge", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["lmforge", "hf"], help=argparse.SUPPRESS)  # memory of one side
     args = p.parse_args()
 
     import torch
@@ -199,45 +191,62 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        out = (worker_lmforge if args.worker == "lmforge" else worker_hf)(args, device)
-        print(json.dumps(out))
+        print(json.dumps(memory_worker(args, device, args.worker)))
         return 0
     if args.profile:
-        cmd = [sys.executable, __file__, "--worker", "lmforge", "--profile"] + _pass_through(args)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        from torch.profiler import ProfilerActivity, profile
+
+        step = lmforge_side(args, device)
+        data = batches(args, args.warmup + args.steps)
+        for x in data[:args.warmup]:
+            step(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for x in data[args.warmup:]:
+                step(x)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         return 0
 
     from lmforge.train.metrics import measure_matmul_flops
 
     peak = measure_matmul_flops(device, torch.float32, n=2048, seconds=2.0)
-    results: dict[str, list[dict]] = {"lmforge": [], "hf": []}
-    for r in range(args.rounds):
-        order = ["lmforge", "hf"] if r % 2 == 0 else ["hf", "lmforge"]
-        for side in order:
+    sides = {"lmforge": lmforge_side(args, device), "hf": hf_side(args, device)}
+    data = batches(args, args.warmup + args.steps)
+    times: dict[str, list[float]] = {"lmforge": [], "hf": []}
+    first_loss: dict[str, float] = {}
+    for i, x in enumerate(data):
+        # the two sides alternate step by step (A B, B A, ...), so load from elsewhere hits both alike
+        for side in (("lmforge", "hf") if i % 2 == 0 else ("hf", "lmforge")):
+            t0 = time.perf_counter()
+            loss = sides[side](x)
+            dt = time.perf_counter() - t0
+            first_loss.setdefault(side, loss)
+            if i >= args.warmup:
+                times[side].append(dt)
+        if i >= args.warmup and not args.json:
+            print(f"step {i - args.warmup + 1}: lmforge {times['lmforge'][-1]:.3f}s  hf {times['hf'][-1]:.3f}s",
+                  file=sys.stderr)
+    peak = max(peak, measure_matmul_flops(device, torch.float32, n=2048, seconds=2.0))  # best of before/after
+    memory: dict[str, list[float]] = {"lmforge": [], "hf": []}
+    for _ in range(3):  # RSS growth varies a little run to run (allocator arenas): median of three, alternating
+        for side in ("lmforge", "hf"):
             cmd = [sys.executable, __file__, "--worker", side] + _pass_through(args)
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[side].append(res)
-            tps = args.batch * args.seq / statistics.median(res["step_times"])
-            print(f"round {r + 1} {side:>8}: {tps:,.0f} tok/s (median step {statistics.median(res['step_times']):.3f}s)",
-                  file=sys.stderr)
-    peak_after = measure_matmul_flops(device, torch.float32, n=2048, seconds=2.0)
-    peak = max(peak, peak_after)  # the machine is shared: the best sustained figure of the two
+            memory[side].append(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_gb"])
     mcfg = model_config(args)
     tokens = args.batch * args.seq
     summary = {"config": {k: getattr(args, k) for k in ("layers", "dim", "heads", "ffn", "vocab", "seq", "batch",
-                                                         "steps", "rounds", "compile")},
+                                                         "micro", "steps", "compile")},
                "params": mcfg.num_params(), "flops_per_token": mcfg.flops_per_token(args.seq),
                "fp32_matmul_peak_gflops": peak / 1e9, "threads": torch.get_num_threads()}
-    for side, runs in results.items():
-        times = [t for res in runs for t in res["step_times"]]
-        tps = tokens / statistics.median(times)
+    for side in ("lmforge", "hf"):
+        tps = tokens / statistics.median(times[side])
         summary[side] = {"tok_per_s": tps, "mfu": tps * mcfg.flops_per_token(args.seq) / peak,
-                         "peak_mem_gb": statistics.median(res["peak_mem_gb"] for res in runs),
-                         "first_loss": runs[0]["loss"][0]}
+                         "median_step_s": statistics.median(times[side]),
+                         "peak_mem_gb": statistics.median(memory[side]),
+                         "first_loss": first_loss[side]}
     summary["ratio"] = summary["lmforge"]["tok_per_s"] / summary["hf"]["tok_per_s"]
     summary["same_start_loss"] = abs(summary["lmforge"]["first_loss"] - summary["hf"]["first_loss"]) < 1e-4
     if args.json:
@@ -255,7 +264,8 @@ def main() -> int:
 
 def _pass_through(args) -> list[str]:
     out = []
-    for k in ("layers", "dim", "heads", "ffn", "vocab", "seq", "batch", "steps", "warmup", "device", "threads"):
+    for k in ("layers", "dim", "heads", "ffn", "vocab", "seq", "batch", "micro", "steps", "warmup", "device",
+              "threads"):
         if getattr(args, k) is not None:
             out += [f"--{k}", str(getattr(args, k))]
     if args.compile:
