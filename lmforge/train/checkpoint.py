@@ -282,7 +282,7 @@ class CheckpointManager:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*single process.*")
                 dcp.load(state, checkpoint_id=str(path))
-        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - any DCP failure (a BaseException) -> UserError
             raise UserError(f"checkpoint '{path}' does not fit this model/optimizer ({_reason(e)}); "
                             "resume with the config it was trained with or start a new run.dir") from None
         if optimizer is not None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from lmforge.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from lmforge.distributed.config import ParallelConfig  # the `parallel` section (no torch import)
@@ -257,6 +258,19 @@ def config_dict(cfg: PretrainConfig) -> dict[str, Any]:
     return to_dict(cfg)
 
 
-__all__ = ["PretrainConfig", "RunConfig", "DataConfig", "TrainConfig", "OptimConfig", "ScheduleConfig",
-           "EvalConfig", "CheckpointConfig", "LogConfig", "ParallelConfig", "grad_accum_steps", "validate",
-           "load_config", "config_dict"]
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "EvalConfig",
+    "LogConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "PretrainConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "config_dict",
+    "grad_accum_steps",
+    "load_config",
+    "validate",
+]

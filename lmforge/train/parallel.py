@@ -106,8 +106,8 @@ def _set_dp_group(dims, rank: int) -> None:
 
 def parallelize_model(model: nn.Module, cfg, world: World, device: torch.device) -> nn.Module:
     """THE parallelization hook: single-device model in, the model the training loop runs out (same object)."""
-    from lmforge.distributed.config import ParallelDims
     from lmforge.distributed.apply import parallelize
+    from lmforge.distributed.config import ParallelDims
 
     pcfg = _parallel_cfg(cfg)
     dims = world.dims if world.dims is not None else ParallelDims.from_config(pcfg, world.world_size)

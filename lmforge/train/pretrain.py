@@ -233,8 +233,8 @@ def summary(result) -> tuple[str, dict[str, Any]]:
     from lmforge.train.metrics import format_duration
 
     val = result.val or {}
-    parts = [f"{result.stop_reason.replace('_', ' ')} at step {result.step:,} ({result.tokens:,} tokens) "
-             f"in {format_duration(result.elapsed_s)}"]
+    parts = [(f"{result.stop_reason.replace('_', ' ')} at step {result.step:,} ({result.tokens:,} tokens) "
+             f"in {format_duration(result.elapsed_s)}")]
     if result.final_loss is not None and math.isfinite(result.final_loss):
         parts.append(f"loss {result.final_loss:.4f}")
     if "val_loss" in val:
@@ -250,4 +250,4 @@ def summary(result) -> tuple[str, dict[str, Any]]:
     return line, payload
 
 
-__all__ = ["pretrain", "summary", "PretrainBatches", "resolve_model_config", "math_fields", "bytes_per_token"]
+__all__ = ["PretrainBatches", "bytes_per_token", "math_fields", "pretrain", "resolve_model_config", "summary"]

@@ -26,7 +26,7 @@ HELP = "train a small model on Python's standard library sources in a few minute
 # test suites, installed packages, and two dirs that are data more than code: codec tables (encodings/,
 # a third of the bytes) and the pydoc topic texts
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings", "pydoc_data"}
-SAMPLE_PROMPT = "def "
+SAMPLE_PROMPT = "import os\n"
 
 # The pretraining config the quickstart runs (configs/quickstart.yaml holds the same; a test keeps them equal).
 # run.dir, data.dir and train.max_steps are filled in at run time.
@@ -204,9 +204,10 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
     tokenizer = load_tokenizer(out / "model")
     sample = SAMPLE_PROMPT + generate(model, SAMPLE_PROMPT, tokenizer, max_new_tokens=120, temperature=0.8,
                                       top_k=40, seed=0)
-    info("quickstart: sample (temperature 0.8, top-k 40):\n" + "-" * 60 + "\n" + sample + "\n" + "-" * 60)
+    info("quickstart: sample from RUN/model (temperature 0.8, top-k 40):\n" + "-" * 60 + "\n" + sample + "\n"
+         + "-" * 60)
     # 5. report
-    summary, png, md = write_report(out, extra={"Sample": f"Prompt `{SAMPLE_PROMPT}`, temperature 0.8, top-k 40:\n\n"
+    summary, png, md = write_report(out, extra={"Sample": f"Prompt `{SAMPLE_PROMPT!r}`, temperature 0.8, top-k 40:\n\n"
                                                           f"```python\n{sample}\n```"})
     return {"out": str(out), "model_dir": str(out / "model"), "report": str(md), "plot": str(png),
             "steps": result.step, "tokens": result.tokens, "stop_reason": result.stop_reason,
@@ -225,5 +226,5 @@ def run(args) -> int:
         bpb = f", {r['final_val_bpb']:.2f} bits/byte" if r.get("final_val_bpb") else ""
         val = f", val loss {r['first_val_loss']:.2f} -> {r['final_val_loss']:.2f}{bpb}"
     emit(args, f"quickstart: {r['steps']:,} steps ({r['tokens']:,} tokens) in {format_duration(r['seconds'])}{val}; "
-               f"try `lmforge generate --model {r['model_dir']} --prompt 'def '`; report {r['report']}", r)
+               f"try `lmforge generate --model {r['model_dir']} --prompt 'import os'`; report {r['report']}", r)
     return 0

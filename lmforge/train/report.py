@@ -62,8 +62,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
             mcfg = model_config_from_dict(model)
             out["params"] = mcfg.num_params()
             out["model"] = f"{mcfg.n_layers} layers, dim {mcfg.dim}, {mcfg.n_heads} heads, vocab {mcfg.vocab_size:,}"
-        except Exception:  # a hand-edited config: the figures below still stand
-            pass
+        except (ValueError, TypeError):  # a hand-edited config (ConfigError is a ValueError): skip the figures
+            out["model"] = None
         data, tr = cfg.get("data") or {}, cfg.get("train") or {}
         out["seq_len"], out["global_batch"] = data.get("seq_len"), tr.get("global_batch")
         out["lr"] = (cfg.get("optim") or {}).get("lr")
@@ -97,7 +97,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def plot(run_dir: str | Path, path: str | Path | None = None) -> Path:
+def plot(run_dir: str | Path, path: str | Path | None = None, title: str | None = None) -> Path:
     """Two panels: train + validation loss against step (tokens on the top axis), and the learning rate."""
     import matplotlib
 
@@ -119,7 +119,7 @@ def plot(run_dir: str | Path, path: str | Path | None = None) -> Path:
     ax_loss.set_ylabel("loss (nats / token)")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
-    ax_loss.set_title(f"{run_dir.name}: pretraining")
+    ax_loss.set_title(f"{title or run_dir.name}: pretraining")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
@@ -155,8 +155,8 @@ def markdown(s: dict[str, Any], image: str | None = "report.png", extra: dict[st
         ("tokens", _fmt(s.get("tokens"), ",")),
         ("training time", format_duration(s["train_seconds"]) if s.get("train_seconds") else "—"),
         ("train loss", f"{_fmt(s.get('first_loss'), '.4f')} → {_fmt(s.get('final_loss'), '.4f')}"),
-        ("val loss", f"{_fmt(s.get('first_val_loss'), '.4f')} → {_fmt(s.get('final_val_loss'), '.4f')} "
-                     f"(best {_fmt(s.get('best_val_loss'), '.4f')} at step {_fmt(s.get('best_val_step'))})"),
+        ("val loss", (f"{_fmt(s.get('first_val_loss'), '.4f')} → {_fmt(s.get('final_val_loss'), '.4f')} "
+                     f"(best {_fmt(s.get('best_val_loss'), '.4f')} at step {_fmt(s.get('best_val_step'))})")),
         ("val perplexity", _fmt(s.get("final_val_ppl"), ".2f")),
         ("val bits per byte", _fmt(s.get("final_val_bpb"), ".3f")),
         ("throughput (median)", f"{_fmt(s.get('median_tok_per_s'), ',.0f')} tokens/s"
@@ -178,7 +178,7 @@ def write_report(run_dir: str | Path, extra: dict[str, str] | None = None) -> tu
 
     run_dir = Path(run_dir)
     s = summarize(run_dir)
-    png = plot(run_dir)
+    png = plot(run_dir, title=s.get("name"))
     md = run_dir / "report.md"
     atomic_write_text(md, markdown(s, png.name, extra))
     return s, png, md

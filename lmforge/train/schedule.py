@@ -46,7 +46,7 @@ class LRSchedule:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @classmethod
-    def from_config(cls, schedule_cfg, lr: float, total_steps: int) -> "LRSchedule":
+    def from_config(cls, schedule_cfg, lr: float, total_steps: int) -> LRSchedule:
         min_lr = schedule_cfg.min_lr if schedule_cfg.min_lr is not None else 0.1 * lr
         return cls(schedule_cfg.name, lr, total_steps, schedule_cfg.warmup_steps, min_lr,
                    schedule_cfg.decay_fraction, schedule_cfg.decay_shape)

@@ -23,9 +23,10 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +152,7 @@ class Trainer:
                  flops_per_token: float | None = None, bytes_per_token: float | None = None,
                  save_model: Callable[[nn.Module, Path], Any] | None = None, resume_from: Path | None | str = "find",
                  eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-                 on_best: Callable[["Trainer"], Any] | None = None):
+                 on_best: Callable[[Trainer], Any] | None = None):
         self.cfg = cfg
         self.world = world or World()
         self.device = torch.device(device)
@@ -537,5 +538,13 @@ def _to_dict(cfg) -> dict[str, Any]:
     return to_dict(cfg)
 
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "causal_lm_loss", "split_micro", "find_resume",
-           "check_compatible", "format_duration"]
+__all__ = [
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "causal_lm_loss",
+    "check_compatible",
+    "find_resume",
+    "format_duration",
+    "split_micro",
+]

@@ -18,7 +18,7 @@ def quickstart(out, *extra):
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     p = subprocess.run([sys.executable, "-m", "lmforge", "quickstart", "--out", str(out), "--minutes", "0.1",
                         "--preset", "tiny", "--data-mb", "1.5", "--json", *extra], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout), p.stderr
 
@@ -30,7 +30,7 @@ def test_quickstart_runs_every_stage_and_a_rerun_resumes(tmp_path):
     assert "standard-library files" in log and "training a 4,096-token BPE tokenizer" in log
     assert first["steps"] >= 20 and first["stop_reason"] == "max_steps" and first["resumed_from"] is None
     assert first["final_val_loss"] < first["first_val_loss"] - 0.5, first
-    assert first["sample"].startswith("def ") and len(first["sample"]) > 20
+    assert first["sample"].startswith("import os\n") and len(first["sample"]) > 20
     for name in ("model/config.json", "model/tokenizer.json", "report.png", "report.md", "config.yaml",
                  "data/shards/index.json", "checkpoints/LATEST"):
         assert (out / name).is_file(), name
@@ -56,5 +56,5 @@ def test_quickstart_config_file_matches_the_embedded_one():
 def test_quickstart_rejects_bad_arguments(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.run([sys.executable, "-m", "lmforge", "quickstart", "--out", str(tmp_path / "q"), "--minutes", "0"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 2 and p.stderr.startswith("error: --minutes=0.0 must be positive")

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def lmforge(*args):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def write_run(run_dir: Path) -> None:

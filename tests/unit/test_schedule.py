@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -16,7 +17,7 @@ def test_warmup_then_cosine_to_min_lr():
     assert s(110) == pytest.approx(0.1)
     assert s(500) == pytest.approx(0.1)  # past the end it stays at the floor
     values = [s(i) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_wsd_is_flat_then_decays_over_the_last_fraction():

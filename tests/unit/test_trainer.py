@@ -187,8 +187,8 @@ def test_time_limit_checkpoints_and_a_rerun_continues(tmp_path):
 
 
 def test_interrupted_run_resumes_bit_identically(tmp_path):
-    sections = dict(model={"dropout": 0.1}, train={"max_steps": 12}, checkpoint={"interval": 3},
-                    eval={"interval": 4})
+    sections = {"model": {"dropout": 0.1}, "train": {"max_steps": 12}, "checkpoint": {"interval": 3},
+                "eval": {"interval": 4}}
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     make_trainer(make_cfg(ref_dir, **sections)).fit()
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -202,3 +202,20 @@ def test_interrupted_run_resumes_bit_identically(tmp_path):
     assert [r["val_loss"] for r in rows(run_dir, "eval")] == [r["val_loss"] for r in rows(ref_dir, "eval")]
     a, b = load_model_dir(ref_dir / "model").state_dict(), load_model_dir(run_dir / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_checkpoints_and_stops_cleanly(tmp_path):
+    import os
+    import signal
+
+    class Terminating(CountingSource):
+        def next_batch(self):
+            if self.i == 4:
+                os.kill(os.getpid(), signal.SIGTERM)  # e.g. a preempted cluster job
+            return super().next_batch()
+
+    cfg = make_cfg(tmp_path, train={"max_steps": 10}, eval={"batches": 0})
+    result = make_trainer(cfg, source=Terminating()).fit()
+    assert result.stop_reason == "signal" and result.step == 5
+    assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "step_000005"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed after fit()
