@@ -187,8 +187,9 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
         cfg.schedule.warmup_steps = max(1, min(cfg.schedule.warmup_steps, steps // 10))
         cfg.eval.interval = cfg.checkpoint.interval = max(5, steps // 4)
         # a guard for a machine busier than when it was timed: stop (with a checkpoint) well past the budget;
-        # running the quickstart again resumes and finishes the schedule
-        cfg.train.time_limit_minutes = round(minutes * 1.5 + 0.5, 2)
+        # running the quickstart again resumes and finishes the schedule. At least 3 minutes, so that short
+        # smoke runs (which train the 20-step minimum) are not cut by a moment of load.
+        cfg.train.time_limit_minutes = round(max(minutes * 1.5 + 0.5, 3.0), 2)
         validate(cfg)
         info(f"quickstart: {per_step:.2f} s/step here -> {steps} steps of {cfg.global_batch_size}x{cfg.data.seq_len} "
              f"tokens (~{minutes:g} min)")
