@@ -10,7 +10,6 @@ pretraining ``run.dir``, ``train.*``, ``optim.*``, ``eval.interval``, ``checkpoi
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from lmforge.train.config import (
     RunConfig,
     ScheduleConfig,
     TrainConfig,
+    validate_common,
 )
 
 MODES = ("sft", "lora", "classify")
@@ -163,7 +163,7 @@ class FinetuneConfig:
 
 def validate(cfg: FinetuneConfig) -> None:
     """Value and combination checks that need no files (types were checked by `from_dict`)."""
-    t, o, s, e, c, lg, d = cfg.train, cfg.optim, cfg.schedule, cfg.eval, cfg.checkpoint, cfg.log, cfg.data
+    t, s, e, d = cfg.train, cfg.schedule, cfg.eval, cfg.data
     if not cfg.model.path:
         raise ConfigError("model.from is not set; point it at a model dir (RUN/model of a pretraining run, "
                           "or the output of `lmforge import --hf DIR --out DIR`)")
@@ -201,43 +201,12 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"train.max_steps={t.max_steps} must be positive")
     if t.epochs is not None and t.epochs <= 0:
         raise ConfigError(f"train.epochs={t.epochs} must be positive")
-    if t.max_nonfinite <= 0:
-        raise ConfigError(f"train.max_nonfinite={t.max_nonfinite} must be at least 1")
-    if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
-        raise ConfigError(f"train.time_limit_minutes={t.time_limit_minutes} must be positive")
-    if t.threads is not None and t.threads <= 0:
-        raise ConfigError(f"train.threads={t.threads} must be positive")
-    if t.resume not in ("auto", "never") and not Path(t.resume).exists():
-        raise ConfigError(f"train.resume='{t.resume}' is neither auto, never nor an existing checkpoint path")
+    validate_common(cfg)
     if t.precision == "fp16":
         raise ConfigError("train.precision=fp16 is not supported (no loss scaling); use bf16 or fp32")
-    if o.lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr} must be positive")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
-    if o.eps <= 0:
-        raise ConfigError(f"optim.eps={o.eps} must be positive")
-    if o.weight_decay < 0:
-        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0")
-    if o.grad_clip < 0:
-        raise ConfigError(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 turns clipping off)")
-    if s.warmup_steps < 0:
-        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
     if t.max_steps is not None and s.warmup_steps > t.max_steps:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} exceeds train.max_steps={t.max_steps}; "
                           f"lower it (e.g. {max(0, t.max_steps // 10)})")
-    if s.min_lr is not None and not 0.0 <= s.min_lr <= o.lr:
-        raise ConfigError(f"schedule.min_lr={s.min_lr} must be in [0, optim.lr={o.lr}]")
-    if not 0.0 < s.decay_fraction <= 1.0:
-        raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must be in (0, 1]")
-    for key, value in (("eval.interval", e.interval), ("eval.batches", e.batches), ("eval.patience", e.patience),
-                       ("checkpoint.interval", c.interval), ("eval.min_delta", e.min_delta)):
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
-    if e.batch_size is not None and e.batch_size <= 0:
-        raise ConfigError(f"eval.batch_size={e.batch_size} must be positive")
-    if e.patience and not e.interval:
-        raise ConfigError("eval.patience needs periodic evaluation; set eval.interval > 0")
     if (e.patience or e.keep_best) and e.batches and d.dev_fraction == 0 and not d.dev:
         raise ConfigError("early stopping and eval.keep_best need a dev split: set data.dev or data.dev_fraction "
                           "(or eval.keep_best=false)")
@@ -246,15 +215,6 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"eval.metric={e.metric} is not one of {', '.join(known)}")
     if e.metric in MAXIMIZE and cfg.mode != "classify":
         raise ConfigError(f"eval.metric={e.metric} is measured for finetune.mode=classify only; use val_loss")
-    if c.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last={c.keep_last} must be at least 1 (the newest is always kept)")
-    if lg.interval <= 0:
-        raise ConfigError(f"log.interval={lg.interval} must be positive")
-    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
-        raise ConfigError(f"log.peak_tflops={lg.peak_tflops} must be positive")
-    if lg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
-                          "(or set log.tensorboard=false)")
     if cfg.uses_lora:
         if cfg.lora.alpha <= 0:
             raise ConfigError(f"lora.alpha={cfg.lora.alpha} must be positive (typical: 2 × lora.rank)")

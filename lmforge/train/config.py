@@ -153,29 +153,10 @@ def grad_accum_steps(global_batch: int, micro_batch: int, dp_ranks: int) -> int:
     return global_batch // denom
 
 
-def validate(cfg: PretrainConfig) -> None:
-    """Checks that need no files: types were checked by `from_dict`; these are value and combination checks."""
+def validate_common(cfg) -> None:
+    """Checks of the sections every recipe shares (train limits, optim, schedule, eval, checkpoint, log);
+    pretraining and fine-tuning add their own on top."""
     t, o, s, e, c, lg = cfg.train, cfg.optim, cfg.schedule, cfg.eval, cfg.checkpoint, cfg.log
-    if not cfg.data.dir:
-        raise ConfigError("data.dir is not set; point it at a token-shard dir written by `lmforge prepare`")
-    if cfg.data.seq_len <= 0:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be positive")
-    if (t.global_batch is None) == (t.global_batch_tokens is None):
-        raise ConfigError("set exactly one of train.global_batch (sequences) and train.global_batch_tokens")
-    if t.global_batch_tokens is not None and (t.global_batch_tokens <= 0 or t.global_batch_tokens % cfg.data.seq_len):
-        k = max(1, round(t.global_batch_tokens / cfg.data.seq_len))
-        raise ConfigError(f"train.global_batch_tokens={t.global_batch_tokens} is not a positive multiple of "
-                          f"data.seq_len={cfg.data.seq_len}; try {k * cfg.data.seq_len}")
-    if cfg.global_batch_size <= 0:
-        raise ConfigError(f"train.global_batch={cfg.global_batch_size} must be positive")
-    if t.micro_batch <= 0:
-        raise ConfigError(f"train.micro_batch={t.micro_batch} must be positive")
-    if (t.max_steps is None) == (t.max_tokens is None):
-        raise ConfigError("set exactly one of train.max_steps and train.max_tokens")
-    if t.max_steps is not None and t.max_steps <= 0:
-        raise ConfigError(f"train.max_steps={t.max_steps} must be positive")
-    if t.max_tokens is not None and t.max_tokens <= 0:
-        raise ConfigError(f"train.max_tokens={t.max_tokens} must be positive")
     if t.max_nonfinite <= 0:
         raise ConfigError(f"train.max_nonfinite={t.max_nonfinite} must be at least 1")
     if t.time_limit_minutes is not None and t.time_limit_minutes <= 0:
@@ -196,10 +177,6 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 turns clipping off)")
     if s.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
-    steps = cfg.steps_for()
-    if s.warmup_steps > steps:
-        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} exceeds the run's {steps} steps; "
-                          f"lower it (e.g. {max(0, steps // 10)})")
     if s.min_lr is not None and not 0.0 <= s.min_lr <= o.lr:
         raise ConfigError(f"schedule.min_lr={s.min_lr} must be in [0, optim.lr={o.lr}]")
     if not 0.0 < s.decay_fraction <= 1.0:
@@ -212,8 +189,6 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"eval.batch_size={e.batch_size} must be positive")
     if e.patience and not e.interval:
         raise ConfigError("eval.patience needs periodic evaluation; set eval.interval > 0")
-    if e.patience and not e.batches:
-        raise ConfigError("eval.patience needs validation batches; set eval.batches > 0")
     if c.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={c.keep_last} must be at least 1 (the newest is always kept)")
     if lg.interval <= 0:
@@ -223,6 +198,38 @@ def validate(cfg: PretrainConfig) -> None:
     if lg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
                           "(or set log.tensorboard=false)")
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Checks that need no files: types were checked by `from_dict`; these are value and combination checks."""
+    t, s, e = cfg.train, cfg.schedule, cfg.eval
+    if not cfg.data.dir:
+        raise ConfigError("data.dir is not set; point it at a token-shard dir written by `lmforge prepare`")
+    if cfg.data.seq_len <= 0:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be positive")
+    if (t.global_batch is None) == (t.global_batch_tokens is None):
+        raise ConfigError("set exactly one of train.global_batch (sequences) and train.global_batch_tokens")
+    if t.global_batch_tokens is not None and (t.global_batch_tokens <= 0 or t.global_batch_tokens % cfg.data.seq_len):
+        k = max(1, round(t.global_batch_tokens / cfg.data.seq_len))
+        raise ConfigError(f"train.global_batch_tokens={t.global_batch_tokens} is not a positive multiple of "
+                          f"data.seq_len={cfg.data.seq_len}; try {k * cfg.data.seq_len}")
+    if cfg.global_batch_size <= 0:
+        raise ConfigError(f"train.global_batch={cfg.global_batch_size} must be positive")
+    if t.micro_batch <= 0:
+        raise ConfigError(f"train.micro_batch={t.micro_batch} must be positive")
+    if (t.max_steps is None) == (t.max_tokens is None):
+        raise ConfigError("set exactly one of train.max_steps and train.max_tokens")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps={t.max_steps} must be positive")
+    if t.max_tokens is not None and t.max_tokens <= 0:
+        raise ConfigError(f"train.max_tokens={t.max_tokens} must be positive")
+    validate_common(cfg)
+    steps = cfg.steps_for()
+    if s.warmup_steps > steps:
+        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} exceeds the run's {steps} steps; "
+                          f"lower it (e.g. {max(0, steps // 10)})")
+    if e.patience and not e.batches:
+        raise ConfigError("eval.patience needs validation batches; set eval.batches > 0")
     mcfg = cfg.model_config()
     if t.objective == "mlm":
         if mcfg.causal or mcfg.lm_head:
