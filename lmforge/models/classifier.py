@@ -81,7 +81,7 @@ def read_task(directory: str | os.PathLike) -> dict:
 
 
 def load_classifier_dir(directory: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[SequenceClassifier, list[str]]:
-    from lmforge.models.model_dir import load_weights, read_config
+    from lmforge.models.model_dir import load_state_strict, load_weights, read_config
     from lmforge.models.transformer import build_model
 
     task = read_task(directory)
@@ -93,13 +93,6 @@ def load_classifier_dir(directory: str | os.PathLike, device="cpu", dtype=torch.
     clf = SequenceClassifier(backbone, len(task["labels"]), task.get("pooling", "last"))
     sd = load_weights(directory)
     score = {k[len("score."):]: sd.pop(k) for k in list(sd) if k.startswith("score.")}
-    if cfg.tie_embeddings:
-        sd.pop("output.weight", None)
-    missing, unexpected = backbone.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "output.weight")]
-    if missing or unexpected:
-        raise UserError(f"classifier weights in '{directory}' do not match its config: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    backbone.tie_weights()
+    load_state_strict(backbone, sd, directory)
     clf.score.load_state_dict(score)
     return clf.to(device), list(task["labels"])

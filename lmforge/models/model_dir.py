@@ -129,13 +129,18 @@ def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "c
 
     cfg = read_config(directory)
     model = build_model(cfg, device=device, dtype=dtype, init=False)
-    sd = load_weights(directory)
-    if cfg.tie_embeddings:
-        sd.pop("output.weight", None)
+    load_state_strict(model, load_weights(directory), directory)
+    return model
+
+
+def load_state_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], directory: str | os.PathLike) -> None:
+    """Load a Transformer's weights; any missing or extra key fails (a tied head is re-tied, not loaded)."""
+    tied = model.cfg.tie_embeddings
+    if tied:
+        sd = {k: v for k, v in sd.items() if k != "output.weight"}
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "output.weight")]
+    missing = [k for k in missing if not (tied and k == "output.weight")]
     if missing or unexpected:
         raise UserError(f"weights in '{directory}' do not match its config.json: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}; re-export the model dir")
     model.tie_weights()
-    return model
