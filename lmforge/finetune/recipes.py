@@ -218,8 +218,9 @@ class Prepared:
 
 
 def prepare_sft(cfg: FinetuneConfig, tokenizer, mcfg, world, device) -> Prepared:
+    from lmforge.finetune.batching import SFTBatchIterator, collate_rows
     from lmforge.finetune.chat_template import get_chat_template
-    from lmforge.finetune.data import SFTBatchIterator, collate_rows, encode_examples, load_sft_examples
+    from lmforge.finetune.data import encode_examples, load_sft_examples
 
     d = cfg.data
     template = get_chat_template(tokenizer, d.chat_template)

@@ -100,7 +100,8 @@ def rows(run_dir, kind):
 
 def test_sft_loss_covers_only_the_assistant_replies(model_dir, sft_file, tmp_path):
     """The loss is the cross-entropy of exactly the reply tokens + end-of-turn + EOS, nothing else."""
-    from lmforge.finetune.data import SFTBatchIterator, encode_examples, load_sft_examples
+    from lmforge.finetune.batching import SFTBatchIterator
+    from lmforge.finetune.data import encode_examples, load_sft_examples
     from lmforge.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)

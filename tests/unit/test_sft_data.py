@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError, UserError
+from lmforge.finetune.batching import SFTBatchIterator, collate_rows, pack_rows
 from lmforge.finetune.chat_template import (
     default_chat_template,
     encode_chat,
@@ -18,16 +19,13 @@ from lmforge.finetune.chat_template import (
 from lmforge.finetune.data import (
     IGNORE_INDEX,
     DataError,
-    SFTBatchIterator,
     SFTExample,
-    collate_rows,
     encode_example,
     encode_examples,
     encode_labelled,
     label_list,
     load_labelled,
     load_sft_examples,
-    pack_rows,
     read_records,
 )
 
