@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_tokenizer
 
 from lmforge.cli import main
 
@@ -19,11 +20,8 @@ CORPUS = [
 def model_dir(tmp_path_factory):
     from lmforge.models import ModelConfig, build_model
     from lmforge.models.model_dir import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
-
     d = tmp_path_factory.mktemp("evalcli")
-    (d / "corpus.txt").write_text("\n".join(CORPUS), encoding="utf-8")
-    train_tokenizer([str(d / "corpus.txt")], 400, d / "tok", progress=False)
+    make_tokenizer(d, CORPUS, name="tok")
     cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_hidden=128, max_seq_len=128,
                       tie_embeddings=True)
     return save_model_dir(build_model(cfg, seed=0), d / "model", tokenizer_dir=str(d / "tok"))

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tokenizer
 
 from lmforge.config import UserError
 from lmforge.eval.datasets import load_qa, load_summarization, load_translation, read_texts, subset
@@ -31,11 +32,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from lmforge.tokenizer import train_tokenizer
-
-    d = tmp_path_factory.mktemp("tok")
-    (d / "corpus.txt").write_text("\n".join(CORPUS), encoding="utf-8")
-    return train_tokenizer([str(d / "corpus.txt")], 400, d / "out", progress=False)
+    return make_tokenizer(tmp_path_factory.mktemp("tok"), CORPUS)
 
 
 @pytest.fixture(scope="module")

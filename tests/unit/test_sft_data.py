@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_tokenizer
 
 from lmforge.config import ConfigError, UserError
 from lmforge.finetune.batching import SFTBatchIterator, collate_rows, pack_rows
@@ -39,11 +40,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from lmforge.tokenizer import train_tokenizer
-
-    d = tmp_path_factory.mktemp("tok")
-    (d / "corpus.txt").write_text("\n".join(CORPUS), encoding="utf-8")
-    return train_tokenizer([str(d / "corpus.txt")], 400, d / "out", progress=False)
+    return make_tokenizer(tmp_path_factory.mktemp("tok"), CORPUS)
 
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two?"},
