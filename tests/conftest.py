@@ -27,9 +27,15 @@ def pytest_collection_modifyitems(config, items):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def make_tokenizer(directory: Path, lines: list[str], vocab_size: int = 400, name: str = "out"):
-    """Train a small BPE tokenizer on ``lines`` (written to ``directory/corpus.txt``) into ``directory/name``."""
+def _make_tokenizer(directory: Path, lines: list[str], vocab_size: int = 400, name: str = "out"):
     from lmforge.tokenizer import train_tokenizer
 
     (directory / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
     return train_tokenizer([str(directory / "corpus.txt")], vocab_size, directory / name, progress=False)
+
+
+@pytest.fixture(scope="session")
+def make_tokenizer():
+    """``make_tokenizer(dir, lines, vocab_size=400, name="out")``: train a small BPE tokenizer on ``lines``
+    (written to ``dir/corpus.txt``) into ``dir/name``."""
+    return _make_tokenizer

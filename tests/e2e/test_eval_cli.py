@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from conftest import make_tokenizer
 
 from lmforge.cli import main
 
@@ -17,7 +16,7 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, make_tokenizer):
     from lmforge.models import ModelConfig, build_model
     from lmforge.models.model_dir import save_model_dir
     d = tmp_path_factory.mktemp("evalcli")

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tokenizer
 
 from lmforge.config import UserError
 from lmforge.eval.datasets import load_qa, load_summarization, load_translation, read_texts, subset
@@ -31,7 +30,7 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def tok(tmp_path_factory, make_tokenizer):
     return make_tokenizer(tmp_path_factory.mktemp("tok"), CORPUS)
 
 

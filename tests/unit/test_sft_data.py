@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from conftest import make_tokenizer
 
 from lmforge.config import ConfigError, UserError
 from lmforge.finetune.batching import SFTBatchIterator, collate_rows, pack_rows
@@ -39,7 +38,7 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def tok(tmp_path_factory, make_tokenizer):
     return make_tokenizer(tmp_path_factory.mktemp("tok"), CORPUS)
 
 
