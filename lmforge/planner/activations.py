@@ -24,11 +24,22 @@ Tensor parallelism (torchtitan's plan, sequence parallel on): norms and residual
 sequence, heads and FFN width split by `tp`, while the all-gathered input of the column-parallel
 projections is held at full size on every rank.
 
-Activation checkpointing (as `lmforge.distributed.apply.apply_ac` does it, per block):
-  * ``full``      each block keeps only its input; its activations are rebuilt during backward.
-  * ``selective`` the block input plus the outputs of every matmul (the projections, and the
-    attention matmuls when attention is not a fused kernel) and of the fused attention kernel
-    (output + log-sum-exp); norms, RoPE, activations and products are recomputed.
+Activation checkpointing policies (`AC_POLICIES`; a policy checkpoints per block):
+  * ``full``      (`lmforge.distributed.apply.apply_ac`) each block keeps only its input; its
+    activations are rebuilt during backward.
+  * ``selective`` (`apply_ac`'s `selective_policy`) the block input plus the outputs of every matmul
+    (the projections, and the attention matmuls when attention is not a fused kernel) and of the
+    fused attention kernel (output + log-sum-exp); norms, RoPE, activations and products are recomputed.
+  * ``titan-op``  torchtitan's op-level selective AC (``selective_ac_option = "op"``): the same save
+    list, but every second ``mm`` of a block is recomputed (wq, wv, w1 and w2 kept; wk, wo, w3 not).
+  * ``layer-N``   torchtitan's layer-level selective AC (``selective_ac_option = "N"``): every N-th
+    block is fully checkpointed, the others keep everything.
+
+Frozen weights (LoRA, QLoRA, the frozen part of DPO): autograd saves a matmul's input only when the
+weight needs a gradient, so a frozen projection keeps nothing, and SwiGLU's product (w2's input) is
+dropped; a LoRA adapter keeps its (dropped-out) input, the dropout mask and its rank-r intermediate.
+bitsandbytes' 4-bit matmul (QLoRA) saves its input whenever the input needs a gradient, so a 4-bit
+base keeps every projection input as full training does.
 
 Besides what is saved, the peak adds the backward transients: the fp32 gradients of the logits in
 the loss backward, or (whichever is larger) one block's backward: its recomputed activations when
@@ -43,7 +54,8 @@ from dataclasses import dataclass, field
 
 from lmforge.models.config import ModelConfig
 
-AC_MODES = ("none", "selective", "full")
+AC_MODES = ("none", "selective", "full")  # what `lmforge.distributed.apply.apply_ac` applies
+AC_POLICIES = AC_MODES + ("titan-op", "layer-N")  # layer-N: N a positive integer, e.g. layer-2
 DEVICES = ("cuda", "cpu")
 FP32 = 4
 INT64 = 8
@@ -58,6 +70,29 @@ class Term:
     bytes: float
 
 
+def parse_ac(ac: str) -> tuple[str, int]:
+    """'none'|'full'|'selective'|'titan-op'|'layer-N' -> (policy, every N-th block checkpointed)."""
+    if ac in AC_MODES or ac == "titan-op":
+        return ac, 1
+    if ac.startswith("layer-") and ac[6:].isdigit() and int(ac[6:]) > 0:
+        return "full", int(ac[6:])
+    raise ValueError(f"ac={ac!r} is not one of none, selective, full, titan-op, layer-N (N >= 1, e.g. layer-2)")
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """Which weights train. `lora_targets`: projection names with an adapter (rank `lora_rank`,
+    dropout `lora_dropout` applied per adapter as `lmforge.models.lora.LoRALinear` does);
+    `saves_inputs`: the frozen matmul saves its input anyway (bitsandbytes 4-bit); `shared_dropout`:
+    adapters on one input share a single dropout (litgpt's fused q/k/v adapter), not one each."""
+
+    lora_targets: frozenset = frozenset()
+    lora_rank: int = 8
+    lora_dropout: float = 0.0
+    saves_inputs: bool = False
+    shared_dropout: bool = False
+
+
 @dataclass
 class Activations:
     """Bytes held for backward by one micro batch on one rank."""
@@ -68,6 +103,11 @@ class Activations:
     n_layers: int = 0
     ac: str = "none"
     backward_working: float = 0.0  # gradients alive inside one block's backward
+    n_checkpointed: int | None = None  # blocks under the policy (layer-N: every N-th); None: all
+
+    @property
+    def checkpointed(self) -> int:
+        return self.n_layers if self.n_checkpointed is None else self.n_checkpointed
 
     @property
     def layer_bytes(self) -> float:
@@ -84,7 +124,8 @@ class Activations:
     @property
     def saved_bytes(self) -> float:
         """What the forward pass leaves for backward (the figure the autograd test measures)."""
-        return self.n_layers * self.layer_bytes + self.outside_bytes
+        plain = self.n_layers - self.checkpointed
+        return self.checkpointed * self.layer_bytes + plain * self.layer_full_bytes + self.outside_bytes
 
     @property
     def recompute_bytes(self) -> float:
@@ -131,13 +172,16 @@ def _linears(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
 
 def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_bytes: int = 2,
                          device: str = "cuda", ac: str = "none", tp: int = 1,
-                         doc_mask: bool = False) -> Activations:
+                         doc_mask: bool = False, frozen: Frozen | None = None,
+                         fp32_logits_held: bool = False) -> Activations:
     """Saved-activation bytes for one micro batch of `batch` x `seq_len` tokens on one rank.
 
     `doc_mask`: an explicit (B, 1, T, T) attention mask (packed documents attend only within
-    themselves); attention then keeps it as an additive bias in the compute dtype in every block."""
-    if ac not in AC_MODES:
-        raise ValueError(f"ac={ac!r} is not one of {AC_MODES}")
+    themselves); attention then keeps it as an additive bias in the compute dtype in every block.
+    `frozen`: the base weights are frozen (LoRA / QLoRA), see `Frozen`; None: every weight trains.
+    `fp32_logits_held`: the training loop holds fp32 logits through backward (Lightning Fabric's
+    bf16-true converts the model's output to fp32, and litgpt keeps the result until backward ends)."""
+    policy, every = parse_ac(ac)
     if device not in DEVICES:
         raise ValueError(f"device={device!r} is not one of {DEVICES}")
     B, T, a = batch, seq_len, act_bytes
@@ -165,7 +209,7 @@ def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_byte
             nb = FP32 if device == "cuda" else a
             return [Term(f"{prefix}.input", seq(N * d * nb)), Term(f"{prefix}.mean_rstd", seq(N * 2 * nb))]
         terms = [Term(f"{prefix}.input", seq(N * d * FP32)), Term(f"{prefix}.rstd", seq(N * FP32))]
-        if device == "cpu":  # composite RMSNorm also keeps x * rstd (for the weight's gradient)
+        if device == "cpu" and frozen is None:  # composite RMSNorm also keeps x * rstd (weight's gradient)
             terms.append(Term(f"{prefix}.x_rstd", seq(N * d * FP32)))
         return terms  # the fused CUDA kernel keeps input and rstd only
 
@@ -198,37 +242,65 @@ def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_byte
         terms.append(Term("attn.out", heads(q_el * a)))  # re-laid-out copy, the input of wo
         return terms
 
+    keeps_inputs = frozen is None or frozen.saves_inputs  # every projection saves its input
+
+    def adapters(names: tuple[str, ...], width_in: float, shared_input_kept: bool) -> list[Term]:
+        """What LoRA adapters on `names` (sharing one input of `width_in` per token) keep."""
+        if frozen is None:
+            return []
+        hit = [n for n in names if n in frozen.lora_targets]
+        if not hit:
+            return []
+        terms = [Term(f"lora.{n}.a_out", N * frozen.lora_rank * a) for n in hit]  # kept by B
+        if frozen.lora_dropout > 0:  # each adapter: its own mask and dropped-out input (kept by A)
+            terms += [Term(f"lora.{n}.dropout", N * width_in * (a + mask_bytes))
+                      for n in (hit[:1] if frozen.shared_dropout else hit)]
+        elif not shared_input_kept:  # A keeps the shared input itself
+            terms.append(Term(f"lora.{hit[0]}.input", N * width_in * a))
+        return terms
+
     def ffn_core() -> list[Term]:
         h = N * cfg.hidden_dim
+        w2_in = [Term("ffn.w2_in", heads(h * a))] if keeps_inputs else []
+        w2_in += adapters(("w2",), heads(cfg.hidden_dim), bool(w2_in))
         if cfg.activation == "swiglu":  # w1 out, w3 out, silu(w1 out), their product (w2 input)
             return [Term("ffn.w1_out", heads(h * a)), Term("ffn.w3_out", heads(h * a)),
-                    Term("ffn.silu_out", heads(h * a)), Term("ffn.w2_in", heads(h * a))]
+                    Term("ffn.silu_out", heads(h * a))] + w2_in
         if cfg.activation == "relu":  # relu keeps its output, which is also w2's input
             return [Term("ffn.relu_out", heads(h * a))]
-        return [Term("ffn.w1_out", heads(h * a)), Term("ffn.w2_in", heads(h * a))]
+        return [Term("ffn.w1_out", heads(h * a))] + w2_in
 
     dropout = [Term("dropout_mask", seq(N * d * mask_bytes))] if p else []
-    proj_in = Term("proj_input", N * d * a)  # all-gathered input of the column-parallel projections
+
+    def proj_in(prefix: str, names: tuple[str, ...]) -> list[Term]:
+        """The all-gathered input of the column-parallel projections, kept once for all of them."""
+        kept = [Term(prefix + ".proj_input", N * d * a)] if keeps_inputs else []
+        return kept + adapters(names, d, bool(kept))
+
+    attn_in, ffn_in = proj_in("attention", ("wq", "wk", "wv")), proj_in("feed_forward", ("w1", "w3"))
+    wo_adapter = adapters(("wo",), heads(cfg.q_dim), True)  # wo's input is the kept attention output
     if cfg.norm_position == "pre":
-        full = (norm("attention_norm") + [Term("attention." + proj_in.name, proj_in.bytes)]
-                + attention_core() + dropout
-                + norm("ffn_norm") + [Term("feed_forward." + proj_in.name, proj_in.bytes)]
-                + ffn_core() + dropout)
+        full = (norm("attention_norm") + attn_in + attention_core() + wo_adapter + dropout
+                + norm("ffn_norm") + ffn_in + ffn_core() + dropout)
     else:  # post-norm: the block input feeds attention directly, norms sit on the residual sums
-        full = ([Term("attention." + proj_in.name, proj_in.bytes)] + attention_core() + dropout
-                + norm("attention_norm") + [Term("feed_forward." + proj_in.name, proj_in.bytes)]
-                + ffn_core() + dropout + norm("ffn_norm"))
+        full = (attn_in + attention_core() + wo_adapter + dropout
+                + norm("attention_norm") + ffn_in + ffn_core() + dropout + norm("ffn_norm"))
         # The post-norm block input is the previous norm's output, held by the projections; the block
         # output is counted by the next block (or as the head input).
 
     block_input = Term("block_input", seq(N * d * a))
-    if ac == "none":
+    n_checkpointed = None
+    if policy == "none":
         per_layer = full
-    elif ac == "full":
+    elif policy == "full":
         per_layer = [block_input]
-    else:  # selective: every matmul output (projections, and the attention matmuls when not fused)
+        if every > 1:  # layer-N: blocks N, 2N, ... are checkpointed, the rest keep everything
+            n_checkpointed = cfg.n_layers // every
+    else:  # selective / titan-op: matmul outputs (projections, and attention matmuls when not fused)
         per_layer = [block_input]
-        for name, width, kind, _bias in _linears(cfg):
+        for i, (name, width, kind, _bias) in enumerate(_linears(cfg)):
+            if policy == "titan-op" and i % 2 == 1:  # torchtitan recomputes every second mm
+                continue
             el = N * width
             per_layer.append(Term(f"{name}.out", heads(el * a) if kind == "heads" else el * a))
         if path == "fused":
@@ -252,11 +324,23 @@ def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_byte
         outside.append(Term("rope.cos_sin", 2 * N * hd * a))
     if cfg.final_norm:
         outside += norm("norm")
-    outside.append(Term("head_input", N * d * a))  # final hidden states, kept by the LM head / task head
+    if keeps_inputs or not cfg.lm_head:  # final hidden states, kept by the LM head / task head
+        outside.append(Term("head_input", N * d * a))
+    if frozen is not None and cfg.norm_position == "pre":
+        # The frozen embeddings' output needs no gradient: the first block's attention norm keeps nothing,
+        # nor do the dropout masks of its q/k/v adapters (their input needs no gradient). With no q/k/v
+        # adapter, more of the first block keeps nothing; that part is not subtracted (an overestimate).
+        not_kept = sum(t.bytes for t in norm("attention_norm"))
+        qkv = [n for n in ("wq", "wk", "wv") if n in frozen.lora_targets]
+        if frozen.lora_dropout > 0 and qkv:
+            not_kept += (1 if frozen.shared_dropout else len(qkv)) * N * d * mask_bytes
+        outside.append(Term("first_block.not_kept", -not_kept))
     if cfg.lm_head:
         # the TP head gathers the logits (output_layouts=Replicate()), so every rank holds all of them
         outside += [Term("loss.log_probs_fp32", N * cfg.vocab_size * FP32),
                     Term("loss.targets", N * INT64)]
+        if fp32_logits_held:
+            outside.append(Term("loss.logits_fp32_held", N * cfg.vocab_size * FP32))
     # Inside a block's backward, besides what is still saved: the gradient of the residual stream and
     # those of the op being differentiated. FFN: SwiGLU's product backward holds three hidden-wide
     # gradients after w2 has freed its input (2 net), ReLU two (its output stays saved), GELU one net.
@@ -265,7 +349,7 @@ def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_byte
     attn_grads = heads(2 * cfg.q_dim + 2 * cfg.kv_dim)
     working = N * (d + max(ffn_grads, attn_grads)) * a
     return Activations(per_layer=per_layer, layer_full=full, outside=outside, n_layers=cfg.n_layers, ac=ac,
-                       backward_working=working)
+                       backward_working=working, n_checkpointed=n_checkpointed)
 
 
 def logits_transient_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> float:

@@ -9,7 +9,8 @@ from typing import Any
 from lmforge.config import ConfigError
 from lmforge.console import emit
 
-HELP = "per-GPU memory, fits verdict, FLOPs and time for training a model on N GPUs (--suggest searches)"
+HELP = ("per-GPU memory, fits verdict, FLOPs and time for training (pretrain, full, LoRA, QLoRA, DPO, reward) "
+        "or inference on N GPUs (--suggest searches; --calibration shows the published checks)")
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
@@ -27,8 +28,10 @@ def token_count(text: str) -> float:
 def add_arguments(p) -> None:
     from lmforge.planner.hardware import GPUS
 
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", default=None,
                    help="preset name (see `lmforge model list`), a model dir / config.json, or a pretrain YAML recipe")
+    p.add_argument("--mode", choices=["pretrain", "full", "lora", "qlora", "dpo", "reward", "infer"],
+                   default="pretrain", help="what runs (default pretrain; full = full fine-tuning)")
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default 1)")
     p.add_argument("--gpu", default="h100", help=f"GPU preset for memory and peak FLOP/s: {', '.join(GPUS)}")
     p.add_argument("--gpu-mem-gb", type=float, default=None, help="memory per GPU in GB (default: the preset's)")
@@ -38,15 +41,26 @@ def add_arguments(p) -> None:
     p.add_argument("--dp-shard", type=int, default=None, help="FSDP2 shard degree (default: fill the rest)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default 1)")
     p.add_argument("--dp-replicate", type=int, default=None, help="replicas (DDP / HSDP outer degree, default 1)")
-    p.add_argument("--ac", choices=["none", "selective", "full"], default=None, help="activation checkpointing")
+    p.add_argument("--ac", default=None,
+                   help="activation checkpointing: none, full, selective (lmforge: every matmul kept), "
+                        "titan-op (torchtitan's op SAC: every other matmul), layer-N (every N-th block full)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="compute precision (default bf16)")
-    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "muon"], default="adamw")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (lora, qlora, dpo with adapters)")
+    p.add_argument("--lora-targets", default="wq,wv", help="adapted projections: wq,wv | attention | mlp | all-linear")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    p.add_argument("--quant", choices=["none", "nf4", "nf4-dq"], default=None,
+                   help="4-bit base (qlora: default nf4-dq, double quantization; infer: default none)")
+    p.add_argument("--dpo-reference", choices=["model", "adapter", "precomputed"], default="model",
+                   help="DPO reference: a frozen copy, the base under LoRA adapters, or precomputed log-probs")
     p.add_argument("--doc-mask", action="store_true", default=None,
                    help="packed documents masked apart (an explicit attention mask in every block)")
     p.add_argument("--tokens", type=token_count, default=None, help="training tokens for the time estimate (2e12, 2T)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
     p.add_argument("--suggest", action="store_true",
                    help="search micro batch, activation checkpointing, dp_shard and tp for the fastest plan that fits")
+    p.add_argument("--calibration", action="store_true",
+                   help="print published peak-memory measurements beside the planner's figures")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
@@ -101,7 +115,8 @@ def _request(args):
               "precision": "bf16", "doc_mask": False, **defaults, **given}
     return PlanRequest(model=model, model_name=display, gpu=args.gpu, gpu_mem_gb=args.gpu_mem_gb,
                        peak_tflops=args.peak_tflops, optimizer=args.optimizer, tokens=args.tokens, mfu=args.mfu,
-                       **values)
+                       mode=args.mode, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
+                       lora_dropout=args.lora_dropout, quant=args.quant, dpo_reference=args.dpo_reference, **values)
 
 
 def _hours(h: float) -> str:
@@ -111,12 +126,16 @@ def _hours(h: float) -> str:
 def summary(plan: dict[str, Any]) -> str:
     m, par = plan["memory_gb"], plan["parallel"]
     verdict = "fits" if plan["fits"] else "does NOT fit"
+    peak = plan["memory_peak_gb"]
     layout = f"dp_replicate={par['dp_replicate']} dp_shard={par['dp_shard']} tp={par['tp']} ({par['wrapper']})"
-    line = (f"{plan['model']} ({plan['params'] / 1e9:.2f}B params) on {plan['gpus']}x {plan['gpu']}, {layout}, "
-            f"seq {plan['seq_len']} x micro batch {plan['micro_batch']}, ac={plan['ac']}, {plan['precision']}, "
-            f"{plan['optimizer']}: weights {m['weights']:.1f} + grads {m['grads']:.1f} + optimizer "
-            f"{m['optimizer']:.1f} + activations {m['activations']:.1f} + buffers {m['buffers']:.1f} = "
-            f"{m['total']:.1f} GB per GPU of {plan['gpu_mem_gb']:g} -> {verdict}; "
+    what = plan["mode"] + (f" r={plan['lora']['rank']}" if plan.get("lora") else "")
+    what += f" {plan['quant']}" if plan["quant"] != "none" else ""
+    line = (f"{plan['model']} ({plan['params'] / 1e9:.2f}B params) {what} on {plan['gpus']}x {plan['gpu']}, "
+            f"{layout}, seq {plan['seq_len']} x micro batch {plan['micro_batch']}, ac={plan['ac']}, "
+            f"{plan['precision']}, {plan['optimizer'] or 'no optimizer'}: weights {m['weights']:.1f} + grads "
+            f"{m['grads']:.1f} + optimizer {m['optimizer']:.1f} + activations {m['activations']:.1f} + buffers "
+            f"{m['buffers']:.1f} = {m['total']:.1f} GB per GPU of {plan['gpu_mem_gb']:g} -> {verdict} "
+            f"(allocated {peak['allocated']:.1f}, reserved {peak['reserved']:.1f}); "
             f"{plan['flops']['per_token'] / 1e9:.1f} GFLOP/token, {plan['tokens_per_s']:,.0f} tokens/s at "
             f"MFU {plan['mfu']['effective']:.2f}")
     if "hours" in plan:
@@ -133,6 +152,14 @@ def summary(plan: dict[str, Any]) -> str:
 def run(args) -> int:
     from lmforge.planner.estimate import estimate, suggest
 
+    if args.calibration:
+        from lmforge.planner.calibration import markdown, table
+
+        rows = table()
+        emit(args, markdown(rows), {"rows": rows})
+        return 0
+    if args.model is None:
+        raise ConfigError("lmforge plan needs --model (a preset, a model dir or a recipe), or --calibration")
     req = _request(args)
     plan = suggest(req) if args.suggest else estimate(req)
     emit(args, summary(plan), plan)
