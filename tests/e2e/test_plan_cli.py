@@ -1,11 +1,12 @@
-"""`lmforge plan` end to end: JSON keys, speed, no torch import, recipes and model dirs, errors."""
+"""`lmforge plan` end to end: JSON keys, no torch import, modes, calibration, recipes and model dirs, errors.
+
+(How fast it answers is measured by `bench/plan_speed.py`, not asserted here.)"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,17 +19,49 @@ def lmforge(*args: str) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
-def test_issue_command_json_keys_and_speed():
-    t0 = time.perf_counter()
+def test_issue_command_json_keys():
     r = lmforge("plan", "--model", "llama2-7b", "--gpus", "8", "--gpu-mem-gb", "80", "--json", "--tokens", "2T")
-    wall = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["params"] == 6_738_415_616 and isinstance(plan["fits"], bool)
     for key in ("weights", "grads", "optimizer", "activations", "total"):
         assert plan["memory_gb"][key] > 0
     assert plan["flops"]["per_token"] > 0 and plan["hours"] > 0 and plan["tokens"] == 2e12
-    assert wall < 5, f"lmforge plan took {wall:.2f}s (interpreter start included)"
+    peak = plan["memory_peak_gb"]
+    assert peak["verdict_uses"] == "device" and peak["device"] == plan["memory_gb"]["total"]
+    assert peak["allocated"] <= peak["reserved"] <= peak["device"]
+
+
+def test_issue_17_torchtitan_configuration_fits():
+    r = lmforge("plan", "--model", "llama3.1-8b", "--gpus", "8", "--gpu", "h100", "--gpu-mem-gb", "96",
+                "--seq-len", "8192", "--micro-batch", "2", "--ac", "titan-op", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["fits"] and plan["ac"] == "titan-op" and plan["memory_gb"]["total"] < 96
+
+
+def test_modes_from_the_command_line():
+    r = lmforge("plan", "--model", "llama2-13b", "--mode", "qlora", "--gpu", "4090", "--seq-len", "2048",
+                "--lora-rank", "16", "--lora-targets", "all-linear", "--ac", "full", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["mode"] == "qlora" and plan["quant"] == "nf4-dq" and plan["lora"]["rank"] == 16
+    assert plan["fits"] and plan["memory_gb"]["weights"] < 8
+    r = lmforge("plan", "--model", "llama2-7b", "--mode", "infer", "--seq-len", "4096", "--micro-batch", "16")
+    assert r.returncode == 0 and "infer" in r.stdout and "no optimizer" in r.stdout, r.stderr
+    r = lmforge("plan", "--model", "llama2-7b", "--mode", "dpo", "--dpo-reference", "adapter", "--suggest",
+                "--seq-len", "2048", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["suggested"] is True
+
+
+def test_calibration_table_without_torch():
+    code = ("import sys; from lmforge.cli import main; main(['plan', '--calibration']); "
+            "sys.stderr.write('TORCH' if 'torch' in sys.modules else 'NO_TORCH')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().endswith("NO_TORCH")
+    assert "| torchtitan Llama 3.1 8B, 8x H100" in r.stdout and "82.40 GiB" in r.stdout
 
 
 def test_plan_never_imports_torch():
@@ -70,6 +103,10 @@ def test_model_dir_config_json(tmp_path):
     (["--model", "nope-7b"], "unknown model preset"),
     (["--model", "llama2-7b", "--gpu", "h300"], "did you mean 'h200'"),
     (["--model", "llama2-7b", "--seq-len", "9000"], "max_seq_len"),
+    (["--model", "llama2-7b", "--ac", "layer-x"], "layer-N"),
+    (["--model", "llama2-7b", "--mode", "lora", "--lora-targets", "wq,foo"], "unknown 'foo'"),
+    (["--model", "llama2-7b", "--quant", "nf4"], "--quant nf4 applies"),
+    (["--gpus", "8"], "needs --model"),
 ])
 def test_errors_exit_2_with_one_line(args, message):
     r = lmforge("plan", *args)
