@@ -142,7 +142,7 @@ def main() -> int:
             rows.append(row)
             m = " ".join(f"{k} {measured[k]:.2f}" for k in ("allocated", "reserved", "outside_allocator")
                          if k in measured) or "(CPU: no allocator statistics)"
-            print(f"{name}: measured {m} | planner allocated {planned["allocated"]:.3f} reserved "
+            print(f"{name}: measured {m} | planner allocated {planned['allocated']:.3f} reserved "
                   f"{planned['reserved']:.2f} outside {planned['outside_allocator']:.2f} GB | errors "
                   f"{ {k: v for k, v in row.items() if k.startswith('error_')} }", flush=True)
     finally:
