@@ -1,4 +1,6 @@
-"""lmforge.planner: parameters, FLOPs, memory per GPU and time for a training plan; no model is built.
+"""lmforge.planner: parameters, FLOPs, memory per GPU and time for a training or inference plan; no model
+is built. Modes in `modes`, activation memory in `activations`, allocator levels in `allocator`,
+published measurements it is held to in `calibration`.
 
 Names are imported lazily; nothing here imports torch.
 """
@@ -12,6 +14,9 @@ _EXPORTS = {
     "estimate": "lmforge.planner.estimate",
     "suggest": "lmforge.planner.estimate",
     "estimate_activations": "lmforge.planner.activations",
+    "Frozen": "lmforge.planner.activations",
+    "AC_POLICIES": "lmforge.planner.activations",
+    "MODES": "lmforge.planner.modes",
     "GPUS": "lmforge.planner.hardware",
 }
 
