@@ -20,8 +20,8 @@ Per parameter, on one rank (after sharding):
 Optimizer state per trained parameter: AdamW fp32 m and v (8 B); 8-bit AdamW (bitsandbytes blockwise:
 two uint8 states + one fp32 absmax per 2048 values each, 2.004 B); Muon (Jordan et al. 2024): one fp32
 momentum (4 B) for the 2-D block matrices, AdamW (8 B) for embeddings, head, norms and biases, as
-Muon's reference setup prescribes. LoRA adapters are small: they always use AdamW (fp32 master, gradient,
-m and v: 16 B per adapter parameter), whatever `--optimizer` says.
+Muon's reference setup prescribes. LoRA adapters (fp32 master and gradient) use AdamW or 8-bit AdamW as asked;
+with `--optimizer muon` they use AdamW (Muon's rule is for the full 2-D weight matrices).
 """
 
 from __future__ import annotations
