@@ -406,13 +406,15 @@ def estimate(req: PlanRequest) -> dict[str, Any]:
     return out
 
 
-SUGGEST_AC = ("none", "selective", "titan-op", "layer-2", "full")  # least recompute first
+# Policies `lmforge.distributed.apply.apply_ac` can run, least recompute first. `titan-op` and `layer-N`
+# are planned (torchtitan's) but not applied by lmforge's trainer, so --suggest does not propose them.
+SUGGEST_AC = ("none", "selective", "full")
 
 
 def suggest(req: PlanRequest, top: int = 5) -> dict[str, Any]:
     """Search the layout and the mode's options for the fastest plan that fits.
 
-    Searched: tp x dp_shard x AC policy (`SUGGEST_AC`) x micro batch; for LoRA also QLoRA (4-bit
+    Searched: tp x dp_shard x AC policy (`SUGGEST_AC`: those the trainer applies) x micro batch; for LoRA also QLoRA (4-bit
     base) and LoRA ranks from the requested one down to 4 (halving). Fastest = highest tokens/s
     (recompute, TP and 4-bit costs); ties go to less checkpointing, the larger LoRA rank, 16-bit over
     4-bit, the larger micro batch (fewer FSDP all-gathers per token), then more memory headroom.
