@@ -98,3 +98,15 @@ def dropout_masks(info, run_dir: str, data_dir: str, steps: int, parallel: dict,
     dist.all_gather_object(gathered, masks[0])
     if info.rank == 0:
         Path(out).write_text(json.dumps(gathered))
+
+
+def pretrain_configs(info, configs: list[str]) -> None:
+    """`lmforge.train.pretrain` (the CLI's recipe) on each config in turn, on the spawned ranks."""
+    import torch.distributed as dist
+
+    from lmforge.train.config import load_config
+    from lmforge.train.pretrain import pretrain
+
+    for path in configs:
+        pretrain(load_config(path))
+        dist.barrier()
