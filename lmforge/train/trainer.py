@@ -76,6 +76,18 @@ def seed_rank_stream(seed: int, step: int, dp_rank: int) -> None:
     torch.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
+def _same_on_every_rank(metrics: dict[str, float]) -> dict[str, float]:
+    """Rank 0's evaluation metrics on every rank: early stopping and ``on_best`` (which runs collectives)
+    then decide alike even if an ``eval_fn`` rounded differently on some rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return metrics
+    box = [metrics]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def input_tokens(batch: Any) -> int:
     """Input positions of a batch that hold a real token (what the forward pass processes).
 
@@ -353,10 +365,9 @@ class Trainer:
             if self.bytes_per_token:
                 out["val_bpb"] = loss / math.log(2) / self.bytes_per_token
         out.update(extra)
-        if not out:
-            return {}
-        out["eval_time"] = time.perf_counter() - t0
-        return out
+        if out:
+            out["eval_time"] = time.perf_counter() - t0
+        return _same_on_every_rank(out)
 
     @property
     def can_evaluate(self) -> bool:
