@@ -12,6 +12,7 @@ from typing import Any
 from lmforge.config import ConfigError, to_dict
 from lmforge.console import info
 from lmforge.train.config import PretrainConfig, grad_accum_steps
+from lmforge.train.rank_output import note  # notes every rank would repeat: rank 0 only
 
 # Config fields whose change alters the math a checkpoint encodes; a resume refuses to mix them.
 MATH_DATA_FIELDS = ("seq_len", "doc_mask")
@@ -58,7 +59,7 @@ class PretrainBatches:
                 raise UserError(f"{e}; or continue on the new data with checkpoint.allow_mismatch=[data.dir]") from None
         tokens_seen = int(state["samples_seen"]) * int(state.get("seq_len") or self.loader.seq_len)
         self.loader.samples_seen = tokens_seen // self.loader.seq_len
-        info(f"note: data changed since the checkpoint; continuing after {tokens_seen:,} tokens "
+        note(f"note: data changed since the checkpoint; continuing after {tokens_seen:,} tokens "
              f"({self.loader.samples_seen:,} samples of the new data)")
 
 
@@ -95,7 +96,7 @@ def resolve_tokenizer_dir(cfg: PretrainConfig, index: dict[str, Any]) -> str | N
         if cfg.data.tokenizer:
             raise ConfigError(f"data.tokenizer='{path}' does not exist; point it at the tokenizer dir the shards "
                               "were prepared with")
-        info(f"note: the tokenizer dir recorded in {cfg.data.dir}/index.json ({path}) is gone; RUN/model will "
+        note(f"note: the tokenizer dir recorded in {cfg.data.dir}/index.json ({path}) is gone; RUN/model will "
              "have no tokenizer files (set data.tokenizer to copy them)")
         return None
     return str(path)
@@ -175,7 +176,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
             batches = loader.eval_batches(cfg.eval.batches, eval_bs)
             return map(PretrainBatches.convert, batches) if cfg.data.doc_mask else batches
     elif cfg.eval.batches:
-        info(f"note: {cfg.data.dir} has no val split; no validation loss (prepare with --val-fraction 0.01)")
+        note(f"note: {cfg.data.dir} has no val split; no validation loss (prepare with --val-fraction 0.01)")
     bpt = None
     if val_batches is not None:
         bpt = bytes_per_token(loader.eval_batches(cfg.eval.batches, cfg.eval.batch_size or cfg.train.micro_batch),

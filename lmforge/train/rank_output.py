@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from lmforge.config import UserError
-from lmforge.console import emit
+from lmforge.console import emit, info
 
 
 def process_rank() -> int | None:
@@ -34,6 +34,12 @@ def emit_once(args: Any, summary: str, payload: dict[str, Any] | None = None) ->
         emit(args, summary, payload)
 
 
+def note(message: str) -> None:
+    """`lmforge.console.info` on rank 0 (or a single process) only: a note every rank would repeat."""
+    if process_rank() in (None, 0):
+        info(message)
+
+
 @contextlib.contextmanager
 def errors_name_rank():
     """A UserError raised inside reads ``rank N: …`` in a multi-process job (the CLI prints ``error: …``)."""
@@ -46,4 +52,4 @@ def errors_name_rank():
         raise
 
 
-__all__ = ["emit_once", "errors_name_rank", "process_rank"]
+__all__ = ["emit_once", "errors_name_rank", "note", "process_rank"]
