@@ -530,13 +530,12 @@ class Trainer:
             due = cfg.checkpoint.at_end and self.step > 0
         else:
             due = bool(stop) or bool(cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
-        if not due or self.saved_at == self.step:
-            return
-        if not self.weights_finite():
-            self.message(f"step {self.step}: the weights are not finite; no checkpoint written "
-                         f"(the last finite one: {self.last_saved or 'none'})")
-            return
-        self.save_checkpoint()
+        if due and self.saved_at != self.step:
+            if self.weights_finite():
+                self.save_checkpoint()
+            else:
+                self.message(f"step {self.step}: the weights are not finite; no checkpoint written "
+                             f"(the last finite one: {self.last_saved or 'none'})")
         if stop and stop != "diverged":
             how = self.signals.name if stop == "signal" else stop.replace("_", " ")
             self.message(f"stopping at step {self.step}: {how}; checkpoint {self.last_saved}")
