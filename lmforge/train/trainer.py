@@ -674,5 +674,7 @@ __all__ = [
     "check_compatible",
     "find_resume",
     "format_duration",
+    "input_tokens",
+    "seed_rank_stream",
     "split_micro",
 ]
