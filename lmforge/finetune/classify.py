@@ -92,21 +92,24 @@ def classify_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     """Summed cross-entropy over the batch's examples, and how many there are."""
     logits = model(batch["tokens"], batch["lengths"])  # (B, labels)
     loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-    return loss, torch.tensor(batch["labels"].numel())
+    return loss, torch.tensor(batch["labels"].numel())  # loss "tokens" = examples; inputs = lengths.sum()
 
 
 class DevEvaluator:
     """``eval_fn`` for the Trainer: loss, accuracy and macro-F1 (percent) on the dev split.
 
     Every rank scores the whole (capped) dev split in the same batches, so the metrics agree across
-    ranks without communication and sharded models run their collectives in step.
+    ranks without communication and sharded models run their collectives in step. A cap
+    (``max_batches``) keeps a seeded sample of the dev split, the same at every evaluation.
     """
 
     def __init__(self, ids: Sequence[list[int]], labels: Sequence[int], label_names: Sequence[str],
-                 batch_size: int, pad_id: int, device: torch.device, max_batches: int | None = None):
-        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))  # similar lengths share a batch
-        if max_batches:
-            order = order[: max_batches * batch_size] if len(order) > max_batches * batch_size else order
+                 batch_size: int, pad_id: int, device: torch.device, max_batches: int | None = None,
+                 seed: int = 0):
+        from lmforge.finetune.eval_sample import eval_order
+
+        # capped: a seeded sample independent of length (not the longest); similar lengths share a batch
+        order = eval_order([len(x) for x in ids], max_batches * batch_size if max_batches else None, seed)
         self.batches = []
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]

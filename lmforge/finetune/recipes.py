@@ -15,7 +15,6 @@ become RUN/model at the end.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -53,7 +52,8 @@ def sft_loss(model, batch: dict) -> tuple[Any, Any]:
 
 def sft_batch_dict(b) -> dict[str, Any]:
     """`SFTBatch` -> the dict the Trainer splits into micro-batches (no mask for unpacked rows)."""
-    out = {"tokens": b.tokens, "labels": b.labels, "positions": b.positions}
+    out = {"tokens": b.tokens, "labels": b.labels, "positions": b.positions,
+           "input_tokens": (b.doc_ids >= 0).sum(1)}  # real (non-padding) inputs per row: the throughput count
     if b.attention_mask is not None:
         out["mask"] = b.attention_mask
     return out
@@ -221,6 +221,7 @@ def prepare_sft(cfg: FinetuneConfig, tokenizer, mcfg, world, device) -> Prepared
     from lmforge.finetune.batching import SFTBatchIterator, collate_rows
     from lmforge.finetune.chat_template import get_chat_template
     from lmforge.finetune.data import encode_examples, load_sft_examples
+    from lmforge.finetune.eval_sample import eval_order
 
     d = cfg.data
     template = get_chat_template(tokenizer, d.chat_template)
@@ -242,13 +243,14 @@ def prepare_sft(cfg: FinetuneConfig, tokenizer, mcfg, world, device) -> Prepared
         _check_ids(dev_ds.input_ids, mcfg.vocab_size, "data.dev")
         prepared.stats["dev"] = dev_ds.stats
         bs = cfg.eval.batch_size or cfg.train.micro_batch
-        order = sorted(range(len(dev_ds)), key=lambda i: (-len(dev_ds.input_ids[i]), i))
+        # a capped dev set is a seeded sample (not the longest examples), the same at every evaluation
+        order = eval_order([len(x) for x in dev_ds.input_ids], cfg.eval.batches * bs, cfg.train.seed)
         rows = [[i] for i in order]
         fixed = [sft_batch_dict(collate_rows(dev_ds, rows[s:s + bs], d.seq_len, pad_id, packed=False))
-                 for s in range(0, len(rows), bs)][: cfg.eval.batches]
+                 for s in range(0, len(rows), bs)]
 
-        def val_batches():
-            return itertools.islice(fixed, world.dp_rank, None, world.dp_size)  # each rank its share
+        def val_batches():  # the whole set on every rank; the Trainer shares it out evenly
+            return fixed
 
         prepared.val_batches = val_batches
     return prepared
@@ -294,7 +296,7 @@ def prepare_classify(cfg: FinetuneConfig, tokenizer, mcfg, world, device) -> Pre
         dev_ids, dev_ys = encode_labelled(tokenizer, dev, labels, d.seq_len)
         _check_ids(dev_ids, mcfg.vocab_size, "data.dev")
         evaluator = DevEvaluator(dev_ids, dev_ys, labels, cfg.eval.batch_size or cfg.train.micro_batch, pad_id,
-                                 device, cfg.eval.batches)
+                                 device, cfg.eval.batches, seed=cfg.train.seed)
         prepared.eval_fn = evaluator
         prepared.majority_baseline = evaluator.majority_baseline()
         prepared.n_dev = evaluator.n
@@ -506,8 +508,7 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
         fields.update({"lora.rank": cfg.lora.rank, "lora.alpha": cfg.lora.alpha,
                        "lora.targets": sorted(cfg.lora_config().target_names())})
     resume_from = find_resume(run_dir, cfg.train.resume)
-    if resume_from is not None:
-        check_compatible(resume_from, fields, cfg.checkpoint.allow_mismatch)
+    resume_notes = [] if resume_from is None else check_compatible(resume_from, fields, cfg.checkpoint.allow_mismatch)
 
     # ---- model ----
     torch.manual_seed(cfg.train.seed)  # the head's and the adapters' initialization
@@ -541,10 +542,10 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     flops = None if cfg.mode == "classify" else mcfg.flops_per_token(cfg.data.seq_len)
     trainer = Trainer(trainer_cfg, model, data.batches, data.val_batches, loss_fn, total_steps=total_steps,
                       world=world, device=device, config_dict=resolved, math_fields=fields, flops_per_token=flops,
-                      resume_from=resume_from, eval_fn=data.eval_fn, on_best=on_best)
+                      resume_from=resume_from, resume_notes=resume_notes, eval_fn=data.eval_fn, on_best=on_best)
     result = trainer.fit()
     model_dir = adapter_dir = weights_step = None
-    if cfg.checkpoint.save_model:
+    if cfg.checkpoint.save_model and not result.exit_code:  # a stopped run exports nothing
         model_dir, adapter_dir, weights_step = export(trainer, result, cfg, base_cfg, data.labels, data.template,
                                                       base_fp)
         result.model_dir = model_dir
@@ -558,9 +559,9 @@ def summary(res: FinetuneResult) -> tuple[str, dict[str, Any]]:
 
     r = res.train
     val = r.val or {}
-    unit = "examples" if res.mode == "classify" else "tokens"
-    parts = [(f"{r.stop_reason.replace('_', ' ')} at step {r.step:,} ({r.tokens:,} {unit}) in "
-             f"{format_duration(r.elapsed_s)}")]
+    seen = f"{r.loss_tokens:,} examples" if res.mode == "classify" else f"{r.tokens:,} tokens"
+    reason = r.signal if r.stop_reason == "signal" and r.signal else r.stop_reason
+    parts = [f"{reason.replace('_', ' ')} at step {r.step:,} ({seen}) in {format_duration(r.elapsed_s)}"]
     if r.final_loss is not None and math.isfinite(r.final_loss):
         parts.append(f"loss {r.final_loss:.4f}")
     if "accuracy" in val:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lmforge.console import emit
+from lmforge.train.rank_output import emit_once, errors_name_rank
 
 HELP = "pretrain a causal LM on token shards (resumes from RUN/checkpoints/LATEST by default)"
 
@@ -15,12 +15,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from lmforge.train.config import load_config
+    with errors_name_rank():  # under torchrun: "error: rank N: …"
+        from lmforge.train.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # ConfigError before anything is imported or built
-    from lmforge.train.pretrain import pretrain, summary
+        cfg = load_config(args.config, args.overrides)  # ConfigError before anything is imported or built
+        from lmforge.train.pretrain import pretrain, summary
 
-    result = pretrain(cfg)
+        result = pretrain(cfg)
     line, payload = summary(result)
-    emit(args, line, payload)
-    return 0
+    emit_once(args, line, payload)  # rank 0 only
+    return result.exit_code  # non-zero when stopped early (signal: 128+N, time limit: 124) and RUN/model not written

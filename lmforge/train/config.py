@@ -165,6 +165,11 @@ def validate_common(cfg) -> None:
         raise ConfigError(f"train.threads={t.threads} must be positive")
     if t.resume not in ("auto", "never") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume='{t.resume}' is neither auto, never nor an existing checkpoint path")
+    for key, value in (("optim.lr", o.lr), ("optim.eps", o.eps), ("optim.weight_decay", o.weight_decay),
+                       ("optim.grad_clip", o.grad_clip), *((f"optim.betas[{i}]", b) for i, b in enumerate(o.betas))):
+        if not math.isfinite(value):  # nan/inf would train to non-finite weights (or slip past the checks below)
+            raise ConfigError(f"{key}={value} must be a finite number; e.g. optim.lr=3e-4, optim.betas=[0.9, 0.95], "
+                              "optim.eps=1e-8, optim.weight_decay=0.1, optim.grad_clip=1.0")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be positive")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):

@@ -191,6 +191,62 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+class ThroughputMeter:
+    """Per-step figures summed over a logging window: time, tokens processed, loss tokens, loss and grad
+    norm of the finite steps. ``tok_per_s`` and MFU count the tokens that went through forward passes
+    (every input position, padding excluded); the loss tokens (targets: all of them for pretraining, the
+    assistant tokens for SFT, ~15% for MLM) are reported beside them.
+    """
+
+    def __init__(self, flops_per_token: float | None = None, peak_flops: float | None = None, n_devices: int = 1):
+        self.flops_per_token, self.peak, self.n_devices = flops_per_token, peak_flops, n_devices
+        self.history: list[float] = []  # tok/s of each closed window (the run's figure is their median)
+        self.ema_dt: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps = self.skipped = self.finite = 0
+        self.time = self.loss = self.grad_norm = 0.0
+        self.tokens = self.loss_tokens = 0
+
+    def add(self, dt: float, out: dict[str, Any]) -> None:
+        """One optimizer step: ``out`` holds loss, grad_norm, finite, tokens (processed), loss_tokens."""
+        self.steps += 1
+        self.time += dt
+        self.tokens += int(out["tokens"])
+        self.loss_tokens += int(out["loss_tokens"])
+        if out["finite"]:
+            self.finite += 1
+            self.loss += out["loss"]
+            self.grad_norm += out["grad_norm"]
+        else:
+            self.skipped += 1
+        self.ema_dt = dt if self.ema_dt is None else 0.9 * self.ema_dt + 0.1 * dt
+
+    def mfu(self, tok_per_s: float | None) -> float | None:
+        if not tok_per_s or not self.flops_per_token or not self.peak:
+            return None
+        return tok_per_s * self.flops_per_token / (self.peak * self.n_devices)
+
+    def close_window(self, last: dict[str, Any]) -> dict[str, Any]:
+        """The window's metrics (``last`` = the last step's output, used when every step was skipped)."""
+        tok_per_s = self.tokens / self.time if self.time else 0.0
+        row = {"loss": self.loss / self.finite if self.finite else last["loss"],
+               "grad_norm": self.grad_norm / self.finite if self.finite else last["grad_norm"],
+               "tok_per_s": tok_per_s,
+               "loss_tok_per_s": self.loss_tokens / self.time if self.time else 0.0,
+               "mfu": self.mfu(tok_per_s),
+               "step_time": self.time / max(1, self.steps),
+               "skipped": self.skipped}
+        if self.steps:
+            self.history.append(tok_per_s)
+        self._reset()
+        return row
+
+    def median_tok_per_s(self) -> float | None:
+        return sorted(self.history)[len(self.history) // 2] if self.history else None
+
+
 class Progress:
     """One status line on stderr: step, loss, lr, tokens/s, ETA. Redrawn in place on a terminal."""
 

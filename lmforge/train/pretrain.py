@@ -5,7 +5,6 @@ Every check that can fail on the user's input runs before the model is built or 
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from lmforge.config import ConfigError, to_dict
 from lmforge.console import info
 from lmforge.train.config import PretrainConfig, grad_accum_steps
+from lmforge.train.rank_output import note  # notes every rank would repeat: rank 0 only
 
 # Config fields whose change alters the math a checkpoint encodes; a resume refuses to mix them.
 MATH_DATA_FIELDS = ("seq_len", "doc_mask")
@@ -59,7 +59,7 @@ class PretrainBatches:
                 raise UserError(f"{e}; or continue on the new data with checkpoint.allow_mismatch=[data.dir]") from None
         tokens_seen = int(state["samples_seen"]) * int(state.get("seq_len") or self.loader.seq_len)
         self.loader.samples_seen = tokens_seen // self.loader.seq_len
-        info(f"note: data changed since the checkpoint; continuing after {tokens_seen:,} tokens "
+        note(f"note: data changed since the checkpoint; continuing after {tokens_seen:,} tokens "
              f"({self.loader.samples_seen:,} samples of the new data)")
 
 
@@ -96,7 +96,7 @@ def resolve_tokenizer_dir(cfg: PretrainConfig, index: dict[str, Any]) -> str | N
         if cfg.data.tokenizer:
             raise ConfigError(f"data.tokenizer='{path}' does not exist; point it at the tokenizer dir the shards "
                               "were prepared with")
-        info(f"note: the tokenizer dir recorded in {cfg.data.dir}/index.json ({path}) is gone; RUN/model will "
+        note(f"note: the tokenizer dir recorded in {cfg.data.dir}/index.json ({path}) is gone; RUN/model will "
              "have no tokenizer files (set data.tokenizer to copy them)")
         return None
     return str(path)
@@ -159,8 +159,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     run_dir = Path(cfg.run.dir)
     fields = math_fields(mcfg, cfg, index)
     resume_from = find_resume(run_dir, cfg.train.resume)
-    if resume_from is not None:
-        check_compatible(resume_from, fields, cfg.checkpoint.allow_mismatch)
+    resume_notes = [] if resume_from is None else check_compatible(resume_from, fields, cfg.checkpoint.allow_mismatch)
     tokenizer_dir = resolve_tokenizer_dir(cfg, index)
     cfg.data.tokenizer = tokenizer_dir
     loader = ShardLoader(cfg.data.dir, "train", cfg.data.seq_len, cfg.global_batch_size, rank=world.dp_rank,
@@ -173,13 +172,11 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     if cfg.eval.batches and has_val:
         eval_bs = cfg.eval.batch_size or cfg.train.micro_batch
 
-        def val_batches():
+        def val_batches():  # the whole set on every rank; the Trainer shares it out evenly
             batches = loader.eval_batches(cfg.eval.batches, eval_bs)
-            if cfg.data.doc_mask:
-                batches = map(PretrainBatches.convert, batches)
-            return itertools.islice(batches, world.dp_rank, None, world.dp_size)  # each rank its share
+            return map(PretrainBatches.convert, batches) if cfg.data.doc_mask else batches
     elif cfg.eval.batches:
-        info(f"note: {cfg.data.dir} has no val split; no validation loss (prepare with --val-fraction 0.01)")
+        note(f"note: {cfg.data.dir} has no val split; no validation loss (prepare with --val-fraction 0.01)")
     bpt = None
     if val_batches is not None:
         bpt = bytes_per_token(loader.eval_batches(cfg.eval.batches, cfg.eval.batch_size or cfg.train.micro_batch),
@@ -223,7 +220,8 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
 
     trainer = Trainer(cfg, model, source, val_batches, loss_fn, total_steps=total_steps, world=world, device=device,
                       config_dict=resolved, math_fields=fields, flops_per_token=mcfg.flops_per_token(cfg.data.seq_len),
-                      bytes_per_token=bpt, save_model=save_model, resume_from=resume_from)
+                      bytes_per_token=bpt, save_model=save_model, resume_from=resume_from,
+                      resume_notes=resume_notes)
     with failure_guard(world):  # a rank that fails or dies makes the others exit, naming it
         return trainer.fit()
 
@@ -233,7 +231,8 @@ def summary(result) -> tuple[str, dict[str, Any]]:
     from lmforge.train.metrics import format_duration
 
     val = result.val or {}
-    parts = [(f"{result.stop_reason.replace('_', ' ')} at step {result.step:,} ({result.tokens:,} tokens) "
+    reason = result.signal if result.stop_reason == "signal" and result.signal else result.stop_reason
+    parts = [(f"{reason.replace('_', ' ')} at step {result.step:,} ({result.tokens:,} tokens) "
              f"in {format_duration(result.elapsed_s)}")]
     if result.final_loss is not None and math.isfinite(result.final_loss):
         parts.append(f"loss {result.final_loss:.4f}")
@@ -246,6 +245,8 @@ def summary(result) -> tuple[str, dict[str, Any]]:
     line = "pretrain: " + ", ".join(parts)
     if result.model_dir:
         line += f"; model in {result.model_dir}"
+    elif result.exit_code and result.checkpoint:
+        line += f"; no model written (stopped early), checkpoint {result.checkpoint}: run again to resume"
     payload = {k: v for k, v in vars(result).items()}
     return line, payload
 

@@ -194,9 +194,17 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
         info(f"quickstart: {per_step:.2f} s/step here -> {steps} steps of {cfg.global_batch_size}x{cfg.data.seq_len} "
              f"tokens (~{minutes:g} min)")
     result = pretrain(cfg)
-    if result.stop_reason == "time_limit":
-        info(f"quickstart: stopped at the time guard at step {result.step} of {cfg.train.max_steps} (this machine "
-             "is busier than when it was timed); run the quickstart again to finish the schedule")
+    if result.exit_code:  # the time guard (or a signal) stopped it: no RUN/model to sample from yet
+        info(f"quickstart: stopped ({result.signal or result.stop_reason.replace('_', ' ')}) at step {result.step} "
+             f"of {cfg.train.max_steps} (this machine is busier than when it was timed); run the quickstart again "
+             "to finish the schedule")
+        summary, png, md = write_report(out)
+        return {"out": str(out), "model_dir": None, "report": str(md), "plot": str(png), "steps": result.step,
+                "tokens": result.tokens, "stop_reason": result.stop_reason, "exit_code": result.exit_code,
+                "first_val_loss": summary.get("first_val_loss"), "final_val_loss": summary.get("final_val_loss"),
+                "final_val_bpb": summary.get("final_val_bpb"), "tok_per_s": result.tok_per_s, "mfu": result.mfu,
+                "resumed_from": result.resumed_from, "sample": None,
+                "seconds": round(time.perf_counter() - t_start, 1)}
     # 4. sample from the consolidated model dir (the same path `lmforge generate` takes)
     from lmforge.generate import generate
     from lmforge.models.model_dir import load_model_dir
@@ -214,7 +222,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
             "steps": result.step, "tokens": result.tokens, "stop_reason": result.stop_reason,
             "first_val_loss": summary.get("first_val_loss"), "final_val_loss": summary.get("final_val_loss"),
             "final_val_bpb": summary.get("final_val_bpb"), "tok_per_s": result.tok_per_s, "mfu": result.mfu,
-            "resumed_from": result.resumed_from, "sample": sample,
+            "resumed_from": result.resumed_from, "sample": sample, "exit_code": 0,
             "seconds": round(time.perf_counter() - t_start, 1)}
 
 
@@ -226,6 +234,10 @@ def run(args) -> int:
     if r["first_val_loss"] is not None and r["final_val_loss"] is not None:
         bpb = f", {r['final_val_bpb']:.2f} bits/byte" if r.get("final_val_bpb") else ""
         val = f", val loss {r['first_val_loss']:.2f} -> {r['final_val_loss']:.2f}{bpb}"
+    if r["model_dir"] is None:  # stopped early: no model yet; a re-run resumes
+        emit(args, f"quickstart: stopped at step {r['steps']:,} ({r['tokens']:,} tokens) in "
+                   f"{format_duration(r['seconds'])}{val}; no model yet: run it again to finish; report {r['report']}", r)
+        return r["exit_code"]
     emit(args, f"quickstart: {r['steps']:,} steps ({r['tokens']:,} tokens) in {format_duration(r['seconds'])}{val}; "
                f"try `lmforge generate --model {r['model_dir']} --prompt 'import os'`; report {r['report']}", r)
     return 0

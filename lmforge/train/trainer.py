@@ -8,20 +8,30 @@ metrics, DCP checkpoints with exact resume, and the consolidated model dir at th
 
 ``train_batches`` has ``next_batch()`` (this rank's share of one optimizer step: a tensor or a dict
 of tensors with the batch on dim 0), ``state_dict()`` and ``load_state_dict()``. ``val_batches()``
-returns an iterable of batches. ``loss_fn(model, batch) -> (loss_sum, n_tokens)``: the summed loss
-and how many targets it covers; the Trainer normalizes by the global count, so micro-batches and
-ranks with different numbers of real tokens weigh correctly.
+returns the WHOLE evaluation set, the same on every rank; the Trainer gives each data-parallel rank its
+share with the same number of forward passes (see `Trainer.evaluate`). ``loss_fn(model, batch) ->
+(loss_sum, n_tokens)``: the summed loss and how many targets it covers; the Trainer normalizes by the
+global count, so micro-batches and ranks with different numbers of real tokens weigh correctly.
 
 Optional hooks for fine-tuning recipes: ``eval_fn(model) -> {metric: value}`` adds metrics to every
 evaluation (e.g. dev accuracy; every rank calls it); early stopping follows ``cfg.eval.metric``
 (default ``val_loss``) in the direction ``cfg.eval.metric_mode`` (``min`` | ``max``); ``on_best(trainer)``
 runs on every rank whenever an evaluation sets a new best (a recipe keeps the best weights there).
+
+Across ranks: every decision that leads to collectives (evaluate, checkpoint, stop) is the same on all
+ranks at the same step: evaluation and checkpoint cadence follow the step count, and the stop flags
+(signal, time limit, early stop, divergence) are agreed by an all-reduce (`lmforge.train.stopping`).
+Dropout streams are seeded per data-parallel rank (TP peers share one); notes print on rank 0 only.
+
+Accounting: ``tokens`` / ``tok_per_s`` / MFU count the input tokens that went through forward passes
+(padding excluded); ``loss_tokens`` counts the targets of the loss (assistant tokens for SFT, the
+masked ~15% for MLM, examples for classification).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,14 +45,61 @@ from torch import nn
 from lmforge.config import ConfigError, UserError, config_hash, dump_yaml
 from lmforge.console import info
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.metrics import MetricsWriter, Progress, format_duration, memory_stats, peak_flops
+from lmforge.train.metrics import (
+    MetricsWriter,
+    Progress,
+    ThroughputMeter,
+    format_duration,
+    memory_stats,
+    peak_flops,
+)
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.parallel import World, all_reduce_sum, barrier, no_sync, parallelize_model, unwrap
 from lmforge.train.schedule import LRSchedule
+from lmforge.train.stopping import StopSignals, agree, exit_code
 
 
 class TrainingDiverged(UserError):
-    """Too many non-finite steps in a row; the last good state was checkpointed."""
+    """Too many non-finite steps in a row; the message names the last checkpoint of finite weights."""
+
+
+def now() -> float:
+    """The clock of ``train.time_limit_minutes`` (a seam: tests skew one rank's clock)."""
+    return time.perf_counter()
+
+
+def seed_rank_stream(seed: int, step: int, dp_rank: int) -> None:
+    """Seed torch's global generators (dropout) from (seed, step, data-parallel rank): TP peers, which hold
+    the same replicated activations, draw the same masks; data-parallel ranks draw different ones; a
+    resume on another world size derives every rank's stream afresh instead of copying rank 0's."""
+    digest = hashlib.blake2b(f"lmforge-rng/{seed}/{step}/{dp_rank}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def _same_on_every_rank(metrics: dict[str, float]) -> dict[str, float]:
+    """Rank 0's evaluation metrics on every rank: early stopping and ``on_best`` (which runs collectives)
+    then decide alike even if an ``eval_fn`` rounded differently on some rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return metrics
+    box = [metrics]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def input_tokens(batch: Any) -> int:
+    """Input positions of a batch that hold a real token (what the forward pass processes).
+
+    Causal rows (B, T+1) feed T inputs; a dict may say it explicitly: ``input_tokens`` (B,) per row
+    (SFT), ``lengths`` (B,) (classification); otherwise every position of ``tokens`` (B, T+1) but the last.
+    """
+    if isinstance(batch, dict):
+        for key in ("input_tokens", "lengths"):
+            if torch.is_tensor(batch.get(key)):
+                return int(batch[key].sum())
+        batch = batch["tokens"]
+    return int(batch.size(0) * (batch.size(1) - 1)) if batch.dim() == 2 else int(batch.numel())
 
 
 def causal_lm_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +181,7 @@ def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
 @dataclass
 class TrainResult:
     step: int
-    tokens: int
+    tokens: int  # input tokens processed (forward passes), all ranks
     stop_reason: str  # max_steps | early_stop | time_limit | signal
     final_loss: float | None
     val: dict[str, float] = field(default_factory=dict)
@@ -140,6 +197,10 @@ class TrainResult:
     model_dir: str | None = None
     run_dir: str = ""
     peak_flops_source: str | None = None
+    loss_tokens: int = 0  # targets the loss covered, all ranks
+    signal: str | None = None  # SIGINT | SIGTERM | SIGUSR1 when stop_reason == "signal"
+    exit_code: int = 0  # what the CLI exits with: 0 finished, 128+signal, 124 time limit
+    checkpoint: str | None = None  # the newest checkpoint of this run (None: none written)
 
 
 class Trainer:
@@ -151,6 +212,7 @@ class Trainer:
                  config_dict: dict[str, Any] | None = None, math_fields: dict[str, Any] | None = None,
                  flops_per_token: float | None = None, bytes_per_token: float | None = None,
                  save_model: Callable[[nn.Module, Path], Any] | None = None, resume_from: Path | None | str = "find",
+                 resume_notes: list[str] | None = None,
                  eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
                  on_best: Callable[[Trainer], Any] | None = None):
         self.cfg = cfg
@@ -172,8 +234,9 @@ class Trainer:
         self.save_model_fn = save_model
         self.resume_from = (find_resume(self.run_dir, cfg.train.resume) if resume_from == "find"
                             else (Path(resume_from) if resume_from else None))
-        self.resume_notes: list[str] = []
-        if self.resume_from is not None:
+        # a recipe that checked the checkpoint before building the model passes its notes: checked once per start
+        self.resume_notes: list[str] = list(resume_notes or [])
+        if self.resume_from is not None and resume_notes is None:
             self.resume_notes = check_compatible(self.resume_from, self.math_fields, cfg.checkpoint.allow_mismatch)
         self.raw_model = model
         self.model = parallelize_model(model, cfg, self.world, self.device)
@@ -184,7 +247,8 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         # trainer state (checkpointed)
         self.step = 0
-        self.tokens = 0
+        self.tokens = 0  # input tokens that went through forward passes (all ranks)
+        self.loss_tokens = 0  # targets the loss was computed on (all ranks)
         self.best_val: float | None = None
         self.best_step: int | None = None
         self.evals_since_best = 0
@@ -192,7 +256,14 @@ class Trainer:
         self.nonfinite_streak = 0
         self.last_val: dict[str, float] = {}
         self.last_val_step: int | None = None
-        self._stop_signal: str | None = None
+        # this start only
+        self.signals = StopSignals()
+        self.progress: Progress | None = None
+        self.meter: ThroughputMeter | None = None
+        self.saved_at = -1
+        self.evaluated_at = -1
+        self.last_saved: Path | None = None
+        self.last_row: dict[str, Any] = {}
 
     # ---- state ---------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -203,20 +274,28 @@ class Trainer:
             "config_hash": config_hash(self.math_fields),
             "schedule": self.schedule.state_dict(),
             "trainer": {"best_val": self.best_val, "best_step": self.best_step,
-                        "evals_since_best": self.evals_since_best,
+                        "evals_since_best": self.evals_since_best, "loss_tokens": self.loss_tokens,
                         "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
                         "last_val": self.last_val, "last_val_step": self.last_val_step},
+            "layout": self._layout(),
             "lmforge_version": __import__("lmforge").__version__,
         }
 
+    def _layout(self) -> dict[str, int]:
+        """What each rank file's RNG stream belongs to: a resume restores it only on the same layout."""
+        return {"world_size": self.world.world_size, "dp_size": self.world.dp_size}
+
     def save_checkpoint(self) -> Path:
         rank_state = {"loader": self.train_batches.state_dict(), "rng": ckpt.rng_state()}
-        return self.ckpt.save(self.step, self.model, self.optimizer, self._meta(), rank_state)
+        path = self.ckpt.save(self.step, self.model, self.optimizer, self._meta(), rank_state)
+        self.saved_at, self.last_saved = self.step, path
+        return path
 
     def _load_checkpoint(self, path: Path) -> None:
         meta, rank_state = self.ckpt.load(path, self.model, self.optimizer)
         self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
         t = meta.get("trainer", {})
+        self.loss_tokens = int(t.get("loss_tokens", self.tokens))
         self.best_val = t.get("best_val")
         self.best_step = t.get("best_step")
         self.evals_since_best = int(t.get("evals_since_best", 0))
@@ -226,17 +305,35 @@ class Trainer:
         self.last_val_step = t.get("last_val_step")
         if "loader" in rank_state:
             self.train_batches.load_state_dict(rank_state["loader"])
-        if "rng" in rank_state:
-            ckpt.set_rng_state(rank_state["rng"])
+        if "rng" in rank_state and meta.get("layout") == self._layout():
+            ckpt.set_rng_state(rank_state["rng"])  # the same rank's own stream: exact resume
+        else:  # another world size: a fresh stream per data-parallel rank, never rank 0's copied
+            seed_rank_stream(self.cfg.train.seed, self.step, self.world.dp_rank)
         if self.world.is_main:
             for note in self.resume_notes + _changed_settings(meta.get("config", {}), self.config_dict):
                 info(f"note: resuming with changed setting {note}")
 
+    def weights_finite(self) -> bool:
+        """True when every rank's parameters (its shards) are finite; a collective."""
+        bad = 0.0
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if not bool(torch.isfinite(local.detach()).all()):
+                bad = 1.0
+                break
+        return agree([bad])[0] == 0.0
+
     # ---- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token), perplexity and bits per byte over ``eval.batches`` batches,
-        plus whatever ``eval_fn`` measures."""
+        """Validation loss (nats/token), perplexity and bits per byte over the evaluation set, plus
+        whatever ``eval_fn`` measures.
+
+        ``val_batches()`` returns the whole evaluation set (the same on every rank). Data-parallel rank r
+        takes batches r, r + dp, …; a rank with one batch fewer runs a zero-weight forward on batch 0, so
+        every rank runs the same number of forward passes (sharded models all-gather in each) and the
+        summed loss equals the 1-process value on the same batches.
+        """
         model = self.model
         was_training = model.training
         model.eval()
@@ -244,12 +341,16 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         extra: dict[str, float] = {}
         try:
-            for batch in (self.val_batches() if self.val_batches is not None else ()):
-                batch = to_device(batch, self.device)
+            batches = list(self.val_batches()) if self.val_batches is not None else []
+            dp, r = self.world.dp_size, self.world.dp_rank
+            mine = batches[r::dp]
+            for i in range(-(-len(batches) // dp)):
+                weight = 1.0 if i < len(mine) else 0.0
+                batch = to_device(mine[i] if weight else batches[0], self.device)
                 with self._autocast():
                     loss_sum, n = self.loss_fn(model, batch)
-                total[0] += loss_sum.double()
-                total[1] += float(n)
+                total[0] += weight * loss_sum.double()
+                total[1] += weight * float(n)
             if self.eval_fn is not None:
                 with self._autocast():
                     extra = dict(self.eval_fn(model))
@@ -264,10 +365,9 @@ class Trainer:
             if self.bytes_per_token:
                 out["val_bpb"] = loss / math.log(2) / self.bytes_per_token
         out.update(extra)
-        if not out:
-            return {}
-        out["eval_time"] = time.perf_counter() - t0
-        return out
+        if out:
+            out["eval_time"] = time.perf_counter() - t0
+        return _same_on_every_rank(out)
 
     @property
     def can_evaluate(self) -> bool:
@@ -287,7 +387,7 @@ class Trainer:
         lr = self.schedule(self.step)
         set_lr(self.optimizer, lr)
         micro = split_micro(batch, cfg.train.micro_batch)
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, target tokens)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # (loss sum, loss tokens, inputs)
         for i, mb in enumerate(micro):
             mb = to_device(mb, self.device)
             with no_sync(self.model, skip=i < len(micro) - 1), self._autocast():
@@ -295,6 +395,7 @@ class Trainer:
             loss_sum.backward()
             totals[0] += loss_sum.detach().double()
             totals[1] += float(n)
+            totals[2] += input_tokens(mb)
         all_reduce_sum(totals)
         n_global = float(totals[1])
         loss = float(totals[0] / max(n_global, 1.0))
@@ -313,126 +414,175 @@ class Trainer:
             self.nonfinite_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += int(n_global)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, "tokens": int(n_global)}
+        self.tokens += int(totals[2])
+        self.loss_tokens += int(n_global)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, "tokens": int(totals[2]),
+                "loss_tokens": int(n_global)}
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to ``total_steps`` (or until every rank agrees to stop); see the module docstring."""
+        peak = self._start()
+        stop = None
+        with self.signals:
+            try:
+                self.model.train()
+                if self.cfg.eval.at_start and self.step == 0 and self.resume_from is None:
+                    self.maybe_evaluate(force=True)
+                while self.step < self.total_steps:
+                    out = self.timed_step()
+                    self.log_step(out)
+                    val = self.maybe_evaluate()
+                    stop = self.should_stop(val)
+                    self.maybe_checkpoint(stop)
+                    if stop:
+                        break
+                self.progress.close()
+                if stop is None:
+                    self.final_evaluation()
+                if stop != "diverged":
+                    self.maybe_checkpoint(None, at_end=True)
+            finally:
+                self.progress.close()
+        if stop == "diverged":
+            raise self._diverged()
+        return self._finish(stop or "max_steps", peak)
+
+    def _start(self) -> float:
+        """Run dir and config, resume (or seed this rank's stream), the start event; returns peak FLOP/s."""
         cfg, world = self.cfg, self.world
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.config_dict, self.run_dir / "config.yaml")
         self.ckpt.clean_partial()
         peak, self.peak_source = peak_flops(self.device, cfg.train.precision, cfg.log.peak_tflops)
-        resumed = None
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
-            resumed = str(self.resume_from)
             self.metrics.truncate_after(self.step)
+            # a resumed run already holds the checkpoint (and maybe the evaluation) of its starting step
+            self.saved_at, self.last_saved = self.step, self.resume_from
+            self.evaluated_at = self.step if self.last_val_step == self.step else -1
             if world.is_main:
                 info(f"resumed from {self.resume_from} at step {self.step} ({self.tokens:,} tokens)")
         else:
-            torch.manual_seed(cfg.train.seed + world.rank)  # dropout streams differ per rank
+            seed_rank_stream(cfg.train.seed, 0, world.dp_rank)  # TP peers share a stream; dp ranks differ
             self.metrics.truncate_after(-1)  # a fresh run: no rows from an earlier attempt
         barrier()
-        self.metrics.write({"kind": "event", "step": self.step, "event": "resume" if resumed else "start",
+        self.metrics.write({"kind": "event", "step": self.step, "event": "resume" if self.resume_from else "start",
                             "total_steps": self.total_steps, "time": time.time()})
-        progress = Progress(self.total_steps, enabled=cfg.log.progress and world.is_main, every=cfg.log.interval)
-        old_handlers = self._install_signal_handlers()
-        t_start = time.perf_counter()
-        stop_reason = "max_steps"
-        window = {"loss": 0.0, "n": 0, "skipped": 0, "tokens": 0, "time": 0.0, "steps": 0, "grad_norm": 0.0}
-        last_row: dict[str, Any] = {}
-        # a resumed run already holds the checkpoint (and maybe the evaluation) of its starting step
-        saved_at = self.step if resumed else -1
-        evaluated_at = self.last_val_step if resumed and self.last_val_step == self.step else -1
-        tps_hist: list[float] = []
-        ema_dt: float | None = None
-        try:
-            self.model.train()
-            if cfg.eval.at_start and self.step == 0 and self.can_evaluate and not resumed:
-                self._log_eval(self.evaluate())
-                evaluated_at = 0
-            while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                batch = self.train_batches.next_batch()
-                out = self.train_step(batch)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t0
-                window["time"] += dt
-                window["steps"] += 1
-                window["tokens"] += out["tokens"]
-                if out["finite"]:
-                    window["loss"] += out["loss"]
-                    window["grad_norm"] += out["grad_norm"]
-                    window["n"] += 1
-                else:
-                    window["skipped"] += 1
-                    if world.is_main:
-                        progress.message(f"step {self.step}: non-finite loss/grad (loss {out['loss']}, grad norm "
-                                         f"{out['grad_norm']}); update skipped ({self.nonfinite_streak} in a row)")
-                    self.metrics.write({"kind": "event", "step": self.step, "event": "nonfinite",
-                                        "loss": out["loss"], "grad_norm": out["grad_norm"]})
-                if self.nonfinite_streak >= cfg.train.max_nonfinite:
-                    self.save_checkpoint()
-                    raise TrainingDiverged(
-                        f"{self.nonfinite_streak} non-finite steps in a row at step {self.step}; the last good "
-                        f"weights were checkpointed in {self.ckpt.dir}; lower optim.lr or check the data, "
-                        f"then resume")
-                if self.step % cfg.log.interval == 0 or self.step == self.total_steps:
-                    last_row = self._log_train(out, window, peak)
-                    if window["steps"]:
-                        tps_hist.append(last_row["tok_per_s"])
-                    window = {k: 0 if isinstance(v, int) else 0.0 for k, v in window.items()}
-                ema_dt = dt if ema_dt is None else 0.9 * ema_dt + 0.1 * dt
-                progress.update(self.step, out["loss"], out["lr"], out["tokens"] / ema_dt, ema_dt)
-                stop = None
-                if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.can_evaluate:
-                    val = self._log_eval(self.evaluate())
-                    evaluated_at = self.step
-                    if val and self._early_stop(val):
-                        stop = "early_stop"
-                if cfg.train.time_limit_minutes and time.perf_counter() - t_start > cfg.train.time_limit_minutes * 60:
-                    stop = stop or "time_limit"
-                if self._stop_signal:
-                    stop = stop or "signal"
-                if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or \
-                        (stop and self.step < self.total_steps):
-                    self.save_checkpoint()
-                    saved_at = self.step
-                if stop:
-                    stop_reason = stop
-                    if world.is_main:
-                        progress.message(f"stopping at step {self.step}: {stop.replace('_', ' ')}")
-                    break
-            progress.close()
-            if self.can_evaluate and evaluated_at != self.step:
-                val = self._log_eval(self.evaluate())
-                if val:
-                    self._early_stop(val)  # the last evaluation counts for the best (no stop decision left)
-            if cfg.checkpoint.at_end and saved_at != self.step and self.step > 0:
+        self.progress = Progress(self.total_steps, enabled=cfg.log.progress and world.is_main, every=cfg.log.interval)
+        self.meter = ThroughputMeter(self.flops_per_token, peak, world.world_size)
+        self.t_start = time.perf_counter()
+        return peak
+
+    def timed_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        out = self.train_step(self.train_batches.next_batch())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.meter.add(time.perf_counter() - t0, out)
+        return out
+
+    def log_step(self, out: dict[str, Any]) -> None:
+        """A metrics row every ``log.interval`` steps, the non-finite event, the progress line."""
+        if not out["finite"]:
+            self.message(f"step {self.step}: non-finite loss/grad (loss {out['loss']}, grad norm "
+                         f"{out['grad_norm']}); update skipped ({self.nonfinite_streak} in a row)")
+            self.metrics.write({"kind": "event", "step": self.step, "event": "nonfinite",
+                                "loss": out["loss"], "grad_norm": out["grad_norm"]})
+        if self.step % self.cfg.log.interval == 0 or self.step == self.total_steps:
+            self.last_row = self._log_train(out)
+        dt = self.meter.ema_dt or 1.0
+        self.progress.update(self.step, out["loss"], out["lr"], out["tokens"] / dt, dt)
+
+    def maybe_evaluate(self, force: bool = False) -> dict[str, float] | None:
+        """Evaluate at step 0 (``force``) and every ``eval.interval`` steps; the same step on every rank."""
+        interval = self.cfg.eval.interval
+        if not self.can_evaluate or not (force or (interval and self.step % interval == 0)):
+            return None
+        val = self._log_eval(self.evaluate())
+        self.evaluated_at = self.step
+        return val
+
+    def should_stop(self, val: dict[str, float] | None) -> str | None:
+        """Agreed across ranks (max of each flag): divergence, early stop, a signal, the time limit."""
+        cfg = self.cfg
+        early = bool(val) and self._early_stop(val)
+        limit = cfg.train.time_limit_minutes
+        late = bool(limit) and now() - self.t_start > limit * 60
+        diverged = self.nonfinite_streak >= cfg.train.max_nonfinite
+        diverged, early, signum, late = agree([diverged, early, self.signals.signum, late])
+        if signum:
+            self.signals.signum = int(signum)  # a peer's signal stops this rank the same way
+        if diverged:
+            return "diverged"
+        if early:
+            return "early_stop"
+        if self.step >= self.total_steps:
+            return None  # finished anyway: the run ends as max_steps
+        return "signal" if signum else ("time_limit" if late else None)
+
+    def maybe_checkpoint(self, stop: str | None, at_end: bool = False) -> None:
+        """Checkpoint every ``checkpoint.interval`` steps, on any stop, and at the end (``checkpoint.at_end``);
+        only from finite weights."""
+        cfg = self.cfg
+        if at_end:
+            due = cfg.checkpoint.at_end and self.step > 0
+        else:
+            due = bool(stop) or bool(cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
+        if due and self.saved_at != self.step:
+            if self.weights_finite():
                 self.save_checkpoint()
-        finally:
-            progress.close()
-            self._restore_signal_handlers(old_handlers)
-        elapsed = time.perf_counter() - t_start
+            else:
+                self.message(f"step {self.step}: the weights are not finite; no checkpoint written "
+                             f"(the last finite one: {self.last_saved or 'none'})")
+        if stop and stop != "diverged":
+            how = self.signals.name if stop == "signal" else stop.replace("_", " ")
+            self.message(f"stopping at step {self.step}: {how}; checkpoint {self.last_saved}")
+
+    def final_evaluation(self) -> None:
+        """The evaluation of the last step (unless it just ran); it counts for the best, stops nothing."""
+        if self.can_evaluate and self.evaluated_at != self.step:
+            val = self._log_eval(self.evaluate())
+            self.evaluated_at = self.step
+            if val:
+                self._early_stop(val)
+
+    def _diverged(self) -> TrainingDiverged:
+        where = (f"the last good weights (step {self.saved_at}) are checkpointed in {self.last_saved}"
+                 if self.saved_at == self.step else
+                 f"the weights are no longer finite, so no checkpoint was written; the last finite checkpoint is "
+                 f"{self.last_saved or 'none (the run never saved finite weights)'}")
+        return TrainingDiverged(f"{self.nonfinite_streak} non-finite steps in a row at step {self.step}; {where}; "
+                                "lower optim.lr or check the data, then resume")
+
+    def _finish(self, stop_reason: str, peak: float) -> TrainResult:
+        """The end event, RUN/model (finished runs only) and the result."""
+        elapsed = time.perf_counter() - self.t_start
         self.metrics.write({"kind": "event", "step": self.step, "event": "end", "reason": stop_reason,
                             "elapsed_s": elapsed, "time": time.time()})
         self.metrics.close()
+        code = exit_code(stop_reason, self.signals.signum)
         model_dir = None
-        if cfg.checkpoint.save_model:
-            model_dir = self.export_model()
-        tps = sorted(tps_hist)[len(tps_hist) // 2] if tps_hist else None
+        if self.cfg.checkpoint.save_model:
+            if code:  # a stopped run leaves no RUN/model: `pretrain && export` cannot ship half a model
+                self.message(f"no {self.run_dir / 'model'} written (the run stopped before its last step); "
+                             "run the same command again to resume")
+            elif not self.weights_finite():
+                self.message(f"no {self.run_dir / 'model'} written: the weights are not finite")
+            else:
+                model_dir = self.export_model()
+        tps = self.meter.median_tok_per_s()
         return TrainResult(
-            step=self.step, tokens=self.tokens, stop_reason=stop_reason, final_loss=last_row.get("loss"),
-            val=dict(self.last_val), best_val_loss=self.best_val if self.best_metric == "val_loss" else None,
+            step=self.step, tokens=self.tokens, loss_tokens=self.loss_tokens, stop_reason=stop_reason,
+            final_loss=self.last_row.get("loss"), val=dict(self.last_val),
+            best_val_loss=self.best_val if self.best_metric == "val_loss" else None,
             best_metric=self.best_metric, best_value=self.best_val, best_step=self.best_step,
-            resumed_from=resumed, elapsed_s=elapsed,
-            tok_per_s=tps, mfu=(tps * self.flops_per_token / (peak * world.world_size)
-                                if tps and self.flops_per_token else None),
-            nonfinite_total=self.nonfinite_total, model_dir=str(model_dir) if model_dir else None,
-            run_dir=str(self.run_dir), peak_flops_source=self.peak_source)
+            resumed_from=str(self.resume_from) if self.resume_from else None, elapsed_s=elapsed,
+            tok_per_s=tps, mfu=self.meter.mfu(tps), nonfinite_total=self.nonfinite_total,
+            model_dir=str(model_dir) if model_dir else None, run_dir=str(self.run_dir),
+            peak_flops_source=self.peak_source, signal=self.signals.name if stop_reason == "signal" else None,
+            exit_code=code, checkpoint=str(self.last_saved) if self.last_saved else None)
 
     def export_model(self) -> Path | None:
         """Consolidate the weights (gathered from all ranks) into RUN/model on rank 0."""
@@ -457,19 +607,21 @@ class Trainer:
         return out
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def _log_train(self, out: dict, window: dict, peak: float) -> dict[str, Any]:
-        n = max(1, window["n"])
-        tok_per_s = window["tokens"] / window["time"] if window["time"] else 0.0
-        row = {"kind": "train", "step": self.step, "tokens": self.tokens,
-               "loss": window["loss"] / n if window["n"] else out["loss"], "lr": out["lr"],
-               "grad_norm": window["grad_norm"] / n if window["n"] else out["grad_norm"],
-               "tok_per_s": tok_per_s,
-               "mfu": (tok_per_s * self.flops_per_token / (peak * self.world.world_size)
-                       if self.flops_per_token else None),
-               "step_time": window["time"] / max(1, window["steps"]),
-               **memory_stats(self.device)}
-        if window["skipped"] or self.nonfinite_total:
-            row.update(skipped=window["skipped"], nonfinite_total=self.nonfinite_total)
+    def message(self, text: str) -> None:
+        """A note on stderr from rank 0 only (every rank reaches the same notes)."""
+        if self.world.is_main:
+            if self.progress is not None:
+                self.progress.message(text)
+            else:
+                info(text)
+
+    def _log_train(self, out: dict) -> dict[str, Any]:
+        window = self.meter.close_window(out)
+        skipped = window.pop("skipped")
+        row = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
+               "lr": out["lr"], **window, **memory_stats(self.device)}
+        if skipped or self.nonfinite_total:
+            row.update(skipped=skipped, nonfinite_total=self.nonfinite_total)
         self.metrics.write(row)
         return row
 
@@ -507,30 +659,6 @@ class Trainer:
         self.evals_since_best += 1
         return bool(self.cfg.eval.patience) and self.evals_since_best >= self.cfg.eval.patience
 
-    def _install_signal_handlers(self):
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return None
-
-        def handler(signum, frame):
-            self._stop_signal = signal.Signals(signum).name
-
-        old = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                old[sig] = signal.signal(sig, handler)
-            except (ValueError, OSError):
-                pass
-        return old
-
-    def _restore_signal_handlers(self, old) -> None:
-        for sig, h in (old or {}).items():
-            try:
-                signal.signal(sig, h)
-            except (ValueError, OSError):
-                pass
-
 
 def _to_dict(cfg) -> dict[str, Any]:
     from lmforge.config import to_dict
@@ -546,5 +674,7 @@ __all__ = [
     "check_compatible",
     "find_resume",
     "format_duration",
+    "input_tokens",
+    "seed_rank_stream",
     "split_micro",
 ]
