@@ -36,6 +36,7 @@ from lmforge.config import ConfigError, UserError, config_hash, dump_yaml
 from lmforge.console import info
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.metrics import MetricsWriter, Progress, format_duration, memory_stats, peak_flops
+from lmforge.train.trackers import build_trackers
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.parallel import World, all_reduce_sum, barrier, no_sync, parallelize_model, unwrap
 from lmforge.train.schedule import LRSchedule
@@ -180,7 +181,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, total_steps)
         self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.world.rank)
-        self.metrics = MetricsWriter(self.run_dir, enabled=self.world.is_main, tensorboard=cfg.log.tensorboard)
+        # experiment trackers (log.mlflow / log.wandb), rank 0 only; MetricsWriter hands them every row
+        self.trackers = build_trackers(cfg.log, self.run_dir, getattr(cfg.run, "name", None), self.world.is_main)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.world.is_main, tensorboard=cfg.log.tensorboard,
+                                     trackers=self.trackers)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         # trainer state (checkpointed)
         self.step = 0
@@ -322,6 +326,7 @@ class Trainer:
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.config_dict, self.run_dir / "config.yaml")
+            self.trackers.start(self.config_dict, resume=self.resume_from is not None)
         self.ckpt.clean_partial()
         peak, self.peak_source = peak_flops(self.device, cfg.train.precision, cfg.log.peak_tflops)
         resumed = None
@@ -423,6 +428,7 @@ class Trainer:
         model_dir = None
         if cfg.checkpoint.save_model:
             model_dir = self.export_model()
+        self.trackers.finish_run(model_dir, stop_reason)  # report.png, config, metrics, model dir; close
         tps = sorted(tps_hist)[len(tps_hist) // 2] if tps_hist else None
         return TrainResult(
             step=self.step, tokens=self.tokens, stop_reason=stop_reason, final_loss=last_row.get("loss"),

@@ -1,0 +1,335 @@
+"""Experiment trackers (lmforge.train.trackers) for real: MLflow against a local tracking server this module
+starts (SQLite store, 127.0.0.1), W&B in offline mode read back from its own run file, and a tracker pointed
+at a closed port, which warns once while training finishes. The pretraining runs go through the real CLI."""
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lmforge(*args, env=None, check=True):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           **(env or {})}
+    p = subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600, check=False)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, make_tokenizer):
+    """A small synthetic corpus -> tokenizer -> token shards with a validation split."""
+    import random
+
+    from lmforge.data.prepare import prepare
+
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on under mat log red blue big small quickly slowly".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "." for _ in range(300)]
+    d = tmp_path_factory.mktemp("trackdata")
+    make_tokenizer(d, docs, vocab_size=300, name="tok")
+    (d / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    prepare([str(d / "docs.jsonl")], d / "tok", d / "shards", val_fraction=0.1, progress=False)
+    return d / "shards"
+
+
+def pretrain_args(shards, run_dir, *extra):
+    return ["pretrain", "--config", REPO / "configs/pretrain/tiny.yaml", f"data.dir={shards}", f"run.dir={run_dir}",
+            "model.n_layers=1", "model.dim=32", "model.n_heads=2", "model.n_kv_heads=2", "data.seq_len=32",
+            "train.global_batch=4", "train.micro_batch=4", f"train.max_steps={STEPS}", "train.threads=1",
+            "schedule.warmup_steps=1", "eval.interval=3", "eval.batches=2", "checkpoint.interval=0",
+            "log.interval=2", "log.peak_tflops=1", "log.progress=false", *extra]
+
+
+def jsonl(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+# ---- MLflow against a real tracking server -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    pytest.importorskip("mlflow")  # an optional extra; `dev` installs it, so CI runs these
+    d = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "OMP_NUM_THREADS": "1"}
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240  # a loaded 2-core machine takes a while to import MLflow's server
+        while True:
+            assert proc.poll() is None, (d / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow server did not come up:\n" + (d / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: the group this fixture started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_mlflow_run_params_metrics_artifacts_and_resume(mlflow_server, shards, tmp_path):
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    args = pretrain_args(shards, run_dir, f"log.mlflow.tracking_uri={mlflow_server}", "log.mlflow.experiment=trk",
+                         "log.mlflow.run_name=tiny-mlflow", "log.mlflow.tags.team=nlp")
+    # segment 1 stops on its time limit after one step (and checkpoints); segment 2 resumes in the same run dir
+    first = lmforge(*args, "train.time_limit_minutes=0.00001", "--json")
+    assert json.loads(first.stdout)["stop_reason"] == "time_limit"
+    second = lmforge(*args, "--json")
+    result = json.loads(second.stdout)
+    assert result["step"] == STEPS and result["resumed_from"]
+    assert "warning" not in first.stderr + second.stderr
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("trk")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1  # the resumed segment logged to the same tracking run
+    run = runs[0]
+    assert json.loads((run_dir / "trackers.json").read_text()) == {"mlflow": run.info.run_id}
+    assert run.info.run_name == "tiny-mlflow" and run.info.status == "FINISHED"
+    assert run.data.tags["team"] == "nlp"
+    params = run.data.params
+    assert params["train.max_steps"] == str(STEPS) and params["data.seq_len"] == "32"
+    assert params["model.dim"] == "32" and params["optim.betas"] == "[0.9, 0.95]"
+    assert params["train.time_limit_minutes"] == "1e-05"  # a resumed run keeps the first segment's params
+
+    # metrics equal metrics.jsonl row for row (segment 1's step-1 row was truncated from the file on resume)
+    rows = jsonl(run_dir / "metrics.jsonl")
+    train = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    evals = {r["step"]: r["val_loss"] for r in rows if r["kind"] == "eval"}
+    assert sorted(train) == [2, 4, 6] and sorted(evals) == [0, 3, 6]
+    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/val_loss")}
+    assert set(train) <= set(loss) and all(loss[s] == pytest.approx(v, rel=1e-9) for s, v in train.items())
+    assert set(evals) <= set(val) and all(val[s] == pytest.approx(v, rel=1e-9) for s, v in evals.items())
+    assert set(loss) <= {1, 2, 4, 6}  # step 1: the first segment's last row
+    assert client.get_metric_history(run.info.run_id, "train/lr")
+
+    # artifacts: the config, the metrics, the report PNG and the final model dir, byte for byte
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.jsonl", "report.png", "model"} <= top
+    dst = tmp_path / "download"
+    dst.mkdir()
+    model = Path(client.download_artifacts(run.info.run_id, "model", str(dst)))
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (model / name).read_bytes() == (run_dir / "model" / name).read_bytes()
+    png = Path(client.download_artifacts(run.info.run_id, "report.png", str(dst)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(dst))).read_text())
+    assert cfg["train"]["max_steps"] == STEPS and cfg["log"]["mlflow"]["experiment"] == "trk"
+
+
+def test_unreachable_tracker_warns_once_and_training_finishes(shards, tmp_path):
+    pytest.importorskip("mlflow")
+    closed = free_port()  # nothing listens there
+    run_dir = tmp_path / "run"
+    p = lmforge(*pretrain_args(shards, run_dir, f"log.mlflow.tracking_uri=http://127.0.0.1:{closed}"), "--json")
+    assert json.loads(p.stdout)["step"] == STEPS
+    warnings = [line for line in p.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1, p.stderr
+    assert warnings[0].startswith("warning: log.mlflow: start failed (cannot reach the tracking server at "
+                                  f"http://127.0.0.1:{closed}")
+    assert "Traceback" not in p.stderr
+    assert (run_dir / "model" / "model.safetensors").is_file() and not (run_dir / "trackers.json").exists()
+
+
+# ---- W&B offline, read back from the run's own .wandb file -----------------------------------------------------
+def read_wandb_records(path: Path):
+    """The records of a .wandb run file: a 7-byte header (':W&B', magic, version), then 32 KiB blocks of
+    chunks (crc32, length, type: 1 full, 2 first, 3 middle, 4 last), each record a wandb protobuf Record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    block, pos, records, parts = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room left in this block for a chunk header: padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(parts)
+            records.append(rec)
+    return records
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_file(shards, tmp_path):
+    pytest.importorskip("wandb")
+    run_dir, wdir = tmp_path / "run", tmp_path / "wandb"
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(wdir), "WANDB_CACHE_DIR": str(tmp_path / "wcache"),
+           "WANDB_DATA_DIR": str(tmp_path / "wdata"), "WANDB_CONFIG_DIR": str(tmp_path / "wconfig"),
+           "WANDB_SILENT": "true"}
+    p = lmforge(*pretrain_args(shards, run_dir, "log.wandb.project=lmf-test", "log.wandb.name=tiny-wandb",
+                               "log.wandb.tags=[alpha,beta]"), "--json", env=env)
+    result = json.loads(p.stdout)  # stdout is still one JSON object (W&B's console capture is off)
+    assert result["step"] == STEPS
+
+    files = list(wdir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    run_id = json.loads((run_dir / "trackers.json").read_text())["wandb"]
+    assert files[0].name == f"run-{run_id}.wandb"
+    records = read_wandb_records(files[0])
+    by_type = {}
+    for rec in records:
+        by_type.setdefault(rec.WhichOneof("record_type"), []).append(rec)
+
+    run = by_type["run"][0].run
+    assert run.project == "lmf-test" and run.display_name == "tiny-wandb" and list(run.tags) == ["alpha", "beta"]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["train"]["value"]["max_steps"] == STEPS and config["data"]["value"]["seq_len"] == 32
+
+    history: dict[int, dict[str, float]] = {}
+    for rec in by_type["history"]:
+        items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+        history.setdefault(rec.history.step.num, {}).update(items)
+    rows = jsonl(run_dir / "metrics.jsonl")
+    for r in rows:
+        if r["kind"] == "train":
+            assert history[r["step"]]["train/loss"] == pytest.approx(r["loss"], rel=1e-9)
+        if r["kind"] == "eval":
+            assert history[r["step"]]["eval/val_loss"] == pytest.approx(r["val_loss"], rel=1e-9)
+
+    saved = {f.path for rec in by_type.get("files", []) for f in rec.files.files}
+    assert {"config.yaml", "metrics.jsonl", "report.png"} <= saved
+    run_files = files[0].parent / "files"
+    assert (run_files / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load((run_files / "config.yaml").read_text())["log"]["wandb"]["name"] == "tiny-wandb"
+
+    arts = [rec.artifact for rec in by_type.get("artifact", [])]
+    model = [a for a in arts if a.type == "model"]
+    assert len(model) == 1 and model[0].name == f"model-{run_id}"
+    entries = {e.path: e for e in model[0].manifest.contents}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(entries)
+    assert entries["model.safetensors"].size == (run_dir / "model" / "model.safetensors").stat().st_size
+    assert by_type["exit"][0].exit.exit_code == 0
+
+
+# ---- config and the warn-once rule (no server) --------------------------------------------------------------
+def load(*overrides):
+    from lmforge.train.config import load_config
+
+    return load_config(None, ["data.dir=x", "model.preset=tiny", "train.global_batch=4", "train.max_steps=2",
+                              *overrides])
+
+
+def test_tracker_config_keys_and_errors():
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    cfg = load("log.mlflow.tracking_uri=http://127.0.0.1:5000", "log.mlflow.tags.team=nlp",
+               "log.wandb.mode=offline", "log.wandb.tags=a,b")
+    assert cfg.log.mlflow.experiment == "lmforge" and cfg.log.mlflow.tags == {"team": "nlp"}
+    assert cfg.log.wandb.mode == "offline" and cfg.log.wandb.tags == ["a", "b"] and cfg.log.wandb.project == "lmforge"
+    assert load().log.mlflow is None and load().log.wandb is None
+    cases = {
+        "log.mlflow.experimnt=x": "unknown config key 'log.mlflow.experimnt'; did you mean 'experiment'?",
+        "log.mlflow.tracking_uri=http://:99999": "log.mlflow.tracking_uri='http://:99999' is not a valid server URL",
+        "log.mlflow.experiment=": "log.mlflow.experiment is empty",
+        "log.wandb.project=team/proj": "log.wandb.project='team/proj' must be a non-empty name without /",
+        "log.wandb.mode=online2": "log.wandb.mode='online2' has the wrong type; expected 'online' | 'offline' | 'disabled'",
+        f"log.wandb.tags=[{'x' * 65}]": "must be 1 to 64 characters long",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as e:
+            load(override)
+        assert message in str(e.value), (override, str(e.value))
+
+
+def test_missing_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"log.wandb needs the wandb package: pip install 'lmforge\[wandb\]'"):
+        load("log.wandb.project=p")
+
+
+def test_failing_tracker_warns_once_and_goes_quiet(capsys, tmp_path):
+    from lmforge.train.trackers import Tracker, Trackers
+
+    class Flaky(Tracker):
+        name, label = "flaky", "Flaky"
+
+        def __init__(self):
+            super().__init__()
+            self.logged = []
+
+        def _start(self, config, resume_id):
+            self.run_id = "r1"
+
+        def _log(self, step, values):
+            self.logged.append((step, values))
+            if step >= 2:
+                raise RuntimeError("HTTP 503\nservice unavailable")
+
+        def _artifacts(self, paths):
+            raise AssertionError("a switched-off tracker must not be called")
+
+        _finish = _artifacts
+
+    t = Flaky()
+    group = Trackers([t], tmp_path)
+    group.start({"a": 1})
+    group.log({"kind": "train", "step": 1, "loss": 2.5, "lr": 0.1, "note": "x", "flag": True})
+    group.log({"kind": "event", "step": 1, "event": "start"})
+    group.log({"kind": "eval", "step": 2, "val_loss": 2.0})
+    group.log({"kind": "eval", "step": 3, "val_loss": 1.0})
+    group.artifacts([tmp_path])
+    group.finish("finished")
+    assert t.logged == [(1, {"train/loss": 2.5, "train/lr": 0.1}), (2, {"eval/val_loss": 2.0})]
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: log.flaky: log failed (HTTP 503 service unavailable); training continues without Flaky"]
+    assert json.loads((tmp_path / "trackers.json").read_text()) == {"flaky": "r1"}
+
+
+def test_only_rank_zero_tracks(tmp_path):
+    pytest.importorskip("mlflow")
+    cfg = load("log.mlflow.experiment=e")
+    from lmforge.train.trackers import build_trackers
+
+    assert [t.name for t in build_trackers(cfg.log, tmp_path, "n", enabled=True).trackers] == ["mlflow"]
+    assert not build_trackers(cfg.log, tmp_path, "n", enabled=False)
