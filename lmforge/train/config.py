@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from lmforge.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from lmforge.distributed.config import ParallelConfig  # the `parallel` section (no torch import)
-from lmforge.train.trackers import MLflowLogConfig, WandbLogConfig, validate_tracker_config  # log.mlflow/wandb
+from lmforge.train.trackers import MLflowLogConfig, WandbLogConfig, validate_tracker_config
 
 
 @dataclass

@@ -36,10 +36,10 @@ from lmforge.config import ConfigError, UserError, config_hash, dump_yaml
 from lmforge.console import info
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.metrics import MetricsWriter, Progress, format_duration, memory_stats, peak_flops
-from lmforge.train.trackers import build_trackers
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.parallel import World, all_reduce_sum, barrier, no_sync, parallelize_model, unwrap
 from lmforge.train.schedule import LRSchedule
+from lmforge.train.trackers import build_trackers
 
 
 class TrainingDiverged(UserError):

@@ -46,7 +46,7 @@ def shards(tmp_path_factory, make_tokenizer):
     from lmforge.data.prepare import prepare
 
     rng = random.Random(0)
-    words = "the a cat dog sat ran on under mat log red blue big small quickly slowly".split()
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "red", "blue", "big", "small"]
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "." for _ in range(300)]
     d = tmp_path_factory.mktemp("trackdata")
     make_tokenizer(d, docs, vocab_size=300, name="tok")
@@ -74,7 +74,7 @@ def mlflow_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "OMP_NUM_THREADS": "1"}
-    log = open(d / "server.log", "w")
+    log = open(d / "server.log", "w")  # noqa: SIM115 - open for the server's whole life; closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts")],
