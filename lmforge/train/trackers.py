@@ -10,6 +10,7 @@ tracker is configured. This module imports no torch; the config dataclasses live
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -133,7 +134,8 @@ class Tracker:
         if not self.active:
             return
         try:
-            fn(*args)
+            with contextlib.redirect_stdout(sys.stderr):  # a tracker's own notes (run links) stay off stdout,
+                fn(*args)  # which `--json` keeps to one object
         except Exception as e:  # noqa: BLE001 - any failure of a tracker must not stop training
             self.active = False
             detail = " ".join(str(e).split())[:300] or type(e).__name__
