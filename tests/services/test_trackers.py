@@ -220,7 +220,7 @@ def test_wandb_offline_run_file(shards, tmp_path):
     run = by_type["run"][0].run
     assert run.project == "lmf-test" and run.display_name == "tiny-wandb" and list(run.tags) == ["alpha", "beta"]
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    assert config["train"]["value"]["max_steps"] == STEPS and config["data"]["value"]["seq_len"] == 32
+    assert config["train"]["max_steps"] == STEPS and config["data"]["seq_len"] == 32
 
     history: dict[int, dict[str, float]] = {}
     for rec in by_type["history"]:
