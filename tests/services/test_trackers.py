@@ -170,6 +170,23 @@ def test_unreachable_tracker_warns_once_and_training_finishes(shards, tmp_path):
     assert (run_dir / "model" / "model.safetensors").is_file() and not (run_dir / "trackers.json").exists()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:mlflow")  # SQLAlchemy's notes on MLflow's own store code
+def test_a_failed_run_closes_its_tracking_run_as_failed(shards, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's local store: no server needed for this one
+    run_dir = tmp_path / "run"
+    # an absurd lr without clipping makes every update non-finite: the run stops with exit 2 after two
+    p = lmforge(*pretrain_args(shards, run_dir, "optim.lr=1e30", "optim.grad_clip=0", "train.max_nonfinite=2",
+                               f"log.mlflow.tracking_uri={store}", "log.mlflow.experiment=fails"), check=False)
+    assert p.returncode == 2 and "non-finite steps in a row" in p.stderr
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.get_metric_history(runs[0].info.run_id, "eval/val_loss")  # rows up to the failure arrived
+
+
 # ---- W&B offline, read back from the run's own .wandb file -----------------------------------------------------
 def read_wandb_records(path: Path):
     """The records of a .wandb run file: a 7-byte header (':W&B', magic, version), then 32 KiB blocks of
