@@ -265,6 +265,35 @@ def test_wandb_offline_run_file(shards, tmp_path):
     assert by_type["exit"][0].exit.exit_code == 0
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:mlflow")
+def test_two_ranks_track_once(shards, tmp_path):
+    """torchrun, 2 gloo ranks: rank 0 alone opens the MLflow run and the W&B run."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow import MlflowClient
+
+    store, run_dir, wdir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run", tmp_path / "wandb"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "offline", "WANDB_DIR": str(wdir), "WANDB_CACHE_DIR": str(tmp_path / "wcache"),
+           "WANDB_DATA_DIR": str(tmp_path / "wdata"), "WANDB_CONFIG_DIR": str(tmp_path / "wconfig"),
+           "WANDB_SILENT": "true"}
+    args = pretrain_args(shards, run_dir, f"log.mlflow.tracking_uri={store}", "log.mlflow.experiment=ranks",
+                         "log.wandb.project=ranks", "train.micro_batch=2", "--json")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "lmforge", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("ranks").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert steps == [2, 4, 6]  # each row once
+    assert len(list(wdir.glob("wandb/offline-run-*/run-*.wandb"))) == 1
+    assert "warning" not in p.stderr
+
+
 # ---- config and the warn-once rule (no server) --------------------------------------------------------------
 def load(*overrides):
     from lmforge.train.config import load_config
