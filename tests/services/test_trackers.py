@@ -170,6 +170,7 @@ def test_unreachable_tracker_warns_once_and_training_finishes(shards, tmp_path):
     assert (run_dir / "model" / "model.safetensors").is_file() and not (run_dir / "trackers.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:mlflow")  # SQLAlchemy's notes on MLflow's own store code
 def test_a_failed_run_closes_its_tracking_run_as_failed(shards, tmp_path):
     pytest.importorskip("mlflow")
