@@ -342,13 +342,13 @@ class Trackers:
         for t in self.trackers:
             t.finish(status)
 
-    def finish_run(self, model_dir: str | Path | None, stop_reason: str) -> None:
-        """The end of a run: draw RUN/report.png, upload config.yaml, metrics.jsonl, the PNG and the model dir,
-        then close with ``killed`` after a signal stop and ``finished`` otherwise."""
+    def finish_run(self, stop_reason: str, *dirs: str | Path | None) -> None:
+        """The end of a run: draw RUN/report.png, upload config.yaml, metrics.jsonl, the PNG and ``dirs`` (the
+        model dir; a fine-tune's adapter dir), then close as ``killed`` after a signal stop, else ``finished``."""
         if not self._open:
             return
-        paths: list[Path | None] = [self.run_dir / "config.yaml", self.run_dir / "metrics.jsonl", self._report()]
-        self.artifacts(paths + [Path(model_dir) if model_dir else None])
+        paths = [self.run_dir / "config.yaml", self.run_dir / "metrics.jsonl", self._report()]
+        self.artifacts(paths + [Path(d) for d in dirs if d])
         self.finish("killed" if stop_reason == "signal" else "finished")
 
     def _report(self) -> Path | None:

@@ -153,7 +153,7 @@ class Trainer:
                  flops_per_token: float | None = None, bytes_per_token: float | None = None,
                  save_model: Callable[[nn.Module, Path], Any] | None = None, resume_from: Path | None | str = "find",
                  eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-                 on_best: Callable[[Trainer], Any] | None = None):
+                 on_best: Callable[[Trainer], Any] | None = None, finish_tracking: bool = True):
         self.cfg = cfg
         self.world = world or World()
         self.device = torch.device(device)
@@ -183,6 +183,7 @@ class Trainer:
         self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.world.rank)
         # experiment trackers (log.mlflow / log.wandb), rank 0 only; MetricsWriter hands them every row
         self.trackers = build_trackers(cfg.log, self.run_dir, getattr(cfg.run, "name", None), self.world.is_main)
+        self.finish_tracking = finish_tracking  # False: the caller exports the model, then calls finish_run
         self.metrics = MetricsWriter(self.run_dir, enabled=self.world.is_main, tensorboard=cfg.log.tensorboard,
                                      trackers=self.trackers)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
@@ -428,7 +429,8 @@ class Trainer:
         model_dir = None
         if cfg.checkpoint.save_model:
             model_dir = self.export_model()
-        self.trackers.finish_run(model_dir, stop_reason)  # report.png, config, metrics, model dir; close
+        if self.finish_tracking:
+            self.trackers.finish_run(stop_reason, model_dir)  # report.png, config, metrics, model dir; close
         tps = sorted(tps_hist)[len(tps_hist) // 2] if tps_hist else None
         return TrainResult(
             step=self.step, tokens=self.tokens, stop_reason=stop_reason, final_loss=last_row.get("loss"),

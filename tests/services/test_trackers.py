@@ -188,6 +188,50 @@ def test_a_failed_run_closes_its_tracking_run_as_failed(shards, tmp_path):
     assert client.get_metric_history(runs[0].info.run_id, "eval/val_loss")  # rows up to the failure arrived
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:mlflow")
+def test_lora_finetune_uploads_the_merged_model_and_the_adapter(tmp_path, make_tokenizer):
+    """Fine-tuning shares the Trainer; its recipe exports after fit() and then closes the tracking run."""
+    pytest.importorskip("mlflow")
+    import torch
+    from mlflow import MlflowClient
+
+    from lmforge.finetune.config import config_from_dict
+    from lmforge.finetune.recipes import finetune
+    from lmforge.models import ModelConfig, build_model
+    from lmforge.models.model_dir import save_model_dir
+
+    lines = ["Say hello. Hello there.", "What is two plus two? Four.", "Name an animal. The quick brown fox."] * 10
+    make_tokenizer(tmp_path, lines, vocab_size=300, name="tok")
+    mcfg = ModelConfig(vocab_size=320, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
+    base = save_model_dir(build_model(mcfg, seed=0), tmp_path / "base", tokenizer_dir=str(tmp_path / "tok"))
+    sft = [{"instruction": "Say hello.", "input": "", "output": "Hello there."},
+           {"instruction": "What is two plus two?", "input": "", "output": "Four."}] * 6
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    store, run_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ft"
+    threads = torch.get_num_threads()
+    try:
+        res = finetune(config_from_dict({
+            "run": {"dir": str(run_dir)}, "model": {"from": str(base)}, "finetune": {"mode": "lora"},
+            "lora": {"rank": 2, "alpha": 4, "targets": ["wq", "wv"], "dropout": 0.0},
+            "data": {"train": [str(tmp_path / "sft.jsonl")], "dev_fraction": 0.25, "seq_len": 32, "batching": "pack"},
+            "train": {"global_batch": 2, "micro_batch": 2, "max_steps": 2, "device": "cpu", "threads": 1},
+            "eval": {"interval": 1, "batch_size": 2},
+            "log": {"interval": 1, "progress": False, "peak_tflops": 1.0,
+                    "mlflow": {"tracking_uri": store, "experiment": "ft", "tags": {"recipe": "lora"}}}}))
+    finally:
+        torch.set_num_threads(threads)
+    assert res.model_dir and res.adapter_dir
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("ft").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["finetune.mode"] == "lora"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.jsonl", "report.png", Path(res.model_dir).name, Path(res.adapter_dir).name} <= top
+    inside = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, Path(res.adapter_dir).name)}
+    assert inside == {p.name for p in Path(res.adapter_dir).iterdir()}
+
+
 # ---- W&B offline, read back from the run's own .wandb file -----------------------------------------------------
 def read_wandb_records(path: Path):
     """The records of a .wandb run file: a 7-byte header (':W&B', magic, version), then 32 KiB blocks of
