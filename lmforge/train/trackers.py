@@ -240,8 +240,15 @@ class MLflowTracker(Tracker):
 
 
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (one TCP connect) when nothing listens at the server URL."""
+    """Fail fast (one TCP connect) when nothing listens at the server URL. Behind an HTTP proxy the client
+    goes through the proxy, so a direct connect proves nothing: no probe then."""
+    import urllib.request
+
     parts = urlsplit(uri)
+    if not parts.hostname:
+        return
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname):
+        return
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         socket.create_connection((parts.hostname, port), timeout=timeout).close()
@@ -270,6 +277,10 @@ class WandbTracker(Tracker):
     def _start(self, config: dict[str, Any], resume_id: str | None) -> None:
         import wandb
 
+        if self.cfg.mode not in ("offline", "disabled"):
+            settings = wandb.setup().settings  # the resolved mode and server ($WANDB_*, `wandb login --host`)
+            if (self.cfg.mode or settings.mode) in ("online", "run"):
+                _check_reachable(settings.base_url)  # else wandb.init retries for its 90 s init timeout
         directory = self.cfg.dir or (None if os.environ.get("WANDB_DIR") else str(self.run_dir))
         if directory:
             Path(directory).mkdir(parents=True, exist_ok=True)

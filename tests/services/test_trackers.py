@@ -156,17 +156,25 @@ def test_mlflow_run_params_metrics_artifacts_and_resume(mlflow_server, shards, t
     assert cfg["train"]["max_steps"] == STEPS and cfg["log"]["mlflow"]["experiment"] == "trk"
 
 
-def test_unreachable_tracker_warns_once_and_training_finishes(shards, tmp_path):
+def test_unreachable_trackers_warn_once_each_and_training_finishes(shards, tmp_path):
     pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
     closed = free_port()  # nothing listens there
     run_dir = tmp_path / "run"
-    p = lmforge(*pretrain_args(shards, run_dir, f"log.mlflow.tracking_uri=http://127.0.0.1:{closed}"), "--json")
+    env = {"WANDB_BASE_URL": f"http://127.0.0.1:{closed}", "WANDB_API_KEY": "0" * 40, "WANDB_DIR": str(tmp_path),
+           "WANDB_CONFIG_DIR": str(tmp_path / "wconfig"), "WANDB_CACHE_DIR": str(tmp_path / "wcache"),
+           "WANDB_DATA_DIR": str(tmp_path / "wdata")}
+    env.update({k: "" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
+    p = lmforge(*pretrain_args(shards, run_dir, f"log.mlflow.tracking_uri=http://127.0.0.1:{closed}",
+                               "log.wandb.mode=online"), "--json", env=env)
     assert json.loads(p.stdout)["step"] == STEPS
     warnings = [line for line in p.stderr.splitlines() if "warning" in line.lower()]
-    assert len(warnings) == 1, p.stderr
+    assert len(warnings) == 2, p.stderr
     assert warnings[0].startswith("warning: log.mlflow: start failed (cannot reach the tracking server at "
                                   f"http://127.0.0.1:{closed}")
-    assert "Traceback" not in p.stderr
+    assert warnings[1].startswith("warning: log.wandb: start failed (cannot reach the tracking server at "
+                                  f"http://127.0.0.1:{closed}")
+    assert "Traceback" not in p.stderr  # both messages come from the one-connect probe, not minutes of retries
     assert (run_dir / "model" / "model.safetensors").is_file() and not (run_dir / "trackers.json").exists()
 
 
