@@ -198,6 +198,38 @@ def test_a_failed_run_closes_its_tracking_run_as_failed(shards, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:mlflow")
+def test_sigterm_stop_closes_the_tracking_run_as_killed(shards, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    store, run_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run"
+    args = pretrain_args(shards, run_dir, "train.max_steps=100000", f"log.mlflow.tracking_uri={store}",
+                         "log.mlflow.experiment=stop", "--json")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "metrics.jsonl").is_file() or '"kind": "train"' not in \
+                (run_dir / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no rows"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert json.loads(out)["stop_reason"] == "signal"
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
+    assert run.info.status == "KILLED"
+    assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:mlflow")
 def test_lora_finetune_uploads_the_merged_model_and_the_adapter(tmp_path, make_tokenizer):
     """Fine-tuning shares the Trainer; its recipe exports after fit() and then closes the tracking run."""
     pytest.importorskip("mlflow")
