@@ -156,6 +156,7 @@ def test_mlflow_run_params_metrics_artifacts_and_resume(mlflow_server, shards, t
     assert cfg["train"]["max_steps"] == STEPS and cfg["log"]["mlflow"]["experiment"] == "trk"
 
 
+@pytest.mark.slow
 def test_unreachable_trackers_warn_once_each_and_training_finishes(shards, tmp_path):
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
