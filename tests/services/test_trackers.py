@@ -67,6 +67,16 @@ def jsonl(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines()]
 
 
+def local_store(tmp_path, experiment: str) -> str:
+    """An MLflow SQLite store in tmp_path with ``experiment`` created there (MLflow would otherwise put its
+    artifacts in ./mlruns of the working directory); the trackers find and use the existing experiment."""
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking_uri=store).create_experiment(experiment, artifact_location=(tmp_path / "art").as_uri())
+    return store
+
+
 # ---- MLflow against a real tracking server -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
@@ -185,7 +195,7 @@ def test_a_failed_run_closes_its_tracking_run_as_failed(shards, tmp_path):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's local store: no server needed for this one
+    store = local_store(tmp_path, "fails")  # MLflow's local store: no server needed for this one
     run_dir = tmp_path / "run"
     # an absurd lr without clipping makes every update non-finite: the run stops with exit 2 after two
     p = lmforge(*pretrain_args(shards, run_dir, "optim.lr=1e30", "optim.grad_clip=0", "train.max_nonfinite=2",
@@ -203,7 +213,7 @@ def test_sigterm_stop_closes_the_tracking_run_as_killed(shards, tmp_path):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
-    store, run_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run"
+    store, run_dir = local_store(tmp_path, "stop"), tmp_path / "run"
     args = pretrain_args(shards, run_dir, "train.max_steps=100000", f"log.mlflow.tracking_uri={store}",
                          "log.mlflow.experiment=stop", "--json")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -249,7 +259,7 @@ def test_lora_finetune_uploads_the_merged_model_and_the_adapter(tmp_path, make_t
     sft = [{"instruction": "Say hello.", "input": "", "output": "Hello there."},
            {"instruction": "What is two plus two?", "input": "", "output": "Four."}] * 6
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
-    store, run_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ft"
+    store, run_dir = local_store(tmp_path, "ft"), tmp_path / "ft"
     threads = torch.get_num_threads()
     try:
         res = finetune(config_from_dict({
@@ -360,7 +370,7 @@ def test_two_ranks_track_once(shards, tmp_path):
     pytest.importorskip("wandb")
     from mlflow import MlflowClient
 
-    store, run_dir, wdir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run", tmp_path / "wandb"
+    store, run_dir, wdir = local_store(tmp_path, "ranks"), tmp_path / "run", tmp_path / "wandb"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "offline", "WANDB_DIR": str(wdir), "WANDB_CACHE_DIR": str(tmp_path / "wcache"),
            "WANDB_DATA_DIR": str(tmp_path / "wdata"), "WANDB_CONFIG_DIR": str(tmp_path / "wconfig"),
