@@ -206,19 +206,31 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Param
 
         self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(self.cfg.experiment)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.cfg.experiment)
+        run = self._run_to_resume(resume_id, exp_id) if resume_id is not None else None
         known: dict[str, str] = {}
-        if resume_id is not None:
-            run = self.client.get_run(resume_id)
+        if run is not None:
             self.client.update_run(resume_id, status="RUNNING")
             self.run_id, known = resume_id, dict(run.data.params)
         else:
-            exp = self.client.get_experiment_by_name(self.cfg.experiment)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.cfg.experiment)
             tags = {str(k): str(v) for k, v in self.cfg.tags.items()}
             self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
         params = [Param(k, _cut(v, MLFLOW_PARAM_MAX)) for k, v in flatten(config).items() if k not in known]
         for i in range(0, len(params), MLFLOW_BATCH):  # a resumed run keeps its first values (MLflow's rule)
             self.client.log_batch(self.run_id, params=params[i:i + MLFLOW_BATCH])
+
+    def _run_to_resume(self, run_id: str, exp_id: str):
+        """The earlier segment's run, or None when it is gone or in another experiment (then a new run)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return run if run.info.experiment_id == exp_id and run.info.lifecycle_stage == "active" else None
 
     def _log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric

@@ -467,6 +467,35 @@ def test_failing_tracker_warns_once_and_goes_quiet(capsys, tmp_path):
     assert json.loads((tmp_path / "trackers.json").read_text()) == {"flaky": "r1"}
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:mlflow")
+def test_mlflow_resume_of_a_vanished_run_opens_a_new_one(tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from lmforge.train.trackers import MLflowLogConfig, MLflowTracker
+
+    store = local_store(tmp_path, "exp")
+    first = MLflowTracker(MLflowLogConfig(tracking_uri=store, experiment="exp"), "seg")
+    first.start({"train": {"max_steps": 4}})
+    first.log({"kind": "train", "step": 2, "loss": 3.0})
+    first.finish("killed")
+    again = MLflowTracker(MLflowLogConfig(tracking_uri=store, experiment="exp"), "seg")
+    again.start({"train": {"max_steps": 8}}, resume_id=first.run_id)  # same run, first params kept
+    again.log({"kind": "train", "step": 4, "loss": 2.0})
+    again.finish("finished")
+    other = MLflowTracker(MLflowLogConfig(tracking_uri=store, experiment="exp"), "seg")
+    other.start({"a": 1}, resume_id="0" * 32)  # no such run: a new one, no warning
+    other.finish("finished")
+    assert other.active is False and other.run_id not in (None, first.run_id)
+    assert "warning" not in capsys.readouterr().err
+    client = MlflowClient(tracking_uri=store)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "4"
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "train/loss")] == [(2, 3.0), (4, 2.0)]
+    assert client.get_run(other.run_id).info.status == "FINISHED"
+
+
 def test_only_rank_zero_tracks(tmp_path):
     pytest.importorskip("mlflow")
     cfg = load("log.mlflow.experiment=e")
