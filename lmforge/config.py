@@ -59,6 +59,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1 and any(dataclasses.is_dataclass(a) for a in args):
+            # an optional section (`Section | None`): its own message, e.g. an unknown key inside it
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}={value!r} has the wrong type; expected {' or '.join(_type_name(a) for a in args)}")
     if origin is Literal:
         allowed = get_args(tp)

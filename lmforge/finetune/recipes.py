@@ -542,13 +542,15 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     flops = None if cfg.mode == "classify" else mcfg.flops_per_token(cfg.data.seq_len)
     trainer = Trainer(trainer_cfg, model, data.batches, data.val_batches, loss_fn, total_steps=total_steps,
                       world=world, device=device, config_dict=resolved, math_fields=fields, flops_per_token=flops,
-                      resume_from=resume_from, resume_notes=resume_notes, eval_fn=data.eval_fn, on_best=on_best)
+                      resume_from=resume_from, resume_notes=resume_notes, eval_fn=data.eval_fn, on_best=on_best,
+                      finish_tracking=False)  # trackers get the exported dirs below
     result = trainer.fit()
     model_dir = adapter_dir = weights_step = None
     if cfg.checkpoint.save_model and not result.exit_code:  # a stopped run exports nothing
         model_dir, adapter_dir, weights_step = export(trainer, result, cfg, base_cfg, data.labels, data.template,
                                                       base_fp)
         result.model_dir = model_dir
+    trainer.trackers.finish_run(result.stop_reason, model_dir, adapter_dir)  # log.mlflow / log.wandb
     return FinetuneResult(cfg.mode, result, model_dir, adapter_dir, weights_step, counts["trainable"],
                           counts["total"], data.n_train, data.n_dev, data.labels, data.majority_baseline)
 

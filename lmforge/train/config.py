@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from lmforge.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from lmforge.distributed.config import ParallelConfig  # the `parallel` section (no torch import)
+from lmforge.train.trackers import MLflowLogConfig, WandbLogConfig, validate_tracker_config
 
 
 @dataclass
@@ -97,6 +98,8 @@ class LogConfig:
     tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard (needs `tensorboard`)
     progress: bool = True  # a progress line on stderr with loss and ETA
     peak_tflops: float | None = None  # MFU denominator per device; None = measured (CPU) or the GPU's spec
+    mlflow: MLflowLogConfig | None = None  # track the run in MLflow (lmforge.train.trackers); None = off
+    wandb: WandbLogConfig | None = None  # track the run in Weights & Biases; None = off
 
 
 # Keys of the model section that steer initialization, not the architecture (lmforge.models.embedding_init).
@@ -203,6 +206,7 @@ def validate_common(cfg) -> None:
     if lg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
                           "(or set log.tensorboard=false)")
+    validate_tracker_config(lg.mlflow, lg.wandb)
 
 
 def validate(cfg: PretrainConfig) -> None:

@@ -125,11 +125,13 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per row to RUN/metrics.jsonl (rank 0 only), optionally to TensorBoard."""
+    """Appends one JSON object per row to RUN/metrics.jsonl (rank 0 only), optionally to TensorBoard, and hands
+    every row to ``trackers`` (``lmforge.train.trackers.Trackers``: MLflow, W&B)."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = False):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = False, trackers=None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.trackers = trackers
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -164,6 +166,8 @@ class MetricsWriter:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"{row.get('kind', 'train')}/{k}", v, step)
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def close(self) -> None:
         if self.tb is not None:

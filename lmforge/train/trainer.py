@@ -57,6 +57,7 @@ from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.parallel import World, all_reduce_sum, barrier, no_sync, parallelize_model, unwrap
 from lmforge.train.schedule import LRSchedule
 from lmforge.train.stopping import StopSignals, agree, exit_code
+from lmforge.train.trackers import build_trackers
 
 
 class TrainingDiverged(UserError):
@@ -214,7 +215,7 @@ class Trainer:
                  save_model: Callable[[nn.Module, Path], Any] | None = None, resume_from: Path | None | str = "find",
                  resume_notes: list[str] | None = None,
                  eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-                 on_best: Callable[[Trainer], Any] | None = None):
+                 on_best: Callable[[Trainer], Any] | None = None, finish_tracking: bool = True):
         self.cfg = cfg
         self.world = world or World()
         self.device = torch.device(device)
@@ -243,7 +244,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, total_steps)
         self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.world.rank)
-        self.metrics = MetricsWriter(self.run_dir, enabled=self.world.is_main, tensorboard=cfg.log.tensorboard)
+        # experiment trackers (log.mlflow / log.wandb), rank 0 only; MetricsWriter hands them every row
+        self.trackers = build_trackers(cfg.log, self.run_dir, getattr(cfg.run, "name", None), self.world.is_main)
+        self.finish_tracking = finish_tracking  # False: the caller exports the model, then calls finish_run
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.world.is_main, tensorboard=cfg.log.tensorboard,
+                                     trackers=self.trackers)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         # trainer state (checkpointed)
         self.step = 0
@@ -454,6 +459,7 @@ class Trainer:
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.config_dict, self.run_dir / "config.yaml")
+            self.trackers.start(self.config_dict, resume=self.resume_from is not None)
         self.ckpt.clean_partial()
         peak, self.peak_source = peak_flops(self.device, cfg.train.precision, cfg.log.peak_tflops)
         if self.resume_from is not None:
@@ -572,6 +578,8 @@ class Trainer:
                 self.message(f"no {self.run_dir / 'model'} written: the weights are not finite")
             else:
                 model_dir = self.export_model()
+        if self.finish_tracking:
+            self.trackers.finish_run(stop_reason, model_dir)  # report.png, config, metrics, model dir; close
         tps = self.meter.median_tok_per_s()
         return TrainResult(
             step=self.step, tokens=self.tokens, loss_tokens=self.loss_tokens, stop_reason=stop_reason,
