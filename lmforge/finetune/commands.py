@@ -18,6 +18,11 @@ def run(args) -> int:
     from lmforge.finetune.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # ConfigError before anything heavy is imported
+    from lmforge.outputs import claim_run_dir
+
+    # model.from inside run.dir (e.g. its own RUN/model) is refused: the run would replace its own base.
+    claim_run_dir(cfg.run.dir, "lmforge finetune", overwrite=cfg.run.overwrite,
+                  inputs=[cfg.model.path, *cfg.data.train, *cfg.data.dev])
     from lmforge.finetune.recipes import finetune, summary
 
     result = finetune(cfg, args.config)

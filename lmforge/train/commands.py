@@ -18,6 +18,10 @@ def run(args) -> int:
     from lmforge.train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # ConfigError before anything is imported or built
+    from lmforge.outputs import claim_run_dir
+
+    claim_run_dir(cfg.run.dir, "lmforge pretrain", overwrite=cfg.run.overwrite,
+                  inputs=[cfg.data.dir, cfg.data.tokenizer, cfg.model.get("init_embeddings_from")])
     from lmforge.train.pretrain import pretrain, summary
 
     result = pretrain(cfg)

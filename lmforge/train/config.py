@@ -23,6 +23,7 @@ from lmforge.distributed.config import ParallelConfig  # the `parallel` section 
 class RunConfig:
     dir: str | None = None  # the run directory; default runs/<config file stem>
     name: str | None = None  # a label for reports; default the run dir's name
+    overwrite: bool = False  # write into an existing non-empty folder that is not an lmforge run dir
 
 
 @dataclass
