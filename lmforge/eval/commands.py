@@ -78,6 +78,9 @@ def _check_args(args) -> None:
 
     guard_output_file(_out_path(args), inputs=[args.model, args.data], overwrite=args.overwrite,
                       ours=_is_eval_result)
+    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+
+    check_model_dir_tokenizer(args.model)
 
 
 def _out_path(args) -> Path:

@@ -23,6 +23,9 @@ def run(args) -> int:
     # model.from inside run.dir (e.g. its own RUN/model) is refused: the run would replace its own base.
     claim_run_dir(cfg.run.dir, "lmforge finetune", overwrite=cfg.run.overwrite,
                   inputs=[cfg.model.path, *cfg.data.train, *cfg.data.dev])
+    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+
+    check_model_dir_tokenizer(cfg.model.path)
     from lmforge.finetune.recipes import finetune, summary
 
     result = finetune(cfg, args.config)

@@ -22,6 +22,9 @@ def run(args) -> int:
 
     claim_run_dir(cfg.run.dir, "lmforge pretrain", overwrite=cfg.run.overwrite,
                   inputs=[cfg.data.dir, cfg.data.tokenizer, cfg.model.get("init_embeddings_from")])
+    from lmforge.tokenizer.identity import check_shards_tokenizer
+
+    check_shards_tokenizer(cfg.data.dir, cfg.data.tokenizer)  # every run, with or without a val split
     from lmforge.train.pretrain import pretrain, summary
 
     result = pretrain(cfg)

@@ -39,6 +39,9 @@ def run(args) -> int:
     from lmforge.outputs import guard_output_dir
 
     guard_output_dir(args.out, inputs=[args.model], overwrite=args.overwrite)
+    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+
+    check_model_dir_tokenizer(args.model)
     info(f"exporting {args.model} …")
     s = export_hf(args.model, args.out, family=args.family, dtype=args.dtype,
                   max_shard_bytes=parse_size(args.max_shard_size))
