@@ -6,7 +6,7 @@ Every command that writes calls one of these before it builds anything:
   train``): an existing non-empty target is refused unless ``--overwrite``.
 * :func:`guard_output_file` — a single output file (``eval --out``): an existing non-empty file is
   refused unless it is one this command wrote before (``ours``) or ``--overwrite``.
-* :func:`claim_run_dir` — a pretrain/fine-tune run dir: created with a marker file
+* :func:`run_dir_claim` / :func:`claim_run_dir` — a pretrain/fine-tune run dir: created with a marker file
   (:data:`RUN_MARKER`) so that a later ``resume=auto`` recognises it as a run; an existing non-empty
   folder without the marker is refused unless ``run.overwrite: true``.
 
@@ -17,10 +17,11 @@ dir beside the target and rename (``lmforge.atomic``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from lmforge.config import UserError
@@ -137,8 +138,9 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 
 
 def claim_run_dir(run_dir: str | os.PathLike, command: str, inputs: Iterable[str | os.PathLike | None] = (),
-                  overwrite: bool = False, key: str = "run.dir") -> Path:
+                  overwrite: bool = False, key: str = "run.dir") -> tuple[bool, bool]:
     """Create (or accept) ``run_dir`` for ``command`` (e.g. ``lmforge pretrain``) and mark it as a run.
+    Returns (created the dir, wrote the marker) so a failed start can undo exactly that.
 
     Only rank 0 (``RANK`` unset or 0) creates and marks; other ranks check the inputs only."""
     if str(run_dir).strip() == "":
@@ -146,21 +148,39 @@ def claim_run_dir(run_dir: str | os.PathLike, command: str, inputs: Iterable[str
     target = check_location(run_dir, key)
     check_not_an_input(run_dir, inputs, key)
     if os.environ.get("RANK", "0") != "0":
-        return Path(run_dir)
+        return False, False
     if target.exists() and not target.is_dir():
         raise UserError(f"{key}='{run_dir}' is a file; set it to a directory path")
     marker = target / RUN_MARKER
     if marker.is_file():
-        return Path(run_dir)
+        return False, False
     if _non_empty(target) and not _is_legacy_run(target) and not overwrite:
         raise UserError(f"{key}='{run_dir}' exists, is not empty and is not an lmforge run dir; choose a new "
                         f"{key}, or set run.overwrite=true to write into it (its config.yaml, model/ and "
                         "checkpoints/ would be replaced)")
     from lmforge.atomic import atomic_write_text
 
+    existed = target.exists()
     try:
         target.mkdir(parents=True, exist_ok=True)
         atomic_write_text(marker, json.dumps({"created_by": command, "created_at": time.time()}) + "\n")
     except OSError as e:
         raise UserError(f"{key}='{run_dir}' cannot be created ({e.strerror}); choose a directory you own") from None
-    return Path(run_dir)
+    return not existed, True
+
+
+@contextlib.contextmanager
+def run_dir_claim(run_dir: str | os.PathLike, command: str, inputs: Iterable[str | os.PathLike | None] = (),
+                  overwrite: bool = False, key: str = "run.dir") -> Iterator[Path]:
+    """``with run_dir_claim(...):`` run the command; if it fails before writing anything else into the run
+    dir, the marker (and the dir, when this call created it) is removed again — no trace of a failed start."""
+    created_dir, wrote_marker = claim_run_dir(run_dir, command, inputs, overwrite, key)
+    try:
+        yield Path(run_dir)
+    except BaseException:
+        target = Path(run_dir)
+        if wrote_marker and [p.name for p in target.iterdir()] == [RUN_MARKER]:
+            (target / RUN_MARKER).unlink()
+            if created_dir:
+                target.rmdir()
+        raise

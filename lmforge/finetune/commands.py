@@ -18,17 +18,16 @@ def run(args) -> int:
     from lmforge.finetune.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # ConfigError before anything heavy is imported
-    from lmforge.outputs import claim_run_dir
-
-    # model.from inside run.dir (e.g. its own RUN/model) is refused: the run would replace its own base.
-    claim_run_dir(cfg.run.dir, "lmforge finetune", overwrite=cfg.run.overwrite,
-                  inputs=[cfg.model.path, *cfg.data.train, *cfg.data.dev])
+    from lmforge.outputs import run_dir_claim
     from lmforge.tokenizer.identity import check_model_dir_tokenizer
 
     check_model_dir_tokenizer(cfg.model.path)
-    from lmforge.finetune.recipes import finetune, summary
+    # model.from inside run.dir (e.g. its own RUN/model) is refused: the run would replace its own base.
+    with run_dir_claim(cfg.run.dir, "lmforge finetune", overwrite=cfg.run.overwrite,
+                       inputs=[cfg.model.path, *cfg.data.train, *cfg.data.dev]):
+        from lmforge.finetune.recipes import finetune, summary
 
-    result = finetune(cfg, args.config)
+        result = finetune(cfg, args.config)
     line, payload = summary(result)
     emit(args, line, payload)
     return 0

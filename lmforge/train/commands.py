@@ -18,16 +18,15 @@ def run(args) -> int:
     from lmforge.train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # ConfigError before anything is imported or built
-    from lmforge.outputs import claim_run_dir
-
-    claim_run_dir(cfg.run.dir, "lmforge pretrain", overwrite=cfg.run.overwrite,
-                  inputs=[cfg.data.dir, cfg.data.tokenizer, cfg.model.get("init_embeddings_from")])
+    from lmforge.outputs import run_dir_claim
     from lmforge.tokenizer.identity import check_shards_tokenizer
 
     check_shards_tokenizer(cfg.data.dir, cfg.data.tokenizer)  # every run, with or without a val split
-    from lmforge.train.pretrain import pretrain, summary
+    with run_dir_claim(cfg.run.dir, "lmforge pretrain", overwrite=cfg.run.overwrite,
+                       inputs=[cfg.data.dir, cfg.data.tokenizer, cfg.model.get("init_embeddings_from")]):
+        from lmforge.train.pretrain import pretrain, summary
 
-    result = pretrain(cfg)
+        result = pretrain(cfg)
     line, payload = summary(result)
     emit(args, line, payload)
     return 0
