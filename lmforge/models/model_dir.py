@@ -70,7 +70,7 @@ def load_weights(directory: str | os.PathLike, weights_name: str = WEIGHTS_NAME)
     single = directory / weights_name
     index = directory / (weights_name.removesuffix(".safetensors") + ".safetensors.index.json")
     if single.is_file():
-        return _load_safetensors(single)
+        return read_safetensors(single)
     if index.is_file():
         weight_map = read_json_bounded(index, what="weights index")
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
@@ -83,13 +83,13 @@ def load_weights(directory: str | os.PathLike, weights_name: str = WEIGHTS_NAME)
             path = directory / name
             if not path.is_file():
                 raise UserError(f"shard '{path}' named in {index.name} is missing; re-export the model")
-            out.update(_load_safetensors(path))
+            out.update(read_safetensors(path))
         return out
     raise UserError(f"'{directory}' holds no {weights_name} (or its index); pass a model dir "
                     "written by lmforge (RUN/model, `lmforge import`)")
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """safetensors ``load_file`` with a one-line error for an empty, truncated or foreign file."""
     from safetensors.torch import load_file
 
