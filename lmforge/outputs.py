@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -172,15 +173,20 @@ def claim_run_dir(run_dir: str | os.PathLike, command: str, inputs: Iterable[str
 @contextlib.contextmanager
 def run_dir_claim(run_dir: str | os.PathLike, command: str, inputs: Iterable[str | os.PathLike | None] = (),
                   overwrite: bool = False, key: str = "run.dir") -> Iterator[Path]:
-    """``with run_dir_claim(...):`` run the command; if it fails before writing anything else into the run
-    dir, the marker (and the dir, when this call created it) is removed again — no trace of a failed start."""
+    """``with run_dir_claim(...):`` run the command. When it is refused (a UserError) before its first
+    checkpoint, what this call created goes again: the whole run dir if this call created it (everything
+    in it was written by this run), else just the marker when nothing else was written. Any other
+    failure (a crash, a signal) leaves the run dir as it is, for ``resume=auto``."""
     created_dir, wrote_marker = claim_run_dir(run_dir, command, inputs, overwrite, key)
     try:
         yield Path(run_dir)
-    except BaseException:
+    except BaseException as e:
         target = Path(run_dir)
-        if wrote_marker and [p.name for p in target.iterdir()] == [RUN_MARKER]:
-            (target / RUN_MARKER).unlink()
-            if created_dir:
-                target.rmdir()
+        if wrote_marker and target.is_dir():
+            if created_dir and isinstance(e, UserError) and not (target / "checkpoints").exists():
+                shutil.rmtree(target, ignore_errors=True)
+            elif [p.name for p in target.iterdir()] == [RUN_MARKER]:
+                (target / RUN_MARKER).unlink()
+                if created_dir:
+                    target.rmdir()
         raise

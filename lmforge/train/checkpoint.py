@@ -237,6 +237,11 @@ def _verify(path: Path, deep: bool) -> str | None:
         return f"{META} is unreadable"
     if not isinstance(meta, dict) or not meta.get("complete"):
         return f"{META} does not mark the save complete"
+    if deep:  # the index is read (restricted, never executed) before anyone picks this checkpoint
+        try:
+            read_dcp_index(path / DCP_INDEX)
+        except UserError as e:
+            return str(e)
     return None
 
 

@@ -82,7 +82,9 @@ def test_metadata_pickle_payload_is_refused_without_running(tmp_path):
         dcp.load({"model": build_model(CFG).state_dict()}, storage_reader=ckpt.SafeReader(str(path)))
     assert not marker.exists()
     ckpt.write_manifest(path)  # an attacker can rewrite the manifest too: it proves integrity, not origin
-    assert ckpt.resolve_checkpoint(path) == path
+    with pytest.raises(UserError, match="refusing"):  # the index is read (restricted) when picking a checkpoint
+        ckpt.resolve_checkpoint(path)
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints") is None
     with pytest.raises(UserError):
         _load_fresh(mgr, path)
     assert not marker.exists()
