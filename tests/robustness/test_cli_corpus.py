@@ -457,3 +457,17 @@ def test_bad_input_through_a_real_process(name, world, request):
     tally["subprocess"] += 1
     assert p.returncode == 2, p.stderr[-2000:]
     _check(case, world, d, before, p.returncode, p.stderr, False, tally)
+
+
+@pytest.mark.parametrize("victim", ["rank_00000.json", ".metadata", "__0_0.distcp"])
+def test_resume_falls_back_past_a_truncated_checkpoint(world, victim, tmp_path):
+    """The real Trainer through the CLI: the newest checkpoint is cut short, the run resumes from the one
+    before, names the one it skipped and why, and finishes."""
+    run = _copy(world.run, tmp_path / "run")
+    _truncate(run / "checkpoints" / "step_000002" / victim)
+    rc, out, err, raised = cli(["pretrain", "--config", world.pre_cfg, f"run.dir={run}", "train.max_steps=3",
+                                "--json"])
+    assert rc == 0 and not raised, err[-3000:]
+    assert "skipping checkpoint" in err and "step_000002" in err and victim in err
+    assert "resumed from" in err and "step_000001 at step 1" in err
+    assert json.loads(out)["step"] == 3
