@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from lmforge.config import UserError, atomic_write_text
+from lmforge.config import UserError, atomic_write_text, read_json_bounded
 from lmforge.console import info
 
 LATEST = "LATEST"
@@ -439,11 +439,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((Path(path) / META).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint '{path}': {META} is missing or unreadable ({type(e).__name__}); "
-                        "resume from another checkpoint") from None
+    meta = read_json_bounded(Path(path) / META, what="checkpoint meta")
     if not isinstance(meta, dict):
         raise UserError(f"checkpoint '{path}': {META} is not a JSON object; resume from another checkpoint")
     return meta
@@ -573,9 +569,5 @@ class CheckpointManager:
         rank_file = path / f"rank_{self.rank:05d}.json"
         if not rank_file.is_file():
             rank_file = path / "rank_00000.json"  # resumed on more ranks than it was saved with
-        try:
-            rank_state = json.loads(rank_file.read_text(encoding="utf-8")) if rank_file.is_file() else {}
-        except (OSError, ValueError):
-            raise UserError(f"checkpoint '{path}': {rank_file.name} is truncated or unreadable; "
-                            "resume from another checkpoint") from None
+        rank_state = read_json_bounded(rank_file, what="checkpoint rank state") if rank_file.is_file() else {}
         return meta, rank_state
