@@ -156,9 +156,9 @@ def claim_run_dir(run_dir: str | os.PathLike, command: str, inputs: Iterable[str
     if marker.is_file():
         return False, False
     if _non_empty(target) and not _is_legacy_run(target) and not overwrite:
-        raise UserError(f"{key}='{run_dir}' exists, is not empty and is not an lmforge run dir; choose a new "
-                        f"{key}, or set run.overwrite=true to write into it (its config.yaml, model/ and "
-                        "checkpoints/ would be replaced)")
+        how = ("; choose a new run.dir, or set run.overwrite=true to write into it (its config.yaml, model/ and "
+               "checkpoints/ would be replaced)") if key == "run.dir" else f"; choose a new {key}"
+        raise UserError(f"{key}='{run_dir}' exists, is not empty and is not an lmforge run dir{how}")
     from lmforge.atomic import atomic_write_text
 
     existed = target.exists()

@@ -471,3 +471,11 @@ def test_resume_falls_back_past_a_truncated_checkpoint(world, victim, tmp_path):
     assert "skipping checkpoint" in err and "step_000002" in err and victim in err
     assert "resumed from" in err and "step_000001 at step 1" in err
     assert json.loads(out)["step"] == 3
+
+
+def test_quickstart_refuses_a_foreign_folder(tmp_path):
+    folder = _user_folder(tmp_path)
+    before = snapshot(tmp_path)
+    rc, _, err, raised = cli(["quickstart", "--out", folder, "--minutes", "0.1"])
+    assert rc == 2 and not raised and err.strip().splitlines()[-1].startswith("error: --out=")
+    assert "not an lmforge run dir" in err and snapshot(tmp_path) == before
