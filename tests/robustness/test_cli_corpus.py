@@ -370,6 +370,16 @@ CASES = [
                                                     "--vocab-size", "300", "--out", d], "holds the input"),
     Case("tokenizer-out-proc", lambda w, d: ["tokenizer", "train", "--input", w.corpus, "--vocab-size", "300",
                                              "--out", "/proc/tok"], "/proc"),
+    # tokenizer extend
+    Case("extend-out-is-base", lambda w, d: ["tokenizer", "extend", "--base", w.model, "--input", w.corpus,
+                                             "--add", "8", "--out", w.model], "inputs"),
+    Case("extend-out-holds-base", lambda w, d: ["tokenizer", "extend", "--base", w.model, "--input", w.corpus,
+                                                "--add", "8", "--out", w.run], "holds the input"),
+    Case("extend-out-foreign", lambda w, d: ["tokenizer", "extend", "--base", w.model, "--input", w.corpus,
+                                             "--add", "8", "--out", _user_folder(d)], "--overwrite"),
+    Case("extend-swapped-tokenizer", lambda w, d: ["tokenizer", "extend", "--base", _model_copy(w, d, _swap_tok(w)),
+                                                   "--input", w.corpus, "--add", "8", "--out", d / "o"],
+         "not the ones its weights"),
     # prepare
     Case("prepare-out-is-tokenizer", lambda w, d: ["prepare", "--input", w.corpus, "--tokenizer", w.tok,
                                                    "--out", w.tok], "inputs"),
