@@ -138,6 +138,27 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / RUN_MARKER).is_file() or _is_legacy_run(Path(path))
 
 
+# What a run writes inside its dir (trainer, fine-tune recipes, report); an input there would be replaced.
+RUN_OUTPUTS = ("model", "checkpoints", "adapter", "best", "config.yaml", "metrics.jsonl", "report.png", "report.md")
+
+
+def _check_run_inputs(run_dir: str | os.PathLike, target: Path, inputs: Iterable[str | os.PathLike | None],
+                      key: str) -> None:
+    """A run dir is written file by file, not replaced: an input may live inside it (quickstart keeps its
+    shards in RUN/data/), but not at one of the run's own output paths, and the run dir may not be an
+    input or lie inside an input dir."""
+    for given, inp in _local_inputs(inputs):
+        if target == inp:
+            raise UserError(f"{key}='{run_dir}' is one of this command's inputs; choose another {key}")
+        if _within(inp, target) and inp.relative_to(target).parts[0] in RUN_OUTPUTS:
+            raise UserError(f"{key}='{run_dir}' holds the input '{given}' at "
+                            f"{inp.relative_to(target).parts[0]}/, which this run replaces; copy the input "
+                            f"elsewhere or choose another {key}")
+        if inp.is_dir() and _within(target, inp):
+            raise UserError(f"{key}='{run_dir}' is inside the input dir '{given}', which must stay unchanged; "
+                            f"choose a {key} outside it")
+
+
 def claim_run_dir(run_dir: str | os.PathLike, command: str, inputs: Iterable[str | os.PathLike | None] = (),
                   overwrite: bool = False, key: str = "run.dir") -> tuple[bool, bool]:
     """Create (or accept) ``run_dir`` for ``command`` (e.g. ``lmforge pretrain``) and mark it as a run.
@@ -147,7 +168,7 @@ def claim_run_dir(run_dir: str | os.PathLike, command: str, inputs: Iterable[str
     if str(run_dir).strip() == "":
         raise UserError(f"{key} is empty; set it to a directory path")
     target = check_location(run_dir, key)
-    check_not_an_input(run_dir, inputs, key)
+    _check_run_inputs(run_dir, target, inputs, key)
     if os.environ.get("RANK", "0") != "0":
         return False, False
     if target.exists() and not target.is_dir():

@@ -253,7 +253,9 @@ CASES = [
     Case("pretrain-run-dir-proc", lambda w, d: _pre(w, "run.dir=/proc/lmforge"), "/proc"),
     Case("pretrain-run-dir-foreign", lambda w, d: _pre(w, f"run.dir={_user_folder(d)}"), "not an lmforge run dir"),
     Case("pretrain-run-dir-is-data", lambda w, d: _pre(w, f"run.dir={w.shards}"), "inputs"),
-    Case("pretrain-run-dir-holds-data", lambda w, d: _pre(w, f"run.dir={w.root}"), "holds the input"),
+    Case("pretrain-run-dir-holds-data", lambda w, d: _pre(w, f"run.dir={w.root}"), "not an lmforge run dir"),
+    Case("pretrain-data-at-run-output", lambda w, d: _pre(w, f"run.dir={d / 'r'}", "data.dir=" + str(
+        _copy(w.shards, _write(d / "r" / ".lmforge_run.json", "{}").parent / "model"))), "holds the input"),
     Case("pretrain-run-dir-is-file", lambda w, d: _pre(w, f"run.dir={_write(d / 'f', 'x')}"), "is a file"),
     # pretrain: data identity and index
     Case("pretrain-wrong-tokenizer", lambda w, d: _pre(w, f"data.tokenizer={w.other_tok}"),

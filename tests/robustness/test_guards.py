@@ -116,6 +116,7 @@ def test_finetune_base_inside_its_run_dir_is_refused(tmp_path):
     (run / RUN_MARKER).write_text("{}")
     with pytest.raises(UserError, match="holds the input"):
         claim_run_dir(run, "lmforge finetune", inputs=[run / "model"])
+    assert (run / "model").is_dir()
 
 
 def test_failed_start_leaves_no_trace(tmp_path):
@@ -128,6 +129,17 @@ def test_failed_start_leaves_no_trace(tmp_path):
         (run / "config.yaml").write_text("x")  # the run wrote something: it stays a (marked) run dir
         raise KeyboardInterrupt
     assert (run / RUN_MARKER).is_file() and (run / "config.yaml").is_file()
+
+
+def test_run_dir_may_hold_inputs_outside_its_own_outputs(tmp_path):
+    run = tmp_path / "quickstart"
+    (run / "data" / "shards").mkdir(parents=True)  # quickstart's layout: the data lives in the run dir
+    claim_run_dir(run, "lmforge pretrain", inputs=[run / "data" / "shards"], overwrite=True)
+    for place in ("model", "checkpoints/x", "config.yaml"):
+        with pytest.raises(UserError, match="which this run replaces"):
+            claim_run_dir(run, "lmforge pretrain", inputs=[run / place])
+    with pytest.raises(UserError, match="inside the input dir"):
+        claim_run_dir(run / "data" / "shards" / "run", "lmforge pretrain", inputs=[run / "data" / "shards"])
 
 
 def test_non_zero_ranks_do_not_create(tmp_path, monkeypatch):
