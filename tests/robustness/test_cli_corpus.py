@@ -382,6 +382,13 @@ CASES = [
     Case("extend-swapped-tokenizer", lambda w, d: ["tokenizer", "extend", "--base", _model_copy(w, d, _swap_tok(w)),
                                                    "--input", w.corpus, "--add", "8", "--out", d / "o"],
          "not the ones its weights"),
+    # report
+    Case("report-missing-run", lambda w, d: ["report", d / "nope"], "does not exist"),
+    Case("report-config-alias-bomb", lambda w, d: ["report", _run_copy(w, d, "config.yaml", BOMB)], "alias"),
+    Case("report-metrics-binary", lambda w, d: ["report", _run_copy(w, d, "metrics.jsonl", _junk(5000, 8))],
+         "no training rows"),
+    Case("report-metrics-deep", lambda w, d: ["report", _run_copy(w, d, "metrics.jsonl", _deep_json(5000))],
+         "no training rows"),
     # prepare
     Case("prepare-out-is-tokenizer", lambda w, d: ["prepare", "--input", w.corpus, "--tokenizer", w.tok,
                                                    "--out", w.tok], "inputs"),
@@ -400,6 +407,15 @@ def _retype_config(m: Path, **fields) -> None:
     data = json.loads((m / "config.json").read_text())
     data["model"].update(fields)
     (m / "config.json").write_text(json.dumps(data))
+
+
+def _run_copy(w: World, d: Path, name: str, content: str | bytes) -> Path:
+    r = d / "run"
+    r.mkdir()
+    for f in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(w.run / f, r / f)
+    _write(r / name, content)
+    return r
 
 
 def _garbage_tok(w: World, d: Path) -> Path:
