@@ -410,10 +410,35 @@ def _candidates(ckpt_dir: Path) -> list[Path]:
     return named + [p for _, p in reversed(_step_dirs(ckpt_dir)) if p not in named]
 
 
+def _decided_on_rank0(decide: Any) -> Any:
+    """Run ``decide()`` on rank 0 only and hand its result (or its UserError) to every rank: the files are
+    hashed once, not once per rank, and all ranks resume from the same checkpoint. All ranks must call."""
+    if not (_dist() and dist.get_world_size() > 1):
+        return decide()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", decide())
+        except Exception as e:  # noqa: BLE001 - every rank must leave the broadcast; re-raised below
+            box[0] = ("error", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)  # our own (str, Path) tuple, between our own processes
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
 def latest_checkpoint(ckpt_dir: Path, verify: bool = True) -> Path | None:
     """The newest checkpoint that verifies (LATEST's if it does), or None. Each one skipped is named with
-    the reason on stderr. ``verify=False`` checks sizes only (no hashing)."""
-    for p in _candidates(Path(ckpt_dir)):
+    the reason on stderr. ``verify=False`` checks sizes only (no hashing, any rank may call it alone);
+    with ``verify`` every rank of a distributed run must call it (rank 0 hashes, all get its answer)."""
+    if verify:
+        return _decided_on_rank0(lambda: _latest(Path(ckpt_dir), True))
+    return _latest(Path(ckpt_dir), False)
+
+
+def _latest(ckpt_dir: Path, verify: bool) -> Path | None:
+    for p in _candidates(ckpt_dir):
         reason = verify_checkpoint(p, deep=verify)
         if reason is None:
             return p
@@ -422,7 +447,12 @@ def latest_checkpoint(ckpt_dir: Path, verify: bool = True) -> Path | None:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint dir, a checkpoints/ dir (its LATEST) or a run dir (its checkpoints/LATEST)."""
+    """A checkpoint dir, a checkpoints/ dir (its LATEST) or a run dir (its checkpoints/LATEST). In a
+    distributed run every rank must call it (rank 0 verifies)."""
+    return _decided_on_rank0(lambda: _resolve(path))
+
+
+def _resolve(path: str | os.PathLike) -> Path:
     p = Path(path)
     if (p / META).is_file() or (p / MANIFEST).is_file() or (p / DCP_INDEX).is_file():
         reason = verify_checkpoint(p)
@@ -431,7 +461,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                             "or the run dir to pick the newest checkpoint that verifies")
         return p
     for candidate in (p, p / "checkpoints"):
-        found = latest_checkpoint(candidate)
+        found = _latest(candidate, True)
         if found is not None:
             return found
     raise UserError(f"'{path}' holds no complete checkpoint (need meta.json + DCP shards + {MANIFEST}); "
