@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from lmforge.atomic import atomic_write_text  # noqa: F401  (re-exported)
+from lmforge.atomic import atomic_write_text
 
 T = TypeVar("T")
 
@@ -167,8 +167,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override '{item}' has an empty key; write section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = safe_load_yaml_text(raw) if raw.strip() else ""
+    except (yaml.YAMLError, RecursionError):
         value = raw
     # YAML 1.1 reads 3e-4 as a string; numbers users type should be numbers.
     if isinstance(value, str):
@@ -196,13 +196,86 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
     return out
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a YAML recipe is a few KB
+MAX_JSON_BYTES = 256 << 20  # config.json / index.json / meta.json / results: far below this
+MAX_JSON_DEPTH = 64
+
+
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, mark: Any):
+        super().__init__()
+        self.problem_mark = mark
+        self.problem = ("uses a YAML alias (*name); lmforge configs do not expand anchors/aliases "
+                        "(a few lines can expand to gigabytes) — write the values out")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that stops at the first alias, before anything is built ("billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasRefused(self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` without aliases (raises a ``yaml.YAMLError`` for one)."""
+    loader = _NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _depth_ok(obj: Any, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return True
+
+
+def read_json_bounded(path: str | os.PathLike, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES,
+                      max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse a JSON file with size and nesting caps; every failure is a one-line UserError naming ``what``."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > max_bytes:
+            raise UserError(f"{what} '{path}' is {size:,} bytes, over the {max_bytes:,}-byte limit; "
+                            "it is not an lmforge file")
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except UserError:
+        raise
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read ({e.strerror or e})") from None
+    except RecursionError:
+        raise UserError(f"{what} '{path}' is nested too deeply (over {max_depth} levels); it is not an "
+                        "lmforge file") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} '{path}' is not valid JSON ({str(e).splitlines()[0][:120]}); restore or "
+                        "regenerate it") from None
+    if not _depth_ok(data, max_depth):
+        raise UserError(f"{what} '{path}' is nested deeper than {max_depth} levels; it is not an lmforge file")
+    return data
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping (safe loader); a clear error for a missing or malformed file."""
+    """Read a YAML mapping (safe loader, no aliases, size-capped); a clear error for a bad file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file '{path}' is larger than {MAX_CONFIG_BYTES >> 20} MB; a recipe is a few KB")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = safe_load_yaml_text(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text; pass a YAML file") from None
+    except RecursionError:
+        raise ConfigError(f"config file '{path}' is nested too deeply; pass a YAML recipe") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

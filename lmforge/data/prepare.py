@@ -19,6 +19,7 @@ and renamed into place at the end: a failed run leaves no half-written dir.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -234,12 +235,45 @@ class _Progress:
             info(line)
 
 
-def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
-            val_fraction: float = 0.0, workers: int = 1, dedup: str = "exact", seed: int = 0,
-            text_field: str = "text", min_chars: int = 16, txt_mode: str = "file", pii: bool = False,
-            shard_tokens: int = 1 << 28, add_bos: bool = False, near_threshold: float = 0.8,
-            overwrite: bool = False, progress: bool = True,
-            include: list[str] | str | None = None) -> dict[str, Any]:
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread so ``except``/``finally`` cleanup runs; exits 143."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        info("error: terminated (SIGTERM); no output written")
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """See :func:`_prepare`. A SIGTERM unwinds through its cleanup (the temp dir is removed; exit 143)."""
+    with _sigterm_raises():
+        return _prepare(*args, **kwargs)
+
+
+def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
+             val_fraction: float = 0.0, workers: int = 1, dedup: str = "exact", seed: int = 0,
+             text_field: str = "text", min_chars: int = 16, txt_mode: str = "file", pii: bool = False,
+             shard_tokens: int = 1 << 28, add_bos: bool = False, near_threshold: float = 0.8,
+             overwrite: bool = False, progress: bool = True,
+             include: list[str] | str | None = None) -> dict[str, Any]:
     """Tokenize ``inputs`` into a token-shard dir at ``out_dir``; returns the report (also in index.json).
 
     ``txt_mode``: ``file`` (one document per text file, e.g. source code), ``blank`` (blank-line-separated
@@ -264,9 +298,8 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
     if min_chars < 0:
         raise UserError(f"--min-chars={min_chars} must be >= 0")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        if not out.is_dir() or any(out.iterdir()):
-            raise UserError(f"output '{out_dir}' already exists; pass --overwrite or choose another --out")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output '{out_dir}' already exists; pass --overwrite or choose another --out")
     tokenizer_dir = str(Path(tokenizer_dir).expanduser().resolve())
     tok = load_tokenizer(tokenizer_dir)
     if tok.eos_id is None:
@@ -366,6 +399,13 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
             "tokens_per_s": round(tokens_total / max(seconds, 1e-9), 1),
             "chars_per_token": round(counts["read_chars"] / max(tokens_total - n_docs, 1), 4),
         }
+        if stats.replaced_chars:
+            share = stats.replaced_chars / max(counts["read_chars"], 1)
+            report["encoding_warning"] = (
+                f"{stats.replaced_chars:,} characters in {stats.invalid_utf8_documents:,} documents were not valid "
+                f"UTF-8 and were replaced with U+FFFD ({share:.1%} of the text); binary or non-UTF-8 input? "
+                "check the inputs (--include narrows what is read inside dirs)")
+            info("warning: " + report["encoding_warning"])
         if val_fraction > 0 and splits["val"]["documents"] == 0:
             report["warning"] = (f"--val-fraction={val_fraction} put no document in val "
                                  f"({n_docs} documents kept); use more documents or a larger fraction")

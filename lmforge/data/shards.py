@@ -17,7 +17,6 @@ Documents are stored back to back, each followed by the EOS id (and preceded by 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -52,17 +51,42 @@ def read_index(shard_dir: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"'{shard_dir}' is not a token-shard dir ({INDEX_NAME} is missing); "
                         f"run `lmforge prepare --out {shard_dir}`")
+    from lmforge.config import read_json_bounded
+
     try:
-        index = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p} is corrupt ({e}); re-run `lmforge prepare`") from None
+        index = read_json_bounded(p, what="token-shard index")
+    except UserError as e:
+        raise UserError(f"{e}; re-run `lmforge prepare`") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UserError(f"{p} is not an lmforge token-shard index (format != {FORMAT!r}); re-run `lmforge prepare`")
     if index.get("dtype") not in DTYPES:
         raise UserError(f"{p}: dtype {index.get('dtype')!r} is not one of {', '.join(DTYPES)}")
     if not isinstance(index.get("splits"), dict):
         raise UserError(f"{p} has no 'splits'; re-run `lmforge prepare`")
+    _check_index_types(p, index)
     return index
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_index_types(p: Path, index: dict[str, Any]) -> None:
+    """Every count an integer, every shard a plain file name: a mistyped index is a one-line error."""
+    for key in ("vocab_size", "eos_id"):
+        if key in index and index[key] is not None and not _is_count(index[key]):
+            raise UserError(f"{p}: '{key}' is {index[key]!r}, not a non-negative integer; re-run `lmforge prepare`")
+    for split, entry in index["splits"].items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or ("tokens" in entry and not _is_count(entry["tokens"])):
+            raise UserError(f"{p}: split '{split}' is malformed (needs integer 'tokens' and a 'shards' list); "
+                            "re-run `lmforge prepare`")
+        for i, shard in enumerate(shards):
+            ok = isinstance(shard, dict) and _is_count(shard.get("tokens")) and isinstance(shard.get("file"), str) \
+                and "/" not in shard["file"] and "\\" not in shard["file"] and shard["file"] not in ("", ".", "..")
+            if not ok:
+                raise UserError(f"{p}: shard {i} of split '{split}' is malformed (needs a plain 'file' name and "
+                                "integer 'tokens'); re-run `lmforge prepare`")
 
 
 def check_shards(shard_dir: str | os.PathLike, index: dict[str, Any], split: str, verify: bool = False) -> None:

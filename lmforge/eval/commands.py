@@ -28,6 +28,7 @@ def add_arguments(p) -> None:
                    "SQuAD json / jsonl (qa), jsonl (summarize), tsv / jsonl pairs (translate)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default=None, help="results JSON (default MODEL/eval/TASK-DATA.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file lmforge did not write")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only N examples (documents for ppl)")
     p.add_argument("--subset", choices=("first", "spread"), default="first",
                    help="with --max-examples: the first N, or N spread evenly over the file")
@@ -73,6 +74,28 @@ def _check_args(args) -> None:
         raise UserError(f"model dir '{args.model}' does not exist; pass RUN/model or a dir from `lmforge import`")
     if not Path(args.data).is_file():
         raise UserError(f"data file '{args.data}' does not exist")
+    from lmforge.outputs import guard_output_file
+
+    guard_output_file(_out_path(args), inputs=[args.model, args.data], overwrite=args.overwrite,
+                      ours=_is_eval_result)
+    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+
+    check_model_dir_tokenizer(args.model)
+
+
+def _out_path(args) -> Path:
+    return Path(args.out) if args.out else Path(args.model) / "eval" / f"{args.task}-{Path(args.data).stem}.json"
+
+
+def _is_eval_result(path: Path) -> bool:
+    """A results file an earlier `lmforge eval` wrote (it may be replaced without --overwrite)."""
+    from lmforge.config import read_json_bounded
+
+    try:
+        data = read_json_bounded(path, what="results file")
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+    return isinstance(data, dict) and {"task", "model", "data", "metrics"} <= set(data)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -101,7 +124,7 @@ def run(args) -> int:
         progress.close()
     result["seconds"] = round(time.perf_counter() - t0, 2)
 
-    out = Path(args.out) if args.out else Path(args.model) / "eval" / f"{args.task}-{Path(args.data).stem}.json"
+    out = _out_path(args)
     try:
         atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False))
     except OSError as e:

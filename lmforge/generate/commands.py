@@ -28,11 +28,18 @@ def run(args) -> int:
 
     from lmforge.config import UserError
     from lmforge.generate.engine import generate
+    from lmforge.generate.sampling import check_budget, check_sampling
     from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer import load_tokenizer
 
+    check_sampling(args.temperature, args.top_k, args.top_p)  # before the model is loaded
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} must be positive")
+    if any(not p.strip() for p in args.prompt):
+        raise UserError("--prompt is empty; pass some text to continue")
+    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+
+    check_model_dir_tokenizer(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model = load_model_dir(args.model, device=device, dtype=dtype).eval()
@@ -42,6 +49,8 @@ def run(args) -> int:
         from lmforge.finetune.chat_template import encode_prompt
 
         prompts = [encode_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    lengths = [len(p) if isinstance(p, list) else len(tokenizer.encode(p)) for p in prompts]
+    check_budget(lengths, args.max_new_tokens, model.cfg.max_seq_len)
     t0 = time.perf_counter()
     outs = generate(model, prompts, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop)

@@ -1,8 +1,47 @@
-"""Next-token selection: greedy, temperature, top-k, top-p (nucleus), with a seeded generator."""
+"""Next-token selection: greedy, temperature, top-k, top-p (nucleus), with a seeded generator.
+
+Parameters are checked before any tensor is touched (:func:`check_sampling`, :func:`check_budget`):
+a NaN temperature or a 10^8-token request is a one-line error, not a traceback or a 50 GB allocation."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
+
+from lmforge.config import UserError
+
+
+class SamplingError(UserError, ValueError):
+    """A sampling parameter out of range (a ValueError too, for callers that catch those)."""
+
+
+def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """temperature finite and >= 0; top_k >= 0 (0 or None = off); 0 < top_p <= 1 (None = off)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise SamplingError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise SamplingError(f"top_k={top_k!r} must be an integer >= 0 (0 = no top-k filter)")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not math.isfinite(top_p) or not 0.0 < top_p <= 1.0):
+        raise SamplingError(f"top_p={top_p!r} must be in (0, 1] (1 = no nucleus filter)")
+
+
+def check_budget(prompt_lengths: Sequence[int], max_new_tokens: int, max_seq_len: int) -> None:
+    """Every prompt non-empty, max_new_tokens >= 1, and prompt + max_new_tokens within the model's context."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise SamplingError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    for i, n in enumerate(prompt_lengths):
+        if n < 1:
+            raise SamplingError(f"prompt {i + 1} is empty (no tokens); pass some text")
+    longest = max(prompt_lengths, default=0)
+    if longest + max_new_tokens > max_seq_len:
+        room = max_seq_len - longest
+        fix = f"ask for at most {room} new tokens" if room > 0 else "shorten the prompt"
+        raise SamplingError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                            f"context of {max_seq_len} tokens; {fix}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -23,6 +62,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). temperature 0 means greedy (argmax)."""
+    check_sampling(temperature, top_k, top_p)
     logits = logits.float()
     if temperature <= 0.0:
         return logits.argmax(dim=-1)

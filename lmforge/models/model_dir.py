@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lmforge.atomic import atomic_directory
-from lmforge.config import UserError, from_dict, to_dict
+from lmforge.config import UserError, from_dict, read_json_bounded, to_dict
 from lmforge.models.config import ModelConfig
 
 CONFIG_NAME = "config.json"
@@ -65,24 +65,40 @@ def save_weights(state_dict: dict[str, torch.Tensor], directory: str | os.PathLi
 
 def load_weights(directory: str | os.PathLike, weights_name: str = WEIGHTS_NAME) -> dict[str, torch.Tensor]:
     """Read a single or sharded safetensors checkpoint (never pickle)."""
-    from safetensors.torch import load_file
 
     directory = Path(directory)
     single = directory / weights_name
     index = directory / (weights_name.removesuffix(".safetensors") + ".safetensors.index.json")
     if single.is_file():
-        return load_file(str(single))
+        return read_safetensors(single)
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_bounded(index, what="weights index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and v and "/" not in v and "\\" not in v and v not in (".", "..")
+                for v in weight_map.values()):
+            raise UserError(f"'{index}' has no valid 'weight_map' (shard file names); re-export the model dir")
         out: dict[str, torch.Tensor] = {}
         for name in sorted(set(weight_map.values())):
             path = directory / name
             if not path.is_file():
                 raise UserError(f"shard '{path}' named in {index.name} is missing; re-export the model")
-            out.update(load_file(str(path)))
+            out.update(read_safetensors(path))
         return out
     raise UserError(f"'{directory}' holds no {weights_name} (or its index); pass a model dir "
                     "written by lmforge (RUN/model, `lmforge import`)")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors ``load_file`` with a one-line error for an empty, truncated or foreign file."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ValueError...: all mean an unreadable file
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UserError(f"'{path}' is not a readable safetensors file ({reason}); it is empty, truncated or "
+                        "not safetensors — re-export or re-download the model dir") from None
 
 
 def read_config(directory: str | os.PathLike) -> ModelConfig:
@@ -90,8 +106,11 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     if not path.is_file():
         raise UserError(f"'{directory}' is not a model dir: {CONFIG_NAME} is missing "
                         "(for a Hugging Face checkpoint run `lmforge import --hf DIR --out DIR` first)")
-    data = json.loads(path.read_text())
-    data = data.get("model", data)
+    data = read_json_bounded(path, what="model config")
+    data = data.get("model", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' does not hold a model config (a JSON object with a 'model' section); "
+                        "re-export the model dir")
     return from_dict(ModelConfig, data, prefix="model")
 
 

@@ -19,12 +19,15 @@ def _train_args(p) -> None:
     p.add_argument("--min-frequency", type=int, default=2)
     p.add_argument("--max-bytes", type=float, default=None, help="stop reading after this many bytes (e.g. 1e9)")
     p.add_argument("--max-token-length", type=int, default=None, help="cap on a token's length in characters")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out dir")
     p.add_argument("--json", action="store_true")
 
 
 def _train(args) -> int:
+    from lmforge.outputs import guard_output_dir
     from lmforge.tokenizer.train import train_tokenizer
 
+    guard_output_dir(args.out, inputs=args.input, overwrite=args.overwrite)
     tok = train_tokenizer(args.input, args.vocab_size, args.out, text_field=args.text_field,
                           txt_mode=args.txt_mode, min_frequency=args.min_frequency,
                           max_bytes=int(args.max_bytes) if args.max_bytes else None,

@@ -345,10 +345,16 @@ def add_arguments(p) -> None:
     p.add_argument("--txt-mode", default="line", choices=["file", "blank", "line"],
                    help="text files: one document per line (default), blank-line block or file")
     p.add_argument("--max-bytes", type=float, default=None, help="read at most this much of the corpus")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out dir")
     p.add_argument("--json", action="store_true")
 
 
 def run(args) -> int:
+    from lmforge.outputs import guard_output_dir
+    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+
+    guard_output_dir(args.out, inputs=[args.base, *args.input], overwrite=args.overwrite)
+    check_model_dir_tokenizer(args.base)
     r = extend_model_dir(args.base, args.input, args.add, args.out, text_field=args.text_field,
                          txt_mode=args.txt_mode, max_bytes=int(args.max_bytes) if args.max_bytes else None)
     emit(args, f"added {r['added']:,} tokens (vocab {r['old_vocab_size']:,} -> {r['new_vocab_size']:,}); "

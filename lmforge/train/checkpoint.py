@@ -6,14 +6,28 @@ Layout of one checkpoint (``RUN/checkpoints/step_000500/``)::
     __0_0.distcp ...   DCP shards: model parameters and optimizer state (tensors only)
     .metadata          DCP's own index
     rank_00000.json    per-rank state: data-loader position, RNG states (base64), ...
-    meta.json          step, tokens, config + its hash, trainer state; written last
+    meta.json          step, tokens, config + its hash, trainer state
+    MANIFEST.json      size and sha256 of every other file; written last
 
-Save order: everything goes into ``.tmp_step_000500/``; meta.json is written last inside it; the
-directory is renamed into place; only then is ``LATEST`` replaced (temp file + atomic rename). Old
-checkpoints are pruned after that, keeping the newest ``keep_last`` and never the one LATEST names.
+Save order: everything goes into ``.tmp_step_000500/``; meta.json and then MANIFEST.json are written
+last inside it; the directory is renamed into place; only then is ``LATEST`` replaced (temp file +
+atomic rename). Old checkpoints are pruned after that, keeping the newest ``keep_last`` and never the
+one LATEST names.
 
-Only tensors go through DCP (loaded with ``weights_only=True``); everything else is JSON. DCP's
-``.metadata`` index is PyTorch's own format.
+Trust model. A checkpoint is data, never code:
+
+* DCP's ``.metadata`` index is a pickle. It is read by :class:`SafeReader` through a restricted
+  unpickler that admits only DCP's own metadata classes and the few torch/pathlib types they hold
+  (``torch.Size``, dtypes, layouts, ``PosixPath``); any other global (``os.system``, ``builtins.eval``,
+  ...) stops the load before anything runs.
+* The index is then checked: every entry must be a tensor (lmforge saves only tensors), so DCP never
+  reaches the byte-entry path that ``torch.load(weights_only=False)``-s a slice of a ``.distcp`` file;
+  every storage entry must name a ``__R_N.distcp`` file inside the checkpoint with no transforms.
+  Tensor slices are read by DCP with ``weights_only=True``; :class:`SafeLoadPlanner` refuses byte
+  entries as a second line of defence.
+* MANIFEST.json (size + sha256 of every file, streamed in 1 MiB chunks) detects truncation and
+  corruption, not tampering: whoever can rewrite the files can rewrite the manifest. Resuming picks
+  the newest checkpoint whose manifest verifies and names each one it skipped and why.
 
 Frozen parameters (a LoRA run's base weights, a frozen backbone) are not saved: they come from the model
 dir the run started from, so a LoRA checkpoint holds only the adapters (and head) and their optimizer state.
@@ -22,8 +36,11 @@ dir the run started from, so a LoRA checkpoint holds only the adapters (and head
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -35,13 +52,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from lmforge.config import UserError, atomic_write_text
+from lmforge.config import UserError, atomic_write_text, read_json_bounded
+from lmforge.console import info
 
 LATEST = "LATEST"
 META = "meta.json"
+MANIFEST = "MANIFEST.json"
+DCP_INDEX = ".metadata"
+_HASH_CHUNK = 1 << 20
+_MAX_INDEX_BYTES = 1 << 30  # a DCP index of a 70B model with optimizer state is a few MB
+_DISTCP_RE = re.compile(r"^__\d+_\d+\.distcp$")
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -126,54 +151,328 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+# ---- trust: the manifest ---------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    """sha256 of a file, streamed in 1 MiB chunks (a 7B checkpoint never sits in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    """MANIFEST.json: size and sha256 of every file in checkpoint ``path``; call it last."""
+    path = Path(path)
+    files = {}
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.name != MANIFEST:
+            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    atomic_write_text(path / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
+
+
+_VERIFIED: dict[tuple, str | None] = {}  # (path, stats of its files, deep) -> reason or None
+_NOTED: set[tuple[str, str]] = set()
+
+
+def _stat_key(path: Path) -> tuple:
+    try:
+        return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in path.iterdir()
+                            if f.is_file() and (st := f.stat())))
+    except OSError:
+        return ()
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | str:
+    mf = path / MANIFEST
+    if not mf.is_file():
+        return f"{MANIFEST} is missing (the save did not finish)"
+    if mf.stat().st_size > 64 << 20:
+        return f"{MANIFEST} is larger than 64 MB"
+    try:
+        data = json.loads(mf.read_text(encoding="utf-8"))
+        files = data["files"]
+        well_formed = all(isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+                          for e in files.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        well_formed = False
+    return files if well_formed else f"{MANIFEST} is truncated or not a manifest"
+
+
+def verify_checkpoint(path: str | os.PathLike, deep: bool = True) -> str | None:
+    """None when checkpoint ``path`` is whole, else why not (one phrase). ``deep`` hashes every file;
+    without it only presence and sizes are checked (cheap enough to call on every save)."""
+    path = Path(path)
+    key = (str(path.resolve()), _stat_key(path), deep)
+    if key in _VERIFIED:
+        return _VERIFIED[key]
+    reason = _verify(path, deep)
+    _VERIFIED[key] = reason
+    return reason
+
+
+def _verify(path: Path, deep: bool) -> str | None:
+    if not path.is_dir():
+        return "not a directory"
+    files = _read_manifest(path)
+    if isinstance(files, str):
+        return files
+    for required in (META, DCP_INDEX):
+        if required not in files:
+            return f"{MANIFEST} does not list {required}"
+    for name, entry in files.items():
+        if "/" in name or "\\" in name or name in (".", ".."):
+            return f"{MANIFEST} names '{name}', which is not a file of this checkpoint"
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != entry["size"]:
+            return f"{name} is {size} bytes but was saved with {entry['size']} (truncated or overwritten)"
+        if deep and _sha256(f) != entry["sha256"]:
+            return f"{name} does not match its sha256 (corrupt)"
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{META} is unreadable"
+    if not isinstance(meta, dict) or not meta.get("complete"):
+        return f"{META} does not mark the save complete"
+    if deep:  # the index is read (restricted, never executed) before anyone picks this checkpoint
+        try:
+            read_dcp_index(path / DCP_INDEX)
+        except UserError as e:
+            return str(e)
+    return None
+
+
+def _note_skip(path: Path, reason: str) -> None:
+    if (str(path), reason) in _NOTED or (_dist() and dist.get_rank() != 0):
+        return
+    _NOTED.add((str(path), reason))
+    info(f"note: skipping checkpoint {path}: {reason}")
+
+
+# ---- trust: reading DCP's pickled index without running it ------------------------------------
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    import pathlib
+
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    allowed: dict[tuple[str, str], Any] = {}
+    for name in ("Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+                 "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING"):
+        if hasattr(metadata, name):
+            allowed[(metadata.__name__, name)] = getattr(metadata, name)
+    allowed[(filesystem.__name__, "_StorageInfo")] = filesystem._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    from torch import serialization
+
+    if hasattr(serialization, "_get_layout"):  # turns 'torch.strided' into the layout object
+        allowed[("torch.serialization", "_get_layout")] = serialization._get_layout
+    for name in ("PosixPath", "PurePosixPath", "Path"):
+        allowed[("pathlib", name)] = getattr(pathlib, name)
+    return allowed
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata classes and torch dtypes/layouts/memory formats; nothing else."""
+
+    _allowed: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _IndexUnpickler._allowed is None:
+            _IndexUnpickler._allowed = _allowed_globals()
+        found = self._allowed.get((module, name))
+        if found is not None:
+            return found
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                         torch.memory_format)):
+            return getattr(torch, name)
+        raise _Refused(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _Refused("a persistent id")
+
+
+class _Refused(Exception):
+    pass
+
+
+def read_dcp_index(index: str | os.PathLike):
+    """DCP's ``.metadata`` through the restricted unpickler, then checked: only tensor entries, stored
+    in ``__R_N.distcp`` files of the same dir, untransformed, inside each file's size. UserError otherwise."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    index = Path(index)
+    where = f"checkpoint index '{index}'"
+    try:
+        size = index.stat().st_size
+    except OSError:
+        raise UserError(f"{where} is missing; the checkpoint is incomplete, resume from another one") from None
+    if size > _MAX_INDEX_BYTES:
+        raise UserError(f"{where} is {size:,} bytes, over the {_MAX_INDEX_BYTES:,} limit; not loaded")
+    try:
+        with open(index, "rb") as f:
+            md = _IndexUnpickler(io.BytesIO(f.read())).load()
+    except _Refused as e:
+        raise UserError(f"{where} refers to {e}, which a DCP index never holds; refusing to load it "
+                        "(nothing was executed)") from None
+    except Exception as e:  # noqa: BLE001 - truncated/garbage pickle: EOFError, UnpicklingError, ...
+        raise UserError(f"{where} is truncated or corrupt ({type(e).__name__}); resume from another "
+                        "checkpoint") from None
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
+            or not isinstance(md.storage_data, dict):
+        raise UserError(f"{where} is not a DCP index; refusing to load it")
+    for key, entry in md.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise UserError(f"{where}: entry '{key}' is a pickled object ({type(entry).__name__}), not a tensor; "
+                            "lmforge checkpoints hold only tensors, so it is not loaded")
+    sizes: dict[str, int] = {}
+    for key, item in md.storage_data.items():
+        if not isinstance(item, _StorageInfo) or not isinstance(item.relative_path, str) \
+                or not _DISTCP_RE.match(item.relative_path):
+            raise UserError(f"{where}: storage entry {getattr(key, 'fqn', key)!r} points outside the checkpoint's "
+                            "__R_N.distcp files; refusing to load it")
+        if getattr(item, "transform_descriptors", None):
+            raise UserError(f"{where}: storage entry {getattr(key, 'fqn', key)!r} asks for transforms "
+                            f"{item.transform_descriptors!r}; lmforge writes none, so it is not loaded")
+        if not (isinstance(item.offset, int) and isinstance(item.length, int)
+                and item.offset >= 0 and item.length >= 0):
+            raise UserError(f"{where}: storage entry {getattr(key, 'fqn', key)!r} has a bad offset/length")
+        if item.relative_path not in sizes:
+            shard = index.parent / item.relative_path
+            sizes[item.relative_path] = shard.stat().st_size if shard.is_file() else -1
+        have = sizes[item.relative_path]
+        if have < item.offset + item.length:
+            what = "is missing" if have < 0 else f"is {have} bytes, shorter than the index says (truncated)"
+            raise UserError(f"checkpoint shard '{index.parent / item.relative_path}' {what}; "
+                            "resume from another checkpoint")
+    return md
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader with :func:`read_dcp_index` in place of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        rank = kwargs.get("rank")
+        name = DCP_INDEX if rank is None else f"__{rank}{DCP_INDEX}"
+        md = read_dcp_index(Path(str(self.path)) / name)
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Refuses byte entries (DCP would ``torch.load(weights_only=False)`` them)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise UserError(f"checkpoint entry '{read_item.dest_index.fqn}' is a pickled object, not a tensor; "
+                        "refusing to unpickle it")
+
+
 # ---- finding checkpoints ----------------------------------------------------------------------
 def is_complete(path: Path) -> bool:
-    """A checkpoint is complete when its meta.json (written last) says so and DCP's index exists."""
-    try:
-        meta = json.loads((path / META).read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(meta.get("complete")) and (path / ".metadata").is_file()
+    """A checkpoint is complete when its manifest (written last) lists files that are all there at their
+    saved sizes and meta.json says so. Cheap: no hashing (see :func:`verify_checkpoint`)."""
+    return verify_checkpoint(path, deep=False) is None
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in ``ckpt_dir``, oldest first."""
+    return [(step, p) for step, p in _step_dirs(ckpt_dir) if is_complete(p)]
+
+
+def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
     out = []
-    if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
+    if Path(ckpt_dir).is_dir():
+        for p in Path(ckpt_dir).iterdir():
             m = _STEP_RE.match(p.name)
-            if m and p.is_dir() and is_complete(p):
+            if m and p.is_dir():
                 out.append((int(m.group(1)), p))
     return sorted(out)
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The checkpoint LATEST names; if LATEST is missing or broken, the newest complete one (or None)."""
-    ckpt_dir = Path(ckpt_dir)
+def _candidates(ckpt_dir: Path) -> list[Path]:
+    """LATEST's checkpoint first, then every step dir newest first."""
+    named = []
     pointer = ckpt_dir / LATEST
     if pointer.is_file():
-        name = pointer.read_text().strip()
-        if name and is_complete(ckpt_dir / name):
-            return ckpt_dir / name
-    found = list_checkpoints(ckpt_dir)
-    return found[-1][1] if found else None
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        if _STEP_RE.match(name) and (ckpt_dir / name).is_dir():
+            named.append(ckpt_dir / name)
+    return named + [p for _, p in reversed(_step_dirs(ckpt_dir)) if p not in named]
+
+
+def _decided_on_rank0(decide: Any) -> Any:
+    """Run ``decide()`` on rank 0 only and hand its result (or its UserError) to every rank: the files are
+    hashed once, not once per rank, and all ranks resume from the same checkpoint. All ranks must call."""
+    if not (_dist() and dist.get_world_size() > 1):
+        return decide()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", decide())
+        except Exception as e:  # noqa: BLE001 - every rank must leave the broadcast; re-raised below
+            box[0] = ("error", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)  # our own (str, Path) tuple, between our own processes
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def latest_checkpoint(ckpt_dir: Path, verify: bool = True) -> Path | None:
+    """The newest checkpoint that verifies (LATEST's if it does), or None. Each one skipped is named with
+    the reason on stderr. ``verify=False`` checks sizes only (no hashing, any rank may call it alone);
+    with ``verify`` every rank of a distributed run must call it (rank 0 hashes, all get its answer)."""
+    if verify:
+        return _decided_on_rank0(lambda: _latest(Path(ckpt_dir), True))
+    return _latest(Path(ckpt_dir), False)
+
+
+def _latest(ckpt_dir: Path, verify: bool) -> Path | None:
+    for p in _candidates(ckpt_dir):
+        reason = verify_checkpoint(p, deep=verify)
+        if reason is None:
+            return p
+        _note_skip(p, reason)
+    return None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint dir, a checkpoints/ dir (its LATEST) or a run dir (its checkpoints/LATEST)."""
+    """A checkpoint dir, a checkpoints/ dir (its LATEST) or a run dir (its checkpoints/LATEST). In a
+    distributed run every rank must call it (rank 0 verifies)."""
+    return _decided_on_rank0(lambda: _resolve(path))
+
+
+def _resolve(path: str | os.PathLike) -> Path:
     p = Path(path)
-    if is_complete(p):
+    if (p / META).is_file() or (p / MANIFEST).is_file() or (p / DCP_INDEX).is_file():
+        reason = verify_checkpoint(p)
+        if reason is not None:
+            raise UserError(f"checkpoint '{path}' cannot be trusted: {reason}; pass an earlier step_NNNNNN dir, "
+                            "or the run dir to pick the newest checkpoint that verifies")
         return p
     for candidate in (p, p / "checkpoints"):
-        found = latest_checkpoint(candidate)
+        found = _latest(candidate, True)
         if found is not None:
             return found
-    raise UserError(f"'{path}' holds no complete checkpoint (need meta.json + DCP shards, or a LATEST file); "
+    raise UserError(f"'{path}' holds no complete checkpoint (need meta.json + DCP shards + {MANIFEST}); "
                     "pass a step_NNNNNN dir, a checkpoints/ dir or a run dir")
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / META).read_text())
+    meta = read_json_bounded(Path(path) / META, what="checkpoint meta")
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint '{path}': {META} is not a JSON object; resume from another checkpoint")
+    return meta
 
 
 def _reason(e: BaseException) -> str:
@@ -244,6 +543,7 @@ class CheckpointManager:
             full_meta = dict(to_jsonable(meta), step=step, saved_at=time.time(), complete=True,
                              world_size=dist.get_world_size() if _dist() else 1)
             atomic_write_text(tmp / META, json.dumps(full_meta, indent=1))
+            write_manifest(tmp)  # last: a checkpoint without it never counts
             _fsync_dir(tmp)
             if final.exists():  # a complete-but-unreferenced save of this step from an interrupted run
                 trash = self.dir / f".trash_{name}"
@@ -259,7 +559,7 @@ class CheckpointManager:
 
     def prune(self) -> None:
         """Keep the newest ``keep_last`` complete checkpoints; never delete the one LATEST names."""
-        latest = latest_checkpoint(self.dir)
+        latest = latest_checkpoint(self.dir, verify=False)
         found = list_checkpoints(self.dir)
         for _, path in found[: max(0, len(found) - self.keep_last)]:
             if latest is not None and path.resolve() == latest.resolve():
@@ -271,6 +571,7 @@ class CheckpointManager:
         """Load model (+ optimizer) state in place; returns (meta, this rank's state)."""
         path = Path(path)
         meta = read_meta(path)
+        read_dcp_index(path / DCP_INDEX)  # refuses a hostile or truncated index before DCP touches it
         options = state_dict_options(model)
         model_sd, optim_sd = get_state_dict(model, optimizer, options=options) if optimizer is not None else (
             get_state_dict(model, [], options=options)[0], None)
@@ -281,7 +582,9 @@ class CheckpointManager:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*single process.*")
-                dcp.load(state, checkpoint_id=str(path))
+                dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+        except UserError:
+            raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - any DCP failure (a BaseException) -> UserError
             raise UserError(f"checkpoint '{path}' does not fit this model/optimizer ({_reason(e)}); "
                             "resume with the config it was trained with or start a new run.dir") from None
@@ -296,5 +599,5 @@ class CheckpointManager:
         rank_file = path / f"rank_{self.rank:05d}.json"
         if not rank_file.is_file():
             rank_file = path / "rank_00000.json"  # resumed on more ranks than it was saved with
-        rank_state = json.loads(rank_file.read_text()) if rank_file.is_file() else {}
+        rank_state = read_json_bounded(rank_file, what="checkpoint rank state") if rank_file.is_file() else {}
         return meta, rank_state

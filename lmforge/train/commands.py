@@ -19,9 +19,15 @@ def run(args) -> int:
         from lmforge.train.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # ConfigError before anything is imported or built
-        from lmforge.train.pretrain import pretrain, summary
+        from lmforge.outputs import run_dir_claim
+        from lmforge.tokenizer.identity import check_shards_tokenizer
 
-        result = pretrain(cfg)
+        check_shards_tokenizer(cfg.data.dir, cfg.data.tokenizer)  # every run, with or without a val split
+        with run_dir_claim(cfg.run.dir, "lmforge pretrain", overwrite=cfg.run.overwrite,
+                           inputs=[cfg.data.dir, cfg.data.tokenizer, cfg.model.get("init_embeddings_from")]):
+            from lmforge.train.pretrain import pretrain, summary
+
+            result = pretrain(cfg)
     line, payload = summary(result)
     emit_once(args, line, payload)  # rank 0 only
     return result.exit_code  # non-zero when stopped early (signal: 128+N, time limit: 124) and RUN/model not written

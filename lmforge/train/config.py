@@ -24,6 +24,7 @@ from lmforge.train.trackers import MLflowLogConfig, WandbLogConfig, validate_tra
 class RunConfig:
     dir: str | None = None  # the run directory; default runs/<config file stem>
     name: str | None = None  # a label for reports; default the run dir's name
+    overwrite: bool = False  # write into an existing non-empty folder that is not an lmforge run dir
 
 
 @dataclass

@@ -227,9 +227,11 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
 
 
 def run(args) -> int:
+    from lmforge.outputs import run_dir_claim
     from lmforge.train.metrics import format_duration
 
-    r = quickstart(args.out, args.minutes, args.preset, args.data_mb)
+    with run_dir_claim(args.out, "lmforge quickstart", key="--out"):  # never into a folder it did not create
+        r = quickstart(args.out, args.minutes, args.preset, args.data_mb)
     val = ""
     if r["first_val_loss"] is not None and r["final_val_loss"] is not None:
         bpb = f", {r['final_val_bpb']:.2f} bits/byte" if r.get("final_val_bpb") else ""

@@ -24,11 +24,11 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"'{run_dir}' has no metrics.jsonl; pass a run dir written by `lmforge pretrain`")
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
+        except (ValueError, RecursionError):
+            continue  # a line cut short by a kill (or not JSON at all)
         if isinstance(row, dict):
             rows.append(row)
     return rows
@@ -50,9 +50,10 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir": str(run_dir), "name": run_dir.name}
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
-        import yaml
+        from lmforge.config import load_yaml
 
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        cfg = load_yaml(cfg_path)  # safe loader, no aliases: a hostile config.yaml is a one-line error
+        cfg = {k: v for k, v in cfg.items() if isinstance(v, dict)}  # a hand-edited section that is not a mapping
         out["name"] = (cfg.get("run") or {}).get("name") or out["name"]
         model = cfg.get("model") or {}
         out["preset"] = model.get("preset")

@@ -39,10 +39,12 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
                         "(lmforge never downloads: use `huggingface-cli download` first)")
     if not path.is_file():
         raise UserError(f"'{hf_dir}' has no {HF_CONFIG}; pass a Hugging Face model directory")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"'{path}' is not valid JSON ({e.msg} at line {e.lineno})") from None
+    from lmforge.config import read_json_bounded
+
+    data = read_json_bounded(path, what="Hugging Face config")
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' is not a Hugging Face config (a JSON object); pass a model directory")
+    return data
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -55,22 +57,28 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a HF checkpoint: model.safetensors, sharded safetensors + index, or pytorch_model.bin."""
-    from safetensors.torch import load_file
+    from lmforge.config import read_json_bounded
+    from lmforge.models.model_dir import read_safetensors
 
     d = Path(hf_dir)
-    candidates = [("model.safetensors", load_file), ("pytorch_model.bin", _load_bin)]
+    candidates = [("model.safetensors", read_safetensors), ("pytorch_model.bin", _load_bin)]
     for name, loader in candidates:
         if (d / name).is_file():
-            return loader(d / name) if loader is _load_bin else loader(str(d / name))
+            return loader(d / name)
         index = d / f"{name.rsplit('.', 1)[0]}.{name.rsplit('.', 1)[1]}.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json_bounded(index, what="weights index")
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and v and "/" not in v and "\\" not in v and v not in (".", "..")
+                    for v in weight_map.values()):
+                raise UserError(f"'{index}' has no valid 'weight_map' (shard file names); download it again")
             out: dict[str, torch.Tensor] = {}
             for shard in sorted(set(weight_map.values())):
                 p = d / shard
                 if not p.is_file():
                     raise UserError(f"shard '{p}' named in {index.name} is missing; download it too")
-                out.update(load_file(str(p)) if loader is load_file else _load_bin(p))
+                out.update(loader(p))
             return out
     raise UserError(f"'{hf_dir}' holds no model.safetensors, sharded safetensors index or pytorch_model.bin")
 
@@ -252,7 +260,11 @@ def _read_model_dir_json(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise UserError(f"'{model_dir}' is not an lmforge model dir: config.json is missing")
-    data = json.loads(path.read_text())
+    from lmforge.config import read_json_bounded
+
+    data = read_json_bounded(path, what="model config")
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' is not an lmforge model config (a JSON object); re-export the model dir")
     if "model" not in data and "model_type" in data:
         raise UserError(f"'{model_dir}' is a Hugging Face model dir, not an lmforge one; "
                         f"run `lmforge import --hf {model_dir} --out DIR` first")

@@ -30,12 +30,18 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast the weights (default: keep their dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="shard safetensors above this size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args) -> int:
     from lmforge.models.hf.convert import export_hf
+    from lmforge.outputs import guard_output_dir
 
+    guard_output_dir(args.out, inputs=[args.model], overwrite=args.overwrite)
+    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+
+    check_model_dir_tokenizer(args.model)
     info(f"exporting {args.model} …")
     s = export_hf(args.model, args.out, family=args.family, dtype=args.dtype,
                   max_shard_bytes=parse_size(args.max_shard_size))

@@ -12,12 +12,15 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="lmforge model dir to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast the weights (default: keep the checkpoint's dtype, bit for bit)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args) -> int:
     from lmforge.models.hf.convert import import_hf
+    from lmforge.outputs import guard_output_dir
 
+    guard_output_dir(args.out, inputs=[args.hf], overwrite=args.overwrite)
     info(f"importing {args.hf} …")
     s = import_hf(args.hf, args.out, dtype=args.dtype)
     heads = f", heads {'+'.join(s['heads'])}" if s["heads"] else ""
