@@ -139,7 +139,7 @@ class ShardedLoad:
         index = self.directory / (self.weights_name.removesuffix(".safetensors") + ".safetensors.index.json")
         if single.is_file():
             with safe_open(str(single), framework="pt") as f:
-                return {k: single for k in f.keys()}
+                return dict.fromkeys(f.keys(), single)
         if index.is_file():
             out = {}
             for name, fname in json.loads(index.read_text())["weight_map"].items():
@@ -282,7 +282,7 @@ def _stream_trunc_normal(shape: tuple[int, ...], idx: list[torch.Tensor], local:
                 sel = inv[0][start:start + rows.shape[0]] >= 0
                 if bool(sel.any()):
                     mine = torch.nonzero(sel).flatten()
-                    block = read_block(lambda s: rows[s], [runs(mine), *[runs(i) for i in idx[1:]]])
+                    block = read_block(lambda s, rows=rows: rows[s], [runs(mine), *[runs(i) for i in idx[1:]]])
                     local.index_copy_(0, inv[0][start + mine], block)
                 still.append(torch.nonzero((chunk < lo) | (chunk > hi)).flatten() + a)
                 continue

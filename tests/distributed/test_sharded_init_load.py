@@ -19,8 +19,8 @@ pytestmark = pytest.mark.distributed
 
 TINY = dict(h.TINY)  # tied embeddings, GQA
 TINY_GPT = dict(h.TINY_GPT)  # biases, LayerNorm, learned positions
-LAYOUTS_2 = {"fsdp": dict(dp_shard=2), "tp": dict(tp=2), "ddp": dict(dp_replicate=2, dp_shard=1)}
-LAYOUTS_4 = {"fsdp_tp": dict(dp_shard=2, tp=2)}  # FSDP2 over TP: _StridedShard on the colwise weights
+LAYOUTS_2 = {"fsdp": {"dp_shard": 2}, "tp": {"tp": 2}, "ddp": {"dp_replicate": 2, "dp_shard": 1}}
+LAYOUTS_4 = {"fsdp_tp": {"dp_shard": 2, "tp": 2}}  # FSDP2 over TP: _StridedShard on the colwise weights
 
 
 def _reference(spec: dict, seed: int):
@@ -106,8 +106,8 @@ def test_sharded_load_refuses_a_mismatched_model_dir(tmp_path):
 
 
 # ---- Llama-2-7B width, 2 layers: memory per rank -------------------------------------------------
-WIDE = dict(vocab_size=32000, dim=4096, n_layers=2, n_heads=32, n_kv_heads=32, ffn_hidden=11008, max_seq_len=64,
-            tie_embeddings=False)
+WIDE = {"vocab_size": 32000, "dim": 4096, "n_layers": 2, "n_heads": 32, "n_kv_heads": 32, "ffn_hidden": 11008,
+        "max_seq_len": 64, "tie_embeddings": False}
 
 
 def _run_reference(out_dir, save_dir=None, load_dir=None) -> None:
