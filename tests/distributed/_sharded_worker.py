@@ -126,7 +126,8 @@ def wide_reference(out_dir: str, spec: dict, save_dir: str | None, load_dir: str
     with torch.no_grad():
         logits = model(probe_tokens(spec["vocab_size"])).float()
     rss = peak_rss_mb()
-    stats = {n: [float(p.double().mean()), float(p.double().std(unbiased=False))] for n, p in model.named_parameters()}
+    stats = {n: [float(p.detach().double().mean()), float(p.detach().double().std(unbiased=False))]
+             for n, p in model.named_parameters()}
     Path(out_dir, f"{tag}.json").write_text(json.dumps({"peak_rss_mb": rss, "stats": stats,
                                                          "numel": sum(p.numel() for p in model.parameters())}))
     torch.save(logits, Path(out_dir) / f"{tag}_logits.pt")
