@@ -86,23 +86,26 @@ def layouts(info, out_dir: str, spec: dict, layouts: dict, model_dir: str | None
 def wide(info, out_dir: str, spec: dict, tag: str, model_dir: str | None = None) -> None:
     """7B-width model on this job's ranks (FSDP2 over all): peak RSS per rank and the probe logits."""
     model, on_meta = build_sharded(info, spec, {"dp_shard": -1}, model_dir)
+    # Measured before the forward: FSDP2's forward all-gathers the root and each block (training-time
+    # memory, the same with any init), which is not what this figure is about.
+    rss, numel = peak_rss_mb(), local_numel(model)
     with torch.no_grad():
         logits = model(probe_tokens(spec["vocab_size"])).float()
-    rss = peak_rss_mb()
+    rss_after_forward = peak_rss_mb()
     stats = {}
     if model_dir is None:  # per-tensor mean/std of the sharded init, from local sums (no gather)
         import torch.distributed as dist
         from torch.distributed.tensor import DTensor
 
         for n, p in model.named_parameters():
-            local = (p.to_local() if isinstance(p, DTensor) else p).double()
+            local = (p.to_local() if isinstance(p, DTensor) else p).detach().double()
             s = torch.stack([local.sum(), (local * local).sum(), torch.tensor(float(local.numel()), dtype=torch.double)])
             if isinstance(p, DTensor):
                 dist.all_reduce(s)
             mean = s[0] / s[2]
             stats[n] = [float(mean), float((s[1] / s[2] - mean * mean).clamp(min=0).sqrt())]
-    out = {"rank": info.rank, "peak_rss_mb": rss, "built_on_meta": on_meta, "local_numel": local_numel(model),
-           "stats": stats}
+    out = {"rank": info.rank, "peak_rss_mb": rss, "peak_rss_after_forward_mb": rss_after_forward,
+           "built_on_meta": on_meta, "local_numel": numel, "stats": stats}
     Path(out_dir, f"{tag}_rank{info.rank}.json").write_text(json.dumps(out))
     if info.rank == 0:
         torch.save(logits, Path(out_dir) / f"{tag}_logits.pt")
@@ -123,9 +126,9 @@ def wide_reference(out_dir: str, spec: dict, save_dir: str | None, load_dir: str
     else:
         model = build_model(cfg, seed=0)
         tag = "ref_init"
+    rss = peak_rss_mb()
     with torch.no_grad():
         logits = model(probe_tokens(spec["vocab_size"])).float()
-    rss = peak_rss_mb()
     stats = {n: [float(p.detach().double().mean()), float(p.detach().double().std(unbiased=False))]
              for n, p in model.named_parameters()}
     Path(out_dir, f"{tag}.json").write_text(json.dumps({"peak_rss_mb": rss, "stats": stats,

@@ -120,7 +120,11 @@ def _run_reference(out_dir, save_dir=None, load_dir=None) -> None:
 
 @pytest.mark.slow
 def test_7b_width_sharded_init_and_load_peak_rss(tmp_path):
-    """Each of 2 ranks peaks well below one process holding the whole model; logits equal after loading."""
+    """Each of 2 ranks peaks well below one process holding the whole model; logits equal after loading.
+
+    Peaks are read once the weights are in place (before the probe forward, whose FSDP2 all-gathers
+    are training-time memory); `figures` also prints the peak after the forward.
+    """
     model_dir = tmp_path / "model"
     _run_reference(tmp_path, save_dir=str(model_dir))  # full init, its peak, then the model dir
     _run_reference(tmp_path, load_dir=str(model_dir))  # full load, its peak
@@ -136,6 +140,7 @@ def test_7b_width_sharded_init_and_load_peak_rss(tmp_path):
     for tag, ref in (("sharded_init", ref_init), ("sharded_load", ref_load)):
         ranks = [json.loads((tmp_path / f"{tag}_rank{r}.json").read_text()) for r in range(2)]
         figures[tag + "_mb"] = [round(r["peak_rss_mb"]) for r in ranks]
+        figures[tag + "_after_forward_mb"] = [round(r["peak_rss_after_forward_mb"]) for r in ranks]
         for r in ranks:
             assert r["built_on_meta"]
             assert r["local_numel"] <= ref_init["numel"] // 2 + 4096  # only its half is allocated
