@@ -113,7 +113,7 @@ def parallelize_model(model: nn.Module, cfg, world: World, device: torch.device)
     """
     from lmforge.distributed.apply import parallelize
     from lmforge.distributed.config import ParallelDims
-    from lmforge.distributed.materialize import is_meta, materialize
+    from lmforge.distributed.materialize import is_meta, materialize, weight_source
 
     pcfg = _parallel_cfg(cfg)
     dims = world.dims if world.dims is not None else ParallelDims.from_config(pcfg, world.world_size)
@@ -121,6 +121,12 @@ def parallelize_model(model: nn.Module, cfg, world: World, device: torch.device)
         _set_dp_group(dims, world.rank)
     precision = getattr(getattr(cfg, "train", None), "precision", None)
     on_meta = is_meta(model)
+    source = weight_source(model)
+    if on_meta and source is not None and world.is_main:
+        from lmforge.console import info
+
+        where = "each rank its shards" if shards_parameters(dims) else "whole"
+        info(f"model: {source.describe()} on the meta device, materialized {where}")
     if on_meta and not shards_parameters(dims):
         materialize(model, device)
     parallelize(model, pcfg, dims, device=device, precision=precision)

@@ -78,6 +78,7 @@ def test_two_agents_equal_one_two_process_node(tmp_path):
     check(subprocess.run([sys.executable, *pretrain, f"run.dir={single}", "parallel.dp_shard=1"], env=_env(),
                          capture_output=True, text=True, timeout=600, check=False), "single process")
 
+    assert "model: sharded init (seed 0) on the meta device, materialized each rank its shards" in "".join(logs[1:3])
     ref, got, alone = _losses(one_node), _losses(two_nodes), _losses(single)
     assert sorted(ref) == list(range(1, STEPS + 1)), ref
     assert sorted(got) == sorted(ref)
