@@ -80,14 +80,16 @@ def runs(idx: torch.Tensor) -> list[tuple[int, int]]:
 
 def read_block(get, index_runs: list[list[tuple[int, int]]]) -> torch.Tensor:
     """Assemble the local tensor from contiguous blocks ``get(tuple of slices)`` (one per run combination)."""
+    return _assemble(get, index_runs, (), 0)
 
-    def build(prefix: tuple[slice, ...], dim: int) -> torch.Tensor:
-        if dim == len(index_runs):
-            return get(prefix)
-        parts = [build(prefix + (slice(a, b),), dim + 1) for a, b in index_runs[dim]]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
-    return build((), 0)
+def _assemble(get, index_runs, prefix: tuple[slice, ...], dim: int) -> torch.Tensor:
+    # A module-level recursion: a nested recursive closure would form a reference cycle that keeps
+    # ``get``'s buffer (the init's scratch) alive until the garbage collector runs.
+    if dim == len(index_runs):
+        return get(prefix)
+    parts = [_assemble(get, index_runs, prefix + (slice(a, b),), dim + 1) for a, b in index_runs[dim]]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def local_view(p: torch.Tensor) -> torch.Tensor:
