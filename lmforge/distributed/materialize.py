@@ -110,6 +110,7 @@ class ShardedInit:
     def __init__(self, seed: int):
         self.seed = int(seed)
 
+    @torch.no_grad()
     def __call__(self, model: nn.Module) -> None:
         device = model.tok_embeddings.weight.device
         gen = torch.Generator(device=device).manual_seed(self.seed)
@@ -153,6 +154,7 @@ class ShardedLoad:
         raise UserError(f"'{self.directory}' holds no {self.weights_name} (or its index); pass a model dir "
                         "written by lmforge (RUN/model, `lmforge import`)")
 
+    @torch.no_grad()
     def __call__(self, model: nn.Module) -> None:
         from safetensors import safe_open
 
@@ -315,11 +317,11 @@ def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
     """Allocate a meta model's (local shards of) parameters on ``device`` and fill them from its source."""
     device = torch.device(device)
     model.to_empty(device=device)
+    if hasattr(model, "tie_weights"):  # to_empty gives plain (non-DTensor) parameters new objects: re-tie first
+        model.tie_weights()
     source = weight_source(model)
     if source is not None:
         source(model)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
     if hasattr(model, "init_buffers"):
         model.init_buffers()
     setattr(model, _ATTR, None)
