@@ -135,6 +135,8 @@ def test_7b_width_sharded_init_and_load_peak_rss(tmp_path):
     ref_init = json.loads((tmp_path / "ref_init.json").read_text())
     ref_load = json.loads((tmp_path / "ref_load.json").read_text())
     model_mb = ref_init["numel"] * 4 / 2**20
+    dim, ffn = WIDE["dim"], WIDE["ffn_hidden"]
+    layer_mb = (4 * dim * dim + 3 * dim * ffn) * 4 / 2**20  # one block's fp32 weights (809 MiB)
     figures = {"model_fp32_mb": round(model_mb), "unsharded_init_mb": round(ref_init["peak_rss_mb"]),
                "unsharded_load_mb": round(ref_load["peak_rss_mb"])}
     for tag, ref in (("sharded_init", ref_init), ("sharded_load", ref_load)):
@@ -144,8 +146,10 @@ def test_7b_width_sharded_init_and_load_peak_rss(tmp_path):
         for r in ranks:
             assert r["built_on_meta"]
             assert r["local_numel"] <= ref_init["numel"] // 2 + 4096  # only its half is allocated
-            # Well below: the rank holds half the model; the 1-process run holds all of it.
-            assert r["peak_rss_mb"] < ref["peak_rss_mb"] - 0.35 * model_mb, figures
+            # Well below the 1-process peak, and about half the model plus one layer (512 MiB for
+            # the interpreter, torch and gloo).
+            assert r["peak_rss_mb"] < 0.5 * ref["peak_rss_mb"], figures
+            assert r["peak_rss_mb"] < model_mb / 2 + layer_mb + 512, figures
         ref_logits = torch.load(tmp_path / f"{'ref_init' if tag == 'sharded_init' else 'ref_load'}_logits.pt",
                                 weights_only=True)
         torch.testing.assert_close(torch.load(tmp_path / f"{tag}_logits.pt", weights_only=True), ref_logits,
