@@ -20,7 +20,8 @@ pytestmark = pytest.mark.distributed
 TINY = dict(h.TINY)  # tied embeddings, GQA
 TINY_GPT = dict(h.TINY_GPT)  # biases, LayerNorm, learned positions
 LAYOUTS_2 = {"fsdp": {"dp_shard": 2}, "tp": {"tp": 2}, "ddp": {"dp_replicate": 2, "dp_shard": 1}}
-LAYOUTS_4 = {"fsdp_tp": {"dp_shard": 2, "tp": 2}}  # FSDP2 over TP: _StridedShard on the colwise weights
+LAYOUTS_4 = {"fsdp_tp": {"dp_shard": 2, "tp": 2},  # FSDP2 over TP: _StridedShard on the colwise weights
+             "hsdp": {"dp_replicate": 2, "dp_shard": 2}}  # (Replicate, Shard(0)) on a 2-D mesh
 
 
 def _reference(spec: dict, seed: int):
@@ -68,12 +69,13 @@ def test_sharded_load_equals_one_process_load(tmp_path):
         _check_equal(out, name, ref_state, ref_logits, meta_expected=name != "ddp")
 
 
-def test_sharded_init_and_load_fsdp_over_tp_4_ranks(tmp_path):
+def test_sharded_init_and_load_fsdp_over_tp_and_hsdp_4_ranks(tmp_path):
     from lmforge.models.model_dir import save_model_dir
 
     _, ref_state, ref_logits = _reference(TINY, seed=0)
     h.spawn(4, "_sharded_worker:layouts", out_dir=str(tmp_path), spec=TINY, layouts=LAYOUTS_4)
-    _check_equal(tmp_path, "fsdp_tp", ref_state, ref_logits, meta_expected=True)
+    for name in LAYOUTS_4:
+        _check_equal(tmp_path, name, ref_state, ref_logits, meta_expected=True)
 
     model, ref_state, ref_logits = _reference(TINY, seed=3)
     save_model_dir(model, tmp_path / "model")
@@ -81,7 +83,8 @@ def test_sharded_init_and_load_fsdp_over_tp_4_ranks(tmp_path):
     out.mkdir()
     h.spawn(4, "_sharded_worker:layouts", out_dir=str(out), spec=TINY, layouts=LAYOUTS_4,
             model_dir=str(tmp_path / "model"))
-    _check_equal(out, "fsdp_tp", ref_state, ref_logits, meta_expected=True)
+    for name in LAYOUTS_4:
+        _check_equal(out, name, ref_state, ref_logits, meta_expected=True)
 
 
 def test_sharded_load_refuses_a_mismatched_model_dir(tmp_path):
