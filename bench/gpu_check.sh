@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU check of lmforge's scale-out path (one H200/H100; ~5-8 minutes):
+# One-GPU check of lmforge's scale-out path (one H200/H100; ~8-12 minutes, ~32 GB of free disk for load8b):
 #   1. a ~1.1B Llama-shaped model, FSDP2 bf16 + torch.compile, 40 steps: tokens/s and MFU vs 989.4 TFLOP/s
 #   2. one (+1) training step of the full llama2-7b preset built by sharded init (meta -> FSDP2 ->
 #      local shards initialized), FSDP2 on one GPU, full activation checkpointing: peak memory beside
