@@ -167,3 +167,30 @@ def test_7b_width_sharded_init_and_load_peak_rss(tmp_path):
         else:
             assert got_std == 0 and got_mean == mean, name
     print("peak RSS (MiB):", json.dumps(figures))
+
+
+def test_sharded_load_of_an_imported_hf_checkpoint_matches_transformers(tmp_path):
+    """`lmforge import` output (a Llama with GQA) read slice by slice on 2 ranks: transformers' logits."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.config import to_dict
+    from lmforge.models.hf.convert import import_hf
+    from lmforge.models.model_dir import load_model_dir, read_config
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "lm"))
+    spec = to_dict(read_config(tmp_path / "lm"))
+    ref = load_model_dir(tmp_path / "lm")
+    ref_state = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    with torch.no_grad():
+        hf_logits = hf(w.probe_tokens(spec["vocab_size"])).logits.float()
+    out = tmp_path / "out"
+    out.mkdir()
+    h.spawn(2, "_sharded_worker:layouts", out_dir=str(out), spec=spec, layouts={"fsdp": {"dp_shard": 2},
+                                                                                "tp": {"tp": 2}},
+            model_dir=str(tmp_path / "lm"))
+    for name in ("fsdp", "tp"):
+        _check_equal(out, name, ref_state, hf_logits, meta_expected=True)
