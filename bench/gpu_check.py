@@ -5,6 +5,13 @@
               dense bf16 peak (989.4 TFLOP/s for H100/H200 SXM).
   memory7b    one (then a second) training step of the full llama2-7b preset with FSDP2 on one GPU,
               full activation checkpointing, fused AdamW: peak memory beside `lmforge plan`'s prediction.
+              The model is built by sharded init (meta device -> FSDP2 -> `to_empty` -> the seeded init
+              of the local shards, `lmforge.distributed.materialize`), as `lmforge pretrain` does;
+              ``--init full`` builds it whole first (the old path) for comparison.
+  write8b     an 8B model dir (llama3-8b, fp32 safetensors, sharded init) plus its logits on fixed tokens.
+  load8b      (a fresh process) that model dir loaded through the sharded path (meta -> FSDP2 -> each
+              rank reads its slices with safetensors `get_slice`): time, host peak RSS, GPU peak, and the
+              logits beside write8b's.
 
 Both use random tokens (no data files) and write one JSON object each to --out. ``--smoke`` runs the
 same code on CPU with a tiny model (no compile, no numbers worth reading): a check that the script works.
@@ -28,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmforge.distributed import ParallelConfig, init_distributed, parallelize, shutdown_distributed
+from lmforge.distributed.materialize import ShardedInit, ShardedLoad, attach_weights, materialize
 from lmforge.models.presets import get_preset, model_config_from_dict
-from lmforge.models.transformer import build_model
+from lmforge.models.transformer import Transformer, build_model
 
 GB = 1e9  # the planner's unit
 ONE_B = dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_hidden=5632, max_seq_len=2048,
@@ -76,6 +84,24 @@ def mem(device: torch.device) -> dict:
 
 def gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def host_peak_gb() -> float:
+    """This process's peak resident host memory (VmHWM), GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) * 1024 / GB, 2)
+    return float("nan")
+
+
+def build_parallel(cfg, pcfg: ParallelConfig, device: torch.device, source):
+    """Meta build -> TP/AC/compile/FSDP2 -> allocate only the local shards -> fill them from ``source``."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    attach_weights(model, source)
+    parallelize(model, pcfg, device=device)
+    materialize(model, device)
+    return model
 
 
 # ---- 1. throughput -------------------------------------------------------------------------------
@@ -139,8 +165,13 @@ def memory7b(args, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    model = build_model(cfg, device=device, seed=0)
-    parallelize(model, pcfg, device=device)
+    if args.init == "sharded":
+        model = build_parallel(cfg, pcfg, device, ShardedInit(0))
+    else:
+        model = build_model(cfg, device=device, seed=0)
+        parallelize(model, pcfg, device=device)
+    sync(device)
+    init_s, init_mem = time.perf_counter() - t0, mem(device)
     opt, opt_kind = make_optimizer(model, 3e-4, device)
     sync(device)
     setup_s = time.perf_counter() - t0
@@ -158,13 +189,81 @@ def memory7b(args, device: torch.device) -> dict:
         log(f"7b step {i + 1}: loss {loss:.4f}, {steps[-1]}")
     out = {"check": "memory7b", "gpu": gpu_name(device), "model": "smoke" if args.smoke else args.preset7b,
            "params": cfg.num_params(), "seq_len": seq, "micro_batch": 1, "ac": "full", "fsdp_world": 1,
-           "param_dtype": "bf16", "optimizer": opt_kind, "setup_s": round(setup_s, 1), "after_setup": setup_mem,
-           "steps": steps}
+           "param_dtype": "bf16", "optimizer": opt_kind, "init": args.init, "init_s": round(init_s, 1),
+           "after_init": init_mem, "setup_s": round(setup_s, 1), "after_setup": setup_mem,
+           "host_peak_gb": host_peak_gb(), "steps": steps}
     if device.type == "cuda":
         out["total_device_gb"] = round(torch.cuda.get_device_properties(device).total_memory / GB, 1)
     if not args.smoke:
         out["planner"] = planner_prediction(args.preset7b, args.gpu, seq, 1, "full")
     return out
+
+
+# ---- 3. 8B model dir through the sharded loading path ----------------------------------------------
+def _probe(cfg, device):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, cfg.vocab_size, (1, 16), generator=g).to(device)
+
+
+def _cfg8b(args):
+    return model_config_from_dict(SMOKE) if args.smoke else get_preset(args.preset8b)
+
+
+def write8b(args, device: torch.device) -> dict:
+    """Build llama3-8b by sharded init on the GPU, write it as a model dir (fp32), keep its probe logits."""
+    from lmforge.models.model_dir import save_model_dir
+
+    cfg = _cfg8b(args)
+    pcfg = ParallelConfig(param_dtype="fp32", compile=False)
+    t0 = time.perf_counter()
+    model = build_parallel(cfg, pcfg, device, ShardedInit(0))
+    sync(device)
+    init_s = time.perf_counter() - t0
+    with torch.no_grad():
+        logits = model(_probe(cfg, device)).float().cpu()
+    model_dir = Path(args.out) / "model8b"
+
+    class Full(torch.nn.Module):  # what save_model_dir reads: the config and a full (host) state dict
+        def __init__(self):
+            super().__init__()
+            self.cfg = cfg
+
+        def state_dict(self, *a, **k):
+            from torch.distributed.tensor import DTensor
+
+            return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+                    for n, p in model.named_parameters()}
+
+    t0 = time.perf_counter()
+    save_model_dir(Full(), model_dir)
+    write_s = time.perf_counter() - t0
+    torch.save(logits, Path(args.out) / "load8b_reference_logits.pt")
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    return {"check": "write8b", "gpu": gpu_name(device), "model": "smoke" if args.smoke else args.preset8b,
+            "params": cfg.num_params(), "init_s": round(init_s, 1), "write_s": round(write_s, 1),
+            "dir_gb": round(size / GB, 2), **mem(device)}
+
+
+def load8b(args, device: torch.device) -> dict:
+    """Load the write8b model dir through the sharded path in this fresh process; compare the logits."""
+    cfg = _cfg8b(args)
+    model_dir = Path(args.out) / "model8b"
+    pcfg = ParallelConfig(param_dtype="fp32", compile=False)
+    host_before = host_peak_gb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    model = build_parallel(cfg, pcfg, device, ShardedLoad(model_dir))
+    sync(device)
+    load_s = time.perf_counter() - t0
+    with torch.no_grad():
+        logits = model(_probe(cfg, device)).float().cpu()
+    ref = torch.load(Path(args.out) / "load8b_reference_logits.pt", weights_only=True)
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    return {"check": "load8b", "gpu": gpu_name(device), "model": "smoke" if args.smoke else args.preset8b,
+            "params": cfg.num_params(), "dir_gb": round(size / GB, 2), "load_s": round(load_s, 1),
+            "read_gb_per_s": round(size / GB / max(load_s, 1e-9), 2), "host_peak_gb_before": host_before,
+            "host_peak_gb": host_peak_gb(), "logits_max_abs_diff": float((logits - ref).abs().max()), **mem(device)}
 
 
 def summary(out: Path) -> int:
@@ -195,12 +294,22 @@ def summary(out: Path) -> int:
               f"({parts}); step time {last['time_s']}s")
     else:
         print("memory7b: no result (see the log)")
+    w, ld = out / "write8b.json", out / "load8b.json"
+    if w.is_file() and ld.is_file():
+        a, b = json.loads(w.read_text()), json.loads(ld.read_text())
+        print(f"load8b: {b['model']} ({b['params'] / 1e9:.2f}B, {b['dir_gb']} GB fp32 safetensors) loaded through "
+              f"the sharded path in {b['load_s']}s ({b['read_gb_per_s']} GB/s); host peak {b['host_peak_gb']} GB "
+              f"(process start {b['host_peak_gb_before']} GB), GPU peak allocated {b.get('peak_allocated_gb')} GB; "
+              f"logits max |diff| vs the written model {b['logits_max_abs_diff']:.2e} (sharded init took "
+              f"{a['init_s']}s, writing {a['write_s']}s)")
+    else:
+        print("load8b: no result (see the log)")
     return 0
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("check", choices=["throughput", "memory7b", "summary"])
+    p.add_argument("check", choices=["throughput", "memory7b", "write8b", "load8b", "summary"])
     p.add_argument("--out", default=os.environ.get("OUT") or "bench/out")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not the GPU")
     p.add_argument("--steps", type=int, default=40)
@@ -211,6 +320,8 @@ def main() -> int:
     p.add_argument("--preset7b", default="llama2-7b")
     p.add_argument("--seq-len-7b", type=int, default=4096)
     p.add_argument("--gpu", default="h200", help="planner GPU preset for the prediction")
+    p.add_argument("--init", default="sharded", choices=["sharded", "full"], help="memory7b: how the model is built")
+    p.add_argument("--preset8b", default="llama3-8b")
     args = p.parse_args()
     if args.check == "summary":
         return summary(Path(args.out))
@@ -229,7 +340,8 @@ def main() -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        result = throughput(args, device) if args.check == "throughput" else memory7b(args, device)
+        result = {"throughput": throughput, "memory7b": memory7b, "write8b": write8b, "load8b": load8b}[args.check](
+            args, device)
     finally:
         shutdown_distributed(info)
     result["torch"] = torch.__version__

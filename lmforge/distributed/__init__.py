@@ -22,10 +22,12 @@ _EXPORTS = {
     "apply_compile": "lmforge.distributed.apply",
     "apply_fsdp": "lmforge.distributed.apply",
     "apply_ddp": "lmforge.distributed.apply",
-    "clip_grad_norm_": "lmforge.distributed.apply",
     "set_grad_sync": "lmforge.distributed.apply",
     "compute_dtypes": "lmforge.distributed.apply",
     "Watchdog": "lmforge.distributed.watchdog",
+    "ShardedInit": "lmforge.distributed.materialize",
+    "ShardedLoad": "lmforge.distributed.materialize",
+    "materialize": "lmforge.distributed.materialize",
 }
 
 __all__ = list(_EXPORTS)

@@ -11,7 +11,6 @@ and FSDP2 swap parameters for DTensors in place, DDP is the composable ``replica
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -297,22 +296,3 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims | None
                                "ac": cfg.activation_checkpoint, "compile": bool(cfg.compile),
                                "param_dtype": str(param_dtype).removeprefix("torch.")}
     return model, mesh
-
-
-# ---- gradient norm -----------------------------------------------------------------------------
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
-                    foreach: bool | None = None) -> torch.Tensor:
-    """Global gradient-norm clipping that works on plain tensors and on (FSDP/TP) DTensors alike.
-
-    Returns the total norm before clipping as a plain scalar tensor (the same on every rank).
-    """
-    from torch.distributed.tensor import DTensor
-
-    params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, norm_type, False, foreach)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()  # reduces the partial norms over the shard/TP meshes
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach)
-    return total

@@ -104,11 +104,21 @@ def set_dropout(model, p: float) -> None:
             m.p = p
 
 
-def load_base(cfg: FinetuneConfig, device, mcfg):
-    """The model dir of ``model.from`` on ``device`` in fp32, with the fine-tuning dropout."""
+def load_base(cfg: FinetuneConfig, device, mcfg, world=None):
+    """The model dir of ``model.from`` on ``device`` in fp32, with the fine-tuning dropout.
+
+    Full fine-tuning in a job that shards parameters (FSDP2/TP, ``world`` given) builds on the meta device
+    and each rank reads only its slices of the weights when the Trainer parallelizes the model
+    (`lmforge.train.parallel.build_for_world`). LoRA and classification wrap the full model first.
+    """
     from lmforge.models.model_dir import load_model_dir
 
-    model = load_model_dir(cfg.model.path, device=device)
+    if world is not None and cfg.mode == "sft" and not cfg.uses_lora:
+        from lmforge.train.parallel import build_for_world
+
+        model = build_for_world(mcfg, world, device, model_dir=cfg.model.path)
+    else:
+        model = load_model_dir(cfg.model.path, device=device)
     if cfg.model.dropout is not None:
         set_dropout(model, cfg.model.dropout)
     return model
@@ -512,7 +522,7 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
 
     # ---- model ----
     torch.manual_seed(cfg.train.seed)  # the head's and the adapters' initialization
-    model = load_base(cfg, device, mcfg)
+    model = load_base(cfg, device, mcfg, world)
     if cfg.mode == "classify":
         model = SequenceClassifier(model, len(data.labels), cfg.classify.pooling, cfg.classify.dropout)
     if cfg.uses_lora:

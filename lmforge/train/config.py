@@ -104,7 +104,7 @@ class LogConfig:
 
 
 # Keys of the model section that steer initialization, not the architecture (lmforge.models.embedding_init).
-MODEL_INIT_KEYS = ("init_embeddings_from",)
+MODEL_INIT_KEYS = ("init_embeddings_from", "from")
 
 
 @dataclass
@@ -126,6 +126,16 @@ class PretrainConfig:
 
         if not self.model:
             raise ConfigError("model section is empty; set model.preset (see `lmforge model list`)")
+        if self.model.get("from"):  # continued pretraining: the architecture is the model dir's (h-shard)
+            from lmforge.models.model_dir import read_config
+
+            extra = sorted(k for k in self.model if k not in MODEL_INIT_KEYS)
+            if extra:
+                raise ConfigError(f"model.from takes the architecture from '{self.model['from']}'; drop model.{extra[0]}")
+            if not Path(str(self.model["from"])).is_dir():
+                raise ConfigError(f"model.from='{self.model['from']}' is not a directory; point it at a model dir "
+                                  "(RUN/model of a pretraining run, or `lmforge import` output)")
+            return read_config(self.model["from"])
         try:  # init options (model.init_embeddings_from) are not part of the architecture
             return model_config_from_dict({k: v for k, v in self.model.items() if k not in MODEL_INIT_KEYS})
         except TypeError as e:

@@ -105,17 +105,64 @@ def _set_dp_group(dims, rank: int) -> None:
 
 
 def parallelize_model(model: nn.Module, cfg, world: World, device: torch.device) -> nn.Module:
-    """THE parallelization hook: single-device model in, the model the training loop runs out (same object)."""
+    """THE parallelization hook: single-device model in, the model the training loop runs out (same object).
+
+    A model built on the meta device (`build_for_world`) gets its weights here: after TP -> AC -> compile ->
+    FSDP2 when its parameters end up sharded (each rank allocates and fills only its shards), before
+    parallelizing otherwise (DDP broadcasts real weights; a single process just materializes).
+    """
     from lmforge.distributed.apply import parallelize
     from lmforge.distributed.config import ParallelDims
+    from lmforge.distributed.materialize import is_meta, materialize, weight_source
 
     pcfg = _parallel_cfg(cfg)
     dims = world.dims if world.dims is not None else ParallelDims.from_config(pcfg, world.world_size)
     if dist.is_available() and dist.is_initialized() and dims.tp > 1 and _DP_GROUP is None:
         _set_dp_group(dims, world.rank)
     precision = getattr(getattr(cfg, "train", None), "precision", None)
+    on_meta = is_meta(model)
+    source = weight_source(model)
+    if on_meta and source is not None and world.is_main:
+        from lmforge.console import info
+
+        where = "each rank its shards" if shards_parameters(dims) else "whole"
+        info(f"model: {source.describe()} on the meta device, materialized {where}")
+    if on_meta and not shards_parameters(dims):
+        materialize(model, device)
     parallelize(model, pcfg, dims, device=device, precision=precision)
+    if on_meta and is_meta(model):
+        materialize(model, device)
     return model
+
+
+def shards_parameters(dims) -> bool:
+    """Whether this job's parameters are DTensor shards (FSDP2/HSDP or tensor parallel) under a process group."""
+    return (dist.is_available() and dist.is_initialized()
+            and (dims.data_parallel in ("fsdp", "hsdp") or dims.tp > 1))
+
+
+def build_for_world(mcfg, world: World, device: torch.device, *, seed: int | None = None, init: bool = True,
+                    model_dir: str | None = None) -> nn.Module:
+    """The recipe's model: full on ``device`` when one rank holds it all, on the meta device when the job
+    shards parameters (`parallelize_model` then allocates and fills only each rank's shards).
+
+    Weights: loaded from ``model_dir`` (each rank reads only its slices of the safetensors files), else the
+    seeded init (``init``; bitwise the 1-process init), else left for a checkpoint load.
+    """
+    from lmforge.distributed.materialize import ShardedInit, ShardedLoad, attach_weights
+    from lmforge.models.transformer import Transformer, build_model
+
+    dims = world.dims
+    if dims is None or not shards_parameters(dims):
+        if model_dir is not None:
+            from lmforge.models.model_dir import load_model_dir
+
+            return load_model_dir(model_dir, device=device)
+        return build_model(mcfg, device=device, dtype=torch.float32, seed=seed, init=init)
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+    source = ShardedLoad(model_dir) if model_dir is not None else (ShardedInit(seed or 0) if init else None)
+    return attach_weights(model, source)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -67,7 +67,12 @@ def resolve_model_config(cfg: PretrainConfig, data_vocab: int):
     """The model config; its vocabulary follows the data's tokenizer unless model.vocab_size is set."""
     model_section = dict(cfg.model)
     mcfg = cfg.model_config()
-    if "vocab_size" in model_section:
+    if model_section.get("from"):  # continued pretraining keeps the model dir's vocabulary
+        if mcfg.vocab_size < data_vocab:
+            raise ConfigError(f"model.from='{model_section['from']}' has a {mcfg.vocab_size:,}-token vocabulary, "
+                              f"smaller than the data's tokenizer ({data_vocab:,}); prepare the data with the "
+                              "model's tokenizer")
+    elif "vocab_size" in model_section:
         if mcfg.vocab_size < data_vocab:
             raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the data's tokenizer "
                               f"vocabulary ({data_vocab:,}); set model.vocab_size>={data_vocab} or drop it")
@@ -130,7 +135,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     from lmforge.data.shards import read_index
     from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
-    from lmforge.train.parallel import failure_guard, setup_world
+    from lmforge.train.parallel import build_for_world, failure_guard, setup_world
     from lmforge.train.trainer import Trainer, causal_lm_loss, check_compatible, find_resume
 
     # ---- checks (no work yet) ----
@@ -193,9 +198,19 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
              f"{accum} accumulation x {world.dp_size} ranks) on {device}; run dir {run_dir}")
 
     # ---- work ----
-    model = build_model(mcfg, device=device, dtype=torch.float32, seed=cfg.train.seed, init=resume_from is None)
     extra = {"trained_with": "lmforge pretrain", "tokenizer_hash": index.get("tokenizer_hash")}
     vectors = cfg.model.get("init_embeddings_from")
+    base_dir = cfg.model.get("from") if resume_from is None else None  # a resume reads the checkpoint instead
+    if base_dir and (vectors or mlm is not None):
+        raise ConfigError("model.from continues a causal LM's pretraining; drop model.init_embeddings_from and "
+                          "train.objective=mlm (they start a new model)")
+    if (vectors and resume_from is None) or mlm is not None:  # these edit the whole model once it exists
+        model = build_model(mcfg, device=device, dtype=torch.float32, seed=cfg.train.seed, init=resume_from is None)
+    else:  # on the meta device when the job shards parameters; each rank fills only its shards
+        model = build_for_world(mcfg, world, device, seed=cfg.train.seed, init=resume_from is None,
+                                model_dir=base_dir)
+    if base_dir:
+        extra["continued_from"] = str(Path(base_dir).resolve())
     if vectors and resume_from is None:  # word2vec / GloVe / fastText rows for the tokens that spell words
         from lmforge.models.embedding_init import coverage_line, init_embeddings_from
         from lmforge.tokenizer import load_tokenizer

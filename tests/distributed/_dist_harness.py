@@ -46,7 +46,7 @@ def train(model, data, dp_rank: int = 0, dp: int = 1, accum: int = 1) -> list[di
     Step 0 also records every parameter's gradient norm: Adam is blind to a gradient scaled by a
     constant per tensor, so the final weights alone would not catch, say, a missing average.
     """
-    from lmforge.distributed.apply import clip_grad_norm_, set_grad_sync
+    from lmforge.distributed.apply import set_grad_sync
     from lmforge.distributed.process_group import all_reduce_mean
 
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
@@ -63,7 +63,7 @@ def train(model, data, dp_rank: int = 0, dp: int = 1, accum: int = 1) -> list[di
         metrics = {}
         if not out:
             metrics["param_grad_norms"] = {n: float(g.norm()) for n, g in full_grads(model).items()}
-        norm = clip_grad_norm_(model.parameters(), CLIP)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # the trainer's clipping, on DTensor grads
         opt.step()
         opt.zero_grad(set_to_none=True)
         out.append({"loss": all_reduce_mean(loss_sum), "grad_norm": float(norm), **metrics})
