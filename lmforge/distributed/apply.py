@@ -22,6 +22,17 @@ from lmforge.distributed.config import ParallelConfig, ParallelDims
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated blocks that AC, compile and FSDP2 wrap one by one: ``model.layers`` of a Transformer,
+    or of the backbone a head is injected around (a sequence classifier, a reward model)."""
+    layers = getattr(model, "layers", None)
+    if layers is None and hasattr(model, "backbone"):
+        layers = getattr(model.backbone, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__} has no transformer blocks (.layers or .backbone.layers)")
+    return layers
+
+
 # ---- tensor parallel ---------------------------------------------------------------------------
 def _replicated_style():
     """A ParallelStyle that keeps a small module whole on every TP rank (params become Replicate DTensors).
@@ -176,7 +187,7 @@ def apply_ac(model: nn.Module, mode: str) -> None:
     context_fn = None
     if mode == "selective":
         context_fn = functools.partial(create_selective_checkpoint_contexts, selective_policy())
-    for block in model.layers:
+    for block in transformer_blocks(model):
         inner = block.forward
 
         def forward(*args, _inner=inner, **kwargs):
@@ -191,7 +202,7 @@ def apply_ac(model: nn.Module, mode: str) -> None:
 # ---- compile -----------------------------------------------------------------------------------
 def apply_compile(model: nn.Module, backend: str = "inductor", fullgraph: bool = False) -> None:
     """torch.compile each block's forward (the repeated structure compiles once and is reused)."""
-    for block in model.layers:
+    for block in transformer_blocks(model):
         block.forward = torch.compile(block.forward, backend=backend, fullgraph=fullgraph)
         block._lmforge_compiled = backend
 
@@ -208,8 +219,9 @@ def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype, reduce_dtype
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    n = len(model.layers)
-    for i, block in enumerate(model.layers):
+    blocks = transformer_blocks(model)
+    n = len(blocks)
+    for i, block in enumerate(blocks):
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < n - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
 
@@ -279,6 +291,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims | None
         mesh = dims.build_mesh(device.type)
 
     if dims.tp > 1:
+        if not hasattr(model, "layers"):
+            raise ConfigError(f"parallel.tp={dims.tp}: tensor parallel applies to the plain Transformer, not to "
+                              f"a {type(model).__name__} (a head around a backbone); set parallel.tp=1 and shard "
+                              "with parallel.dp_shard (FSDP2) instead")
         apply_tp(model, mesh["tp"], cfg.sequence_parallel)
     apply_ac(model, cfg.activation_checkpoint)
     if cfg.compile:
