@@ -135,13 +135,11 @@ def format_table(task: str, metrics: dict) -> list[str]:
 
 
 # ---- tasks ------------------------------------------------------------------------------------------
-ADAPTER_CONFIG = "adapter_config.json"  # RUN/adapter of a LoRA fine-tune (lmforge.finetune.recipes)
-
-
 def load_for_eval(model_dir, device, dtype):
     """(model, tokenizer, labels) for a model dir: a plain LM (labels None), a classifier model dir
     (``task: classify``), or a LoRA adapter dir (adapters + a reference to the base model dir)."""
     from lmforge.config import UserError
+    from lmforge.models.adapter_dir import is_adapter_dir, load_adapter
     from lmforge.models.classifier import load_classifier_dir, read_task
     from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer import load_tokenizer
@@ -149,12 +147,7 @@ def load_for_eval(model_dir, device, dtype):
     d = Path(model_dir)
     labels = None
     tok_dir = d
-    if (d / ADAPTER_CONFIG).is_file():
-        try:
-            from lmforge.finetune.recipes import load_adapter
-        except ImportError:
-            raise UserError(f"'{d}' is a LoRA adapter dir but this build has no lmforge.finetune.recipes; "
-                            "evaluate the merged RUN/model instead") from None
+    if is_adapter_dir(d):
         model, meta = load_adapter(d, device=device)
         model = model.to(dtype)
         labels = list(meta["labels"]) if meta.get("task") == "classify" else None
@@ -192,10 +185,10 @@ def _ppl(args, device, dtype, progress) -> dict:
 
 def _classify(args, device, dtype, progress) -> dict:
     from lmforge.config import UserError
+    from lmforge.data.labelled import encode_labelled, label_list, load_labelled
     from lmforge.eval.classification import classification_scores
     from lmforge.eval.datasets import subset
     from lmforge.eval.tasks import classify_with_head, zero_shot_classify
-    from lmforge.finetune.data import encode_labelled, label_list, load_labelled
 
     examples = subset(load_labelled(args.data, args.text_field, args.label_field), args.max_examples, args.subset)
     model, tokenizer, head_labels = load_for_eval(args.model, device, dtype)

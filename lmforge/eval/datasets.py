@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.records import DataError, check_file, read_records, read_table, read_text
 from lmforge.eval.text import cjk_fraction
-from lmforge.finetune.data import DataError, check_file, read_records, read_table, read_text
 
 
 @dataclass

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.config import UserError
-from lmforge.finetune.data import IGNORE_INDEX, SFTDataset
+from lmforge.finetune.data import SFTDataset
+from lmforge.tokenizer.chat_template import IGNORE_INDEX
 
 
 def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:

@@ -74,7 +74,7 @@ def test_generation_tasks_and_determinism(model_dir, tmp_path, capsys):
 
 
 def test_classify_zero_shot_and_head(model_dir, tmp_path, capsys):
-    from lmforge.finetune.data import encode_labelled, load_labelled
+    from lmforge.data.labelled import encode_labelled, load_labelled
     from lmforge.models.classifier import SequenceClassifier, save_classifier_dir
     from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer import load_tokenizer

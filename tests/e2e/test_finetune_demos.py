@@ -143,10 +143,10 @@ def endings(model_dir, prompts, tok) -> tuple[float, float]:
 
 @pytest.mark.parametrize("lang, config, max_answer", [("en", "sft.yaml", 10), ("zh", "sft_zh.yaml", 15)])
 def test_alpaca_sft_lowers_val_loss_and_answers_stop_at_eos(base_model, tmp_path, capsys, lang, config, max_answer):
-    from lmforge.finetune.chat_template import encode_prompt
     from lmforge.finetune.data import load_sft_examples
     from lmforge.finetune.recipes import split_dev
     from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.chat_template import encode_prompt
 
     data = short_alpaca(tmp_path / f"alpaca_{lang}.jsonl", lang, max_answer)
     run = tmp_path / "run"

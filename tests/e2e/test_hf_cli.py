@@ -107,7 +107,7 @@ def test_export_of_a_model_lmforge_trained(tmp_path):
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["eos_token_id"] == tok.eos_id and cfg["tie_word_embeddings"] is True
     msgs = [{"role": "user", "content": "hi"}]
-    from lmforge.finetune.chat_template import render_generation_prompt
+    from lmforge.tokenizer.chat_template import render_generation_prompt
 
     assert back_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
         render_generation_prompt(tok, msgs)

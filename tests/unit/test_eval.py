@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import UserError
+from lmforge.data.records import DataError
 from lmforge.eval.datasets import load_qa, load_summarization, load_translation, read_texts, subset
 from lmforge.eval.perplexity import perplexity, token_stream
 from lmforge.eval.tasks import (
@@ -19,7 +20,6 @@ from lmforge.eval.tasks import (
     postprocess,
     zero_shot_classify,
 )
-from lmforge.finetune.data import DataError
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello there, how are you today?",

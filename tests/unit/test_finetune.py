@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from lmforge.config import ConfigError, UserError
 from lmforge.finetune.classify import DevEvaluator, LabelledBatches
 from lmforge.finetune.config import config_from_dict
-from lmforge.finetune.recipes import SFTBatches, finetune, load_adapter, sft_loss
+from lmforge.finetune.recipes import SFTBatches, finetune, sft_loss
+from lmforge.models.adapter_dir import load_adapter
 from lmforge.models.classifier import load_classifier_dir
 from lmforge.models.model_dir import load_model_dir, load_weights
 
@@ -223,7 +224,7 @@ def test_early_stopping_keeps_the_best_weights(model_dir, tsv_files, tmp_path):
     last = max((tmp_path / "checkpoints").glob("step_*"))
     assert last.name == "step_000006"  # the last step's state is still checkpointed (resume), not exported
     # the exported classifier scores on dev exactly what the step-3 evaluation logged
-    from lmforge.finetune.data import encode_labelled, load_labelled
+    from lmforge.data.labelled import encode_labelled, load_labelled
     from lmforge.tokenizer import load_tokenizer
 
     clf, labels = load_classifier_dir(res.model_dir)

@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError, UserError
+from lmforge.data.labelled import encode_labelled, label_list, load_labelled
+from lmforge.data.records import DataError, read_records
 from lmforge.finetune.batching import SFTBatchIterator, collate_rows, pack_rows
-from lmforge.finetune.chat_template import (
+from lmforge.finetune.data import IGNORE_INDEX, SFTExample, encode_example, encode_examples, load_sft_examples
+from lmforge.tokenizer.chat_template import (
     default_chat_template,
     encode_chat,
     encode_prompt,
@@ -15,18 +18,6 @@ from lmforge.finetune.chat_template import (
     render,
     render_generation_prompt,
     save_chat_template,
-)
-from lmforge.finetune.data import (
-    IGNORE_INDEX,
-    DataError,
-    SFTExample,
-    encode_example,
-    encode_examples,
-    encode_labelled,
-    label_list,
-    load_labelled,
-    load_sft_examples,
-    read_records,
 )
 
 CORPUS = [
