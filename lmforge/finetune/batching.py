@@ -48,7 +48,9 @@ class SFTBatch:
     """One rank's slice of a global batch. ``labels`` are shifted targets (``IGNORE_INDEX`` = no loss).
 
     Pass ``model(tokens, positions=positions, mask=attention_mask)``; ``attention_mask`` is None for
-    right-padded (unpacked) batches, where causality alone keeps real tokens off the padding.
+    right-padded (unpacked) batches, where causality alone keeps real tokens off the padding. The
+    Trainer takes it as a dict (`lmforge.finetune.recipes.sft_batch_dict`) and moves and splits it with
+    its own `to_device` / `split_micro`.
     """
 
     tokens: Any  # (B, T) long
@@ -60,22 +62,6 @@ class SFTBatch:
     @property
     def n_target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
-
-    def to(self, device) -> SFTBatch:
-        mask = None if self.attention_mask is None else self.attention_mask.to(device)
-        return SFTBatch(self.tokens.to(device), self.labels.to(device), self.positions.to(device),
-                        self.doc_ids.to(device), mask)
-
-    def split(self, n: int) -> list[SFTBatch]:
-        """``n`` micro-batches (gradient accumulation); the batch size must divide by ``n``."""
-        B = self.tokens.size(0)
-        if B % n:
-            raise ValueError(f"batch of {B} rows does not split into {n} micro-batches")
-        m = B // n
-        return [SFTBatch(self.tokens[i:i + m], self.labels[i:i + m], self.positions[i:i + m],
-                         self.doc_ids[i:i + m],
-                         None if self.attention_mask is None else self.attention_mask[i:i + m])
-                for i in range(0, B, m)]
 
 
 def collate_rows(dataset: SFTDataset, rows: Sequence[Sequence[int]], seq_len: int | None, pad_id: int,

@@ -202,8 +202,6 @@ def validate(cfg: FinetuneConfig) -> None:
     if t.epochs is not None and t.epochs <= 0:
         raise ConfigError(f"train.epochs={t.epochs} must be positive")
     validate_common(cfg)
-    if t.precision == "fp16":
-        raise ConfigError("train.precision=fp16 is not supported (no loss scaling); use bf16 or fp32")
     if t.max_steps is not None and s.warmup_steps > t.max_steps:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} exceeds train.max_steps={t.max_steps}; "
                           f"lower it (e.g. {max(0, t.max_steps // 10)})")

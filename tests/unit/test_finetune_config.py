@@ -73,7 +73,7 @@ def test_epochs_become_steps():
     ({"finetune": {"mode": "lora"}, "lora": {"targets": ["wz"]}}, "lora.targets has unknown 'wz'"),
     ({"finetune": {"mode": "lora"}, "lora": {"rank": 0}}, "lora.rank=0 must be a positive integer"),
     ({"data": {"dev_fraction": 0.0}, "eval": {"keep_best": True}}, "need a dev split"),
-    ({"train": {"precision": "fp16"}}, "fp16 is not supported"),
+    ({"train": {"precision": "fp16"}}, "train.precision='fp16' is not one of 'fp32', 'bf16'"),
     ({"loras": {"rank": 4}}, "did you mean 'lora'"),
 ])
 def test_errors_name_the_key_and_the_fix(data, message):

@@ -10,6 +10,7 @@ from lmforge.data.labelled import encode_labelled, label_list, load_labelled
 from lmforge.data.records import DataError, read_records
 from lmforge.finetune.batching import SFTBatchIterator, collate_rows, pack_rows
 from lmforge.finetune.data import IGNORE_INDEX, SFTExample, encode_example, encode_examples, load_sft_examples
+from lmforge.finetune.recipes import sft_batch_dict
 from lmforge.tokenizer.chat_template import (
     default_chat_template,
     encode_chat,
@@ -19,6 +20,7 @@ from lmforge.tokenizer.chat_template import (
     render_generation_prompt,
     save_chat_template,
 )
+from lmforge.train.trainer import split_micro
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello there, how are you today?",
@@ -371,7 +373,10 @@ def test_iterator_errors(tok):
     with pytest.raises(UserError, match="checkpoint has seed=1"):
         it.load_state_dict({**it.state_dict(), "seed": 1})
     b = next(it)
-    assert [m.tokens.size(0) for m in b.split(2)] == [1, 1]
+    micro = split_micro(sft_batch_dict(b), 1)  # the Trainer's own split of the dict batch
+    assert [m["tokens"].size(0) for m in micro] == [1, 1]
+    for key in ("tokens", "labels", "positions"):
+        assert torch.equal(torch.cat([m[key] for m in micro]), getattr(b, key))
 
 
 def test_real_alpaca_data_packs(tok, shared_data):
