@@ -12,17 +12,15 @@ from lmforge.data.loader import ShardLoader
 from lmforge.data.prepare import prepare
 from lmforge.data.shards import read_index, verify_shards
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
-from tests.conftest import SHARED_DATA
+from tests.conftest import TEST_DATA
 
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = TEST_DATA / "tinyshakespeare" / "input.txt"
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
     out = tmp_path_factory.mktemp("tok") / "tok"
-    train_tokenizer([str(SHAKESPEARE), str(SHARED_DATA / "chinese_poetry" / "classics" / "lunyu.json")], 1024,
+    train_tokenizer([str(SHAKESPEARE), str(TEST_DATA / "chinese_poetry" / "classics" / "lunyu.json")], 1024,
                     out, text_field="paragraphs", progress=False)
     return out
 
@@ -30,8 +28,6 @@ def tok_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def passages():
     """Real, distinct passages of Shakespeare (blank-line-separated speeches of some length)."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip("needs ../shared/data")
     blocks = [b for b in SHAKESPEARE.read_text().split("\n\n") if len(b) > 300]
     return blocks[:60]
 
@@ -127,9 +123,9 @@ def test_val_split_by_document_is_seeded(tmp_path, tok_dir, passages):
 
 @pytest.mark.slow
 def test_workers_give_byte_identical_shards(tmp_path, tok_dir):
-    inputs = [str(SHARED_DATA / "english_corpus" / "nltk_inaugural"),
-              str(SHARED_DATA / "english_corpus" / "llamafactory_pretrain_demo" / "c4_demo.jsonl")]
-    kw = dict(val_fraction=0.1, dedup="near", progress=False, shard_tokens=50_000)
+    inputs = [str(TEST_DATA / "english_corpus" / "nltk_inaugural"),
+              str(TEST_DATA / "english_corpus" / "llamafactory_pretrain_demo" / "c4_demo.jsonl")]
+    kw = dict(val_fraction=0.1, dedup="near", progress=False, shard_tokens=10_000)
     r1 = prepare(inputs, tok_dir, tmp_path / "w1", workers=1, **kw)
     r2 = prepare(inputs, tok_dir, tmp_path / "w2", workers=2, **kw)
     i1, i2 = read_index(tmp_path / "w1"), read_index(tmp_path / "w2")

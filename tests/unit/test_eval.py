@@ -140,14 +140,24 @@ def test_subset():
     assert subset([1, 2], 5) == [1, 2]
 
 
-def test_real_eval_files(shared_data):
-    assert len(load_qa(shared_data / "qa_en_squad_v1.1_dev" / "squad_v1.1_dev_reconstructed.json")) == 10570
-    assert len(load_qa(shared_data / "qa_en_nq_open" / "NQ-open.dev.jsonl")) == 3610
-    scitldr = load_summarization(shared_data / "summarization_en_scitldr" / "test.jsonl")
-    assert len(scitldr) == 618 and all(len(e.references) >= 1 for e in scitldr)
-    pairs, src, tgt = load_translation(shared_data / "translation_en_zh_tatoeba" / "cmn.txt")
-    assert (src, tgt) == ("en", "zh") and len(pairs) == 27661  # distinct English sentences
-    assert 27661 < sum(len(e.references) for e in pairs) <= 29155  # repeated sources become multi-reference
+def test_real_eval_files(real_data):
+    # counts read independently of the loaders: the raw JSON / lines of each vendored slice
+    squad_file = real_data / "qa_en_squad_v1.1_dev" / "squad_v1.1_dev_reconstructed.json"
+    squad_raw = json.loads(squad_file.read_text(encoding="utf-8"))
+    n_questions = sum(len(p["qas"]) for a in squad_raw["data"] for p in a["paragraphs"])
+    squad = load_qa(squad_file)
+    assert len(squad) == n_questions == 250
+    nq_file = real_data / "qa_en_nq_open" / "NQ-open.dev.jsonl"
+    assert len(load_qa(nq_file)) == len(nq_file.read_text(encoding="utf-8").splitlines()) == 300
+    sci_file = real_data / "summarization_en_scitldr" / "test.jsonl"
+    scitldr = load_summarization(sci_file)
+    assert len(scitldr) == 40 and all(len(e.references) >= 1 for e in scitldr)
+    assert scitldr[0].references == json.loads(sci_file.read_text(encoding="utf-8").splitlines()[0])["target"]
+    tatoeba = real_data / "translation_en_zh_tatoeba" / "cmn.txt"
+    rows = [ln.split("\t") for ln in tatoeba.read_text(encoding="utf-8").splitlines()]
+    pairs, src, tgt = load_translation(tatoeba)
+    assert (src, tgt) == ("en", "zh") and len(pairs) == len({r[0] for r in rows})  # distinct English sentences
+    assert sum(len(e.references) for e in pairs) == len(rows) == 600  # repeated sources: multi-reference
 
 
 # ---- prompts and generation ------------------------------------------------------------------------

@@ -119,13 +119,15 @@ def test_labelled_readers(tmp_path):
         load_labelled(write(tmp_path / "t.txt", "a\t1\nb\n"), 0, 1)
 
 
-def test_labelled_real_data(shared_data):
-    sst = load_labelled(shared_data / "sentiment_en_sst2" / "dev.tsv")
-    assert len(sst) == 872 and label_list(sst) == ["0", "1"]
-    htl = load_labelled(shared_data / "sentiment_zh" / "ChnSentiCorp_htl_all.csv")
-    assert len(htl) == 7766 and label_list(htl) == ["0", "1"]
-    thuc = load_labelled(shared_data / "classification_zh_thucnews_titles" / "dev.txt", 0, 1)
-    assert len(thuc) == 10000 and len(label_list(thuc)) == 10
+def test_labelled_real_data(real_data):
+    rt = load_labelled(real_data / "sentiment_en_rt_polarity" / "rt_polarity.tsv")  # TSV with a header
+    assert len(rt) == 600 and label_list(rt) == ["0", "1"] and sum(e.label == "1" for e in rt) == 300
+    assert (rt[0].text, rt[0].label) == ("simplistic , silly and tedious .", "0")
+    poems = load_labelled(real_data / "chinese_poetry" / "derived" / "tang_or_song.csv")  # CSV: label,review
+    assert len(poems) == 600 and label_list(poems) == ["song", "tang"]
+    assert poems[0].label == "tang" and poems[0].text.startswith("百禮崇容")
+    titles = load_labelled(real_data / "chinese_poetry" / "derived" / "titles.txt", 0, 1)  # no header: columns
+    assert len(titles) == 300 and label_list(titles) == ["song", "tang"]
 
 
 # ---- chat template ------------------------------------------------------------------------------
@@ -379,8 +381,9 @@ def test_iterator_errors(tok):
         assert torch.equal(torch.cat([m[key] for m in micro]), getattr(b, key))
 
 
-def test_real_alpaca_data_packs(tok, shared_data):
-    ex = load_sft_examples(shared_data / "instruct_llamafactory_demo" / "alpaca_zh_demo.json", max_examples=64)
+def test_real_alpaca_data_packs(tok, real_data):
+    ex = load_sft_examples(real_data / "translation_en_zh_tatoeba" / "derived" / "alpaca_translate.json",
+                           max_examples=160)
     ds = encode_examples(tok, ex, seq_len=256)
     it = SFTBatchIterator(ds, 4, 256, mode="pack", seed=0, pad_id=tok.pad_id)
     b = next(it)
