@@ -31,6 +31,9 @@ SFT = [{"instruction": "Say hello.", "input": "", "output": "Hello there."},
        {"instruction": "How are you?", "input": "", "output": "Great fun, thank you."}] * 4
 POS = ["a charming and affecting journey", "great fun", "charming", "a great and charming film"]
 NEG = ["a bleak and desperate film", "dull and boring", "boring", "a dull , desperate journey"]
+# Dev sentences are new: the same polarity words in combinations the training split never shows.
+POS_DEV = ["great and charming", "a fun , affecting film", "charming fun", "an affecting , great journey"]
+NEG_DEV = ["boring and bleak", "a desperate , dull film", "dull", "a boring , bleak journey"]
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +68,10 @@ def sft_file(tmp_path_factory):
 def tsv_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("clsdata")
     rows = [(t, "1") for t in POS] + [(t, "0") for t in NEG]
+    dev = [(t, "1") for t in POS_DEV] + [(t, "0") for t in NEG_DEV]
+    assert not {t for t, _ in rows} & {t for t, _ in dev}  # disjoint splits
     (d / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows * 6))
-    (d / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    (d / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in dev))
     return d / "train.tsv", d / "dev.tsv"
 
 
@@ -205,7 +210,8 @@ def test_classifier_reports_dev_metrics_and_beats_chance(model_dir, tsv_files, t
     evals = rows(tmp_path, "eval")
     assert all({"accuracy", "macro_f1", "val_loss"} <= set(e) for e in evals)
     assert res.majority_baseline == 50.0 and res.labels == ["0", "1"]
-    assert evals[-1]["accuracy"] == 100.0, evals  # 8 dev sentences, all seen in training
+    # 8 unseen dev sentences, 4 per class: chance and the majority baseline are 50%
+    assert evals[-1]["accuracy"] >= 75.0, evals  # 87.5 on torch 2.13 CPU
     clf, labels = load_classifier_dir(res.model_dir)
     assert labels == ["0", "1"] and clf.pooling == "mean"
 
