@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from lmforge.config import ConfigError, UserError
 from lmforge.finetune.classify import DevEvaluator, LabelledBatches
-from lmforge.finetune.config import config_from_dict
+from lmforge.finetune.config import config_dict, config_from_dict
 from lmforge.finetune.recipes import SFTBatches, finetune, sft_loss
 from lmforge.models.adapter_dir import load_adapter
 from lmforge.models.classifier import load_classifier_dir
@@ -316,3 +316,14 @@ def test_lora_sft_from_an_hf_imported_llama(tmp_path, capsys):
     assert main(["generate", "--model", res.model_dir, "--chat", "--prompt", "Say hello.", "--max-new-tokens", "4",
                  "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["completions"]) == 1
+
+
+def test_default_seq_len_fits_the_model(model_dir, sft_file, tmp_path):
+    """Without data.seq_len a run on a model with a short context (64 here) just works."""
+    cfg = sft_cfg(model_dir, sft_file, tmp_path, train={"max_steps": 2}, eval={"interval": 0})
+    data = config_dict(cfg)
+    data["data"]["seq_len"] = None
+    cfg = config_from_dict(data)
+    assert cfg.data.seq_len == 64
+    res = finetune(cfg)
+    assert res.train.step == 2
