@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="model dir (RUN/model, imported, fine-tuned or a classifier)")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, help="data file: txt/jsonl (ppl), tsv/csv/jsonl (classify), "
-                   "SQuAD json / jsonl (qa), jsonl (summarize), tsv / jsonl pairs (translate)")
+                   "SQuAD json / jsonl (qa), jsonl / tsv / csv (summarize), tsv / jsonl pairs (translate)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default=None, help="results JSON (default MODEL/eval/TASK-DATA.json)")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only N examples (documents for ppl)")
@@ -58,6 +58,11 @@ def add_arguments(p) -> None:
     g.add_argument("--src-lang", default=None, help="translate: source language code (default: guessed)")
     g.add_argument("--tgt-lang", default=None, help="translate: target language code (default: guessed)")
     g.add_argument("--reverse", action="store_true", help="translate TSV: target<TAB>source instead")
+    g.add_argument("--source-field", default=None,
+                   help="summarize: source field / column (default: source, document, article, text, …)")
+    g.add_argument("--target-field", default=None,
+                   help="summarize: summary field / column (default: target, summary, tldr, …; a column number "
+                        "for a TSV/CSV without a header)")
 
 
 def _check_args(args) -> None:
@@ -237,7 +242,7 @@ def _generation(args, device, dtype, progress) -> dict:
     if task == "qa":
         examples = D.load_qa(args.data)
     elif task == "summarize":
-        examples = D.load_summarization(args.data)
+        examples = D.load_summarization(args.data, args.source_field, args.target_field)
     else:
         examples, src, tgt = D.load_translation(args.data, args.src_lang, args.tgt_lang, args.reverse)
         extra = {"src_lang": src, "tgt_lang": tgt, "src_name": D.lang_name(src), "tgt_name": D.lang_name(tgt)}

@@ -149,20 +149,71 @@ SOURCE_FIELDS = ("source", "document", "article", "text", "abstract", "dialogue"
 SUMMARY_FIELDS = ("target", "summary", "summaries", "highlights", "tldr", "references", "reference")
 
 
-def load_summarization(path: str | os.PathLike) -> list[GenExample]:
-    """jsonl with a source (string or list of sentences) and one or more reference summaries
-    (SciTLDR: ``{"source": [sentences], "target": [tldrs]}``)."""
+SUMMARY_FORMATS = (".jsonl", ".json", ".tsv", ".csv")
+
+
+def load_summarization(path: str | os.PathLike, source_field: str | None = None,
+                       target_field: str | None = None) -> list[GenExample]:
+    """Source texts and reference summaries from
+
+    * jsonl / json: a source (string or list of sentences) and one or more references per record
+      (SciTLDR: ``{"source": [sentences], "target": [tldrs]}``);
+    * TSV / CSV: a header row naming the columns (source: document/article/text/…, summary:
+      summary/target/…), or column numbers for a file without a header (``source_field="0"``).
+
+    ``source_field`` / ``target_field`` name the field or column when the defaults do not find it.
+    """
+    p = check_file(path)
+    suffix = p.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        return _summaries_from_table(p, source_field, target_field)
+    if suffix not in (".json", ".jsonl"):
+        raise DataError(f"{p}: summarization data must be one of {', '.join(SUMMARY_FORMATS)} (jsonl: source and "
+                        "target fields; TSV/CSV: a header row, or --source-field/--target-field column numbers); "
+                        f"rename the file or convert it")
     out = []
-    for where, rec in _records(path):
-        s, t = _first(rec, SOURCE_FIELDS), _first(rec, SUMMARY_FIELDS)
-        if s is None or t is None:
-            raise DataError(f"{where}: a summarization record needs a source ({'/'.join(SOURCE_FIELDS)}) and "
-                            f"reference summaries ({'/'.join(SUMMARY_FIELDS)}); it has {', '.join(sorted(rec))}")
+    for where, rec in _records(p):
+        s = source_field if source_field is not None else _first(rec, SOURCE_FIELDS)
+        t = target_field if target_field is not None else _first(rec, SUMMARY_FIELDS)
+        if s not in rec or t not in rec:
+            raise DataError(f"{where}: a summarization record needs a source ({source_field or '/'.join(SOURCE_FIELDS)}) "
+                            f"and reference summaries ({target_field or '/'.join(SUMMARY_FIELDS)}); it has "
+                            f"{', '.join(sorted(rec))}; set --source-field / --target-field")
         refs = _strings(rec[t], where, t)
         out.append(GenExample({"source": _joined(rec[s], where, s)}, refs,
                               str(rec.get("paper_id", rec.get("id", len(out)))), where))
     if not out:
         raise DataError(f"'{path}' holds no summarization examples")
+    return out
+
+
+def _summaries_from_table(p: Path, source_field: str | None, target_field: str | None) -> list[GenExample]:
+    """One example per row: a TSV/CSV with a header, or header-less with column numbers."""
+    rows = read_table(p)
+    if source_field is not None and target_field is not None and source_field.isdigit() and target_field.isdigit():
+        si, ti = int(source_field), int(target_field)
+    else:
+        try:
+            _, header = next(rows)
+        except StopIteration:
+            raise DataError(f"{p}: the file is empty") from None
+        header = [h.strip() for h in header]
+        s = source_field or next((f for f in SOURCE_FIELDS if f in header), None)
+        t = target_field or next((f for f in SUMMARY_FIELDS if f in header), None)
+        missing = [(what, f) for what, f in (("source", s), ("summary", t)) if f is None or f not in header]
+        if missing:
+            what, f = missing[0]
+            raise DataError(f"{p}:1: no {what} column{f' {f!r}' if f else ''} in the header ({', '.join(header)}); "
+                            "set --source-field / --target-field (names, or column numbers without a header)")
+        si, ti = header.index(s), header.index(t)
+    out = []
+    for line, row in rows:
+        where = f"{p}:{line}"
+        if len(row) <= max(si, ti):
+            raise DataError(f"{where}: row has {len(row)} column(s), expected at least {max(si, ti) + 1}")
+        out.append(GenExample({"source": row[si].strip()}, [row[ti].strip()], str(len(out)), where))
+    if not out:
+        raise DataError(f"'{p}' holds no summarization examples")
     return out
 
 

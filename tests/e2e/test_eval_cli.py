@@ -144,6 +144,9 @@ def test_generation_metrics_are_exact_when_the_answer_is_known(forced, tmp_path,
     # 3 predicted tokens, 6 reference tokens: ROUGE-1 and -L P=1, R=½ -> F=⅔; ROUGE-2 2/2 of 5 bigrams -> F=4/7
     assert m["rouge1"] == pytest.approx(200 / 3) and m["rougeL"] == pytest.approx(200 / 3)
     assert m["rouge2"] == pytest.approx(400 / 7)
+    tsv = write(tmp_path / "s.tsv", "document\tsummary\nThe cat sat on the mat.\tThe cat sat on the mat.\n")
+    res, _ = run_json(capsys, "--model", forced("the cat sat"), "--task", "summarize", "--data", tsv)
+    assert res["metrics"]["rouge1"] == pytest.approx(200 / 3)  # the same example from a TSV
 
     tr = write(tmp_path / "t.tsv", "Hello, world!\t你好，世界！\tCC\nThe dog.\t狗。\tCC\n")
     res, _ = run_json(capsys, "--model", forced("你好，世界！"), "--task", "translate", "--data", tr)

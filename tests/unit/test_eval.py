@@ -222,3 +222,27 @@ def test_classify_with_head_ignores_padding(tok, model):
     with torch.no_grad():
         single = [int(clf(torch.tensor([x])).argmax(-1)) for x in ids]
     assert preds == single
+
+
+def test_summarization_tables_and_fields(tmp_path):
+    tsv = tmp_path / "s.tsv"
+    tsv.write_text("id\tarticle\thighlights\n1\tThe cat sat on the mat.\tA cat sat.\n2\tDogs bark.\tBarking.\n")
+    ex = load_summarization(tsv)  # header names found among the usual ones
+    assert [(e.fields["source"], e.references) for e in ex] == [("The cat sat on the mat.", ["A cat sat."]),
+                                                               ("Dogs bark.", ["Barking."])]
+    csv_file = tmp_path / "s.csv"
+    csv_file.write_text('body,short\n"A long, quoted text.",Short one.\n')
+    with pytest.raises(DataError, match=r"s\.csv:1: no source column in the header \(body, short\); set --source"):
+        load_summarization(csv_file)
+    ex = load_summarization(csv_file, "body", "short")
+    assert ex[0].fields["source"] == "A long, quoted text." and ex[0].references == ["Short one."]
+    bare = tmp_path / "bare.tsv"
+    bare.write_text("Text one.\tSum one.\nText two.\tSum two.\n")
+    assert [e.references for e in load_summarization(bare, "0", "1")] == [["Sum one."], ["Sum two."]]
+    jl = tmp_path / "s.jsonl"
+    jl.write_text('{"doc": "Some text.", "abstract_short": "Text."}\n')
+    assert load_summarization(jl, "doc", "abstract_short")[0].references == ["Text."]
+    other = tmp_path / "s.txt"
+    other.write_text("anything\n")
+    with pytest.raises(DataError, match=r"must be one of \.jsonl, \.json, \.tsv, \.csv"):
+        load_summarization(other)
