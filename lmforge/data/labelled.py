@@ -7,9 +7,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from lmforge.data.records import DataError, as_text, check_file, read_records, read_table
+from lmforge.data.records import (
+    DataError,
+    as_text,
+    check_file,
+    is_index,
+    read_records,
+    row_cells,
+    table_columns,
+)
 
 
 @dataclass
@@ -47,37 +54,19 @@ def load_labelled(path: str | os.PathLike, text_field: str | int | None = None,
             if max_examples is not None and len(out) >= max_examples:
                 break
     else:
-        rows = read_table(p, delimiter)
-        by_index = _is_index(label_field) and (text_field is None or _is_index(text_field))
-        if by_index:
-            ti, li = int(text_field if text_field is not None else 0), int(label_field)
-        else:
-            try:
-                _, header = next(rows)
-            except StopIteration:
-                raise DataError(f"{p}: the file is empty") from None
-            header = [h.strip() for h in header]
-            tf = text_field if text_field is not None else next((f for f in TEXT_FIELDS if f in header), None)
-            missing = [f for f in (tf, label_field) if f is None or str(f) not in header]
-            if missing:
-                raise DataError(f"{p}:1: header has no column '{missing[0] or 'text'}' (columns: "
-                                f"{', '.join(header)}); set data.text_field / data.label_field, or column "
-                                "numbers for a file without a header")
-            ti, li = header.index(str(tf)), header.index(str(label_field))
+        if is_index(label_field) and text_field is None:
+            text_field = 0  # header-less: text in the first column
+        rows, (ti, li) = table_columns(p, [(text_field, TEXT_FIELDS), (label_field, ())],
+                                       "set data.text_field / data.label_field, or column numbers for a file "
+                                       "without a header", delimiter)
         for line, row in rows:
-            where = f"{p}:{line}"
-            if len(row) <= max(ti, li):
-                raise DataError(f"{where}: row has {len(row)} column(s), expected at least {max(ti, li) + 1}")
-            out.append(LabelledExample(row[ti], row[li].strip(), where))
+            text, label = row_cells(row, f"{p}:{line}", [ti, li])
+            out.append(LabelledExample(text, label.strip(), f"{p}:{line}"))
             if max_examples is not None and len(out) >= max_examples:
                 break
     if not out:
         raise DataError(f"no labelled examples in '{p}'")
     return out
-
-
-def _is_index(v: Any) -> bool:
-    return isinstance(v, int) or (isinstance(v, str) and v.isdigit())
 
 
 def label_list(examples: Iterable[LabelledExample]) -> list[str]:

@@ -123,6 +123,43 @@ def read_table(path: str | os.PathLike, delimiter: str | None = None) -> Iterato
     return rows()
 
 
+def table_columns(path: str | os.PathLike, columns: list[tuple[str | int | None, tuple[str, ...]]], hint: str,
+                  delimiter: str | None = None) -> tuple[Iterator[tuple[int, list[str]]], list[int]]:
+    """Open a TSV/CSV and find its columns: ``columns`` is ``[(given, default_names), ...]``.
+
+    When every ``given`` is a column number (``0``, ``"1"``) the file has no header; otherwise the first
+    row is the header and each column is ``given`` by name, or the first of ``default_names`` present.
+    Returns (the rows after any header, the column indices); ``hint`` ends the error naming the fix.
+    """
+    rows = read_table(path, delimiter)
+    if all(is_index(given) for given, _ in columns):
+        return rows, [int(given) for given, _ in columns]
+    try:
+        _, header = next(rows)
+    except StopIteration:
+        raise DataError(f"{path}: the file is empty") from None
+    header = [h.strip() for h in header]
+    names = [str(given) if given is not None else next((f for f in defaults if f in header), None)
+             for given, defaults in columns]
+    for name, (_, defaults) in zip(names, columns):
+        if name is None or name not in header:
+            raise DataError(f"{path}:1: header has no column '{name or '/'.join(defaults)}' (columns: "
+                            f"{', '.join(header)}); {hint}")
+    return rows, [header.index(name) for name in names]
+
+
+def row_cells(row: list[str], where: str, indices: list[int]) -> list[str]:
+    """The cells of ``row`` at ``indices``, or a `DataError` when the row is too short."""
+    if len(row) <= max(indices):
+        raise DataError(f"{where}: row has {len(row)} column(s), expected at least {max(indices) + 1}")
+    return [row[i] for i in indices]
+
+
+def is_index(v: Any) -> bool:
+    """A column number: an int, or a string of digits."""
+    return isinstance(v, int) or (isinstance(v, str) and v.isdigit())
+
+
 def as_text(value: Any, where: str, what: str) -> str:
     """``value`` when it is a string, else a `DataError` naming the record and field."""
     if not isinstance(value, str):

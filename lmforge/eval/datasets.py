@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.records import DataError, check_file, read_records, read_table, read_text
+from lmforge.data.records import (
+    DataError,
+    check_file,
+    read_records,
+    read_table,
+    read_text,
+    row_cells,
+    table_columns,
+)
 from lmforge.eval.text import cjk_fraction
 
 
@@ -189,29 +197,13 @@ def load_summarization(path: str | os.PathLike, source_field: str | None = None,
 
 def _summaries_from_table(p: Path, source_field: str | None, target_field: str | None) -> list[GenExample]:
     """One example per row: a TSV/CSV with a header, or header-less with column numbers."""
-    rows = read_table(p)
-    if source_field is not None and target_field is not None and source_field.isdigit() and target_field.isdigit():
-        si, ti = int(source_field), int(target_field)
-    else:
-        try:
-            _, header = next(rows)
-        except StopIteration:
-            raise DataError(f"{p}: the file is empty") from None
-        header = [h.strip() for h in header]
-        s = source_field or next((f for f in SOURCE_FIELDS if f in header), None)
-        t = target_field or next((f for f in SUMMARY_FIELDS if f in header), None)
-        missing = [(what, f) for what, f in (("source", s), ("summary", t)) if f is None or f not in header]
-        if missing:
-            what, f = missing[0]
-            raise DataError(f"{p}:1: no {what} column{f' {f!r}' if f else ''} in the header ({', '.join(header)}); "
-                            "set --source-field / --target-field (names, or column numbers without a header)")
-        si, ti = header.index(s), header.index(t)
+    rows, (si, ti) = table_columns(p, [(source_field, SOURCE_FIELDS), (target_field, SUMMARY_FIELDS)],
+                                   "set --source-field / --target-field (names, or column numbers without a "
+                                   "header)")
     out = []
     for line, row in rows:
-        where = f"{p}:{line}"
-        if len(row) <= max(si, ti):
-            raise DataError(f"{where}: row has {len(row)} column(s), expected at least {max(si, ti) + 1}")
-        out.append(GenExample({"source": row[si].strip()}, [row[ti].strip()], str(len(out)), where))
+        source, target = row_cells(row, f"{p}:{line}", [si, ti])
+        out.append(GenExample({"source": source.strip()}, [target.strip()], str(len(out)), f"{p}:{line}"))
     if not out:
         raise DataError(f"'{p}' holds no summarization examples")
     return out

@@ -232,7 +232,7 @@ def test_summarization_tables_and_fields(tmp_path):
                                                                ("Dogs bark.", ["Barking."])]
     csv_file = tmp_path / "s.csv"
     csv_file.write_text('body,short\n"A long, quoted text.",Short one.\n')
-    with pytest.raises(DataError, match=r"s\.csv:1: no source column in the header \(body, short\); set --source"):
+    with pytest.raises(DataError, match=r"s\.csv:1: header has no column .source/document.*\(columns: body, short\); set --source"):
         load_summarization(csv_file)
     ex = load_summarization(csv_file, "body", "short")
     assert ex[0].fields["source"] == "A long, quoted text." and ex[0].references == ["Short one."]
