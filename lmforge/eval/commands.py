@@ -68,12 +68,10 @@ def add_arguments(p) -> None:
 def _check_args(args) -> None:
     from lmforge.config import UserError
 
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size={args.batch_size} must be positive")
-    if args.max_examples is not None and args.max_examples <= 0:
-        raise UserError(f"--max-examples={args.max_examples} must be positive")
-    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be positive")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-examples", args.max_examples),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag}={value} must be positive")
     if not Path(args.model).is_dir():
         raise UserError(f"model dir '{args.model}' does not exist; pass RUN/model or a dir from `lmforge import`")
     if not Path(args.data).is_file():
