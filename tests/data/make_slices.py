@@ -90,6 +90,11 @@ def main() -> None:
     write("chinese_poetry/derived/tang_or_song.csv", buf.getvalue())
     titles = [f"{t['title']}\ttang" for t in tang[:150]] + [f"{s['rhythmic']}·{s['author']}\tsong" for s in song[:150]]
     write("chinese_poetry/derived/titles.txt", "\n".join(titles[::2] + titles[1::2]) + "\n")
+    # One poem line per text line (all the poems above and the Analects): Chinese plain text.
+    lines = [ln for f in ("chinese_poetry/classics/lunyu.json", "chinese_poetry/quantangshi/poet.tang.0.json",
+                          "chinese_poetry/songci/ci.song.0.json", "chinese_poetry/classics/tangshi_300.json")
+             for rec in json.loads((HERE / f).read_text(encoding="utf-8")) for ln in rec["paragraphs"]]
+    write("chinese_poetry/derived/lines.txt", "\n".join(lines) + "\n")
     # Licence files that must travel with the text.
     write("chinese_poetry/LICENSE", read("chinese_poetry/LICENSE"))
     write("summarization_en_scitldr/LICENSE", read("summarization_en_scitldr/LICENSE"))

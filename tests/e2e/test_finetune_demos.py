@@ -95,7 +95,6 @@ def test_english_polarity_classifier_beats_the_majority_baseline(base_model, tmp
                        f"data.train={rt}", "data.dev=[]", "data.dev_fraction=0.2", "train.max_steps=150",
                        "eval.interval=0", "eval.at_start=false")
     acc, majority = res["val"]["accuracy"], res["majority_baseline"]
-    print("RT", res["val"], majority)
     assert res["dev_examples"] == 120 and 40 <= majority <= 60  # 300 + 300 sentences, 20% held out
     assert acc >= majority + 5, res["val"]
     dev = tmp_path / "dev.tsv"  # the run's own dev split, for `lmforge eval`
@@ -113,7 +112,6 @@ def test_chinese_poetry_classifier_beats_the_majority_baseline(base_model, tmp_p
                        f"data.train={poems}", "train.epochs=null", "train.max_steps=120", "eval.interval=60",
                        "eval.at_start=false")
     acc, majority = res["val"]["accuracy"], res["majority_baseline"]
-    print("POEMS", res["val"], majority)
     assert res["dev_examples"] == 60 and 40 <= majority <= 60  # 10% of 300 + 300 poems held out
     assert acc >= majority + 20, res["val"]
     assert res["val"]["macro_f1"] >= 70
@@ -153,7 +151,6 @@ def test_alpaca_sft_lowers_val_loss_and_answers_stop_at_eos(base_model, tmp_path
                        "eval.interval=50", "eval.batch_size=32")
     evals = eval_rows(run)
     assert [e["step"] for e in evals] == [0, 50, 100, 150]
-    print("SFT", [e["val_loss"] for e in evals])
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, evals  # held-out examples (5% of the file)
     assert res["dev_examples"] == 30 and res["trainable_fraction"] == 1.0
 
@@ -163,7 +160,6 @@ def test_alpaca_sft_lowers_val_loss_and_answers_stop_at_eos(base_model, tmp_path
     prompts = [encode_prompt(tok, e.messages[:-1]) for e in dev[:30]]
     tuned_ended, tuned_closed = endings(res["model_dir"], prompts, tok)
     base_ended, base_closed = endings(base_model, prompts, tok)
-    print("ENDINGS", tuned_ended, tuned_closed, base_ended, base_closed)
     assert tuned_ended >= 0.8 and tuned_closed >= 0.8, (tuned_ended, tuned_closed)
     # the base model never saw a chat turn: it rambles on, or stops at a line end without the marker
     assert base_closed <= 0.1, (base_ended, base_closed)
