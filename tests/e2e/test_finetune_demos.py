@@ -96,7 +96,7 @@ def test_english_polarity_classifier_beats_the_majority_baseline(base_model, tmp
                        "eval.interval=0", "eval.at_start=false")
     acc, majority = res["val"]["accuracy"], res["majority_baseline"]
     assert res["dev_examples"] == 120 and 40 <= majority <= 60  # 300 + 300 sentences, 20% held out
-    assert acc >= majority + 5, res["val"]
+    assert acc >= majority + 5, res["val"]  # measured 61.7% vs 53.3% (torch 2.13 CPU)
     dev = tmp_path / "dev.tsv"  # the run's own dev split, for `lmforge eval`
     from lmforge.data.labelled import load_labelled
     from lmforge.finetune.recipes import split_dev
@@ -113,7 +113,7 @@ def test_chinese_poetry_classifier_beats_the_majority_baseline(base_model, tmp_p
                        "eval.at_start=false")
     acc, majority = res["val"]["accuracy"], res["majority_baseline"]
     assert res["dev_examples"] == 60 and 40 <= majority <= 60  # 10% of 300 + 300 poems held out
-    assert acc >= majority + 20, res["val"]
+    assert acc >= majority + 20, res["val"]  # measured 98.3% vs 60.0%
     assert res["val"]["macro_f1"] >= 70
     assert [r["step"] for r in eval_rows(tmp_path / "run")] == [60, 120]
 
