@@ -17,7 +17,8 @@ class EpochCursor:
     def __init__(self, n_units: int, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  order: Callable[[int], list[int]] | None = None):
         if global_batch <= 0 or world_size <= 0 or not 0 <= rank < world_size or global_batch % world_size:
-            raise ValueError(f"bad batch layout: global_batch={global_batch}, rank={rank}, world_size={world_size}")
+            raise ValueError(f"bad batch layout: global_batch={global_batch}, rank={rank}, "
+                             f"world_size={world_size}")
         self.n_units, self.global_batch, self.rank, self.world_size = n_units, global_batch, rank, world_size
         self.seed = seed
         self._order_fn = order or self.permutation

@@ -37,7 +37,8 @@ def _all_in_train(directory: Path, splits: dict[str, Any]) -> None:
     splits["val"] = {"tokens": 0, "documents": 0, "shards": []}
 
 
-def hold_out_tail(directory: str | Path, splits: dict[str, Any], fraction: float, dtype: str, eos_id: int) -> int:
+def hold_out_tail(directory: str | Path, splits: dict[str, Any], fraction: float, dtype: str,
+                  eos_id: int) -> int:
     """Make the last ``fraction`` of all tokens the val split (``splits`` is updated in place, shard files
     rewritten). Returns the number of tokens held out (0 when the corpus is too small to split)."""
     directory = Path(directory)

@@ -176,17 +176,18 @@ def load_summarization(path: str | os.PathLike, source_field: str | None = None,
     if suffix in (".tsv", ".csv"):
         return _summaries_from_table(p, source_field, target_field)
     if suffix not in (".json", ".jsonl"):
-        raise DataError(f"{p}: summarization data must be one of {', '.join(SUMMARY_FORMATS)} (jsonl: source and "
-                        "target fields; TSV/CSV: a header row, or --source-field/--target-field column numbers); "
-                        f"rename the file or convert it")
+        raise DataError(f"{p}: summarization data must be one of {', '.join(SUMMARY_FORMATS)} (jsonl: "
+                        "source and target fields; TSV/CSV: a header row, or --source-field/--target-field "
+                        "column numbers); rename the file or convert it")
     out = []
     for where, rec in _records(p):
         s = source_field if source_field is not None else _first(rec, SOURCE_FIELDS)
         t = target_field if target_field is not None else _first(rec, SUMMARY_FIELDS)
         if s not in rec or t not in rec:
-            raise DataError(f"{where}: a summarization record needs a source ({source_field or '/'.join(SOURCE_FIELDS)}) "
-                            f"and reference summaries ({target_field or '/'.join(SUMMARY_FIELDS)}); it has "
-                            f"{', '.join(sorted(rec))}; set --source-field / --target-field")
+            need_s, need_t = source_field or "/".join(SOURCE_FIELDS), target_field or "/".join(SUMMARY_FIELDS)
+            raise DataError(f"{where}: a summarization record needs a source ({need_s}) and reference "
+                            f"summaries ({need_t}); it has {', '.join(sorted(rec))}; set --source-field / "
+                            "--target-field")
         refs = _strings(rec[t], where, t)
         out.append(GenExample({"source": _joined(rec[s], where, s)}, refs,
                               str(rec.get("paper_id", rec.get("id", len(out)))), where))

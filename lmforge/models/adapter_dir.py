@@ -50,14 +50,16 @@ def load_adapter(directory: str | os.PathLike, device="cpu", check_base: bool = 
 
     d = Path(directory)
     if not is_adapter_dir(d):
-        raise UserError(f"'{directory}' is not an adapter dir ({ADAPTER_CONFIG} is missing); pass RUN/adapter "
-                        "of a finetune.mode=lora run")
+        raise UserError(f"'{directory}' is not an adapter dir ({ADAPTER_CONFIG} is missing); pass "
+                        "RUN/adapter of a finetune.mode=lora run")
     meta = json.loads((d / ADAPTER_CONFIG).read_text())
     base = meta["base_model"]
     if not Path(base).is_dir():
-        raise UserError(f"the base model '{base}' named in {d / ADAPTER_CONFIG} is gone; use the merged RUN/model")
+        raise UserError(f"the base model '{base}' named in {d / ADAPTER_CONFIG} is gone; use the merged "
+                        "RUN/model")
     if check_base and model_fingerprint(base) != meta["base_fingerprint"]:
-        raise UserError(f"the base model '{base}' changed since the adapters were trained; use the merged RUN/model")
+        raise UserError(f"the base model '{base}' changed since the adapters were trained; use the merged "
+                        "RUN/model")
     model = load_model_dir(base, device=device)
     if meta.get("task") == "classify":
         model = SequenceClassifier(model, len(meta["labels"]), meta.get("pooling", "last"))

@@ -112,7 +112,8 @@ def _sandbox_class():
             _check_time()
             if operator == "**" and isinstance(right, int) and right > 64 and left not in (0, 1, -1):
                 raise _over(f"raises a number to the power {right}")
-            if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            seqs = (str, list, tuple)
+            if operator == "+" and isinstance(left, seqs) and isinstance(right, seqs):
                 _check_size(len(left) + len(right), "builds a sequence")
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
