@@ -374,18 +374,24 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
         for name in list(splits):
             if not splits[name]["shards"]:
                 splits[name]["shards"] = []
+        held_out = 0  # too few documents to hold whole ones out: hold out the tail tokens (data/holdout.py)
+        if val_fraction > 0 and (splits["val"]["documents"] == 0 or splits["train"]["documents"] == 0):
+            from lmforge.data.holdout import hold_out_tail
+
+            held_out = hold_out_tail(tmp, splits, val_fraction, dtype, tok.eos_id)
         n_docs = splits["train"]["documents"] + splits["val"]["documents"]
-        if n_docs == 0:
+        if n_docs == 0 and held_out == 0:
             raise UserError(f"no text left to write from {len(paths)} input file(s): "
                             f"{stats.documents} documents read, {counts['removed_empty']} empty, "
                             f"{counts['removed_short']} shorter than --min-chars={min_chars}, "
                             f"{counts['removed_exact_duplicates']} duplicates; check the inputs and --text-field")
-        if splits["train"]["documents"] == 0:
+        if splits["train"]["tokens"] == 0:
             raise UserError(f"every document went to the val split (--val-fraction={val_fraction}); lower it")
         seconds = time.perf_counter() - t0
         tokens_total = splits["train"]["tokens"] + splits["val"]["tokens"]
         report: dict[str, Any] = {
-            "files": stats.files, "skipped_files": stats.skipped_files, "documents_read": stats.documents,
+            "files": stats.files, "skipped_files": stats.skipped_files, "skipped": stats.skipped[:20],
+            "documents_read": stats.documents,
             "bytes_read": stats.bytes, "invalid_utf8_documents": stats.invalid_utf8_documents,
             "replaced_chars": stats.replaced_chars, "removed_empty": counts["removed_empty"],
             "removed_short": counts["removed_short"],
@@ -406,7 +412,15 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
                 f"UTF-8 and were replaced with U+FFFD ({share:.1%} of the text); binary or non-UTF-8 input? "
                 "check the inputs (--include narrows what is read inside dirs)")
             info("warning: " + report["encoding_warning"])
-        if val_fraction > 0 and splits["val"]["documents"] == 0:
+        if stats.skipped:
+            names = ", ".join(Path(n).name for n in stats.skipped[:5]) + (" …" if len(stats.skipped) > 5 else "")
+            info(f"prepare: skipped {len(stats.skipped)} file(s) in input directories that are not text data "
+                 f"({names}); name them with --include to read them")
+        if held_out:
+            report["val_held_out_tokens"] = held_out
+            info(f"prepare: {n_docs} document(s) are too few to hold out whole ones for --val-fraction="
+                 f"{val_fraction}; the last {held_out:,} tokens are the val split instead")
+        if val_fraction > 0 and splits["val"]["tokens"] == 0:
             report["warning"] = (f"--val-fraction={val_fraction} put no document in val "
                                  f"({n_docs} documents kept); use more documents or a larger fraction")
             info("warning: " + report["warning"])

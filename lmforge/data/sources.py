@@ -35,6 +35,11 @@ from lmforge.config import UserError
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 # Files picked up when a directory is given (explicit files and globs are always read).
 DIR_EXTENSIONS = (".txt", ".text", ".jsonl", ".ndjson", ".json", ".parquet", ".py", ".md")
+# Metadata that sits beside data in a directory and holds no documents (skipped unless --include names it).
+DIR_METADATA = frozenset({"manifest.json", "index.json", "config.json", "metadata.json", "dataset_info.json",
+                          "state.json", "package.json", "package-lock.json", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", "sha256sums", "source.md",
+                          "readme.md", "license.md"})
 TXT_MODES = ("file", "blank", "line")
 _REPLACEMENT = "\ufffd"
 _REPLACEMENT_BYTES = _REPLACEMENT.encode()
@@ -48,6 +53,7 @@ class ReadStats:
     invalid_utf8_documents: int = 0
     replaced_chars: int = 0
     skipped_files: int = 0
+    skipped: list[str] = dataclasses.field(default_factory=list)  # the skipped files (inside directories)
 
     def add(self, other: ReadStats) -> None:
         for f in dataclasses.fields(self):
@@ -93,7 +99,7 @@ def _dir_wanted(name: str, include: list[str] | None = None) -> bool:
     if include:
         return any(fnmatch.fnmatch(name, pat) for pat in include)
     base, _ = _strip_compression(name)
-    return base.lower().endswith(DIR_EXTENSIONS)
+    return base.lower().endswith(DIR_EXTENSIONS) and base.lower() not in DIR_METADATA
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -151,8 +157,10 @@ def resolve_inputs(inputs: list[str] | str, stats: ReadStats | None = None,
                             found += 1
                         elif stats is not None:
                             stats.skipped_files += 1
+                            stats.skipped.append(os.path.join(root, name))
                 if not found:
-                    what = ", ".join(include) if include else ", ".join(DIR_EXTENSIONS) + ", optionally compressed"
+                    what = ", ".join(include) if include else (", ".join(DIR_EXTENSIONS) + ", optionally "
+                                                               "compressed, not metadata such as MANIFEST.json")
                     raise UserError(f"input directory '{item}' holds no readable file ({what})")
             elif p.is_file():
                 add(str(p))
@@ -189,6 +197,7 @@ def _resolve_url(url: str, stats: ReadStats | None, include: list[str] | None = 
                     files.append(full(p))
                 elif stats is not None:
                     stats.skipped_files += 1
+                    stats.skipped.append(full(p))
             if not files:
                 raise UserError(f"input directory '{url}' holds no readable file")
             return files

@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="model dir (RUN/model, imported, fine-tuned or a classifier)")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, help="data file: txt/jsonl (ppl), tsv/csv/jsonl (classify), "
-                   "SQuAD json / jsonl (qa), jsonl (summarize), tsv / jsonl pairs (translate)")
+                   "SQuAD json / jsonl (qa), jsonl / tsv / csv (summarize), tsv / jsonl pairs (translate)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default=None, help="results JSON (default MODEL/eval/TASK-DATA.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file lmforge did not write")
@@ -59,17 +59,20 @@ def add_arguments(p) -> None:
     g.add_argument("--src-lang", default=None, help="translate: source language code (default: guessed)")
     g.add_argument("--tgt-lang", default=None, help="translate: target language code (default: guessed)")
     g.add_argument("--reverse", action="store_true", help="translate TSV: target<TAB>source instead")
+    g.add_argument("--source-field", default=None,
+                   help="summarize: source field / column (default: source, document, article, text, …)")
+    g.add_argument("--target-field", default=None,
+                   help="summarize: summary field / column (default: target, summary, tldr, …; a column number "
+                        "for a TSV/CSV without a header)")
 
 
 def _check_args(args) -> None:
     from lmforge.config import UserError
 
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size={args.batch_size} must be positive")
-    if args.max_examples is not None and args.max_examples <= 0:
-        raise UserError(f"--max-examples={args.max_examples} must be positive")
-    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be positive")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-examples", args.max_examples),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag}={value} must be positive")
     if not Path(args.model).is_dir():
         raise UserError(f"model dir '{args.model}' does not exist; pass RUN/model or a dir from `lmforge import`")
     if not Path(args.data).is_file():
@@ -158,13 +161,11 @@ def format_table(task: str, metrics: dict) -> list[str]:
 
 
 # ---- tasks ------------------------------------------------------------------------------------------
-ADAPTER_CONFIG = "adapter_config.json"  # RUN/adapter of a LoRA fine-tune (lmforge.finetune.recipes)
-
-
 def load_for_eval(model_dir, device, dtype):
     """(model, tokenizer, labels) for a model dir: a plain LM (labels None), a classifier model dir
     (``task: classify``), or a LoRA adapter dir (adapters + a reference to the base model dir)."""
     from lmforge.config import UserError
+    from lmforge.models.adapter_dir import is_adapter_dir, load_adapter
     from lmforge.models.classifier import load_classifier_dir, read_task
     from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer import load_tokenizer
@@ -172,12 +173,7 @@ def load_for_eval(model_dir, device, dtype):
     d = Path(model_dir)
     labels = None
     tok_dir = d
-    if (d / ADAPTER_CONFIG).is_file():
-        try:
-            from lmforge.finetune.recipes import load_adapter
-        except ImportError:
-            raise UserError(f"'{d}' is a LoRA adapter dir but this build has no lmforge.finetune.recipes; "
-                            "evaluate the merged RUN/model instead") from None
+    if is_adapter_dir(d):
         model, meta = load_adapter(d, device=device)
         model = model.to(dtype)
         labels = list(meta["labels"]) if meta.get("task") == "classify" else None
@@ -215,10 +211,10 @@ def _ppl(args, device, dtype, progress) -> dict:
 
 def _classify(args, device, dtype, progress) -> dict:
     from lmforge.config import UserError
+    from lmforge.data.labelled import encode_labelled, label_list, load_labelled
     from lmforge.eval.classification import classification_scores
     from lmforge.eval.datasets import subset
     from lmforge.eval.tasks import classify_with_head, zero_shot_classify
-    from lmforge.finetune.data import encode_labelled, label_list, load_labelled
 
     examples = subset(load_labelled(args.data, args.text_field, args.label_field), args.max_examples, args.subset)
     model, tokenizer, head_labels = load_for_eval(args.model, device, dtype)
@@ -267,7 +263,7 @@ def _generation(args, device, dtype, progress) -> dict:
     if task == "qa":
         examples = D.load_qa(args.data)
     elif task == "summarize":
-        examples = D.load_summarization(args.data)
+        examples = D.load_summarization(args.data, args.source_field, args.target_field)
     else:
         examples, src, tgt = D.load_translation(args.data, args.src_lang, args.tgt_lang, args.reverse)
         extra = {"src_lang": src, "tgt_lang": tgt, "src_name": D.lang_name(src), "tgt_name": D.lang_name(tgt)}

@@ -9,8 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.records import (
+    DataError,
+    check_file,
+    read_records,
+    read_table,
+    read_text,
+    row_cells,
+    table_columns,
+)
 from lmforge.eval.text import cjk_fraction
-from lmforge.finetune.data import DataError, check_file, read_records, read_table, read_text
 
 
 @dataclass
@@ -149,20 +157,56 @@ SOURCE_FIELDS = ("source", "document", "article", "text", "abstract", "dialogue"
 SUMMARY_FIELDS = ("target", "summary", "summaries", "highlights", "tldr", "references", "reference")
 
 
-def load_summarization(path: str | os.PathLike) -> list[GenExample]:
-    """jsonl with a source (string or list of sentences) and one or more reference summaries
-    (SciTLDR: ``{"source": [sentences], "target": [tldrs]}``)."""
+SUMMARY_FORMATS = (".jsonl", ".json", ".tsv", ".csv")
+
+
+def load_summarization(path: str | os.PathLike, source_field: str | None = None,
+                       target_field: str | None = None) -> list[GenExample]:
+    """Source texts and reference summaries from
+
+    * jsonl / json: a source (string or list of sentences) and one or more references per record
+      (SciTLDR: ``{"source": [sentences], "target": [tldrs]}``);
+    * TSV / CSV: a header row naming the columns (source: document/article/text/…, summary:
+      summary/target/…), or column numbers for a file without a header (``source_field="0"``).
+
+    ``source_field`` / ``target_field`` name the field or column when the defaults do not find it.
+    """
+    p = check_file(path)
+    suffix = p.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        return _summaries_from_table(p, source_field, target_field)
+    if suffix not in (".json", ".jsonl"):
+        raise DataError(f"{p}: summarization data must be one of {', '.join(SUMMARY_FORMATS)} (jsonl: "
+                        "source and target fields; TSV/CSV: a header row, or --source-field/--target-field "
+                        "column numbers); rename the file or convert it")
     out = []
-    for where, rec in _records(path):
-        s, t = _first(rec, SOURCE_FIELDS), _first(rec, SUMMARY_FIELDS)
-        if s is None or t is None:
-            raise DataError(f"{where}: a summarization record needs a source ({'/'.join(SOURCE_FIELDS)}) and "
-                            f"reference summaries ({'/'.join(SUMMARY_FIELDS)}); it has {', '.join(sorted(rec))}")
+    for where, rec in _records(p):
+        s = source_field if source_field is not None else _first(rec, SOURCE_FIELDS)
+        t = target_field if target_field is not None else _first(rec, SUMMARY_FIELDS)
+        if s not in rec or t not in rec:
+            need_s, need_t = source_field or "/".join(SOURCE_FIELDS), target_field or "/".join(SUMMARY_FIELDS)
+            raise DataError(f"{where}: a summarization record needs a source ({need_s}) and reference "
+                            f"summaries ({need_t}); it has {', '.join(sorted(rec))}; set --source-field / "
+                            "--target-field")
         refs = _strings(rec[t], where, t)
         out.append(GenExample({"source": _joined(rec[s], where, s)}, refs,
                               str(rec.get("paper_id", rec.get("id", len(out)))), where))
     if not out:
         raise DataError(f"'{path}' holds no summarization examples")
+    return out
+
+
+def _summaries_from_table(p: Path, source_field: str | None, target_field: str | None) -> list[GenExample]:
+    """One example per row: a TSV/CSV with a header, or header-less with column numbers."""
+    rows, (si, ti) = table_columns(p, [(source_field, SOURCE_FIELDS), (target_field, SUMMARY_FIELDS)],
+                                   "set --source-field / --target-field (names, or column numbers without a "
+                                   "header)")
+    out = []
+    for line, row in rows:
+        source, target = row_cells(row, f"{p}:{line}", [si, ti])
+        out.append(GenExample({"source": source.strip()}, [target.strip()], str(len(out)), f"{p}:{line}"))
+    if not out:
+        raise DataError(f"'{p}' holds no summarization examples")
     return out
 
 

@@ -24,7 +24,7 @@ from lmforge.config import UserError
 
 def token_stream(tokenizer, texts: Sequence[str]) -> tuple[list[int], list[bool]]:
     """(ids, scored): every document after its separator; ``scored`` is False on separators."""
-    from lmforge.finetune.chat_template import encode_text, uses_bos
+    from lmforge.tokenizer.chat_template import encode_text, uses_bos
 
     sep = tokenizer.bos_id if uses_bos(tokenizer) else getattr(tokenizer, "eos_id", None)
     ids: list[int] = []

@@ -70,7 +70,7 @@ class PromptBuilder:
     extra_fields: dict[str, str] | None = None
 
     def _ids(self, text: str) -> list[int]:
-        from lmforge.finetune.chat_template import encode_prompt, encode_text, uses_bos
+        from lmforge.tokenizer.chat_template import encode_prompt, encode_text, uses_bos
 
         if self.chat:
             return encode_prompt(self.tokenizer, [{"role": "user", "content": text}], self.template)
@@ -79,7 +79,7 @@ class PromptBuilder:
 
     def __call__(self, example: GenExample) -> tuple[list[int], bool]:
         """Prompt ids for ``example`` and whether its long field had to be shortened to fit."""
-        from lmforge.finetune.chat_template import encode_text
+        from lmforge.tokenizer.chat_template import encode_text
 
         fields = {**(self.extra_fields or {}), **example.fields}
         template = prompt_template(self.task, example, self.custom_prompt)
@@ -195,7 +195,7 @@ def zero_shot_classify(model, tokenizer, texts: Sequence[str], label_words: Sequ
                        prompt: str = "{text}\nAnswer:", progress=None,
                        build: Callable[[str], list[int]] | None = None) -> list[int]:
     """Pick, for each text, the label word the LM finds most likely after ``prompt``."""
-    from lmforge.finetune.chat_template import encode_text, uses_bos
+    from lmforge.tokenizer.chat_template import encode_text, uses_bos
 
     bos = [tokenizer.bos_id] if uses_bos(tokenizer) else []
     if build is None:

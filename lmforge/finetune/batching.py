@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.config import UserError
-from lmforge.finetune.data import IGNORE_INDEX, SFTDataset
+from lmforge.data.epochs import EpochCursor
+from lmforge.finetune.data import SFTDataset
+from lmforge.tokenizer.chat_template import IGNORE_INDEX
 
 
 def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
@@ -47,7 +49,9 @@ class SFTBatch:
     """One rank's slice of a global batch. ``labels`` are shifted targets (``IGNORE_INDEX`` = no loss).
 
     Pass ``model(tokens, positions=positions, mask=attention_mask)``; ``attention_mask`` is None for
-    right-padded (unpacked) batches, where causality alone keeps real tokens off the padding.
+    right-padded (unpacked) batches, where causality alone keeps real tokens off the padding. The
+    Trainer takes it as a dict (`lmforge.finetune.recipes.sft_batch_dict`) and moves and splits it with
+    its own `to_device` / `split_micro`.
     """
 
     tokens: Any  # (B, T) long
@@ -59,22 +63,6 @@ class SFTBatch:
     @property
     def n_target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
-
-    def to(self, device) -> SFTBatch:
-        mask = None if self.attention_mask is None else self.attention_mask.to(device)
-        return SFTBatch(self.tokens.to(device), self.labels.to(device), self.positions.to(device),
-                        self.doc_ids.to(device), mask)
-
-    def split(self, n: int) -> list[SFTBatch]:
-        """``n`` micro-batches (gradient accumulation); the batch size must divide by ``n``."""
-        B = self.tokens.size(0)
-        if B % n:
-            raise ValueError(f"batch of {B} rows does not split into {n} micro-batches")
-        m = B // n
-        return [SFTBatch(self.tokens[i:i + m], self.labels[i:i + m], self.positions[i:i + m],
-                         self.doc_ids[i:i + m],
-                         None if self.attention_mask is None else self.attention_mask[i:i + m])
-                for i in range(0, B, m)]
 
 
 def collate_rows(dataset: SFTDataset, rows: Sequence[Sequence[int]], seq_len: int | None, pad_id: int,
@@ -159,13 +147,12 @@ class SFTBatchIterator:
             what = "packed rows" if mode == "pack" else "examples"
             raise UserError(f"the data fills only {len(self.units)} {what}, fewer than one global batch of "
                             f"{global_batch}; lower the batch size or add data")
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self._order: list[int] | None = None
+        self.cursor = EpochCursor(len(self.units), global_batch, rank=rank, world_size=world_size, seed=seed,
+                                  order=self._epoch_order)
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.units) // self.global_batch
+        return self.cursor.batches_per_epoch
 
     def _epoch_order(self, epoch: int) -> list[int]:
         import numpy as np
@@ -194,25 +181,13 @@ class SFTBatchIterator:
 
     def next_batch(self) -> SFTBatch:
         """This rank's slice of the next global batch (``global_batch // world_size`` rows)."""
-        if self.batch_in_epoch >= self.batches_per_epoch:
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self._order = None
-        if self._order is None:
-            self._order = self._epoch_order(self.epoch)
-        G, local = self.global_batch, self.global_batch // self.world_size
-        start = self.batch_in_epoch * G + self.rank * local
-        rows = [self.units[u] for u in self._order[start:start + local]]
-        self.batch_in_epoch += 1
+        rows = [self.units[u] for u in self.cursor.next_slice()]
         return collate_rows(self.dataset, rows, self.seq_len, self.pad_id, self.mode == "pack",
                             self.pad_to_multiple)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "samples_seen": (self.epoch * self.batches_per_epoch + self.batch_in_epoch) * self.global_batch,
-                "seed": self.seed,
-                "global_batch": self.global_batch, "mode": self.mode, "units": len(self.units),
-                "seq_len": self.seq_len}
+        return {**self.cursor.state_dict(), "seed": self.seed, "global_batch": self.global_batch,
+                "mode": self.mode, "units": len(self.units), "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("seed", "global_batch", "mode", "units", "seq_len"):
@@ -220,5 +195,4 @@ class SFTBatchIterator:
             if state.get(key) != mine:
                 raise UserError(f"cannot resume the SFT data stream: checkpoint has {key}={state.get(key)!r}, "
                                 f"this run has {mine!r}; resume with the same data, seed and batch settings")
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self._order = None
+        self.cursor.load_state_dict(state)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import UserError
+from lmforge.data.epochs import EpochCursor
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,35 +48,21 @@ class LabelledBatches:
         self.ids, self.labels = list(ids), list(labels)
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.seed, self.pad_id = seed, pad_id
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self._order: list[int] | None = None
+        self.cursor = EpochCursor(len(self.ids), global_batch, rank=rank, world_size=world_size, seed=seed)
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.ids) // self.global_batch
+        return self.cursor.batches_per_epoch
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        import numpy as np
-
-        if self.batch_in_epoch >= self.batches_per_epoch:
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self._order = None
-        if self._order is None:
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.ids)).tolist()
-        local = self.global_batch // self.world_size
-        start = self.batch_in_epoch * self.global_batch + self.rank * local
-        idx = self._order[start:start + local]
-        self.batch_in_epoch += 1
+        idx = self.cursor.next_slice()
         tokens, lengths = pad_batch([self.ids[i] for i in idx], self.pad_id)
         return {"tokens": tokens, "lengths": lengths,
                 "labels": torch.tensor([self.labels[i] for i in idx], dtype=torch.long)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
-                "global_batch": self.global_batch, "examples": len(self.ids),
-                "samples_seen": (self.epoch * self.batches_per_epoch + self.batch_in_epoch) * self.global_batch}
+        return {**self.cursor.state_dict(), "seed": self.seed, "global_batch": self.global_batch,
+                "examples": len(self.ids)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = {"seed": self.seed, "global_batch": self.global_batch, "examples": len(self.ids)}
@@ -84,8 +71,7 @@ class LabelledBatches:
                 raise UserError(f"cannot resume the classification data stream: checkpoint has {key}="
                                 f"{state.get(key)!r}, this run has {value!r}; resume with the same data, seed "
                                 "and train.global_batch")
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self._order = None
+        self.cursor.load_state_dict(state)
 
 
 def classify_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

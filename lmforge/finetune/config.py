@@ -96,7 +96,8 @@ class FinetuneDataConfig:
     text_field: str | None = None  # labels: text column (name, or number for header-less files)
     label_field: str = "label"  # labels: label column
     delimiter: str | None = None  # labels: column separator (default: ',' for .csv, tab otherwise)
-    seq_len: int = 512  # longest example (tokens); longer ones are cut
+    seq_len: int | None = None  # longest example (tokens; longer ones are cut); None: the model's context,
+    # at most SEQ_LEN_CAP
     batching: Literal["pack", "group", "shuffle"] = "pack"  # sft/lora rows: packed or one example per row
     chat_template: str | None = None  # Jinja text or .jinja file; default: the tokenizer's
     max_train_examples: int | None = None  # read at most this many (the first N of the files)
@@ -180,7 +181,7 @@ def validate(cfg: FinetuneConfig) -> None:
                           "sharegpt or prompt_completion (or auto)")
     if not d.dev and not 0.0 <= d.dev_fraction < 1.0:
         raise ConfigError(f"data.dev_fraction={d.dev_fraction} must be in [0, 1) (or set data.dev)")
-    if d.seq_len < 2:
+    if d.seq_len is not None and d.seq_len < 2:
         raise ConfigError(f"data.seq_len={d.seq_len} must be at least 2 (typically 512-4096)")
     for key, value in (("data.max_train_examples", d.max_train_examples),
                        ("data.max_dev_examples", d.max_dev_examples)):
@@ -202,8 +203,6 @@ def validate(cfg: FinetuneConfig) -> None:
     if t.epochs is not None and t.epochs <= 0:
         raise ConfigError(f"train.epochs={t.epochs} must be positive")
     validate_common(cfg)
-    if t.precision == "fp16":
-        raise ConfigError("train.precision=fp16 is not supported (no loss scaling); use bf16 or fp32")
     if t.max_steps is not None and s.warmup_steps > t.max_steps:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} exceeds train.max_steps={t.max_steps}; "
                           f"lower it (e.g. {max(0, t.max_steps // 10)})")
@@ -225,8 +224,28 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"classify.labels={cfg.classify.labels} must list at least 2 distinct labels")
 
 
+SEQ_LEN_CAP = 2048  # the default data.seq_len: the model's context, capped (memory grows with the length)
+
+
+def model_context(model_dir: str) -> int | None:
+    """``max_seq_len`` of a model dir, read from its config.json without importing torch (None when the
+    dir is not readable: the run's own model-dir check names the problem)."""
+    import json
+
+    p = Path(model_dir) / "config.json"
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = data.get("model", data).get("max_seq_len") if isinstance(data, dict) else None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def resolve(cfg: FinetuneConfig, path: str | None) -> None:
-    """Fill the defaults that depend on other keys (run dir, eval metric and its direction)."""
+    """Fill the defaults that depend on other keys (run dir, eval metric and its direction, data.seq_len)."""
+    if cfg.data.seq_len is None:
+        context = model_context(cfg.model.path)
+        cfg.data.seq_len = None if context is None else min(context, SEQ_LEN_CAP)
     if cfg.run.dir is None:
         stem = Path(path).stem if path else "finetune"
         cfg.run.dir = str(Path("runs") / stem)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 from collections.abc import Sequence
@@ -29,9 +28,8 @@ from lmforge.atomic import atomic_directory
 from lmforge.config import ConfigError, UserError
 from lmforge.console import info
 from lmforge.finetune.config import FinetuneConfig, config_dict
+from lmforge.models.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, model_fingerprint
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 BEST_DIR = "best"
 BEST_WEIGHTS = "weights.safetensors"
 BEST_META = "best.json"
@@ -78,22 +76,6 @@ class SFTBatches:
 # ================================================================================================
 # Model dirs: loading, fingerprints, adapters
 # ================================================================================================
-def model_fingerprint(directory: str | os.PathLike) -> str:
-    """A cheap identity of a model dir: config.json, and each weight file's size plus its first and last
-    MiB. Frozen weights are not checkpointed, so a resume checks the base is still the same."""
-    d = Path(directory)
-    h = hashlib.sha256((d / "config.json").read_bytes())
-    for f in sorted(d.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
 def set_dropout(model, p: float) -> None:
     """Set the backbone's dropout (residual/embedding modules and attention probabilities) to ``p``."""
     from torch import nn
@@ -150,37 +132,6 @@ def save_adapter(model, directory: Path, cfg: FinetuneConfig, base_fingerprint: 
     return _write_dir_atomic(directory, write)
 
 
-def load_adapter(directory: str | os.PathLike, device="cpu", check_base: bool = True):
-    """Base model + LoRA adapters, unmerged (a `Transformer`, or a `SequenceClassifier` for classifiers).
-    Returns (model, meta). The merged equivalent is the run's RUN/model."""
-    from lmforge.models.classifier import SequenceClassifier
-    from lmforge.models.lora import LoraConfig, apply_lora
-    from lmforge.models.model_dir import load_model_dir, load_weights
-
-    d = Path(directory)
-    if not (d / ADAPTER_CONFIG).is_file():
-        raise UserError(f"'{directory}' is not an adapter dir ({ADAPTER_CONFIG} is missing); pass RUN/adapter "
-                        "of a finetune.mode=lora run")
-    meta = json.loads((d / ADAPTER_CONFIG).read_text())
-    base = meta["base_model"]
-    if not Path(base).is_dir():
-        raise UserError(f"the base model '{base}' named in {d / ADAPTER_CONFIG} is gone; use the merged RUN/model")
-    if check_base and model_fingerprint(base) != meta["base_fingerprint"]:
-        raise UserError(f"the base model '{base}' changed since the adapters were trained; use the merged RUN/model")
-    model = load_model_dir(base, device=device)
-    if meta.get("task") == "classify":
-        model = SequenceClassifier(model, len(meta["labels"]), meta.get("pooling", "last"))
-    apply_lora(model, LoraConfig(rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"]),
-               trainable=("score.",))
-    sd = load_weights(d, weights_name=ADAPTER_WEIGHTS)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if "lora_" in k or k.startswith("score.")]
-    if missing or unexpected:
-        raise UserError(f"adapters in '{directory}' do not fit the base model: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    return model.to(device).eval(), meta
-
-
 def _write_dir_atomic(directory: Path, write) -> Path:
     """Build a dir in a temp sibling with ``write(tmp)``, then swap it into place."""
     with atomic_directory(directory) as tmp:
@@ -229,9 +180,9 @@ class Prepared:
 
 def prepare_sft(cfg: FinetuneConfig, tokenizer, mcfg, world, device) -> Prepared:
     from lmforge.finetune.batching import SFTBatchIterator, collate_rows
-    from lmforge.finetune.chat_template import get_chat_template
     from lmforge.finetune.data import encode_examples, load_sft_examples
     from lmforge.finetune.eval_sample import eval_order
+    from lmforge.tokenizer.chat_template import get_chat_template
 
     d = cfg.data
     template = get_chat_template(tokenizer, d.chat_template)
@@ -267,8 +218,8 @@ def prepare_sft(cfg: FinetuneConfig, tokenizer, mcfg, world, device) -> Prepared
 
 
 def prepare_classify(cfg: FinetuneConfig, tokenizer, mcfg, world, device) -> Prepared:
+    from lmforge.data.labelled import encode_labelled, label_list, load_labelled
     from lmforge.finetune.classify import DevEvaluator, LabelledBatches
-    from lmforge.finetune.data import encode_labelled, label_list, load_labelled
 
     d = cfg.data
 
@@ -385,10 +336,10 @@ def export(trainer, result, cfg: FinetuneConfig, base_cfg, labels, template: str
     (model dir, adapter dir, step whose weights RUN/model holds)."""
     from safetensors.torch import load_file
 
-    from lmforge.finetune.chat_template import save_chat_template
     from lmforge.models.classifier import save_classifier_dir
     from lmforge.models.lora import merge_lora
     from lmforge.models.model_dir import save_model_dir
+    from lmforge.tokenizer.chat_template import save_chat_template
     from lmforge.train.parallel import barrier
 
     run_dir = Path(cfg.run.dir)

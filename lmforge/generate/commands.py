@@ -46,7 +46,7 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.model)
     prompts = list(args.prompt)
     if args.chat:  # the chat template's special tokens must become their ids, not literal text
-        from lmforge.finetune.chat_template import encode_prompt
+        from lmforge.tokenizer.chat_template import encode_prompt
 
         prompts = [encode_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     lengths = [len(p) if isinstance(p, list) else len(tokenizer.encode(p)) for p in prompts]
@@ -56,9 +56,9 @@ def run(args) -> int:
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop)
     dt = time.perf_counter() - t0
     if args.chat:
-        from lmforge.generate.engine import _cut_at_stop
+        from lmforge.generate.engine import cut_at_stop
 
-        outs = [_cut_at_stop(tokenizer.decode(o), args.stop) for o in outs]
+        outs = [cut_at_stop(tokenizer.decode(o), args.stop) for o in outs]
     n_tokens = sum(len(tokenizer.encode(o)) for o in outs)
     if args.json:
         emit(args, "", {"prompts": args.prompt, "completions": outs, "seconds": round(dt, 3),

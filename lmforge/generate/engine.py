@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -104,7 +105,8 @@ def generate_ids(model, prompts: list[list[int]], gen: GenerationConfig, tokeniz
         model.train(was_training)
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string."""
     cuts = [text.find(s) for s in stops if s in text]
     return text[: min(cuts)] if cuts else text
 
@@ -123,5 +125,5 @@ def generate(model, prompts, tokenizer=None, *, max_new_tokens: int = 64, temper
     gen = GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, eos_id, tuple(stop_strings))
     out = generate_ids(model, ids, gen, tokenizer)
     if is_text:
-        out = [_cut_at_stop(tokenizer.decode(o), gen.stop_strings) for o in out]
+        out = [cut_at_stop(tokenizer.decode(o), gen.stop_strings) for o in out]
     return out[0] if single else out

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.attention import KERNELS, reference_attention  # noqa: F401 (reference_attention: re-exported)
 from lmforge.models.config import ModelConfig
+from lmforge.models.embeddings import add_input_embeddings, embed_inputs
+from lmforge.models.masks import attention_mask
 from lmforge.models.positional import apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_table
 
 
@@ -21,25 +24,6 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-
-
-def reference_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0, training=False):
-    """softmax(Q Kᵀ / √d_k) V, written out; the fast path is held to this by tests.
-
-    q: (B, H, T, d), k/v: (B, H, S, d), mask: bool (B|1, 1|H, T, S), True = may attend.
-    """
-    d_k = q.size(-1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (B, H, T, S)
-    if is_causal:
-        t, s = scores.shape[-2:]
-        causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    if dropout_p > 0 and training:
-        probs = F.dropout(probs, p=dropout_p)
-    return probs @ v  # (B, H, T, d)
 
 
 class Attention(nn.Module):
@@ -54,6 +38,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.q_dim, cfg.dim, bias=cfg.bias)
+        self.kernel = KERNELS[cfg.attention]  # chosen once; `lmforge.models.attention.use_attention_kernel`
 
     def forward(self, x, rope=None, mask=None, cache=None, layer_idx=0):
         B, T, _ = x.shape
@@ -66,25 +51,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, KV, S, d), S = cached + T
-        S = k.size(2)
-        causal, window = self.cfg.causal, self.cfg.sliding_window
-        if causal and (S != T or mask is not None or (window is not None and S > window)):
-            # Explicit mask: causality offset by the cached keys (query t sits at key index S-T+t),
-            # folded into the caller's mask, and limited to the last `window` keys (Mistral).
-            allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            if window is not None:
-                allowed = allowed.triu(diagonal=S - T - window + 1)
-            mask = allowed[None, None] if mask is None else mask & allowed
-            causal = False
-        p = self.cfg.dropout if self.training else 0.0
-        if self.cfg.attention == "reference":
-            rep = q.size(1) // k.size(1)
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = reference_attention(q, k, v, mask, causal, p, self.training)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, enable_gqa=q.size(1) != k.size(1)
-            )
+        mask, causal = attention_mask(T, k.size(2), causal=self.cfg.causal, window=self.cfg.sliding_window,
+                                      mask=mask, device=x.device)
+        y = self.kernel(q, k, v, mask, causal, self.cfg.dropout if self.training else 0.0)  # (B, H, T, d)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*d)
         return self.wo(y)
 
@@ -134,13 +103,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        if cfg.pos_encoding == "learned":
-            self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim)
-        if cfg.type_vocab_size:
-            self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.dim)
-        if cfg.embedding_norm:
-            self.embedding_norm = make_norm(cfg)
+        add_input_embeddings(self, cfg, make_norm)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         if cfg.final_norm:
@@ -205,19 +168,7 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
-        if self.cfg.embed_scale:
-            h = h * math.sqrt(self.cfg.dim)
-        if self.cfg.pos_encoding == "learned":
-            h = h + self.pos_embeddings(positions)
-        elif self.cfg.pos_encoding == "sinusoidal":
-            h = h + self.sinusoidal[positions].to(h.dtype)
-        if self.cfg.type_vocab_size:
-            if token_type_ids is None:
-                token_type_ids = torch.zeros_like(tokens)
-            h = h + self.token_type_embeddings(token_type_ids)
-        if self.cfg.embedding_norm:
-            h = self.embedding_norm(h)
+        h = embed_inputs(self, tokens, positions, token_type_ids)  # (B, T, dim)
         h = self.dropout(h)
         rope = rope_cos_sin(self.rope_inv_freq, positions, h.dtype) if self.cfg.pos_encoding == "rope" else None
         for layer in self.layers:

@@ -45,7 +45,7 @@ class TrainConfig:
     seed: int = 0
     resume: str = "auto"  # auto | never | PATH (a checkpoint dir, a run's checkpoints/ dir or a run dir)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast over fp32 master weights
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast over fp32 master weights (no fp16: no loss scaling)
     compile: bool = False  # torch.compile the model (optional; off by default)
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     time_limit_minutes: float | None = None  # checkpoint and stop after this long; a re-run resumes

@@ -157,8 +157,6 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     world, device = setup_world(cfg.train.device, cfg.parallel)
-    if cfg.train.precision == "fp16":
-        raise ConfigError("train.precision=fp16 is not supported (no loss scaling); use bf16 or fp32")
     grad_accum_steps(cfg.global_batch_size, cfg.train.micro_batch, world.dp_size)
     total_steps = cfg.steps_for()
     run_dir = Path(cfg.run.dir)

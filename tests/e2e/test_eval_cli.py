@@ -26,6 +26,58 @@ def model_dir(tmp_path_factory, make_tokenizer):
     return save_model_dir(build_model(cfg, seed=0), d / "model", tokenizer_dir=str(d / "tok"))
 
 
+def forced_model_dir(tok_dir, out, answer: str):
+    """A model dir whose greedy continuation of ANY prompt is ``answer`` then EOS, by construction.
+
+    Attention and FFN outputs are zero, so the last hidden state is RMSNorm(embedding of the last token).
+    Ordinary tokens share a direction u; the answer's tokens a1..an get their own basis vectors e1..en.
+    The LM head maps u -> a1, e_i -> a_(i+1), e_n -> EOS, every other row is zero — so greedy decoding
+    walks the chain whatever the prompt was.
+    """
+    from lmforge.models import ModelConfig, build_model
+    from lmforge.models.model_dir import save_model_dir
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.chat_template import encode_text
+
+    tok = load_tokenizer(tok_dir)
+    chain = encode_text(tok, answer)
+    assert tok.decode(chain) == answer and len(set(chain)) == len(chain) and tok.eos_id not in chain
+    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=1, n_heads=4, ffn_hidden=128, max_seq_len=128,
+                      tie_embeddings=False, norm="rmsnorm")
+    model = build_model(cfg, seed=0)
+    dim, n = cfg.dim, len(chain)
+    basis = torch.eye(dim)  # u = basis[0], e_i = basis[i]
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        noise = torch.randn(cfg.vocab_size, dim, generator=torch.Generator().manual_seed(0)) * 0.3
+        noise[:, : n + 1] = 0  # orthogonal to u and every e_i
+        model.tok_embeddings.weight.copy_(3 * basis[0] + noise)
+        for i, t in enumerate(chain):
+            model.tok_embeddings.weight[t] = basis[i + 1]
+        model.output.weight.zero_()
+        model.output.weight[chain[0]] = 10 * basis[0]
+        for i in range(1, n):
+            model.output.weight[chain[i]] = 10 * basis[i]
+        model.output.weight[tok.eos_id] = 10 * basis[n]
+    return save_model_dir(model, out, tokenizer_dir=str(tok_dir))
+
+
+@pytest.fixture(scope="module")
+def forced(model_dir, tmp_path_factory):
+    """answer text -> a model dir that answers every prompt with it."""
+    d = tmp_path_factory.mktemp("forced")
+    made = {}
+
+    def make(answer: str):
+        if answer not in made:
+            made[answer] = forced_model_dir(model_dir, d / f"m{len(made)}", answer)
+        return made[answer]
+
+    return make
+
+
 def run_json(capsys, *argv):
     rc = main(["eval", *map(str, argv), "--json"])
     out, err = capsys.readouterr()
@@ -62,7 +114,7 @@ def test_generation_tasks_and_determinism(model_dir, tmp_path, capsys):
         out = tmp_path / f"{task}.json"
         res, _ = run_json(capsys, "--model", model_dir, "--task", task, "--data", data, "--max-new-tokens", 5,
                           "--batch-size", 2, "--out", out)
-        assert all(0 <= res["metrics"][k] <= 100 for k in keys)
+        assert set(keys) <= set(res["metrics"])
         full = json.loads(out.read_text())
         assert len(full["predictions"]) == res["metrics"]["n"]
         run_json(capsys, "--model", model_dir, "--task", task, "--data", data, "--max-new-tokens", 5,
@@ -73,8 +125,38 @@ def test_generation_tasks_and_determinism(model_dir, tmp_path, capsys):
     assert full["predictions"][0]["references"] == ["你好。", "您好。"]
 
 
+def test_generation_metrics_are_exact_when_the_answer_is_known(forced, tmp_path, capsys):
+    """Models whose greedy answer is fixed, scored through the CLI against hand-computed values."""
+    qa = write(tmp_path / "qa.jsonl", '{"question": "what sat?", "answer": ["cat"]}\n'
+                                     '{"question": "what ran?", "answer": ["a black dog"]}\n'
+                                     '{"question": "who?", "context": "the cat sat", "answers": "cat sat"}\n')
+    res, _ = run_json(capsys, "--model", forced("the cat"), "--task", "qa", "--data", qa, "--out", tmp_path / "q.json")
+    assert [p["prediction"] for p in json.loads((tmp_path / "q.json").read_text())["predictions"]] == ["the cat"] * 3
+    m = res["metrics"]
+    # "the cat" normalizes to [cat]: EM 1, 0, 0; F1 1, 0, 2·(1·½)/(1+½) = ⅔
+    assert m["exact_match"] == pytest.approx(100 / 3) and m["f1"] == pytest.approx(100 * (1 + 2 / 3) / 3)
+    assert m["n"] == 3 and m["empty_predictions"] == 0
+
+    summ = write(tmp_path / "s.jsonl", json.dumps({"source": ["The cat sat on the mat."],
+                                                   "target": ["The cat sat on the mat."]}) + "\n")
+    res, _ = run_json(capsys, "--model", forced("the cat sat"), "--task", "summarize", "--data", summ)
+    m = res["metrics"]
+    # 3 predicted tokens, 6 reference tokens: ROUGE-1 and -L P=1, R=½ -> F=⅔; ROUGE-2 2/2 of 5 bigrams -> F=4/7
+    assert m["rouge1"] == pytest.approx(200 / 3) and m["rougeL"] == pytest.approx(200 / 3)
+    assert m["rouge2"] == pytest.approx(400 / 7)
+    tsv = write(tmp_path / "s.tsv", "document\tsummary\nThe cat sat on the mat.\tThe cat sat on the mat.\n")
+    res, _ = run_json(capsys, "--model", forced("the cat sat"), "--task", "summarize", "--data", tsv)
+    assert res["metrics"]["rouge1"] == pytest.approx(200 / 3)  # the same example from a TSV
+
+    tr = write(tmp_path / "t.tsv", "Hello, world!\t你好，世界！\tCC\nThe dog.\t狗。\tCC\n")
+    res, _ = run_json(capsys, "--model", forced("你好，世界！"), "--task", "translate", "--data", tr)
+    m = res["metrics"]
+    # zh tokens: 6 + 6 predicted, 6 + 2 reference; n-gram matches 6/12, 5/10, 4/8, 3/6 -> all ½; BP = 1
+    assert m["bleu_tokenize"] == "zh" and m["bleu"] == pytest.approx(50.0)
+
+
 def test_classify_zero_shot_and_head(model_dir, tmp_path, capsys):
-    from lmforge.finetune.data import encode_labelled, load_labelled
+    from lmforge.data.labelled import encode_labelled, load_labelled
     from lmforge.models.classifier import SequenceClassifier, save_classifier_dir
     from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer import load_tokenizer
@@ -126,23 +208,29 @@ def test_missing_model_dir(capsys, tmp_path):
     assert "model dir" in capsys.readouterr().err
 
 
-def test_real_data_end_to_end(model_dir, shared_data, tmp_path, capsys):
-    """Tatoeba en->zh, SciTLDR, SQuAD, NQ-Open and SST-2 through the CLI (a random model scores ~0;
-    the point is that the readers, prompts, generation and metrics run on the real files)."""
+def test_real_data_end_to_end(model_dir, forced, real_data, tmp_path, capsys):
+    """Tatoeba en->zh, SciTLDR, SQuAD, NQ-Open and sentence polarity through the CLI: the readers, prompts,
+    generation and metrics run on the real files, scored exactly with a model whose answer is known."""
+    answer = forced("the cat")
     cases = [
-        ("translate", shared_data / "translation_en_zh_tatoeba" / "cmn.txt", "bleu"),
-        ("summarize", shared_data / "summarization_en_scitldr" / "test.jsonl", "rougeL"),
-        ("qa", shared_data / "qa_en_squad_v1.1_dev" / "squad_v1.1_dev_reconstructed.json", "f1"),
-        ("qa", shared_data / "qa_en_nq_open" / "NQ-open.dev.jsonl", "exact_match"),
+        ("translate", real_data / "translation_en_zh_tatoeba" / "cmn.txt", "bleu"),
+        ("summarize", real_data / "summarization_en_scitldr" / "test.jsonl", "rougeL"),
+        ("qa", real_data / "qa_en_squad_v1.1_dev" / "squad_v1.1_dev_reconstructed.json", "f1"),
+        ("qa", real_data / "qa_en_nq_open" / "NQ-open.dev.jsonl", "exact_match"),
     ]
     for task, data, key in cases:
-        res, _ = run_json(capsys, "--model", model_dir, "--task", task, "--data", data, "--max-examples", 3,
-                          "--subset", "spread", "--max-new-tokens", 4, "--out", tmp_path / f"{task}.json")
-        assert res["metrics"]["n"] == 3 and 0 <= res["metrics"][key] <= 100
+        out = tmp_path / f"{task}-{data.stem}.json"
+        res, _ = run_json(capsys, "--model", answer, "--task", task, "--data", data, "--max-examples", 3,
+                          "--subset", "spread", "--max-new-tokens", 4, "--out", out)
+        preds = json.loads(out.read_text())["predictions"]
+        assert res["metrics"]["n"] == 3 and [p["prediction"] for p in preds] == ["the cat"] * 3
+        if task == "qa":  # no gold answer of these questions is "cat"
+            assert all("cat" not in " ".join(p["references"]).lower().split() for p in preds)
+            assert res["metrics"]["exact_match"] == 0.0
     res, _ = run_json(capsys, "--model", model_dir, "--task", "classify", "--data",
-                      shared_data / "sentiment_en_sst2" / "dev.tsv", "--max-examples", 8,
+                      real_data / "sentiment_en_rt_polarity" / "rt_polarity.tsv", "--max-examples", 8,
                       "--label-words", "negative,positive", "--out", tmp_path / "c.json")
-    assert res["metrics"]["n"] == 8
+    assert res["metrics"]["n"] == 8 and sum(map(sum, res["metrics"]["confusion_matrix"])) == 8
 
 
 def test_lora_adapter_dir_scores_like_the_merged_model(model_dir, tmp_path, capsys):

@@ -1,14 +1,17 @@
-"""Fine-tuning demonstrations on real data (../shared/data), through the CLI and the shipped recipes:
+"""Fine-tuning demonstrations on real data (the vendored slices in tests/data), through the CLI and the
+shipped recipes:
 
-* SST-2 and the Chinese ChnSentiCorp hotel reviews: a classifier fine-tuned from a small pretrained
-  lmforge model beats the dev split's majority-class baseline by a wide margin, and `lmforge eval` on the
-  written model dir agrees with the accuracy the run reported;
-* Alpaca (English and Chinese): SFT lowers the held-out validation loss, and the fine-tuned model's answers
-  end with the end-of-turn marker and EOS, where the base model's do not.
+* English sentence polarity (Rotten Tomatoes snippets) and Chinese poetry (a Tang shi or a Song ci?): a
+  classifier fine-tuned from a small pretrained lmforge model beats the dev split's majority-class
+  baseline, and `lmforge eval` on the written model dir agrees with the accuracy the run reported;
+* Alpaca-format translation instructions (English -> Chinese and Chinese -> English, from Tatoeba): SFT
+  lowers the held-out validation loss, and the fine-tuned model's answers end with the end-of-turn marker
+  and EOS, where the base model's do not.
 
 The "small pretrained model" is made here: a byte-level BPE and a ~1M-parameter model pretrained for 100
-steps on English (WikiText demo) and Chinese (MSRA news) sentences — seconds, not the quickstart's minutes.
-Runs are sized for a shared 2-core CPU (one torch thread each); README "Fine-tuning" has longer runs.
+steps on English (Tiny Shakespeare) and Chinese (classical poetry) lines — seconds, not the quickstart's
+minutes. Runs are sized for a shared 2-core CPU (one torch thread each); README "Fine-tuning" has longer
+runs on the full sets (SST-2, ChnSentiCorp, Alpaca) in ../shared/data.
 """
 
 import json
@@ -20,7 +23,7 @@ import torch
 from lmforge.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"  # vendored slices: present in every clone
 CONFIGS = ROOT / "configs" / "finetune"
 SMALL = ["train.threads=1", "log.progress=false", "checkpoint.interval=0", "eval.patience=0"]
 
@@ -37,8 +40,6 @@ def keep_torch_threads():
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
     """Tokenizer + shards + a 100-step pretraining run of a ~1M-parameter model on en + zh sentences."""
-    if not DATA.is_dir():
-        pytest.skip(f"real data not found at {DATA} (the ../shared/data folder beside the checkout)")
     from lmforge.data.prepare import prepare
     from lmforge.tokenizer import train_tokenizer
     from lmforge.train.config import load_config
@@ -46,10 +47,11 @@ def base_model(tmp_path_factory):
 
     threads = torch.get_num_threads()
     d = tmp_path_factory.mktemp("pretrained")
-    en = (DATA / "english_corpus" / "llamafactory_pretrain_demo" / "wiki_demo.txt").read_text(encoding="utf-8")
-    zh = (DATA / "ner_zh_msra" / "msra_sentences.txt").read_text(encoding="utf-8")
-    (d / "en.txt").write_text(en[:300_000], encoding="utf-8")  # a sample of each, cut at a line end
-    (d / "zh.txt").write_text(zh[:zh.index("\n", 150_000) + 1], encoding="utf-8")
+    en = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    poems = [p for f in ("quantangshi/poet.tang.0.json", "songci/ci.song.0.json", "classics/tangshi_300.json")
+             for p in json.loads((DATA / "chinese_poetry" / f).read_text(encoding="utf-8"))]
+    (d / "en.txt").write_text(en, encoding="utf-8")
+    (d / "zh.txt").write_text("".join(line + "\n" for p in poems for line in p["paragraphs"]), encoding="utf-8")
     inputs = [str(d / "en.txt"), str(d / "zh.txt")]
     train_tokenizer(inputs, 4096, d / "tok", txt_mode="line", progress=False)
     prepare(inputs, d / "tok", d / "shards", val_fraction=0.02, txt_mode="line", progress=False)
@@ -87,44 +89,38 @@ def check_eval_cli_agrees(capsys, model_dir, data, text_field, reported, tmp_pat
     return metrics
 
 
-def test_sst2_classifier_beats_the_majority_baseline(base_model, tmp_path, capsys):
-    sst = DATA / "sentiment_en_sst2"
+def test_english_polarity_classifier_beats_the_majority_baseline(base_model, tmp_path, capsys):
+    rt = DATA / "sentiment_en_rt_polarity" / "rt_polarity.tsv"
     res = run_finetune(capsys, "classify.yaml", f"model.from={base_model}", f"run.dir={tmp_path / 'run'}",
-                       f"data.train={sst / 'train.tsv'}", f"data.dev={sst / 'dev.tsv'}",
-                       "data.max_train_examples=20000", "train.max_steps=250", "eval.interval=0",
-                       "eval.at_start=false")
+                       f"data.train={rt}", "data.dev=[]", "data.dev_fraction=0.2", "train.max_steps=150",
+                       "eval.interval=0", "eval.at_start=false")
     acc, majority = res["val"]["accuracy"], res["majority_baseline"]
-    assert res["dev_examples"] == 872 and 50 < majority < 52  # SST-2 dev: 444 positive of 872
-    assert acc >= majority + 12, res["val"]  # measured 67-70% after 250-300 steps
-    assert res["val"]["macro_f1"] >= 60
-    check_eval_cli_agrees(capsys, res["model_dir"], sst / "dev.tsv", "sentence", acc, tmp_path)
+    assert res["dev_examples"] == 120 and 40 <= majority <= 60  # 300 + 300 sentences, 20% held out
+    assert acc >= majority + 5, res["val"]  # measured 61.7% vs 53.3% (torch 2.13 CPU)
+    dev = tmp_path / "dev.tsv"  # the run's own dev split, for `lmforge eval`
+    from lmforge.data.labelled import load_labelled
+    from lmforge.finetune.recipes import split_dev
+
+    _, held = split_dev(load_labelled(rt, "sentence"), 0.2, 0)
+    dev.write_text("sentence\tlabel\n" + "".join(f"{e.text}\t{e.label}\n" for e in held), encoding="utf-8")
+    check_eval_cli_agrees(capsys, res["model_dir"], dev, "sentence", acc, tmp_path)
 
 
-def test_chinese_hotel_review_classifier_beats_the_majority_baseline(base_model, tmp_path, capsys):
-    hotel = DATA / "sentiment_zh" / "ChnSentiCorp_htl_all.csv"
+def test_chinese_poetry_classifier_beats_the_majority_baseline(base_model, tmp_path, capsys):
+    poems = DATA / "chinese_poetry" / "derived" / "tang_or_song.csv"
     res = run_finetune(capsys, "classify_zh.yaml", f"model.from={base_model}", f"run.dir={tmp_path / 'run'}",
-                       f"data.train={hotel}", "train.epochs=null", "train.max_steps=120", "eval.interval=60",
+                       f"data.train={poems}", "train.epochs=null", "train.max_steps=120", "eval.interval=60",
                        "eval.at_start=false")
     acc, majority = res["val"]["accuracy"], res["majority_baseline"]
-    assert res["dev_examples"] == 777 and 60 < majority < 75  # 10% held out; ~68% positive
-    assert acc >= majority + 10, res["val"]  # measured ~84% after 100 steps
+    assert res["dev_examples"] == 60 and 40 <= majority <= 60  # 10% of 300 + 300 poems held out
+    assert acc >= majority + 20, res["val"]  # measured 98.3% vs 60.0%
     assert res["val"]["macro_f1"] >= 70
     assert [r["step"] for r in eval_rows(tmp_path / "run")] == [60, 120]
 
 
-def short_alpaca(path: Path, lang: str, max_answer: int) -> Path:
-    """Alpaca records (bilingual set, original field names) whose answer is short: a tiny model learns to
-    finish those within a short run."""
-    keep = []
-    for f in sorted((DATA / "instruct_alpaca_bilingual_zh_en").glob("alpaca_chinese_part_*.json")):
-        for r in json.loads(f.read_text(encoding="utf-8")):
-            answer = r[f"{lang}_output"]
-            size = len(answer.split()) if lang == "en" else len(answer)
-            prompt = r[f"{lang}_instruction"] + " " + r[f"{lang}_input"]
-            if size <= max_answer and len(prompt) <= 200:
-                keep.append({k: r[k] for k in (f"{lang}_instruction", f"{lang}_input", f"{lang}_output")})
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
-    return path
+def translation_instructions() -> Path:
+    """Alpaca records asking to translate short sentences (en->zh and zh->en, Tatoeba)."""
+    return DATA / "translation_en_zh_tatoeba" / "derived" / "alpaca_translate.json"
 
 
 def endings(model_dir, prompts, tok) -> tuple[float, float]:
@@ -141,33 +137,31 @@ def endings(model_dir, prompts, tok) -> tuple[float, float]:
     return len(ended) / len(outs), sum(1 for o in ended if o and o[-1] == end_of_turn) / len(outs)
 
 
-@pytest.mark.parametrize("lang, config, max_answer", [("en", "sft.yaml", 10), ("zh", "sft_zh.yaml", 15)])
-def test_alpaca_sft_lowers_val_loss_and_answers_stop_at_eos(base_model, tmp_path, capsys, lang, config, max_answer):
-    from lmforge.finetune.chat_template import encode_prompt
+def test_alpaca_sft_lowers_val_loss_and_answers_stop_at_eos(base_model, tmp_path, capsys):
     from lmforge.finetune.data import load_sft_examples
     from lmforge.finetune.recipes import split_dev
     from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.chat_template import encode_prompt
 
-    data = short_alpaca(tmp_path / f"alpaca_{lang}.jsonl", lang, max_answer)
+    data = translation_instructions()
     run = tmp_path / "run"
-    res = run_finetune(capsys, config, f"model.from={base_model}", f"run.dir={run}", f"data.train={data}",
-                       "data.max_train_examples=2000", "data.seq_len=128", "train.epochs=null",
+    res = run_finetune(capsys, "sft.yaml", f"model.from={base_model}", f"run.dir={run}", f"data.train={data}",
+                       "data.columns={}", "data.seq_len=128", "train.epochs=null",
                        "train.max_steps=150", "train.global_batch=8", "train.micro_batch=8", "optim.lr=2e-3",
                        "eval.interval=50", "eval.batch_size=32")
     evals = eval_rows(run)
     assert [e["step"] for e in evals] == [0, 50, 100, 150]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, evals  # held-out examples (5% of the file)
-    assert res["dev_examples"] == 100 and res["trainable_fraction"] == 1.0
+    assert res["dev_examples"] == 30 and res["trainable_fraction"] == 1.0
 
     # the held-out prompts (the run's own dev split), answered by the base and by the fine-tuned model
     tok = load_tokenizer(res["model_dir"])
-    columns = {k: f"{lang}_{k}" for k in ("instruction", "input", "output")}
-    _, dev = split_dev(load_sft_examples(data, "alpaca", columns, max_examples=2000), 0.05, 0)
+    _, dev = split_dev(load_sft_examples(data, "alpaca"), 0.05, 0)
     prompts = [encode_prompt(tok, e.messages[:-1]) for e in dev[:30]]
     tuned_ended, tuned_closed = endings(res["model_dir"], prompts, tok)
     base_ended, base_closed = endings(base_model, prompts, tok)
-    assert tuned_ended >= 0.8 and tuned_closed >= 0.8, (tuned_ended, tuned_closed)  # measured 30/30
-    # the base model never saw a chat turn: it rambles (en) or stops mid-sentence at a document end (zh)
+    assert tuned_ended >= 0.8 and tuned_closed >= 0.8, (tuned_ended, tuned_closed)
+    # the base model never saw a chat turn: it rambles on, or stops at a line end without the marker
     assert base_closed <= 0.1, (base_ended, base_closed)
 
     rc = main(["generate", "--model", res["model_dir"], "--chat", "--prompt", dev[0].messages[0]["content"],

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import TEST_DATA
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
@@ -107,7 +109,7 @@ def test_export_of_a_model_lmforge_trained(tmp_path):
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["eos_token_id"] == tok.eos_id and cfg["tie_word_embeddings"] is True
     msgs = [{"role": "user", "content": "hi"}]
-    from lmforge.finetune.chat_template import render_generation_prompt
+    from lmforge.tokenizer.chat_template import render_generation_prompt
 
     assert back_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
         render_generation_prompt(tok, msgs)
@@ -144,11 +146,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_import_finetune_export(tmp_path):
     """The README's flow: a HF checkpoint → lmforge SFT → back to transformers."""
-    pytest.importorskip("lmforge.finetune.commands")
-    data = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    alpaca = data / "instruct_llamafactory_demo" / "alpaca_en_demo.json"
-    if not alpaca.is_file():
-        pytest.skip(f"real data not found at {data} (the ../shared/data folder beside the checkout)")
+    import lmforge.finetune.commands  # noqa: F401 (part of lmforge: an import error must fail, not skip)
+
+    alpaca = TEST_DATA / "translation_en_zh_tatoeba" / "derived" / "alpaca_translate.json"
     src = tmp_path / "hf"
     fast = _hf_tokenizer(src)
     torch.manual_seed(0)

@@ -51,9 +51,7 @@ def shards(tmp_path_factory):
     from lmforge.data.prepare import prepare
     from lmforge.tokenizer.train import train_tokenizer
 
-    src = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-    if not src.is_file():
-        pytest.skip(f"real data not found at {src.parent.parent} (the ../shared/data folder beside the checkout)")
+    src = REPO / "tests" / "data" / "tinyshakespeare" / "input.txt"  # a vendored slice
     d = tmp_path_factory.mktemp("data")
     train_tokenizer([str(src)], 512, d / "tok", txt_mode="blank", progress=False)
     prepare([str(src)], d / "tok", d / "shards", val_fraction=0.05, txt_mode="blank", progress=False)

@@ -15,9 +15,9 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_train_then_eval_mixed_vs_english(shared_data, tmp_path):
-    en = [str(shared_data / "tinyshakespeare" / "input.txt")]
-    zh = [str(shared_data / "chinese_poetry" / "songci" / "ci.song.0.json"), str(shared_data / TANG)]
+def test_train_then_eval_mixed_vs_english(real_data, tmp_path):
+    en = [str(real_data / "tinyshakespeare" / "input.txt")]
+    zh = [str(real_data / "chinese_poetry" / "songci" / "ci.song.0.json"), str(real_data / TANG)]
     r = run_cli("tokenizer", "train", "--input", *en, *zh, "--text-field", "paragraphs", "--vocab-size", "3000",
                 "--out", str(tmp_path / "mixed"), "--json")
     assert r.returncode == 0, r.stderr
@@ -32,7 +32,7 @@ def test_train_then_eval_mixed_vs_english(shared_data, tmp_path):
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)["total"]
 
-    zh_file = str(shared_data / "chinese_poetry" / "classics" / "tangshi_300.json")  # held out of training
+    zh_file = str(real_data / "chinese_poetry" / "classics" / "tangshi_300.json")  # held out of training
     mixed_zh, en_zh = ev("mixed", zh_file), ev("en", zh_file)
     assert mixed_zh["round_trip_exact"] == en_zh["round_trip_exact"] == 1.0
     assert mixed_zh["chars_per_token"] > 0.7 and en_zh["chars_per_token"] < 0.4

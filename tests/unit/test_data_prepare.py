@@ -3,6 +3,7 @@
 import bz2
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,17 +13,15 @@ from lmforge.data.loader import ShardLoader
 from lmforge.data.prepare import prepare
 from lmforge.data.shards import read_index, verify_shards
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
-from tests.conftest import SHARED_DATA
+from tests.conftest import TEST_DATA
 
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = TEST_DATA / "tinyshakespeare" / "input.txt"
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
     out = tmp_path_factory.mktemp("tok") / "tok"
-    train_tokenizer([str(SHAKESPEARE), str(SHARED_DATA / "chinese_poetry" / "classics" / "lunyu.json")], 1024,
+    train_tokenizer([str(SHAKESPEARE), str(TEST_DATA / "chinese_poetry" / "classics" / "lunyu.json")], 1024,
                     out, text_field="paragraphs", progress=False)
     return out
 
@@ -30,8 +29,6 @@ def tok_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def passages():
     """Real, distinct passages of Shakespeare (blank-line-separated speeches of some length)."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip("needs ../shared/data")
     blocks = [b for b in SHAKESPEARE.read_text().split("\n\n") if len(b) > 300]
     return blocks[:60]
 
@@ -127,9 +124,9 @@ def test_val_split_by_document_is_seeded(tmp_path, tok_dir, passages):
 
 @pytest.mark.slow
 def test_workers_give_byte_identical_shards(tmp_path, tok_dir):
-    inputs = [str(SHARED_DATA / "english_corpus" / "nltk_inaugural"),
-              str(SHARED_DATA / "english_corpus" / "llamafactory_pretrain_demo" / "c4_demo.jsonl")]
-    kw = dict(val_fraction=0.1, dedup="near", progress=False, shard_tokens=50_000)
+    inputs = [str(TEST_DATA / "english_corpus" / "nltk_inaugural"),
+              str(TEST_DATA / "english_corpus" / "llamafactory_pretrain_demo" / "c4_demo.jsonl")]
+    kw = dict(val_fraction=0.1, dedup="near", progress=False, shard_tokens=10_000)
     r1 = prepare(inputs, tok_dir, tmp_path / "w1", workers=1, **kw)
     r2 = prepare(inputs, tok_dir, tmp_path / "w2", workers=2, **kw)
     i1, i2 = read_index(tmp_path / "w1"), read_index(tmp_path / "w2")
@@ -264,3 +261,36 @@ def test_loader_reads_prepared_shards(tmp_path, tok_dir, passages):
         ShardLoader(tmp_path / "o", seq_len=32, tokenizer_hash="sha256:0000")
     assert next(iter(ShardLoader(tmp_path / "o", split="val", seq_len=32, global_batch=2).eval_batches(1, 2))).shape \
         == (2, 33)
+
+
+def test_single_document_holds_out_val_tokens(tmp_path, tok_dir):
+    """One document (Tiny Shakespeare as one file) and --val-fraction: the tail tokens become val."""
+    tok = load_tokenizer(tok_dir)
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:60_000]
+    (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+    r = prepare([str(tmp_path / "one.txt")], tok_dir, tmp_path / "out", val_fraction=0.1, progress=False)
+    ids = tok.encode(text)
+    total = len(ids) + 1  # + EOS
+    assert r["documents_kept"] == 1 and r["tokens"] == total
+    assert r["val_tokens"] == r["val_held_out_tokens"] == round(0.1 * total) and "warning" not in r
+    index = verify_shards(tmp_path / "out")  # sizes and sha256 of the rewritten shards check out
+    train = np.fromfile(tmp_path / "out" / index["splits"]["train"]["shards"][0]["file"], dtype=index["dtype"])
+    val = np.fromfile(tmp_path / "out" / index["splits"]["val"]["shards"][0]["file"], dtype=index["dtype"])
+    assert train.tolist() + val.tolist() == ids + [tok.eos_id]  # the stream, cut once, nothing lost
+    ShardLoader(tmp_path / "out", seq_len=32, global_batch=2, split="val").next_batch()
+    for seed in range(4):  # whichever split the one document hashes to, the cut is the same
+        r = prepare([str(tmp_path / "one.txt")], tok_dir, tmp_path / f"s{seed}", val_fraction=0.5, seed=seed,
+                    progress=False)
+        assert (r["train_tokens"], r["val_tokens"]) == (total - round(0.5 * total), round(0.5 * total))
+
+
+def test_directories_skip_metadata_and_say_which(tmp_path, tok_dir, passages, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, p in enumerate(passages[:3]):
+        (src / f"doc{i}.txt").write_text(p)
+    (src / "MANIFEST.json").write_text('{"files": ["doc0.txt"], "sha256": "abc"}')  # metadata, not records
+    r = prepare([str(src)], tok_dir, tmp_path / "out", progress=False)
+    assert r["files"] == 3 and r["skipped_files"] == 1 and r["documents_kept"] == 3
+    assert [Path(p).name for p in r["skipped"]] == ["MANIFEST.json"]
+    assert "skipped 1 file(s) in input directories" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import UserError
+from lmforge.data.records import DataError
 from lmforge.eval.datasets import load_qa, load_summarization, load_translation, read_texts, subset
 from lmforge.eval.perplexity import perplexity, token_stream
 from lmforge.eval.tasks import (
@@ -19,7 +20,6 @@ from lmforge.eval.tasks import (
     postprocess,
     zero_shot_classify,
 )
-from lmforge.finetune.data import DataError
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello there, how are you today?",
@@ -140,14 +140,24 @@ def test_subset():
     assert subset([1, 2], 5) == [1, 2]
 
 
-def test_real_eval_files(shared_data):
-    assert len(load_qa(shared_data / "qa_en_squad_v1.1_dev" / "squad_v1.1_dev_reconstructed.json")) == 10570
-    assert len(load_qa(shared_data / "qa_en_nq_open" / "NQ-open.dev.jsonl")) == 3610
-    scitldr = load_summarization(shared_data / "summarization_en_scitldr" / "test.jsonl")
-    assert len(scitldr) == 618 and all(len(e.references) >= 1 for e in scitldr)
-    pairs, src, tgt = load_translation(shared_data / "translation_en_zh_tatoeba" / "cmn.txt")
-    assert (src, tgt) == ("en", "zh") and len(pairs) == 27661  # distinct English sentences
-    assert 27661 < sum(len(e.references) for e in pairs) <= 29155  # repeated sources become multi-reference
+def test_real_eval_files(real_data):
+    # counts read independently of the loaders: the raw JSON / lines of each vendored slice
+    squad_file = real_data / "qa_en_squad_v1.1_dev" / "squad_v1.1_dev_reconstructed.json"
+    squad_raw = json.loads(squad_file.read_text(encoding="utf-8"))
+    n_questions = sum(len(p["qas"]) for a in squad_raw["data"] for p in a["paragraphs"])
+    squad = load_qa(squad_file)
+    assert len(squad) == n_questions == 250
+    nq_file = real_data / "qa_en_nq_open" / "NQ-open.dev.jsonl"
+    assert len(load_qa(nq_file)) == len(nq_file.read_text(encoding="utf-8").splitlines()) == 300
+    sci_file = real_data / "summarization_en_scitldr" / "test.jsonl"
+    scitldr = load_summarization(sci_file)
+    assert len(scitldr) == 40 and all(len(e.references) >= 1 for e in scitldr)
+    assert scitldr[0].references == json.loads(sci_file.read_text(encoding="utf-8").splitlines()[0])["target"]
+    tatoeba = real_data / "translation_en_zh_tatoeba" / "cmn.txt"
+    rows = [ln.split("\t") for ln in tatoeba.read_text(encoding="utf-8").splitlines()]
+    pairs, src, tgt = load_translation(tatoeba)
+    assert (src, tgt) == ("en", "zh") and len(pairs) == len({r[0] for r in rows})  # distinct English sentences
+    assert sum(len(e.references) for e in pairs) == len(rows) == 600  # repeated sources: multi-reference
 
 
 # ---- prompts and generation ------------------------------------------------------------------------
@@ -212,3 +222,27 @@ def test_classify_with_head_ignores_padding(tok, model):
     with torch.no_grad():
         single = [int(clf(torch.tensor([x])).argmax(-1)) for x in ids]
     assert preds == single
+
+
+def test_summarization_tables_and_fields(tmp_path):
+    tsv = tmp_path / "s.tsv"
+    tsv.write_text("id\tarticle\thighlights\n1\tThe cat sat on the mat.\tA cat sat.\n2\tDogs bark.\tBarking.\n")
+    ex = load_summarization(tsv)  # header names found among the usual ones
+    assert [(e.fields["source"], e.references) for e in ex] == [("The cat sat on the mat.", ["A cat sat."]),
+                                                               ("Dogs bark.", ["Barking."])]
+    csv_file = tmp_path / "s.csv"
+    csv_file.write_text('body,short\n"A long, quoted text.",Short one.\n')
+    with pytest.raises(DataError, match=r"s\.csv:1: header has no column .source/document.*\(columns: body, short\); set --source"):
+        load_summarization(csv_file)
+    ex = load_summarization(csv_file, "body", "short")
+    assert ex[0].fields["source"] == "A long, quoted text." and ex[0].references == ["Short one."]
+    bare = tmp_path / "bare.tsv"
+    bare.write_text("Text one.\tSum one.\nText two.\tSum two.\n")
+    assert [e.references for e in load_summarization(bare, "0", "1")] == [["Sum one."], ["Sum two."]]
+    jl = tmp_path / "s.jsonl"
+    jl.write_text('{"doc": "Some text.", "abstract_short": "Text."}\n')
+    assert load_summarization(jl, "doc", "abstract_short")[0].references == ["Text."]
+    other = tmp_path / "s.txt"
+    other.write_text("anything\n")
+    with pytest.raises(DataError, match=r"must be one of \.jsonl, \.json, \.tsv, \.csv"):
+        load_summarization(other)

@@ -17,15 +17,11 @@ from lmforge.config import UserError
 from lmforge.models import build_model, get_preset
 from lmforge.models.model_dir import load_model_dir, load_weights, save_model_dir
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-ZH = DATA / "ner_zh_msra" / "msra_sentences.txt"
+DATA = Path(__file__).resolve().parents[1] / "data"  # vendored slices (tests/data/SOURCE.md)
+ZH = DATA / "chinese_poetry" / "derived" / "lines.txt"  # classical Chinese, one poem line per line
 EN = DATA / "tinyshakespeare" / "input.txt"
 ADD = 300
-
-
-def _need_data():
-    if not (ZH.is_file() and EN.is_file()):
-        pytest.skip(f"real data not found at {DATA} (the ../shared/data folder beside the checkout)")
+HELD_OUT = 300  # the last lines of ZH: never read by the extension
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +64,6 @@ def _nll(model, ids):
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory, one_thread):
     """An English base model (BPE tokenizer + a briefly trained tiny model) and its Chinese extension."""
-    _need_data()
     from lmforge.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("extend")
@@ -81,16 +76,18 @@ def dirs(tmp_path_factory, one_thread):
     model = build_model(cfg, seed=0)
     _train(model, torch.tensor(tok.encode(en)), 120)
     save_model_dir(model, root / "base", tokenizer_dir=str(root / "tok"))
+    zh_train = root / "zh.txt"
+    zh_train.write_text("\n".join(ZH.read_text(encoding="utf-8").splitlines()[:-HELD_OUT]), encoding="utf-8")
     r = subprocess.run([sys.executable, "-m", "lmforge", "tokenizer", "extend", "--base", str(root / "base"),
-                        "--input", str(ZH), "--add", str(ADD), "--max-bytes", "300000", "--out",
+                        "--input", str(zh_train), "--add", str(ADD), "--max-bytes", "300000", "--out",
                         str(root / "ext"), "--json"], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     assert r.returncode == 0, r.stderr
     return root / "base", root / "ext", json.loads(r.stdout)
 
 
-def _held_out_zh(n=300):
-    return ZH.read_text(encoding="utf-8").splitlines()[-n:]  # the run above read only the first 300 kB
+def _held_out_zh(n=HELD_OUT):
+    return ZH.read_text(encoding="utf-8").splitlines()[-n:]  # the extension above never read these
 
 
 def test_existing_ids_kept_and_english_tokenized_identically(dirs):
@@ -121,7 +118,7 @@ def test_chinese_compresses_and_round_trips(dirs):
     assert before < 0.45 and after > 1.6 * before, (before, after)  # 3 UTF-8 bytes per character before
     assert report["chars_per_token_after"] > 1.6 * report["chars_per_token_before"]
     words = [b.decode([i]) for i in range(a.vocab_size, b.vocab_size)]
-    assert "的" in words and any(len(w) > 1 and "\ufffd" not in w for w in words)  # characters and words
+    assert "不" in words and any(len(w) > 1 and "\ufffd" not in w for w in words)  # characters and words
 
 
 def test_new_rows_are_the_mean_of_their_old_pieces(dirs):
@@ -169,7 +166,6 @@ def test_english_loss_unchanged_at_step_0_and_chinese_training_starts_sensibly(d
 
 
 def test_untied_head_grows_too(tmp_path):
-    _need_data()
     from lmforge.tokenizer import load_tokenizer, train_tokenizer
     from lmforge.tokenizer.extend import extend_model_dir
 
@@ -188,7 +184,6 @@ def test_untied_head_grows_too(tmp_path):
 
 
 def test_wordpiece_base_and_bad_arguments_are_clear_errors(tmp_path):
-    _need_data()
     from tokenizers import BertWordPieceTokenizer
 
     from lmforge.tokenizer.extend import extend_model_dir

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from lmforge.config import ConfigError, UserError
 from lmforge.finetune.classify import DevEvaluator, LabelledBatches
-from lmforge.finetune.config import config_from_dict
-from lmforge.finetune.recipes import SFTBatches, finetune, load_adapter, sft_loss
+from lmforge.finetune.config import config_dict, config_from_dict
+from lmforge.finetune.recipes import SFTBatches, finetune, sft_loss
+from lmforge.models.adapter_dir import load_adapter
 from lmforge.models.classifier import load_classifier_dir
 from lmforge.models.model_dir import load_model_dir, load_weights
 
@@ -30,6 +31,9 @@ SFT = [{"instruction": "Say hello.", "input": "", "output": "Hello there."},
        {"instruction": "How are you?", "input": "", "output": "Great fun, thank you."}] * 4
 POS = ["a charming and affecting journey", "great fun", "charming", "a great and charming film"]
 NEG = ["a bleak and desperate film", "dull and boring", "boring", "a dull , desperate journey"]
+# Dev sentences are new: the same polarity words in combinations the training split never shows.
+POS_DEV = ["great and charming", "a fun , affecting film", "charming fun", "an affecting , great journey"]
+NEG_DEV = ["boring and bleak", "a desperate , dull film", "dull", "a boring , bleak journey"]
 
 
 @pytest.fixture(autouse=True)
@@ -64,8 +68,10 @@ def sft_file(tmp_path_factory):
 def tsv_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("clsdata")
     rows = [(t, "1") for t in POS] + [(t, "0") for t in NEG]
+    dev = [(t, "1") for t in POS_DEV] + [(t, "0") for t in NEG_DEV]
+    assert not {t for t, _ in rows} & {t for t, _ in dev}  # disjoint splits
     (d / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows * 6))
-    (d / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    (d / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in dev))
     return d / "train.tsv", d / "dev.tsv"
 
 
@@ -204,7 +210,8 @@ def test_classifier_reports_dev_metrics_and_beats_chance(model_dir, tsv_files, t
     evals = rows(tmp_path, "eval")
     assert all({"accuracy", "macro_f1", "val_loss"} <= set(e) for e in evals)
     assert res.majority_baseline == 50.0 and res.labels == ["0", "1"]
-    assert evals[-1]["accuracy"] == 100.0, evals  # 8 dev sentences, all seen in training
+    # 8 unseen dev sentences, 4 per class: chance and the majority baseline are 50%
+    assert evals[-1]["accuracy"] >= 75.0, evals  # 87.5 on torch 2.13 CPU
     clf, labels = load_classifier_dir(res.model_dir)
     assert labels == ["0", "1"] and clf.pooling == "mean"
 
@@ -223,7 +230,7 @@ def test_early_stopping_keeps_the_best_weights(model_dir, tsv_files, tmp_path):
     last = max((tmp_path / "checkpoints").glob("step_*"))
     assert last.name == "step_000006"  # the last step's state is still checkpointed (resume), not exported
     # the exported classifier scores on dev exactly what the step-3 evaluation logged
-    from lmforge.finetune.data import encode_labelled, load_labelled
+    from lmforge.data.labelled import encode_labelled, load_labelled
     from lmforge.tokenizer import load_tokenizer
 
     clf, labels = load_classifier_dir(res.model_dir)
@@ -309,3 +316,14 @@ def test_lora_sft_from_an_hf_imported_llama(tmp_path, capsys):
     assert main(["generate", "--model", res.model_dir, "--chat", "--prompt", "Say hello.", "--max-new-tokens", "4",
                  "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["completions"]) == 1
+
+
+def test_default_seq_len_fits_the_model(model_dir, sft_file, tmp_path):
+    """Without data.seq_len a run on a model with a short context (64 here) just works."""
+    cfg = sft_cfg(model_dir, sft_file, tmp_path, train={"max_steps": 2}, eval={"interval": 0})
+    data = config_dict(cfg)
+    data["data"]["seq_len"] = None
+    cfg = config_from_dict(data)
+    assert cfg.data.seq_len == 64
+    res = finetune(cfg)
+    assert res.train.step == 2

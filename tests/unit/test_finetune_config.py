@@ -73,7 +73,7 @@ def test_epochs_become_steps():
     ({"finetune": {"mode": "lora"}, "lora": {"targets": ["wz"]}}, "lora.targets has unknown 'wz'"),
     ({"finetune": {"mode": "lora"}, "lora": {"rank": 0}}, "lora.rank=0 must be a positive integer"),
     ({"data": {"dev_fraction": 0.0}, "eval": {"keep_best": True}}, "need a dev split"),
-    ({"train": {"precision": "fp16"}}, "fp16 is not supported"),
+    ({"train": {"precision": "fp16"}}, "train.precision='fp16' is not one of 'fp32', 'bf16'"),
     ({"loras": {"rank": 4}}, "did you mean 'lora'"),
 ])
 def test_errors_name_the_key_and_the_fix(data, message):
@@ -98,3 +98,24 @@ def test_cli_reports_config_and_model_errors_in_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "config.json is missing" in err and "\n" not in err
     assert main(["finetune", "--config", str(cfg), "finetune.mode=nope"]) == 2
     assert "finetune.mode='nope' is not one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("context, explicit, want", [
+    (256, None, 256),  # the tiny/small presets: the model's whole context (512 would not fit)
+    (8192, None, 2048),  # a long-context model: capped
+    (256, 128, 128),  # an explicit value is kept
+])
+def test_seq_len_defaults_to_the_models_context(tmp_path, context, explicit, want):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"max_seq_len": context, "dim": 64}}))
+    data = base(model={"from": str(tmp_path)})
+    if explicit is not None:
+        data["data"]["seq_len"] = explicit
+    cfg = config_from_dict(data)
+    assert cfg.data.seq_len == want
+    assert config_dict(cfg)["data"]["seq_len"] == want  # the resolved value is what config.yaml records
+
+
+def test_seq_len_stays_open_without_a_readable_model_dir():
+    assert config_from_dict(base()).data.seq_len is None  # the run's model-dir check reports the problem

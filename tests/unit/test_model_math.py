@@ -7,8 +7,8 @@ import torch
 
 from lmforge.generate import KVCache
 from lmforge.models import ModelConfig, build_model
+from lmforge.models.attention import reference_attention, use_attention_kernel
 from lmforge.models.positional import sinusoidal_table
-from lmforge.models.transformer import reference_attention
 
 torch.manual_seed(0)
 
@@ -52,8 +52,10 @@ def test_reference_attention_is_the_formula_and_sdpa_agrees():
 def test_reference_model_equals_sdpa_model(kw):
     cfg = tiny(**kw)
     m = build_model(cfg, seed=1).eval()
-    ref = build_model(tiny(**kw, attention="reference"), init=False).eval()
+    ref = use_attention_kernel(build_model(cfg, init=False), "reference").eval()
     ref.load_state_dict(m.state_dict())
+    assert {type(a.kernel) for a in ref.modules() if hasattr(a, "kernel")} == {type(reference_attention)}
+    assert all(a.kernel is reference_attention for a in ref.modules() if hasattr(a, "kernel"))
     x = torch.randint(0, 97, (2, 12))
     torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=1e-5)
 

@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError, UserError
+from lmforge.data.labelled import encode_labelled, label_list, load_labelled
+from lmforge.data.records import DataError, read_records
 from lmforge.finetune.batching import SFTBatchIterator, collate_rows, pack_rows
-from lmforge.finetune.chat_template import (
+from lmforge.finetune.data import IGNORE_INDEX, SFTExample, encode_example, encode_examples, load_sft_examples
+from lmforge.finetune.recipes import sft_batch_dict
+from lmforge.tokenizer.chat_template import (
     default_chat_template,
     encode_chat,
     encode_prompt,
@@ -16,18 +20,7 @@ from lmforge.finetune.chat_template import (
     render_generation_prompt,
     save_chat_template,
 )
-from lmforge.finetune.data import (
-    IGNORE_INDEX,
-    DataError,
-    SFTExample,
-    encode_example,
-    encode_examples,
-    encode_labelled,
-    label_list,
-    load_labelled,
-    load_sft_examples,
-    read_records,
-)
+from lmforge.train.trainer import split_micro
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello there, how are you today?",
@@ -126,13 +119,15 @@ def test_labelled_readers(tmp_path):
         load_labelled(write(tmp_path / "t.txt", "a\t1\nb\n"), 0, 1)
 
 
-def test_labelled_real_data(shared_data):
-    sst = load_labelled(shared_data / "sentiment_en_sst2" / "dev.tsv")
-    assert len(sst) == 872 and label_list(sst) == ["0", "1"]
-    htl = load_labelled(shared_data / "sentiment_zh" / "ChnSentiCorp_htl_all.csv")
-    assert len(htl) == 7766 and label_list(htl) == ["0", "1"]
-    thuc = load_labelled(shared_data / "classification_zh_thucnews_titles" / "dev.txt", 0, 1)
-    assert len(thuc) == 10000 and len(label_list(thuc)) == 10
+def test_labelled_real_data(real_data):
+    rt = load_labelled(real_data / "sentiment_en_rt_polarity" / "rt_polarity.tsv")  # TSV with a header
+    assert len(rt) == 600 and label_list(rt) == ["0", "1"] and sum(e.label == "1" for e in rt) == 300
+    assert (rt[0].text, rt[0].label) == ("simplistic , silly and tedious .", "0")
+    poems = load_labelled(real_data / "chinese_poetry" / "derived" / "tang_or_song.csv")  # CSV: label,review
+    assert len(poems) == 600 and label_list(poems) == ["song", "tang"]
+    assert poems[0].label == "tang" and poems[0].text.startswith("百禮崇容")
+    titles = load_labelled(real_data / "chinese_poetry" / "derived" / "titles.txt", 0, 1)  # no header: columns
+    assert len(titles) == 300 and label_list(titles) == ["song", "tang"]
 
 
 # ---- chat template ------------------------------------------------------------------------------
@@ -380,11 +375,15 @@ def test_iterator_errors(tok):
     with pytest.raises(UserError, match="checkpoint has seed=1"):
         it.load_state_dict({**it.state_dict(), "seed": 1})
     b = next(it)
-    assert [m.tokens.size(0) for m in b.split(2)] == [1, 1]
+    micro = split_micro(sft_batch_dict(b), 1)  # the Trainer's own split of the dict batch
+    assert [m["tokens"].size(0) for m in micro] == [1, 1]
+    for key in ("tokens", "labels", "positions"):
+        assert torch.equal(torch.cat([m[key] for m in micro]), getattr(b, key))
 
 
-def test_real_alpaca_data_packs(tok, shared_data):
-    ex = load_sft_examples(shared_data / "instruct_llamafactory_demo" / "alpaca_zh_demo.json", max_examples=64)
+def test_real_alpaca_data_packs(tok, real_data):
+    ex = load_sft_examples(real_data / "translation_en_zh_tatoeba" / "derived" / "alpaca_translate.json",
+                           max_examples=160)
     ds = encode_examples(tok, ex, seq_len=256)
     it = SFTBatchIterator(ds, 4, 256, mode="pack", seed=0, pad_id=tok.pad_id)
     b = next(it)

@@ -6,11 +6,11 @@ import pytest
 
 from lmforge.config import UserError
 from lmforge.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
-from tests.conftest import SHARED_DATA
+from tests.conftest import TEST_DATA
 
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
-LUNYU = SHARED_DATA / "chinese_poetry" / "classics" / "lunyu.json"
-SONGCI = SHARED_DATA / "chinese_poetry" / "songci" / "ci.song.0.json"
+SHAKESPEARE = TEST_DATA / "tinyshakespeare" / "input.txt"
+LUNYU = TEST_DATA / "chinese_poetry" / "classics" / "lunyu.json"
+SONGCI = TEST_DATA / "chinese_poetry" / "songci" / "ci.song.0.json"
 
 MIXED_TEXT = [
     "子曰：“学而时习之，不亦说乎？有朋自远方来，不亦乐乎？”",
@@ -26,8 +26,6 @@ MIXED_TEXT = [
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
     out = tmp_path_factory.mktemp("tok") / "mixed"
     return train_tokenizer([str(SHAKESPEARE), str(LUNYU), str(SONGCI)], 2048, out, text_field="paragraphs",
                            progress=False)
@@ -35,8 +33,6 @@ def mixed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def english(tmp_path_factory):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
     out = tmp_path_factory.mktemp("tok") / "english"
     return train_tokenizer([str(SHAKESPEARE)], 2048, out, progress=False)
 
@@ -101,8 +97,6 @@ def test_hash_differs_between_tokenizers(mixed, english):
 
 def test_sentencepiece_model(tmp_path):
     spm = pytest.importorskip("sentencepiece")
-    if not SHARED_DATA.is_dir():
-        pytest.skip("needs ../shared/data")
     lines = [ln for ln in SHAKESPEARE.read_text().splitlines() if ln.strip()][:3000]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "tokenizer"),
                                    vocab_size=300, model_type="bpe", bos_id=1, eos_id=2, pad_id=3, unk_id=0,

@@ -34,6 +34,7 @@ def test_defaults_and_run_dir_from_the_file_name(tmp_path):
     (["train.resume=/no/such/ckpt"], r"train.resume='/no/such/ckpt' is neither auto, never nor"),
     (["model.preset=bert-base"], r"pretraining needs a causal LM"),
     (["optim.betas=[0.9]"], r"optim.betas=\[0.9\] must be two numbers"),
+    (["train.precision=fp16"], r"train.precision='fp16' is not one of 'fp32', 'bf16'"),  # at validation
 ])
 def test_bad_configs_fail_before_any_work_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,17 +32,121 @@ TEMPLATE_FILE = "chat_template.jinja"
 
 
 # ---- the sandbox ----------------------------------------------------------------------------------
+RENDER_SECONDS = 5.0  # one rendering; a real chat template takes well under a millisecond
+RENDER_MAX_CHARS = 4 << 20  # output (and any string/list a template builds) above this is refused
+_RANGE_CHECK_EVERY = 1024
+
+
+class _Budget(threading.local):
+    deadline: float | None = None
+    seconds: float = RENDER_SECONDS
+    max_chars: int = RENDER_MAX_CHARS
+
+
+_budget = _Budget()
+
+
+def _over(what: str):
+    return ConfigError(f"chat template {what}; a chat template must render a conversation in under "
+                       f"{_budget.seconds:g} s and {_budget.max_chars:,} characters — fix its loops")
+
+
+def _check_time() -> None:
+    if _budget.deadline is not None and time.monotonic() > _budget.deadline:
+        raise _over(f"did not finish rendering within {_budget.seconds:g} s")
+
+
+def _check_size(n: int, what: str) -> None:
+    if n > _budget.max_chars:
+        raise _over(f"{what} of size {n:,} (limit {_budget.max_chars:,})")
+
+
+def _guarded_range(*args):
+    """`range` for templates: bounded like the output and checking the clock while it is iterated."""
+    r = range(*args)
+    _check_size(len(r), "asked for a range")
+
+    def walk():
+        for i, v in enumerate(r):
+            if i % _RANGE_CHECK_EVERY == 0:
+                _check_time()
+            yield v
+
+    return walk()
+
+
+def _check_args(args, kwargs) -> None:
+    _check_time()
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, int) and not isinstance(v, bool):
+            _check_size(v, "passes a number")
+
+
+def _sized(value):
+    """``value``, unless it is a string or list longer than the output limit (a template doubling a
+    string in a loop is caught when it reads the string back)."""
+    if isinstance(value, (str, list, tuple)):
+        _check_size(len(value), "built a value")
+    return value
+
+
+def _guarded_filter(f):
+    @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
+    def guarded(*args, **kwargs):
+        _check_args(args, kwargs)
+        return _sized(f(*args, **kwargs))
+
+    return guarded
+
+
+def _sandbox_class():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GuardedSandbox(ImmutableSandboxedEnvironment):
+        """The immutable sandbox plus a clock and a size limit checked at every call, attribute and item
+        access and repetition operator, so a template that loops or allocates without bound stops."""
+
+        intercepted_binops = frozenset(["*", "**", "+"])
+
+        def call_binop(self, context, operator, left, right):
+            _check_time()
+            if operator == "**" and isinstance(right, int) and right > 64 and left not in (0, 1, -1):
+                raise _over(f"raises a number to the power {right}")
+            seqs = (str, list, tuple)
+            if operator == "+" and isinstance(left, seqs) and isinstance(right, seqs):
+                _check_size(len(left) + len(right), "builds a sequence")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        _check_size(len(seq) * n, "builds a repetition")
+            return super().call_binop(context, operator, left, right)
+
+        def call(self, context, obj, /, *args, **kwargs):
+            _check_args(args, kwargs)
+            return _sized(super().call(context, obj, *args, **kwargs))
+
+        def getattr(self, obj, attribute):
+            _check_time()
+            return _sized(super().getattr(obj, attribute))
+
+        def getitem(self, obj, argument):
+            _check_time()
+            return _sized(super().getitem(obj, argument))
+
+    return GuardedSandbox
+
+
 @functools.lru_cache(maxsize=32)
 def _compile(template: str):
     from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
         raise ConfigError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = _sandbox_class()(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.globals["range"] = _guarded_range
+    env.filters = {name: _guarded_filter(f) for name, f in env.filters.items()}
     try:
         return env.from_string(template)
     except TemplateError as e:
@@ -50,16 +156,32 @@ def _compile(template: str):
 def render(template: str, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False,
            bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
     """Render ``messages`` with a Jinja chat template in the immutable sandbox (no attribute writes,
-    no access to Python internals)."""
+    no access to Python internals), within `RENDER_SECONDS` and `RENDER_MAX_CHARS`: a template that loops
+    or allocates without bound fails with a one-line `ConfigError` instead of hanging."""
     from jinja2 import TemplateError
 
+    compiled = _compile(template)
+    outer = _budget.deadline
+    _budget.deadline = time.monotonic() + _budget.seconds if outer is None else outer
+    size, parts = 0, []
     try:
-        return _compile(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         bos_token=bos_token, eos_token=eos_token, **extra)
+        for chunk in compiled.generate(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                       bos_token=bos_token, eos_token=eos_token, **extra):
+            size += len(chunk)
+            _check_size(size, "wrote an output")
+            _check_time()
+            parts.append(chunk)
     except ConfigError:
         raise
     except TemplateError as e:
         raise ConfigError(f"chat template failed to render: {e}") from None
+    except RecursionError:
+        raise ConfigError("chat template recursed without end; fix its macros") from None
+    except (MemoryError, OverflowError) as e:
+        raise _over(f"allocated without bound ({type(e).__name__})") from None
+    finally:
+        _budget.deadline = outer
+    return "".join(parts)
 
 
 # ---- tokenizer access ----------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""A resumable position in an epoch-by-epoch, seeded order of units (examples, packed rows).
+
+Every epoch reorders the units (``order(epoch)``; by default a permutation seeded by ``(seed, epoch)``).
+A global batch is ``global_batch`` consecutive units of that order and rank ``r`` of ``world_size`` takes
+its contiguous ``global_batch // world_size`` slice, so the global stream does not depend on the number
+of ranks and a resume on another world size continues it exactly. The last incomplete global batch of an
+epoch is dropped. Fine-tuning's batch sources (`SFTBatchIterator`, `LabelledBatches`) build on this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+class EpochCursor:
+    def __init__(self, n_units: int, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 order: Callable[[int], list[int]] | None = None):
+        if global_batch <= 0 or world_size <= 0 or not 0 <= rank < world_size or global_batch % world_size:
+            raise ValueError(f"bad batch layout: global_batch={global_batch}, rank={rank}, "
+                             f"world_size={world_size}")
+        self.n_units, self.global_batch, self.rank, self.world_size = n_units, global_batch, rank, world_size
+        self.seed = seed
+        self._order_fn = order or self.permutation
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._order: list[int] | None = None
+
+    def permutation(self, epoch: int) -> list[int]:
+        import numpy as np
+
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_units).tolist()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n_units // self.global_batch
+
+    @property
+    def samples_seen(self) -> int:
+        return (self.epoch * self.batches_per_epoch + self.batch_in_epoch) * self.global_batch
+
+    def next_slice(self) -> list[int]:
+        """This rank's unit indices of the next global batch (moving on to the next epoch when due)."""
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._order = None
+        if self._order is None:
+            self._order = self._order_fn(self.epoch)
+        local = self.global_batch // self.world_size
+        start = self.batch_in_epoch * self.global_batch + self.rank * local
+        self.batch_in_epoch += 1
+        return self._order[start:start + local]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self._order = None
