@@ -3,13 +3,15 @@
 Every ``lmforge/**.py`` is parsed with `ast` — top-level and function-level (lazy) imports alike — and an
 import of a higher layer, or of a sibling that is not below it, fails with the offending file and line.
 
-    layer 0  lmforge.{__init__,config,atomic,console}    shared basics
+    layer 0  lmforge.{__init__,config,atomic,console,outputs}   shared basics
     layer 1  tokenizer, data, models, planner            (the planner reads model configs only;
                                                          models never read data or tokenizers)
     layer 2  distributed
     layer 3  train, eval, generate                       eval and generate sit beside train, not on it
     layer 4  finetune                                    (reuses train, eval and generate)
-    layer 5  cli, __main__                               subcommand dispatch
+    layer 5  cli, __main__, and every package's command modules (``*/commands.py``,
+             ``*_command.py``): argument parsing and checks that glue a subcommand to its package;
+             nothing below them may import one
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import lmforge
 PACKAGE = Path(lmforge.__file__).parent
 
 LAYERS: dict[str, int] = {
-    "__init__": 0, "config": 0, "atomic": 0, "console": 0,
+    "__init__": 0, "config": 0, "atomic": 0, "console": 0, "outputs": 0,
     "tokenizer": 1, "data": 1, "models": 1, "planner": 1,
     "distributed": 2,
     "train": 3, "eval": 3, "generate": 3,
@@ -35,10 +37,16 @@ FORBIDDEN_SIBLINGS = {("eval", "train"), ("generate", "train"), ("generate", "ev
                       ("models", "planner"), ("models", "data"), ("models", "tokenizer")}
 
 
+COMMAND_LAYER = "commands"  # the pseudo-package of all command modules (layer 5)
+LAYERS[COMMAND_LAYER] = 5
+
+
 def _part(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "lmforge":
         return None
+    if len(parts) > 2 and (parts[-1] == "commands" or parts[-1].endswith("_command")):
+        return COMMAND_LAYER
     return parts[1] if len(parts) > 1 else "__init__"
 
 
@@ -114,3 +122,8 @@ def test_checker_sees_lazy_relative_and_dynamic_imports(tmp_path):
     assert ":6: eval (layer 3) imports lmforge.train.trainer" in bad[1]  # a forbidden sibling
     assert file_violations(probe, "lmforge.finetune.probe") == []  # finetune may use train and models
     assert "no layer" in file_violations(probe, "lmforge.newpkg.probe")[0]
+    # command modules are the CLI layer: they may import anything, nothing below may import them
+    assert file_violations(probe, "lmforge.eval.commands") == []
+    below = tmp_path / "below.py"
+    below.write_text("from lmforge.train.commands import run\n", encoding="utf-8")
+    assert "train (layer 3) imports lmforge.train.commands (layer 5)" in file_violations(below, "lmforge.train.x")[0]
