@@ -1,7 +1,7 @@
 """The fine-tuning config: pretraining's sections (run, train, optim, schedule, eval, checkpoint, log,
-parallel) plus ``model.from``, ``finetune``, ``lora``, ``classify`` and fine-tuning ``data`` keys.
+parallel) plus ``model.from``, ``finetune``, ``lora``, ``classify``, ``dpo`` and fine-tuning ``data`` keys.
 
-Keys users' scripts rely on: ``model.from`` (a model dir), ``finetune.mode`` (``sft | lora | classify``),
+Keys users' scripts rely on: ``model.from`` (a model dir), ``finetune.mode`` (``sft | lora | classify | dpo | reward``),
 ``data.train``, ``data.dev``, ``data.format`` (``alpaca | chat | sharegpt | prompt_completion | labels``),
 ``data.text_field``, ``data.label_field``, ``lora.rank``, ``lora.alpha``, ``lora.targets``, and from
 pretraining ``run.dir``, ``train.*``, ``optim.*``, ``eval.interval``, ``checkpoint.interval``,
@@ -233,10 +233,10 @@ def validate(cfg: FinetuneConfig) -> None:
     if e.metric is not None and e.metric not in known:
         raise ConfigError(f"eval.metric={e.metric} is not one of {', '.join(known)}")
     measured = {"classify": ("accuracy", "macro_f1"), "dpo": ("rewards/accuracies", "rewards/margins"),
-                "reward": ("accuracy", "margin")}.get(cfg.mode, ())
-    if e.metric in MAXIMIZE and e.metric not in measured:
-        raise ConfigError(f"eval.metric={e.metric} is not measured for finetune.mode={cfg.mode}; use val_loss"
-                          + (f" or {' / '.join(measured)}" if measured else ""))
+                "reward": ("accuracy", "margin")}
+    if e.metric in MAXIMIZE and e.metric not in measured.get(cfg.mode, ()):
+        modes = " and ".join(m for m, ms in measured.items() if e.metric in ms)
+        raise ConfigError(f"eval.metric={e.metric} is measured for finetune.mode={modes} only; use val_loss")
     dp = cfg.dpo
     if dp.beta <= 0:
         raise ConfigError(f"dpo.beta={dp.beta} must be positive (typical: 0.1 for sigmoid/ipo, 2.0 for simpo)")

@@ -6,8 +6,12 @@
               optimizer state); RUN/model gets the merged weights, RUN/adapter the adapters + base reference
     classify  a `SequenceClassifier` head on the backbone (full, or LoRA + head); accuracy and macro-F1 on
               the dev split at every evaluation
+    dpo       preference tuning (sigmoid/DPO, IPO, SimPO, ORPO) on chosen/rejected pairs against the frozen
+              starting model (lmforge/finetune/preference.py)
+    reward    a scalar-head reward model trained with the Bradley-Terry loss on the same pairs
+              (lmforge/finetune/reward.py)
 
-All three share pretraining's Trainer (accumulation, schedules, early stopping, DCP checkpoints, exact
+All of them share pretraining's Trainer (accumulation, schedules, early stopping, DCP checkpoints, exact
 resume, metrics). With ``eval.keep_best`` the weights of the best evaluation are kept in RUN/best/ and
 become RUN/model at the end.
 """
