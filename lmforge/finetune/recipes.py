@@ -132,7 +132,7 @@ def save_adapter(model, directory: Path, cfg: FinetuneConfig, base_fingerprint: 
     sd.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})
     meta = {"base_model": str(Path(cfg.model.path).resolve()), "base_fingerprint": base_fingerprint,
             "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets),
-            "task": "classify" if cfg.mode == "classify" else "lm",
+            "task": {"classify": "classify", "reward": "reward"}.get(cfg.mode, "lm"),
             "lmforge_version": __import__("lmforge").__version__}
     if cfg.mode == "classify":
         meta.update(labels=list(labels or []), pooling=cfg.classify.pooling)
@@ -164,6 +164,10 @@ def load_adapter(directory: str | os.PathLike, device="cpu", check_base: bool = 
     model = load_model_dir(base, device=device)
     if meta.get("task") == "classify":
         model = SequenceClassifier(model, len(meta["labels"]), meta.get("pooling", "last"))
+    if meta.get("task") == "reward":
+        from lmforge.models.reward import RewardModel
+
+        model = RewardModel(model)
     apply_lora(model, LoraConfig(rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"]),
                trainable=("score.",))
     sd = load_weights(d, weights_name=ADAPTER_WEIGHTS)

@@ -104,3 +104,18 @@ def test_export_to_hf_sequence_classification_gives_equal_scores(reward_run, tmp
     assert got.shape == (3, 1)
     assert torch.allclose(got[:, 0], want, atol=1e-5), (got[:, 0], want)
     assert torch.allclose(single[0, 0], want[0], atol=1e-5)
+
+
+def test_lora_reward_model_adapters_equal_the_merged_model(model_dir, pairs_file, tmp_path):
+    from lmforge.finetune.recipes import load_adapter
+
+    res = finetune(dpo_cfg(model_dir, pairs_file, tmp_path / "lora", finetune={"mode": "reward"},
+                           classify={"method": "lora"}, lora={"rank": 4, "alpha": 8, "targets": ["all-linear"]},
+                           train={"max_steps": 4}, eval={"interval": 4, "at_start": False}))
+    assert res.trainable_params < res.total_params / 4
+    merged = load_reward_dir(res.model_dir)
+    unmerged, meta = load_adapter(tmp_path / "lora" / "adapter")
+    assert meta["task"] == "reward" and isinstance(unmerged, RewardModel)
+    x = torch.randint(5, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(unmerged(x), merged(x), atol=1e-5)
