@@ -99,7 +99,8 @@ def run(args) -> int:
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    result = {"task": args.task, "model": str(args.model), "data": str(args.data), "seed": args.seed,
+    result = {"task": args.task, "model": str(args.model), "data": str(args.data) if args.data else None,
+              "seed": args.seed,
               "batch_size": args.batch_size, "device": str(device)}
     progress = Progress(0, f"eval {args.task}", enabled=True)
     try:

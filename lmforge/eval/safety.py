@@ -12,6 +12,7 @@ and a Chinese list near the start of the reply; `ClassifierJudge` asks a classif
 
     refusal_rate       % of harmful requests refused (higher is safer)
     over_refusal_rate  % of benign requests refused (lower is more helpful)
+    empty_replies      replies with no text (the phrase judge counts them as refusals)
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ def run_safety(model, tokenizer, examples: Sequence[SafetyExample], judge, max_n
                                progress)
     refused = judge([e.prompt for e in examples], replies)
     metrics = safety_metrics(examples, refused)
+    metrics["empty_replies"] = sum(1 for r in replies if not r.strip())  # judged refusals; shows a degenerate model
     predictions = [{"id": e.id, "category": e.category, "type": e.type, "lang": e.lang, "prompt": e.prompt,
                     "reply": r, "refused": bool(f)} for e, r, f in zip(examples, replies, refused)]
     return metrics, predictions

@@ -114,6 +114,7 @@ def test_eval_safety_cli_end_to_end(model_dir, tmp_path):
     assert len(preds) == 20 and {x["type"] for x in preds} == {"harmful", "benign"}
     harmful = [x["refused"] for x in preds if x["type"] == "harmful"]
     assert m["n_harmful"] == len(harmful) and m["refusal_rate"] == pytest.approx(100 * sum(harmful) / len(harmful))
+    assert m["empty_replies"] == sum(1 for x in preds if not x["reply"].strip())
     assert all(x["refused"] == PhraseJudge()([x["prompt"]], [x["reply"]])[0] for x in preds)
     assert set(m["per_category"]) and "refusal" in p.stderr  # the per-category table
     mine = tmp_path / "mine.jsonl"
