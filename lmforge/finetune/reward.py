@@ -11,46 +11,14 @@ higher) and ``margin`` (mean chosen − rejected score).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch.nn.functional as F
 
-
-def collate_sides(data, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """``chosen_tokens``/``rejected_tokens`` (B, T) right-padded full sequences, their ``*_lengths`` and
-    ``index``."""
-    from lmforge.finetune.classify import pad_batch
-
-    ct, cl = pad_batch([data.prompt[i] + data.chosen[i] for i in idx], pad_id)
-    rt, rl = pad_batch([data.prompt[i] + data.rejected[i] for i in idx], pad_id)
-    return {"chosen_tokens": ct, "chosen_lengths": cl, "rejected_tokens": rt, "rejected_lengths": rl,
-            "index": torch.tensor(list(idx), dtype=torch.long)}
-
-
-def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of the chosen and rejected sides, (B,) each, from one forward over both."""
-    ct, rt = batch["chosen_tokens"], batch["rejected_tokens"]
-    T = max(ct.size(1), rt.size(1))
-    tokens = torch.cat([F.pad(ct, (0, T - ct.size(1))), F.pad(rt, (0, T - rt.size(1)))])
-    scores = model(tokens, torch.cat([batch["chosen_lengths"], batch["rejected_lengths"]])).float()
-    return scores[:ct.size(0)], scores[ct.size(0):]
-
-
-def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Per-pair −log σ(r_c − r_r)."""
-    return -F.logsigmoid(chosen - rejected)
+from lmforge.eval.pairwise import bradley_terry, collate_sides, pair_scores, pairwise_metrics
 
 
 def reward_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     c, r = pair_scores(model, batch)
     return bradley_terry(c, r).sum(), torch.tensor(c.numel())
-
-
-def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
-    margins = (chosen - rejected).double()
-    return {"val_loss": float(bradley_terry(chosen.double(), rejected.double()).mean()),
-            "accuracy": 100.0 * float((margins > 0).double().mean()), "margin": float(margins.mean())}
 
 
 class RewardEvaluator:
