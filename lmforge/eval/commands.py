@@ -1,4 +1,4 @@
-"""`lmforge eval --model DIR --task ppl|classify|qa|summarize|translate --data PATH`.
+"""`lmforge eval --model DIR --task ppl|classify|qa|summarize|translate|pairwise|safety --data PATH`.
 
 Prints a short table of the metrics (stderr) and one summary line — or, with ``--json``, one JSON object —
 on stdout, and writes the full results (settings, metrics, every prediction) as JSON to ``--out``
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from lmforge.console import emit, info
 
-HELP = "evaluate a model dir: perplexity, classification, QA, summarization or translation"
+HELP = ("evaluate a model dir: perplexity, classification, QA, summarization, translation, reward-model pairwise "
+        "accuracy or safety (refusal / over-refusal)")
 TASKS = ("ppl", "classify", "qa", "summarize", "translate", "pairwise", "safety")
 DEFAULT_NEW_TOKENS = {"qa": 32, "summarize": 96, "translate": 96}
 HEADLINE = {"ppl": ("perplexity", "bits_per_byte"), "classify": ("accuracy", "macro_f1"),
