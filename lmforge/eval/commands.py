@@ -1,4 +1,4 @@
-"""`lmforge eval --model DIR --task ppl|classify|qa|summarize|translate --data PATH`.
+"""`lmforge eval --model DIR --task ppl|classify|qa|summarize|translate|pairwise|safety --data PATH`.
 
 Prints a short table of the metrics (stderr) and one summary line — or, with ``--json``, one JSON object —
 on stdout, and writes the full results (settings, metrics, every prediction) as JSON to ``--out``
@@ -12,20 +12,24 @@ import time
 from pathlib import Path
 
 from lmforge.console import emit, info
+from lmforge.eval.loading import load_for_eval
 
-HELP = "evaluate a model dir: perplexity, classification, QA, summarization or translation"
-TASKS = ("ppl", "classify", "qa", "summarize", "translate")
+HELP = ("evaluate a model dir: perplexity, classification, QA, summarization, translation, reward-model pairwise "
+        "accuracy or safety (refusal / over-refusal)")
+TASKS = ("ppl", "classify", "qa", "summarize", "translate", "pairwise", "safety")
 DEFAULT_NEW_TOKENS = {"qa": 32, "summarize": 96, "translate": 96}
 HEADLINE = {"ppl": ("perplexity", "bits_per_byte"), "classify": ("accuracy", "macro_f1"),
             "qa": ("exact_match", "f1"), "summarize": ("rouge1", "rouge2", "rougeL"),
-            "translate": ("bleu", "chrf")}
+            "translate": ("bleu", "chrf"), "pairwise": ("accuracy", "margin"),
+            "safety": ("refusal_rate", "over_refusal_rate")}
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="model dir (RUN/model, imported, fine-tuned or a classifier)")
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", required=True, help="data file: txt/jsonl (ppl), tsv/csv/jsonl (classify), "
-                   "SQuAD json / jsonl (qa), jsonl / tsv / csv (summarize), tsv / jsonl pairs (translate)")
+    p.add_argument("--data", default=None, help="data file: txt/jsonl (ppl), tsv/csv/jsonl (classify), "
+                   "SQuAD json / jsonl (qa), jsonl / tsv / csv (summarize), tsv / jsonl pairs (translate), "
+                   "preference pairs (pairwise), jsonl requests (safety; default: the shipped bilingual set)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default=None, help="results JSON (default MODEL/eval/TASK-DATA.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file lmforge did not write")
@@ -64,6 +68,11 @@ def add_arguments(p) -> None:
     g.add_argument("--target-field", default=None,
                    help="summarize: summary field / column (default: target, summary, tldr, …; a column number "
                         "for a TSV/CSV without a header)")
+    g = p.add_argument_group("safety")
+    g.add_argument("--judge", default="phrases", help="what counts a reply as a refusal: 'phrases' (English and "
+                   "Chinese refusal phrases) or a classifier model dir (finetune.mode=classify)")
+    g.add_argument("--refusal-label", default="refusal", help="the classifier judge's label for a refusal")
+    g.add_argument("--split", default=None, help="only the requests of this split (train | test) of the set")
 
 
 def _check_args(args) -> None:
@@ -75,11 +84,14 @@ def _check_args(args) -> None:
             raise UserError(f"{flag}={value} must be positive")
     if not Path(args.model).is_dir():
         raise UserError(f"model dir '{args.model}' does not exist; pass RUN/model or a dir from `lmforge import`")
-    if not Path(args.data).is_file():
+    if args.data is None and args.task != "safety":
+        raise UserError(f"--task {args.task} needs --data FILE")
+    if args.data is not None and not Path(args.data).is_file():
         raise UserError(f"data file '{args.data}' does not exist")
     from lmforge.outputs import guard_output_file
 
-    guard_output_file(_out_path(args), inputs=[args.model, args.data], overwrite=args.overwrite,
+    judge_dir = args.judge if args.task == "safety" and args.judge != "phrases" else None
+    guard_output_file(_out_path(args), inputs=[args.model, args.data, judge_dir], overwrite=args.overwrite,
                       ours=_is_eval_result)
     from lmforge.tokenizer.identity import check_model_dir_tokenizer
 
@@ -87,7 +99,8 @@ def _check_args(args) -> None:
 
 
 def _out_path(args) -> Path:
-    return Path(args.out) if args.out else Path(args.model) / "eval" / f"{args.task}-{Path(args.data).stem}.json"
+    stem = Path(args.data).stem if args.data else "shipped"
+    return Path(args.out) if args.out else Path(args.model) / "eval" / f"{args.task}-{stem}.json"
 
 
 def _is_eval_result(path: Path) -> bool:
@@ -116,12 +129,13 @@ def run(args) -> int:
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    result = {"task": args.task, "model": str(args.model), "data": str(args.data), "seed": args.seed,
+    result = {"task": args.task, "model": str(args.model), "data": str(args.data) if args.data else None,
+              "seed": args.seed,
               "batch_size": args.batch_size, "device": str(device)}
     progress = Progress(0, f"eval {args.task}", enabled=True)
     try:
         runner = {"ppl": _ppl, "classify": _classify, "qa": _generation, "summarize": _generation,
-                  "translate": _generation}[args.task]
+                  "translate": _generation, "pairwise": _pairwise, "safety": _safety}[args.task]
         result.update(runner(args, device, dtype, progress))
     finally:
         progress.close()
@@ -136,8 +150,11 @@ def run(args) -> int:
     metrics = result["metrics"]
     for line in format_table(args.task, metrics):
         info(line)
-    head = " ".join(f"{k}={metrics[k]:.4g}" for k in HEADLINE[args.task])
-    summary = f"eval {args.task}: {head} (n={metrics.get('n', metrics.get('documents'))}, " \
+    head = " ".join(f"{k}={metrics[k]:.4g}" if metrics[k] is not None else f"{k}=n/a" for k in HEADLINE[args.task])
+    n = metrics.get("n", metrics.get("documents"))
+    if args.task == "safety":
+        n = metrics["n_harmful"] + metrics["n_benign"]
+    summary = f"eval {args.task}: {head} (n={n}, " \
               f"{result['seconds']:.1f}s) -> {out}"
     payload = {k: v for k, v in result.items() if k != "predictions"}
     payload["results_file"] = str(out)
@@ -157,39 +174,16 @@ def format_table(task: str, metrics: dict) -> list[str]:
         lines.append("  " + " " * w + "".join(f"{lab:>{w + 1}}" for lab in labels))
         for lab, row in zip(labels, metrics["confusion_matrix"]):
             lines.append(f"  {lab:>{w}}" + "".join(f"{c:>{w + 1}}" for c in row))
+    if task == "safety":  # per category and language: refusal on harmful / over-refusal on benign (%)
+        for group in ("per_category", "per_language"):
+            for name, m in metrics.get(group, {}).items():
+                r, o = m["refusal_rate"], m["over_refusal_rate"]
+                lines.append(f"  {name:<16} refusal {'n/a' if r is None else f'{r:5.1f}%'}  "
+                             f"over-refusal {'n/a' if o is None else f'{o:5.1f}%'}")
     return lines
 
 
 # ---- tasks ------------------------------------------------------------------------------------------
-def load_for_eval(model_dir, device, dtype):
-    """(model, tokenizer, labels) for a model dir: a plain LM (labels None), a classifier model dir
-    (``task: classify``), or a LoRA adapter dir (adapters + a reference to the base model dir)."""
-    from lmforge.config import UserError
-    from lmforge.models.adapter_dir import is_adapter_dir, load_adapter
-    from lmforge.models.classifier import load_classifier_dir, read_task
-    from lmforge.models.model_dir import load_model_dir
-    from lmforge.tokenizer import load_tokenizer
-
-    d = Path(model_dir)
-    labels = None
-    tok_dir = d
-    if is_adapter_dir(d):
-        model, meta = load_adapter(d, device=device)
-        model = model.to(dtype)
-        labels = list(meta["labels"]) if meta.get("task") == "classify" else None
-        if not (d / "tokenizer.json").is_file() and not (d / "tokenizer.model").is_file():
-            tok_dir = Path(meta["base_model"])
-    elif read_task(d).get("task") == "classify":
-        model, labels = load_classifier_dir(d, device=device, dtype=dtype)
-    else:
-        model = load_model_dir(d, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(tok_dir)
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise UserError(f"the tokenizer in '{tok_dir}' has {tokenizer.vocab_size} tokens but the model only "
-                        f"{model.cfg.vocab_size} embeddings; the model dir mixes files from different models")
-    return model.eval(), tokenizer, labels
-
-
 def _load_lm(args, device, dtype):
     from lmforge.config import UserError
 
@@ -307,4 +301,32 @@ def _generation(args, device, dtype, progress) -> dict:
                     top_p=args.top_p, chat=not args.no_chat)
     predictions = [{"id": ex.id, "prediction": p, "references": ex.references, "raw": r}
                    for ex, p, r in zip(examples, preds, raw)]
+    return {"settings": settings, "metrics": metrics, "predictions": predictions}
+
+
+# ---- alignment tasks (lmforge/eval/pairwise.py, lmforge/eval/safety.py) ---------------------------------
+def _pairwise(args, device, dtype, progress) -> dict:
+    from lmforge.eval.pairwise import evaluate_pairwise
+
+    return evaluate_pairwise(args.model, args.data, device, dtype, args.batch_size, args.max_examples,
+                             args.chat_template, progress)
+
+
+def _safety(args, device, dtype, progress) -> dict:
+    from lmforge.eval.datasets import subset
+    from lmforge.eval.safety import load_safety_set, make_judge, run_safety
+
+    examples = subset(load_safety_set(args.data, args.split), args.max_examples, args.subset)
+    judge = make_judge(args.judge, args.refusal_label, device)  # checked before the (slow) generation
+    model, tokenizer = _load_lm(args, device, dtype)
+    if not model.cfg.causal or not model.cfg.lm_head:
+        from lmforge.config import UserError
+
+        raise UserError(f"task safety generates replies and needs a causal LM; '{args.model}' is not one")
+    new_tokens = args.max_new_tokens or 64
+    metrics, predictions = run_safety(model, tokenizer, examples, judge, new_tokens, args.batch_size, args.seed,
+                                      not args.no_chat, args.chat_template, args.temperature, args.top_k,
+                                      args.top_p, progress)
+    settings = {"judge": getattr(judge, "name", "phrases"), "max_new_tokens": new_tokens, "split": args.split,
+                "data": args.data or "shipped bilingual set", "temperature": args.temperature}
     return {"settings": settings, "metrics": metrics, "predictions": predictions}

@@ -1,7 +1,7 @@
 """The fine-tuning config: pretraining's sections (run, train, optim, schedule, eval, checkpoint, log,
-parallel) plus ``model.from``, ``finetune``, ``lora``, ``classify`` and fine-tuning ``data`` keys.
+parallel) plus ``model.from``, ``finetune``, ``lora``, ``classify``, ``dpo`` and fine-tuning ``data`` keys.
 
-Keys users' scripts rely on: ``model.from`` (a model dir), ``finetune.mode`` (``sft | lora | classify``),
+Keys users' scripts rely on: ``model.from`` (a model dir), ``finetune.mode`` (``sft | lora | classify | dpo | reward``),
 ``data.train``, ``data.dev``, ``data.format`` (``alpaca | chat | sharegpt | prompt_completion | labels``),
 ``data.text_field``, ``data.label_field``, ``lora.rank``, ``lora.alpha``, ``lora.targets``, and from
 pretraining ``run.dir``, ``train.*``, ``optim.*``, ``eval.interval``, ``checkpoint.interval``,
@@ -29,10 +29,10 @@ from lmforge.train.config import (
     validate_common,
 )
 
-MODES = ("sft", "lora", "classify")
+MODES = ("sft", "lora", "classify", "dpo", "reward")
 SFT_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion")
 # Metrics an evaluation reports, and which way is better.
-MAXIMIZE = ("accuracy", "macro_f1")
+MAXIMIZE = ("accuracy", "macro_f1", "rewards/accuracies", "rewards/margins", "margin")
 MINIMIZE = ("val_loss", "val_ppl")
 
 
@@ -66,7 +66,21 @@ class ModelSource:
 
 @dataclass
 class FinetuneSection:
-    mode: Literal["sft", "lora", "classify"] = "sft"
+    mode: Literal["sft", "lora", "classify", "dpo", "reward"] = "sft"
+
+
+@dataclass
+class DpoSection:
+    """``dpo:`` — preference tuning (finetune.mode=dpo); see lmforge/finetune/preference.py."""
+
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # sigmoid / simpo: conservative DPO's ε
+    gamma: float = 0.5  # simpo: target reward margin γ
+    lambda_: float = 0.1  # orpo: weight λ of the odds-ratio term (written `lambda:` in YAML)
+    lora: bool = False  # train LoRA adapters (the lora: section) instead of every weight
+    precompute_ref: bool = False  # reference log-probs computed once and stored in the run dir
+    max_prompt_len: int | None = None  # prompts are cut to their last N tokens when a pair is too long; None: seq_len/2
 
 
 @dataclass
@@ -127,6 +141,7 @@ class FinetuneConfig:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     lora: LoraSection = field(default_factory=LoraSection)
     classify: ClassifySection = field(default_factory=ClassifySection)
+    dpo: DpoSection = field(default_factory=DpoSection)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0))
@@ -142,7 +157,8 @@ class FinetuneConfig:
 
     @property
     def uses_lora(self) -> bool:
-        return self.mode == "lora" or (self.mode == "classify" and self.classify.method == "lora")
+        return (self.mode == "lora" or (self.mode in ("classify", "reward") and self.classify.method == "lora")
+                or (self.mode == "dpo" and self.dpo.lora))
 
     @property
     def global_batch_size(self) -> int:
@@ -176,6 +192,9 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.mode == "classify" and d.format not in ("auto", "labels"):
         raise ConfigError(f"finetune.mode=classify reads labelled data; data.format={d.format} should be labels "
                           "(or auto)")
+    if cfg.mode in ("dpo", "reward") and d.format != "auto":
+        raise ConfigError(f"finetune.mode={cfg.mode} reads preference pairs (prompt/chosen/rejected, LLaMA-Factory "
+                          f"ranking or ShareGPT pairs, detected per record); data.format={d.format} should be auto")
     if cfg.mode != "classify" and d.format == "labels":
         raise ConfigError(f"data.format=labels is for finetune.mode=classify, not {cfg.mode}; use alpaca, chat, "
                           "sharegpt or prompt_completion (or auto)")
@@ -212,8 +231,23 @@ def validate(cfg: FinetuneConfig) -> None:
     known = MAXIMIZE + MINIMIZE
     if e.metric is not None and e.metric not in known:
         raise ConfigError(f"eval.metric={e.metric} is not one of {', '.join(known)}")
-    if e.metric in MAXIMIZE and cfg.mode != "classify":
-        raise ConfigError(f"eval.metric={e.metric} is measured for finetune.mode=classify only; use val_loss")
+    measured = {"classify": ("accuracy", "macro_f1"), "dpo": ("rewards/accuracies", "rewards/margins"),
+                "reward": ("accuracy", "margin")}
+    if e.metric in MAXIMIZE and e.metric not in measured.get(cfg.mode, ()):
+        modes = " and ".join(m for m, ms in measured.items() if e.metric in ms)
+        raise ConfigError(f"eval.metric={e.metric} is measured for finetune.mode={modes} only; use val_loss")
+    dp = cfg.dpo
+    if dp.beta <= 0:
+        raise ConfigError(f"dpo.beta={dp.beta} must be positive (typical: 0.1 for sigmoid/ipo, 2.0 for simpo)")
+    if not 0.0 <= dp.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing={dp.label_smoothing} must be in [0, 0.5)")
+    if dp.lambda_ < 0:
+        raise ConfigError(f"dpo.lambda={dp.lambda_} must be non-negative (typical: 0.1)")
+    if dp.max_prompt_len is not None and not 1 <= dp.max_prompt_len < d.seq_len:
+        raise ConfigError(f"dpo.max_prompt_len={dp.max_prompt_len} must be in [1, data.seq_len={d.seq_len})")
+    if dp.precompute_ref and dp.loss in ("simpo", "orpo"):
+        raise ConfigError(f"dpo.precompute_ref applies to losses with a reference model; dpo.loss={dp.loss} "
+                          "is reference-free: drop dpo.precompute_ref")
     if cfg.uses_lora:
         if cfg.lora.alpha <= 0:
             raise ConfigError(f"lora.alpha={cfg.lora.alpha} must be positive (typical: 2 × lora.rank)")
@@ -252,13 +286,16 @@ def resolve(cfg: FinetuneConfig, path: str | None) -> None:
     if cfg.run.name is None:
         cfg.run.name = Path(cfg.run.dir).name
     if cfg.eval.metric is None:
-        cfg.eval.metric = "accuracy" if cfg.mode == "classify" else "val_loss"
+        cfg.eval.metric = "accuracy" if cfg.mode in ("classify", "reward") else "val_loss"
     if cfg.eval.metric_mode == "auto":
         cfg.eval.metric_mode = "max" if cfg.eval.metric in MAXIMIZE else "min"
 
 
 def config_from_dict(data: dict[str, Any], path: str | None = None) -> FinetuneConfig:
     data = dict(data)
+    if isinstance(data.get("dpo"), dict) and "lambda" in data["dpo"]:  # `lambda` is a Python keyword
+        data["dpo"] = {**data["dpo"], "lambda_": data["dpo"]["lambda"]}
+        del data["dpo"]["lambda"]
     model = ModelSource.from_yaml(data.pop("model", None))
     cfg = from_dict(FinetuneConfig, data)
     cfg.model = model
@@ -279,12 +316,14 @@ def config_dict(cfg: FinetuneConfig) -> dict[str, Any]:
     """The resolved config as plain data (``model.from`` spelled as in YAML)."""
     out = to_dict(cfg)
     out["model"] = cfg.model.to_yaml()
+    out["dpo"]["lambda"] = out["dpo"].pop("lambda_")
     return out
 
 
 __all__ = [
     "MODES",
     "ClassifySection",
+    "DpoSection",
     "FinetuneConfig",
     "FinetuneDataConfig",
     "FinetuneEvalConfig",

@@ -6,8 +6,12 @@
               optimizer state); RUN/model gets the merged weights, RUN/adapter the adapters + base reference
     classify  a `SequenceClassifier` head on the backbone (full, or LoRA + head); accuracy and macro-F1 on
               the dev split at every evaluation
+    dpo       preference tuning (sigmoid/DPO, IPO, SimPO, ORPO) on chosen/rejected pairs against the frozen
+              starting model (lmforge/finetune/preference.py)
+    reward    a scalar-head reward model trained with the Bradley-Terry loss on the same pairs
+              (lmforge/finetune/reward.py)
 
-All three share pretraining's Trainer (accumulation, schedules, early stopping, DCP checkpoints, exact
+All of them share pretraining's Trainer (accumulation, schedules, early stopping, DCP checkpoints, exact
 resume, metrics). With ``eval.keep_best`` the weights of the best evaluation are kept in RUN/best/ and
 become RUN/model at the end.
 """
@@ -107,7 +111,7 @@ def load_base(cfg: FinetuneConfig, device, mcfg, world=None):
 
 
 def lora_trainable_prefixes(cfg: FinetuneConfig) -> tuple[str, ...]:
-    return ("score.",) if cfg.mode == "classify" else ()
+    return ("score.",) if cfg.mode in ("classify", "reward") else ()
 
 
 def save_adapter(model, directory: Path, cfg: FinetuneConfig, base_fingerprint: str,
@@ -120,7 +124,7 @@ def save_adapter(model, directory: Path, cfg: FinetuneConfig, base_fingerprint: 
     sd.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})
     meta = {"base_model": str(Path(cfg.model.path).resolve()), "base_fingerprint": base_fingerprint,
             "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets),
-            "task": "classify" if cfg.mode == "classify" else "lm",
+            "task": {"classify": "classify", "reward": "reward"}.get(cfg.mode, "lm"),
             "lmforge_version": __import__("lmforge").__version__}
     if cfg.mode == "classify":
         meta.update(labels=list(labels or []), pooling=cfg.classify.pooling)
@@ -321,6 +325,10 @@ def _export_shell(cfg: FinetuneConfig, base_cfg, labels):
         model = Transformer(base_cfg)
         if cfg.mode == "classify":
             model = SequenceClassifier(model, len(labels), cfg.classify.pooling)
+        if cfg.mode == "reward":
+            from lmforge.models.reward import RewardModel
+
+            model = RewardModel(model)
     if cfg.uses_lora:
         apply_lora(model, cfg.lora_config(), trainable=lora_trainable_prefixes(cfg))
     return model
@@ -381,6 +389,10 @@ def export(trainer, result, cfg: FinetuneConfig, base_cfg, labels, template: str
                                                                     "step": weights_step}}
         if cfg.mode == "classify":
             save_classifier_dir(shell, out, labels, tokenizer_dir=cfg.model.path)
+        elif cfg.mode == "reward":
+            from lmforge.models.reward import save_reward_dir
+
+            save_reward_dir(shell, out, tokenizer_dir=cfg.model.path)
         else:
             save_model_dir(shell, out, tokenizer_dir=cfg.model.path, extra=extra)
             if template is not None and cfg.data.chat_template is not None:
@@ -433,10 +445,10 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     if not any((base_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
         raise UserError(f"model.from='{base_dir}' holds no tokenizer (tokenizer.json / tokenizer.model); "
                         "fine-tuning encodes text with the model's own tokenizer")
-    if cfg.mode != "classify" and not base_cfg.lm_head:
+    if cfg.mode not in ("classify", "reward") and not base_cfg.lm_head:
         raise UserError(f"finetune.mode={cfg.mode} needs a causal LM with an LM head; '{base_dir}' has none "
                         "(an encoder): use finetune.mode=classify")
-    if cfg.mode != "classify" and not base_cfg.causal:
+    if cfg.mode not in ("classify", "reward") and not base_cfg.causal:
         raise UserError(f"finetune.mode={cfg.mode} needs a causal LM; '{base_dir}' is an encoder: "
                         "use finetune.mode=classify")
     if cfg.data.seq_len > base_cfg.max_seq_len:
@@ -449,6 +461,11 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     tokenizer = load_tokenizer(base_dir)
     mcfg = replace(base_cfg, dropout=cfg.model.dropout) if cfg.model.dropout is not None else base_cfg
     prepare = prepare_classify if cfg.mode == "classify" else prepare_sft
+    if cfg.mode in ("dpo", "reward"):  # preference pairs (lmforge/finetune/preference*.py, reward.py)
+        from lmforge.finetune.preference import prepare_dpo
+        from lmforge.finetune.reward import prepare_reward
+
+        prepare = prepare_dpo if cfg.mode == "dpo" else prepare_reward
     data = prepare(cfg, tokenizer, mcfg, world, device)
     total_steps = cfg.steps_for(data.units_per_epoch)
     if cfg.schedule.warmup_steps > total_steps:
@@ -465,6 +482,12 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     else:
         fields.update({"data.batching": cfg.data.batching,
                        "chat_template": hashlib.sha256((data.template or "").encode()).hexdigest()[:16]})
+    if cfg.mode == "dpo":
+        from lmforge.finetune.preference import math_fields
+
+        fields.update(math_fields(cfg))
+    if cfg.mode == "reward":
+        fields.update({"classify.pooling": "last", "classify.method": cfg.classify.method})
     if cfg.uses_lora:
         fields.update({"lora.rank": cfg.lora.rank, "lora.alpha": cfg.lora.alpha,
                        "lora.targets": sorted(cfg.lora_config().target_names())})
@@ -476,13 +499,20 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     model = load_base(cfg, device, mcfg, world)
     if cfg.mode == "classify":
         model = SequenceClassifier(model, len(data.labels), cfg.classify.pooling, cfg.classify.dropout)
+    if cfg.mode == "reward":
+        from lmforge.models.reward import RewardModel
+
+        model = RewardModel(model, cfg.classify.dropout)
     if cfg.uses_lora:
         counts = apply_lora(model, cfg.lora_config(), trainable=lora_trainable_prefixes(cfg))
     else:
         counts = trainable_summary(model)
     if world.is_main:
-        what = {"sft": "full fine-tuning", "lora": "LoRA", "classify": f"classification ({cfg.classify.method})"}
-        unit = "packed rows" if cfg.mode != "classify" and cfg.data.batching == "pack" else "examples"
+        what = {"sft": "full fine-tuning", "lora": "LoRA", "classify": f"classification ({cfg.classify.method})",
+                "dpo": f"preference tuning ({'LoRA' if cfg.uses_lora else 'full'})",
+                "reward": f"reward model ({cfg.classify.method})"}
+        unit = "packed rows" if cfg.mode in ("sft", "lora") and cfg.data.batching == "pack" else "examples"
+        unit = "pairs" if cfg.mode in ("dpo", "reward") else unit
         per_epoch = max(1, data.units_per_epoch // cfg.global_batch_size)
         info(f"finetune {cfg.mode}: {what[cfg.mode]} of {base_dir}; {counts['trainable']:,} of {counts['total']:,} "
              f"parameters trainable ({counts['trainable'] / max(1, counts['total']):.2%}); {data.n_train:,} train / "
@@ -500,7 +530,15 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     resolved = config_dict(cfg)
     on_best = (lambda tr: save_best(tr, run_dir)) if cfg.eval.keep_best else None
     loss_fn = classify_loss if cfg.mode == "classify" else sft_loss
-    flops = None if cfg.mode == "classify" else mcfg.flops_per_token(cfg.data.seq_len)
+    if cfg.mode == "dpo":  # builds the reference (frozen copy / precomputed log-probs) and the batch source
+        from lmforge.finetune.preference import dpo_objective
+
+        loss_fn = dpo_objective(cfg, model, data, tokenizer, world, device, fields)
+    if cfg.mode == "reward":
+        from lmforge.finetune.reward import reward_loss
+
+        loss_fn = reward_loss
+    flops = None if cfg.mode in ("classify", "dpo", "reward") else mcfg.flops_per_token(cfg.data.seq_len)
     trainer = Trainer(trainer_cfg, model, data.batches, data.val_batches, loss_fn, total_steps=total_steps,
                       world=world, device=device, config_dict=resolved, math_fields=fields, flops_per_token=flops,
                       resume_from=resume_from, resume_notes=resume_notes, eval_fn=data.eval_fn, on_best=on_best,
@@ -522,14 +560,20 @@ def summary(res: FinetuneResult) -> tuple[str, dict[str, Any]]:
 
     r = res.train
     val = r.val or {}
-    seen = f"{r.loss_tokens:,} examples" if res.mode == "classify" else f"{r.tokens:,} tokens"
+    unit = {"classify": "examples", "dpo": "pairs", "reward": "pairs"}.get(res.mode)
+    seen = f"{r.loss_tokens:,} {unit}" if unit else f"{r.tokens:,} tokens"  # loss_tokens counts what the loss sums
     reason = r.signal if r.stop_reason == "signal" and r.signal else r.stop_reason
     parts = [f"{reason.replace('_', ' ')} at step {r.step:,} ({seen}) in {format_duration(r.elapsed_s)}"]
     if r.final_loss is not None and math.isfinite(r.final_loss):
         parts.append(f"loss {r.final_loss:.4f}")
-    if "accuracy" in val:
+    if "accuracy" in val and "macro_f1" in val:
         base = f" (majority {res.majority_baseline:.1f}%)" if res.majority_baseline is not None else ""
         parts.append(f"dev accuracy {val['accuracy']:.1f}%{base}, macro-F1 {val['macro_f1']:.1f}")
+    elif "rewards/accuracies" in val:
+        parts.append(f"dev rewards/accuracies {val['rewards/accuracies']:.3f}, rewards/margins "
+                     f"{val['rewards/margins']:.4g}, val loss {val['val_loss']:.4f}")
+    elif "margin" in val:
+        parts.append(f"dev pairwise accuracy {val['accuracy']:.1f}%, mean margin {val['margin']:.4g}")
     elif "val_loss" in val:
         parts.append(f"val loss {val['val_loss']:.4f}")
     if r.best_step is not None and r.best_value is not None:

@@ -63,6 +63,10 @@ def load_adapter(directory: str | os.PathLike, device="cpu", check_base: bool = 
     model = load_model_dir(base, device=device)
     if meta.get("task") == "classify":
         model = SequenceClassifier(model, len(meta["labels"]), meta.get("pooling", "last"))
+    if meta.get("task") == "reward":
+        from lmforge.models.reward import RewardModel
+
+        model = RewardModel(model)
     apply_lora(model, LoraConfig(rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"]),
                trainable=("score.",))
     sd = load_weights(d, weights_name=ADAPTER_WEIGHTS)

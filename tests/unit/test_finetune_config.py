@@ -67,7 +67,7 @@ def test_epochs_become_steps():
     ({"finetune": {"mode": "lorra"}}, "did you mean 'lora'"),
     ({"train": {"epochs": 1}}, "exactly one of train.max_steps and train.epochs"),
     ({"train": {"max_tokens": 100, "max_steps": None}}, "train.max_tokens is for pretraining"),
-    ({"eval": {"metric": "accuracy"}}, "measured for finetune.mode=classify only"),
+    ({"eval": {"metric": "accuracy"}}, "measured for finetune.mode=classify and reward only"),
     ({"eval": {"metric": "bleu"}}, "eval.metric=bleu is not one of"),
     ({"eval": {"patience": 2}}, "eval.patience needs periodic evaluation"),
     ({"finetune": {"mode": "lora"}, "lora": {"targets": ["wz"]}}, "lora.targets has unknown 'wz'"),

@@ -281,6 +281,10 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str 
     model_dir, out = Path(model_dir), Path(out)
     _check_out(model_dir, out)
     data = _read_model_dir_json(model_dir)
+    if data.get("task") == "reward":  # a scalar-head reward model -> *ForSequenceClassification (num_labels=1)
+        from lmforge.models.reward import export_reward_hf
+
+        return export_reward_hf(model_dir, out, dtype)
     if data.get("task") == "classify":
         raise UserError(f"'{model_dir}' is a classifier model dir; export supports language models and "
                         "encoders (export the base model instead)")

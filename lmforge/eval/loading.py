@@ -1,0 +1,34 @@
+"""Load what `lmforge eval` scores: a plain LM, a classifier model dir or a LoRA adapter dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_for_eval(model_dir, device, dtype):
+    """(model, tokenizer, labels) for a model dir: a plain LM (labels None), a classifier model dir
+    (``task: classify``), or a LoRA adapter dir (adapters + a reference to the base model dir)."""
+    from lmforge.config import UserError
+    from lmforge.models.adapter_dir import is_adapter_dir, load_adapter
+    from lmforge.models.classifier import load_classifier_dir, read_task
+    from lmforge.models.model_dir import load_model_dir
+    from lmforge.tokenizer import load_tokenizer
+
+    d = Path(model_dir)
+    labels = None
+    tok_dir = d
+    if is_adapter_dir(d):
+        model, meta = load_adapter(d, device=device)
+        model = model.to(dtype)
+        labels = list(meta["labels"]) if meta.get("task") == "classify" else None
+        if not (d / "tokenizer.json").is_file() and not (d / "tokenizer.model").is_file():
+            tok_dir = Path(meta["base_model"])
+    elif read_task(d).get("task") == "classify":
+        model, labels = load_classifier_dir(d, device=device, dtype=dtype)
+    else:
+        model = load_model_dir(d, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(tok_dir)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"the tokenizer in '{tok_dir}' has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.cfg.vocab_size} embeddings; the model dir mixes files from different models")
+    return model.eval(), tokenizer, labels
