@@ -348,6 +348,7 @@ def export(trainer, result, cfg: FinetuneConfig, base_cfg, labels, template: str
     from lmforge.models.lora import merge_lora
     from lmforge.models.model_dir import save_model_dir
     from lmforge.tokenizer.chat_template import save_chat_template
+    from lmforge.tokenizer.identity import tokenizer_dir_hash
     from lmforge.train.parallel import barrier
 
     run_dir = Path(cfg.run.dir)
@@ -387,12 +388,14 @@ def export(trainer, result, cfg: FinetuneConfig, base_cfg, labels, template: str
             merge_lora(shell)
         extra = {"trained_with": "lmforge finetune", "finetune": {"mode": cfg.mode, "base_model": cfg.model.path,
                                                                     "step": weights_step}}
+        identity = {"tokenizer_hash": tok_hash} if (tok_hash := tokenizer_dir_hash(cfg.model.path)) else {}
+        extra.update(identity)  # checked against the copied tokenizer files whenever RUN/model is loaded
         if cfg.mode == "classify":
-            save_classifier_dir(shell, out, labels, tokenizer_dir=cfg.model.path)
+            save_classifier_dir(shell, out, labels, tokenizer_dir=cfg.model.path, extra=identity)
         elif cfg.mode == "reward":
             from lmforge.models.reward import save_reward_dir
 
-            save_reward_dir(shell, out, tokenizer_dir=cfg.model.path)
+            save_reward_dir(shell, out, tokenizer_dir=cfg.model.path, extra=identity)
         else:
             save_model_dir(shell, out, tokenizer_dir=cfg.model.path, extra=extra)
             if template is not None and cfg.data.chat_template is not None:

@@ -58,14 +58,15 @@ class SequenceClassifier(nn.Module):
 
 
 def save_classifier_dir(clf: SequenceClassifier, directory: str | os.PathLike, labels: list[str],
-                        tokenizer_dir: str | None = None) -> Path:
+                        tokenizer_dir: str | None = None, extra: dict | None = None) -> Path:
     from lmforge.models.model_dir import CONFIG_NAME, copy_tokenizer_files, save_weights, unique_state_dict
 
     with atomic_directory(directory) as tmp:
         sd = unique_state_dict(clf.backbone)
         sd.update({f"score.{k}": v for k, v in clf.score.state_dict().items()})
         (tmp / CONFIG_NAME).write_text(json.dumps(
-            {"model": to_dict(clf.cfg), "task": "classify", "labels": list(labels), "pooling": clf.pooling},
+            {"model": to_dict(clf.cfg), "task": "classify", "labels": list(labels), "pooling": clf.pooling,
+             **(extra or {})},
             indent=2, ensure_ascii=False))
         save_weights(sd, tmp)
         if tokenizer_dir:

@@ -42,14 +42,15 @@ class RewardModel(nn.Module):
         return self.score(self.dropout(pooled)).squeeze(-1)
 
 
-def save_reward_dir(model: RewardModel, directory: str | os.PathLike, tokenizer_dir: str | None = None) -> Path:
+def save_reward_dir(model: RewardModel, directory: str | os.PathLike, tokenizer_dir: str | None = None,
+                    extra: dict | None = None) -> Path:
     from lmforge.models.model_dir import CONFIG_NAME, copy_tokenizer_files, save_weights, unique_state_dict
 
     with atomic_directory(directory) as tmp:
         sd = unique_state_dict(model.backbone)
         sd["score.weight"] = model.score.weight.detach()
-        (tmp / CONFIG_NAME).write_text(json.dumps({"model": to_dict(model.cfg), "task": TASK, "pooling": "last"},
-                                                  indent=2, ensure_ascii=False))
+        (tmp / CONFIG_NAME).write_text(json.dumps({"model": to_dict(model.cfg), "task": TASK, "pooling": "last",
+                                                   **(extra or {})}, indent=2, ensure_ascii=False))
         save_weights(sd, tmp)
         if tokenizer_dir:
             copy_tokenizer_files(tokenizer_dir, tmp)

@@ -26,6 +26,15 @@ def _hash_of(tokenizer_dir: str | os.PathLike) -> str:
     return load_tokenizer(tokenizer_dir).hash
 
 
+def tokenizer_dir_hash(directory: str | os.PathLike) -> str | None:
+    """The hash of the tokenizer files in ``directory`` (what ``config.json``'s ``tokenizer_hash`` records),
+    or None when the dir holds none."""
+    d = Path(directory)
+    if not any((d / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    return _hash_of(d)
+
+
 def check_shards_tokenizer(shard_dir: str | os.PathLike, tokenizer_dir: str | None,
                            index: dict[str, Any] | None = None) -> str | None:
     """The tokenizer dir a pretraining run will ship (``data.tokenizer``, else the one ``index.json`` names)

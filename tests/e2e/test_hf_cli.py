@@ -30,14 +30,14 @@ def cli(*args, check=True):
     return r
 
 
-def _hf_tokenizer(path):
+def _hf_tokenizer(path, corpus=None):
     """A byte-level BPE tokenizer written the way transformers writes one (tokenizer_config + chat template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(
+    tok.train_from_iterator(corpus or [TEXT], trainers.BpeTrainer(
         vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                 unk_token="<unk>", pad_token="</s>")
@@ -172,3 +172,16 @@ def test_import_finetune_export(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, tuned(x), atol=1e-5, rtol=0)
     assert tok.eos_token_id == 2 and tok.chat_template == TEMPLATE
+
+    # identity: the import and the fine-tune record the tokenizer's hash; a swapped tokenizer.json is refused
+    from lmforge.tokenizer import load_tokenizer
+
+    want = load_tokenizer(tmp_path / "lm").hash
+    assert json.loads((tmp_path / "lm" / "config.json").read_text())["tokenizer_hash"] == want
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["tokenizer_hash"] == want
+    other = tmp_path / "other"
+    _hf_tokenizer(other, corpus=["completely different words, other merges"] * 50)
+    (tmp_path / "run" / "model" / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())
+    r = cli("generate", "--model", tmp_path / "run" / "model", "--prompt", "A journey", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:") and "not the ones its weights" in r.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,8 +214,12 @@ def _hf_dtype_name(t: torch.dtype) -> str:
 
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
-              max_shard_bytes: int | None = None) -> dict[str, Any]:
-    """Convert a Hugging Face checkpoint dir into an lmforge model dir. Returns a summary."""
+              max_shard_bytes: int | None = None,
+              tokenizer_hash: Callable[[Path], str | None] | None = None) -> dict[str, Any]:
+    """Convert a Hugging Face checkpoint dir into an lmforge model dir. Returns a summary.
+
+    ``tokenizer_hash(dir)`` (the CLI passes the tokenizer package's) hashes the imported tokenizer files;
+    the hash is recorded in ``config.json`` so a later swap of ``tokenizer.json`` is caught on load."""
     from lmforge.models.hf import tokenizer_files
     from lmforge.models.model_dir import DEFAULT_SHARD_BYTES, save_weights
 
@@ -250,6 +255,11 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | No
             save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / HEADS_NAME), metadata={"format": "pt"})
             files.append(HEADS_NAME)
         tok = tokenizer_files.import_tokenizer(hf_dir, tmp, hf_cfg, generation, cfg)
+        if tokenizer_hash is not None and tok.get("files"):
+            digest = tokenizer_hash(tmp)
+            if digest:
+                cfg_json["tokenizer_hash"] = digest
+                (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2, ensure_ascii=False))
     dtypes = sorted({_hf_dtype_name(v.dtype) for v in sd.values()})
     return {"family": family.name, "architecture": record["architecture"], "out": str(out), "params": n_params,
             "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "heads": head_names, "files": files,

@@ -22,9 +22,16 @@ def run(args) -> int:
 
     guard_output_dir(args.out, inputs=[args.hf], overwrite=args.overwrite)
     info(f"importing {args.hf} …")
-    s = import_hf(args.hf, args.out, dtype=args.dtype)
+    s = import_hf(args.hf, args.out, dtype=args.dtype, tokenizer_hash=_tokenizer_hash)
     heads = f", heads {'+'.join(s['heads'])}" if s["heads"] else ""
     tok = "tokenizer" if "tokenizer.json" in s["tokenizer"]["files"] else "no tokenizer"
     emit(args, f"imported {s['architecture'] or s['family']} ({s['params']:,} params, {s['dtype']}{heads}, {tok}) "
                f"-> {s['out']}", s)
     return 0
+
+
+def _tokenizer_hash(directory) -> str | None:
+    """The imported tokenizer's identity (recorded in config.json, checked whenever the dir is loaded)."""
+    from lmforge.tokenizer.identity import tokenizer_dir_hash
+
+    return tokenizer_dir_hash(directory)
