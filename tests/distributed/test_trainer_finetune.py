@@ -1,4 +1,4 @@
-"""`lmforge finetune` sft, lora (2 FSDP2 ranks) and classify (2 DDP ranks) under torchrun equal 1 process:
+"""`lmforge finetune` sft, lora and classify (2 FSDP2 ranks) under torchrun equal 1 process:
 per-step losses and dev val loss within 1e-5, dev accuracy and macro-F1 equal, one summary line per run."""
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ SFT = [{"instruction": "Say hello.", "input": "", "output": "Hello there."},
 POS = ["a charming and affecting journey", "great fun", "charming", "a great and charming film"]
 NEG = ["a bleak and desperate film", "dull and boring", "boring", "a dull , desperate journey"]
 STEPS = 4
-# FSDP2 for the LM recipes; DDP for classify (apply_fsdp needs the backbone's `layers` on the wrapped
-# module, which SequenceClassifier does not expose: dp_shard=2 fails for classify today)
-TWO_RANKS = {"sft": {"dp_shard": 2}, "lora": {"dp_shard": 2}, "classify": {"dp_replicate": 2, "dp_shard": 1}}
+# FSDP2 for every recipe (a classifier's blocks are wrapped under its backbone)
+TWO_RANKS = {"sft": {"dp_shard": 2}, "lora": {"dp_shard": 2}, "classify": {"dp_shard": 2}}
 
 
 @pytest.fixture(scope="module")
