@@ -12,6 +12,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from lmforge.config import UserError
+
+
+def check_batch_layout(n_units: int, global_batch: int, world_size: int, what: str) -> None:
+    """A global batch of ``global_batch`` units splits evenly over ``world_size`` ranks and the data holds
+    at least one; otherwise a one-line error naming the fix (``what``: "examples", "pairs", "packed rows")."""
+    if global_batch % world_size:
+        fix = -(-global_batch // world_size) * world_size
+        raise UserError(f"train.global_batch={global_batch} is not divisible by {world_size} ranks; try {fix}")
+    if n_units < global_batch:
+        raise UserError(f"data.train holds {n_units} {what}, fewer than one global batch of {global_batch}; "
+                        "lower train.global_batch or add data")
+
 
 class EpochCursor:
     def __init__(self, n_units: int, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,

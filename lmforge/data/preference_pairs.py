@@ -262,12 +262,9 @@ class PairBatches:
 
     def __init__(self, data: EncodedPairs, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  pad_id: int = 0, extra=None, collate=None):
-        if global_batch % world_size:
-            fix = -(-global_batch // world_size) * world_size
-            raise UserError(f"train.global_batch={global_batch} is not divisible by {world_size} ranks; try {fix}")
-        if len(data) < global_batch:
-            raise UserError(f"data.train holds {len(data)} pairs, fewer than one global batch of {global_batch}; "
-                            "lower train.global_batch or add data")
+        from lmforge.data.epochs import check_batch_layout
+
+        check_batch_layout(len(data), global_batch, world_size, "pairs")
         self.data, self.global_batch, self.rank, self.world_size = data, global_batch, rank, world_size
         self.seed, self.pad_id, self.extra = seed, pad_id, extra
         self.collate = collate or collate_pairs

@@ -24,7 +24,6 @@ which covers FSDP2's ``Shard(0)``, TP's colwise/rowwise ``Shard(0|1)``, ``Replic
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,13 +143,9 @@ class ShardedLoad:
             with safe_open(str(single), framework="pt") as f:
                 return dict.fromkeys(f.keys(), single)
         if index.is_file():
-            out = {}
-            for name, fname in json.loads(index.read_text())["weight_map"].items():
-                path = self.directory / fname
-                if not path.is_file():
-                    raise UserError(f"shard '{path}' named in {index.name} is missing; re-export the model")
-                out[name] = path
-            return out
+            from lmforge.models.model_dir import index_weight_map
+
+            return index_weight_map(index, "re-export the model")
         raise UserError(f"'{self.directory}' holds no {self.weights_name} (or its index); pass a model dir "
                         "written by lmforge (RUN/model, `lmforge import`)")
 

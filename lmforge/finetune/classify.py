@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import UserError
-from lmforge.data.epochs import EpochCursor
+from lmforge.data.epochs import EpochCursor, check_batch_layout
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,12 +39,7 @@ class LabelledBatches:
                  world_size: int = 1, seed: int = 0, pad_id: int = 0):
         if len(ids) != len(labels):
             raise ValueError(f"{len(ids)} texts for {len(labels)} labels")
-        if global_batch % world_size:
-            fix = -(-global_batch // world_size) * world_size
-            raise UserError(f"train.global_batch={global_batch} is not divisible by {world_size} ranks; try {fix}")
-        if len(ids) < global_batch:
-            raise UserError(f"data.train holds {len(ids)} examples, fewer than one global batch of {global_batch}; "
-                            "lower train.global_batch or add data")
+        check_batch_layout(len(ids), global_batch, world_size, "examples")
         self.ids, self.labels = list(ids), list(labels)
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.seed, self.pad_id = seed, pad_id

@@ -333,18 +333,13 @@ def reference_kind(cfg) -> str | None:
 
 def prepare_pairs(cfg, tokenizer, mcfg, world, device):
     """Read, split and encode the pairs -> (Prepared without batches, train pairs, dev pairs)."""
-    from lmforge.tokenizer.chat_template import get_chat_template
     from lmforge.data.preference_pairs import encode_pairs, load_pairs
-    from lmforge.finetune.recipes import Prepared, _cap, _check_ids, split_dev
+    from lmforge.finetune.recipes import Prepared, _check_ids, read_train_dev
+    from lmforge.tokenizer.chat_template import get_chat_template
 
     d = cfg.data
     template = get_chat_template(tokenizer, d.chat_template)
-    train = load_pairs(d.train, d.max_train_examples)
-    if d.dev:
-        dev = load_pairs(d.dev, d.max_dev_examples)
-    else:
-        train, dev = split_dev(train, d.dev_fraction, cfg.train.seed)
-        dev = _cap(dev, d.max_dev_examples)
+    train, dev = read_train_dev(load_pairs, d, cfg.train.seed)
     max_prompt = cfg.dpo.max_prompt_len
     train_ds = encode_pairs(tokenizer, train, d.seq_len, template, max_prompt)
     _check_ids(train_ds.prompt + train_ds.chosen + train_ds.rejected, mcfg.vocab_size, "data.train")

@@ -23,7 +23,7 @@ import json
 import math
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,16 @@ def _cap(examples: list, n: int | None) -> list:
     return examples if n is None else examples[:n]
 
 
+def read_train_dev(read: Callable[[Sequence[str], int | None], list], d, seed: int) -> tuple[list, list]:
+    """(train, dev) records per the data section: ``data.dev`` when given, else a seeded
+    ``data.dev_fraction`` of ``data.train``; each capped by ``data.max_*_examples``."""
+    train = read(d.train, d.max_train_examples)
+    if d.dev:
+        return train, read(d.dev, d.max_dev_examples)
+    train, dev = split_dev(train, d.dev_fraction, seed)
+    return train, _cap(dev, d.max_dev_examples)
+
+
 def _check_ids(seqs: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
     top = max((max(s) for s in seqs if s), default=-1)
     if top >= vocab_size:
@@ -190,12 +200,8 @@ def prepare_sft(cfg: FinetuneConfig, tokenizer, mcfg, world, device) -> Prepared
 
     d = cfg.data
     template = get_chat_template(tokenizer, d.chat_template)
-    train = load_sft_examples(d.train, d.format, d.columns, d.max_train_examples)
-    if d.dev:
-        dev = load_sft_examples(d.dev, d.format, d.columns, d.max_dev_examples)
-    else:
-        train, dev = split_dev(train, d.dev_fraction, cfg.train.seed)
-        dev = _cap(dev, d.max_dev_examples)
+    train, dev = read_train_dev(lambda paths, cap: load_sft_examples(paths, d.format, d.columns, cap), d,
+                                cfg.train.seed)
     train_ds = encode_examples(tokenizer, train, d.seq_len, template)
     _check_ids(train_ds.input_ids, mcfg.vocab_size, "data.train")
     pad_id = _pad_id(tokenizer)
@@ -236,12 +242,7 @@ def prepare_classify(cfg: FinetuneConfig, tokenizer, mcfg, world, device) -> Pre
                 break
         return out
 
-    train = read(d.train, d.max_train_examples)
-    if d.dev:
-        dev = read(d.dev, d.max_dev_examples)
-    else:
-        train, dev = split_dev(train, d.dev_fraction, cfg.train.seed)
-        dev = _cap(dev, d.max_dev_examples)
+    train, dev = read_train_dev(read, d, cfg.train.seed)
     labels = list(cfg.classify.labels) if cfg.classify.labels else label_list(train)
     if len(labels) < 2:
         raise UserError(f"data.train has a single label {labels}; classification needs at least 2 "

@@ -40,8 +40,8 @@ class RewardEvaluator:
 
 
 def prepare_reward(cfg, tokenizer, mcfg, world, device):
-    from lmforge.finetune.preference import prepare_pairs
     from lmforge.data.preference_pairs import PairBatches
+    from lmforge.finetune.preference import prepare_pairs
     from lmforge.finetune.recipes import _pad_id
 
     prepared, train_ds, dev_ds = prepare_pairs(cfg, tokenizer, mcfg, world, device)

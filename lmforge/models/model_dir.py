@@ -63,6 +63,26 @@ def save_weights(state_dict: dict[str, torch.Tensor], directory: str | os.PathLi
     return names + [f"{stem}.safetensors.index.json"]
 
 
+def index_weight_map(index: Path, fix: str) -> dict[str, Path]:
+    """Tensor name -> shard file of a ``*.index.json``, checked: its ``weight_map`` must map to plain file
+    names beside the index, and every file must exist. ``fix`` ends the error message."""
+    weight_map = read_json_bounded(index, what="weights index")
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and "/" not in v and "\\" not in v and v not in (".", "..")
+            for v in weight_map.values()):
+        raise UserError(f"'{index}' has no valid 'weight_map' (shard file names); {fix}")
+    for name in sorted(set(weight_map.values())):
+        if not (index.parent / name).is_file():
+            raise UserError(f"shard '{index.parent / name}' named in {index.name} is missing; {fix}")
+    return {key: index.parent / name for key, name in weight_map.items()}
+
+
+def index_shards(index: Path, fix: str) -> list[Path]:
+    """The shard files a ``*.index.json`` names, sorted, each once (checked as in `index_weight_map`)."""
+    return sorted(set(index_weight_map(index, fix).values()))
+
+
 def load_weights(directory: str | os.PathLike, weights_name: str = WEIGHTS_NAME) -> dict[str, torch.Tensor]:
     """Read a single or sharded safetensors checkpoint (never pickle)."""
 
@@ -72,17 +92,8 @@ def load_weights(directory: str | os.PathLike, weights_name: str = WEIGHTS_NAME)
     if single.is_file():
         return read_safetensors(single)
     if index.is_file():
-        weight_map = read_json_bounded(index, what="weights index")
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) and v and "/" not in v and "\\" not in v and v not in (".", "..")
-                for v in weight_map.values()):
-            raise UserError(f"'{index}' has no valid 'weight_map' (shard file names); re-export the model dir")
         out: dict[str, torch.Tensor] = {}
-        for name in sorted(set(weight_map.values())):
-            path = directory / name
-            if not path.is_file():
-                raise UserError(f"shard '{path}' named in {index.name} is missing; re-export the model")
+        for path in index_shards(index, "re-export the model dir"):
             out.update(read_safetensors(path))
         return out
     raise UserError(f"'{directory}' holds no {weights_name} (or its index); pass a model dir "

@@ -58,7 +58,6 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a HF checkpoint: model.safetensors, sharded safetensors + index, or pytorch_model.bin."""
-    from lmforge.config import read_json_bounded
     from lmforge.models.model_dir import read_safetensors
 
     d = Path(hf_dir)
@@ -68,17 +67,10 @@ def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
             return loader(d / name)
         index = d / f"{name.rsplit('.', 1)[0]}.{name.rsplit('.', 1)[1]}.index.json"
         if index.is_file():
-            weight_map = read_json_bounded(index, what="weights index")
-            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(v, str) and v and "/" not in v and "\\" not in v and v not in (".", "..")
-                    for v in weight_map.values()):
-                raise UserError(f"'{index}' has no valid 'weight_map' (shard file names); download it again")
+            from lmforge.models.model_dir import index_shards
+
             out: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                p = d / shard
-                if not p.is_file():
-                    raise UserError(f"shard '{p}' named in {index.name} is missing; download it too")
+            for p in index_shards(index, "download the checkpoint again, with every shard"):
                 out.update(loader(p))
             return out
     raise UserError(f"'{hf_dir}' holds no model.safetensors, sharded safetensors index or pytorch_model.bin")
