@@ -40,7 +40,8 @@ def backward_ops(ac: str) -> dict[str, int]:
 
 
 def test_activation_checkpointing_recomputes_what_it_promises():
-    none, sel, full = backward_ops("none"), backward_ops("selective"), backward_ops("full")
+    none, full = backward_ops("none"), backward_ops("full")
+    sel, mms, every2 = backward_ops("selective"), backward_ops("matmuls"), backward_ops("layer-2")
     layers, linears = 2, 7  # tiny: wq wk wv wo w1 w2 w3 per block
     mm = lambda c: c.get("mm", 0) + c.get("addmm", 0)
     # no AC: backward runs no forward op; full AC re-runs every block's matmuls and activations
@@ -48,10 +49,14 @@ def test_activation_checkpointing_recomputes_what_it_promises():
     # (non-reentrant checkpoint stops recomputing once backward has what it needs: the block's last
     # matmul, w2, feeds only the residual add, so it is not re-run)
     assert full.get("silu", 0) == layers and mm(full) == mm(none) + layers * (linears - 1)
-    # selective: matmul outputs are kept (no matmul recomputed), pointwise work is redone
-    assert sel.get("silu", 0) == layers and mm(sel) == mm(none)
+    # matmuls: every matmul output is kept (no matmul recomputed), pointwise work is redone
+    assert mms.get("silu", 0) == layers and mm(mms) == mm(none)
+    # selective (torchtitan's op SAC): the 2nd, 4th and 6th mm of each block (wk, wo, w3) are recomputed
+    assert sel.get("silu", 0) == layers and mm(sel) == mm(none) + layers * 3
     sdpa = [k for k in full if k.startswith("_scaled_dot_product") and not k.endswith("backward")]
-    assert sdpa and all(sel.get(k, 0) == 0 for k in sdpa)  # attention is saved, not recomputed
+    assert sdpa and all(c.get(k, 0) == 0 for k in sdpa for c in (sel, mms))  # attention is saved, not recomputed
+    # layer-2: only the second block is checkpointed (full)
+    assert every2.get("silu", 0) == 1 and mm(every2) == mm(none) + (linears - 1)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +64,8 @@ def plain_run():
     return h.reference("tiny")
 
 
-@pytest.mark.parametrize("ac,backend", [("full", None), ("selective", "aot_eager")])
+@pytest.mark.parametrize("ac,backend", [("full", None), ("selective", "aot_eager"), ("selective", None),
+                                        ("matmuls", None), ("layer-2", None)])
 def test_ac_and_compile_train_exactly_like_the_plain_model(plain_run, ac, backend):
     import torch._dynamo
 

@@ -117,3 +117,14 @@ def test_trainer_and_planner_accept_the_same_names(name):
         planner = None
     assert trainer == planner
     assert (trainer is not None) == (name in POLICIES or name in ("layer-1", "layer-12"))
+
+
+def test_suggest_searches_every_policy_the_trainer_applies():
+    from lmforge.planner.activations import AC_MODES
+    from lmforge.planner.estimate import SUGGEST_AC, PlanRequest, suggest
+
+    assert set(AC_MODES) <= set(SUGGEST_AC) and any(ac.startswith("layer-") for ac in SUGGEST_AC)
+    assert all(parse_ac_policy(ac) == parse_ac(ac) for ac in SUGGEST_AC)
+    # Llama 3.1 8B, seq 8192 on 8 GPUs of 40 GB: torchtitan's op SAC is the fastest plan that fits
+    s = suggest(PlanRequest("llama3.1-8b", gpus=8, gpu="h100", gpu_mem_gb=40, seq_len=8192))
+    assert s["suggested"] and s["fits"] and s["ac"] == "selective", (s["ac"], s["parallel"])
