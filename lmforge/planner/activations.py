@@ -309,14 +309,22 @@ def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_byte
     else:  # matmuls / selective: matmul outputs (projections, and attention matmuls when not fused)
         per_layer = [block_input]
         n_mm = 0
-        for name, width, kind, bias in _linears(cfg):
+
+        def matmul_out(term: Term, is_mm: bool = True) -> None:
             # torchtitan's op SAC recomputes every second aten.mm; a projection with a bias runs as addmm,
             # which is always kept and not counted
-            n_mm += not bias
-            if policy == "selective" and not bias and n_mm % 2 == 0:
-                continue
+            nonlocal n_mm
+            n_mm += is_mm
+            if not (policy == "selective" and is_mm and n_mm % 2 == 0):
+                per_layer.append(term)
+
+        for name, width, kind, bias in _linears(cfg):
             el = N * width
-            per_layer.append(Term(f"{name}.out", heads(el * a) if kind == "heads" else el * a))
+            out_bytes = heads(el * a) if kind == "heads" else el * a
+            matmul_out(Term(f"{name}.out", out_bytes), is_mm=not bias)  # kept even when the weight is frozen
+            if frozen is not None and name in frozen.lora_targets:  # LoRALinear: x @ A^T, then @ B^T (two mm)
+                matmul_out(Term(f"lora.{name}.a_out", N * frozen.lora_rank * a))
+                matmul_out(Term(f"lora.{name}.b_out", out_bytes))
         if path == "fused":
             per_layer += [Term("attn.out", heads(N * cfg.q_dim * a)),
                           Term("attn.logsumexp", heads(N * H * FP32))]
@@ -340,7 +348,8 @@ def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_byte
         outside += norm("norm")
     if keeps_inputs or not cfg.lm_head:  # final hidden states, kept by the LM head / task head
         outside.append(Term("head_input", N * d * a))
-    if frozen is not None and cfg.norm_position == "pre":
+    if frozen is not None and cfg.norm_position == "pre" and (policy == "none" or every > 1):
+        # (only when the first block is not checkpointed: a checkpointed block keeps its input regardless)
         # The frozen embeddings' output needs no gradient: the first block's attention norm keeps nothing,
         # nor do the dropout masks of its q/k/v adapters (their input needs no gradient). With no q/k/v
         # adapter, more of the first block keeps nothing; that part is not subtracted (an overestimate).

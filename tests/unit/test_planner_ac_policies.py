@@ -16,9 +16,10 @@ from torch.utils._pytree import tree_leaves
 from lmforge.config import ConfigError
 from lmforge.distributed.apply import apply_ac
 from lmforge.distributed.config import parse_ac_policy
+from lmforge.models.lora import LoraConfig, apply_lora
 from lmforge.models.presets import get_preset
 from lmforge.models.transformer import build_model
-from lmforge.planner.activations import estimate_activations, parse_ac
+from lmforge.planner.activations import Frozen, estimate_activations, parse_ac
 
 B, T = 2, 64
 SMALL = {"n_layers": 4, "dim": 96, "n_heads": 6, "n_kv_heads": 2, "ffn_hidden": 200, "vocab_size": 300,
@@ -49,10 +50,12 @@ def _batch(cfg):
             torch.randint(0, cfg.vocab_size, (B, T), generator=g))
 
 
-def _run(cfg, ac: str, steps: int = 1):
+def _run(cfg, ac: str, steps: int = 1, lora: LoraConfig | None = None):
     """(bytes retained after the first forward, {name: grad} after `steps` forward/backward passes)."""
     model = build_model(cfg, seed=0)
     model.train()
+    if lora is not None:
+        apply_lora(model, lora)
     apply_ac(model, ac)
     exclude = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     tokens, targets = _batch(cfg)
@@ -64,7 +67,7 @@ def _run(cfg, ac: str, steps: int = 1):
             if retained is None:
                 retained = tracker.live() - loss.untyped_storage().nbytes()
         loss.backward()
-    return retained, {n: p.grad.clone() for n, p in model.named_parameters()}
+    return retained, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("over", [{"activation": "swiglu"}, {"activation": "gelu"}, {"qkv_bias": True}],
@@ -90,6 +93,21 @@ def test_layer_2_checkpoints_every_second_block():
     assert abs(est - measured) / measured < 0.03, (est, measured)
     none, full = _run(cfg, "none")[0], _run(cfg, "full")[0]
     assert full < measured < none
+
+
+@pytest.mark.parametrize("targets, dropout, over", [(["wq", "wv"], 0.0, {}), (["all-linear"], 0.1, {}),
+                                                    (["wq", "wv"], 0.0, {"qkv_bias": True})],
+                         ids=["qv", "all-linear-dropout", "qv-qkv-bias"])
+@pytest.mark.parametrize("ac", POLICIES)
+def test_lora_under_every_policy(targets, dropout, over, ac):
+    """A frozen base under AC: op-level policies keep the frozen projections' outputs and each adapter's two
+    mm outputs (counted in the mm sequence), and a checkpointed first block keeps its input."""
+    cfg = get_preset("tiny", **{**SMALL, **over})
+    lora = LoraConfig(rank=8, targets=targets, dropout=dropout)
+    measured = _run(cfg, ac, lora=lora)[0]
+    frozen = Frozen(lora_targets=frozenset(lora.target_names()), lora_rank=8, lora_dropout=dropout)
+    est = estimate_activations(cfg, B, T, act_bytes=4, device="cpu", ac=ac, frozen=frozen).saved_bytes
+    assert abs(est - measured) / measured < 0.01, (est, measured)
 
 
 def test_checkpointing_does_not_change_the_gradients():
