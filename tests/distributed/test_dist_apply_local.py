@@ -112,3 +112,26 @@ def test_cli_reports_parallel_errors_in_one_line(tmp_path):
         assert out.returncode == 2, out.stderr
         assert out.stderr.strip().splitlines()[-1].startswith(msg), out.stderr
         assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_pretrain_cli_trains_the_same_under_every_ac_policy(tmp_path):
+    """`lmforge pretrain` with each AC name the config accepts: the real Trainer, same losses as no AC."""
+    import json
+
+    import yaml
+
+    data = h.write_token_dir(tmp_path / "data")
+    losses = {}
+    for ac in ("none", "selective", "matmuls", "layer-2"):
+        cfg = tmp_path / f"{ac}.yaml"
+        cfg.write_text(yaml.safe_dump(h.trainer_config_dict(tmp_path / ac, data, 3,
+                                                            parallel={"activation_checkpoint": ac})))
+        out = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--config", str(cfg)],
+                             capture_output=True, text=True, check=False, timeout=600)
+        assert out.returncode == 0, out.stderr
+        rows = [json.loads(line) for line in (tmp_path / ac / "metrics.jsonl").read_text().splitlines()]
+        losses[ac] = [r["loss"] for r in rows if "loss" in r]
+        assert len(losses[ac]) == 3
+    for ac in ("selective", "matmuls", "layer-2"):
+        assert losses[ac] == pytest.approx(losses["none"], abs=1e-5), (ac, losses)
