@@ -150,7 +150,8 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
 #              ops except every second ``mm`` of a block (counted apart in forward and in recompute);
 #   matmuls    keep every save-list op's output (all matmuls, attention, reduce-scatter), recompute the rest;
 #   layer-N    torchtitan's layer SAC (``selective_ac_option = "N"``): full AC on blocks N, 2N, ... (1-based).
-def _save_ops() -> set:
+@functools.cache
+def _save_ops() -> frozenset:
     """Ops whose outputs the op-level policies keep: matmuls, attention kernels, TP's reduce-scatter."""
     names = [
         ("aten", "mm"), ("aten", "addmm"), ("aten", "bmm"),
@@ -165,7 +166,7 @@ def _save_ops() -> set:
         packet = getattr(getattr(torch.ops, ns), name, None)
         if packet is not None and hasattr(packet, "default"):
             ops.add(packet.default)
-    return ops
+    return frozenset(ops)
 
 
 def matmuls_policy():
@@ -195,8 +196,9 @@ def selective_policy():
 
     def policy(ctx, func, *args, **kwargs):
         if func == mm:
-            counts["recompute" if ctx.is_recompute else "forward"] += 1
-            keep = counts["recompute" if ctx.is_recompute else "forward"] % 2 == 1
+            phase = "recompute" if ctx.is_recompute else "forward"
+            counts[phase] += 1
+            keep = counts[phase] % 2 == 1  # the 1st, 3rd, ... mm of the call is kept
         else:
             keep = func in save
         return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
