@@ -307,6 +307,17 @@ def summary(out: Path) -> int:
     return 0
 
 
+def _ac_policy(name: str) -> str:
+    from lmforge.config import ConfigError
+    from lmforge.distributed.config import parse_ac_policy
+
+    try:
+        parse_ac_policy(name)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("check", choices=["throughput", "memory7b", "write8b", "load8b", "summary"])
@@ -315,7 +326,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--ac", default="none", choices=["none", "selective", "full"])
+    p.add_argument("--ac", default="none", type=_ac_policy,
+                   help="parallel.activation_checkpoint: none, full, selective (torchtitan's op SAC), matmuls, layer-N")
     p.add_argument("--peak-tflops", type=float, default=989.4, help="dense bf16 peak (H100/H200 SXM: 989.4)")
     p.add_argument("--preset7b", default="llama2-7b")
     p.add_argument("--seq-len-7b", type=int, default=4096)

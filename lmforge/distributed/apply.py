@@ -142,8 +142,17 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
 
 
 # ---- activation checkpointing ------------------------------------------------------------------
-def _save_ops() -> set:
-    """Ops whose outputs selective AC keeps: matmuls and attention (expensive to recompute)."""
+# The policies `parallel.activation_checkpoint` names (`lmforge.distributed.config.parse_ac_policy`
+# checks them; the planner's `--ac` uses the same names):
+#   none       nothing recomputed;
+#   full       every block keeps only its input and re-runs whole in backward;
+#   selective  torchtitan's op-level SAC (``selective_ac_option = "op"``): keep the outputs of the save-list
+#              ops except every second ``mm`` of a block (counted apart in forward and in recompute);
+#   matmuls    keep every save-list op's output (all matmuls, attention, reduce-scatter), recompute the rest;
+#   layer-N    torchtitan's layer SAC (``selective_ac_option = "N"``): full AC on blocks N, 2N, ... (1-based).
+@functools.cache
+def _save_ops() -> frozenset:
+    """Ops whose outputs the op-level policies keep: matmuls, attention kernels, TP's reduce-scatter."""
     names = [
         ("aten", "mm"), ("aten", "addmm"), ("aten", "bmm"),
         ("aten", "_scaled_dot_product_flash_attention"),
@@ -157,11 +166,11 @@ def _save_ops() -> set:
         packet = getattr(getattr(torch.ops, ns), name, None)
         if packet is not None and hasattr(packet, "default"):
             ops.add(packet.default)
-    return ops
+    return frozenset(ops)
 
 
-def selective_policy():
-    """SAC policy: save matmul / attention / reduce-scatter outputs, recompute everything else.
+def matmuls_policy():
+    """SAC policy ``matmuls``: save every matmul / attention / reduce-scatter output, recompute everything else.
 
     Recomputed in backward: norms, RoPE, activations (SiLU/GELU), gating products, dropout masks
     and residual adds — cheap pointwise work whose activations are a large share of the memory.
@@ -176,27 +185,64 @@ def selective_policy():
     return policy
 
 
+def selective_policy():
+    """SAC policy ``selective`` (torchtitan's op level) for ONE checkpointed call: the save list, but every
+    second ``aten.mm`` is recomputed. The mm counter lives in this closure, counted separately in the
+    forward and in the recompute so both make the same decisions; build a fresh policy per call."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    save, mm = _save_ops(), torch.ops.aten.mm.default
+    counts = {"forward": 0, "recompute": 0}
+
+    def policy(ctx, func, *args, **kwargs):
+        if func == mm:
+            phase = "recompute" if ctx.is_recompute else "forward"
+            counts[phase] += 1
+            keep = counts[phase] % 2 == 1  # the 1st, 3rd, ... mm of the call is kept
+        else:
+            keep = func in save
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _selective_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(selective_policy())  # a fresh mm counter per block call
+
+
+def _checkpoint_block(block: nn.Module, mode: str, context_fn) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    inner = block.forward
+
+    def forward(*args, _inner=inner, **kwargs):
+        extra = {"context_fn": context_fn} if context_fn is not None else {}
+        return checkpoint(_inner, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
+
+    functools.update_wrapper(forward, inner)
+    block.forward = forward
+    block._lmforge_ac = mode
+
+
 def apply_ac(model: nn.Module, mode: str) -> None:
-    """Activation checkpointing per block: 'full' recomputes the whole block, 'selective' uses `selective_policy`."""
-    if mode == "none":
+    """Activation checkpointing per block with one of the policies above (`none` leaves the model alone)."""
+    from lmforge.distributed.config import parse_ac_policy
+
+    policy, every = parse_ac_policy(mode)
+    if policy == "none":
         return
-    if mode not in ("selective", "full"):
-        raise ConfigError(f"parallel.activation_checkpoint={mode!r} is not one of 'none', 'selective', 'full'")
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-
     context_fn = None
-    if mode == "selective":
-        context_fn = functools.partial(create_selective_checkpoint_contexts, selective_policy())
-    for block in transformer_blocks(model):
-        inner = block.forward
+    if policy == "selective":
+        context_fn = _selective_context
+    elif policy == "matmuls":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-        def forward(*args, _inner=inner, **kwargs):
-            extra = {"context_fn": context_fn} if context_fn is not None else {}
-            return checkpoint(_inner, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
-
-        functools.update_wrapper(forward, inner)
-        block.forward = forward
-        block._lmforge_ac = mode
+        context_fn = functools.partial(create_selective_checkpoint_contexts, matmuls_policy())
+    for i, block in enumerate(transformer_blocks(model)):
+        if (i + 1) % every == 0:  # layer-N: blocks N, 2N, ... counted from 1; every block otherwise
+            _checkpoint_block(block, mode, context_fn)
 
 
 # ---- compile -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Literal
 
 from lmforge.config import ConfigError
 
-ActivationCheckpoint = Literal["none", "selective", "full"]
+AC_POLICIES = ("none", "full", "selective", "matmuls", "layer-N")  # layer-N: N >= 1, e.g. layer-2
 Dtype = Literal["bf16", "fp32"]
 ParamDtype = Literal["auto", "bf16", "fp32"]
 
@@ -29,7 +29,9 @@ class ParallelConfig:
     dp_shard: int = -1  # FSDP2 shard group size; -1 = whatever world / (dp_replicate * tp) leaves
     tp: int = 1  # tensor-parallel degree (DTensor colwise/rowwise plan on attention and MLP)
     sequence_parallel: bool = True  # with tp > 1: norms and residuals sharded along the sequence
-    activation_checkpoint: ActivationCheckpoint = "none"  # per block: none | selective (ops) | full
+    # per block (see `lmforge.distributed.apply`): none | full | selective (torchtitan's op SAC: every second
+    # matmul recomputed) | matmuls (every matmul kept) | layer-N (full AC on every N-th block)
+    activation_checkpoint: str = "none"
     compile: bool = False  # torch.compile each block's forward
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" for quick CPU checks)
     # FSDP2 compute / all-gather dtype on CUDA (master weights stay fp32; CPU always computes in fp32).
@@ -48,8 +50,21 @@ class ParallelConfig:
             raise ConfigError(f"parallel.tp={self.tp} must be >= 1")
         if not self.timeout_s > 0:
             raise ConfigError(f"parallel.timeout_s={self.timeout_s} must be > 0 seconds")
+        parse_ac_policy(self.activation_checkpoint)
         if not self.compile_backend:
             raise ConfigError("parallel.compile_backend must name a torch.compile backend, e.g. inductor")
+
+
+def parse_ac_policy(name: str) -> tuple[str, int]:
+    """``parallel.activation_checkpoint`` -> (policy, every N-th block): 'layer-N' -> ('full', N), else (name, 1).
+
+    ConfigError naming the key and the choices for anything else."""
+    if name in ("none", "full", "selective", "matmuls"):
+        return name, 1
+    if isinstance(name, str) and name.startswith("layer-") and name[6:].isascii() and name[6:].isdigit() and int(name[6:]) >= 1:
+        return "full", int(name[6:])
+    raise ConfigError(f"parallel.activation_checkpoint={name!r} is not one of 'none', 'full', 'selective', "
+                      "'matmuls', 'layer-N' (N >= 1, e.g. 'layer-2')")
 
 
 def _divisors(n: int) -> list[int]:

@@ -24,16 +24,18 @@ Tensor parallelism (torchtitan's plan, sequence parallel on): norms and residual
 sequence, heads and FFN width split by `tp`, while the all-gathered input of the column-parallel
 projections is held at full size on every rank.
 
-Activation checkpointing policies (`AC_POLICIES`; a policy checkpoints per block):
-  * ``full``      (`lmforge.distributed.apply.apply_ac`) each block keeps only its input; its
-    activations are rebuilt during backward.
-  * ``selective`` (`apply_ac`'s `selective_policy`) the block input plus the outputs of every matmul
-    (the projections, and the attention matmuls when attention is not a fused kernel) and of the
-    fused attention kernel (output + log-sum-exp); norms, RoPE, activations and products are recomputed.
-  * ``titan-op``  torchtitan's op-level selective AC (``selective_ac_option = "op"``): the same save
-    list, but every second ``mm`` of a block is recomputed (wq, wv, w1 and w2 kept; wk, wo, w3 not).
-  * ``layer-N``   torchtitan's layer-level selective AC (``selective_ac_option = "N"``): every N-th
-    block is fully checkpointed, the others keep everything.
+Activation checkpointing policies (`AC_POLICIES`, the names `parallel.activation_checkpoint` takes and
+`lmforge.distributed.apply.apply_ac` runs; a policy checkpoints per block):
+  * ``full``      each block keeps only its input; its activations are rebuilt during backward.
+  * ``selective`` torchtitan's op-level selective AC (``selective_ac_option = "op"``): the block input plus
+    the outputs of the save-list ops (matmuls, the fused attention kernel, reduce-scatter), except that
+    every second ``mm`` of a block is recomputed (Llama: wq, wv, w1 and w2 kept; wk, wo, w3 not; a
+    projection with a bias runs as ``addmm``, which is kept and not counted).
+  * ``matmuls``   the same save list with every matmul kept: the block input plus the outputs of every
+    projection (and the attention matmuls when attention is not a fused kernel) and of the fused
+    attention kernel (output + log-sum-exp); norms, RoPE, activations and products are recomputed.
+  * ``layer-N``   torchtitan's layer-level selective AC (``selective_ac_option = "N"``): blocks N, 2N, ...
+    (counted from 1) are fully checkpointed, the others keep everything.
 
 Frozen weights (LoRA, QLoRA, the frozen part of DPO): autograd saves a matmul's input only when the
 weight needs a gradient, so a frozen projection keeps nothing, and SwiGLU's product (w2's input) is
@@ -54,8 +56,8 @@ from dataclasses import dataclass, field
 
 from lmforge.models.config import ModelConfig
 
-AC_MODES = ("none", "selective", "full")  # what `lmforge.distributed.apply.apply_ac` applies
-AC_POLICIES = AC_MODES + ("titan-op", "layer-N")  # layer-N: N a positive integer, e.g. layer-2
+AC_MODES = ("none", "full", "selective", "matmuls")  # applied by `lmforge.distributed.apply.apply_ac`
+AC_POLICIES = AC_MODES + ("layer-N",)  # layer-N: N a positive integer, e.g. layer-2 (also applied)
 DEVICES = ("cuda", "cpu")
 FP32 = 4
 INT64 = 8
@@ -71,12 +73,15 @@ class Term:
 
 
 def parse_ac(ac: str) -> tuple[str, int]:
-    """'none'|'full'|'selective'|'titan-op'|'layer-N' -> (policy, every N-th block checkpointed)."""
-    if ac in AC_MODES or ac == "titan-op":
+    """'none'|'full'|'selective'|'matmuls'|'layer-N' -> (policy, every N-th block checkpointed).
+
+    The same names and rule as `lmforge.distributed.config.parse_ac_policy` (kept apart so the planner
+    imports no distributed code; a test holds the two to the same answers)."""
+    if ac in AC_MODES:
         return ac, 1
-    if ac.startswith("layer-") and ac[6:].isdigit() and int(ac[6:]) > 0:
+    if ac.startswith("layer-") and ac[6:].isascii() and ac[6:].isdigit() and int(ac[6:]) > 0:
         return "full", int(ac[6:])
-    raise ValueError(f"ac={ac!r} is not one of none, selective, full, titan-op, layer-N (N >= 1, e.g. layer-2)")
+    raise ValueError(f"ac={ac!r} is not one of none, full, selective, matmuls, layer-N (N >= 1, e.g. layer-2)")
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,13 @@ class Activations:
 
     @property
     def recompute_bytes(self) -> float:
-        """Extra bytes alive while a checkpointed block is recomputed in backward (one block at a time)."""
-        if self.ac == "none":
+        """Extra bytes alive while a checkpointed block is recomputed in backward (one block at a time).
+
+        Backward runs the last block first, when the most is still saved; under layer-N a block below it
+        is recomputed only after the blocks above have released theirs, so the recompute adds to the
+        peak only when the last block is checkpointed (N divides the number of blocks)."""
+        policy, every = parse_ac(self.ac)
+        if policy == "none" or self.n_layers % every:
             return 0.0
         return max(self.layer_full_bytes - self.layer_bytes, 0.0)
 
@@ -296,13 +306,25 @@ def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_byte
         per_layer = [block_input]
         if every > 1:  # layer-N: blocks N, 2N, ... are checkpointed, the rest keep everything
             n_checkpointed = cfg.n_layers // every
-    else:  # selective / titan-op: matmul outputs (projections, and attention matmuls when not fused)
+    else:  # matmuls / selective: matmul outputs (projections, and attention matmuls when not fused)
         per_layer = [block_input]
-        for i, (name, width, kind, _bias) in enumerate(_linears(cfg)):
-            if policy == "titan-op" and i % 2 == 1:  # torchtitan recomputes every second mm
-                continue
+        n_mm = 0
+
+        def matmul_out(term: Term, is_mm: bool = True) -> None:
+            # torchtitan's op SAC recomputes every second aten.mm; a projection with a bias runs as addmm,
+            # which is always kept and not counted
+            nonlocal n_mm
+            n_mm += is_mm
+            if not (policy == "selective" and is_mm and n_mm % 2 == 0):
+                per_layer.append(term)
+
+        for name, width, kind, bias in _linears(cfg):
             el = N * width
-            per_layer.append(Term(f"{name}.out", heads(el * a) if kind == "heads" else el * a))
+            out_bytes = heads(el * a) if kind == "heads" else el * a
+            matmul_out(Term(f"{name}.out", out_bytes), is_mm=not bias)  # kept even when the weight is frozen
+            if frozen is not None and name in frozen.lora_targets:  # LoRALinear: x @ A^T, then @ B^T (two mm)
+                matmul_out(Term(f"lora.{name}.a_out", N * frozen.lora_rank * a))
+                matmul_out(Term(f"lora.{name}.b_out", out_bytes))
         if path == "fused":
             per_layer += [Term("attn.out", heads(N * cfg.q_dim * a)),
                           Term("attn.logsumexp", heads(N * H * FP32))]
@@ -326,7 +348,8 @@ def estimate_activations(cfg: ModelConfig, batch: int, seq_len: int, *, act_byte
         outside += norm("norm")
     if keeps_inputs or not cfg.lm_head:  # final hidden states, kept by the LM head / task head
         outside.append(Term("head_input", N * d * a))
-    if frozen is not None and cfg.norm_position == "pre":
+    if frozen is not None and cfg.norm_position == "pre" and (policy == "none" or every > 1):
+        # (only when the first block is not checkpointed: a checkpointed block keeps its input regardless)
         # The frozen embeddings' output needs no gradient: the first block's attention norm keeps nothing,
         # nor do the dropout masks of its q/k/v adapters (their input needs no gradient). With no q/k/v
         # adapter, more of the first block keeps nothing; that part is not subtracted (an overestimate).

@@ -8,7 +8,7 @@ judged not to fit, a measured row must be judged to fit. `lmforge plan --calibra
 
 Framework facts a row states (they describe the other trainer, not a fit):
 * torchtitan (Dec 2024 benchmark): FSDP2 bf16 params / fp32 reduce, `selective_ac_option = "op"`
-  (our ``titan-op``), the model output upcast to fp32 for the loss and ``del pred`` before backward.
+  (our ``selective``), the model output upcast to fp32 for the loss and ``del pred`` before backward.
 * litgpt (commit 8641822, Oct 2023; `finetune/lora.py`, `generate/base.py`): ``--precision bf16-true``
   (weights, activations and adapter states in bf16; RMSNorm upcasts to fp32), one A100, no FSDP.
   Fabric converts the model's output to fp32 and the loop holds the logits through backward
@@ -36,7 +36,7 @@ LITGPT_LORA = ("litgpt tutorials/resource-tables.md (10/20/2023, commit 8641822)
 LITGPT_INFER = ("litgpt tutorials/resource-tables.md (10/20/2023, commit 8641822), 'Single-GPU Inference': "
                 "1x A100 40GB, bf16-true, generate/base.py defaults; Max GPU RAM")
 
-_TITAN = {"model": "llama3.1-8b", "gpu": "h100", "gpu_mem_gb": 96, "seq_len": 8192, "micro_batch": 2, "ac": "titan-op"}
+_TITAN = {"model": "llama3.1-8b", "gpu": "h100", "gpu_mem_gb": 96, "seq_len": 8192, "micro_batch": 2, "ac": "selective"}
 _LIT = {"gpu": "a100-40g", "gpu_mem_gb": 40, "seq_len": 1304, "micro_batch": 1, "lora_dropout": 0.05,
             "fp32_logits_held": True, "logits_freed_before_backward": False, "lora_shared_dropout": True, "quantize_head": True}
 _GEN = {"gpu": "a100-40g", "gpu_mem_gb": 40, "seq_len": 59, "micro_batch": 1, "mode": "infer", "quantize_head": True}

@@ -42,8 +42,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default 1)")
     p.add_argument("--dp-replicate", type=int, default=None, help="replicas (DDP / HSDP outer degree, default 1)")
     p.add_argument("--ac", default=None,
-                   help="activation checkpointing: none, full, selective (lmforge: every matmul kept), "
-                        "titan-op (torchtitan's op SAC: every other matmul), layer-N (every N-th block full)")
+                   help="activation checkpointing, as parallel.activation_checkpoint names it: none, full, "
+                        "selective (torchtitan's op SAC: every other matmul kept), matmuls (every matmul kept), "
+                        "layer-N (every N-th block full)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="compute precision (default bf16)")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "muon"], default="adamw")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (lora, qlora, dpo with adapters)")

@@ -191,15 +191,19 @@ def _recompute_flops_per_token(cfg: ModelConfig, seq_len: int, ac: str) -> float
     if policy == "full":
         return (block_matmuls + attention) * (cfg.n_layers // every) / cfg.n_layers
     unfused = attention if cfg.attention == "reference" else 0.0
-    if policy == "selective":  # keeps every matmul and fused-attention output: only pointwise ops rerun
+    if policy == "matmuls":  # keeps every matmul and fused-attention output: only pointwise ops rerun
         return unfused
-    # titan-op: the second, fourth, ... projection of each block is recomputed
+    # selective (torchtitan's op SAC): the second, fourth, ... bias-free projection (aten.mm) of each block reruns
+    from lmforge.planner.activations import _linears
     from lmforge.planner.modes import projection_shapes
 
-    shapes = list(projection_shapes(cfg).items())
-    order = {"wq": 0, "wk": 1, "wv": 2, "wo": 3, "w1": 4, "w3": 5, "w2": 6}
-    shapes.sort(key=lambda kv: order[kv[0]])
-    rerun = sum(i * o for k, (_name, (i, o)) in enumerate(shapes) if k % 2 == 1)
+    shapes = projection_shapes(cfg)
+    rerun, n_mm = 0, 0
+    for name, _width, _kind, bias in _linears(cfg):
+        n_mm += not bias
+        if not bias and n_mm % 2 == 0:
+            i, o = shapes[name]
+            rerun += i * o
     return 2 * cfg.n_layers * rerun + unfused
 
 
@@ -406,9 +410,9 @@ def estimate(req: PlanRequest) -> dict[str, Any]:
     return out
 
 
-# Policies `lmforge.distributed.apply.apply_ac` can run, least recompute first. `titan-op` and `layer-N`
-# are planned (torchtitan's) but not applied by lmforge's trainer, so --suggest does not propose them.
-SUGGEST_AC = ("none", "selective", "full")
+# Policies `lmforge.distributed.apply.apply_ac` runs, searched by --suggest; ties go to the earlier one
+# (less recompute first). layer-N for N above 4 saves little over no AC, so it is not searched.
+SUGGEST_AC = ("none", "matmuls", "selective", "layer-4", "layer-3", "layer-2", "full")
 
 
 def suggest(req: PlanRequest, top: int = 5) -> dict[str, Any]:

@@ -54,8 +54,13 @@ def test_bad_values_name_the_key(kw, msg):
 def test_yaml_section_types_and_typos():
     cfg = from_dict(ParallelConfig, {"tp": "2", "activation_checkpoint": "selective", "compile": "true"})
     assert cfg.tp == 2 and cfg.compile is True
-    with pytest.raises(ConfigError, match="activation_checkpoint='some'.*'none', 'selective', 'full'"):
+    with pytest.raises(ConfigError, match="activation_checkpoint='some'.*'none', 'full', 'selective', 'matmuls', "
+                                          "'layer-N'"):
         from_dict(ParallelConfig, {"activation_checkpoint": "some"}, prefix="parallel")
+    for name in ("matmuls", "layer-2"):
+        assert from_dict(ParallelConfig, {"activation_checkpoint": name}).activation_checkpoint == name
+    with pytest.raises(ConfigError, match="activation_checkpoint='layer-0'"):
+        from_dict(ParallelConfig, {"activation_checkpoint": "layer-0"}, prefix="parallel")
     with pytest.raises(ConfigError, match="unknown config key 'parallel.tensor_parallel'"):
         from_dict(ParallelConfig, {"tensor_parallel": 2}, prefix="parallel")
 

@@ -34,10 +34,10 @@ def test_issue_command_json_keys():
 
 def test_issue_17_torchtitan_configuration_fits():
     r = lmforge("plan", "--model", "llama3.1-8b", "--gpus", "8", "--gpu", "h100", "--gpu-mem-gb", "96",
-                "--seq-len", "8192", "--micro-batch", "2", "--ac", "titan-op", "--json")
+                "--seq-len", "8192", "--micro-batch", "2", "--ac", "selective", "--json")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
-    assert plan["fits"] and plan["ac"] == "titan-op" and plan["memory_gb"]["total"] < 96
+    assert plan["fits"] and plan["ac"] == "selective" and plan["memory_gb"]["total"] < 96
 
 
 def test_modes_from_the_command_line():

@@ -36,9 +36,9 @@ def test_sharding_divides_state_and_not_activations():
 
 def test_activation_checkpointing_and_micro_batch_scale_activations():
     base = {"model": "llama2-7b", "gpus": 8}
-    none, sel, full = (estimate(PlanRequest(**base, ac=ac))["memory_gb"]["activations"]
-                       for ac in ("none", "selective", "full"))
-    assert full < sel < none
+    none, mm, sel, full = (estimate(PlanRequest(**base, ac=ac))["memory_gb"]["activations"]
+                           for ac in ("none", "matmuls", "selective", "full"))
+    assert full < sel < mm < none
     two = estimate(PlanRequest(**base, micro_batch=2))["memory_gb"]["activations"]
     assert two == pytest.approx(2 * none, rel=1e-3)
     # full AC keeps one bf16 block input per layer: dim x 2 bytes per token

@@ -1,15 +1,10 @@
-"""torchtitan's AC policies as the planner models them (`titan-op`, `layer-N`), measured on the real
-lmforge Transformer on CPU: the storages still alive after the forward pass.
-
-`titan-op` is applied here exactly as torchtitan's op-level SAC does it: lmforge's own save list
-(`lmforge.distributed.apply._save_ops`) with every second `mm` of a block recomputed. `layer-2` is
-`apply_ac(..., "full")` on every second block (torchtitan's ``selective_ac_option = "2"``).
+"""The activation-checkpointing policies the trainer applies (`lmforge.distributed.apply.apply_ac`) and the
+planner models, one vocabulary: `selective` (torchtitan's op-level SAC: every second `mm` of a block
+recomputed), `matmuls` (every matmul kept), `layer-N` (full AC on every N-th block), measured on the real
+lmforge Transformer on CPU: the storages still alive after the forward pass, and the gradients.
 """
 
 from __future__ import annotations
-
-import functools
-from collections import defaultdict
 
 import pytest
 import torch
@@ -18,13 +13,18 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from lmforge.config import ConfigError
+from lmforge.distributed.apply import apply_ac
+from lmforge.distributed.config import parse_ac_policy
+from lmforge.models.lora import LoraConfig, apply_lora
 from lmforge.models.presets import get_preset
 from lmforge.models.transformer import build_model
-from lmforge.planner.activations import estimate_activations
+from lmforge.planner.activations import Frozen, estimate_activations, parse_ac
 
 B, T = 2, 64
 SMALL = {"n_layers": 4, "dim": 96, "n_heads": 6, "n_kv_heads": 2, "ffn_hidden": 200, "vocab_size": 300,
          "max_seq_len": 128, "tie_embeddings": False}
+POLICIES = ("none", "matmuls", "selective", "layer-2", "full")
 
 
 class _Live(TorchDispatchMode):
@@ -44,75 +44,105 @@ class _Live(TorchDispatchMode):
         return sum(n for k, (ref, n) in self.refs.items() if k not in self.exclude and not ref.expired())
 
 
-def _titan_op(model) -> None:
-    """torchtitan's op SAC per block: save the listed ops' outputs except every second mm."""
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
-    from lmforge.distributed.apply import _save_ops
-
-    save, mm = _save_ops(), torch.ops.aten.mm.default
-
-    def context_fn():
-        meta = defaultdict(int)
-
-        def policy(ctx, func, *args, **kwargs):
-            mode = "recompute" if ctx.is_recompute else "forward"
-            if func == mm:
-                meta[mode] += 1
-            keep = func in save and not (func == mm and meta[mode] % 2 == 0)
-            return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
-
-        return create_selective_checkpoint_contexts(policy)
-
-    for block in model.layers:
-        inner = block.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
-
-        functools.update_wrapper(forward, inner)
-        block.forward = forward
+def _batch(cfg):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, cfg.vocab_size, (B, T), generator=g),
+            torch.randint(0, cfg.vocab_size, (B, T), generator=g))
 
 
-def _every_second_block_full(model) -> None:
-    from torch import nn
-
-    from lmforge.distributed.apply import apply_ac
-
-    holder = nn.Module()
-    holder.layers = [b for i, b in enumerate(model.layers) if (i + 1) % 2 == 0]  # blocks 2, 4 (torchtitan counts from 1)
-    apply_ac(holder, "full")
-
-
-def _retained(cfg, apply) -> int:
-    torch.manual_seed(0)
+def _run(cfg, ac: str, steps: int = 1, lora: LoraConfig | None = None):
+    """(bytes retained after the first forward, {name: grad} after `steps` forward/backward passes)."""
     model = build_model(cfg, seed=0)
     model.train()
-    apply(model)
+    if lora is not None:
+        apply_lora(model, lora)
+    apply_ac(model, ac)
     exclude = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
-    targets = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
-    tracker = _Live(exclude)
-    with tracker:
-        loss = F.cross_entropy(model(tokens).flatten(0, 1).float(), targets.flatten())
-        retained = tracker.live() - loss.untyped_storage().nbytes()
-    loss.backward()
-    return retained
+    tokens, targets = _batch(cfg)
+    retained = None
+    for _ in range(steps):
+        tracker = _Live(exclude)
+        with tracker:
+            loss = F.cross_entropy(model(tokens).flatten(0, 1).float(), targets.flatten())
+            if retained is None:
+                retained = tracker.live() - loss.untyped_storage().nbytes()
+        loss.backward()
+    return retained, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_titan_op_matches_autograd(activation):
-    cfg = get_preset("tiny", **{**SMALL, "activation": activation})
-    measured = _retained(cfg, _titan_op)
-    est = estimate_activations(cfg, B, T, act_bytes=4, device="cpu", ac="titan-op").saved_bytes
-    sel = estimate_activations(cfg, B, T, act_bytes=4, device="cpu", ac="selective").saved_bytes
-    assert abs(est - measured) / measured < 0.03, (est, measured)
-    assert est < sel
+@pytest.mark.parametrize("over", [{"activation": "swiglu"}, {"activation": "gelu"}, {"qkv_bias": True}],
+                         ids=["swiglu", "gelu", "qkv-bias"])
+def test_selective_is_torchtitans_op_sac_and_the_planner_is_exact(over):
+    cfg = get_preset("tiny", **{**SMALL, **over})
+    measured = {ac: _run(cfg, ac)[0] for ac in ("matmuls", "selective")}
+    est = {ac: estimate_activations(cfg, B, T, act_bytes=4, device="cpu", ac=ac).saved_bytes for ac in measured}
+    for ac, got in measured.items():
+        assert abs(est[ac] - got) / got < 0.03, (ac, est[ac], got)
+    # every second mm of each block is recomputed: selective frees more than matmuls after forward
+    assert measured["selective"] < measured["matmuls"]
+    assert est["selective"] < est["matmuls"]
 
 
-def test_layer_2_matches_autograd():
+def test_layer_2_checkpoints_every_second_block():
     cfg = get_preset("tiny", **SMALL)
-    measured = _retained(cfg, _every_second_block_full)
+    model = build_model(cfg, seed=0)
+    apply_ac(model, "layer-2")
+    assert [getattr(b, "_lmforge_ac", None) for b in model.layers] == [None, "layer-2", None, "layer-2"]
+    measured = _run(cfg, "layer-2")[0]
     est = estimate_activations(cfg, B, T, act_bytes=4, device="cpu", ac="layer-2").saved_bytes
     assert abs(est - measured) / measured < 0.03, (est, measured)
+    none, full = _run(cfg, "none")[0], _run(cfg, "full")[0]
+    assert full < measured < none
+
+
+@pytest.mark.parametrize("targets, dropout, over", [(["wq", "wv"], 0.0, {}), (["all-linear"], 0.1, {}),
+                                                    (["wq", "wv"], 0.0, {"qkv_bias": True})],
+                         ids=["qv", "all-linear-dropout", "qv-qkv-bias"])
+@pytest.mark.parametrize("ac", POLICIES)
+def test_lora_under_every_policy(targets, dropout, over, ac):
+    """A frozen base under AC: op-level policies keep the frozen projections' outputs and each adapter's two
+    mm outputs (counted in the mm sequence), and a checkpointed first block keeps its input."""
+    cfg = get_preset("tiny", **{**SMALL, **over})
+    lora = LoraConfig(rank=8, targets=targets, dropout=dropout)
+    measured = _run(cfg, ac, lora=lora)[0]
+    frozen = Frozen(lora_targets=frozenset(lora.target_names()), lora_rank=8, lora_dropout=dropout)
+    est = estimate_activations(cfg, B, T, act_bytes=4, device="cpu", ac=ac, frozen=frozen).saved_bytes
+    assert abs(est - measured) / measured < 0.01, (est, measured)
+
+
+def test_checkpointing_does_not_change_the_gradients():
+    """AC changes what is kept, never the math: every policy's gradients equal no AC's, over two steps under
+    the same wrappers (the forward and recompute decisions of each call must agree every time)."""
+    cfg = get_preset("tiny", **{**SMALL, "n_layers": 3})
+    _, ref = _run(cfg, "none", steps=2)
+    for ac in ("matmuls", "selective", "layer-2", "full"):
+        _, grads = _run(cfg, ac, steps=2)
+        for name, g in ref.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=lambda m, a=ac, n=name: f"{a} {n}: {m}")
+
+
+@pytest.mark.parametrize("name", [*POLICIES, "layer-1", "layer-12", "layer-0", "layer--1", "layer-x", "layer-",
+                                  "titan-op", "op", "Selective", "2", ""])
+def test_trainer_and_planner_accept_the_same_names(name):
+    try:
+        trainer = parse_ac_policy(name)
+    except ConfigError as e:
+        assert str(e).startswith(f"parallel.activation_checkpoint={name!r} is not one of")
+        trainer = None
+    try:
+        planner = parse_ac(name)
+    except ValueError:
+        planner = None
+    assert trainer == planner
+    assert (trainer is not None) == (name in POLICIES or name in ("layer-1", "layer-12"))
+
+
+def test_suggest_searches_every_policy_the_trainer_applies():
+    from lmforge.planner.activations import AC_MODES
+    from lmforge.planner.estimate import SUGGEST_AC, PlanRequest, suggest
+
+    assert set(AC_MODES) <= set(SUGGEST_AC) and any(ac.startswith("layer-") for ac in SUGGEST_AC)
+    assert all(parse_ac_policy(ac) == parse_ac(ac) for ac in SUGGEST_AC)
+    # Llama 3.1 8B, seq 8192 on 8 GPUs of 40 GB: torchtitan's op SAC is the fastest plan that fits
+    s = suggest(PlanRequest("llama3.1-8b", gpus=8, gpu="h100", gpu_mem_gb=40, seq_len=8192))
+    assert s["suggested"] and s["fits"] and s["ac"] == "selective", (s["ac"], s["parallel"])

@@ -167,10 +167,11 @@ AC_CASES = {
     "llama-gqa": {"n_kv_heads": 2, "n_layers": 3, "tie_embeddings": False},
     "gelu-mha": {"n_kv_heads": 6, "activation": "gelu", "ffn_hidden": 512, "n_layers": 3, "tie_embeddings": False},
     "dropout": {"n_kv_heads": 3, "dropout": 0.1, "n_layers": 3, "tie_embeddings": False},
+    "bias-qkv": {"n_kv_heads": 2, "n_layers": 3, "tie_embeddings": False, "qkv_bias": True},  # addmm, not mm
 }
 
 
-@pytest.mark.parametrize("ac", ["none", "selective", "full"])
+@pytest.mark.parametrize("ac", ["none", "matmuls", "selective", "layer-2", "full"])
 @pytest.mark.parametrize("case", list(AC_CASES))
 def test_checkpointed_activations_and_peak(case, ac):
     cfg = get_preset("tiny", **{**SMALL, **AC_CASES[case]})
@@ -184,13 +185,16 @@ def test_checkpointed_activations_and_peak(case, ac):
 
 
 def test_checkpointing_orders_memory():
-    """Sanity on the measured side too: full < selective < none, and the planner agrees."""
-    cfg = get_preset("tiny", **{**SMALL, "n_kv_heads": 2, "n_layers": 3})
-    measured = {ac: measure_retained_and_peak(cfg, 64, ac)[0] for ac in ("none", "selective", "full")}
+    """Sanity on the measured side too: full < selective < matmuls < none, full < layer-2 < none, and the
+    planner agrees."""
+    cfg = get_preset("tiny", **{**SMALL, "n_kv_heads": 2, "n_layers": 4})
+    measured = {ac: measure_retained_and_peak(cfg, 64, ac)[0]
+                for ac in ("none", "matmuls", "selective", "layer-2", "full")}
     est = {ac: estimate_activations(cfg, B, 64, act_bytes=4, device="cpu", ac=ac).saved_bytes
            for ac in measured}
-    assert measured["full"] < measured["selective"] < measured["none"]
-    assert est["full"] < est["selective"] < est["none"]
+    for sizes in (measured, est):
+        assert sizes["full"] < sizes["selective"] < sizes["matmuls"] < sizes["none"], sizes
+        assert sizes["full"] < sizes["layer-2"] < sizes["none"], sizes
 
 
 def test_tensor_parallel_splits_heads_and_sequence():

@@ -45,15 +45,15 @@ def test_kv_cache_per_token_as_published():
     assert p["memory_gb"]["weights"] == pytest.approx(6_738_415_616 * 2 / GB, rel=1e-3)
 
 
-def test_titan_op_policy_keeps_every_other_matmul():
+def test_selective_policy_keeps_every_other_matmul():
     """torchtitan's op SAC on Llama 3.1 8B keeps, per token per block (bf16): the block input (2d), wq (2d),
     wv (2 x 1024), the flash output (2d) + log-sum-exp (32 heads x 4) , w1 (2 x 14336), w2 (2d) = 63,616 B."""
     cfg = get_preset("llama3.1-8b")
-    acts = estimate_activations(cfg, 1, 1024, ac="titan-op")
+    acts = estimate_activations(cfg, 1, 1024, ac="selective")
     assert acts.layer_bytes / 1024 == 2 * 4096 + 2 * 4096 + 2 * 1024 + 2 * 4096 + 32 * 4 + 2 * 14336 + 2 * 4096
     sizes = {ac: estimate_activations(cfg, 1, 1024, ac=ac).saved_bytes
-             for ac in ("none", "layer-2", "selective", "titan-op", "full")}
-    assert sizes["none"] > sizes["selective"] > sizes["titan-op"] > sizes["full"]
+             for ac in ("none", "layer-2", "matmuls", "selective", "full")}
+    assert sizes["none"] > sizes["matmuls"] > sizes["selective"] > sizes["full"]
     assert sizes["none"] > sizes["layer-2"] > sizes["full"]
     # layer-2: half the blocks keep everything, half only their input
     half = estimate_activations(cfg, 1, 1024, ac="layer-2")
@@ -158,7 +158,8 @@ def test_suggest_searches_mode_options():
 @pytest.mark.parametrize("kwargs, match", [
     ({"mode": "sft"}, "--mode"),
     ({"ac": "layer-0"}, "layer-N"),
-    ({"ac": "partial"}, "titan-op"),
+    ({"ac": "partial"}, "selective, matmuls, layer-N"),
+    ({"ac": "titan-op"}, "selective, matmuls, layer-N"),
     ({"optimizer": "sgd"}, "--optimizer"),
     ({"mode": "lora", "lora_targets": "wz"}, "unknown 'wz'"),
     ({"mode": "full", "quant": "nf4"}, "--quant nf4 applies"),
