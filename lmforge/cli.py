@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    from lmforge.interrupts import sigterm_raises
+
     try:
-        rc = args._run(args)
+        with sigterm_raises():  # SIGTERM unwinds through cleanup (atomic writes leave no temp dir), exit 143
+            rc = args._run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,6 @@ and renamed into place at the end: a failed run leaves no half-written dir.
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import itertools
 import json
@@ -235,36 +234,11 @@ class _Progress:
             info(line)
 
 
-class Terminated(SystemExit):
-    """SIGTERM, raised in the main thread so ``except``/``finally`` cleanup runs; exits 143."""
-
-    def __init__(self) -> None:
-        super().__init__(143)
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        info("error: terminated (SIGTERM); no output written")
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """See :func:`_prepare`. A SIGTERM unwinds through its cleanup (the temp dir is removed; exit 143)."""
-    with _sigterm_raises():
+    from lmforge.interrupts import sigterm_raises
+
+    with sigterm_raises("error: terminated (SIGTERM); no output written"):
         return _prepare(*args, **kwargs)
 
 

@@ -57,3 +57,35 @@ def test_sigterm_during_prepare_leaves_no_temp_files(tmp_path, tok):
     assert p.returncode == 143, err[-2000:]
     assert "Traceback" not in err and "terminated" in err
     assert sorted(x.name for x in tmp_path.iterdir()) == ["big.txt"]  # no temp dir, no partial output
+
+
+# SIGTERM in the middle of any other writing command: `lmforge.cli.main` turns it into an exception, so the
+# atomic write's temp dir is removed. The signal is sent from inside the write (deterministic timing).
+_KILL_DURING_WRITE = """
+import os, signal, sys
+import lmforge.models.model_dir as md
+real = md.save_weights
+def save_then_die(*args, **kwargs):
+    names = real(*args, **kwargs)          # the temp dir now holds weights
+    os.kill(os.getpid(), signal.SIGTERM)   # as `kill` or a scheduler would
+    return names
+md.save_weights = save_then_die
+from lmforge import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_export_leaves_no_temp_dir_and_exits_143(tmp_path, tok):
+    from lmforge.models import build_model, get_preset
+    from lmforge.models.model_dir import save_model_dir
+
+    cfg = get_preset("tiny", vocab_size=320, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_hidden=64)
+    save_model_dir(build_model(cfg, seed=0), tmp_path / "model", tokenizer_dir=str(tok))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", _KILL_DURING_WRITE, "export", "--model", str(tmp_path / "model"),
+                        "--format", "hf", "--out", str(tmp_path / "hf")],
+                       capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert p.returncode == 143, p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1].startswith("error: terminated")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no hf/, no .hf.tmp* left beside it

@@ -24,7 +24,7 @@ import lmforge
 PACKAGE = Path(lmforge.__file__).parent
 
 LAYERS: dict[str, int] = {
-    "__init__": 0, "config": 0, "atomic": 0, "console": 0, "outputs": 0,
+    "__init__": 0, "config": 0, "atomic": 0, "console": 0, "outputs": 0, "interrupts": 0,
     "tokenizer": 1, "data": 1, "models": 1, "planner": 1,
     "distributed": 2,
     "train": 3, "eval": 3, "generate": 3,
