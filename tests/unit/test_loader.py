@@ -174,7 +174,7 @@ def test_errors_are_one_line_and_name_the_shard(tmp_path):
     with pytest.raises(UserError, match=r"train_00000\.bin is corrupt"):
         ShardLoader(d2, seq_len=8, verify=True)
     (d2 / "index.json").write_text("{not json")
-    with pytest.raises(UserError, match="corrupt"):
+    with pytest.raises(UserError, match=r"index\.json.* is not valid JSON.*re-run `lmforge prepare`"):
         ShardLoader(d2, seq_len=8)
 
 
