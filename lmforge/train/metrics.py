@@ -69,11 +69,11 @@ def peak_flops(device: torch.device, precision: str = "fp32", configured_tflops:
         return configured_tflops * 1e12, "configured"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        if precision in ("bf16", "fp16"):
+        if precision == "bf16":
             for key, value in GPU_BF16_PEAK.items():
                 if key in name:
                     return value, f"{key} bf16 spec"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         key = f"cuda|{name}|{dtype}|{torch.__version__}"
         return _cached(key, lambda sec: measure_matmul_flops(device, dtype, n=8192, seconds=sec)), "measured matmul"
     key = f"cpu|{_cpu_name()}|threads={torch.get_num_threads()}|{torch.__version__}"

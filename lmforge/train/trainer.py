@@ -249,7 +249,7 @@ class Trainer:
         self.finish_tracking = finish_tracking  # False: the caller exports the model, then calls finish_run
         self.metrics = MetricsWriter(self.run_dir, enabled=self.world.is_main, tensorboard=cfg.log.tensorboard,
                                      trackers=self.trackers)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None  # fp32 | bf16 (validated)
         # trainer state (checkpointed)
         self.step = 0
         self.tokens = 0  # input tokens that went through forward passes (all ranks)
