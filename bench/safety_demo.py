@@ -8,9 +8,10 @@ order (a step whose output exists is skipped, so a rerun continues) and prints t
   2. tokenizer   byte-level BPE on that corpus (so it knows Chinese), `lmforge tokenizer train`
   3. pretrain    a small base on the corpus, `lmforge prepare` + `lmforge pretrain`
   4. SFT         Alpaca en+zh demo records (+ a few refusals from the safety set's *train* half), `finetune`
-  5. DPO         pairs from the *train* half: harmful -> chosen refusal / rejected compliance; benign look-alike ->
-                 the reverse, `lmforge finetune` with `finetune.mode: dpo`
-  6. eval        `lmforge eval --task safety --split test` on the SFT model (before) and the DPO model (after)
+  5. preference  pairs from the *train* half: harmful -> chosen refusal / rejected compliance; benign look-alike ->
+                 the reverse, `lmforge finetune` with `finetune.mode: dpo`, once per `--losses` entry (default DPO's
+                 `sigmoid` and `orpo`), each from the SFT model
+  6. eval        `lmforge eval --task safety --split test` on the SFT model (before) and each tuned model (after)
 
     python bench/safety_demo.py --out runs/safety-demo [--data ../shared/data] [--threads 1]
 
@@ -131,10 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--sft-epochs", type=int, default=2)
     p.add_argument("--sft-refusals", type=int, default=10, help="harmful train-half requests answered by a refusal in SFT")
-    p.add_argument("--sft-repeat", type=int, default=2, help="how many times each SFT refusal appears")
-    p.add_argument("--dpo-loss", default="sigmoid", help="dpo.loss: sigmoid (DPO) | ipo | simpo | orpo")
-    p.add_argument("--dpo-epochs", type=int, default=4)
-    p.add_argument("--dpo-lr", type=float, default=5e-4)
+    p.add_argument("--sft-repeat", type=int, default=1, help="how many times each SFT refusal appears")
+    p.add_argument("--losses", default="sigmoid,orpo", help="dpo.loss values to run, each from the SFT model")
+    p.add_argument("--dpo-epochs", type=int, default=16)
+    p.add_argument("--dpo-lr", type=float, default=1e-3)
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
@@ -162,21 +163,25 @@ def main(argv=None) -> int:
             "data.columns={}", f"data.seq_len={a.seq_len}", f"train.epochs={a.sft_epochs}", "optim.lr=2e-3",
             "eval.interval=100", "checkpoint.interval=200", "log.interval=20", threads,
             done=out / "sft" / "model" / "config.json")
-    before = safety(out / "sft" / "model", a.new_tokens)
-    lmforge("finetune", "--config", "configs/finetune/dpo.yaml", f"run.dir={out / 'dpo'}",
-            f"model.from={out / 'sft' / 'model'}", f"data.train={d / 'pairs.jsonl'}", f"data.seq_len={a.seq_len}",
-            f"train.epochs={a.dpo_epochs}", f"optim.lr={a.dpo_lr}", f"dpo.loss={a.dpo_loss}", f"dpo.beta={a.dpo_beta}", "eval.interval=5",
-            "checkpoint.interval=100", threads, done=out / "dpo" / "model" / "config.json")
-    after = safety(out / "dpo" / "model", a.new_tokens)
+    results = [("SFT (before)", safety(out / "sft" / "model", a.new_tokens))]
+    for loss in a.losses.split(","):
+        run = out / f"pref-{loss}"
+        lmforge("finetune", "--config", "configs/finetune/dpo.yaml", f"run.dir={run}",
+                f"model.from={out / 'sft' / 'model'}", f"data.train={d / 'pairs.jsonl'}", f"data.seq_len={a.seq_len}",
+                f"train.epochs={a.dpo_epochs}", f"optim.lr={a.dpo_lr}", f"dpo.loss={loss}", f"dpo.beta={a.dpo_beta}",
+                "eval.interval=10", "checkpoint.interval=100", threads, done=run / "model" / "config.json")
+        results.append((f"after `dpo.loss: {loss}`", safety(run / "model", a.new_tokens)))
 
-    print(f"\nheld-out test half of the shipped set ({before['metrics'].get('n_harmful', '?')} harmful + "
-          f"{before['metrics'].get('n_benign', '?')} benign), greedy, {a.new_tokens} new tokens, phrase judge:")
+    m0 = results[0][1]["metrics"]
+    print(f"\nheld-out test half of the shipped set ({m0['n_harmful']} harmful + {m0['n_benign']} benign), greedy, "
+          f"{a.new_tokens} new tokens, phrase judge:")
     print("| model | refusal on harmful (test) | over-refusal on benign (test) | empty replies |")
     print("|---|---:|---:|---:|")
-    for name, r in (("SFT (before)", before), ("DPO (after)", after)):
+    for name, r in results:
         m = r["metrics"]
         print(f"| {name} | {pct(m['refusal_rate'])} ({by_lang(m, 'refusal_rate')}) | "
-              f"{pct(m['over_refusal_rate'])} ({by_lang(m, 'over_refusal_rate')}) | {m['empty_replies']} of {len(r.get('predictions', [])) or '?'} |")
+              f"{pct(m['over_refusal_rate'])} ({by_lang(m, 'over_refusal_rate')}) | "
+              f"{m['empty_replies']} of {m['n_harmful'] + m['n_benign']} |")
     print(f"\n(total {time.time() - t0:.0f}s; replies in {out}/*/model/eval/safety-test.json)")
     return 0
 
