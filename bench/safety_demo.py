@@ -53,8 +53,10 @@ def alpaca_chats(path: Path) -> list[dict]:
     return out
 
 
-def build_data(data: Path, out: Path, sft_refusals: int, sft_repeat: int, seed: int) -> None:
-    """pretrain.txt (one document per line), sft.jsonl (chat records) and pairs.jsonl (train half only)."""
+def build_data(data: Path, out: Path, sft_refusals: int, sft_repeat: int, help_pairs: int, seed: int) -> None:
+    """pretrain.txt (one document per line), sft.jsonl (chat records), pairs.jsonl (the safety set's train half
+    + `help_pairs` ordinary Alpaca requests) and general.jsonl (unseen ordinary requests, to measure
+    over-refusal outside the set)."""
     from lmforge.config import atomic_write_text
 
     demo = data / "instruct_llamafactory_demo"
@@ -83,13 +85,33 @@ def build_data(data: Path, out: Path, sft_refusals: int, sft_repeat: int, seed: 
     write_jsonl(out / "sft.jsonl", sft)
 
     pairs = []
-    for r in train:
+    for r in train:  # the safety pairs
         refuse, comply = REFUSAL[r["lang"]], COMPLY[r["lang"]]
         chosen, rejected = (refuse, comply) if r["type"] == "harmful" else (comply, refuse)
         pairs.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected})
+    # helpfulness pairs: ordinary Alpaca requests (from the SFT data) whose chosen reply is the Alpaca answer and
+    # rejected one the refusal, so that tuning does not learn "refuse anything that is not a look-alike"
+    for lang in ("en", "zh"):
+        recs = [r for r in json.loads((demo / f"alpaca_{lang}_demo.json").read_text(encoding="utf-8"))
+                if not r.get("input", "").strip()]
+        for r in random.Random(seed).sample(recs, help_pairs // 2):
+            pairs.append({"prompt": r["instruction"], "chosen": r["output"], "rejected": REFUSAL[lang]})
     write_jsonl(out / "pairs.jsonl", pairs)
+
+    # ordinary requests never trained on (the bilingual Alpaca translation, part 1), as "benign" safety records
+    seen = {m["content"] for c in chats for m in c["messages"]}
+    general = []
+    for r in json.loads((data / "instruct_alpaca_bilingual_zh_en/alpaca_chinese_part_1.json").read_text("utf-8")):
+        lang = "en" if len(general) < 25 else "zh"
+        if len(general) == 50 or r.get("en_input", "").strip() or r.get("zh_input", "").strip() \
+                or r[f"{lang}_instruction"] in seen:
+            continue
+        general.append({"id": f"alpaca-{lang}-{len(general):02d}", "category": "ordinary", "type": "benign",
+                        "lang": lang, "prompt": r[f"{lang}_instruction"]})
+    write_jsonl(out / "general.jsonl", general)
     print(f"data: {len(docs)} pretraining documents, {len(sft)} SFT records ({len(picked)} refusals x {sft_repeat}), "
-          f"{len(pairs)} DPO pairs from the train half -> {out}", file=sys.stderr)
+          f"{len(pairs)} preference pairs ({len(train)} from the safety train half), {len(general)} unseen ordinary "
+          f"requests -> {out}", file=sys.stderr)
 
 
 def lmforge(*args: str, done: Path | None = None) -> None:
@@ -106,11 +128,15 @@ def lmforge(*args: str, done: Path | None = None) -> None:
     print(f"  ({time.time() - t:.0f}s)", file=sys.stderr, flush=True)
 
 
-def safety(model: Path, new_tokens: int) -> dict:
-    out = model / "eval" / "safety-test.json"
-    lmforge("eval", "--model", str(model), "--task", "safety", "--split", "test", "--max-new-tokens", str(new_tokens),
-            "--out", str(out), done=out)
-    return json.loads(out.read_text(encoding="utf-8"))
+def safety(model: Path, new_tokens: int, general: Path) -> tuple[dict, dict]:
+    """The shipped set's held-out test half, and over-refusal on unseen ordinary requests."""
+    results = []
+    for name, data in (("safety-test.json", ["--split", "test"]), ("safety-general.json", ["--data", str(general)])):
+        out = model / "eval" / name
+        lmforge("eval", "--model", str(model), "--task", "safety", *data, "--max-new-tokens", str(new_tokens),
+                "--out", str(out), done=out)
+        results.append(json.loads(out.read_text(encoding="utf-8"))["metrics"])
+    return results[0], results[1]
 
 
 def pct(x) -> str:
@@ -133,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--sft-epochs", type=int, default=2)
     p.add_argument("--sft-refusals", type=int, default=10, help="harmful train-half requests answered by a refusal in SFT")
     p.add_argument("--sft-repeat", type=int, default=1, help="how many times each SFT refusal appears")
+    p.add_argument("--help-pairs", type=int, default=100, help="ordinary Alpaca requests added as pairs (answer > refusal)")
     p.add_argument("--losses", default="sigmoid,orpo", help="dpo.loss values to run, each from the SFT model")
     p.add_argument("--dpo-epochs", type=int, default=16)
     p.add_argument("--dpo-lr", type=float, default=1e-3)
@@ -149,7 +176,7 @@ def main(argv=None) -> int:
 
     d = out / "data"
     if not (d / "pairs.jsonl").exists():
-        build_data(data, d, a.sft_refusals, a.sft_repeat, a.seed)
+        build_data(data, d, a.sft_refusals, a.sft_repeat, a.help_pairs, a.seed)
     lmforge("tokenizer", "train", "--input", str(d / "pretrain.txt"), "--vocab-size", str(a.vocab_size),
             "--out", str(out / "tok"), "--txt-mode", "line", done=out / "tok" / "tokenizer.json")
     lmforge("prepare", "--input", str(d / "pretrain.txt"), "--tokenizer", str(out / "tok"), "--out",
@@ -163,26 +190,28 @@ def main(argv=None) -> int:
             "data.columns={}", f"data.seq_len={a.seq_len}", f"train.epochs={a.sft_epochs}", "optim.lr=2e-3",
             "eval.interval=100", "checkpoint.interval=200", "log.interval=20", threads,
             done=out / "sft" / "model" / "config.json")
-    results = [("SFT (before)", safety(out / "sft" / "model", a.new_tokens))]
+    general = d / "general.jsonl"
+    results = [("SFT (before)", safety(out / "sft" / "model", a.new_tokens, general))]
     for loss in a.losses.split(","):
         run = out / f"pref-{loss}"
         lmforge("finetune", "--config", "configs/finetune/dpo.yaml", f"run.dir={run}",
                 f"model.from={out / 'sft' / 'model'}", f"data.train={d / 'pairs.jsonl'}", f"data.seq_len={a.seq_len}",
                 f"train.epochs={a.dpo_epochs}", f"optim.lr={a.dpo_lr}", f"dpo.loss={loss}", f"dpo.beta={a.dpo_beta}",
                 "eval.interval=10", "checkpoint.interval=100", threads, done=run / "model" / "config.json")
-        results.append((f"after `dpo.loss: {loss}`", safety(run / "model", a.new_tokens)))
+        results.append((f"after `dpo.loss: {loss}`", safety(run / "model", a.new_tokens, general)))
 
-    m0 = results[0][1]["metrics"]
+    m0 = results[0][1][0]
     print(f"\nheld-out test half of the shipped set ({m0['n_harmful']} harmful + {m0['n_benign']} benign), greedy, "
           f"{a.new_tokens} new tokens, phrase judge:")
-    print("| model | refusal on harmful (test) | over-refusal on benign (test) | empty replies |")
-    print("|---|---:|---:|---:|")
-    for name, r in results:
-        m = r["metrics"]
+    print("| model | refusal on harmful (test) | over-refusal on benign look-alikes (test) | empty replies | "
+          "over-refusal on unseen ordinary requests |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (m, g) in results:
         print(f"| {name} | {pct(m['refusal_rate'])} ({by_lang(m, 'refusal_rate')}) | "
               f"{pct(m['over_refusal_rate'])} ({by_lang(m, 'over_refusal_rate')}) | "
-              f"{m['empty_replies']} of {m['n_harmful'] + m['n_benign']} |")
-    print(f"\n(total {time.time() - t0:.0f}s; replies in {out}/*/model/eval/safety-test.json)")
+              f"{m['empty_replies']} of {m['n_harmful'] + m['n_benign']} | "
+              f"{pct(g['over_refusal_rate'])} ({g['empty_replies']} empty of {g['n_benign']}) |")
+    print(f"\n(total {time.time() - t0:.0f}s; replies in {out}/*/model/eval/safety-*.json)")
     return 0
 
 
