@@ -39,6 +39,11 @@ def safety_set(split: str) -> list[dict]:
     return [r for r in rows if r.get("split") == split]
 
 
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     from lmforge.config import atomic_write_text
 
@@ -124,7 +129,7 @@ def lmforge(*args: str, done: Path | None = None) -> None:
     t = time.time()
     rc = subprocess.run(cmd, check=False).returncode
     if rc != 0:
-        sys.exit(f"error: step failed (exit {rc}): lmforge {' '.join(args)}")
+        fail(f"step failed (exit {rc}): lmforge {' '.join(args)}; fix what it printed and rerun (done steps are kept)")
     print(f"  ({time.time() - t:.0f}s)", file=sys.stderr, flush=True)
 
 
@@ -169,8 +174,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out, data = Path(a.out), Path(a.data)
     if not (data / "instruct_llamafactory_demo/alpaca_zh_demo.json").is_file():
-        sys.exit(f"error: --data {data} has no instruct_llamafactory_demo/alpaca_zh_demo.json; point it at the "
-                 "shared data dir (../shared/data)")
+        fail(f"--data {data} has no instruct_llamafactory_demo/alpaca_zh_demo.json; point it at the shared data dir "
+             "(../shared/data)")
     threads = f"train.threads={a.threads}"
     t0 = time.time()
 
