@@ -220,7 +220,7 @@ class PreferenceEvaluator:
 
     @torch.no_grad()
     def __call__(self, model) -> dict[str, float]:
-        from lmforge.train.trainer import to_device
+        from lmforge.train.batches import to_device
 
         parts = [self.loss.details(model, to_device(b, self.device)) for b in self.batches]
         return preference_metrics(parts) if parts else {}

@@ -438,7 +438,8 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     from lmforge.tokenizer import load_tokenizer
     from lmforge.train.config import grad_accum_steps
     from lmforge.train.parallel import barrier, setup_world
-    from lmforge.train.trainer import Trainer, check_compatible, find_resume
+    from lmforge.train.resume import check_compatible, find_resume
+    from lmforge.train.trainer import Trainer
 
     # ---- checks (no work yet) ----
     base_dir = Path(cfg.model.path)

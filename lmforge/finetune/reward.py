@@ -29,7 +29,7 @@ class RewardEvaluator:
 
     @torch.no_grad()
     def __call__(self, model) -> dict[str, float]:
-        from lmforge.train.trainer import to_device
+        from lmforge.train.batches import to_device
 
         cs, rs = [], []
         for b in self.batches:

@@ -14,7 +14,7 @@ _EXPORTS = {
     "Trainer": "lmforge.train.trainer",
     "TrainResult": "lmforge.train.trainer",
     "TrainingDiverged": "lmforge.train.trainer",
-    "causal_lm_loss": "lmforge.train.trainer",
+    "causal_lm_loss": "lmforge.train.batches",
     "LRSchedule": "lmforge.train.schedule",
     "build_optimizer": "lmforge.train.optim",
     "param_groups": "lmforge.train.optim",

@@ -135,8 +135,10 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     from lmforge.data.shards import read_index
     from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
+    from lmforge.train.batches import causal_lm_loss
     from lmforge.train.parallel import build_for_world, failure_guard, setup_world
-    from lmforge.train.trainer import Trainer, causal_lm_loss, check_compatible, find_resume
+    from lmforge.train.resume import check_compatible, find_resume
+    from lmforge.train.trainer import Trainer
 
     # ---- checks (no work yet) ----
     index = read_index(cfg.data.dir)

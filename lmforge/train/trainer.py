@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ConfigError, UserError, config_hash, dump_yaml
 from lmforge.console import info
 from lmforge.train import checkpoint as ckpt
+from lmforge.train.batches import causal_lm_loss, input_tokens, split_micro, to_device
 from lmforge.train.metrics import (
     MetricsWriter,
     Progress,
@@ -55,6 +55,7 @@ from lmforge.train.metrics import (
 )
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.parallel import World, all_reduce_sum, barrier, no_sync, parallelize_model, unwrap
+from lmforge.train.resume import _changed_settings, check_compatible, find_resume
 from lmforge.train.schedule import LRSchedule
 from lmforge.train.stopping import StopSignals, agree, exit_code
 from lmforge.train.trackers import build_trackers
@@ -87,96 +88,6 @@ def _same_on_every_rank(metrics: dict[str, float]) -> dict[str, float]:
     box = [metrics]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def input_tokens(batch: Any) -> int:
-    """Input positions of a batch that hold a real token (what the forward pass processes).
-
-    Causal rows (B, T+1) feed T inputs; a dict may say it explicitly: ``input_tokens`` (B,) per row
-    (SFT), ``lengths`` (B,) (classification); otherwise every position of ``tokens`` (B, T+1) but the last.
-    """
-    if isinstance(batch, dict):
-        for key in ("input_tokens", "lengths"):
-            if torch.is_tensor(batch.get(key)):
-                return int(batch[key].sum())
-        batch = batch["tokens"]
-    return int(batch.size(0) * (batch.size(1) - 1)) if batch.dim() == 2 else int(batch.numel())
-
-
-def causal_lm_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy, summed. batch: tokens (B, T+1), or a dict with ``tokens`` and optional
-    ``mask`` (bool (B, 1, T, T)), ``positions`` (B, T) and ``labels`` (B, T+1; -100 = not a target)."""
-    mask = positions = labels = None
-    if isinstance(batch, dict):
-        tokens, mask, positions, labels = batch["tokens"], batch.get("mask"), batch.get("positions"), batch.get("labels")
-    else:
-        tokens = batch
-    inputs = tokens[:, :-1]  # (B, T)
-    targets = (labels if labels is not None else tokens)[:, 1:]  # (B, T)
-    logits = model(inputs, positions=positions, mask=mask)  # (B, T, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=-100)
-    return loss, (targets != -100).sum()
-
-
-def split_micro(batch: Any, micro: int) -> list[Any]:
-    """Cut a step's batch into micro-batches of ``micro`` rows (tensors or dicts of tensors)."""
-    if isinstance(batch, dict):
-        n = next(iter(v for v in batch.values() if torch.is_tensor(v))).size(0)
-        return [{k: (v[i:i + micro] if torch.is_tensor(v) and v.dim() and v.size(0) == n else v)
-                 for k, v in batch.items()} for i in range(0, n, micro)]
-    return list(batch.split(micro, dim=0))
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-# ---- resume ------------------------------------------------------------------------------------
-def find_resume(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from per ``train.resume`` (auto | never | PATH), or None for a fresh start."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if resume == "never":
-        if ckpt.latest_checkpoint(ckpt_dir) is not None:
-            raise ConfigError(f"train.resume=never but run.dir '{run_dir}' already holds checkpoints; use "
-                              "train.resume=auto to continue it, choose another run.dir, or delete its checkpoints/")
-        return None
-    if resume == "auto":
-        return ckpt.latest_checkpoint(ckpt_dir)
-    return ckpt.resolve_checkpoint(resume)
-
-
-def check_compatible(path: Path, math_fields: dict[str, Any], allow: Iterable[str] = ()) -> list[str]:
-    """Refuse a checkpoint whose math-changing fields differ (naming the first one) unless allowed.
-    Returns notes about the allowed differences."""
-    saved = ckpt.read_meta(path).get("math", {})
-    allow = set(allow)
-    notes = []
-    for key in sorted(set(saved) | set(math_fields)):
-        old, new = saved.get(key), math_fields.get(key)
-        if old == new:
-            continue
-        if key in allow:
-            notes.append(f"{key}: {old!r} -> {new!r} (allowed by checkpoint.allow_mismatch)")
-            continue
-        raise ConfigError(f"checkpoint '{path}' was trained with {key}={old!r} but the config says {new!r}; "
-                          f"resume with the same value, start a new run.dir, or override with "
-                          f"checkpoint.allow_mismatch=[{key}]")
-    return notes
-
-
-def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_settings(a, b, f"{prefix}{k}.")
-        elif a != b and not (prefix == "train." and k == "resume"):
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
 
 
 @dataclass
