@@ -25,24 +25,46 @@ def add_arguments(p) -> None:
     p.add_argument("--pii", action="store_true", help="replace e-mail addresses and phone numbers")
     p.add_argument("--add-bos", action="store_true", help="start every document with BOS")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
+    # web filters (lmforge.data.doc_filters): language routing, quality rules, decontamination
+    p.add_argument("--lang", default=None, metavar="CODES",
+                   help="keep only documents in these languages (ISO 639-1, e.g. en,zh; packaged langid model)")
+    p.add_argument("--lang-min-score", type=float, default=0.65,
+                   help="with --lang: minimum language probability to keep a document")
+    p.add_argument("--quality", default=None, metavar="FILTERS",
+                   help="quality filters: gopher (= gopher_quality,gopher_repetition), c4, fineweb, all")
+    p.add_argument("--quality-config", default=None, metavar="JSON",
+                   help="threshold overrides: a JSON file or inline JSON, e.g. '{\"c4\": {\"min_sentences\": 2}}'")
+    p.add_argument("--decontaminate", nargs="+", action="extend", default=None, metavar="PATH",
+                   help="evaluation sets (jsonl/json/txt): documents sharing an n-gram with one are dropped")
+    p.add_argument("--decontaminate-mode", default="drop", choices=["drop", "report"],
+                   help="drop contaminated documents, or only count them in the report")
+    p.add_argument("--decontaminate-ngram", type=int, default=13,
+                   help="n-gram length in words (a CJK character counts as one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
 
 
 def run(args) -> int:
+    from lmforge.data.doc_filters import make_spec
     from lmforge.data.prepare import prepare
     from lmforge.outputs import guard_output_dir
+
+    filters = make_spec(lang=args.lang, lang_min_score=args.lang_min_score, quality_filters=args.quality,
+                        quality_config=args.quality_config, decontaminate=args.decontaminate,
+                        decontaminate_mode=args.decontaminate_mode, decontaminate_ngram=args.decontaminate_ngram)
 
     guard_output_dir(args.out, inputs=[*args.input, args.tokenizer], overwrite=args.overwrite)
     r = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
                 dedup=args.dedup, seed=args.seed, text_field=args.text_field, min_chars=args.min_chars,
                 txt_mode=args.txt_mode, pii=args.pii, shard_tokens=args.shard_tokens, add_bos=args.add_bos,
-                overwrite=args.overwrite, progress=not args.no_progress, include=args.include)
+                overwrite=args.overwrite, progress=not args.no_progress, include=args.include, filters=filters)
     removed = r["removed_exact_duplicates"] + r["removed_near_duplicates"]
     summary = (f"{r['tokens']:,} tokens ({r['train_tokens']:,} train / {r['val_tokens']:,} val) from "
                f"{r['documents_kept']:,} of {r['documents_read']:,} documents "
-               f"({removed:,} duplicates, {r['removed_short'] + r['removed_empty']:,} empty/short removed) "
+               f"({removed:,} duplicates, {r['removed_short'] + r['removed_empty']:,} empty/short removed"
+               + (f", {r['filters']['documents_in'] - r['filters']['documents_out']:,} filtered" if "filters" in r
+                  else "") + ") "
                f"in {r['seconds']:.1f}s, {r['mb_per_s']:.2f} MB/s -> {args.out}")
     emit(args, summary, {"out": args.out, **r})
     return 0

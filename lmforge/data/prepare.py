@@ -37,6 +37,7 @@ from lmforge.atomic import make_temp_dir, swap_into_place
 from lmforge.config import UserError
 from lmforge.console import info
 from lmforge.data import clean
+from lmforge.data.doc_filters import FilterReport, FilterSpec, pipeline
 from lmforge.data.shards import FORMAT, INDEX_NAME, dtype_for_vocab
 from lmforge.data.sources import (
     TXT_MODES,
@@ -61,6 +62,7 @@ class TaskConfig:
     pii: bool = False
     near: bool = False
     add_bos: bool = False
+    filters: FilterSpec | None = None  # web filters (lmforge.data.doc_filters): language, quality, decontamination
 
 
 @dataclass
@@ -75,6 +77,7 @@ class TaskResult:
     pii_phones: int = 0
     chars: int = 0
     stats: ReadStats = field(default_factory=ReadStats)
+    filters: FilterReport | None = None  # counts of the web filters (doc_filters), when on
 
 
 _WORKER: dict[str, Any] = {}
@@ -108,6 +111,10 @@ def process_task(task: tuple[str, list[str]], cfg: TaskConfig) -> TaskResult:
         docs = items
     kept: list[str] = []
     sigs = []
+    filters = None
+    if cfg.filters is not None:  # web filters: language, quality, decontamination (doc_filters.py)
+        filters = pipeline(cfg.filters)
+        res.filters = filters.new_report()
     for doc in docs:
         if cfg.pii:
             doc, ne, nph = clean.scrub_pii(doc)
@@ -119,6 +126,10 @@ def process_task(task: tuple[str, list[str]], cfg: TaskConfig) -> TaskResult:
         if len(doc) < cfg.min_chars:
             res.removed_short += 1
             continue
+        if filters is not None:
+            doc = filters.apply(doc, res.filters)
+            if doc is None:
+                continue
         norm = clean.normalize(doc)
         res.keys.append(clean.text_key(norm))
         if cfg.near:
@@ -247,14 +258,16 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
              text_field: str = "text", min_chars: int = 16, txt_mode: str = "file", pii: bool = False,
              shard_tokens: int = 1 << 28, add_bos: bool = False, near_threshold: float = 0.8,
              overwrite: bool = False, progress: bool = True,
-             include: list[str] | str | None = None) -> dict[str, Any]:
+             include: list[str] | str | None = None, filters: FilterSpec | None = None) -> dict[str, Any]:
     """Tokenize ``inputs`` into a token-shard dir at ``out_dir``; returns the report (also in index.json).
 
     ``txt_mode``: ``file`` (one document per text file, e.g. source code), ``blank`` (blank-line-separated
     blocks) or ``line``. ``dedup``: ``exact`` (normalized-text hash), ``near`` (exact + MinHash LSH at
     ``near_threshold`` estimated Jaccard over character 5-grams) or ``none``. ``pii`` replaces e-mail
     addresses and phone numbers with ``[EMAIL]`` / ``[PHONE]``. ``include`` (``["*.py"]``) picks the files
-    read inside input directories (default: txt, text, md, py, json, jsonl, ndjson, parquet).
+    read inside input directories (default: txt, text, md, py, json, jsonl, ndjson, parquet, warc, wet,
+    html, htm). ``filters`` (:func:`lmforge.data.doc_filters.make_spec`): language routing, quality filters
+    and decontamination per document, counted in the report's ``filters``.
     """
     from lmforge.tokenizer import load_tokenizer
 
@@ -283,7 +296,8 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
     dtype = dtype_for_vocab(tok.vocab_size)
     stats = ReadStats()
     paths = resolve_inputs(inputs, stats, include)
-    cfg = TaskConfig(tokenizer_dir, text_field, txt_mode, min_chars, pii, dedup == "near", add_bos)
+    cfg = TaskConfig(tokenizer_dir, text_field, txt_mode, min_chars, pii, dedup == "near", add_bos,
+                     filters=filters)
 
     tmp = make_temp_dir(out)  # filled, then renamed to `out` only when complete
     pool = None
@@ -294,10 +308,12 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
         seen: set[int] = set()
         near = clean.NearDedup(threshold=near_threshold) if dedup == "near" else None
         counts = collections.Counter()
+        filter_report = FilterReport()  # web filters' counts, merged in task order
         bar = _Progress(progress)
 
         def consume(res: TaskResult) -> None:
             stats.add(res.stats)
+            filter_report.merge(res.filters)
             for k in ("removed_empty", "removed_short", "pii_emails", "pii_phones"):
                 counts[k] += getattr(res, k)
             offset = 0
@@ -358,7 +374,11 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
             raise UserError(f"no text left to write from {len(paths)} input file(s): "
                             f"{stats.documents} documents read, {counts['removed_empty']} empty, "
                             f"{counts['removed_short']} shorter than --min-chars={min_chars}, "
-                            f"{counts['removed_exact_duplicates']} duplicates; check the inputs and --text-field")
+                            f"{counts['removed_exact_duplicates']} duplicates"
+                            + (f", {filter_report.documents_in - filter_report.documents_out} removed by the "
+                               "language/quality/decontamination filters (see --lang, --quality)"
+                               if filters is not None else "")
+                            + "; check the inputs and --text-field")
         if splits["train"]["tokens"] == 0:
             raise UserError(f"every document went to the val split (--val-fraction={val_fraction}); lower it")
         seconds = time.perf_counter() - t0
@@ -379,6 +399,11 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
             "tokens_per_s": round(tokens_total / max(seconds, 1e-9), 1),
             "chars_per_token": round(counts["read_chars"] / max(tokens_total - n_docs, 1), 4),
         }
+        if filters is not None:
+            report["filters"] = filter_report.as_dict(filters)
+        if stats.web_pages or stats.web_skipped_records:
+            report["web"] = {"pages": stats.web_pages, "skipped_records": stats.web_skipped_records,
+                             "no_main_text": stats.web_no_main_text}
         if stats.replaced_chars:
             share = stats.replaced_chars / max(counts["read_chars"], 1)
             report["encoding_warning"] = (
@@ -410,7 +435,7 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
                        "val_fraction": val_fraction, "dedup": dedup, "seed": seed, "text_field": text_field,
                        "txt_mode": txt_mode, "min_chars": min_chars, "pii": pii, "add_bos": add_bos,
                        "near_threshold": near_threshold, "shard_tokens": shard_tokens, "workers": workers,
-                       "include": include},
+                       "include": include, "filters": filters.as_dict() if filters is not None else None},
             "lmforge_version": __import__("lmforge").__version__,
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False))

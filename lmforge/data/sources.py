@@ -8,6 +8,8 @@ Formats (chosen by file name, after a compression suffix ``.gz``/``.zst``/``.bz2
 - ``.parquet``: the ``text_field`` column, streamed by row group (needs ``pyarrow``);
 - anything else is text: one document per file (``txt_mode="file"``), per blank-line-separated block
   (``"blank"``) or per line (``"line"``);
+- ``.warc``/``.wet`` archives and ``.html``/``.htm`` pages: one document per page, the main text
+  extracted by trafilatura (``lmforge.data.web``);
 - ``hf:NAME[:SPLIT]`` or a directory written by ``datasets.Dataset.save_to_disk`` (needs ``datasets``).
 
 ``text_field`` may list alternatives separated by commas (``paragraphs,content``): the first one present
@@ -34,7 +36,8 @@ from lmforge.config import UserError
 
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 # Files picked up when a directory is given (explicit files and globs are always read).
-DIR_EXTENSIONS = (".txt", ".text", ".jsonl", ".ndjson", ".json", ".parquet", ".py", ".md")
+DIR_EXTENSIONS = (".txt", ".text", ".jsonl", ".ndjson", ".json", ".parquet", ".py", ".md",
+                  ".warc", ".wet", ".html", ".htm")  # web formats: lmforge.data.web
 # Metadata that sits beside data in a directory and holds no documents (skipped unless --include names it).
 DIR_METADATA = frozenset({"manifest.json", "index.json", "config.json", "metadata.json", "dataset_info.json",
                           "state.json", "package.json", "package-lock.json", "tokenizer.json",
@@ -54,6 +57,10 @@ class ReadStats:
     replaced_chars: int = 0
     skipped_files: int = 0
     skipped: list[str] = dataclasses.field(default_factory=list)  # the skipped files (inside directories)
+    # web inputs (lmforge.data.web): pages read, records that are not pages, pages without main text
+    web_pages: int = 0
+    web_skipped_records: int = 0
+    web_no_main_text: int = 0
 
     def add(self, other: ReadStats) -> None:
         for f in dataclasses.fields(self):
@@ -76,7 +83,7 @@ def _strip_compression(name: str) -> tuple[str, str | None]:
 
 
 def file_format(path: str) -> str:
-    """'jsonl' | 'json' | 'parquet' | 'hf' | 'text' from the file name."""
+    """'jsonl' | 'json' | 'parquet' | 'warc' | 'html' | 'hf' | 'text' from the file name."""
     if path.startswith("hf:") or path.startswith("hfdisk:"):
         return "hf"
     base, _ = _strip_compression(path)
@@ -87,6 +94,12 @@ def file_format(path: str) -> str:
         return "json"
     if low.endswith(".parquet"):
         return "parquet"
+    from lmforge.data.web import HTML_SUFFIXES, WARC_SUFFIXES
+
+    if low.endswith(WARC_SUFFIXES):
+        return "warc"
+    if low.endswith(HTML_SUFFIXES):
+        return "html"
     return "text"
 
 
@@ -404,6 +417,19 @@ def _iter_hf(spec: str, fields: list[str], stats: ReadStats) -> Iterator[str]:
             yield text
 
 
+def _iter_web(path: str, fmt: str, stats: ReadStats) -> Iterator[str]:
+    from lmforge.data import web
+
+    if fmt == "html":
+        yield from web.html_page(_read_all(path), stats)
+        return
+    try:
+        with open_binary(path) as f:
+            yield from web.iter_warc_pages(f, stats, path)
+    except OSError as e:
+        raise UserError(f"input '{path}' cannot be read: {type(e).__name__}: {e}") from None
+
+
 def iter_file_documents(path: str, text_field: str = "text", txt_mode: str = "file",
                         stats: ReadStats | None = None) -> Iterator[str]:
     """Documents of one resolved input, in order."""
@@ -419,6 +445,8 @@ def iter_file_documents(path: str, text_field: str = "text", txt_mode: str = "fi
         it = _iter_parquet(path, fields, stats)
     elif fmt == "hf":
         it = _iter_hf(path, fields, stats)
+    elif fmt in ("warc", "html"):
+        it = _iter_web(path, fmt, stats)
     else:
         it = _iter_text(path, txt_mode, stats)
     for doc in it:
