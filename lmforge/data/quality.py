@@ -83,7 +83,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "fineweb": {"line_punct_thr": 0.12, "short_line_thr": 0.67, "short_line_length": 30,
                 "char_duplicates_ratio": 0.01, "new_line_ratio": 0.3},
     "fineweb_zh": {"line_punct_thr": 0.12, "short_line_thr": 0.67, "short_line_length": 10,
-                   "char_duplicates_ratio": 0.01, "new_line_ratio": 0.2},  # newlines per character
+                   # newlines per character: 0.3 per word / ~1.5 characters per word. With the 10-character
+                   # short-line rule on, lines long enough to pass it keep this ratio below 0.1, so it only
+                   # matters when short_line_thr is relaxed.
+                   "char_duplicates_ratio": 0.01, "new_line_ratio": 0.2},
 }
 
 _PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~“”‘’«»…–—·"
@@ -95,7 +98,8 @@ _FINEWEB_STOP_EN = (".", "'", '"', "!", "?")
 _FINEWEB_STOP_ZH = _FINEWEB_STOP_EN + ("。", "！", "？", "”", "」", "』")
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
-_POLICY_ZH = _POLICY + ("隐私政策", "使用条款", "服务条款", "隐私权政策", "使用cookie", "cookie政策")
+_POLICY_ZH = _POLICY + ("隐私政策", "使用条款", "服务条款", "隐私权政策", "使用cookie", "cookie政策",  # Simplified
+                        "隱私政策", "使用條款", "服務條款", "隱私權政策", "cookie政策")  # Traditional
 _SENTENCE_EN = re.compile(r"[.!?]+(?=[\"'”’)\]]*(?:\s|$))")
 _SENTENCE_ZH = re.compile(r"[。！？!?]+|[.](?=\s|$)")
 

@@ -21,14 +21,24 @@ HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 
+def _need(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        from lmforge.config import UserError
+
+        raise UserError(f"web inputs need `{module.split('.')[0]}`; pip install 'lmforge[web]'") from None
+
+
 def extract_main_text(html: bytes | str) -> str:
     """Main text of one HTML page (trafilatura; boilerplate removed); ``""`` when it finds none.
 
     Paragraphs come out one per line, so the line-based quality rules (C4, FineWeb) see the page's
     structure.
     """
-    import trafilatura
-
+    trafilatura = _need("trafilatura")
     if not html:
         return ""
     try:
@@ -47,8 +57,7 @@ def _content_type(record: Any) -> str:
 
 def iter_warc_pages(stream: BinaryIO, stats: Any, name: str = "input") -> Iterator[str]:
     """Main texts of the HTML / text records of one WARC or WET stream (decompressed or gzip)."""
-    from warcio.archiveiterator import ArchiveIterator
-
+    ArchiveIterator = _need("warcio.archiveiterator").ArchiveIterator
     try:
         for record in ArchiveIterator(stream, arc2warc=True):
             rtype = record.rec_type
