@@ -11,7 +11,8 @@ turns a rule off.
   alphabetic character; at least 2 of the stop words *the, be, to, of, and, that, have, with*.
 - **Gopher repetition** (same paper, Table A1): duplicate lines ≤ 30 % (of lines) and ≤ 20 % (of
   characters); the same for paragraphs; the most frequent 2/3/4-gram covers ≤ 20/18/16 % of the
-  characters; characters inside duplicated 5…10-grams ≤ 15, 14, 13, 12, 11, 10 %.
+  characters; characters inside repeated 5…10-grams (each occurrence after the first) ≤ 15, 14, 13, 12,
+  11, 10 %.
 - **C4** (Raffel et al., 2020, §2.2): keep only lines ending in terminal punctuation (``. ! ? "``, not an
   ellipsis) with at least 5 words, drop lines mentioning "javascript" or a cookie / terms-of-use notice
   (the reference code's list), drop Wikipedia citation markers; drop the page when it contains "lorem
@@ -206,16 +207,19 @@ def _top_ngram_frac(tokens: list[str], lens: np.ndarray, total: int, n: int, sep
 
 
 def _dup_ngram_frac(tokens: list[str], lens: np.ndarray, total: int, n: int) -> float:
-    """Characters of the tokens inside any n-gram that occurs more than once / ``total`` (each token once)."""
+    """Characters of the tokens inside repeated occurrences of an n-gram (every occurrence after its
+    first, as datatrove's GopherRepetitionFilter counts them) / ``total``; a token is counted once even
+    when several repeated n-grams overlap it."""
     if len(tokens) < n or total == 0:
         return 0.0
     ids = _gram_ids(tokens, n)
-    dup_starts = np.flatnonzero(np.bincount(ids)[ids] > 1)
-    if not len(dup_starts):
+    _, first = np.unique(ids, return_index=True)  # ids are 0..k-1 in order of first appearance
+    repeat_starts = np.flatnonzero(first[ids] != np.arange(len(ids)))
+    if not len(repeat_starts):
         return 0.0
     cover = np.zeros(len(tokens) + 1, dtype=np.int64)
-    np.add.at(cover, dup_starts, 1)
-    np.add.at(cover, dup_starts + n, -1)
+    np.add.at(cover, repeat_starts, 1)
+    np.add.at(cover, repeat_starts + n, -1)
     covered = np.cumsum(cover[:-1]) > 0
     return float(lens[covered].sum()) / total
 

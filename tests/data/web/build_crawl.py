@@ -51,7 +51,7 @@ def load_texts() -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     return wiki, guwen, paragraphs, poems
 
 
-def page_html(site: str, title: str, paragraphs: list[str], related: list[str]) -> str:
+def page_html(site: str, title: str, paragraphs: list[str], related: list[str], h1: bool = True) -> str:
     s = SITES[site]
     esc = html.escape
     nav = "".join(f'<li><a href="/{i}">{esc(x)}</a></li>' for i, x in enumerate(s["nav"]))
@@ -67,7 +67,7 @@ def page_html(site: str, title: str, paragraphs: list[str], related: list[str]) 
 <div id="cookie-banner" class="cookie-consent"><p>{esc(s['cookie'])}</p><button>OK</button></div>
 <header><div class="logo">{esc(s['name'])}</div><nav class="menu"><ul>{nav}</ul></nav></header>
 <main><article>
-<h1>{esc(title)}</h1>
+{f"<h1>{esc(title)}</h1>" if h1 else ""}
 {body}
 </article>
 <div class="share">{share}</div></main>
@@ -209,9 +209,85 @@ def build_crawl(out: Path) -> dict:
     return {"warc": in_warc, "html": in_html, "wet": wet, "eval_squad": squad_path, "eval_tangshi": tang_path}
 
 
+def build_demo_crawl(out: Path, shared: Path) -> dict:
+    """The README's larger crawl from the full ``../shared/data`` sets: 30 Wikipedia leads and the 300 C4
+    pages (real web text) as English articles, all 222 古文觀止 pieces as Chinese ones, with mirrored
+    (exact) and updated (near) copies every few pages, low-quality pages, and pages quoting SQuAD dev
+    contexts and Tang poems; the evaluation sets are the full SQuAD v1.1 dev set and 唐詩三百首."""
+    sys.path.insert(0, str(HERE))
+    from make_web_slices import lead
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    wiki_lines = (shared / "english_corpus/llamafactory_pretrain_demo/wiki_demo.txt").read_text(encoding="utf-8")
+    en = [(t.split(" is ", 1)[0].split(" (", 1)[0][:60], lead(t).split("\n")) for t in wiki_lines.splitlines()]
+    for line in (shared / "english_corpus/llamafactory_pretrain_demo/c4_demo.jsonl").read_text().splitlines():
+        text = json.loads(line)["text"]
+        en.append((f"Post {len(en)}", [p for p in text.split("\n") if p.strip()]))
+    guwen = json.loads((shared / "chinese_poetry/classics/guwenguanzhi.json").read_text(encoding="utf-8"))
+    zh = [(c["chapter"], c["paragraphs"]) for vol in guwen["content"] for c in vol["content"]]
+    squad = json.loads((shared / "qa_en_squad_v1.1_dev/squad_v1.1_dev_reconstructed.json").read_text())
+    contexts = [p for a in squad["data"] for p in a["paragraphs"]]
+    poems = json.loads((shared / "chinese_poetry/classics/tangshi_300.json").read_text(encoding="utf-8"))
+    items: list[dict] = []
+
+    def add(kind, site, url, title, paragraphs):
+        related = [t for t, _ in (zh if SITES[site]["lang"] == "zh" else en)[:5]]
+        h1 = not title.startswith("Post ")  # C4 pages have no title of their own: no <h1>
+        items.append({"kind": kind, "url": url, "html": page_html(site, title, paragraphs, related, h1)})
+
+    for i, (title, paras) in enumerate(en):
+        add("article_en", "ab"[i % 2], f"https://{'ab'[i % 2]}.example/en/{i}", title, paras)
+        if i % 7 == 3:
+            add("exact_dup_en", "ba"[i % 2], f"https://{'ba'[i % 2]}.example/mirror/{i}", title, paras)
+        if i % 11 == 5:
+            add("near_dup_en", "ab"[i % 2], f"https://{'ab'[i % 2]}.example/en/{i}?rev=2", title,
+                paras + ["This page was last updated in March 2024 to correct a typo."])
+    for i, (title, paras) in enumerate(zh):
+        add("article_zh", "c", f"https://c.example/zh/{i}", title, paras)
+        if i % 9 == 4:
+            add("exact_dup_zh", "c", f"https://c.example/mirror/{i}", title, paras)
+    cities = ["Paris", "London", "Rome", "Berlin", "Madrid", "Vienna", "Prague", "Lisbon", "Dublin", "Athens"]
+    for k in range(5):
+        stuffing = " ".join(f"Cheap flights to {c} and cheap hotels in {c} with the best deals."
+                            for c in cities[k:] + cities[:k])
+        add("spam_en", "a", f"https://a.example/deals/{k}", "Best deals", [en[k][1][0], stuffing])
+        add("stub_en", "a", f"https://a.example/404/{k}", "Page not found",
+            ["Sorry, the page you are looking for does not exist."])
+        add("spam_zh", "c", f"https://c.example/spam/{k}", "名句", [poems[k]["paragraphs"][0]] * 12)
+    for k in range(3):
+        add("lorem_en", "b", f"https://b.example/draft/{k}", en[40 + k][0], en[40 + k][1] + [
+            "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore."])
+        add("code_en", "a", f"https://a.example/widget/{k}", en[50 + k][0], en[50 + k][1] + [
+            "To embed this article, call embed({ id: 3, theme: 'light' }) after the page has loaded."])
+    for k in range(5):
+        ctx = contexts[k * 400]["context"]
+        add("quotes_squad", "b", f"https://b.example/notes/{k}", "Reading notes",
+            [en[60 + k][1][0], "From a summary we read this week:", ctx,
+             "We will come back to this in a later post."])
+        poem = poems[10 + k * 50]
+        add("quotes_poem", "c", f"https://c.example/notes/{k}", zh[100 + k][0],
+            zh[100 + k][1] + ["附：" + poem["title"] + "。" + "".join(poem["paragraphs"])])
+    write_warc(out / "crawl.warc.gz", items)
+    p = out / "eval_squad.jsonl"
+    with open(p, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"question": qa["question"], "context": para["context"],
+                                 "answers": [a["text"] for a in qa["answers"]]}) + "\n"
+                     for para in contexts for qa in para["qas"])
+    (out / "eval_tangshi.json").write_bytes((shared / "chinese_poetry/classics/tangshi_300.json").read_bytes())
+    return {"warc": items}
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/data/web/build_crawl.py OUT_DIR")
-    built = build_crawl(Path(sys.argv[1]))
-    print(f"wrote {len(built['warc'])} WARC pages, {len(built['html'])} HTML files, {len(built['wet'])} WET records "
-          f"to {sys.argv[1]}")
+    if len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] != "--shared"):
+        sys.exit("usage: python tests/data/web/build_crawl.py OUT_DIR [--shared ../shared/data]")
+    if len(sys.argv) == 4:
+        built = build_demo_crawl(Path(sys.argv[1]), Path(sys.argv[3]))
+        kinds: dict[str, int] = {}
+        for item in built["warc"]:
+            kinds[item["kind"]] = kinds.get(item["kind"], 0) + 1
+        print(f"wrote {len(built['warc'])} WARC pages to {sys.argv[1]}: {kinds}")
+    else:
+        built = build_crawl(Path(sys.argv[1]))
+        print(f"wrote {len(built['warc'])} WARC pages, {len(built['html'])} HTML files, {len(built['wet'])} WET "
+              f"records to {sys.argv[1]}")
