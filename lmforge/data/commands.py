@@ -10,7 +10,8 @@ HELP = "tokenize text into token shards (dedup, PII scrub, val split, parallel w
 def add_arguments(p) -> None:
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
                    help="files, dirs, globs, fsspec URLs (s3://, gs://, memory://), hf:NAME[:SPLIT] or a "
-                        "saved `datasets` dir; txt / jsonl / json / parquet, .gz/.zst/.bz2/.xz; repeatable")
+                        "saved `datasets` dir; txt / jsonl / json / parquet / warc / wet / html, .gz/.zst/.bz2/.xz; "
+                        "repeatable")
     p.add_argument("--tokenizer", required=True, help="tokenizer dir (tokenizer.json or tokenizer.model)")
     p.add_argument("--out", required=True, help="output token-shard dir (written atomically)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out for val")

@@ -114,6 +114,7 @@ def test_lang_en_routes_and_report_mode_keeps(tmp_path, crawl, tok_dir):
     assert not any("鄭" in doc or "曹劌" in doc for doc in docs if "classical Chinese" not in doc)
 
 
+@pytest.mark.slow
 def test_cli_prepare_web_crawl_two_workers(tmp_path, crawl, tok_dir):
     """The flags through the real CLI, with worker processes (the spec is pickled to them)."""
     out = tmp_path / "cli"
