@@ -19,9 +19,8 @@ turns a rule off.
   ipsum" or a curly bracket, or keeps fewer than 3 sentences. (The bad-words list is not applied: it would
   be a download.)
 - **FineWeb** (Penedo et al., 2024, §3.3): remove when ≤ 12 % of lines end in punctuation, when ≥ 67 % of
-  lines are ≤ 30 characters, when ≥ 1 % of the characters sit in duplicated lines (0.01 is datatrove's
-  ``FineWebQualityFilter`` default that built the released FineWeb; the paper's text says 0.1), or when
-  there are more than 0.3 newlines per word.
+  lines are ≤ 30 characters, when ≥ 1 % of the characters sit in duplicated lines (0.01, datatrove's
+  ``FineWebQualityFilter`` default), or when there are more than 0.3 newlines per word (same source).
 
 **Chinese (and Japanese): a character-based variant** (``*_zh`` keys), because there are no spaces to
 count words by. Words become characters (letters/digits, CJK ideographs included, punctuation excluded);
