@@ -159,3 +159,19 @@ def test_filter_pipeline_counts_and_pickles(tmp_path):
         doc_filters.make_spec(quality_config="{}")
     with pytest.raises(UserError, match="--decontaminate-ngram=0"):
         doc_filters.make_spec(decontaminate=[ev], decontaminate_ngram=0)
+
+
+def test_language_min_score():
+    """'Tokyo 2020' is English to the model, but with probability ~0.17: below --lang-min-score."""
+    lang, p = langid.detect("Tokyo 2020")
+    assert lang == "en" and p < 0.65
+    spec = doc_filters.make_spec(lang="en")
+    f = doc_filters.pipeline(spec)
+    r = f.new_report()
+    assert f.apply("Tokyo 2020", r) is None and f.apply(WIKI[0]["text"], r) == WIKI[0]["text"]
+    assert r.as_dict(spec)["language_low_score"] == 1
+    low = doc_filters.make_spec(lang="en", lang_min_score=0.1)
+    r = doc_filters.pipeline(low).new_report()
+    assert doc_filters.pipeline(low).apply("Tokyo 2020", r) == "Tokyo 2020"
+    with pytest.raises(UserError, match="--lang-min-score=1.5"):
+        doc_filters.make_spec(lang="en", lang_min_score=1.5)
