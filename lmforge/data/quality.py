@@ -184,18 +184,30 @@ def _dup_stats(items: list[str]) -> tuple[int, int]:
     return n, chars
 
 
-def _gram_ids(tokens: list[str], n: int) -> np.ndarray:
-    """An id per n-gram start (equal n-grams share an id)."""
-    ids: dict[tuple[str, ...], int] = {}
-    return np.fromiter((ids.setdefault(tuple(tokens[i:i + n]), len(ids)) for i in range(len(tokens) - n + 1)),
-                       dtype=np.int64, count=max(len(tokens) - n + 1, 0))
+class _NGrams:
+    """Dense ids of a token sequence's n-grams (equal n-grams share an id), built exactly and vectorized:
+    the n-gram at i is the pair (its (n-1)-gram id at i, token i+n-1), renumbered with ``np.unique``."""
+
+    def __init__(self, tokens: list[str]):
+        vocab: dict[str, int] = {}
+        self.tok = np.fromiter((vocab.setdefault(t, len(vocab)) for t in tokens), dtype=np.uint64,
+                               count=len(tokens))
+        self.v = np.uint64(max(len(vocab), 1))
+        self.cache: dict[int, np.ndarray] = {1: self.tok.astype(np.int64)}
+
+    def ids(self, n: int) -> np.ndarray:
+        if n not in self.cache:
+            prev = self.ids(n - 1)[:-1].astype(np.uint64)  # (n-1)-grams that have a next token
+            pair = prev * self.v + self.tok[n - 1:]  # < len x vocab <= 2^64 for any real document
+            self.cache[n] = np.unique(pair, return_inverse=True)[1].reshape(-1).astype(np.int64)
+        return self.cache[n]
 
 
-def _top_ngram_frac(tokens: list[str], lens: np.ndarray, total: int, n: int, sep: int) -> float:
+def _top_ngram_frac(grams: _NGrams, lens: np.ndarray, total: int, n: int, sep: int) -> float:
     """Characters covered by the most frequent n-gram (its length x its count) / ``total``."""
-    if len(tokens) < n or total == 0:
+    if len(lens) < n or total == 0:
         return 0.0
-    ids = _gram_ids(tokens, n)
+    ids = grams.ids(n)
     counts = np.bincount(ids)
     top = int(counts.argmax())
     if counts[top] < 2:
@@ -205,18 +217,18 @@ def _top_ngram_frac(tokens: list[str], lens: np.ndarray, total: int, n: int, sep
     return length * int(counts[top]) / total
 
 
-def _dup_ngram_frac(tokens: list[str], lens: np.ndarray, total: int, n: int) -> float:
+def _dup_ngram_frac(grams: _NGrams, lens: np.ndarray, total: int, n: int) -> float:
     """Characters of the tokens inside repeated occurrences of an n-gram (every occurrence after its
     first, as datatrove's GopherRepetitionFilter counts them) / ``total``; a token is counted once even
     when several repeated n-grams overlap it."""
-    if len(tokens) < n or total == 0:
+    if len(lens) < n or total == 0:
         return 0.0
-    ids = _gram_ids(tokens, n)
-    _, first = np.unique(ids, return_index=True)  # ids are 0..k-1 in order of first appearance
+    ids = grams.ids(n)
+    _, first = np.unique(ids, return_index=True)  # first occurrence of each (dense) id
     repeat_starts = np.flatnonzero(first[ids] != np.arange(len(ids)))
     if not len(repeat_starts):
         return 0.0
-    cover = np.zeros(len(tokens) + 1, dtype=np.int64)
+    cover = np.zeros(len(lens) + 1, dtype=np.int64)
     np.add.at(cover, repeat_starts, 1)
     np.add.at(cover, repeat_starts + n, -1)
     covered = np.cumsum(cover[:-1]) > 0
@@ -302,13 +314,14 @@ def gopher_repetition(text: str, t: dict[str, Any], char_level: bool = False) ->
         return "dup_line_char_frac"
     tokens = _chars(text) if char_level else [w.lower() for w in _words(text)]
     lens = np.fromiter((len(w) for w in tokens), dtype=np.int64, count=len(tokens))
+    grams = _NGrams(tokens)
     sep = 0 if char_level else 1
     for n, frac in sorted(((int(k), v) for k, v in (t["top_ngram_char_frac"] or {}).items())):
-        if _over(_top_ngram_frac(tokens, lens, total, n, sep), frac):
+        if _over(_top_ngram_frac(grams, lens, total, n, sep), frac):
             return f"top_{n}gram_char_frac"
     words_total = int(lens.sum())
     for n, frac in sorted(((int(k), v) for k, v in (t["dup_ngram_char_frac"] or {}).items())):
-        if _over(_dup_ngram_frac(tokens, lens, words_total, n), frac):
+        if _over(_dup_ngram_frac(grams, lens, words_total, n), frac):
             return f"dup_{n}gram_char_frac"
     return None
 
