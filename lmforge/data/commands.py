@@ -14,7 +14,12 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", required=True, help="tokenizer dir (tokenizer.json or tokenizer.model)")
     p.add_argument("--out", required=True, help="output token-shard dir (written atomically)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out for val")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tokenizer processes (--engine ray: Ray tasks at once; default there: all cluster CPUs)")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="where the work runs: processes on this machine, or Ray tasks (same shards)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join (e.g. auto, ray://head:10001); default: start a local one")
     p.add_argument("--dedup", default="exact", choices=["exact", "near", "none"])
     p.add_argument("--seed", type=int, default=0, help="decides the val split")
     p.add_argument("--text-field", default="text", help="jsonl/json/parquet field; 'a,b' = first present")
@@ -38,7 +43,8 @@ def run(args) -> int:
     r = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
                 dedup=args.dedup, seed=args.seed, text_field=args.text_field, min_chars=args.min_chars,
                 txt_mode=args.txt_mode, pii=args.pii, shard_tokens=args.shard_tokens, add_bos=args.add_bos,
-                overwrite=args.overwrite, progress=not args.no_progress, include=args.include)
+                overwrite=args.overwrite, progress=not args.no_progress, include=args.include,
+                engine=args.engine, ray_address=args.ray_address)
     removed = r["removed_exact_duplicates"] + r["removed_near_duplicates"]
     summary = (f"{r['tokens']:,} tokens ({r['train_tokens']:,} train / {r['val_tokens']:,} val) from "
                f"{r['documents_kept']:,} of {r['documents_read']:,} documents "

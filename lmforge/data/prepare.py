@@ -37,6 +37,7 @@ from lmforge.atomic import make_temp_dir, swap_into_place
 from lmforge.config import UserError
 from lmforge.console import info
 from lmforge.data import clean
+from lmforge.data.engines import ENGINES, make_engine
 from lmforge.data.shards import FORMAT, INDEX_NAME, dtype_for_vocab
 from lmforge.data.sources import (
     TXT_MODES,
@@ -88,10 +89,6 @@ def _worker_state(cfg: TaskConfig) -> dict[str, Any]:
         _WORKER.update(dir=cfg.tokenizer_dir, tok=load_tokenizer(cfg.tokenizer_dir),
                        minhash=clean.MinHasher())
     return _WORKER
-
-
-def _init_worker() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
 
 
 def process_task(task: tuple[str, list[str]], cfg: TaskConfig) -> TaskResult:
@@ -247,7 +244,8 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
              text_field: str = "text", min_chars: int = 16, txt_mode: str = "file", pii: bool = False,
              shard_tokens: int = 1 << 28, add_bos: bool = False, near_threshold: float = 0.8,
              overwrite: bool = False, progress: bool = True,
-             include: list[str] | str | None = None) -> dict[str, Any]:
+             include: list[str] | str | None = None, engine: str = "local",
+             ray_address: str | None = None) -> dict[str, Any]:
     """Tokenize ``inputs`` into a token-shard dir at ``out_dir``; returns the report (also in index.json).
 
     ``txt_mode``: ``file`` (one document per text file, e.g. source code), ``blank`` (blank-line-separated
@@ -255,6 +253,9 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
     ``near_threshold`` estimated Jaccard over character 5-grams) or ``none``. ``pii`` replaces e-mail
     addresses and phone numbers with ``[EMAIL]`` / ``[PHONE]``. ``include`` (``["*.py"]``) picks the files
     read inside input directories (default: txt, text, md, py, json, jsonl, ndjson, parquet).
+    ``engine``: where the tasks run, ``local`` (``workers`` processes here) or ``ray`` (Ray tasks on a local
+    cluster, or the one at ``ray_address``); the shards are byte-identical either way. ``out_dir`` may be an
+    ``s3://``/``gs://`` URL: the dir is built locally, then uploaded with ``index.json`` last.
     """
     from lmforge.tokenizer import load_tokenizer
 
@@ -267,6 +268,8 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
         raise UserError(f"--val-fraction={val_fraction} must be in [0, 1)")
     if workers < 1:
         raise UserError(f"--workers={workers} must be at least 1")
+    if engine not in ENGINES:
+        raise UserError(f"--engine={engine!r} is not one of {', '.join(ENGINES)}")
     if shard_tokens < 1:
         raise UserError(f"shard_tokens={shard_tokens} must be positive")
     if min_chars < 0:
@@ -286,8 +289,9 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
     cfg = TaskConfig(tokenizer_dir, text_field, txt_mode, min_chars, pii, dedup == "near", add_bos)
 
     tmp = make_temp_dir(out)  # filled, then renamed to `out` only when complete
-    pool = None
+    runner = None
     try:
+        runner = make_engine(engine, workers, ray_address)
         writers = {"train": _ShardWriter(tmp, "train", dtype, shard_tokens),
                    "val": _ShardWriter(tmp, "val", dtype, shard_tokens)}
         eos = np.array([tok.eos_id], dtype=np.uint32)
@@ -325,24 +329,11 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
             toks = sum(w.n + sum(s["tokens"] for s in w.shards[:-1]) for w in writers.values() if w.shards)
             bar.update(docs, toks, stats.bytes)
 
-        tasks = _tasks(paths, cfg, stats)
-        if workers == 1:
-            for task in tasks:
-                consume(process_task(task, cfg))
-        else:
-            import multiprocessing as mp
-
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
-            pending: collections.deque = collections.deque()
-            for task in tasks:
-                pending.append(pool.apply_async(process_task, (task, cfg)))
-                while len(pending) >= 2 * workers + 2:
-                    consume(pending.popleft().get())
-            while pending:
-                consume(pending.popleft().get())
-            pool.close()
-            pool.join()
-            pool = None
+        for res in runner.map_ordered(process_task, _tasks(paths, cfg, stats), cfg):
+            consume(res)
+        runner.close()
+        ran_on = runner.describe()
+        runner = None
 
         splits = {name: w.finish() for name, w in writers.items()}
         for name in list(splits):
@@ -409,7 +400,7 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
             "config": {"inputs": [str(i) for i in ([inputs] if isinstance(inputs, str) else inputs)],
                        "val_fraction": val_fraction, "dedup": dedup, "seed": seed, "text_field": text_field,
                        "txt_mode": txt_mode, "min_chars": min_chars, "pii": pii, "add_bos": add_bos,
-                       "near_threshold": near_threshold, "shard_tokens": shard_tokens, "workers": workers,
+                       "near_threshold": near_threshold, "shard_tokens": shard_tokens, **ran_on,
                        "include": include},
             "lmforge_version": __import__("lmforge").__version__,
         }
@@ -418,8 +409,7 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
         swap_into_place(tmp, out)
         return report
     except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if runner is not None:
+            runner.close(failed=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
