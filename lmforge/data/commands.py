@@ -37,9 +37,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from lmforge.data.prepare import prepare
+    from lmforge.data.remote import is_remote
     from lmforge.outputs import guard_output_dir
 
-    guard_output_dir(args.out, inputs=[*args.input, args.tokenizer], overwrite=args.overwrite)
+    if not is_remote(args.out):  # an s3:// / gs:// --out is checked by prepare itself (data/remote.py)
+        guard_output_dir(args.out, inputs=[*args.input, args.tokenizer], overwrite=args.overwrite)
     r = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
                 dedup=args.dedup, seed=args.seed, text_field=args.text_field, min_chars=args.min_chars,
                 txt_mode=args.txt_mode, pii=args.pii, shard_tokens=args.shard_tokens, add_bos=args.add_bos,

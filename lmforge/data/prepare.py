@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from lmforge.config import UserError
 from lmforge.console import info
 from lmforge.data import clean
 from lmforge.data.engines import ENGINES, make_engine
+from lmforge.data.remote import guard_remote_out, is_remote, upload_dir
 from lmforge.data.shards import FORMAT, INDEX_NAME, dtype_for_vocab
 from lmforge.data.sources import (
     TXT_MODES,
@@ -274,8 +276,12 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
         raise UserError(f"shard_tokens={shard_tokens} must be positive")
     if min_chars < 0:
         raise UserError(f"--min-chars={min_chars} must be >= 0")
+    remote_out = is_remote(out_dir)  # built in a local staging dir, then uploaded, index.json last
+    if remote_out:
+        guard_remote_out(str(out_dir), [str(i) for i in ([inputs] if isinstance(inputs, str) else inputs)],
+                         overwrite)
     out = Path(out_dir)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    if not remote_out and out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output '{out_dir}' already exists; pass --overwrite or choose another --out")
     tokenizer_dir = str(Path(tokenizer_dir).expanduser().resolve())
     tok = load_tokenizer(tokenizer_dir)
@@ -288,6 +294,9 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
     paths = resolve_inputs(inputs, stats, include)
     cfg = TaskConfig(tokenizer_dir, text_field, txt_mode, min_chars, pii, dedup == "near", add_bos)
 
+    staging = Path(tempfile.mkdtemp(prefix="lmforge-prepare-")) if remote_out else None
+    if staging is not None:
+        out = staging / "out"
     tmp = make_temp_dir(out)  # filled, then renamed to `out` only when complete
     runner = None
     try:
@@ -407,9 +416,14 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False))
         bar.update(n_docs, tokens_total, stats.bytes, final=True)
         swap_into_place(tmp, out)
+        if remote_out:
+            upload_dir(out, str(out_dir), overwrite)
         return report
     except BaseException:
         if runner is not None:
             runner.close(failed=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
