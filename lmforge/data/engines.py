@@ -1,4 +1,4 @@
-"""Execution engines for ``prepare``: run ``process_task`` over the ordered tasks, yield results in task order.
+"""Execution engines for ``prepare``: run ``process_task`` over the ordered tasks, results in task order.
 
 ``prepare`` cuts its inputs into tasks and consumes the results in the main process *in task order*
 (dedup, val split, shard writing), so the engine decides only *where* ``process_task`` runs:

@@ -37,8 +37,8 @@ def tokenizer_files(directory: str) -> dict[str, bytes]:
         if p.is_file():
             total += p.stat().st_size
             if total > TOKENIZER_BLOB_LIMIT:
-                raise UserError(f"tokenizer dir '{directory}' holds over {TOKENIZER_BLOB_LIMIT >> 20} MB of files; "
-                                "point --tokenizer at the dir with tokenizer.json only")
+                raise UserError(f"tokenizer dir '{directory}' holds over {TOKENIZER_BLOB_LIMIT >> 20} MB of "
+                                "files; point --tokenizer at the dir with tokenizer.json only")
             out[p.name] = p.read_bytes()
     return out
 
@@ -84,7 +84,8 @@ class RayEngine:
         try:
             import ray
         except ImportError:
-            raise UserError("--engine ray needs Ray; pip install 'lmforge[ray]' (or use --engine local)") from None
+            raise UserError("--engine ray needs Ray; pip install 'lmforge[ray]' (or use --engine local)") \
+                from None
         self.ray = ray
         self.address = address
         self.started = False

@@ -84,8 +84,8 @@ def guard_remote_out(url: str, inputs: list[str], overwrite: bool, flag: str = "
     except Exception as e:  # backend errors (botocore, gcsfs) share no base class
         raise _storage_error(url, e) from None
     if existing and not overwrite:
-        raise UserError(f"{flag} '{url}' already holds {len(existing)} object(s); pass --overwrite to replace "
-                        f"them, or choose a new {flag}")
+        raise UserError(f"{flag} '{url}' already holds {len(existing)} object(s); pass --overwrite to "
+                        f"replace them, or choose a new {flag}")
 
 
 def upload_dir(local: Path, url: str, overwrite: bool) -> list[str]:
@@ -147,7 +147,8 @@ def default_cache_dir() -> Path:
 class RemoteShards:
     """A token-shard dir at ``url`` whose shards are fetched into ``cache_dir`` on first use."""
 
-    def __init__(self, url: str, index: dict[str, Any], index_bytes: bytes, cache_dir: str | os.PathLike | None):
+    def __init__(self, url: str, index: dict[str, Any], index_bytes: bytes,
+                 cache_dir: str | os.PathLike | None):
         self.url = url.rstrip("/")
         self.fs, self.root = url_fs(self.url)
         self.index = index
