@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output token-shard dir (written atomically)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out for val")
     p.add_argument("--workers", type=int, default=1,
-                   help="tokenizer processes (--engine ray: Ray tasks at once; default: all cluster CPUs)")
+                   help="tokenizer processes (with --ray-address: Ray tasks at once, default all its CPUs)")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="where the work runs: processes on this machine, or Ray tasks (same shards)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
