@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from lmforge.config import UserError
@@ -60,13 +62,15 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, s3):
-    """The same files locally and under s3://BUCKET/corpus/: small text files and a jsonl."""
+    """The same files locally and under s3://BUCKET/corpus/: small text files, a jsonl and a parquet file."""
     blocks = [b for b in SHAKESPEARE.read_text().split("\n\n") if len(b) > 200]
     local = tmp_path_factory.mktemp("corpus")
     for i, b in enumerate(blocks[:12]):
         (local / f"p{i:02d}.txt").write_text(b)
     (local / "p12.txt").write_text(blocks[0])  # a duplicate
-    (local / "rest.jsonl").write_text("".join(json.dumps({"text": b}) + "\n" for b in blocks[12:400]))
+    (local / "rest.jsonl").write_text("".join(json.dumps({"text": b}) + "\n" for b in blocks[12:350]))
+    # what BigQuery's EXPORT DATA ... FORMAT=PARQUET writes: a parquet file with the text column
+    pq.write_table(pa.table({"id": list(range(50)), "text": blocks[350:400]}), local / "export-000.parquet")
     fs = s3fs.S3FileSystem()
     for p in sorted(local.iterdir()):
         fs.put_file(str(p), f"{BUCKET}/corpus/{p.name}")
@@ -92,8 +96,8 @@ def test_prepare_s3_in_s3_out_equals_local(s3_shards, tok_dir, corpus, tmp_path)
     url, report = s3_shards
     local = prepare([str(corpus)], tok_dir, tmp_path / "local", val_fraction=0.1, shard_tokens=4000,
                     progress=False)
-    assert report["files"] == 14 and report["removed_exact_duplicates"] == 1
-    assert report["documents_kept"] == local["documents_kept"] == 400 - 12 + 12
+    assert report["files"] == 15 and report["removed_exact_duplicates"] == 1
+    assert report["documents_kept"] == local["documents_kept"] == 400
     index, local_index = read_index(url), read_index(tmp_path / "local")
     assert index["splits"] == local_index["splits"]
     objects = _objects("shards/run1")
