@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/near_dedup.py [--docs 3000] [--threshold 0.8]
 
-Documents: paragraphs of real text (``../shared/data/english_corpus/wikitext2_*``), plus for every
+Documents: paragraphs (lines over 400 characters) of real text (``../shared/data/english_corpus/wikitext2_*``), plus for every
 tenth one a lightly edited copy (a few words changed) and for every twentieth one a heavily edited
 copy (half of it rewritten): the first kind should be flagged, the second not. Both sides use character
 5-grams of the normalized text and 128 permutations, process the documents in order and keep a document
@@ -26,8 +26,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "english_corpus
 
 def documents(n: int, seed: int = 0) -> tuple[list[str], set[int], set[int]]:
     paras: list[str] = []
-    for f in sorted(DATA.glob("wikitext2_*/*.txt")):
-        paras += [p.strip() for p in f.read_text(encoding="utf-8").split("\n\n") if len(p.strip()) > 400]
+    for f in [*sorted(DATA.glob("wikitext2_*/*.txt")), *sorted(DATA.glob("wikitext2_*/*.raw"))]:
+        paras += [p.strip() for p in f.read_text(encoding="utf-8").splitlines() if len(p.strip()) > 400]
     paras = list(dict.fromkeys(paras))[:n]
     rng = random.Random(seed)
     docs, light, heavy = [], set(), set()
