@@ -6,14 +6,15 @@ document for exact dedup and ~0.6 KB for near dedup):
 1. inputs are resolved in a fixed order and cut into *tasks*: groups of small local files (the worker
    reads them) or batches of ~1 MB of documents streamed by the main process from big files, URLs,
    compressed files and datasets;
-2. each task is cleaned and tokenized in a worker process (``workers`` > 1) or in-process: PII
-   scrubbing, empty / short removal, normalized-text hash, MinHash signature (``dedup="near"``),
-   ``encode_batch``;
+2. each task is cleaned and tokenized by ``process_task`` wherever the engine runs it (``engines.py``:
+   in-process, a local process pool, or Ray tasks): PII scrubbing, empty / short removal,
+   normalized-text hash, MinHash signature (``dedup="near"``), ``encode_batch``;
 3. the main process takes results *in task order*, drops exact and near duplicates, assigns each
    document to train/val from (seed, text hash), and appends its tokens + EOS to the split's shard.
 
-So shards are byte-identical whatever ``workers`` is. Output is built in a temp dir beside ``out_dir``
-and renamed into place at the end: a failed run leaves no half-written dir.
+So shards are byte-identical whatever ``workers`` and the engine are, and dedup is corpus-wide. Output is
+built in a temp dir beside ``out_dir`` and renamed into place at the end: a failed run leaves no
+half-written dir (an ``s3://``/``gs://`` ``out_dir`` is built locally, then uploaded, index.json last).
 """
 
 from __future__ import annotations

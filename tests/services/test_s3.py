@@ -115,6 +115,10 @@ def test_s3_out_refuses_overwrite_then_replaces_and_drops_stale(s3, tok_dir, cor
     many = set(_objects("shards/again"))
     with pytest.raises(UserError, match="already holds .* object.*pass --overwrite"):
         prepare(small, tok_dir, url, progress=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # the moto endpoint included
+    p = _lmforge("prepare", "--input", *small, "--tokenizer", tok_dir, "--out", url, env=env)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: --out '{url}' already holds"), p.stderr
+    assert "Traceback" not in p.stderr and set(_objects("shards/again")) == many
     prepare(small, tok_dir, url, overwrite=True, progress=False)
     now = _objects("shards/again")
     assert set(now) == {"index.json", "train_00000.bin"} and len(many) > len(now)  # stale shards removed
