@@ -67,20 +67,23 @@ def _child(spec: str) -> int:
     return 0
 
 
-def _sample_tree(proc) -> int:
+def _sample_tree(proc) -> tuple[int, int]:
+    """(driver RSS, RSS of the driver and all its descendants) in bytes."""
     import psutil
 
-    total = 0
+    driver = total = 0
     try:
         root = psutil.Process(proc.pid)
-        for p in [root, *root.children(recursive=True)]:
+        driver = root.memory_info().rss
+        total = driver
+        for p in root.children(recursive=True):
             try:
                 total += p.memory_info().rss
             except psutil.Error:
                 pass
     except psutil.Error:
         pass
-    return total
+    return driver, total
 
 
 def engines_mode(args, inputs: list[str], tok_dir: Path, work: Path) -> int:
@@ -99,29 +102,31 @@ def engines_mode(args, inputs: list[str], tok_dir: Path, work: Path) -> int:
                                    "txt_mode": args.txt_mode})
                 proc = subprocess.Popen([sys.executable, __file__, "--child", spec], stdout=subprocess.PIPE,
                                         text=True, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
-                peak = 0
+                peak = peak_driver = 0
                 while proc.poll() is None:
-                    peak = max(peak, _sample_tree(proc))
+                    driver, tree = _sample_tree(proc)
+                    peak, peak_driver = max(peak, tree), max(peak_driver, driver)
                     time.sleep(0.1)
                 out = proc.stdout.read()
                 if proc.returncode != 0:
                     print(f"{engine} run failed (exit {proc.returncode})", file=sys.stderr)
                     return 1
                 r = json.loads(out.strip().splitlines()[-1])
-                r["peak_tree_mb"] = peak / 1e6
+                r["peak_tree_mb"], r["peak_driver_mb"] = peak / 1e6, peak_driver / 1e6
                 if best is None or r["seconds"] < best["seconds"]:
                     best = r
             best.update(engine=engine, size_mb=round(best["mb"], 1), mb_s=best["mb"] / best["seconds"])
             rows.append(best)
             print(f"{best['size_mb']:>6.1f} MB  {engine:<5} {best['mb_s']:6.2f} MB/s  "
                   f"{best['seconds']:6.1f} s  "
-                  f"peak {best['peak_tree_mb']:7.0f} MB (process tree)"
+                  f"peak {best['peak_tree_mb']:7.0f} MB (process tree), driver {best['peak_driver_mb']:5.0f} MB"
                   + (f"  ray init {best['ray_init_s']:.1f} s" if engine == "ray" else ""), file=sys.stderr)
     by = {(r["engine"], r["size_mb"]): r for r in rows}
     summary = []
     for size in sorted({r["size_mb"] for r in rows}):
         entry = {"size_mb": size, **{f"{e}_mb_s": round(by[(e, size)]["mb_s"], 3) for e in engines},
-                 **{f"{e}_peak_mb": round(by[(e, size)]["peak_tree_mb"]) for e in engines}}
+                 **{f"{e}_peak_mb": round(by[(e, size)]["peak_tree_mb"]) for e in engines},
+                 **{f"{e}_driver_peak_mb": round(by[(e, size)]["peak_driver_mb"]) for e in engines}}
         if {"local", "ray"} <= set(engines):
             entry["ray_over_local"] = round(by[("ray", size)]["mb_s"] / by[("local", size)]["mb_s"], 3)
         summary.append(entry)

@@ -75,6 +75,24 @@ def _run_task(fn: Callable[[Any, Any], Any], task: Any, cfg: Any, tok_files: dic
     return fn(task, cfg)
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address must accept a TCP connection: Ray itself retries
+    an unreachable one for minutes. ``auto`` and other forms are left to Ray."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host or "/" in hostport:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise UserError(f"--ray-address={address}: nothing answers there ({e}); start the cluster with "
+                        "`ray start --head`, check the address, or drop --ray-address for a local cluster") \
+            from None
+
+
 class RayEngine:
     """Ray tasks on a local cluster (started here, ``num_cpus=workers``) or on ``address``."""
 
@@ -90,6 +108,8 @@ class RayEngine:
         self.address = address
         self.started = False
         self.pending: collections.deque = collections.deque()
+        if address:
+            check_reachable(address)
         if not ray.is_initialized():
             try:
                 if address:

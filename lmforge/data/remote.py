@@ -139,6 +139,37 @@ def parse_index_bytes(data: bytes, where: str) -> dict[str, Any]:
         raise UserError(f"{where} is not valid JSON ({e}); re-run `lmforge prepare`") from None
 
 
+def check_remote_shards(url: str, index: dict[str, Any], split: str, verify: bool = False) -> None:
+    """Each shard of ``split`` is on the store with its recorded size (and, with ``verify``, sha256 —
+    streamed, nothing kept)."""
+    fs, root = url_fs(url)
+    try:
+        sizes = _listing(fs, root)
+    except Exception as e:  # backend errors share no base class
+        raise _storage_error(url, e) from None
+    itemsize = 2 if index["dtype"] == "uint16" else 4
+    for shard in index["splits"].get(split, {}).get("shards", []):
+        path = _join(root, shard["file"])
+        expected = int(shard["tokens"]) * itemsize
+        if path not in sizes:
+            raise UserError(f"shard {url.rstrip('/')}/{shard['file']} listed in {INDEX_NAME} is missing; "
+                            "re-run `lmforge prepare`")
+        if sizes[path] != expected:
+            raise UserError(f"shard {url.rstrip('/')}/{shard['file']} is {sizes[path]:,} bytes, index says "
+                            f"{expected:,}; re-run `lmforge prepare`")
+        if verify:
+            h = hashlib.sha256()
+            try:
+                with fs.open(path, "rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+            except Exception as e:  # backend errors share no base class
+                raise _storage_error(f"{url.rstrip('/')}/{shard['file']}", e) from None
+            if h.hexdigest() != shard.get("sha256"):
+                raise UserError(f"shard {url.rstrip('/')}/{shard['file']} is corrupt (sha256 differs from "
+                                f"{INDEX_NAME}); re-run `lmforge prepare`")
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("LMFORGE_CACHE_DIR")
     return Path(env).expanduser() / "shards" if env else Path.home() / ".cache" / "lmforge" / "shards"
@@ -171,19 +202,7 @@ class RemoteShards:
 
     def check(self, split: str) -> None:
         """Every shard of ``split`` is on the store with the size its token count implies (one listing)."""
-        try:
-            sizes = _listing(self.fs, self.root)
-        except Exception as e:  # backend errors share no base class
-            raise _storage_error(self.url, e) from None
-        for shard in self.index["splits"].get(split, {}).get("shards", []):
-            path = _join(self.root, shard["file"])
-            expected = int(shard["tokens"]) * self.itemsize
-            if path not in sizes:
-                raise UserError(f"shard {self.url}/{shard['file']} listed in {INDEX_NAME} is missing; "
-                                "re-run `lmforge prepare`")
-            if sizes[path] != expected:
-                raise UserError(f"shard {self.url}/{shard['file']} is {sizes[path]:,} bytes, index says "
-                                f"{expected:,}; re-run `lmforge prepare`")
+        check_remote_shards(self.url, self.index, split)
 
     def _cached(self, name: str) -> bool:
         p = self.dir / name

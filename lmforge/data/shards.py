@@ -105,6 +105,11 @@ def _check_index_types(p: str | os.PathLike, index: dict[str, Any]) -> None:
 
 def check_shards(shard_dir: str | os.PathLike, index: dict[str, Any], split: str, verify: bool = False) -> None:
     """Each shard of ``split`` exists with the size its token count implies (and the recorded sha256)."""
+    from lmforge.data.remote import check_remote_shards, is_remote
+
+    if is_remote(shard_dir):
+        check_remote_shards(str(shard_dir), index, split, verify)
+        return
     d = Path(shard_dir)
     itemsize = np.dtype(DTYPES[index["dtype"]]).itemsize
     for shard in index["splits"].get(split, {}).get("shards", []):

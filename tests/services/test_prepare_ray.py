@@ -101,4 +101,6 @@ def test_engine_flags_are_checked(tmp_path, tok_dir, corpus):
         prepare([str(corpus)], tok_dir, tmp_path / "x", engine="spark", progress=False)
     with pytest.raises(UserError, match="--ray-address needs --engine ray"):
         prepare([str(corpus)], tok_dir, tmp_path / "y", ray_address="auto", progress=False)
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    with pytest.raises(UserError, match="--ray-address=127.0.0.1:1: nothing answers there"):
+        prepare([str(corpus)], tok_dir, tmp_path / "z", engine="ray", ray_address="127.0.0.1:1", progress=False)
+    assert not any((tmp_path / n).exists() for n in "xyz")

@@ -19,7 +19,7 @@ import pytest
 from lmforge.config import UserError
 from lmforge.data.loader import ShardLoader
 from lmforge.data.prepare import prepare
-from lmforge.data.shards import read_index
+from lmforge.data.shards import read_index, verify_shards
 from lmforge.tokenizer import train_tokenizer
 from tests.conftest import TEST_DATA
 
@@ -98,7 +98,7 @@ def test_prepare_s3_in_s3_out_equals_local(s3_shards, tok_dir, corpus, tmp_path)
                     progress=False)
     assert report["files"] == 15 and report["removed_exact_duplicates"] == 1
     assert report["documents_kept"] == local["documents_kept"] == 400
-    index, local_index = read_index(url), read_index(tmp_path / "local")
+    index, local_index = verify_shards(url), read_index(tmp_path / "local")  # remote sha256 checked too
     assert index["splits"] == local_index["splits"]
     objects = _objects("shards/run1")
     shards = [s for sp in index["splits"].values() for s in sp["shards"]]
@@ -158,6 +158,8 @@ def test_loader_streams_s3_shards_through_cache_and_resumes(s3_shards, tmp_path)
     blob = bytearray(fs.cat_file(f"{url}/{name}"))
     fs.copy(f"{url}/", f"s3://{BUCKET}/shards/corrupt/", recursive=True)
     fs.pipe_file(f"s3://{BUCKET}/shards/corrupt/{name}", bytes(blob[:-2] + bytes([blob[-2] ^ 1, blob[-1]])))
+    with pytest.raises(UserError, match=f"shard s3://{BUCKET}/shards/corrupt/{name} is corrupt"):
+        verify_shards(f"s3://{BUCKET}/shards/corrupt")
     bad = ShardLoader(f"s3://{BUCKET}/shards/corrupt", "train", cache_dir=tmp_path / "c2", **kw)
     with pytest.raises(UserError, match=f"shard s3://{BUCKET}/shards/corrupt/{name} is corrupt"):
         bad.remote.fetch(name)
