@@ -81,7 +81,7 @@ def guard_remote_out(url: str, inputs: list[str], overwrite: bool, flag: str = "
     fs, root = url_fs(url)
     try:
         existing = _listing(fs, root)
-    except Exception as e:  # backend errors (botocore, gcsfs) share no base class
+    except Exception as e:  # noqa: BLE001 - backend errors (botocore, gcsfs) share no base class
         raise _storage_error(url, e) from None
     if existing and not overwrite:
         raise UserError(f"{flag} '{url}' already holds {len(existing)} object(s); pass --overwrite to "
@@ -108,7 +108,7 @@ def upload_dir(local: Path, url: str, overwrite: bool) -> list[str]:
         fs.invalidate_cache(root)
     except UserError:
         raise
-    except Exception as e:  # backend errors share no base class
+    except Exception as e:  # noqa: BLE001 - backend errors (botocore, gcsfs) share no base class
         raise _storage_error(url, e) from None
     return [*names, INDEX_NAME]
 
@@ -128,7 +128,7 @@ def read_remote_index_bytes(url: str) -> bytes:
                         f"upload did not finish); run `lmforge prepare --out {url}`") from None
     except UserError:
         raise
-    except Exception as e:  # backend errors share no base class
+    except Exception as e:  # noqa: BLE001 - backend errors (botocore, gcsfs) share no base class
         raise _storage_error(url, e) from None
 
 
@@ -145,7 +145,7 @@ def check_remote_shards(url: str, index: dict[str, Any], split: str, verify: boo
     fs, root = url_fs(url)
     try:
         sizes = _listing(fs, root)
-    except Exception as e:  # backend errors share no base class
+    except Exception as e:  # noqa: BLE001 - backend errors (botocore, gcsfs) share no base class
         raise _storage_error(url, e) from None
     itemsize = 2 if index["dtype"] == "uint16" else 4
     for shard in index["splits"].get(split, {}).get("shards", []):
@@ -163,7 +163,7 @@ def check_remote_shards(url: str, index: dict[str, Any], split: str, verify: boo
                 with fs.open(path, "rb") as f:
                     while block := f.read(1 << 22):
                         h.update(block)
-            except Exception as e:  # backend errors share no base class
+            except Exception as e:  # noqa: BLE001 - backend errors (botocore, gcsfs) share no base class
                 raise _storage_error(f"{url.rstrip('/')}/{shard['file']}", e) from None
             if h.hexdigest() != shard.get("sha256"):
                 raise UserError(f"shard {url.rstrip('/')}/{shard['file']} is corrupt (sha256 differs from "
@@ -227,7 +227,7 @@ class RemoteShards:
                 self.downloads += 1
             except UserError:
                 raise
-            except Exception as e:  # backend errors share no base class
+            except Exception as e:  # noqa: BLE001 - backend errors (botocore, gcsfs) share no base class
                 raise _storage_error(f"{self.url}/{name}", e) from None
             finally:
                 tmp.unlink(missing_ok=True)
