@@ -7,7 +7,9 @@ Engines mode (``--engines``): for each input size (MB of files taken in sorted o
 each engine runs ``prepare`` with ``--workers`` in a fresh child process while the parent samples the
 resident memory of the child's whole process tree (driver + pool or Ray processes) every 0.1 s. It
 prints MB/s per engine, the ratio ray ÷ local, and the peak memory per size (flat = memory does not
-grow with the input). The Ray cluster is started before the clock starts (``ray_init_s`` is reported
+grow with the input), and the driver's own CPU seconds: MB ÷ driver CPU s is about the input rate at
+which the one driver (dedup, split, shard writing, collecting results) would saturate however many
+workers there are. The Ray cluster is started before the clock starts (``ray_init_s`` is reported
 apart): on a real cluster it is already running.
 
 The baseline is the library alone: the documents already decoded in memory, one
@@ -58,12 +60,17 @@ def _child(spec: str) -> int:
         t0 = time.perf_counter()
         ray.init(num_cpus=cfg["workers"], include_dashboard=False, log_to_driver=False)
         init = time.perf_counter() - t0
+    import resource
+
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     r = prepare(cfg["inputs"], cfg["tokenizer"], cfg["out"], workers=cfg["workers"], engine=cfg["engine"],
                 dedup=cfg["dedup"], txt_mode=cfg["txt_mode"], min_chars=0, overwrite=True, progress=False)
     seconds = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)  # the driver alone (pool processes are children)
+    driver_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     print(json.dumps({"seconds": seconds, "ray_init_s": init, "mb": r["bytes_read"] / 1e6,
-                      "tokens": r["tokens"]}))
+                      "tokens": r["tokens"], "driver_cpu_s": driver_cpu}))
     return 0
 
 
@@ -118,7 +125,8 @@ def engines_mode(args, inputs: list[str], tok_dir: Path, work: Path) -> int:
             best.update(engine=engine, size_mb=round(best["mb"], 1), mb_s=best["mb"] / best["seconds"])
             rows.append(best)
             print(f"{best['size_mb']:>6.1f} MB  {engine:<5} {best['mb_s']:6.2f} MB/s  "
-                  f"{best['seconds']:6.1f} s  "
+                  f"{best['seconds']:6.1f} s  driver CPU {best['driver_cpu_s']:5.1f} s "
+                  f"(ceiling ~{best['mb'] / max(best['driver_cpu_s'], 1e-9):.1f} MB/s)  "
                   f"peak {best['peak_tree_mb']:7.0f} MB (process tree), driver {best['peak_driver_mb']:5.0f} MB"
                   + (f"  ray init {best['ray_init_s']:.1f} s" if engine == "ray" else ""), file=sys.stderr)
     by = {(r["engine"], r["size_mb"]): r for r in rows}
