@@ -15,7 +15,12 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", required=True, help="tokenizer dir (tokenizer.json or tokenizer.model)")
     p.add_argument("--out", required=True, help="output token-shard dir (written atomically)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out for val")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tokenizer processes (with --ray-address: Ray tasks at once, default all its CPUs)")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="where the work runs: processes on this machine, or Ray tasks (same shards)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join (e.g. auto, ray://head:10001); default: start a local one")
     p.add_argument("--dedup", default="exact", choices=["exact", "near", "none"])
     p.add_argument("--seed", type=int, default=0, help="decides the val split")
     p.add_argument("--text-field", default="text", help="jsonl/json/parquet field; 'a,b' = first present")
@@ -49,17 +54,20 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from lmforge.data.doc_filters import make_spec
     from lmforge.data.prepare import prepare
+    from lmforge.data.remote import is_remote
     from lmforge.outputs import guard_output_dir
 
     filters = make_spec(lang=args.lang, lang_min_score=args.lang_min_score, quality_filters=args.quality,
                         quality_config=args.quality_config, decontaminate=args.decontaminate,
                         decontaminate_mode=args.decontaminate_mode, decontaminate_ngram=args.decontaminate_ngram)
 
-    guard_output_dir(args.out, inputs=[*args.input, args.tokenizer], overwrite=args.overwrite)
+    if not is_remote(args.out):  # an s3:// / gs:// --out is checked by prepare itself (data/remote.py)
+        guard_output_dir(args.out, inputs=[*args.input, args.tokenizer], overwrite=args.overwrite)
     r = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
                 dedup=args.dedup, seed=args.seed, text_field=args.text_field, min_chars=args.min_chars,
                 txt_mode=args.txt_mode, pii=args.pii, shard_tokens=args.shard_tokens, add_bos=args.add_bos,
-                overwrite=args.overwrite, progress=not args.no_progress, include=args.include, filters=filters)
+                overwrite=args.overwrite, progress=not args.no_progress, include=args.include, filters=filters,
+                engine=args.engine, ray_address=args.ray_address)
     removed = r["removed_exact_duplicates"] + r["removed_near_duplicates"]
     summary = (f"{r['tokens']:,} tokens ({r['train_tokens']:,} train / {r['val_tokens']:,} val) from "
                f"{r['documents_kept']:,} of {r['documents_read']:,} documents "

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from lmforge.config import UserError
+from lmforge.data.remote import is_remote
 from lmforge.data.shards import TokenStream, check_shards, read_index
 
 _MASK64 = (1 << 64) - 1
@@ -110,7 +111,7 @@ class ShardLoader:
     def __init__(self, shard_dir: str | os.PathLike, split: str = "train", seq_len: int = 512,
                  global_batch: int = 8, rank: int = 0, world_size: int = 1, seed: int = 0,
                  check_vocab: int | None = None, tokenizer_hash: str | None = None, doc_mask: bool = False,
-                 verify: bool = False):
+                 verify: bool = False, cache_dir: str | os.PathLike | None = None):
         if seq_len < 1:
             raise UserError(f"seq_len={seq_len} must be positive")
         if global_batch < 1:
@@ -120,8 +121,20 @@ class ShardLoader:
         if global_batch % world_size:
             raise UserError(f"global_batch={global_batch} is not divisible by world_size={world_size}; "
                             f"try {((global_batch + world_size - 1) // world_size) * world_size}")
-        self.shard_dir = Path(shard_dir)
-        self.index: dict[str, Any] = read_index(shard_dir)
+        self.remote = None  # RemoteShards when shard_dir is an s3:// / gs:// URL (lmforge/data/remote.py)
+        self.cache_dir = cache_dir
+        if is_remote(shard_dir):
+            from lmforge.data.remote import RemoteShards, parse_index_bytes, read_remote_index_bytes
+            from lmforge.data.shards import check_index
+
+            self.shard_dir: str | Path = str(shard_dir)
+            raw = read_remote_index_bytes(str(shard_dir))
+            where = f"{str(shard_dir).rstrip('/')}/index.json"
+            self.index: dict[str, Any] = check_index(parse_index_bytes(raw, where), where)
+            self.remote = RemoteShards(str(shard_dir), self.index, raw, cache_dir)
+        else:
+            self.shard_dir = Path(shard_dir)
+            self.index = read_index(shard_dir)
         if split not in self.index["splits"] or not self.index["splits"][split].get("tokens"):
             have = [s for s, v in self.index["splits"].items() if v.get("tokens")]
             hint = " (prepare with --val-fraction > 0 for a val split)" if split == "val" else ""
@@ -133,12 +146,16 @@ class ShardLoader:
         if check_vocab is not None and vocab > check_vocab:
             raise UserError(f"'{shard_dir}' was prepared with a {vocab:,}-token vocabulary but the model has "
                             f"{check_vocab:,} embeddings; set model vocab_size >= {vocab}")
-        check_shards(shard_dir, self.index, split, verify=verify)
+        if self.remote is not None:
+            self.remote.check(split)  # sizes from one listing; each shard's sha256 is checked when fetched
+        else:
+            check_shards(shard_dir, self.index, split, verify=verify)
         self.split, self.seq_len, self.global_batch = split, seq_len, global_batch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.check_vocab, self.doc_mask = check_vocab, doc_mask
         self.eos_id = self.index.get("eos_id")
-        self.stream = TokenStream(shard_dir, self.index, split)
+        self.stream = TokenStream(self.remote.dir, self.index, split, self.remote.fetch, str(shard_dir)) \
+            if self.remote is not None else TokenStream(shard_dir, self.index, split)
         self.num_tokens = len(self.stream)
         self.num_windows = (self.num_tokens - 1) // seq_len
         if self.num_windows < 1:
@@ -170,6 +187,8 @@ class ShardLoader:
         return out
 
     def _read_windows(self, windows: np.ndarray) -> torch.Tensor:
+        if self.remote is not None and len(windows):  # fetch the batch's uncached shards in parallel
+            self.remote.fetch_many(self.stream.files_for(np.asarray(windows) * self.seq_len, self.seq_len + 1))
         rows = np.stack([self.stream.read(int(w) * self.seq_len, self.seq_len + 1) for w in windows])
         if self.check_vocab is not None and rows.size:
             bad = rows >= self.check_vocab
@@ -207,7 +226,7 @@ class ShardLoader:
         split = split or "val"
         src = self if split == self.split else ShardLoader(
             self.shard_dir, split, self.seq_len, 1, 0, 1, self.seed, self.check_vocab,
-            None, self.doc_mask)
+            None, self.doc_mask, cache_dir=self.cache_dir)
         total = n_batches * batch_size
         if total <= 0:
             return iter(())

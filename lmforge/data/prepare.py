@@ -6,14 +6,15 @@ document for exact dedup and ~0.6 KB for near dedup):
 1. inputs are resolved in a fixed order and cut into *tasks*: groups of small local files (the worker
    reads them) or batches of ~1 MB of documents streamed by the main process from big files, URLs,
    compressed files and datasets;
-2. each task is cleaned and tokenized in a worker process (``workers`` > 1) or in-process: PII
-   scrubbing, empty / short removal, normalized-text hash, MinHash signature (``dedup="near"``),
-   ``encode_batch``;
+2. each task is cleaned and tokenized by ``process_task`` wherever the engine runs it (``engines.py``:
+   in-process, a local process pool, or Ray tasks): PII scrubbing, empty / short removal,
+   normalized-text hash, MinHash signature (``dedup="near"``), ``encode_batch``;
 3. the main process takes results *in task order*, drops exact and near duplicates, assigns each
    document to train/val from (seed, text hash), and appends its tokens + EOS to the split's shard.
 
-So shards are byte-identical whatever ``workers`` is. Output is built in a temp dir beside ``out_dir``
-and renamed into place at the end: a failed run leaves no half-written dir.
+So shards are byte-identical whatever ``workers`` and the engine are, and dedup is corpus-wide. Output is
+built in a temp dir beside ``out_dir`` and renamed into place at the end: a failed run leaves no
+half-written dir (an ``s3://``/``gs://`` ``out_dir`` is built locally, then uploaded, index.json last).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +40,8 @@ from lmforge.config import UserError
 from lmforge.console import info
 from lmforge.data import clean
 from lmforge.data.doc_filters import FilterReport, FilterSpec, pipeline
+from lmforge.data.engines import ENGINES, make_engine
+from lmforge.data.remote import guard_remote_out, is_remote, upload_dir
 from lmforge.data.shards import FORMAT, INDEX_NAME, dtype_for_vocab
 from lmforge.data.sources import (
     TXT_MODES,
@@ -91,10 +95,6 @@ def _worker_state(cfg: TaskConfig) -> dict[str, Any]:
         _WORKER.update(dir=cfg.tokenizer_dir, tok=load_tokenizer(cfg.tokenizer_dir),
                        minhash=clean.MinHasher())
     return _WORKER
-
-
-def _init_worker() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
 
 
 def process_task(task: tuple[str, list[str]], cfg: TaskConfig) -> TaskResult:
@@ -258,7 +258,8 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
              text_field: str = "text", min_chars: int = 16, txt_mode: str = "file", pii: bool = False,
              shard_tokens: int = 1 << 28, add_bos: bool = False, near_threshold: float = 0.8,
              overwrite: bool = False, progress: bool = True,
-             include: list[str] | str | None = None, filters: FilterSpec | None = None) -> dict[str, Any]:
+             include: list[str] | str | None = None, filters: FilterSpec | None = None,
+             engine: str = "local", ray_address: str | None = None) -> dict[str, Any]:
     """Tokenize ``inputs`` into a token-shard dir at ``out_dir``; returns the report (also in index.json).
 
     ``txt_mode``: ``file`` (one document per text file, e.g. source code), ``blank`` (blank-line-separated
@@ -268,6 +269,9 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
     read inside input directories (default: txt, text, md, py, json, jsonl, ndjson, parquet, warc, wet,
     html, htm). ``filters`` (:func:`lmforge.data.doc_filters.make_spec`): language routing, quality filters
     and decontamination per document, counted in the report's ``filters``.
+    ``engine``: where the tasks run, ``local`` (``workers`` processes here) or ``ray`` (Ray tasks on a local
+    cluster, or the one at ``ray_address``); the shards are byte-identical either way. ``out_dir`` may be an
+    ``s3://``/``gs://`` URL: the dir is built locally, then uploaded with ``index.json`` last.
     """
     from lmforge.tokenizer import load_tokenizer
 
@@ -280,12 +284,18 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
         raise UserError(f"--val-fraction={val_fraction} must be in [0, 1)")
     if workers < 1:
         raise UserError(f"--workers={workers} must be at least 1")
+    if engine not in ENGINES:
+        raise UserError(f"--engine={engine!r} is not one of {', '.join(ENGINES)}")
     if shard_tokens < 1:
         raise UserError(f"shard_tokens={shard_tokens} must be positive")
     if min_chars < 0:
         raise UserError(f"--min-chars={min_chars} must be >= 0")
+    remote_out = is_remote(out_dir)  # built in a local staging dir, then uploaded, index.json last
+    if remote_out:
+        guard_remote_out(str(out_dir), [str(i) for i in ([inputs] if isinstance(inputs, str) else inputs)],
+                         overwrite)
     out = Path(out_dir)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    if not remote_out and out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output '{out_dir}' already exists; pass --overwrite or choose another --out")
     tokenizer_dir = str(Path(tokenizer_dir).expanduser().resolve())
     tok = load_tokenizer(tokenizer_dir)
@@ -299,9 +309,13 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
     cfg = TaskConfig(tokenizer_dir, text_field, txt_mode, min_chars, pii, dedup == "near", add_bos,
                      filters=filters)
 
+    staging = Path(tempfile.mkdtemp(prefix="lmforge-prepare-")) if remote_out else None
+    if staging is not None:
+        out = staging / "out"
     tmp = make_temp_dir(out)  # filled, then renamed to `out` only when complete
-    pool = None
+    runner = None
     try:
+        runner = make_engine(engine, workers, ray_address)
         writers = {"train": _ShardWriter(tmp, "train", dtype, shard_tokens),
                    "val": _ShardWriter(tmp, "val", dtype, shard_tokens)}
         eos = np.array([tok.eos_id], dtype=np.uint32)
@@ -341,24 +355,11 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
             toks = sum(w.n + sum(s["tokens"] for s in w.shards[:-1]) for w in writers.values() if w.shards)
             bar.update(docs, toks, stats.bytes)
 
-        tasks = _tasks(paths, cfg, stats)
-        if workers == 1:
-            for task in tasks:
-                consume(process_task(task, cfg))
-        else:
-            import multiprocessing as mp
-
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
-            pending: collections.deque = collections.deque()
-            for task in tasks:
-                pending.append(pool.apply_async(process_task, (task, cfg)))
-                while len(pending) >= 2 * workers + 2:
-                    consume(pending.popleft().get())
-            while pending:
-                consume(pending.popleft().get())
-            pool.close()
-            pool.join()
-            pool = None
+        for res in runner.map_ordered(process_task, _tasks(paths, cfg, stats), cfg):
+            consume(res)
+        runner.close()
+        ran_on = runner.describe()
+        runner = None
 
         splits = {name: w.finish() for name, w in writers.items()}
         for name in list(splits):
@@ -434,17 +435,21 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
             "config": {"inputs": [str(i) for i in ([inputs] if isinstance(inputs, str) else inputs)],
                        "val_fraction": val_fraction, "dedup": dedup, "seed": seed, "text_field": text_field,
                        "txt_mode": txt_mode, "min_chars": min_chars, "pii": pii, "add_bos": add_bos,
-                       "near_threshold": near_threshold, "shard_tokens": shard_tokens, "workers": workers,
+                       "near_threshold": near_threshold, "shard_tokens": shard_tokens, **ran_on,
                        "include": include, "filters": filters.as_dict() if filters is not None else None},
             "lmforge_version": __import__("lmforge").__version__,
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False))
         bar.update(n_docs, tokens_total, stats.bytes, final=True)
         swap_into_place(tmp, out)
+        if remote_out:
+            upload_dir(out, str(out_dir), overwrite)
         return report
     except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if runner is not None:
+            runner.close(failed=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)

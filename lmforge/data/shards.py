@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def read_index(shard_dir: str | os.PathLike) -> dict[str, Any]:
-    """Parse and sanity-check ``index.json``; every problem is a one-line UserError."""
+    """Parse and sanity-check ``index.json`` (of a local dir or an ``s3://``/``gs://`` prefix); every
+    problem is a one-line UserError."""
+    from lmforge.data.remote import is_remote
+
+    if is_remote(shard_dir):
+        from lmforge.data.remote import parse_index_bytes, read_remote_index_bytes
+
+        where = f"{str(shard_dir).rstrip('/')}/{INDEX_NAME}"
+        return check_index(parse_index_bytes(read_remote_index_bytes(str(shard_dir)), where), where)
     d = Path(shard_dir)
     p = d / INDEX_NAME
     if not d.is_dir():
@@ -57,6 +66,11 @@ def read_index(shard_dir: str | os.PathLike) -> dict[str, Any]:
         index = read_json_bounded(p, what="token-shard index")
     except UserError as e:
         raise UserError(f"{e}; re-run `lmforge prepare`") from None
+    return check_index(index, p)
+
+
+def check_index(index: Any, p: str | os.PathLike) -> dict[str, Any]:
+    """The format checks every reader relies on; ``p`` names the index in errors."""
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UserError(f"{p} is not an lmforge token-shard index (format != {FORMAT!r}); re-run `lmforge prepare`")
     if index.get("dtype") not in DTYPES:
@@ -71,7 +85,7 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _check_index_types(p: Path, index: dict[str, Any]) -> None:
+def _check_index_types(p: str | os.PathLike, index: dict[str, Any]) -> None:
     """Every count an integer, every shard a plain file name: a mistyped index is a one-line error."""
     for key in ("vocab_size", "eos_id"):
         if key in index and index[key] is not None and not _is_count(index[key]):
@@ -91,6 +105,11 @@ def _check_index_types(p: Path, index: dict[str, Any]) -> None:
 
 def check_shards(shard_dir: str | os.PathLike, index: dict[str, Any], split: str, verify: bool = False) -> None:
     """Each shard of ``split`` exists with the size its token count implies (and the recorded sha256)."""
+    from lmforge.data.remote import check_remote_shards, is_remote
+
+    if is_remote(shard_dir):
+        check_remote_shards(str(shard_dir), index, split, verify)
+        return
     d = Path(shard_dir)
     itemsize = np.dtype(DTYPES[index["dtype"]]).itemsize
     for shard in index["splits"].get(split, {}).get("shards", []):
@@ -118,8 +137,11 @@ def verify_shards(shard_dir: str | os.PathLike) -> dict[str, Any]:
 class TokenStream:
     """The concatenated tokens of one split, memory-mapped; ``read(start, n)`` crosses shard borders."""
 
-    def __init__(self, shard_dir: str | os.PathLike, index: dict[str, Any], split: str):
+    def __init__(self, shard_dir: str | os.PathLike, index: dict[str, Any], split: str,
+                 fetch: Callable[[str], Path] | None = None, name: str | None = None):
         self.dir = Path(shard_dir)
+        self.fetch = fetch  # remote shards: file name -> local cached path (lmforge/data/remote.py)
+        self.name = name or str(shard_dir)
         self.split = split
         self.dtype = DTYPES[index["dtype"]]
         shards = index["splits"].get(split, {}).get("shards", [])
@@ -134,12 +156,19 @@ class TokenStream:
     def _map(self, i: int) -> np.ndarray:
         m = self.maps[i]
         if m is None:
-            m = self.maps[i] = np.memmap(self.dir / self.files[i], dtype=self.dtype, mode="r")
+            path = self.fetch(self.files[i]) if self.fetch is not None else self.dir / self.files[i]
+            m = self.maps[i] = np.memmap(path, dtype=self.dtype, mode="r")
         return m
 
     def shard_of(self, pos: int) -> str:
         i = int(np.searchsorted(self.offsets, pos, side="right") - 1)
-        return str(self.dir / self.files[min(max(i, 0), len(self.files) - 1)])
+        return f"{self.name.rstrip('/')}/{self.files[min(max(i, 0), len(self.files) - 1)]}"
+
+    def files_for(self, starts: np.ndarray, n: int) -> list[str]:
+        """Shard files holding the tokens [s, s + n) for every s in ``starts``."""
+        first = np.searchsorted(self.offsets, starts, side="right") - 1
+        last = np.searchsorted(self.offsets, starts + n - 1, side="right") - 1
+        return [self.files[i] for i in sorted({int(j) for a, b in zip(first, last) for j in range(a, b + 1)})]
 
     def read(self, start: int, n: int) -> np.ndarray:
         """Tokens [start, start + n) as int64."""

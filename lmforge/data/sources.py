@@ -46,6 +46,7 @@ DIR_METADATA = frozenset({"manifest.json", "index.json", "config.json", "metadat
 TXT_MODES = ("file", "blank", "line")
 _REPLACEMENT = "\ufffd"
 _REPLACEMENT_BYTES = _REPLACEMENT.encode()
+_URL_SIZES: dict[str, int] = {}  # remote object sizes seen while resolving inputs (s3://, gs://)
 
 
 @dataclasses.dataclass
@@ -197,17 +198,25 @@ def _resolve_url(url: str, stats: ReadStats | None, include: list[str] | None = 
     def full(p: str) -> str:
         return p if "://" in p else f"{protocol}://{p.lstrip('/') if protocol != 'memory' else p}"
 
+    def sized(p: str, info: dict[str, Any]) -> str:
+        if info.get("size") is not None and protocol != "memory":  # small remote files go to the workers
+            # (memory:// lives in this process only: its files stay with the main process)
+            _URL_SIZES[full(p)] = int(info["size"])
+        return full(p)
+
     try:
         if any(c in path for c in "*?["):
-            files = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            found = fs.glob(path, detail=True)
+            files = sorted(p for p, info in found.items() if info.get("type") == "file")
             if not files:
                 raise UserError(f"input glob '{url}' matches no file; check the pattern")
-            return [full(p) for p in files]
+            return [sized(p, found[p]) for p in files]
         if fs.isdir(path):
             files = []
-            for p in sorted(fs.find(path)):
+            found = fs.find(path, detail=True)
+            for p in sorted(found):
                 if _dir_wanted(p, include):
-                    files.append(full(p))
+                    files.append(sized(p, found[p]))
                 elif stats is not None:
                     stats.skipped_files += 1
                     stats.skipped.append(full(p))
@@ -215,6 +224,7 @@ def _resolve_url(url: str, stats: ReadStats | None, include: list[str] | None = 
                 raise UserError(f"input directory '{url}' holds no readable file")
             return files
         if fs.isfile(path):
+            sized(path, fs.info(path) if protocol != "memory" else {})
             return [url]
     except UserError:
         raise
@@ -465,8 +475,11 @@ def iter_documents(inputs: list[str] | str, text_field: str = "text", txt_mode: 
 
 
 def file_size(path: str) -> int | None:
-    """Size in bytes of a local uncompressed file (None for URLs, datasets, compressed files)."""
-    if is_url(path) or path.startswith(("hf:", "hfdisk:")):
+    """Size in bytes of a local file or of a remote object listed by :func:`resolve_inputs` (None for
+    datasets and for URLs not listed)."""
+    if is_url(path):
+        return _URL_SIZES.get(path)
+    if path.startswith(("hf:", "hfdisk:")):
         return None
     try:
         return os.path.getsize(path)

@@ -33,6 +33,7 @@ class DataConfig:
     seq_len: int = 512
     tokenizer: str | None = None  # tokenizer dir copied into RUN/model; default: the one the index names
     doc_mask: bool = False  # attend only within documents (EOS-separated) instead of across the packed row
+    cache_dir: str | None = None  # local cache for s3:// / gs:// shards (default ~/.cache/lmforge/shards)
 
 
 @dataclass

@@ -169,7 +169,8 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     cfg.data.tokenizer = tokenizer_dir
     loader = ShardLoader(cfg.data.dir, "train", cfg.data.seq_len, cfg.global_batch_size, rank=world.dp_rank,
                          world_size=world.dp_size, seed=cfg.train.seed, check_vocab=mcfg.vocab_size,
-                         tokenizer_hash=index.get("tokenizer_hash"), doc_mask=cfg.data.doc_mask)
+                         tokenizer_hash=index.get("tokenizer_hash"), doc_mask=cfg.data.doc_mask,
+                         cache_dir=cfg.data.cache_dir)
     source = PretrainBatches(loader, cfg.data.doc_mask,
                              any(k.startswith("data.") for k in cfg.checkpoint.allow_mismatch))
     val_batches = None
