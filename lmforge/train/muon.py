@@ -76,6 +76,11 @@ def _is_dtensor(t: Tensor) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "placements")
 
 
+def _gather(u: Tensor) -> Tensor:
+    """The full matrix of a DTensor on every rank (an all-gather over its mesh)."""
+    return u.full_tensor()
+
+
 def orthogonalize(u: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
     """Newton–Schulz on the full matrix of ``u``; a DTensor comes back with ``u``'s placements (this
     rank's slice of the full result)."""
@@ -83,7 +88,7 @@ def orthogonalize(u: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
         return newton_schulz(u, steps, dtype=dtype)
     from torch.distributed.tensor import distribute_tensor
 
-    full = newton_schulz(u.full_tensor(), steps, dtype=dtype)
+    full = newton_schulz(_gather(u), steps, dtype=dtype)
     return distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=None)
 
 

@@ -97,3 +97,10 @@ def test_checkpoint_holds_momentum_and_adamw_state(runs):
     assert "optim.layers.0.attention.wq.weight.momentum_buffer" in keys
     assert "optim.tok_embeddings.weight.exp_avg_sq" in keys
     assert not any(k.startswith("optim.layers.0.attention.wq.weight.exp_avg") for k in keys)
+
+
+def test_report_names_the_optimizer(runs):
+    from lmforge.train.report import markdown, summarize
+
+    assert "| optimizer | Muon (lr 0.003) + AdamW, peak lr" in markdown(summarize(runs / "ref"), image=None)
+    assert "| optimizer | AdamW, peak lr" in markdown(summarize(runs / "adamw"), image=None)

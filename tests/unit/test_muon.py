@@ -227,3 +227,14 @@ def test_config_keys_load_and_validate():
                           ("optim.muon_ns_dtype=fp16", "optim.muon_ns_dtype")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, [override], base=BASE)
+
+
+def test_block_matrices_are_found_through_activation_checkpoint_wrappers():
+    from lmforge.distributed.apply import parallelize
+    from lmforge.distributed.config import ParallelConfig
+
+    model = _model()
+    before = {n for g in muon_param_groups(model, OptimConfig(name="muon")) if g.get("muon") for n in g["names"]}
+    parallelize(model, ParallelConfig(activation_checkpoint="full"))
+    after = [n for g in muon_param_groups(model, OptimConfig(name="muon")) if g.get("muon") for n in g["names"]]
+    assert len(before) == 14 and len(after) == 14
