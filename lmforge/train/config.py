@@ -72,6 +72,7 @@ class OptimConfig:
     muon_ns_steps: int = 5  # Newton–Schulz iterations
     muon_lr_adjust: Literal["match_rms_adamw", "original", "none"] = "match_rms_adamw"  # update × 0.2·sqrt(max(A,B))
     muon_ns_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # Newton–Schulz precision; auto = bf16 on CUDA, fp32 on CPU
+    muon_ns_work: Literal["split", "replicate"] = "split"  # sharded matrices: one owner rank each, or every rank
 
 
 @dataclass

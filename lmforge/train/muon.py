@@ -18,9 +18,13 @@ Other groups are plain AdamW (torch's own functional kernel, fused where the tra
 state names as ``torch.optim.AdamW`` (step, exp_avg, exp_avg_sq).
 
 Sharded parameters (DTensors from FSDP2's dim-0 shards or TP's dim-0/dim-1 splits): Newton–Schulz needs
-the FULL matrix, so the direction is gathered (``full_tensor()``), orthogonalized identically on every
-rank, and each rank keeps its own slice (``distribute_tensor(..., src_data_rank=None)``: local slicing,
-no communication). The momentum buffer stays sharded like the parameter, so DCP saves and reshards it.
+the FULL matrix, so the direction is gathered (``full_tensor()``). ``ns_work="split"`` (default): on a 1-D
+mesh (FSDP2 alone, or TP alone) each matrix gets one owner rank (least-loaded by Newton–Schulz FLOPs, the
+same choice on every rank), which orthogonalizes it and scatters the slices back
+(``distribute_tensor(..., src_data_rank=owner)``): N ranks share the work instead of each doing all of
+it. ``"replicate"``, and every multi-dimensional mesh (FSDP2 × TP): every rank orthogonalizes every
+matrix and keeps its own slice (local slicing, no further communication). Either way the result is the
+1-process update. The momentum buffer stays sharded like the parameter, so DCP saves and reshards it.
 
 Why not ``torch.optim.Muon`` (torch 2.13): it has the same update and the ``match_rms_adamw`` scale, but
 accepts only 2-D parameters (so a second optimizer for AdamW), always runs Newton–Schulz in bf16 (slow on
@@ -38,6 +42,7 @@ from torch import Tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: maximal slope at 0
 LR_ADJUST = ("match_rms_adamw", "original", "none")
+NS_WORK = ("split", "replicate")  # sharded matrices: Newton–Schulz on one owner rank each, or on every rank
 
 
 def newton_schulz(g: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
@@ -81,34 +86,60 @@ def _gather(u: Tensor) -> Tensor:
     return u.full_tensor()
 
 
-def orthogonalize(u: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
+def ns_flops(shape: tuple[int, ...], steps: int) -> int:
+    """Multiply-add FLOPs of Newton–Schulz on a matrix of ``shape`` (m ≤ n after orientation)."""
+    m, n = sorted(shape[:2])
+    return steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def ranks_sharing(p: Tensor) -> int | None:
+    """How many ranks can share the Newton–Schulz work of ``p``: its 1-D mesh's size (FSDP2 or TP alone);
+    None for a plain tensor or a multi-dimensional mesh (FSDP2 × TP: every rank computes)."""
+    if not _is_dtensor(p) or p.device_mesh.ndim != 1 or p.device_mesh.size() < 2:
+        return None
+    return p.device_mesh.size()
+
+
+def orthogonalize(u: Tensor, steps: int, dtype: torch.dtype, owner: int | None = None) -> Tensor:
     """Newton–Schulz on the full matrix of ``u``; a DTensor comes back with ``u``'s placements (this
-    rank's slice of the full result)."""
+    rank's slice of the full result).
+
+    ``owner`` None: every rank orthogonalizes the gathered matrix and keeps its slice (no further
+    communication). ``owner`` k (a rank of ``u``'s 1-D mesh): only rank k computes; the others receive
+    their slices from it (one scatter), so N ranks share the work of N matrices."""
     if not _is_dtensor(u):
         return newton_schulz(u, steps, dtype=dtype)
     from torch.distributed.tensor import distribute_tensor
 
-    full = newton_schulz(_gather(u), steps, dtype=dtype)
-    return distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=None)
+    full = _gather(u)
+    if owner is None:
+        return distribute_tensor(newton_schulz(full, steps, dtype=dtype), u.device_mesh, u.placements,
+                                 src_data_rank=None)
+    if u.device_mesh.get_local_rank() == owner:
+        full = newton_schulz(full, steps, dtype=dtype)
+    # the other ranks' `full` (the gathered direction) only gives the scatter its shape
+    return distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=owner)
 
 
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for the groups marked ``muon=True``, AdamW for the others (see the module docstring).
 
     Group keys: lr, weight_decay (decoupled, both rules); Muon groups also momentum, nesterov, ns_steps,
-    lr_adjust, ns_dtype ("float32" | "bfloat16"); AdamW groups betas, eps, fused. Every value is plain data,
-    so the state dict stays JSON-able.
+    lr_adjust, ns_dtype ("float32" | "bfloat16"), ns_work ("split" | "replicate"); AdamW groups betas,
+    eps, fused. Every value is plain data, so the state dict stays JSON-able.
     """
 
     def __init__(self, groups: list[dict], *, lr: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, fused: bool = False,
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 lr_adjust: str = "match_rms_adamw", ns_dtype: str = "float32"):
+                 lr_adjust: str = "match_rms_adamw", ns_dtype: str = "float32", ns_work: str = "split"):
         if lr_adjust not in LR_ADJUST:
             raise ValueError(f"lr_adjust {lr_adjust!r} is not one of {', '.join(LR_ADJUST)}")
+        if ns_work not in NS_WORK:
+            raise ValueError(f"ns_work {ns_work!r} is not one of {', '.join(NS_WORK)}")
         defaults = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps, "fused": fused,
                     "muon": False, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps,
-                    "lr_adjust": lr_adjust, "ns_dtype": ns_dtype}
+                    "lr_adjust": lr_adjust, "ns_dtype": ns_dtype, "ns_work": ns_work}
         super().__init__(groups, defaults)
         for g in self.param_groups:
             if g["muon"]:
@@ -131,16 +162,22 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        load: dict[int, list[int]] = {}  # mesh size -> Newton–Schulz FLOPs given to each of its ranks so far
         for p in group["params"]:
             if p.grad is None:
                 continue
+            owner, ranks = None, ranks_sharing(p) if group["ns_work"] == "split" else None
+            if ranks:  # the least-loaded rank takes this matrix: the same choice on every rank
+                work = load.setdefault(ranks, [0] * ranks)
+                owner = min(range(ranks), key=work.__getitem__)
+                work[owner] += ns_flops(tuple(p.shape), group["ns_steps"])
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buf = state["momentum_buffer"]
             buf.mul_(mu).add_(p.grad)
             u = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
-            o = orthogonalize(u, group["ns_steps"], getattr(torch, group["ns_dtype"]))
+            o = orthogonalize(u, group["ns_steps"], getattr(torch, group["ns_dtype"]), owner)
             if wd:
                 p.mul_(1.0 - lr * wd)
             p.add_(o, alpha=-lr * lr_scale(p.shape, group["lr_adjust"]))
@@ -173,4 +210,5 @@ class MuonAdamW(torch.optim.Optimizer):
              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
-__all__ = ["LR_ADJUST", "NS_COEFFICIENTS", "MuonAdamW", "lr_scale", "newton_schulz", "orthogonalize"]
+__all__ = ["LR_ADJUST", "NS_COEFFICIENTS", "NS_WORK", "MuonAdamW", "lr_scale", "newton_schulz", "ns_flops",
+           "orthogonalize", "ranks_sharing"]

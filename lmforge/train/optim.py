@@ -109,7 +109,8 @@ def _build_muon(model: nn.Module, optim_cfg):
     return MuonAdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, betas=tuple(optim_cfg.betas),
                      eps=optim_cfg.eps, fused=fused, momentum=optim_cfg.muon_momentum,
                      nesterov=optim_cfg.muon_nesterov, ns_steps=optim_cfg.muon_ns_steps,
-                     lr_adjust=optim_cfg.muon_lr_adjust, ns_dtype={"fp32": "float32", "bf16": "bfloat16"}[ns_dtype])
+                     lr_adjust=optim_cfg.muon_lr_adjust, ns_dtype={"fp32": "float32", "bf16": "bfloat16"}[ns_dtype],
+                     ns_work=optim_cfg.muon_ns_work)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

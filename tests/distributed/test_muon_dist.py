@@ -1,5 +1,7 @@
 """optim.name=muon under FSDP2 and tensor parallel (2 gloo ranks) reproduces the one-process run through
-the real Trainer: the sharded matrices are orthogonalized whole (gathered), not shard by shard. DCP
+the real Trainer: the sharded matrices are orthogonalized whole (gathered), not shard by shard, whether
+each matrix's owner rank computes it and scatters the slices (``muon_ns_work=split``, the default) or
+every rank computes every matrix (``replicate``). DCP
 checkpoints carry the Muon momentum buffers and AdamW's moments, so runs resume exactly, on the same or
 another number of ranks.
 
@@ -31,9 +33,11 @@ def runs(tmp_path_factory):
     h.run_trainer(root / "adamw", data, STEPS)  # the same run with AdamW: Muon must differ from it
     h.run_trainer(root / "one", data, HALF, optim=MUON)
     job = {"data_dir": str(data), "optim": MUON}
-    h.spawn(2, "run_trainer_jobs", jobs=[
+    h.spawn(2, "_muon_worker:jobs_then_count", count_out=str(root / "ns_counts.json"), jobs=[
         {**job, "run_dir": str(root / "fsdp"), "max_steps": STEPS, "parallel": {"dp_shard": 2}},
         {**job, "run_dir": str(root / "tp"), "max_steps": STEPS, "parallel": {"tp": 2}},
+        {**job, "run_dir": str(root / "fsdp_replicate"), "max_steps": STEPS, "parallel": {"dp_shard": 2},
+         "optim": {**MUON, "muon_ns_work": "replicate"}},  # every rank orthogonalizes every matrix
         {**job, "run_dir": str(root / "fsdp_half"), "max_steps": HALF, "parallel": {"dp_shard": 2}},
         {**job, "run_dir": str(root / "fsdp_fsdp"), "copy_from": str(root / "fsdp_half"), "max_steps": STEPS,
          "parallel": {"dp_shard": 2}},  # 2 -> 2
@@ -80,7 +84,7 @@ def test_reference_is_really_muon(runs):
     assert float((w["layers.0.attention.wq.weight"] - init["layers.0.attention.wq.weight"]).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["fsdp", "tp"])
+@pytest.mark.parametrize("name", ["fsdp", "tp", "fsdp_replicate"])
 def test_two_ranks_match_one_process(runs, name):
     _same_run(runs, name)
 
@@ -104,3 +108,17 @@ def test_report_names_the_optimizer(runs):
 
     assert "| optimizer | Muon (lr 0.003) + AdamW, peak lr" in markdown(summarize(runs / "ref"), image=None)
     assert "| optimizer | AdamW, peak lr" in markdown(summarize(runs / "adamw"), image=None)
+
+
+def test_split_work_shares_newton_schulz_between_ranks(runs):
+    """muon_ns_work=split: each of the 14 block matrices is orthogonalized on exactly one rank, the FLOPs
+    balanced within one matrix's worth; replicate: every rank orthogonalizes all 14."""
+    import json
+
+    counts = json.loads((runs / "ns_counts.json").read_text())
+    split, replicate = counts["split"], counts["replicate"]
+    assert [r["matrices"] for r in replicate] == [14, 14]
+    assert sum(r["matrices"] for r in split) == 14 and all(r["matrices"] >= 5 for r in split), split
+    total = replicate[0]["flops"]
+    assert sum(r["flops"] for r in split) == total
+    assert max(r["flops"] for r in split) <= 0.6 * total, split
