@@ -7,7 +7,7 @@ the micro-batch is timed too.
 
 ``--ranks N`` (CPU, gloo): the model is sharded with FSDP2 over N spawned ranks; each Muon matrix is
 gathered whole (``full_tensor()``), orthogonalized on every rank, and sliced back. Printed: the step
-times, and how much of Muon's step is the gather and how much Newton–Schulz.
+times, and how much of Muon's step is the gather and how much Newton–Schulz (on rank 0; ``--ns-work split|replicate``).
 
 Memory: optimizer state per parameter (AdamW 2 fp32 tensors; Muon 1 for the matrices) is counted from
 the optimizers' state; the gather approach's transient is one full matrix plus Newton–Schulz's
@@ -100,7 +100,8 @@ def optimizers(model, args):
     from lmforge.train.optim import build_optimizer
 
     adamw = build_optimizer(model, OptimConfig(name="adamw", lr=1e-6))
-    muon = build_optimizer(model, OptimConfig(name="muon", lr=1e-6, muon_ns_dtype=args.ns_dtype))
+    muon = build_optimizer(model, OptimConfig(name="muon", lr=1e-6, muon_ns_dtype=args.ns_dtype,
+                                              muon_ns_work=args.ns_work))
     return {"adamw": adamw, "muon": muon}
 
 
@@ -198,7 +199,7 @@ def _rank(rank: int, world: int, port: int, args, out: str) -> None:
         if rank == 0:
             shape, nbytes = largest_matrix(model)
             Path(out).write_text(json.dumps({
-                "mode": f"FSDP2 x{world} (gloo, CPU)", "device": "cpu", "preset": args.preset,
+                "mode": f"FSDP2 x{world} (gloo, CPU, muon_ns_work={args.ns_work})", "device": "cpu", "preset": args.preset,
                 "params": cfg.num_params(), "fwd_bwd_s": fwd_bwd, "adamw_step_s": med["adamw"],
                 "muon_step_s": med["muon"], "muon_over_adamw": med["muon"] / med["adamw"], **parts,
                 "adamw_state_mb_per_rank": state_bytes(opts["adamw"]) / 1e6,
@@ -231,6 +232,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ns-dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--ns-work", default="split", choices=["split", "replicate"],
+                   help="sharded matrices: Newton-Schulz on one owner rank each, or on every rank")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     r = one_process(args) if args.ranks == 1 else sharded(args)
