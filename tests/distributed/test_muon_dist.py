@@ -1,4 +1,4 @@
-"""optim.name=muon under FSDP2 and tensor parallel (2 gloo ranks) reproduces the one-process run through
+"""optim.name=muon under FSDP2, tensor parallel and DDP (2 gloo ranks) reproduces the one-process run through
 the real Trainer: the sharded matrices are orthogonalized whole (gathered), not shard by shard, whether
 each matrix's owner rank computes it and scatters the slices (``muon_ns_work=split``, the default) or
 every rank computes every matrix (``replicate``). DCP
@@ -36,6 +36,10 @@ def runs(tmp_path_factory):
     h.spawn(2, "_muon_worker:jobs_then_count", count_out=str(root / "ns_counts.json"), jobs=[
         {**job, "run_dir": str(root / "fsdp"), "max_steps": STEPS, "parallel": {"dp_shard": 2}},
         {**job, "run_dir": str(root / "tp"), "max_steps": STEPS, "parallel": {"tp": 2}},
+        # DDP: losses only; RUN/model export under composable replicate fails before any Muon code runs
+        # (AttributeError in Trainer.export_model with AdamW too; reported, not fixed here)
+        {**job, "run_dir": str(root / "ddp"), "max_steps": STEPS, "parallel": {"dp_replicate": 2, "dp_shard": 1},
+         "checkpoint": {"save_model": False}},
         {**job, "run_dir": str(root / "fsdp_replicate"), "max_steps": STEPS, "parallel": {"dp_shard": 2},
          "optim": {**MUON, "muon_ns_work": "replicate"}},  # every rank orthogonalizes every matrix
         {**job, "run_dir": str(root / "fsdp_half"), "max_steps": HALF, "parallel": {"dp_shard": 2}},
@@ -59,11 +63,13 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_weights(run_dir / "model")
 
 
-def _same_run(runs: Path, name: str) -> None:
+def _same_run(runs: Path, name: str, weights: bool = True) -> None:
     ref, got = h.train_losses(runs / "ref"), h.train_losses(runs / name)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert abs(got[step] - ref[step]) <= LOSS_TOL, f"{name} step {step}: loss {got[step]} vs {ref[step]}"
+    if not weights:
+        return
     w_ref, w = _weights(runs / "ref"), _weights(runs / name)
     assert set(w) == set(w_ref)
     for k in w_ref:
@@ -84,9 +90,9 @@ def test_reference_is_really_muon(runs):
     assert float((w["layers.0.attention.wq.weight"] - init["layers.0.attention.wq.weight"]).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["fsdp", "tp", "fsdp_replicate"])
+@pytest.mark.parametrize("name", ["fsdp", "tp", "fsdp_replicate", "ddp"])
 def test_two_ranks_match_one_process(runs, name):
-    _same_run(runs, name)
+    _same_run(runs, name, weights=name != "ddp")
 
 
 @pytest.mark.parametrize("name", ["one_one", "fsdp_fsdp", "one_fsdp", "fsdp_one", "tp_tp"])
