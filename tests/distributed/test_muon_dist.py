@@ -22,6 +22,7 @@ pytestmark = pytest.mark.distributed
 STEPS, HALF = 6, 3
 MUON = {"name": "muon"}  # optim.lr 3e-3 (the harness's) for both rules: the match_rms_adamw scale
 LOSS_TOL, PARAM_TOL = 1e-5, 5e-5
+UNEVEN = {"ffn_hidden": 67}  # w1/w3 are 67×32: FSDP2 shards of 34 and 33 rows
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def runs(tmp_path_factory):
     h.run_trainer(root / "ref", data, STEPS, optim=MUON)  # uninterrupted, one process
     h.run_trainer(root / "adamw", data, STEPS)  # the same run with AdamW: Muon must differ from it
     h.run_trainer(root / "one", data, HALF, optim=MUON)
+    h.run_trainer(root / "uneven_ref", data, HALF, optim=MUON, model=UNEVEN)
     job = {"data_dir": str(data), "optim": MUON}
     h.spawn(2, "_muon_worker:jobs_then_count", count_out=str(root / "ns_counts.json"), jobs=[
         {**job, "run_dir": str(root / "fsdp"), "max_steps": STEPS, "parallel": {"dp_shard": 2}},
@@ -43,6 +45,7 @@ def runs(tmp_path_factory):
         {**job, "run_dir": str(root / "fsdp_replicate"), "max_steps": STEPS, "parallel": {"dp_shard": 2},
          "optim": {**MUON, "muon_ns_work": "replicate"}},  # every rank orthogonalizes every matrix
         {**job, "run_dir": str(root / "fsdp_half"), "max_steps": HALF, "parallel": {"dp_shard": 2}},
+        {**job, "run_dir": str(root / "uneven"), "max_steps": HALF, "parallel": {"dp_shard": 2}, "model": UNEVEN},
         {**job, "run_dir": str(root / "fsdp_fsdp"), "copy_from": str(root / "fsdp_half"), "max_steps": STEPS,
          "parallel": {"dp_shard": 2}},  # 2 -> 2
         {**job, "run_dir": str(root / "one_fsdp"), "copy_from": str(root / "one"), "max_steps": STEPS,
@@ -63,14 +66,14 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_weights(run_dir / "model")
 
 
-def _same_run(runs: Path, name: str, weights: bool = True) -> None:
-    ref, got = h.train_losses(runs / "ref"), h.train_losses(runs / name)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
+def _same_run(runs: Path, name: str, weights: bool = True, ref_name: str = "ref", steps: int = STEPS) -> None:
+    ref, got = h.train_losses(runs / ref_name), h.train_losses(runs / name)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
         assert abs(got[step] - ref[step]) <= LOSS_TOL, f"{name} step {step}: loss {got[step]} vs {ref[step]}"
     if not weights:
         return
-    w_ref, w = _weights(runs / "ref"), _weights(runs / name)
+    w_ref, w = _weights(runs / ref_name), _weights(runs / name)
     assert set(w) == set(w_ref)
     for k in w_ref:
         torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=PARAM_TOL, msg=lambda m, k=k: f"{name} {k}: {m}")
@@ -93,6 +96,11 @@ def test_reference_is_really_muon(runs):
 @pytest.mark.parametrize("name", ["fsdp", "tp", "fsdp_replicate", "ddp"])
 def test_two_ranks_match_one_process(runs, name):
     _same_run(runs, name, weights=name != "ddp")
+
+
+def test_uneven_shards_match_one_process(runs):
+    _same_run(runs, "uneven", ref_name="uneven_ref", steps=HALF)
+    assert _weights(runs / "uneven")["layers.0.feed_forward.w1.weight"].shape == (67, 32)
 
 
 @pytest.mark.parametrize("name", ["one_one", "fsdp_fsdp", "one_fsdp", "fsdp_one", "tp_tp"])
