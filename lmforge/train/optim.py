@@ -97,6 +97,11 @@ def _build_muon(model: nn.Module, optim_cfg):
     from lmforge.train.muon import MuonAdamW
 
     groups = muon_param_groups(model, optim_cfg)
+    if not any(g.get("muon") for g in groups):
+        from lmforge.train.rank_output import note
+
+        note("note: optim.name=muon found no trainable matrix inside the transformer blocks (LoRA trains only "
+             "adapters and heads); every parameter is trained by AdamW")
     for g in groups:
         g.pop("names")
     fused = optim_cfg.fused

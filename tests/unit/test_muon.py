@@ -156,12 +156,15 @@ def test_which_parameters_get_muon():
     assert any("output.weight" in g["names"] and g["weight_decay"] == 0.1 for g in groups)
 
 
-def test_lora_adapters_and_frozen_bases_stay_off_muon():
+def test_lora_adapters_and_frozen_bases_stay_off_muon(capsys):
     from lmforge.models.lora import LoraConfig, apply_lora
 
     model = _model()
     apply_lora(model, LoraConfig(rank=4, alpha=8, targets=["wq", "wv"]))
     assert muon_matrices(model) == set()  # frozen base weights; adapters are not nn.Linear weights
+    opt = build_optimizer(model, OptimConfig(name="muon"))  # all AdamW, and a note says so
+    assert not any(g["muon"] for g in opt.param_groups)
+    assert "found no trainable matrix" in capsys.readouterr().err
     model = _model()
     apply_lora(model, LoraConfig(rank=4, alpha=8, targets=["wq"]), trainable=("layers.1.",))
     names = {n for g in muon_param_groups(model, OptimConfig(name="muon")) if g.get("muon") for n in g["names"]}
