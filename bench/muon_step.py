@@ -5,13 +5,14 @@ AdamW's step and Muon's step alternate (A B, B A, ...) so load from other proces
 medians. The Newton–Schulz share of Muon's step is timed separately. For scale, one forward/backward of
 the micro-batch is timed too.
 
-``--ranks N`` (CPU, gloo): the model is sharded with FSDP2 over N spawned ranks; each Muon matrix is
-gathered whole (``full_tensor()``), orthogonalized on every rank, and sliced back. Printed: the step
-times, and how much of Muon's step is the gather and how much Newton–Schulz (on rank 0; ``--ns-work split|replicate``).
+``--ranks N`` (CPU, gloo): the model is sharded with FSDP2 over N spawned ranks; ``--ns-work split``
+gathers each Muon matrix on its owner rank, which orthogonalizes it and scatters the slices back;
+``replicate`` gathers every matrix on every rank (``full_tensor()``). Printed (rank 0): the step times,
+Newton–Schulz's share, and the rest of the orthogonalization (gather, scatter, waiting for the owner).
 
 Memory: optimizer state per parameter (AdamW 2 fp32 tensors; Muon 1 for the matrices) is counted from
-the optimizers' state; the gather approach's transient is one full matrix plus Newton–Schulz's
-temporaries at a time (largest matrix printed); on CUDA the measured peak over a step is printed too.
+the optimizers' state; the gather's transient is one full matrix plus Newton–Schulz's temporaries at a
+time (largest matrix printed); on CUDA the measured peak over a step is printed too.
 
     .venv/bin/python bench/muon_step.py                       # preset small, 1 process
     .venv/bin/python bench/muon_step.py --preset gpt2-124m --ranks 2
@@ -112,10 +113,11 @@ def time_steps(opts, device, steps: int) -> tuple[dict[str, float], dict[str, fl
 
     names = list(opts)
     times: dict[str, list[float]] = {n: [] for n in names}
-    with Timed(muon_mod, "newton_schulz", lambda: sync(device)) as ns, Timed(muon_mod, "_gather", lambda: sync(device)) as ga:
+    with Timed(muon_mod, "newton_schulz", lambda: sync(device)) as ns, \
+            Timed(muon_mod, "orthogonalize", lambda: sync(device)) as orth:
         for name in names:  # warm-up: state allocation
             opts[name].step()
-        ns.seconds = ga.seconds = 0.0
+        ns.seconds = orth.seconds = 0.0
         for i in range(steps):
             for name in (names if i % 2 == 0 else names[::-1]):
                 sync(device)
@@ -123,7 +125,8 @@ def time_steps(opts, device, steps: int) -> tuple[dict[str, float], dict[str, fl
                 opts[name].step()
                 sync(device)
                 times[name].append(time.perf_counter() - t0)
-    parts = {"newton_schulz_s": ns.seconds / steps, "gather_s": ga.seconds / steps}
+    # orthogonalize = gather + Newton–Schulz + scatter (+ waiting for the owner rank): the rest is traffic
+    parts = {"newton_schulz_s": ns.seconds / steps, "gather_scatter_s": (orth.seconds - ns.seconds) / steps}
     return {n: statistics.median(t) for n, t in times.items()}, parts
 
 
@@ -243,8 +246,8 @@ def main() -> None:
     print(f"{r['mode']}, {r['preset']} ({r['params']:,} params) on {r['device']}: forward+backward "
           f"{r['fwd_bwd_s'] * 1e3:.0f} ms (batch {args.batch}x{args.seq})")
     print(f"  optimizer step: AdamW {r['adamw_step_s'] * 1e3:.1f} ms, Muon {r['muon_step_s'] * 1e3:.1f} ms "
-          f"({r['muon_over_adamw']:.2f}x; Newton-Schulz {r['newton_schulz_s'] * 1e3:.1f} ms, gather "
-          f"{r['gather_s'] * 1e3:.1f} ms per step)")
+          f"({r['muon_over_adamw']:.2f}x; Newton-Schulz {r['newton_schulz_s'] * 1e3:.1f} ms, gather/scatter "
+          f"and waiting {r['gather_scatter_s'] * 1e3:.1f} ms per step)")
     state = {k: v for k, v in r.items() if k.endswith(("_mb", "_mb_per_rank"))}
     print("  " + ", ".join(f"{k} {v:.1f}" for k, v in state.items()) + f"; largest matrix {r['largest_matrix']}")
     if r.get("cuda_step_peak_megabytes"):

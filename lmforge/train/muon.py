@@ -18,12 +18,12 @@ Other groups are plain AdamW (torch's own functional kernel, fused where the tra
 state names as ``torch.optim.AdamW`` (step, exp_avg, exp_avg_sq).
 
 Sharded parameters (DTensors from FSDP2's dim-0 shards or TP's dim-0/dim-1 splits): Newton–Schulz needs
-the FULL matrix, so the direction is gathered (``full_tensor()``). ``ns_work="split"`` (default): on a 1-D
-mesh (FSDP2 alone, or TP alone) each matrix gets one owner rank (least-loaded by Newton–Schulz FLOPs, the
-same choice on every rank), which orthogonalizes it and scatters the slices back
-(``distribute_tensor(..., src_data_rank=owner)``): N ranks share the work instead of each doing all of
-it. ``"replicate"``, and every multi-dimensional mesh (FSDP2 × TP): every rank orthogonalizes every
-matrix and keeps its own slice (local slicing, no further communication). Either way the result is the
+the FULL matrix. ``ns_work="split"`` (default): on a 1-D mesh (FSDP2 alone, or TP alone) each matrix gets
+one owner rank (least-loaded by Newton–Schulz FLOPs, the same choice on every rank); the shards are
+gathered on the owner only, which orthogonalizes and scatters the slices back: N ranks share the work,
+and each matrix crosses the network about twice instead of to every rank. ``"replicate"``, and every
+multi-dimensional mesh (FSDP2 × TP): every rank gathers every matrix (``full_tensor()``),
+orthogonalizes it and keeps its own slice. Either way the result is the
 1-process update. The momentum buffer stays sharded like the parameter, so DCP saves and reshards it.
 
 Why not ``torch.optim.Muon`` (torch 2.13): it has the same update and the ``match_rms_adamw`` scale, but
@@ -97,28 +97,63 @@ def ranks_sharing(p: Tensor) -> int | None:
     None for a plain tensor or a multi-dimensional mesh (FSDP2 × TP: every rank computes)."""
     if not _is_dtensor(p) or p.device_mesh.ndim != 1 or p.device_mesh.size() < 2:
         return None
-    return p.device_mesh.size()
+    return p.device_mesh.size() if p.placements[0].is_shard() else None
 
 
 def orthogonalize(u: Tensor, steps: int, dtype: torch.dtype, owner: int | None = None) -> Tensor:
     """Newton–Schulz on the full matrix of ``u``; a DTensor comes back with ``u``'s placements (this
     rank's slice of the full result).
 
-    ``owner`` None: every rank orthogonalizes the gathered matrix and keeps its slice (no further
-    communication). ``owner`` k (a rank of ``u``'s 1-D mesh): only rank k computes; the others receive
-    their slices from it (one scatter), so N ranks share the work of N matrices."""
+    ``owner`` None: every rank gathers the whole matrix, orthogonalizes it and keeps its slice.
+    ``owner`` k (a rank of ``u``'s 1-D mesh, ``u`` sharded on it): the shards go to rank k only, which
+    orthogonalizes and scatters the slices back, so N ranks share the work (and the traffic) of N
+    matrices."""
     if not _is_dtensor(u):
         return newton_schulz(u, steps, dtype=dtype)
+    if owner is not None:
+        return _orthogonalize_on_owner(u, steps, dtype, owner)
     from torch.distributed.tensor import distribute_tensor
 
-    full = _gather(u)
-    if owner is None:
-        return distribute_tensor(newton_schulz(full, steps, dtype=dtype), u.device_mesh, u.placements,
-                                 src_data_rank=None)
-    if u.device_mesh.get_local_rank() == owner:
-        full = newton_schulz(full, steps, dtype=dtype)
-    # the other ranks' `full` (the gathered direction) only gives the scatter its shape
-    return distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=owner)
+    full = newton_schulz(_gather(u), steps, dtype=dtype)
+    return distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=None)  # local slicing
+
+
+def _chunk_sizes(length: int, n: int) -> list[int]:
+    """Rows per rank of ``torch.chunk(length, n)`` (FSDP2's and DTensor's ``Shard``): ceil-sized, the
+    last ones shorter or empty."""
+    c = -(-length // n)
+    return [max(0, min(c, length - i * c)) for i in range(n)]
+
+
+def _orthogonalize_on_owner(u: Tensor, steps: int, dtype: torch.dtype, owner: int) -> Tensor:
+    """``gather`` the shards (padded to one size) on ``owner``, Newton–Schulz there, ``scatter`` back."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    mesh, dim = u.device_mesh, u.placements[0].dim
+    group, me = mesh.get_group(), mesh.get_local_rank()
+    sizes = _chunk_sizes(u.shape[dim], mesh.size())
+    local = u.to_local()
+
+    def padded(t: Tensor) -> Tensor:  # every piece the size of the largest chunk, for the collectives
+        shape = list(t.shape)
+        shape[dim] = sizes[0] - t.shape[dim]
+        return torch.cat([t, t.new_zeros(shape)], dim=dim).contiguous() if shape[dim] else t.contiguous()
+
+    mine = padded(local)
+    src = dist.get_global_rank(group, owner)
+    pieces = [torch.empty_like(mine) for _ in sizes] if me == owner else None
+    dist.gather(mine, pieces, dst=src, group=group)
+    slices = None
+    if me == owner:
+        full = newton_schulz(torch.cat([pc.narrow(dim, 0, n) for pc, n in zip(pieces, sizes)], dim=dim),
+                             steps, dtype=dtype)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        slices = [padded(full.narrow(dim, a, n)) for a, n in zip(starts, sizes)]
+    out = torch.empty_like(mine)
+    dist.scatter(out, slices, src=src, group=group)
+    return DTensor.from_local(out.narrow(dim, 0, local.shape[dim]), mesh, u.placements, run_check=False,
+                              shape=u.shape, stride=u.stride())
 
 
 class MuonAdamW(torch.optim.Optimizer):
