@@ -8,11 +8,11 @@ A parameter group with ``muon=True`` takes, per matrix W (A×B) with gradient G:
     O ← NS₅(U)                                    ≈ the polar factor U·(UᵀU)^(-1/2): singular values ≈ 1
     W ← W·(1 − lr·wd) − lr·s(A, B)·O             decoupled weight decay, then the scaled update
 
-with s = 0.2·sqrt(max(A, B)) (``match_rms_adamw``, the default: the update's RMS becomes ~0.2, AdamW's
+with s = 0.2·sqrt(max(A, B)) (``match_rms_adamw``, the default: the update's RMS becomes ~0.2·lr, AdamW's
 typical update RMS, so AdamW's lr and weight decay transfer), sqrt(max(1, A/B)) (``original``, Keller
 Jordan's scale, meant for lr ≈ 0.02) or 1 (``none``). NS₅ is the quintic Newton–Schulz iteration
 X ← a·X + (b·XXᵀ + c·(XXᵀ)²)·X with (a, b, c) = (3.4445, −4.7750, 2.0315) on X₀ = U/‖U‖_F: it pushes
-every singular value into roughly [0.7, 1.2] in five steps without an SVD.
+every singular value into roughly [0.68, 1.14] in five steps, without an SVD.
 
 Other groups are plain AdamW (torch's own functional kernel, fused where the trainer asks), with the same
 state names as ``torch.optim.AdamW`` (step, exp_avg, exp_avg_sq).
@@ -23,14 +23,12 @@ one owner rank (least-loaded by Newton–Schulz FLOPs, the same choice on every 
 gathered on the owner only, which orthogonalizes and scatters the slices back: N ranks share the work,
 and each matrix crosses the network about twice instead of to every rank. ``"replicate"``, and every
 multi-dimensional mesh (FSDP2 × TP): every rank gathers every matrix (``full_tensor()``),
-orthogonalizes it and keeps its own slice. Either way the result is the
-1-process update. The momentum buffer stays sharded like the parameter, so DCP saves and reshards it.
+orthogonalizes it and keeps its own slice. Either way the result is the 1-process update. The momentum buffer stays sharded like the parameter, so DCP saves and reshards it.
 
 Why not ``torch.optim.Muon`` (torch 2.13): it has the same update and the ``match_rms_adamw`` scale, but
-accepts only 2-D parameters (so a second optimizer for AdamW), always runs Newton–Schulz in bf16 (slow on
-CPU, and ranks-vs-1-process parity drifts at bf16 precision) and runs it on whatever it is given: on a
-sharded DTensor that is the local shard's math or implicit redistributions, not an explicit full-matrix
-gather.
+accepts only 2-D parameters (so a second optimizer for AdamW), always runs Newton–Schulz in bf16 (slower
+than fp32 on CPU) and does nothing explicit for a sharded DTensor: no full-matrix gather, no sharing of
+the work between ranks.
 """
 
 from __future__ import annotations
