@@ -67,7 +67,11 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
             out["model"] = None
         data, tr = cfg.get("data") or {}, cfg.get("train") or {}
         out["seq_len"], out["global_batch"] = data.get("seq_len"), tr.get("global_batch")
-        out["lr"] = (cfg.get("optim") or {}).get("lr")
+        optim = cfg.get("optim") or {}
+        out["lr"] = optim.get("lr")
+        if optim.get("name") == "muon":  # Muon for the block matrices (lmforge.train.muon), AdamW for the rest
+            muon_lr = optim.get("muon_lr") if optim.get("muon_lr") is not None else optim.get("lr")
+            out["optimizer"] = f"Muon (lr {_fmt(muon_lr)}) + AdamW"
         out["schedule"] = (cfg.get("schedule") or {}).get("name")
     last = (train or evals)[-1]
     out["steps"] = max(r.get("step", 0) for r in train + evals)
@@ -150,7 +154,8 @@ def markdown(s: dict[str, Any], image: str | None = "report.png", extra: dict[st
         ("model", f"{s.get('preset') or 'custom'}" + (f" — {s['params']:,} parameters" if s.get("params") else "")
          + (f" ({s['model']})" if s.get("model") else "")),
         ("batch", f"{_fmt(s.get('global_batch'))} sequences × {_fmt(s.get('seq_len'))} tokens"),
-        ("optimizer", f"AdamW, peak lr {_fmt(s.get('lr'))}, {_fmt(s.get('schedule'))} schedule"),
+        ("optimizer", (f"{s.get('optimizer') or 'AdamW'}, peak lr {_fmt(s.get('lr'))}, "
+                       f"{_fmt(s.get('schedule'))} schedule")),
         ("steps", f"{s['steps']:,}" + (f" of {s['total_steps']:,}" if s.get("total_steps") else "")
          + f" ({s['stop_reason'].replace('_', ' ')}; {s['segments']} segment{'s' if s['segments'] != 1 else ''})"),
         ("tokens", _fmt(s.get("tokens"), ",")),
