@@ -511,8 +511,11 @@ class Trainer:
         out = self.run_dir / "model"
         if self.world.is_main:
             raw = unwrap(self.raw_model)
+            # the model's own class: fully_shard / replicate swap in a subclass made in torch.distributed
+            # (replicate's cannot be built again), so take the first class in the MRO from outside torch
+            cls = next(c for c in type(raw).__mro__ if not c.__module__.startswith("torch."))
             with torch.device("meta"):
-                shell = type(raw)(raw.cfg)
+                shell = cls(raw.cfg)
             unexpected = shell.load_state_dict(sd, assign=True, strict=False).unexpected_keys
             shell.tie_weights()
             shell.extra_state_dict = {k: sd[k] for k in unexpected}  # injected heads' weights (model.mlm, …)
