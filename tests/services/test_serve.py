@@ -219,6 +219,17 @@ def test_client_hanging_up_mid_stream_frees_its_slot(served):
     assert chat(served, "fox", max_tokens=5).choices[0].finish_reason == "length"  # the next one is served
 
 
+def test_client_hanging_up_before_its_turn_leaves_the_queue(served):
+    before = served.scheduler.stats()["cancelled"]
+    body = {"messages": [{"role": "user", "content": "fox"}], "max_tokens": 5}
+    with served.scheduler.paused():  # the request waits in the queue; its client gives up after 1 s
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=httpx.Timeout(60, read=1.0))
+        served.wait_for(lambda s: s["queued"] == 0 and s["cancelled"] == before + 1, "the request to be dropped")
+    assert served.scheduler.stats()["active"] == 0
+
+
 def test_full_queue_answers_429_then_recovers(served):
     sched = served.scheduler
     old = sched.max_queue
@@ -308,6 +319,7 @@ def test_lmforge_serve_command_serves_until_terminated(model_dir):
                                              max_tokens=3, temperature=0)
         assert out.choices[0].finish_reason == "length"
     finally:
-        proc.terminate()  # uvicorn shuts down gracefully, then the signal ends the process as usual: 128 + 15
+        proc.terminate()  # a graceful shutdown and a normal end
         rc = proc.wait(60)
-    assert rc == 143 and "Traceback" not in proc.stderr.read()
+    assert rc == 0 and proc.stdout.read().strip() == "lmforge serve: stopped"
+    assert "Traceback" not in proc.stderr.read()
