@@ -44,17 +44,23 @@ def test_greedy_in_a_changing_batch_equals_alone(variant):
     assert batcher.free_slots == 3 and all(n >= 0 for n in batcher.cache.lengths)
 
 
-def test_decode_view_logits_equal_full_recompute():
-    model = tiny()
+@pytest.mark.parametrize("window", [None, 4], ids=["in-place", "right-aligned"])
+@pytest.mark.parametrize("order", [[0, 1], [1, 0]], ids=["consecutive-slots", "shuffled-slots"])
+def test_decode_view_logits_equal_full_recompute(order, window):
+    model = tiny(sliding_window=window)
     cache = SlotKVCache(model.cfg, n_slots=2, max_len=32)
-    a, b = [4, 9, 1, 30, 22, 7], [13, 5]
-    model(torch.tensor([a]), cache=cache.prefill(0))
-    model(torch.tensor([b]), cache=cache.prefill(1))
-    view = cache.decode([1, 0])  # rows in a different order from the slots, different lengths
-    assert view.key_mask.shape == (2, 1, 1, 7) and view.key_mask[0].sum() == 3 and view.key_mask[1].all()
-    logits = model(torch.tensor([[8], [3]]), positions=view.pos[:, None], mask=view.key_mask, cache=view)[:, -1]
-    torch.testing.assert_close(logits[0], model(torch.tensor([b + [8]]))[0, -1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logits[1], model(torch.tensor([a + [3]]))[0, -1], rtol=1e-5, atol=1e-5)
+    prompts = {0: [4, 9, 1, 30, 22, 7], 1: [13, 5]}
+    for slot, p in prompts.items():
+        model(torch.tensor([p]), cache=cache.prefill(slot))
+    new = {0: 3, 1: 8}
+    view = cache.decode(order)  # rows of different lengths: 2 and 6 cached tokens
+    assert view.right_aligned == (window is not None)
+    assert view.key_mask.shape == (2, 1, 1, 7) and view.key_mask.sum() == 3 + 7
+    logits = model(torch.tensor([[new[s]] for s in order]), positions=view.pos[:, None], mask=view.key_mask,
+                   cache=view)[:, -1]
+    for row, slot in enumerate(order):
+        full = model(torch.tensor([prompts[slot] + [new[slot]]]))[0, -1]
+        torch.testing.assert_close(logits[row], full, rtol=1e-5, atol=1e-5)
     assert cache.lengths == [7, 3]
 
 
