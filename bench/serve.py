@@ -4,12 +4,14 @@
     python bench/serve.py --model RUN/model            # a real model dir
     python bench/serve.py --preset tiny --new-tokens 32 --levels 1 4 16 --json
 
-Starts `lmforge serve` as its own process on 127.0.0.1 (``--max-batch`` = the highest level), then for each
-concurrency level runs that many client threads, each streaming greedy chat completions
-(``stream: true``) from a shared list of prompts. Per level it prints aggregate completion tokens/s, p50/p99
-time to first token (TTFT) and p50/p99 time between tokens. Every greedy stream's text is compared with the
-same prompt served alone (level 1 serves each prompt alone first); the last lines give the 16-vs-1
-throughput ratio (goal >= 4x on a CPU) and how many streams matched.
+Starts `lmforge serve` as its own process on 127.0.0.1 (``--max-batch`` = the highest level). A first pass
+serves every prompt alone (the reference texts); then ``--rounds`` rounds run every level in turn (levels
+interleaved, so a busy moment on a shared machine does not land on one level only): that many client threads,
+each streaming greedy chat completions (``stream: true``) from a shared list of prompts. Per level it prints
+the median round's aggregate completion tokens/s (and each round's), p50/p99 time to first token (TTFT) and
+p50/p99 time between streamed chunks (about one token each), pooled over the rounds. Every greedy stream's
+text is compared with the same prompt served alone; the last lines give the 16-vs-1 throughput ratio (goal
+>= 4x on a CPU) and how many streams matched.
 
 With random weights (no ``--model``) the end-of-turn tokens are zeroed in the output layer so every
 request runs to ``--new-tokens``: each level does the same work per request.
@@ -21,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,6 +132,19 @@ def run_level(url: str, clients: int, prompts: list[str], new_tokens: int) -> di
             "token_p50_ms": pct(gaps, 50), "token_p99_ms": pct(gaps, 99), "results": results}
 
 
+def merge(runs: list[dict]) -> dict:
+    """One level over several rounds: the median round's throughput, latencies pooled over all rounds."""
+    results = [r for run in runs for r in run["results"]]
+    ttft = sorted(r["ttft"] for r in results if r["ttft"] is not None)
+    gaps = sorted(g for r in results for g in r["gaps"])
+    return {"clients": runs[0]["clients"], "rounds": len(runs), "requests": len(results),
+            "tokens": sum(r["tokens"] for r in results), "seconds": round(sum(r["seconds"] for r in runs), 2),
+            "tok_per_s": statistics.median(r["tok_per_s"] for r in runs),
+            "tok_per_s_rounds": [r["tok_per_s"] for r in runs],
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "token_p50_ms": pct(gaps, 50),
+            "token_p99_ms": pct(gaps, 99), "results": results}
+
+
 def pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -142,6 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per level")
     p.add_argument("--new-tokens", type=int, default=64, help="max_tokens of every request")
     p.add_argument("--requests", type=int, default=16, help="requests per level (at least 2 per client)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all levels (median throughput)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server process")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -156,8 +173,11 @@ def main(argv=None) -> int:
             run_level(url, 1, prompts[:2], 4)  # warm-up
             ref = run_level(url, 1, prompts, args.new_tokens)  # every prompt served alone: the reference
             alone = {r["prompt"]: r["text"] for r in ref["results"]}
-            levels = [ref if c == 1 else run_level(url, c, prompts[:max(args.requests, 2 * c)], args.new_tokens)
-                      for c in args.levels]
+            runs: dict[int, list[dict]] = {c: [] for c in args.levels}
+            for _ in range(args.rounds):  # levels interleaved, so a busy moment on the machine hits them all
+                for c in args.levels:
+                    runs[c].append(run_level(url, c, prompts[:max(args.requests, 2 * c)], args.new_tokens))
+            levels = [merge(rs) for rs in runs.values()]
         finally:
             proc.terminate()
             proc.wait(60)
@@ -172,10 +192,12 @@ def main(argv=None) -> int:
         print(json.dumps(summary))
     else:
         print(f"model: {summary['model']}, {args.new_tokens} new tokens per request, greedy, streaming")
-        print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} "
+        print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'(rounds)':>22} "
               f"{'TTFT p50':>9} {'TTFT p99':>9} {'tok p50':>8} {'tok p99':>8}  (ms)")
         for lv in summary["levels"]:
+            rounds = "/".join(f"{x:.0f}" for x in lv["tok_per_s_rounds"])
             print(f"{lv['clients']:>7} {lv['requests']:>8} {lv['tokens']:>7} {lv['seconds']:>8} {lv['tok_per_s']:>8} "
+                  f"{rounds:>22} "
                   f"{lv['ttft_p50_ms']:>9} {lv['ttft_p99_ms']:>9} {lv['token_p50_ms']:>8} {lv['token_p99_ms']:>8}")
         if ratio:
             print(f"aggregate throughput {max(by)} vs {min(by)} clients: {ratio:.2f}x (goal >= 4x)")
