@@ -116,7 +116,7 @@ class ContinuousBatcher:
             raise ValueError(f"prompt of {len(seq.prompt)} tokens leaves no room in a {self.max_len}-token context")
         slot = self.slots.index(None)  # ValueError when full: callers check free_slots first
         seq.slot, self.slots[slot] = slot, seq
-        seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
+        seed = seq.params.seed % (1 << 63) if seq.params.seed is not None else random.getrandbits(63)
         seq.generator = torch.Generator(device=self.device).manual_seed(seed)
         seq.stream = TextStream(self.tokenizer, seq.params.stop_strings) if self.tokenizer is not None else None
         tokens = torch.tensor([seq.prompt], device=self.device)

@@ -213,17 +213,22 @@ def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings
     async def completions(req: P.CompletionRequest, request: Request):
         engine.check_model(req.model)
         req.check_unsupported()
-        seqs = [engine.sequence(engine.encode_completion(p), req, req.max_tokens,
-                                settings.default_completion_tokens, engine.eos_ids) for p in req.prompts()]
-        return await _respond(request, req, seqs, chat=False)
+
+        def build():  # tokenizing is CPU work: off the event loop
+            return [engine.sequence(engine.encode_completion(p), req, req.max_tokens,
+                                    settings.default_completion_tokens, engine.eos_ids) for p in req.prompts()]
+
+        return await _respond(request, req, await asyncio.to_thread(build), chat=False)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(req: P.ChatRequest, request: Request):
         engine.check_model(req.model)
         req.check_unsupported()
-        ids = engine.encode_chat(req.conversation())
-        seqs = [engine.sequence(ids, req, req.token_limit(), engine.context, engine.turn_end_ids)]
-        return await _respond(request, req, seqs, chat=True)
+        def build():  # rendering the chat template and tokenizing: off the event loop
+            ids = engine.encode_chat(req.conversation())
+            return [engine.sequence(ids, req, req.token_limit(), engine.context, engine.turn_end_ids)]
+
+        return await _respond(request, req, await asyncio.to_thread(build), chat=True)
 
     async def _respond(request: Request, req, seqs: list[Sequence], chat: bool):
         stream = _Stream(engine.scheduler, seqs)

@@ -64,7 +64,8 @@ def run(args) -> int:
     settings = ServeSettings(n_slots=args.max_batch, max_queue=args.max_queue,
                              max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
     app = create_app(args.model, args.api_key, settings=settings, device=args.device, model_name=args.model_name)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=30)  # then open streams are cut (their slots freed)
     server = _server_class(uvicorn)(config)
     _announce_when_up(server, app.state.engine.name)
     server.run()

@@ -98,7 +98,7 @@ class Scheduler:
             job.cancelled = True
             if job in self._pending:
                 self._pending.remove(job)
-                self.counts["cancelled"] += 1
+                self.counts["cancelled"] += 1  # under the lock, like every count
             self._cv.notify_all()
 
     def stats(self) -> dict[str, int]:
@@ -137,7 +137,7 @@ class Scheduler:
         for job in gone:
             self.batcher.remove(job.seq, "cancelled")
             del self._active[job.seq.id]
-            self.counts["cancelled"] += 1
+            self._count("cancelled")
         for job in admit:
             if job.cancelled:
                 continue
@@ -146,7 +146,7 @@ class Scheduler:
                 update = self.batcher.add(job.seq)
             except Exception as e:  # noqa: BLE001 — this request's fault (or a failed prefill): it alone fails
                 del self._active[job.seq.id]
-                self.counts["failed"] += 1
+                self._count("failed")
                 job.sink(e)
                 continue
             self._deliver(job, update)
@@ -158,18 +158,22 @@ class Scheduler:
             log.exception("decode step failed")
             for job in list(self._active.values()):
                 self.batcher.remove(job.seq, "error")
-                self.counts["failed"] += 1
+                self._count("failed")
                 job.sink(e)
             self._active.clear()
             return
-        self.counts["steps"] += 1
+        self._count("steps")
         for u in updates:
             self._deliver(self._active[u.seq.id], u)
+
+    def _count(self, key: str) -> None:
+        with self._cv:
+            self.counts[key] += 1
 
     def _deliver(self, job: Job, update: Update) -> None:
         if update.finished:
             self._active.pop(job.seq.id, None)
-            self.counts["served"] += 1
+            self._count("served")
         if not job.cancelled:
             try:
                 job.sink(update)

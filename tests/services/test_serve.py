@@ -201,6 +201,8 @@ def test_seed_reproduces_sampling_even_beside_other_requests(served):
     assert a == b
     others = {chat(served, "Hello there", seed=s, **kw).choices[0].message.content for s in (8, 9, 10)}
     assert others != {a}
+    for odd in (-1, 2**64 + 7):  # any integer is a seed
+        assert chat(served, "Hello there", seed=odd, **kw).choices[0].finish_reason == "length"
 
 
 # ---- limits and failures ------------------------------------------------------------------------------
