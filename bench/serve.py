@@ -65,10 +65,10 @@ def build_model_dir(preset: str, out: Path) -> Path:
 
 def start_server(model_dir: Path, max_batch: int, threads: int | None):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--port", "0",
            "--max-batch", str(max_batch), "--max-queue", str(4 * max_batch), "--model-name", "bench"]
+    if threads:
+        cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if " at http" not in line:
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64, help="max_tokens of every request")
     p.add_argument("--requests", type=int, default=16, help="requests per level (at least 2 per client)")
     p.add_argument("--rounds", type=int, default=3, help="rounds over all levels (median throughput)")
-    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server process")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the server (lmforge serve --threads)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 

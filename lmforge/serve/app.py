@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from lmforge.generate.batcher import SamplingParams, Sequence
+from lmforge.generate.batcher import SamplingParams, Sequence, Update
 from lmforge.serve import protocol as P
 from lmforge.serve.limits import BodyLimit
 from lmforge.serve.scheduler import Job, QueueFull, Scheduler, Unavailable
@@ -130,16 +130,27 @@ class _Stream:
             raise P.APIError(503, f"{e}; try again later", code="unavailable") from None
 
     async def updates(self):
-        """(choice index, Update) until every sequence has finished."""
+        """(choice index, Update) until every sequence has finished. What piled up while the event loop was
+        busy is merged per choice (one chunk instead of one per token)."""
         while self.open:
-            item = await self.queue.get()
-            if isinstance(item, Unavailable):
-                raise P.APIError(503, f"{item}; try again later", code="unavailable")
-            if isinstance(item, BaseException):
-                raise P.APIError(500, f"generation failed: {type(item).__name__}: {item}", code="engine_error")
-            if item.finished:
-                self.open -= 1
-            yield self.index[item.seq.id], item
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            merged: dict[int, Update] = {}
+            for item in items:
+                if isinstance(item, Unavailable):
+                    raise P.APIError(503, f"{item}; try again later", code="unavailable")
+                if isinstance(item, BaseException):
+                    raise P.APIError(500, f"generation failed: {type(item).__name__}: {item}", code="engine_error")
+                i = self.index[item.seq.id]
+                if i in merged:
+                    prev = merged[i]
+                    item = Update(item.seq, prev.text + item.text, prev.token_ids + item.token_ids, item.finished)
+                merged[i] = item
+                if item.finished:
+                    self.open -= 1
+            for i, update in merged.items():
+                yield i, update
 
     def cancel(self) -> None:
         for job in self.jobs:

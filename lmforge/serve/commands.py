@@ -16,6 +16,7 @@ def add_arguments(p) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LMFORGE_API_KEY)")
     p.add_argument("--model-name", default=None, help="the id clients use (default: the model dir's name)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before answering 429")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -41,6 +42,8 @@ def check_args(args) -> None:
                         "(or bind 127.0.0.1)")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a port number (0-65535)")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads} must be at least 1")
     for flag in ("max_batch", "max_queue", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
@@ -61,6 +64,10 @@ def run(args) -> int:
     except ModuleNotFoundError as e:
         raise UserError(f"lmforge serve needs the 'serve' extra ({e.name} is missing); "
                         "pip install 'lmforge[serve]'") from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     settings = ServeSettings(n_slots=args.max_batch, max_queue=args.max_queue,
                              max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
     app = create_app(args.model, args.api_key, settings=settings, device=args.device, model_name=args.model_name)
