@@ -338,3 +338,26 @@ def test_lmforge_serve_command_serves_until_terminated(model_dir):
         rc = proc.wait(60)
     assert rc == 0 and proc.stdout.read().strip() == "lmforge serve: stopped"
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_updates_that_piled_up_are_merged_per_choice():
+    """When the event loop falls behind the engine, each choice's waiting updates go out as one chunk."""
+    import asyncio
+
+    from lmforge.generate.batcher import SamplingParams, Sequence, Update
+    from lmforge.serve.app import _Stream
+
+    async def drain():
+        seqs = [Sequence([1], SamplingParams()), Sequence([2], SamplingParams())]
+        stream = _Stream(None, seqs)
+        for u in (Update(seqs[0], "a", [5], False), Update(seqs[1], "x", [6], False),
+                  Update(seqs[0], "b", [7], True), Update(seqs[1], "y", [8], False)):
+            stream.queue.put_nowait(u)
+        got = []
+        async for i, u in stream.updates():
+            got.append((i, u.text, u.token_ids, u.finished))
+            if len(got) == 2:
+                stream.queue.put_nowait(Update(seqs[1], "z", [9], True))
+        return got
+
+    assert asyncio.run(drain()) == [(0, "ab", [5, 7], True), (1, "xy", [6, 8], False), (1, "z", [9], True)]
