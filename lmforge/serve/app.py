@@ -235,6 +235,7 @@ def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings
     async def chat(req: P.ChatRequest, request: Request):
         engine.check_model(req.model)
         req.check_unsupported()
+
         def build():  # rendering the chat template and tokenizing: off the event loop
             ids = engine.encode_chat(req.conversation())
             return [engine.sequence(ids, req, req.token_limit(), engine.context, engine.turn_end_ids)]
