@@ -40,6 +40,7 @@ class ServeSettings:
     n_slots: int = 8  # sequences decoded together
     max_queue: int = 64  # requests waiting for a slot before 429
     max_prompt_tokens: int | None = None  # default: the context minus one
+    max_context: int | None = None  # tokens per slot (prompt + reply); default: the model's max_seq_len
     max_body_bytes: int = 1 << 20
     default_completion_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     extra: dict = field(default_factory=dict)
@@ -53,7 +54,7 @@ class Engine:
         from lmforge.tokenizer.chat_template import special_token_strings, uses_bos
 
         self.model, self.tokenizer, self.name, self.settings = model, tokenizer, name, settings
-        self.context = model.cfg.max_seq_len
+        self.context = min(settings.max_context or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.max_prompt = min(settings.max_prompt_tokens or self.context - 1, self.context - 1)
         self.scheduler = Scheduler(ContinuousBatcher(model, tokenizer, settings.n_slots, self.context),
                                    settings.max_queue)
@@ -64,6 +65,10 @@ class Engine:
         bos = getattr(tokenizer, "bos_id", None)
         self.text_prefix = [bos] if bos is not None and uses_bos(tokenizer) else []
         self.created = int(time.time())
+
+    def cache_bytes(self) -> int:
+        c = self.scheduler.batcher.cache
+        return c.k.numel() * c.k.element_size() * 2
 
     # ---- request -> sequences ------------------------------------------------------------------------
     def check_model(self, requested: str | None) -> None:

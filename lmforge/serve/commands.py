@@ -19,6 +19,9 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before answering 429")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens per sequence, prompt + reply (default: the model's max_seq_len); the KV cache "
+                        "holds --max-batch x this many tokens")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted (413 above it; default: the model's context - 1)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above it)")
@@ -49,6 +52,8 @@ def check_args(args) -> None:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise UserError(f"--max-prompt-tokens {args.max_prompt_tokens} must be at least 1")
+    if args.max_context is not None and args.max_context < 2:
+        raise UserError(f"--max-context {args.max_context} must be at least 2 (a prompt token and a reply token)")
     if not os.path.isdir(args.model):
         raise UserError(f"--model {args.model} is not a directory; pass a model dir (RUN/model)")
 
@@ -69,12 +74,13 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     settings = ServeSettings(n_slots=args.max_batch, max_queue=args.max_queue,
-                             max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
+                             max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
+                             max_context=args.max_context)
     app = create_app(args.model, args.api_key, settings=settings, device=args.device, model_name=args.model_name)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=30)  # then open streams are cut (their slots freed)
     server = _server_class(uvicorn)(config)
-    _announce_when_up(server, app.state.engine.name)
+    _announce_when_up(server, app.state.engine)
     server.run()
     print("lmforge serve: stopped", flush=True)
     return 0
@@ -94,7 +100,7 @@ def _server_class(uvicorn):
     return Server
 
 
-def _announce_when_up(server, name: str) -> None:
+def _announce_when_up(server, engine) -> None:
     """Print one line with the bound address once the socket listens (``--port 0`` picks a free port)."""
     original = server.startup
 
@@ -104,7 +110,18 @@ def _announce_when_up(server, name: str) -> None:
             for sock in s.sockets:
                 host, port = sock.getsockname()[:2]
                 shown = f"[{host}]" if ":" in host else host
-                print(f"lmforge serve: model '{name}' at http://{shown}:{port}/ (OpenAI API at /v1)", flush=True)
+                print(f"lmforge serve: model '{engine.name}' at http://{shown}:{port}/ (OpenAI API at /v1); "
+                      f"{engine.settings.n_slots} slots x {engine.context} tokens, KV cache "
+                      f"{_size(engine.cache_bytes())}", flush=True)
                 return
 
     server.startup = startup
+
+
+def _size(n: float) -> str:
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):  # the unit the loop stops at is the one printed
+        if n < 1024 or unit == "GiB":
+            break
+        n /= 1024
+    return f"{n:,.1f} {unit}"

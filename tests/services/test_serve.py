@@ -304,6 +304,7 @@ def test_a_server_shutting_down_answers_503(model_dir, served):
     (["--host", "192.168.1.5", "--port", "8080"], "pass --api-key"),
     (["--port", "70000"], "--port 70000"),
     (["--max-batch", "0"], "--max-batch 0"),
+    (["--max-context", "1"], "--max-context 1"),
     (["--model", "{empty}"], "{empty}"),
     (["--model", "{missing}"], "is not a directory"),
 ])
@@ -322,14 +323,19 @@ def test_bad_serve_arguments_are_one_line_errors(model_dir, tmp_path, capsys, ar
 
 def test_lmforge_serve_command_serves_until_terminated(model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--port", "0",
-                             "--model-name", "mine", "--device", "cpu"], stdout=subprocess.PIPE,
+                             "--model-name", "mine", "--device", "cpu", "--max-batch", "2", "--max-context", "64"],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # "lmforge serve: model 'mine' at http://127.0.0.1:PORT/ ..."
         assert "model 'mine' at http://127.0.0.1:" in line, line + proc.stderr.read() if proc.poll() else line
+        assert "2 slots x 64 tokens, KV cache 32.0 KiB" in line  # 2 layers x 2 slots x 2 KV heads x 64 x 8 x 4 B x 2
         url = line.split(" at ")[1].split("/ ")[0]
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list()] == ["mine"]
+        assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == 64
+        with pytest.raises(openai.BadRequestError, match="context of 64 tokens"):
+            client.completions.create(model="mine", prompt="fox", max_tokens=64)
         out = client.chat.completions.create(model="mine", messages=[{"role": "user", "content": "hi"}],
                                              max_tokens=3, temperature=0)
         assert out.choices[0].finish_reason == "length"
