@@ -1,4 +1,5 @@
-"""Inference: a KV cache outside the model, sampling, and a batched generation engine (lazy imports)."""
+"""Inference: a KV cache outside the model, sampling, a batched generation engine, and continuous batching
+over per-slot caches for the server (lazy imports)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ _EXPORTS = {
     "generate": "lmforge.generate.engine",
     "generate_ids": "lmforge.generate.engine",
     "KVCache": "lmforge.generate.kv_cache",
+    "SlotKVCache": "lmforge.generate.kv_cache",
+    "ContinuousBatcher": "lmforge.generate.batcher",
+    "SamplingParams": "lmforge.generate.batcher",
+    "TextStream": "lmforge.generate.text_stream",
     "filter_logits": "lmforge.generate.sampling",
     "sample_next": "lmforge.generate.sampling",
 }

@@ -36,3 +36,96 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class SlotKVCache:
+    """Keys and values for a fixed number of independent sequences ("slots"), each with its own length,
+    for continuous batching: a request takes a free slot, is prefilled alone, then decodes one token per
+    step together with whatever other slots are active; leaving frees the slot for the next request.
+
+    Storage is (layers, slots, kv_heads, max_len, head_dim); a slot's token ``t`` lives at index ``t``.
+    The model talks to a *view* (`prefill` / `decode`) with the `KVCache` interface (``update``,
+    ``advance``, ``length``).
+    """
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (cfg.n_layers, n_slots, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.n_slots, self.max_len, self.window = n_slots, max_len, cfg.sliding_window
+        self.lengths = [0] * n_slots  # tokens cached per slot
+
+    def prefill(self, slot: int) -> _PrefillView:
+        """A view that writes a whole prompt into ``slot`` from position 0 (the slot's old contents are dropped)."""
+        self.lengths[slot] = 0
+        return _PrefillView(self, slot)
+
+    def decode(self, slots: list[int]) -> _DecodeView:
+        """A view for one new token in each of ``slots`` (B = len(slots)); pass ``view.pos`` as the
+        positions and ``view.key_mask`` (B, 1, 1, S) as the mask.
+
+        Rows are read in place up to the longest (S = 1 + its cached tokens; a plain slice when the slots
+        are consecutive, else one copy per layer) and shorter rows are masked past their own token. With a
+        sliding window narrower than S the rows are instead gathered *right-aligned*, so that the new token
+        sits at key index S-1 in every row and the model's window is measured from the right place.
+        """
+        return _DecodeView(self, slots)
+
+
+class _PrefillView:
+    def __init__(self, cache: SlotKVCache, slot: int):
+        self.cache, self.slot, self.length = cache, slot, 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.size(2)  # k, v: (1, KV, T, d)
+        if t > self.cache.max_len:
+            raise ValueError(f"prompt of {t} tokens does not fit the slot cache (max_len={self.cache.max_len})")
+        self.cache.k[layer_idx, self.slot, :, :t] = k[0]
+        self.cache.v[layer_idx, self.slot, :, :t] = v[0]
+        return k, v
+
+    def advance(self, t: int) -> None:
+        self.cache.lengths[self.slot] = t
+
+
+class _DecodeView:
+    def __init__(self, cache: SlotKVCache, slots: list[int]):
+        lengths = [cache.lengths[s] for s in slots]
+        width = max(lengths) + 1  # S
+        if width > cache.max_len:
+            raise ValueError(f"KV cache is full: {width} tokens > max_len={cache.max_len}")
+        dev = cache.k.device
+        self.cache, self._slot_list = cache, slots
+        self.slots = torch.tensor(slots, device=dev)
+        self.pos = torch.tensor(lengths, device=dev)  # (B,) where each row's new token goes: its position
+        self.length = width - 1  # what a model reading `cache.length` sees: S - 1 cached keys per row
+        j = torch.arange(width, device=dev)
+        self.right_aligned = cache.window is not None and width > cache.window
+        if self.right_aligned:
+            src = self.pos[:, None] - (width - 1) + j[None, :]  # (B, S): key j of row b is slot token src
+            self.key_mask = (src >= 0)[:, None, None, :]
+            self._rows, self._src = self.slots[:, None], src.clamp(min=0)
+        else:
+            self.key_mask = (j[None, :] <= self.pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
+            first = slots[0]
+            self._range = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) \
+                else None
+        self._width = width
+
+    def _read(self, c: torch.Tensor) -> torch.Tensor:  # c: (slots, KV, max_len, d) -> (B, KV, S, d)
+        if self.right_aligned:
+            return c[self._rows, :, self._src].transpose(1, 2)  # advanced indices first: (B, S, KV, d)
+        if self._range is not None:
+            return c[self._range, :, : self._width]
+        return c[:, :, : self._width].index_select(0, self.slots)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        ck[self.slots, :, self.pos] = k[:, :, 0]  # k: (B, KV, 1, d)
+        cv[self.slots, :, self.pos] = v[:, :, 0]
+        return self._read(ck), self._read(cv)
+
+    def advance(self, t: int) -> None:
+        for s in self._slot_list:
+            self.cache.lengths[s] += t

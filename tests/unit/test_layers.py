@@ -9,6 +9,7 @@ import of a higher layer, or of a sibling that is not below it, fails with the o
     layer 2  distributed
     layer 3  train, eval, generate                       eval and generate sit beside train, not on it
     layer 4  finetune                                    (reuses train, eval and generate)
+             serve                                       (the HTTP server over generate; never finetune)
     layer 5  cli, __main__, and every package's command modules (``*/commands.py``,
              ``*_command.py``): argument parsing and checks that glue a subcommand to its package;
              nothing below them may import one
@@ -28,13 +29,14 @@ LAYERS: dict[str, int] = {
     "tokenizer": 1, "data": 1, "models": 1, "planner": 1,
     "distributed": 2,
     "train": 3, "eval": 3, "generate": 3,
-    "finetune": 4,
+    "finetune": 4, "serve": 4,
     "cli": 5, "__main__": 5,
 }
 # Packages on one layer that must not import each other: (importer, imported).
 FORBIDDEN_SIBLINGS = {("eval", "train"), ("generate", "train"), ("generate", "eval"),
                       ("planner", "tokenizer"), ("planner", "data"),
-                      ("models", "planner"), ("models", "data"), ("models", "tokenizer")}
+                      ("models", "planner"), ("models", "data"), ("models", "tokenizer"),
+                      ("serve", "finetune"), ("finetune", "serve")}
 
 
 COMMAND_LAYER = "commands"  # the pseudo-package of all command modules (layer 5)
