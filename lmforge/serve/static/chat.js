@@ -169,6 +169,9 @@ async function send(text) {
     return;
   }
   showError("");
+  const controller = new AbortController();
+  state.controller = controller;  // busy from here on: a second Enter does not send twice
+  setBusy(true);
   const model = state.model || (await loadModel());
   const messages = (settings.system ? [{ role: "system", content: settings.system }] : [])
     .concat(state.history, [{ role: "user", content: text }]);
@@ -177,10 +180,6 @@ async function send(text) {
   const body = item.querySelector(".text");
   setNote(item, "streaming", "");
   item.dataset.chunks = "0";
-
-  const controller = new AbortController();
-  state.controller = controller;
-  setBusy(true);
   const started = performance.now();
   let reply = "";
   let chunks = 0;
