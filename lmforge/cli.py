@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "import": "lmforge.models.hf.import_command",
     "plan": "lmforge.planner.commands",
     "report": "lmforge.train.report",
+    "serve": "lmforge.serve.commands",
 }
 
 

@@ -1,0 +1,325 @@
+"""The FastAPI app: OpenAI-compatible routes over one `Scheduler`, plus the chat page at ``/``.
+
+``create_app(model_dir, ...)`` loads the model and tokenizer, builds the continuous batcher and returns the
+app; the engine thread starts with the app (lifespan) and stops with it.
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` gives
+server-sent events ``data: {json}\\n\\n`` ending with ``data: [DONE]``), ``GET /health`` (slot and queue
+counts), ``GET /`` (``lmforge/serve/static/index.html``) and ``/static/*`` (that folder).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from lmforge.generate.batcher import SamplingParams, Sequence
+from lmforge.serve import protocol as P
+from lmforge.serve.limits import BodyLimit
+from lmforge.serve.scheduler import Job, QueueFull, Scheduler, Unavailable
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+FALLBACK_PAGE = ("<!doctype html><meta charset='utf-8'><title>lmforge serve</title>"
+                 "<p>lmforge serve is running. The chat page (lmforge/serve/static/index.html) is not installed; "
+                 "use the API at <code>/v1/chat/completions</code>.</p>")
+
+
+@dataclass
+class ServeSettings:
+    n_slots: int = 8  # sequences decoded together
+    max_queue: int = 64  # requests waiting for a slot before 429
+    max_prompt_tokens: int | None = None  # default: the context minus one
+    max_body_bytes: int = 1 << 20
+    default_completion_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    """The model side of the app: tokenizer, batcher, scheduler and request building."""
+
+    def __init__(self, model, tokenizer, name: str, settings: ServeSettings):
+        from lmforge.generate.batcher import ContinuousBatcher
+        from lmforge.tokenizer.chat_template import special_token_strings, uses_bos
+
+        self.model, self.tokenizer, self.name, self.settings = model, tokenizer, name, settings
+        self.context = model.cfg.max_seq_len
+        self.max_prompt = min(settings.max_prompt_tokens or self.context - 1, self.context - 1)
+        self.scheduler = Scheduler(ContinuousBatcher(model, tokenizer, settings.n_slots, self.context),
+                                   settings.max_queue)
+        eos = getattr(tokenizer, "eos_id", None)
+        self.eos_ids = frozenset() if eos is None else frozenset([eos])
+        specials = special_token_strings(tokenizer)
+        self.turn_end_ids = self.eos_ids | {specials[t] for t in END_OF_TURN_TOKENS if specials.get(t) is not None}
+        bos = getattr(tokenizer, "bos_id", None)
+        self.text_prefix = [bos] if bos is not None and uses_bos(tokenizer) else []
+        self.created = int(time.time())
+
+    # ---- request -> sequences ------------------------------------------------------------------------
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.name:
+            raise P.APIError(404, f"model '{requested}' is not served here; this server serves '{self.name}' "
+                             "(GET /v1/models)", param="model", code="model_not_found")
+
+    def encode_completion(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.text_prefix + self.tokenizer.encode(prompt)
+        vocab = self.model.cfg.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise P.APIError(400, f"prompt holds token ids outside the vocabulary [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        from lmforge.config import UserError
+        from lmforge.tokenizer.chat_template import encode_prompt
+
+        try:
+            return encode_prompt(self.tokenizer, messages)
+        except UserError as e:  # the template refused the conversation (roles out of order, …)
+            raise P.APIError(400, f"messages: {e}", param="messages") from None
+
+    def sequence(self, ids: list[int], req: P._Request, max_tokens: int | None, default: int,
+                 stop_ids: frozenset[int]) -> Sequence:
+        n = len(ids)
+        if n > self.max_prompt:
+            raise P.APIError(413, f"the prompt has {n} tokens; this server accepts at most {self.max_prompt} "
+                             f"(context {self.context}); shorten it", param="messages" if isinstance(
+                                 req, P.ChatRequest) else "prompt", code="context_length_exceeded")
+        room = self.context - n
+        if max_tokens is not None and max_tokens > room:
+            raise P.APIError(400, f"the prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                             f"context of {self.context} tokens; ask for at most {room}", param="max_tokens",
+                             code="context_length_exceeded")
+        params = SamplingParams(max_new_tokens=max_tokens or min(default, room), temperature=req.temperature,
+                                top_p=req.top_p if req.top_p < 1.0 else None, top_k=req.top_k or None,
+                                seed=req.seed, stop_strings=req.stop_strings(), stop_ids=stop_ids)
+        return Sequence(ids, params, self.tokenizer)
+
+
+class _Stream:
+    """The HTTP side of one request: its jobs in the scheduler and a queue their updates arrive on."""
+
+    def __init__(self, scheduler: Scheduler, seqs: list[Sequence]):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.scheduler = scheduler
+        self.index = {s.id: i for i, s in enumerate(seqs)}
+
+        def sink(item, _loop=loop, _q=self.queue):
+            _loop.call_soon_threadsafe(_q.put_nowait, item)
+
+        self.jobs = [Job(s, sink) for s in seqs]
+        self.open = len(seqs)
+
+    def submit(self) -> None:
+        try:
+            self.scheduler.submit(self.jobs)
+        except QueueFull as e:
+            raise P.APIError(429, str(e), code="queue_full") from None
+        except Unavailable as e:
+            raise P.APIError(503, f"{e}; try again later", code="unavailable") from None
+
+    async def updates(self):
+        """(choice index, Update) until every sequence has finished."""
+        while self.open:
+            item = await self.queue.get()
+            if isinstance(item, Unavailable):
+                raise P.APIError(503, f"{item}; try again later", code="unavailable")
+            if isinstance(item, BaseException):
+                raise P.APIError(500, f"generation failed: {type(item).__name__}: {item}", code="engine_error")
+            if item.finished:
+                self.open -= 1
+            yield self.index[item.seq.id], item
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            if not job.seq.finished:
+                self.scheduler.cancel(job)
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings | None = None,
+               device: str | None = None, model_name: str | None = None, model=None, tokenizer=None) -> FastAPI:
+    """The app serving ``model_dir`` (or an already loaded ``model`` + ``tokenizer``)."""
+    settings = settings or ServeSettings()
+    if model is None:
+        model, tokenizer = load_for_serving(model_dir, device)
+    name = model_name or Path(str(model_dir)).resolve().name
+    engine = Engine(model, tokenizer, name, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.scheduler.stop)
+
+    app = FastAPI(title="lmforge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(P.APIError)
+    async def _api_error(request, exc: P.APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {}
+        msg = err.get("msg", "invalid request")
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid" or not loc:
+            param, msg = None, f"the request body is not JSON: {msg}; send a JSON object"
+        else:
+            param = ".".join(loc)
+            msg = f"{param}: {msg}"
+        return JSONResponse(P.APIError(400, msg, param=param).body(), status_code=400)
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise P.APIError(401, "invalid or missing API key; send 'Authorization: Bearer KEY'",
+                             code="invalid_api_key")
+
+    auth = [Depends(check_key)]
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": engine.created,
+                                            "owned_by": "lmforge", "max_model_len": engine.context}]}
+
+    @app.get("/v1/models/{model_id}", dependencies=auth)
+    async def model_info(model_id: str):
+        engine.check_model(model_id)
+        return {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "lmforge"}
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(req: P.CompletionRequest, request: Request):
+        engine.check_model(req.model)
+        req.check_unsupported()
+        seqs = [engine.sequence(engine.encode_completion(p), req, req.max_tokens,
+                                settings.default_completion_tokens, engine.eos_ids) for p in req.prompts()]
+        return await _respond(request, req, seqs, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(req: P.ChatRequest, request: Request):
+        engine.check_model(req.model)
+        req.check_unsupported()
+        ids = engine.encode_chat(req.conversation())
+        seqs = [engine.sequence(ids, req, req.token_limit(), engine.context, engine.turn_end_ids)]
+        return await _respond(request, req, seqs, chat=True)
+
+    async def _respond(request: Request, req, seqs: list[Sequence], chat: bool):
+        stream = _Stream(engine.scheduler, seqs)
+        stream.submit()
+        rid = P.new_id("chatcmpl" if chat else "cmpl")
+        if req.stream:
+            return StreamingResponse(_events(stream, req, rid, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        texts = [""] * len(seqs)
+        reasons: list[str | None] = [None] * len(seqs)
+        waiter = asyncio.ensure_future(_collect(stream, texts, reasons))
+        try:
+            while not waiter.done():  # a client that hangs up frees its slots
+                await asyncio.wait([waiter], timeout=0.5)
+                if not waiter.done() and await request.is_disconnected():
+                    waiter.cancel()
+                    stream.cancel()
+                    return JSONResponse({}, status_code=499)
+            waiter.result()
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            stream.cancel()
+        choice = P.chat_choice if chat else P.completion_choice
+        obj = "chat.completion" if chat else "text_completion"
+        return P.envelope(rid, obj, engine.name, choices=[choice(i, t, r) for i, (t, r) in
+                                                          enumerate(zip(texts, reasons))], usage=_usage(seqs))
+
+    async def _collect(stream: _Stream, texts: list[str], reasons: list[str | None]) -> None:
+        async for i, u in stream.updates():
+            texts[i] += u.text
+            if u.finished:
+                reasons[i] = u.seq.finish_reason
+
+    async def _events(stream: _Stream, req, rid: str, chat: bool):
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices, **extra):
+            return _sse(P.envelope(rid, obj, engine.name, created, choices=choices, **extra))
+
+        try:
+            if chat:
+                yield chunk([P.chat_delta(0, {"role": "assistant", "content": ""}, None)])
+            async for i, u in stream.updates():
+                reason = u.seq.finish_reason if u.finished else None
+                if not u.text and reason is None:
+                    continue  # held-back text (a possible stop string, half a character)
+                if chat:
+                    if u.text:
+                        yield chunk([P.chat_delta(i, {"content": u.text}, None)])
+                    if reason:
+                        yield chunk([P.chat_delta(i, {}, reason)])
+                else:
+                    yield chunk([P.completion_choice(i, u.text, reason)])
+            if req.include_usage():
+                yield chunk([], usage=_usage([j.seq for j in stream.jobs]))
+        except P.APIError as e:  # mid-stream: the error travels as an event, then the stream ends
+            yield _sse(e.body())
+        finally:
+            stream.cancel()
+        yield b"data: [DONE]\n\n"
+
+    @app.get("/health")
+    async def health():
+        stats = engine.scheduler.stats()
+        ok = engine.scheduler.alive
+        return JSONResponse({"status": "ok" if ok else "unavailable", "model": engine.name, **stats},
+                            status_code=200 if ok else 503)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        page = STATIC_DIR / "index.html"
+        return FileResponse(page) if page.is_file() else HTMLResponse(FALLBACK_PAGE)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    return app
+
+
+def _usage(seqs: list[Sequence]):
+    return P.usage(sum(len(s.prompt) for s in seqs), sum(len(s.out) for s in seqs))
+
+
+def load_for_serving(model_dir, device: str | None = None):
+    """(model in eval mode, tokenizer) from a model dir; bf16 on CUDA, fp32 on CPU."""
+    import torch
+
+    from lmforge.models.model_dir import load_model_dir
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+
+    check_model_dir_tokenizer(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = load_model_dir(model_dir, device=device, dtype=dtype).eval()
+    return model, load_tokenizer(model_dir)
+
+
+__all__ = ["Engine", "ServeSettings", "create_app", "load_for_serving"]

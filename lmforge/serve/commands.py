@@ -1,0 +1,87 @@
+"""`lmforge serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]`: run the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+HELP = "serve a model dir over an OpenAI-compatible HTTP API (continuous batching) with a chat page at /"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="model dir (RUN/model, an imported or fine-tuned model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LMFORGE_API_KEY)")
+    p.add_argument("--model-name", default=None, help="the id clients use (default: the model dir's name)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before answering 429")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted (413 above it; default: the model's context - 1)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above it)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_args(args) -> None:
+    from lmforge.config import UserError
+
+    if not is_loopback(args.host) and not args.api_key:
+        raise UserError(f"--host {args.host} exposes the server beyond this machine; pass --api-key KEY "
+                        "(or bind 127.0.0.1)")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a port number (0-65535)")
+    for flag in ("max_batch", "max_queue", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise UserError(f"--max-prompt-tokens {args.max_prompt_tokens} must be at least 1")
+    if not os.path.isdir(args.model):
+        raise UserError(f"--model {args.model} is not a directory; pass a model dir (RUN/model)")
+
+
+def run(args) -> int:
+    from lmforge.config import UserError
+
+    check_args(args)  # before the model is loaded
+    try:
+        import uvicorn
+
+        from lmforge.serve.app import ServeSettings, create_app
+    except ModuleNotFoundError as e:
+        raise UserError(f"lmforge serve needs the 'serve' extra ({e.name} is missing); "
+                        "pip install 'lmforge[serve]'") from None
+    settings = ServeSettings(n_slots=args.max_batch, max_queue=args.max_queue,
+                             max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
+    app = create_app(args.model, args.api_key, settings=settings, device=args.device, model_name=args.model_name)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    server = uvicorn.Server(config)
+    _announce_when_up(server, app.state.engine.name)
+    server.run()
+    return 0
+
+
+def _announce_when_up(server, name: str) -> None:
+    """Print one line with the bound address once the socket listens (``--port 0`` picks a free port)."""
+    original = server.startup
+
+    async def startup(sockets=None):
+        await original(sockets=sockets)
+        for s in server.servers:
+            for sock in s.sockets:
+                host, port = sock.getsockname()[:2]
+                shown = f"[{host}]" if ":" in host else host
+                print(f"lmforge serve: model '{name}' at http://{shown}:{port}/ (OpenAI API at /v1)", flush=True)
+                return
+
+    server.startup = startup
