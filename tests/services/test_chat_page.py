@@ -23,8 +23,12 @@ CHROMIUM = os.environ.get("LMFORGE_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("LMFORGE_CHROMEDRIVER", "/usr/bin/chromedriver")
 API_KEY = "test-key-123"
 WAIT_S = 120  # generous: the machine is shared
-CHINESE = "你好，世界！请用中文回答：今天天气怎么样？"
-# English and Chinese lines: the tokenizer learns Chinese pieces, so the random model's replies hold Chinese too.
+CHINESE = "你好，世界！今天天气很好"
+# The model dir's chat template puts the messages' text one after another, without role headers, so the prompt
+# ends with the user's last character; a tiny random model with tied embeddings greedily repeats its last input
+# token, so the reply to CHINESE is Chinese ("好好好…"), to English text English.
+ECHO_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+# English and Chinese lines: the tokenizer learns whole Chinese characters and words as tokens.
 CORPUS = ([f"the {a} cat sat on the {b} mat and looked at the {c} dog" for a in ("red", "big", "old")
            for b in ("blue", "small", "warm") for c in ("tall", "quiet", "happy")]
           + ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
@@ -43,9 +47,11 @@ def free_port() -> int:
 def model_dir(tmp_path_factory, make_tokenizer):
     from lmforge.models import ModelConfig, build_model
     from lmforge.models.model_dir import save_model_dir
+    from lmforge.tokenizer.chat_template import save_chat_template
 
     d = tmp_path_factory.mktemp("chatpage")
     make_tokenizer(d, CORPUS, vocab_size=400, name="tok")
+    save_chat_template(ECHO_TEMPLATE, d / "tok")
     cfg = ModelConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=1024,
                       tie_embeddings=True)
     return save_model_dir(build_model(cfg, seed=0), d / "model", tokenizer_dir=str(d / "tok"))
@@ -283,6 +289,10 @@ def test_stop_ends_the_stream_and_the_page_is_ready_again(browser, server):
     assert "stopped" in browser.find_element("css selector", ".message.assistant .note").text
     time.sleep(0.5)  # the stream is over: nothing more arrives
     assert last(browser, "assistant")["text"] == stopped["text"]
+    deadline = time.monotonic() + WAIT_S  # and the server let go of the sequence (no slot held by a dead stream)
+    while (health := json.loads(http(server + "/health", key=None)[2]))["active"] or health["queued"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
     # and the server still answers: the next turn (with the stopped reply in the history) streams to the end
     set_field(browser, "max-tokens", 8)
     send(browser, "and then?")
@@ -306,5 +316,14 @@ def test_chinese_round_trips(browser, server, tmp_path):
                                     {"role": "user", "content": CHINESE}], 24)
     assert reply == expected and "\ufffd" not in reply  # no character broken at a chunk boundary
     assert any("\u4e00" <= ch <= "\u9fff" for ch in reply), reply  # the reply itself holds Chinese characters
+    # a second turn: the Chinese history goes back to the server intact
+    set_field(browser, "max-tokens", 12)
+    send(browser, "and the cat")
+    wait_for(browser, lambda d: (last(d, "assistant") or {}).get("state") not in (None, "streaming"), "turn two")
+    expected, _ = complete(server, [{"role": "system", "content": "你是一个乐于助人的助手。"},
+                                    {"role": "user", "content": CHINESE}, {"role": "assistant", "content": reply},
+                                    {"role": "user", "content": "and the cat"}], 12)
+    assert last(browser, "assistant")["text"] == expected
+    assert [m.text.splitlines()[1] for m in browser.find_elements("css selector", ".message")][:2] == [CHINESE, reply]
     shot = Path(os.environ.get("LMFORGE_CHAT_SCREENSHOT") or tmp_path / "chat_page.png")
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
