@@ -251,6 +251,23 @@ def test_without_the_key_the_page_shows_401_and_keeps_the_message(browser, serve
     assert is_idle(browser)
 
 
+def test_a_request_the_server_refuses_is_shown_and_nothing_is_lost(browser, server):
+    open_page(browser, server)
+    wait_for(browser, lambda d: "context 1024" in d.find_element("id", "model").text, "the model's context")
+    set_field(browser, "max-tokens", 5000)  # more than the model's context of 1024
+    send(browser, "hello there")
+    wait_for(browser, lambda d: d.find_element("id", "error").is_displayed(), "the error line")
+    error = browser.find_element("id", "error").text
+    assert "HTTP 400" in error and "context" in error, error  # the server's own message, e.g. "ask for at most …"
+    assert browser.find_element("id", "input").get_attribute("value") == "hello there"
+    assert last(browser, "user") is None and is_idle(browser)
+    set_field(browser, "max-tokens", 0)  # and a setting the page itself rejects never reaches the server
+    browser.find_element("id", "send").click()
+    wait_for(browser, lambda d: "max tokens must be" in d.find_element("id", "error").text, "the settings error")
+    assert browser.find_element("id", "input").get_attribute("value") == "hello there"
+    assert last(browser, "user") is None and is_idle(browser)
+
+
 def test_reply_streams_into_the_page(browser, server):
     open_page(browser, server)
     wait_for(browser, lambda d: d.find_element("id", "model").text not in ("connecting…", "API key needed"),

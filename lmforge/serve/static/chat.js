@@ -151,8 +151,11 @@ async function loadModel() {
       return null;
     }
     const body = await response.json();
-    state.model = body.data && body.data.length ? body.data[0].id : null;
-    $("model").textContent = state.model || "no model";
+    const model = body.data && body.data.length ? body.data[0] : null;
+    state.model = model ? model.id : null;
+    $("model").textContent = model ? model.id + (model.max_model_len ? ` · context ${model.max_model_len}` : "")
+      : "no model";
+    if (model && model.max_model_len) $("max-tokens").max = String(model.max_model_len);
     return state.model;
   } catch (_) {
     $("model").textContent = "server unreachable";
@@ -160,14 +163,7 @@ async function loadModel() {
   }
 }
 
-async function send(text) {
-  let settings;
-  try {
-    settings = readSettings();
-  } catch (e) {
-    showError(e.message);
-    return;
-  }
+async function send(text, settings) {
   showError("");
   const controller = new AbortController();
   state.controller = controller;  // busy from here on: a second Enter does not send twice
@@ -283,8 +279,15 @@ function init() {
     event.preventDefault();
     const text = $("input").value.trim();
     if (!text || state.controller) return;
+    let settings;
+    try {
+      settings = readSettings();
+    } catch (e) {
+      showError(e.message);  // the message stays in the input box
+      return;
+    }
     $("input").value = "";
-    send(text);
+    send(text, settings);
   });
   $("input").addEventListener("keydown", (event) => {
     // Enter sends; Shift+Enter is a new line; Enter that confirms an IME composition (Chinese input) does not send.
