@@ -299,7 +299,8 @@ def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings
         page = STATIC_DIR / "index.html"
         return FileResponse(page) if page.is_file() else HTMLResponse(FALLBACK_PAGE)
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    if STATIC_DIR.is_dir():  # the chat page's scripts and styles
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 

@@ -65,10 +65,25 @@ def run(args) -> int:
                              max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes)
     app = create_app(args.model, args.api_key, settings=settings, device=args.device, model_name=args.model_name)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
-    server = uvicorn.Server(config)
+    server = _server_class(uvicorn)(config)
     _announce_when_up(server, app.state.engine.name)
     server.run()
+    print("lmforge serve: stopped", flush=True)
     return 0
+
+
+def _server_class(uvicorn):
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that Ctrl-C / SIGTERM, after the graceful shutdown, end the command
+        normally (exit 0) instead of being raised again (a server stopped on request did not fail)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return Server
 
 
 def _announce_when_up(server, name: str) -> None:

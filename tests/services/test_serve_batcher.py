@@ -60,7 +60,7 @@ def test_decode_view_logits_equal_full_recompute():
 
 def test_seeded_sampling_does_not_depend_on_the_batch():
     model = tiny()
-    kw = dict(max_new_tokens=15, temperature=1.3, top_p=0.9)
+    kw = {"max_new_tokens": 15, "temperature": 1.3, "top_p": 0.9}
     alone = ContinuousBatcher(model, n_slots=1)
     ref = Sequence([1, 2, 3], SamplingParams(seed=11, **kw))
     alone.add(ref)
