@@ -276,11 +276,17 @@ def test_reply_streams_into_the_page(browser, server):
     set_field(browser, "max-tokens", 40)
     set_field(browser, "system", "You are terse.")
     watch_reply_lengths(browser)
-    send(browser, "tell me about the cat")
+    from selenium.webdriver.common.keys import Keys
+
+    box = browser.find_element("id", "input")  # typed: Shift+Enter is a new line, Enter sends
+    box.send_keys("tell me", Keys.SHIFT, Keys.ENTER, Keys.SHIFT, "about the cat")
+    assert last(browser, "user") is None and box.get_attribute("value") == "tell me\nabout the cat"
+    box.send_keys(Keys.ENTER)
     wait_for(browser, lambda d: (last(d, "assistant") or {}).get("state") not in (None, "streaming"), "the reply")
+    assert last(browser, "user")["text"] == "tell me\nabout the cat" and box.get_attribute("value") == ""
     reply = last(browser, "assistant")
     expected, finish = complete(server, [{"role": "system", "content": "You are terse."},
-                                         {"role": "user", "content": "tell me about the cat"}], 40)
+                                         {"role": "user", "content": "tell me\nabout the cat"}], 40)
     assert reply["text"] == expected and reply["state"] == finish
     assert reply["chunks"] >= 10, reply  # token by token, not one blob
     # the text grew in the DOM step by step (events that arrive in one network read show as one step)
