@@ -327,6 +327,24 @@ def test_stop_ends_the_stream_and_the_page_is_ready_again(browser, server):
     assert last(browser, "assistant")["text"] == expected and last(browser, "assistant")["state"] == finish
 
 
+def test_an_error_in_mid_stream_keeps_the_text_received(browser, server):
+    """The server sends an error event when decoding fails after the reply began; a healthy server never does, so
+    this test hands the page a response of that shape from a stubbed ``fetch`` (the rest of the page is real)."""
+    open_page(browser, server)
+    browser.execute_script("""
+        const frames = ['data: {"choices":[{"index":0,"delta":{"content":"partial 文字"}}]}\\n\\n',
+                        'data: {"error":{"message":"decoding failed","type":"server_error"}}\\n\\ndata: [DONE]\\n\\n'];
+        window.fetch = async () => new Response(new ReadableStream({
+            start(c) { for (const f of frames) c.enqueue(new TextEncoder().encode(f)); c.close(); }}),
+            {status: 200, headers: {"Content-Type": "text/event-stream"}});""")
+    send(browser, "hello")
+    wait_for(browser, lambda d: (last(d, "assistant") or {}).get("state") not in (None, "streaming"), "the reply")
+    reply = last(browser, "assistant")
+    assert reply["state"] == "error" and reply["text"] == "partial 文字", reply
+    assert "interrupted by an error" in browser.find_element("css selector", ".message.assistant .note").text
+    assert browser.find_element("id", "error").text == "error: decoding failed" and is_idle(browser)
+
+
 def test_chinese_round_trips(browser, server, tmp_path):
     open_page(browser, server)
     set_field(browser, "temperature", 0)
