@@ -26,8 +26,12 @@ from __future__ import annotations
 import sys
 
 import torch
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # an optional extra
+    raise ImportError("lm-evaluation-harness is not installed; pip install 'lmforge[harness]'") from e
 
 from lmforge.config import UserError
 

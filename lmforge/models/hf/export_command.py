@@ -77,6 +77,10 @@ def _run_gguf(args) -> int:
 
     if not Path(args.model).is_dir():
         raise UserError(f"model dir '{args.model}' does not exist; pass RUN/model or a dir from `lmforge import`")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("--format gguf needs the gguf package; pip install 'lmforge[gguf]'") from None
     has_tok = any((Path(args.model) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     tokenizer = load_tokenizer(args.model) if has_tok else None
     dtype = _GGUF_DTYPE[args.dtype or "f16"]
