@@ -53,12 +53,15 @@ class LMForgeLM(TemplateLM):
 
     def __init__(self, path: str | None = None, pretrained: str | None = None, batch_size: int | str = 8,
                  device: str | None = None, dtype: str = "auto", max_length: int | None = None,
-                 max_gen_toks: int = 256, add_bos_token=None, seed: int = 0, **unused):
+                 max_gen_toks: int = 256, add_bos_token=None, seed: int = 0, max_batch_size=None, **unknown):
         super().__init__()
         from lmforge.eval.loading import load_for_eval
         from lmforge.tokenizer.chat_template import uses_bos
         from lmforge.tokenizer.identity import check_model_dir_tokenizer
 
+        if unknown:
+            raise UserError(f"model_args {', '.join(sorted(unknown))} not understood by the lmforge model; it takes "
+                            "path, device, dtype, max_length, max_gen_toks, add_bos_token, seed")
         path = path or pretrained
         if not path:
             raise UserError("--model_args needs path=MODEL_DIR (an lmforge model dir)")

@@ -212,3 +212,25 @@ def test_eval_cli_task_choice(setup, tmp_path):
                          check=False, capture_output=True, text=True, timeout=300, env=setup["env"])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in bad.stderr
+
+
+def test_adapter_batches_give_the_same_answers_and_bad_args_are_named(setup):
+    """Batch size does not change a score or a generation; a misspelt model arg is an error naming it."""
+    from lm_eval.api.instance import Instance
+
+    from lmforge.config import UserError
+    from lmforge.eval.harness import LMForgeLM
+
+    def reqs(kind, args):
+        return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+    pairs = [("Question: 中国的首都是哪里？\nAnswer:", " 北京"), ("The sky is", " blue"), ("", "Hello world"),
+             ("A long context " * 30, " end")]
+    gens = [(q, {"until": ["\n"], "max_gen_toks": 6}) for q in ("Q: What is 2 plus 2?\nA:", "Q: 你好\nA:", "Hi")]
+    one, many = LMForgeLM(path=str(setup["model"]), batch_size=1), LMForgeLM(path=str(setup["model"]), batch_size=7)
+    a, b = one.loglikelihood(reqs("loglikelihood", pairs)), many.loglikelihood(reqs("loglikelihood", pairs))
+    assert [x[1] for x in a] == [x[1] for x in b]
+    assert [x[0] for x in a] == pytest.approx([x[0] for x in b], abs=1e-4)
+    assert one.generate_until(reqs("generate_until", gens)) == many.generate_until(reqs("generate_until", gens))
+    with pytest.raises(UserError, match="btach_size"):
+        LMForgeLM(path=str(setup["model"]), btach_size=4)
