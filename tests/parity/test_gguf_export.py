@@ -193,3 +193,45 @@ def test_cli_export_gguf_and_bad_dtype(model_dirs, tmp_path):
                          text=True, timeout=300, env=ENV)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --dtype q8_0")
     assert "Traceback" not in bad.stderr and not (tmp_path / "hf").exists()
+
+
+def test_pre_tokenizer_names_llama_cpp_knows():
+    from lmforge.models.gguf.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
+    from lmforge.tokenizer.train import PRETOKENIZE_PATTERN
+
+    def tj(split=None, byte_regex=False, ignore_merges=False):
+        steps = [{"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated"}] if split else []
+        steps.append({"type": "ByteLevel", "add_prefix_space": False, "use_regex": byte_regex})
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
+                "model": {"type": "BPE", "ignore_merges": ignore_merges}}
+
+    assert pre_tokenizer_name(tj(LLAMA3_SPLIT, ignore_merges=True))[0] == "llama-bpe"  # Llama-3's tokenizer.json
+    assert pre_tokenizer_name(tj(LLAMA3_SPLIT))[0] == "smaug-bpe"
+    assert pre_tokenizer_name(tj(QWEN2_SPLIT))[0] == "qwen2"
+    assert pre_tokenizer_name(tj(byte_regex=True))[0] == "gpt2"
+    name, note = pre_tokenizer_name(tj(PRETOKENIZE_PATTERN), PRE_TOKENIZERS)
+    assert name == "smaug-bpe" and "combining marks" in note
+    for bad in (tj(PRETOKENIZE_PATTERN), tj(r"\p{L}+"), tj(QWEN2_SPLIT, byte_regex=True)):
+        with pytest.raises(UserError, match="convert_hf_to_gguf"):
+            pre_tokenizer_name(bad)
+
+
+def test_gpt2_style_hf_tokenizer_round_trips_through_gguf(tmp_path):
+    """A Hugging Face byte-level BPE with GPT-2's own split (what `lmforge import` brings in) -> pre 'gpt2'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    cfg = ModelConfig(vocab_size=304, dim=32, n_layers=1, n_heads=2, ffn_hidden=64, max_seq_len=64)
+    d = save_model_dir(build_model(cfg, seed=0), tmp_path / "m", tokenizer_dir=str(tmp_path / "tok"))
+    s = _export(d, tmp_path / "out", "f32")
+    assert s["tokenizer"]["pre"] == "gpt2" and s["tokenizer"]["special_ids"] == {"bos": 1, "eos": 2}
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"), gguf_file="model-f32.gguf")
+    ours = load_tokenizer(d)
+    for text in TEXTS:
+        assert theirs.encode(text, add_special_tokens=False) == ours.encode(text), text
