@@ -116,6 +116,20 @@ class LMForgeLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.path.replace("/", "__")
 
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The model's chat template (for ``--apply_chat_template``), or None when not asked for."""
+        if chat_template is False or chat_template is None:
+            return None
+        from lmforge.tokenizer.chat_template import get_chat_template
+
+        return get_chat_template(self.tokenizer_lm)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation rendered with the tokenizer's chat template (lmforge's sandboxed Jinja renderer)."""
+        from lmforge.tokenizer.chat_template import render_chat
+
+        return render_chat(self.tokenizer_lm, chat_history, add_generation_prompt=add_generation_prompt)
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         add = self.add_bos_token if add_special_tokens is None else add_special_tokens
         ids = self.tokenizer_lm.encode(string)

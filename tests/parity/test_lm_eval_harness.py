@@ -232,5 +232,7 @@ def test_adapter_batches_give_the_same_answers_and_bad_args_are_named(setup):
     assert [x[1] for x in a] == [x[1] for x in b]
     assert [x[0] for x in a] == pytest.approx([x[0] for x in b], abs=1e-4)
     assert one.generate_until(reqs("generate_until", gens)) == many.generate_until(reqs("generate_until", gens))
+    chat = one.apply_chat_template([{"role": "user", "content": "你好"}])
+    assert chat == "<|user|>\n你好<|end|>\n<|assistant|>\n" and one.chat_template(True) == one.tokenizer_lm.chat_template
     with pytest.raises(UserError, match="btach_size"):
         LMForgeLM(path=str(setup["model"]), btach_size=4)

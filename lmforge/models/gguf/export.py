@@ -8,6 +8,7 @@ Ollama ``Modelfile`` that points at it; the directory appears whole or not at al
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +163,6 @@ def export_gguf(model_dir, out, dtype: str = "f16", tokenizer=None, add_bos: boo
 
 def _tensor_order(key: str) -> tuple:
     """Embedding, then layers in numeric order, then the final norm and head (llama.cpp's order)."""
-    import re
-
     m = re.match(r"layers\.(\d+)\.", key)
     if m:
         return (1, int(m.group(1)), key)
