@@ -131,6 +131,9 @@ def load_choice(path: str, layout: str = "auto") -> list[ChoiceExample]:
                 raise DataError(f"{p}:{line}: expected a JSON object, got {type(rec).__name__}")
             records.append((f"{p}:{line}", rec))
     examples = [_example(rec, where, layout) for where, rec in records]
+    for ex in examples:
+        if any(not c for c in ex.choices):
+            raise DataError(f"{ex.where}: a choice is empty; every choice needs text (acc_norm divides by its length)")
     if not examples:
         raise DataError(f"'{p}' holds no examples")
     return examples
@@ -141,7 +144,7 @@ def _table_records(p: Path) -> list[tuple[str, dict]]:
     if not rows:
         return []
     header = [c.strip() for c in rows[0][1]]
-    known = {"question", "Question", "A", "B", "answer", "Answer", "ctx", "endings"}
+    known = {"question", "Question", "ctx", "ctx_a", "endings"}
     if known & set(header):
         return [(f"{p}:{line}", dict(zip(header, row))) for line, row in rows[1:]]
     if len(header) == 6:  # the original MMLU CSVs: question,A,B,C,D,answer without a header
