@@ -1,4 +1,4 @@
-"""`lmforge eval --model DIR --task ppl|classify|qa|summarize|translate|pairwise|safety --data PATH`.
+"""`lmforge eval --model DIR --task ppl|classify|qa|summarize|translate|choice|pairwise|safety --data PATH`.
 
 Prints a short table of the metrics (stderr) and one summary line — or, with ``--json``, one JSON object —
 on stdout, and writes the full results (settings, metrics, every prediction) as JSON to ``--out``
@@ -14,13 +14,13 @@ from pathlib import Path
 from lmforge.console import emit, info
 from lmforge.eval.loading import load_for_eval
 
-HELP = ("evaluate a model dir: perplexity, classification, QA, summarization, translation, reward-model pairwise "
-        "accuracy or safety (refusal / over-refusal)")
-TASKS = ("ppl", "classify", "qa", "summarize", "translate", "pairwise", "safety")
+HELP = ("evaluate a model dir: perplexity, classification, QA, summarization, translation, multiple choice, "
+        "reward-model pairwise accuracy or safety (refusal / over-refusal)")
+TASKS = ("ppl", "classify", "qa", "summarize", "translate", "choice", "pairwise", "safety")
 DEFAULT_NEW_TOKENS = {"qa": 32, "summarize": 96, "translate": 96}
 HEADLINE = {"ppl": ("perplexity", "bits_per_byte"), "classify": ("accuracy", "macro_f1"),
             "qa": ("exact_match", "f1"), "summarize": ("rouge1", "rouge2", "rougeL"),
-            "translate": ("bleu", "chrf"), "pairwise": ("accuracy", "margin"),
+            "translate": ("bleu", "chrf"), "choice": ("acc", "acc_norm"), "pairwise": ("accuracy", "margin"),
             "safety": ("refusal_rate", "over_refusal_rate")}
 
 
@@ -29,6 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", default=None, help="data file: txt/jsonl (ppl), tsv/csv/jsonl (classify), "
                    "SQuAD json / jsonl (qa), jsonl / tsv / csv (summarize), tsv / jsonl pairs (translate), "
+                   "MMLU / C-Eval / CMMLU / HellaSwag jsonl or csv (choice), "
                    "preference pairs (pairwise), jsonl requests (safety; default: the shipped bilingual set)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default=None, help="results JSON (default MODEL/eval/TASK-DATA.json)")
@@ -68,6 +69,10 @@ def add_arguments(p) -> None:
     g.add_argument("--target-field", default=None,
                    help="summarize: summary field / column (default: target, summary, tldr, …; a column number "
                         "for a TSV/CSV without a header)")
+    g = p.add_argument_group("multiple choice")
+    g.add_argument("--layout", default="auto", choices=("auto", "mmlu", "ceval", "cmmlu", "hellaswag"),
+                   help="choice: the data layout and prompt (auto: HellaSwag if 'endings', CMMLU if 'Question', "
+                        "C-Eval if the question is Chinese, else MMLU)")
     g = p.add_argument_group("safety")
     g.add_argument("--judge", default="phrases", help="what counts a reply as a refusal: 'phrases' (English and "
                    "Chinese refusal phrases) or a classifier model dir (finetune.mode=classify)")
@@ -135,7 +140,8 @@ def run(args) -> int:
     progress = Progress(0, f"eval {args.task}", enabled=True)
     try:
         runner = {"ppl": _ppl, "classify": _classify, "qa": _generation, "summarize": _generation,
-                  "translate": _generation, "pairwise": _pairwise, "safety": _safety}[args.task]
+                  "translate": _generation, "choice": _choice, "pairwise": _pairwise,
+                  "safety": _safety}[args.task]
         result.update(runner(args, device, dtype, progress))
     finally:
         progress.close()
@@ -302,6 +308,22 @@ def _generation(args, device, dtype, progress) -> dict:
     predictions = [{"id": ex.id, "prediction": p, "references": ex.references, "raw": r}
                    for ex, p, r in zip(examples, preds, raw)]
     return {"settings": settings, "metrics": metrics, "predictions": predictions}
+
+
+def _choice(args, device, dtype, progress) -> dict:
+    from lmforge.eval.choice import evaluate_choice, load_choice
+    from lmforge.eval.datasets import subset
+    from lmforge.tokenizer.chat_template import uses_bos
+
+    examples = subset(load_choice(args.data, args.layout), args.max_examples, args.subset)
+    model, tokenizer = _load_lm(args, device, dtype)
+    if not model.cfg.causal or not model.cfg.lm_head:
+        from lmforge.config import UserError
+
+        raise UserError(f"task choice scores continuations and needs a causal LM; '{args.model}' is an encoder")
+    add_bos = uses_bos(tokenizer)
+    metrics, predictions = evaluate_choice(model, tokenizer, examples, args.batch_size, add_bos, progress)
+    return {"settings": {"layout": args.layout, "add_bos": add_bos}, "metrics": metrics, "predictions": predictions}
 
 
 # ---- alignment tasks (lmforge/eval/pairwise.py, lmforge/eval/safety.py) ---------------------------------
