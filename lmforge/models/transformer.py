@@ -38,13 +38,19 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.q_dim, cfg.dim, bias=cfg.bias)
+        if cfg.qk_norm:  # one weight of width head_dim, shared by the heads (Qwen3 / Gemma 3 layout)
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.kernel = KERNELS[cfg.attention]  # chosen once; `lmforge.models.attention.use_attention_kernel`
 
     def forward(self, x, rope=None, mask=None, cache=None, layer_idx=0):
         B, T, _ = x.shape
         # Heads are read from the projected width so a tensor-parallel shard (fewer local heads) works too.
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, d)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, KV, d)
+        if self.cfg.qk_norm:  # normalize each head's q and k before RoPE: bounded attention logits
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, d), (B, KV, T, d)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
         if rope is not None:
             cos, sin = rope
@@ -56,6 +62,15 @@ class Attention(nn.Module):
         y = self.kernel(q, k, v, mask, causal, self.cfg.dropout if self.training else 0.0)  # (B, H, T, d)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*d)
         return self.wo(y)
+
+
+def activation_fn(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The non-gated activations by config name (``relu2``: relu(x)², So et al. 2021, "Primer")."""
+    if name == "relu":
+        return F.relu(x)
+    if name == "relu2":
+        return F.relu(x).square()
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
 class FeedForward(nn.Module):
@@ -72,10 +87,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if self.activation == "swiglu":
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        if self.activation == "relu":
-            return self.w2(F.relu(self.w1(x)))
-        approximate = "tanh" if self.activation == "gelu_tanh" else "none"
-        return self.w2(F.gelu(self.w1(x), approximate=approximate))
+        return self.w2(activation_fn(self.activation, self.w1(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -179,10 +191,22 @@ class Transformer(nn.Module):
             h = self.norm(h)
         return h
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., dim) -> logits (..., vocab): the LM head, then the soft cap if the
+        config sets one. Anything that computes logits from hidden states (a chunked loss) calls this."""
+        return softcap(self.output(h), self.cfg.logit_softcap)
+
     def forward(self, tokens, positions=None, mask=None, cache=None, token_type_ids=None):
         """tokens (B, T) -> logits (B, T, vocab) (hidden states when the model has no LM head)."""
         h = self.hidden_states(tokens, positions, mask, cache, token_type_ids)
-        return self.output(h) if self.cfg.lm_head else h
+        return self.logits(h) if self.cfg.lm_head else h
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap·tanh(logits / cap): smooth, keeps small logits as they are and bounds large ones to (-cap, cap)."""
+    if cap is None:
+        return logits
+    return cap * torch.tanh(logits / cap)
 
 
 def _normal(t: torch.Tensor, std: float, gen: torch.Generator | None) -> None:

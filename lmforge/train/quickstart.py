@@ -120,29 +120,17 @@ def fit_steps(cfg, minutes: float, per_step: float, evals: int = 5) -> int:
     return max(20, int((minutes * 60 - evals * eval_cost) / per_step))
 
 
-def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset: str = "small",
-               data_mb: float | None = None) -> dict[str, Any]:
-    import torch
-
-    from lmforge.config import from_dict, to_dict
+def prepare_data(data_dir: str | Path, preset: str = "small", data_mb: float | None = None) -> Path:
+    """Steps 1-2 of the quickstart (also `bench/tokens_to_target.py`'s corpus): a BPE tokenizer of the preset's
+    vocabulary trained on the standard-library sources, then token shards with 3% of the files held out.
+    Each step is skipped when its output exists. Returns the shard dir (``DATA_DIR/shards``)."""
     from lmforge.data.prepare import prepare
     from lmforge.models.presets import get_preset
-    from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.train import train_tokenizer
-    from lmforge.train.config import PretrainConfig, load_config, validate
-    from lmforge.train.pretrain import pretrain
-    from lmforge.train.report import write_report
 
-    if minutes <= 0:
-        raise UserError(f"--minutes={minutes} must be positive")
-    if data_mb is not None and data_mb <= 0:
-        raise UserError(f"--data-mb={data_mb} must be positive")
-    t_start = time.perf_counter()
-    out = Path(out)
-    tok_dir, shard_dir = out / "data" / "tokenizer", out / "data" / "shards"
+    tok_dir, shard_dir = Path(data_dir) / "tokenizer", Path(data_dir) / "shards"
     vocab = get_preset(preset).vocab_size  # the preset's vocabulary: the tokenizer is trained to fit it
     files: list[str] | None = None
-
     # 1. tokenizer
     if (tok_dir / "tokenizer.json").is_file():
         info(f"quickstart: tokenizer exists ({tok_dir}), skipping")
@@ -163,6 +151,26 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
         rep = prepare(files, tok_dir, shard_dir, val_fraction=0.03, workers=workers,
                       dedup="exact", txt_mode="file", overwrite=True, progress=False)
         info(f"quickstart: {rep['train_tokens']:,} train / {rep['val_tokens']:,} val tokens")
+    return shard_dir
+
+
+def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset: str = "small",
+               data_mb: float | None = None) -> dict[str, Any]:
+    import torch
+
+    from lmforge.config import from_dict, to_dict
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.config import PretrainConfig, load_config, validate
+    from lmforge.train.pretrain import pretrain
+    from lmforge.train.report import write_report
+
+    if minutes <= 0:
+        raise UserError(f"--minutes={minutes} must be positive")
+    if data_mb is not None and data_mb <= 0:
+        raise UserError(f"--data-mb={data_mb} must be positive")
+    t_start = time.perf_counter()
+    out = Path(out)
+    shard_dir = prepare_data(out / "data", preset, data_mb)
     # 3. pretraining config: fitted once, then reused so a re-run resumes the same schedule
     cfg_path = out / "config.yaml"
     if cfg_path.is_file():
