@@ -55,7 +55,8 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    lr: float = 3e-4  # AdamW's peak lr (and the schedule's reference)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -63,6 +64,14 @@ class OptimConfig:
     decay_embeddings: bool = False  # by default embeddings (and a tied head) get no weight decay
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
     fused: bool | None = None  # AdamW implementation: None = fused where supported (CPU/CUDA), False = foreach
+    # Muon (optim.name=muon; lmforge.train.muon): the hidden matrices of the transformer blocks
+    muon_lr: float | None = None  # Muon's peak lr; None = optim.lr (the match_rms_adamw scale makes it transfer)
+    muon_weight_decay: float | None = None  # decoupled, on the Muon matrices; None = optim.weight_decay
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton–Schulz iterations
+    muon_lr_adjust: Literal["match_rms_adamw", "original", "none"] = "match_rms_adamw"  # update × 0.2·sqrt(max(A,B))
+    muon_ns_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # Newton–Schulz precision; auto = bf16 on CUDA, fp32 on CPU
 
 
 @dataclass
@@ -194,6 +203,7 @@ def validate_common(cfg) -> None:
         raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0")
     if o.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 turns clipping off)")
+    validate_muon(o)
     if s.warmup_steps < 0:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
     if s.min_lr is not None and not 0.0 <= s.min_lr <= o.lr:
@@ -218,6 +228,23 @@ def validate_common(cfg) -> None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
                           "(or set log.tensorboard=false)")
     validate_tracker_config(lg.mlflow, lg.wandb)
+
+
+def validate_muon(o: OptimConfig) -> None:
+    """The optim.muon_* keys (checked whatever optim.name is, so a typo does not wait for a switch to muon)."""
+    for key, value in (("optim.muon_lr", o.muon_lr), ("optim.muon_weight_decay", o.muon_weight_decay),
+                       ("optim.muon_momentum", o.muon_momentum)):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number; e.g. optim.muon_lr=3e-4, "
+                              "optim.muon_weight_decay=0.1, optim.muon_momentum=0.95")
+    if o.muon_lr is not None and o.muon_lr <= 0:
+        raise ConfigError(f"optim.muon_lr={o.muon_lr} must be positive (or unset to use optim.lr)")
+    if o.muon_weight_decay is not None and o.muon_weight_decay < 0:
+        raise ConfigError(f"optim.muon_weight_decay={o.muon_weight_decay} must be >= 0")
+    if not 0.0 <= o.muon_momentum < 1.0:
+        raise ConfigError(f"optim.muon_momentum={o.muon_momentum} must be in [0, 1), e.g. 0.95")
+    if not 1 <= o.muon_ns_steps <= 20:
+        raise ConfigError(f"optim.muon_ns_steps={o.muon_ns_steps} must be in 1..20 (5 is the usual)")
 
 
 def validate(cfg: PretrainConfig) -> None:
