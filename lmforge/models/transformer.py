@@ -16,7 +16,7 @@ from torch import nn
 from lmforge.models.attention import KERNELS, reference_attention  # noqa: F401 (reference_attention: re-exported)
 from lmforge.models.config import ModelConfig
 from lmforge.models.embeddings import add_input_embeddings, embed_inputs
-from lmforge.models.masks import attention_mask
+from lmforge.models.masks import StepMask, attention_mask
 from lmforge.models.positional import apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_table
 
 
@@ -57,8 +57,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, KV, S, d), S = cached + T
-        mask, causal = attention_mask(T, k.size(2), causal=self.cfg.causal, window=self.cfg.sliding_window,
-                                      mask=mask, device=x.device)
+        if isinstance(mask, StepMask):  # built once per forward by Transformer.hidden_states
+            mask, causal = mask.attn_mask, mask.is_causal
+        else:  # called on its own: the caller's mask (or None) with causality added here
+            mask, causal = attention_mask(T, k.size(2), causal=self.cfg.causal, window=self.cfg.sliding_window,
+                                          mask=mask, device=x.device)
         y = self.kernel(q, k, v, mask, causal, self.cfg.dropout if self.training else 0.0)  # (B, H, T, d)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*d)
         return self.wo(y)
@@ -183,6 +186,10 @@ class Transformer(nn.Module):
         h = embed_inputs(self, tokens, positions, token_type_ids)  # (B, T, dim)
         h = self.dropout(h)
         rope = rope_cos_sin(self.rope_inv_freq, positions, h.dtype) if self.cfg.pos_encoding == "rope" else None
+        if cache is None:  # causality, window and the caller's mask folded once here, not in every layer
+            mask = StepMask(*attention_mask(T, T, causal=self.cfg.causal, window=self.cfg.sliding_window,
+                                            mask=mask, device=tokens.device))
+        # (with a KV cache each layer adds causality against the keys its cache returns: decoding steps are short)
         for layer in self.layers:
             h = layer(h, rope, mask, cache)
         if cache is not None:
@@ -193,12 +200,19 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states (..., dim) -> logits (..., vocab): the LM head, then the soft cap if the
-        config sets one. Anything that computes logits from hidden states (a chunked loss) calls this."""
+        config sets one (a chunked loss applies the same cap itself: `lmforge.train.loss`)."""
         return softcap(self.output(h), self.cfg.logit_softcap)
 
-    def forward(self, tokens, positions=None, mask=None, cache=None, token_type_ids=None):
-        """tokens (B, T) -> logits (B, T, vocab) (hidden states when the model has no LM head)."""
+    def forward(self, tokens, positions=None, mask=None, cache=None, token_type_ids=None, head=None):
+        """tokens (B, T) -> logits (B, T, vocab) (hidden states when the model has no LM head).
+
+        head: a callable ``head(hidden (B, T, dim), lm_head module or None)`` run in place of the LM head,
+        inside this forward, whose result is returned — how a chunked loss (`lmforge.train.loss`) reads the
+        head's weight while FSDP2 holds it gathered (its hooks wrap this forward, not `hidden_states`).
+        """
         h = self.hidden_states(tokens, positions, mask, cache, token_type_ids)
+        if head is not None:
+            return head(h, self.output if self.cfg.lm_head else None)
         return self.logits(h) if self.cfg.lm_head else h
 
 
