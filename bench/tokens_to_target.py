@@ -236,7 +236,10 @@ def main(argv=None) -> int:
                 shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run restarts (its clock would be off)
                 cfg = run_config(args, name, seed, shard_dir, run_dir)
                 t0 = time.perf_counter()
-                pretrain(cfg)
+                result = pretrain(cfg)
+                if result.exit_code:  # a signal or the time guard: stop here; the next call restarts this run
+                    print(f"stopped during {name} seed {seed} ({result.stop_reason})", file=sys.stderr)
+                    return result.exit_code
                 curve = read_curve(run_dir)
                 print(f"[{name} seed {seed}] final val {curve['evals'][-1][3]:.4f} bits/byte after "
                       f"{curve['evals'][-1][1]:,} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
