@@ -2,12 +2,14 @@
 
 The corpus is the quickstart's (the running Python's standard-library sources, its tokenizer and token
 shards, made by `lmforge.train.quickstart.prepare_data`), the model the `small` preset, the baseline the
-quickstart's own recipe (AdamW, cosine schedule). Each recipe changes only what its name says, and runs
-once per seed through the real `pretrain` (Trainer, loader, validation); runs are interleaved seed by seed
-so that load from other processes on a shared machine hits every recipe alike.
+quickstart's earlier recipe (AdamW, SwiGLU, cosine schedule; pinned here) with its lr, betas and weight
+decay. Each recipe changes only what its name says, and runs once per seed through the real `pretrain`
+(Trainer, loader, validation); runs are interleaved seed by seed so that load from other processes on a
+shared machine hits every recipe alike.
 
     .venv/bin/python bench/tokens_to_target.py                         # the full-size comparison
-    .venv/bin/python bench/tokens_to_target.py --seq-len 128 --batch 8 --steps 120 --eval-every 10
+    .venv/bin/python bench/tokens_to_target.py --seq-len 64 --batch 8 --steps 60 --eval-every 10 --threads 1 \
+        --recipes adamw,muon,qk_norm,relu2,softcap,zloss,wsd,muon+relu2,muon+relu2+wsd   # README "Recipe"
 
 Recipes (``--recipes``, comma-separated; join with ``+`` to combine, e.g. ``muon+qk_norm``): see RECIPES.
 The target (``--target-bpb``; default: the worst final validation bits/byte of the AdamW seeds, so every
@@ -60,8 +62,12 @@ def run_config(args, recipe: str, seed: int, shard_dir: Path, run_dir: Path):
     from lmforge.train.config import PretrainConfig, validate
     from lmforge.train.quickstart import QUICKSTART_CONFIG
 
-    data = to_dict(QUICKSTART_CONFIG)
-    data["model"] = {**data["model"], "preset": args.preset}
+    data = to_dict(QUICKSTART_CONFIG)  # batch, lr, betas, weight decay, warmup, min_lr: the quickstart's
+    # The baseline recipe is pinned (the quickstart's recipe before this benchmark changed it: AdamW, the
+    # preset's SwiGLU MLP, cosine schedule), so that a new quickstart recipe does not move the baseline.
+    data["model"] = {"preset": args.preset}
+    data["optim"]["name"] = "adamw"
+    data["schedule"]["name"] = "cosine"
     data["run"] = {"dir": str(run_dir), "name": f"{recipe} seed {seed}"}
     data["data"] = {**data["data"], "dir": str(shard_dir), "seq_len": args.seq_len}
     data["train"].update(global_batch=args.batch, micro_batch=args.batch, seed=seed, max_steps=args.steps,

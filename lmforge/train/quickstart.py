@@ -30,15 +30,15 @@ SAMPLE_PROMPT = "import os\n"
 
 # The pretraining config the quickstart runs (configs/quickstart.yaml holds the same; a test keeps them equal).
 # run.dir, data.dir and train.max_steps are filled in at run time. The recipe is the best that
-# bench/tokens_to_target.py measured (README "Recipe"): Muon for the blocks' matrices and a squared-ReLU MLP
-# as wide as the SwiGLU's parameters allow (2 x 288 x 1152 = 3 x 288 x 768).
+# bench/tokens_to_target.py measured (README "Recipe"): Muon for the blocks' matrices, a squared-ReLU MLP
+# as wide as the SwiGLU's parameters allow (2 x 288 x 1152 = 3 x 288 x 768) and the WSD schedule.
 QUICKSTART_CONFIG: dict[str, Any] = {
     "model": {"preset": "small", "activation": "relu2", "ffn_hidden": 1152},
     "data": {"seq_len": 256},
     "train": {"global_batch": 16, "micro_batch": 16, "seed": 0, "resume": "auto", "device": "auto",
               "precision": "fp32"},
     "optim": {"name": "muon", "lr": 2.0e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0},
-    "schedule": {"name": "cosine", "warmup_steps": 10, "min_lr": 2.0e-4},
+    "schedule": {"name": "wsd", "warmup_steps": 10, "min_lr": 2.0e-4},
     "eval": {"interval": 50, "batches": 4, "batch_size": 16},
     "checkpoint": {"interval": 50, "keep_last": 2},
     "log": {"interval": 5},
