@@ -186,7 +186,10 @@ def main(argv=None) -> int:
             "--out", str(out / "tok"), "--txt-mode", "line", done=out / "tok" / "tokenizer.json")
     lmforge("prepare", "--input", str(d / "pretrain.txt"), "--tokenizer", str(out / "tok"), "--out",
             str(out / "shards"), "--txt-mode", "line", "--val-fraction", "0.02", done=out / "shards" / "index.json")
-    lmforge("pretrain", "--config", "configs/quickstart.yaml", f"run.dir={out / 'pre'}", f"model.preset={a.preset}",
+    # the quickstart's batch/lr/eval settings with the recipe this demo was measured with (AdamW, the preset's
+    # SwiGLU MLP, cosine), pinned since the quickstart moved to Muon + squared ReLU + WSD (README "Recipe")
+    lmforge("pretrain", "--config", "configs/quickstart.yaml", f"run.dir={out / 'pre'}",
+            f'model={{"preset": "{a.preset}"}}', "optim.name=adamw", "schedule.name=cosine",
             f"data.dir={out / 'shards'}", f"data.seq_len={a.seq_len}", f"train.max_steps={a.pretrain_steps}",
             "eval.interval=200", "checkpoint.interval=200", "log.interval=50", threads,
             done=out / "pre" / "model" / "config.json")

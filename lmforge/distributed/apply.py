@@ -121,6 +121,11 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = True) -> None:
         }
         if hasattr(block.feed_forward, "w3"):
             plan["feed_forward.w3"] = ColwiseParallel()
+        if cfg.qk_norm:
+            # q/k leave wq/wk as (B, T, local heads, d): the norm weight stays whole (Replicate) and sees
+            # the heads as a Shard(2) input, so its gradient is summed over the TP ranks (torchtitan's Qwen3)
+            plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         if sp:
             # Attention(x, rope, mask, cache, layer_idx) / FeedForward(x): gather the sequence first.
             plan["attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),

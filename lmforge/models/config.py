@@ -8,7 +8,7 @@ from typing import Literal
 
 from lmforge.config import ConfigError
 
-Activation = Literal["relu", "gelu", "gelu_tanh", "swiglu"]
+Activation = Literal["relu", "gelu", "gelu_tanh", "swiglu", "relu2"]  # relu2: relu(x)², non-gated (Primer)
 Norm = Literal["layernorm", "rmsnorm"]
 PosEncoding = Literal["sinusoidal", "learned", "rope", "none"]
 
@@ -55,6 +55,9 @@ class ModelConfig:
     lm_head: bool = True  # an output projection to the vocabulary
     init_std: float = 0.02
     attention: Literal["sdpa", "reference"] = "sdpa"
+    # Recipe options (off by default; `bench/tokens_to_target.py` measures them, README "Recipe"):
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (OLMo 2, Qwen3, Gemma 3)
+    logit_softcap: float | None = None  # logits -> cap·tanh(logits/cap) in the model's output (Gemma 2)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
@@ -86,6 +89,10 @@ class ModelConfig:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.tie_embeddings and not self.lm_head:
             raise ConfigError("model.tie_embeddings=true needs model.lm_head=true")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ConfigError(f"model.logit_softcap={self.logit_softcap} must be positive (e.g. 30), or null for none")
+        if self.logit_softcap is not None and not self.lm_head:
+            raise ConfigError("model.logit_softcap caps the LM head's logits; this model has none (model.lm_head=false)")
         if self.final_norm is None:
             self.final_norm = self.norm_position == "pre"
         if isinstance(self.rope_scaling, dict):
@@ -123,7 +130,8 @@ class ModelConfig:
             attn += self.q_dim + 2 * self.kv_dim
         n_mats = 3 if self.activation == "swiglu" else 2
         ffn = n_mats * d * h + ((n_mats - 1) * h + d if self.bias else 0)
-        return attn + ffn + 2 * self._norm_params()
+        qk_norm = 2 * self.head_dim if self.qk_norm else 0  # one RMSNorm weight for q, one for k
+        return attn + ffn + 2 * self._norm_params() + qk_norm
 
     def embedding_params(self) -> int:
         n = self.vocab_size * self.dim

@@ -22,15 +22,12 @@ from torch import nn
 
 from lmforge.config import UserError
 from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import activation_fn
 
 HEADS_NAME = "heads.safetensors"
 IGNORE_INDEX = -100
 
 
-def _act(name: str, x: torch.Tensor) -> torch.Tensor:
-    if name == "relu":
-        return F.relu(x)
-    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
 class MLMHead(nn.Module):
@@ -55,7 +52,7 @@ class MLMHead(nn.Module):
         self.bias.zero_()
 
     def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
-        h = self.norm(_act(self.activation, self.dense(hidden)))  # (B, T, dim)
+        h = self.norm(activation_fn(self.activation, self.dense(hidden)))  # (B, T, dim)
         return F.linear(h, embedding_weight, self.bias)  # (B, T, vocab)
 
     def resize(self, vocab_size: int) -> None:

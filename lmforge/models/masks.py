@@ -8,7 +8,17 @@ Conventions: a mask is bool, True = the query may attend to the key. Queries are
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class StepMask(NamedTuple):
+    """What `attention_mask` returned for one forward pass, handed to every layer as is (built once, not
+    per layer): ``attn_mask`` (bool, broadcastable to (B, H, T, S), or None) and ``is_causal``."""
+
+    attn_mask: torch.Tensor | None
+    is_causal: bool
 
 
 def attention_mask(q_len: int, k_len: int, *, causal: bool = True, window: int | None = None,

@@ -16,7 +16,7 @@ from torch import nn
 from lmforge.models.attention import KERNELS, reference_attention  # noqa: F401 (reference_attention: re-exported)
 from lmforge.models.config import ModelConfig
 from lmforge.models.embeddings import add_input_embeddings, embed_inputs
-from lmforge.models.masks import attention_mask
+from lmforge.models.masks import StepMask, attention_mask
 from lmforge.models.positional import apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_table
 
 
@@ -38,24 +38,42 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.q_dim, cfg.dim, bias=cfg.bias)
+        if cfg.qk_norm:  # one weight of width head_dim, shared by the heads (Qwen3 / Gemma 3 layout)
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.kernel = KERNELS[cfg.attention]  # chosen once; `lmforge.models.attention.use_attention_kernel`
 
     def forward(self, x, rope=None, mask=None, cache=None, layer_idx=0):
         B, T, _ = x.shape
         # Heads are read from the projected width so a tensor-parallel shard (fewer local heads) works too.
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, d)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, KV, d)
+        if self.cfg.qk_norm:  # normalize each head's q and k before RoPE: bounded attention logits
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, d), (B, KV, T, d)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, KV, S, d), S = cached + T
-        mask, causal = attention_mask(T, k.size(2), causal=self.cfg.causal, window=self.cfg.sliding_window,
-                                      mask=mask, device=x.device)
+        if isinstance(mask, StepMask):  # built once per forward by Transformer.hidden_states
+            mask, causal = mask.attn_mask, mask.is_causal
+        else:  # called on its own: the caller's mask (or None) with causality added here
+            mask, causal = attention_mask(T, k.size(2), causal=self.cfg.causal, window=self.cfg.sliding_window,
+                                          mask=mask, device=x.device)
         y = self.kernel(q, k, v, mask, causal, self.cfg.dropout if self.training else 0.0)  # (B, H, T, d)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*d)
         return self.wo(y)
+
+
+def activation_fn(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The non-gated activations by config name (``relu2``: relu(x)², So et al. 2021, "Primer")."""
+    if name == "relu":
+        return F.relu(x)
+    if name == "relu2":
+        return F.relu(x).square()
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
 class FeedForward(nn.Module):
@@ -72,10 +90,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if self.activation == "swiglu":
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        if self.activation == "relu":
-            return self.w2(F.relu(self.w1(x)))
-        approximate = "tanh" if self.activation == "gelu_tanh" else "none"
-        return self.w2(F.gelu(self.w1(x), approximate=approximate))
+        return self.w2(activation_fn(self.activation, self.w1(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -171,6 +186,10 @@ class Transformer(nn.Module):
         h = embed_inputs(self, tokens, positions, token_type_ids)  # (B, T, dim)
         h = self.dropout(h)
         rope = rope_cos_sin(self.rope_inv_freq, positions, h.dtype) if self.cfg.pos_encoding == "rope" else None
+        if cache is None:  # causality, window and the caller's mask folded once here, not in every layer
+            mask = StepMask(*attention_mask(T, T, causal=self.cfg.causal, window=self.cfg.sliding_window,
+                                            mask=mask, device=tokens.device))
+        # (with a KV cache each layer adds causality against the keys its cache returns: decoding steps are short)
         for layer in self.layers:
             h = layer(h, rope, mask, cache)
         if cache is not None:
@@ -179,10 +198,29 @@ class Transformer(nn.Module):
             h = self.norm(h)
         return h
 
-    def forward(self, tokens, positions=None, mask=None, cache=None, token_type_ids=None):
-        """tokens (B, T) -> logits (B, T, vocab) (hidden states when the model has no LM head)."""
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., dim) -> logits (..., vocab): the LM head, then the soft cap if the
+        config sets one (a chunked loss applies the same cap itself: `lmforge.train.loss`)."""
+        return softcap(self.output(h), self.cfg.logit_softcap)
+
+    def forward(self, tokens, positions=None, mask=None, cache=None, token_type_ids=None, head=None):
+        """tokens (B, T) -> logits (B, T, vocab) (hidden states when the model has no LM head).
+
+        head: a callable ``head(hidden (B, T, dim), lm_head module or None)`` run in place of the LM head,
+        inside this forward, whose result is returned — how a chunked loss (`lmforge.train.loss`) reads the
+        head's weight while FSDP2 holds it gathered (its hooks wrap this forward, not `hidden_states`).
+        """
         h = self.hidden_states(tokens, positions, mask, cache, token_type_ids)
-        return self.output(h) if self.cfg.lm_head else h
+        if head is not None:
+            return head(h, self.output if self.cfg.lm_head else None)
+        return self.logits(h) if self.cfg.lm_head else h
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap·tanh(logits / cap): smooth, keeps small logits as they are and bounds large ones to (-cap, cap)."""
+    if cap is None:
+        return logits
+    return cap * torch.tanh(logits / cap)
 
 
 def _normal(t: torch.Tensor, std: float, gen: torch.Generator | None) -> None:

@@ -52,6 +52,10 @@ class TrainConfig:
     time_limit_minutes: float | None = None  # checkpoint and stop after this long; a re-run resumes
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     objective: Literal["clm", "mlm"] = "clm"  # mlm: BERT masked-LM pretraining of an encoder preset
+    # the LM loss (lmforge.train.loss): tokens per chunk of the head + cross-entropy (0 = whole logits at once),
+    # and the z-loss coefficient on logsumexp² per target (PaLM; e.g. 1e-4; 0 = off; training only)
+    loss_chunk_tokens: int = 1024
+    z_loss: float = 0.0
 
 
 @dataclass
@@ -188,6 +192,11 @@ def validate_common(cfg) -> None:
         raise ConfigError(f"train.time_limit_minutes={t.time_limit_minutes} must be positive")
     if t.threads is not None and t.threads <= 0:
         raise ConfigError(f"train.threads={t.threads} must be positive")
+    if t.loss_chunk_tokens < 0:
+        raise ConfigError(f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0 computes the loss "
+                          "over the whole logits at once; e.g. 1024)")
+    if not (math.isfinite(t.z_loss) and t.z_loss >= 0):
+        raise ConfigError(f"train.z_loss={t.z_loss} must be a finite number >= 0 (0 turns it off; e.g. 1e-4)")
     if t.resume not in ("auto", "never") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume='{t.resume}' is neither auto, never nor an existing checkpoint path")
     for key, value in (("optim.lr", o.lr), ("optim.eps", o.eps), ("optim.weight_decay", o.weight_decay),

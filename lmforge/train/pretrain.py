@@ -135,7 +135,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     from lmforge.data.shards import read_index
     from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
-    from lmforge.train.batches import causal_lm_loss
+    from lmforge.train.batches import CausalLMLoss
     from lmforge.train.parallel import build_for_world, failure_guard, setup_world
     from lmforge.train.resume import check_compatible, find_resume
     from lmforge.train.trainer import Trainer
@@ -222,7 +222,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
         extra["init_embeddings_from"] = report
         if world.is_main:
             info(coverage_line(report))
-    loss_fn = causal_lm_loss
+    loss_fn = CausalLMLoss.from_config(cfg.train)  # train.loss_chunk_tokens, train.z_loss
     save_fn = save_model_dir
     if mlm is not None:
         from lmforge.models.heads import attach_mlm_head, mlm_objective, save_model_dir_with_heads

@@ -44,7 +44,7 @@ from torch import nn
 from lmforge.config import ConfigError, UserError, config_hash, dump_yaml
 from lmforge.console import info
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.batches import causal_lm_loss, input_tokens, split_micro, to_device
+from lmforge.train.batches import causal_lm_loss, count_input_tokens, input_tokens, split_micro, to_device
 from lmforge.train.metrics import (
     MetricsWriter,
     Progress,
@@ -266,7 +266,7 @@ class Trainer:
                 with self._autocast():
                     loss_sum, n = self.loss_fn(model, batch)
                 total[0] += weight * loss_sum.double()
-                total[1] += weight * float(n)
+                total[1] += weight * n  # summed on the device: no read-back per batch
             if self.eval_fn is not None:
                 with self._autocast():
                     extra = dict(self.eval_fn(model))
@@ -303,6 +303,8 @@ class Trainer:
         lr = self.schedule(self.step)
         set_lr(self.optimizer, lr)
         micro = split_micro(batch, cfg.train.micro_batch)
+        # Sums stay on the device through the micro-batches (no .item()/float() per micro-batch: on a GPU
+        # each would stall the queue); the step reads them back once, after the all-reduce.
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # (loss sum, loss tokens, inputs)
         for i, mb in enumerate(micro):
             mb = to_device(mb, self.device)
@@ -310,17 +312,24 @@ class Trainer:
                 loss_sum, n = self.loss_fn(self.model, mb)
             loss_sum.backward()
             totals[0] += loss_sum.detach().double()
-            totals[1] += float(n)
-            totals[2] += input_tokens(mb)
+            totals[1] += n
+            totals[2] += count_input_tokens(mb)
         all_reduce_sum(totals)
-        n_global = float(totals[1])
-        loss = float(totals[0] / max(n_global, 1.0))
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if params and n_global > 0:
+        norm = totals.new_zeros(())
+        if params:
             # grads hold the sum over this rank's targets, averaged over ranks by DDP -> mean per target
-            torch._foreach_div_([p.grad for p in params], n_global / self.world.dp_size)
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+            # (a device-side divisor: 1 when no target was seen, which leaves the zero grads as they are)
+            per_target = torch.where(totals[1] > 0, totals[1] / self.world.dp_size, 1.0)
+            grads = [p.grad for p in params]
+            torch._foreach_div_(grads, per_target.to(grads[0].device, grads[0].dtype))
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2/TP
+        # the step's one read-back: loss sum, targets, inputs, grad norm
+        loss_total, n_global, n_inputs, grad_norm = torch.cat([totals, norm.detach().double().reshape(1).to(
+            totals.device)]).tolist()
+        loss = loss_total / max(n_global, 1.0)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -330,9 +339,9 @@ class Trainer:
             self.nonfinite_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += int(totals[2])
+        self.tokens += int(n_inputs)
         self.loss_tokens += int(n_global)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, "tokens": int(totals[2]),
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, "tokens": int(n_inputs),
                 "loss_tokens": int(n_global)}
 
     # ---- the loop --------------------------------------------------------------------------------

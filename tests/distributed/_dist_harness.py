@@ -18,7 +18,10 @@ TINY = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hid
 # A GPT-2-style tiny model: learned positions, LayerNorm, biases, GELU (the non-Llama TP path).
 TINY_GPT = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_hidden=128, max_seq_len=64,
                 activation="gelu_tanh", norm="layernorm", pos_encoding="learned", bias=True, tie_embeddings=True)
-MODELS = {"tiny": TINY, "tiny_gpt": TINY_GPT}
+# The recipe options (README "Recipe"): per-head QK-norm (its weight replicated across TP ranks), squared-ReLU
+# MLP, soft-capped logits.
+TINY_RECIPE = dict(TINY, qk_norm=True, activation="relu2", ffn_hidden=192, logit_softcap=15.0)
+MODELS = {"tiny": TINY, "tiny_gpt": TINY_GPT, "tiny_recipe": TINY_RECIPE}
 
 SEQ, GLOBAL_BATCH, STEPS, LR, CLIP = 16, 4, 5, 3e-3, 0.5
 

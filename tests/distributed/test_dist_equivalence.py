@@ -24,9 +24,10 @@ LAYOUTS_2 = {
     "tp": dict(tp=2),  # sequence parallel (default)
     "tp_nosp": dict(tp=2, sequence_parallel=False),
     "tp_gpt": dict(tp=2, model="tiny_gpt"),  # learned positions, LayerNorm, biases, GELU
+    "tp_recipe": dict(tp=2, model="tiny_recipe"),  # QK-norm, relu2, logit soft-cap
 }
 WRAPPER = {"ddp": "ddp", "fsdp": "fsdp", "fsdp_accum": "fsdp", "fsdp_ac": "fsdp", "tp": "none",
-           "tp_nosp": "none", "tp_gpt": "none", "hsdp": "hsdp", "fsdp_tp": "fsdp"}
+           "tp_nosp": "none", "tp_gpt": "none", "tp_recipe": "none", "hsdp": "hsdp", "fsdp_tp": "fsdp"}
 
 LOSS_TOL = 1e-5
 # Parameters move ~1e-3..1e-2 over 5 steps (lr 3e-3); reduction order alone leaves ~1e-5.

@@ -25,6 +25,7 @@ from lmforge.models.hf.families import (
     family_for_model_config,
     hf_to_model_config,
     model_config_to_hf,
+    require_hf_expressible,
 )
 
 HF_CONFIG = "config.json"
@@ -291,6 +292,7 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str 
         raise UserError(f"'{model_dir}' is a classifier model dir; export supports language models and "
                         "encoders (export the base model instead)")
     cfg = read_config(model_dir)
+    require_hf_expressible(cfg)  # before anything is written
     record = data.get("hf") or {}
     if family is not None:
         if family not in FAMILIES:

@@ -371,6 +371,22 @@ def family_for_model_config(cfg: ModelConfig) -> Family:
                     "supports Llama/Mistral/Qwen2 (rope), GPT-2 (learned, causal) and BERT (encoder) shapes")
 
 
+def require_hf_expressible(cfg: ModelConfig) -> None:
+    """Refuse the recipe options no exported family computes (Llama/Mistral/Qwen2/GPT-2/BERT would load the
+    weights and silently run a different model)."""
+    options = []
+    if cfg.qk_norm:
+        options.append("model.qk_norm=true")
+    if cfg.logit_softcap is not None:
+        options.append(f"model.logit_softcap={cfg.logit_softcap:g}")
+    if cfg.activation == "relu2":
+        options.append("model.activation=relu2")
+    if options:
+        raise UserError(f"this model uses {', '.join(options)}, which the Hugging Face families lmforge exports "
+                        "(llama, mistral, qwen2, gpt2, bert) cannot express; use it with lmforge's own commands "
+                        "(generate, eval, serve), or train without these options to export")
+
+
 def hf_to_model_config(hf: dict[str, Any], family: Family | None = None) -> ModelConfig:
     family = family or family_for_hf_config(hf)
     return from_dict(ModelConfig, family.to_lmforge(hf), prefix="model")
@@ -380,6 +396,7 @@ def model_config_to_hf(cfg: ModelConfig, family: Family | None = None,
                        base: dict[str, Any] | None = None) -> dict[str, Any]:
     """An HF ``config.json`` dict for ``cfg``; ``base`` (the imported original) keeps the fields lmforge
     does not model (token ids, extra options) and its RoPE layout."""
+    require_hf_expressible(cfg)
     family = family or family_for_model_config(cfg)
     out = dict(base or {})
     fields = family.to_hf(cfg)
@@ -401,4 +418,4 @@ def model_config_to_hf(cfg: ModelConfig, family: Family | None = None,
 
 
 __all__ = ["FAMILIES", "Family", "family_for_hf_config", "family_for_model_config", "hf_to_model_config",
-           "model_config_to_hf", "to_dict"]
+           "model_config_to_hf", "require_hf_expressible", "to_dict"]
