@@ -41,7 +41,7 @@ def gguf_architecture(cfg: ModelConfig) -> str:
     extra = sorted(k for k in defaults if k not in _EXPRESSED and getattr(cfg, k) != defaults[k])
     if extra:
         raise UserError(f"model option(s) {', '.join('model.' + k for k in extra)} have no GGUF (llama/qwen2) "
-                        "equivalent; export with --format hf")
+                        "equivalent; a GGUF file needs a model trained without them")
     return "qwen2" if cfg.qkv_bias else "llama"
 
 
