@@ -43,8 +43,9 @@ def lm_head_loss(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, *, chu
     x = h.reshape(-1, h.size(-1))  # (N, dim)
     y = targets.reshape(-1)  # (N,)
     path = head_path(head) if chunk else "unchunked"
-    if path == "unchunked":
-        ce, z = loss_terms(head(h).reshape(x.size(0), -1), y, softcap, z_loss)
+    if path == "unchunked":  # (under sequence parallel h is this rank's slice; the head returns every position)
+        logits = head(h)  # (B, T, V)
+        ce, z = loss_terms(logits.reshape(-1, logits.size(-1)), y, softcap, z_loss)
         return ce + z, z.detach()
     if path == "fused" and torch.is_grad_enabled() and (x.requires_grad or head.weight.requires_grad):
         return _FusedLinearCE.apply(x, head.weight, y, chunk, softcap, z_loss)
