@@ -1,5 +1,5 @@
-"""The chunked LM loss on 2 gloo ranks: under FSDP2 (the head's weight gathered by the root's hooks) it takes
-the fused path, under tensor parallel (a vocabulary-sharded DTensor head) the unchunked fallback, and both
+"""The chunked LM loss on 2 gloo ranks: under FSDP2 (the head's weight gathered by the root's hooks) and DDP it
+takes the fused path, under tensor parallel (a vocabulary-sharded DTensor head) the unchunked fallback, and both
 give the one-process loss and gradients of the whole logits."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 
 pytestmark = pytest.mark.distributed
 
-LAYOUTS = {"fsdp": {"dp_shard": 2}, "tp": {"tp": 2}, "tp_nosp": {"tp": 2, "sequence_parallel": False}}
+LAYOUTS = {"fsdp": {"dp_shard": 2}, "ddp": {"dp_replicate": 2, "dp_shard": 1}, "tp": {"tp": 2},
+           "tp_nosp": {"tp": 2, "sequence_parallel": False}}
 CHUNK = 5  # tokens per chunk: several chunks per rank (2 rows x 16 tokens)
 
 
@@ -60,7 +61,8 @@ def results(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name,path", [("fsdp", "fused"), ("tp", "unchunked"), ("tp_nosp", "unchunked")])
+@pytest.mark.parametrize("name,path", [("fsdp", "fused"), ("ddp", "fused"), ("tp", "unchunked"),
+                                       ("tp_nosp", "unchunked")])
 def test_parallel_chunked_loss_matches_one_process_whole_logits(results, name, path):
     from safetensors.torch import load_file
 
@@ -78,5 +80,5 @@ def test_parallel_chunked_loss_matches_one_process_whole_logits(results, name, p
     assert got["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
     grads = load_file(str(results / f"{name}.safetensors"))
     for k, p in model.named_parameters():
-        # FSDP2 averages gradients over its data-parallel ranks; each rank's loss is a sum over its rows
+        # FSDP2 / DDP average gradients over the data-parallel ranks; each rank's loss is a sum over its rows
         torch.testing.assert_close(grads[k], p.grad / got["dp"], rtol=1e-4, atol=1e-6, msg=k)
