@@ -170,9 +170,29 @@ SIDES = ("lmforge", "lmforge_unchunked", "hf")
 
 
 def memory_worker(args, device, side: str) -> dict:
-    """Peak memory of one side's training steps, alone in a fresh process."""
+    """Peak memory of one side's training steps, alone in a fresh process.
+
+    ``--memory rss``: the growth of peak RSS (CUDA: max allocated) over warm-up + 3 steps.
+    ``--memory profiler``: torch.profiler's record of every CPU allocation and free during one step after
+    the warm-up (optimizer state already there): the highest running total above the step's start — what a
+    step adds (activations, logits, gradients), free of allocator caching and of other processes.
+    """
     step = make_side(args, device, side)
     data = batches(args, args.warmup + 3)
+    if args.memory == "profiler":
+        from torch.profiler import ProfilerActivity, profile
+
+        for x in data[:max(1, args.warmup)]:
+            step(x)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step(data[-1])
+        events = sorted((e.time_range.start, e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage)
+                        for e in prof.events())
+        total = peak = 0
+        for _, delta in events:
+            total += delta
+            peak = max(peak, total)
+        return {"peak_mem_gb": peak / 1e9}
     base = mem_before(device)
     for x in data:
         step(x)
@@ -197,6 +217,9 @@ def main() -> int:
     p.add_argument("--with-unchunked", action="store_true",
                    help="also time and measure lmforge with train.loss_chunk_tokens=0")
     p.add_argument("--repeats", type=int, default=3, help="fresh-process memory measurements per side")
+    p.add_argument("--memory", choices=["rss", "profiler"], default="rss",
+                   help="peak memory as RSS growth (CUDA: max allocated) or torch.profiler's allocation record")
+    p.add_argument("--memory-only", action="store_true", help="skip the throughput part")
     p.add_argument("--compile", action="store_true", help="torch.compile lmforge's model (train.compile)")
     p.add_argument("--fused", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                    help="lmforge AdamW fused=true/false (default: torch's choice)")
@@ -228,6 +251,19 @@ def main() -> int:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         return 0
 
+    if args.memory_only:
+        names = [s for s in SIDES if s != "lmforge_unchunked" or args.with_unchunked]
+        memory = {name: [] for name in names}
+        for _ in range(args.repeats):
+            for side in names:
+                memory[side].append(_memory_of(args, side))
+        out = {"config": {k: getattr(args, k) for k in ("layers", "dim", "vocab", "seq", "batch", "loss_chunk")},
+               "memory_measure": args.memory, **{n: statistics.median(v) for n, v in memory.items()},
+               "runs": memory}
+        print(json.dumps(out) if args.json else "\n".join(
+            f"{n}: peak memory +{statistics.median(v):.3f} GB ({args.memory})" for n, v in memory.items()))
+        return 0
+
     from lmforge.train.metrics import measure_matmul_flops
 
     peak = measure_matmul_flops(device, torch.float32, n=2048, seconds=2.0)
@@ -252,19 +288,15 @@ def main() -> int:
     memory: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeats):  # RSS growth varies a little run to run (allocator arenas): median, alternating
         for side in names:
-            cmd = [sys.executable, __file__, "--worker", side] + _pass_through(args)
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
-            if proc.returncode:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            memory[side].append(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_gb"])
+            memory[side].append(_memory_of(args, side))
     mcfg = model_config(args)
     tokens = args.batch * args.seq
     summary = {"config": {k: getattr(args, k) for k in ("layers", "dim", "heads", "ffn", "vocab", "seq", "batch",
                                                          "micro", "steps", "compile", "loss_chunk")},
                "params": mcfg.num_params(), "flops_per_token": mcfg.flops_per_token(args.seq),
                "fp32_matmul_peak_gflops": peak / 1e9, "threads": torch.get_num_threads()}
-    summary["memory_measure"] = "CUDA max allocated" if device.type == "cuda" else "peak RSS growth (ru_maxrss)"
+    summary["memory_measure"] = ("torch.profiler allocations, one step" if args.memory == "profiler" else
+                                 "CUDA max allocated" if device.type == "cuda" else "peak RSS growth (ru_maxrss)")
     for side in names:
         tps = tokens / statistics.median(times[side])
         summary[side] = {"tok_per_s": tps, "mfu": tps * mcfg.flops_per_token(args.seq) / peak,
@@ -290,10 +322,19 @@ def main() -> int:
     return 0
 
 
+def _memory_of(args, side: str) -> float:
+    """One fresh-process memory measurement of one side (GB)."""
+    cmd = [sys.executable, __file__, "--worker", side] + _pass_through(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+    if proc.returncode:
+        raise SystemExit(f"error: the {side} memory worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_gb"]
+
+
 def _pass_through(args) -> list[str]:
     out = []
     for k in ("layers", "dim", "heads", "ffn", "vocab", "seq", "batch", "micro", "steps", "warmup", "device",
-              "threads", "loss_chunk"):
+              "threads", "loss_chunk", "memory"):
         if getattr(args, k) is not None:
             out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     if args.compile:
