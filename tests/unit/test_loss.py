@@ -216,3 +216,18 @@ def test_a_model_without_the_head_argument_uses_its_logits():
     want = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
     torch.testing.assert_close(loss, want)
     assert int(n) == 2 * T
+
+
+@pytest.mark.parametrize("override,key", [("train.z_loss=-1e-4", "train.z_loss"), ("train.z_loss=nan", "train.z_loss"),
+                                          ("train.loss_chunk_tokens=-1", "train.loss_chunk_tokens")])
+def test_bad_loss_keys_are_config_errors_naming_the_key(override, key):
+    from lmforge.config import ConfigError
+    from lmforge.train.config import load_config
+
+    base = {"model": {"preset": "tiny"}, "data": {"dir": "shards"},
+            "train": {"global_batch": 8, "micro_batch": 8, "max_steps": 1}}
+    cfg = load_config(None, ["train.z_loss=1e-4", "train.loss_chunk_tokens=0"], base=base)
+    assert (cfg.train.z_loss, cfg.train.loss_chunk_tokens) == (1e-4, 0)
+    assert CausalLMLoss.from_config(cfg.train).chunk == 0
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override], base=base)
