@@ -18,6 +18,7 @@ become RUN/model at the end.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -42,13 +43,15 @@ BEST_META = "best.json"
 # ================================================================================================
 # Batches and loss for instruction tuning
 # ================================================================================================
-def sft_loss(model, batch: dict) -> tuple[Any, Any]:
-    """Summed next-token cross-entropy on the labelled (assistant) positions; labels are already shifted."""
-    import torch.nn.functional as F
+def sft_loss(model, batch: dict, *, chunk: int = 1024, z_loss: float = 0.0) -> tuple[Any, Any]:
+    """Summed next-token cross-entropy on the labelled (assistant) positions; labels are already shifted.
+    Computed in chunks of tokens from the final hidden states (`lmforge.train.loss`), like pretraining's
+    (``train.loss_chunk_tokens``, ``train.z_loss``)."""
+    from lmforge.train.batches import next_token_loss
 
-    logits = model(batch["tokens"], positions=batch.get("positions"), mask=batch.get("mask"))  # (B, T, V)
     labels = batch["labels"]  # (B, T), -100 = no loss
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum", ignore_index=-100)
+    loss = next_token_loss(model, batch["tokens"], labels, positions=batch.get("positions"), mask=batch.get("mask"),
+                           chunk=chunk, z_loss=z_loss)
     return loss, (labels != -100).sum()
 
 
@@ -534,7 +537,8 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     trainer_cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, save_model=False))  # the recipe exports
     resolved = config_dict(cfg)
     on_best = (lambda tr: save_best(tr, run_dir)) if cfg.eval.keep_best else None
-    loss_fn = classify_loss if cfg.mode == "classify" else sft_loss
+    loss_fn = classify_loss if cfg.mode == "classify" else functools.partial(
+        sft_loss, chunk=cfg.train.loss_chunk_tokens, z_loss=cfg.train.z_loss)
     if cfg.mode == "dpo":  # builds the reference (frozen copy / precomputed log-probs) and the batch source
         from lmforge.finetune.preference import dpo_objective
 

@@ -43,8 +43,9 @@ def lm_head_loss(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, *, chu
     x = h.reshape(-1, h.size(-1))  # (N, dim)
     y = targets.reshape(-1)  # (N,)
     path = head_path(head) if chunk else "unchunked"
-    if path == "unchunked":
-        ce, z = loss_terms(head(h).reshape(x.size(0), -1), y, softcap, z_loss)
+    if path == "unchunked":  # (under sequence parallel h is this rank's slice; the head returns every position)
+        logits = head(h)  # (B, T, V)
+        ce, z = loss_terms(logits.reshape(-1, logits.size(-1)), y, softcap, z_loss)
         return ce + z, z.detach()
     if path == "fused" and torch.is_grad_enabled() and (x.requires_grad or head.weight.requires_grad):
         return _FusedLinearCE.apply(x, head.weight, y, chunk, softcap, z_loss)
@@ -153,12 +154,14 @@ def _chunk_forward_backward(logits: torch.Tensor, y: torch.Tensor, softcap: floa
     s = softcap * t if softcap else raw  # (n, V)
     valid = y != IGNORE  # (n,)
     yc = torch.where(valid, y, 0)
-    lse = torch.logsumexp(s, dim=-1)  # (n,)
     target_s = s.gather(1, yc[:, None]).squeeze(1)  # (n,)
+    peak = s.amax(dim=-1)  # (n,)
+    g = s.sub_(peak[:, None]).exp_()  # exp(s - max), in place of s: (n, V); no other (n, V) buffer
+    sumexp = g.sum(dim=-1)  # (n,)
+    lse = peak + sumexp.log()  # logsumexp(s): (n,)
     ce = ((lse - target_s) * valid).sum()
     z = (z_loss * lse.square() * valid).sum() if z_loss else lse.new_zeros(())
-    g = s.sub_(lse[:, None]).exp_()  # softmax, in place of s: (n, V)
-    row = valid.to(g.dtype)
+    row = valid.to(g.dtype) / sumexp  # softmax = exp(s - max) / Σ; rows without a target get 0
     if z_loss:
         row = row * (1.0 + 2.0 * z_loss * lse)
     g.mul_(row[:, None])
