@@ -77,4 +77,6 @@ def test_fused_attention_with_the_mask_equals_the_written_out_formula(case, seed
     k, v = (torch.randn(b, 1, k_len, 8, generator=g, dtype=torch.float64) for _ in range(2))
     got, is_causal = attention_mask(q_len, k_len, causal=causal, window=window, mask=mask)
     out = sdpa_attention(q, k, v, got, is_causal)
-    torch.testing.assert_close(out, reference_attention(q, k, v, want))
+    # torch's CPU fused kernel drifts up to ~1.3e-7 from the float64 formula on some inputs (e.g. q_len 4, k_len 10,
+    # no mask, seed 4), past float64's default 1e-7; a wrong mask moves outputs by ~0.1
+    torch.testing.assert_close(out, reference_attention(q, k, v, want), rtol=1e-6, atol=1e-6)
