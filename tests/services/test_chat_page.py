@@ -8,7 +8,6 @@ Without Chromium, chromedriver or selenium the tests skip — and fail under LMF
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("LMFORGE_CHROMIUM", "/usr/bin/chromium")
@@ -37,12 +37,6 @@ CORPUS = ([f"the {a} cat sat on the {b} mat and looked at the {c} dog" for a in 
 
 
 # ---- the server ------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, make_tokenizer):
     from lmforge.models import ModelConfig, build_model

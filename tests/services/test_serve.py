@@ -3,7 +3,6 @@
 a full queue, bad requests, auth) and by raw HTTP where the client hides the wire."""
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -11,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from _ports import free_port
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -21,12 +21,6 @@ CONTEXT = 1024
 MAX_PROMPT = 200
 LINES = ["The quick brown fox jumps over the lazy dog.", "你好，世界。今天天气很好。",
          "Hello there, how are you today?", "Serving models with continuous batching is fun."] * 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

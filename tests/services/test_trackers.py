@@ -5,7 +5,6 @@ at a closed port, which warns once while training finishes. The pretraining runs
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -15,17 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _ports import free_port
 
 from lmforge.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def lmforge(*args, env=None, check=True):
