@@ -93,6 +93,25 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
             from None
 
 
+
+@contextlib.contextmanager
+def keep_signal_handlers() -> Iterator[None]:
+    """Restore this process's SIGTERM / SIGINT handlers after the block: ``ray.init`` replaces SIGTERM's
+    with one that exits with status 15, which would bypass lmforge's (cleanup, then exit 143)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread only
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
 class RayEngine:
     """Ray tasks on a local cluster (started here, ``num_cpus=workers``) or on ``address``."""
 
@@ -112,10 +131,11 @@ class RayEngine:
             check_reachable(address)
         if not ray.is_initialized():
             try:
-                if address:
-                    ray.init(address=address, log_to_driver=False)
-                else:
-                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+                with keep_signal_handlers():  # ray.init installs its own SIGTERM handler (sys.exit(15))
+                    if address:
+                        ray.init(address=address, log_to_driver=False)
+                    else:
+                        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
             except ConnectionError as e:
                 raise UserError(f"--ray-address={address}: no Ray cluster there ({e}); start one with "
                                 "`ray start --head` or drop --ray-address for a local one") from None

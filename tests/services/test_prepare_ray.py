@@ -22,7 +22,10 @@ TIMING = ("seconds", "mb_per_s", "tokens_per_s")
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from lmforge.data.ray_engine import keep_signal_handlers
+
+    with keep_signal_handlers():  # later tests in this process expect the default SIGTERM handler
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

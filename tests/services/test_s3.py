@@ -112,10 +112,14 @@ def test_prepare_s3_in_s3_out_equals_local(s3_shards, tok_dir, corpus, tmp_path)
 def test_ray_workers_read_s3_objects_and_write_s3_shards(s3_shards, tok_dir):
     """--engine ray: a local Ray cluster (started by prepare, inheriting the endpoint) whose workers read
     the small objects themselves; the same shards as the local engine."""
+    import signal
+
     url, _ = s3_shards
     out = f"s3://{BUCKET}/shards/ray"
+    sigterm = signal.getsignal(signal.SIGTERM)
     r = prepare([f"s3://{BUCKET}/corpus"], tok_dir, out, engine="ray", workers=2, val_fraction=0.1,
                 shard_tokens=4000, progress=False)
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # ray.init's own handler (exit 15) did not stay
     assert r["documents_kept"] == 400 and r["files"] == 15
     index, ref = verify_shards(out), read_index(url)
     assert index["splits"] == ref["splits"] and index["config"]["engine"] == "ray"

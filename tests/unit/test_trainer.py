@@ -217,7 +217,8 @@ def test_sigterm_checkpoints_and_stops_cleanly(tmp_path):
             return super().next_batch()
 
     cfg = make_cfg(tmp_path, train={"max_steps": 10}, eval={"batches": 0})
+    before = signal.getsignal(signal.SIGTERM)
     result = make_trainer(cfg, source=Terminating()).fit()
     assert result.stop_reason == "signal" and result.step == 5
     assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "step_000005"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed after fit()
+    assert signal.getsignal(signal.SIGTERM) is before  # fit()'s handler is removed, the previous one restored
