@@ -226,7 +226,11 @@ def _classify(args, device, dtype, progress) -> dict:
         if unknown:
             raise UserError(f"the data has labels {unknown} the classifier does not know (it has {labels}); "
                             "check --label-field")
-        ids, golds = encode_labelled(tokenizer, examples, labels, clf.cfg.max_seq_len)
+        from lmforge.models.classifier import read_task
+
+        # cut texts where fine-tuning cut them (data.seq_len; older dirs: the context length)
+        max_tokens = min(int(read_task(args.model).get("max_tokens") or clf.cfg.max_seq_len), clf.cfg.max_seq_len)
+        ids, golds = encode_labelled(tokenizer, examples, labels, max_tokens)
         progress.total = len(ids)
         preds = classify_with_head(clf, ids, args.batch_size, tokenizer.pad_id or 0, progress)
         mode = "head"

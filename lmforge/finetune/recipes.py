@@ -395,7 +395,10 @@ def export(trainer, result, cfg: FinetuneConfig, base_cfg, labels, template: str
         identity = {"tokenizer_hash": tok_hash} if (tok_hash := tokenizer_dir_hash(cfg.model.path)) else {}
         extra.update(identity)  # checked against the copied tokenizer files whenever RUN/model is loaded
         if cfg.mode == "classify":
-            save_classifier_dir(shell, out, labels, tokenizer_dir=cfg.model.path, extra=identity)
+            # max_tokens: texts were cut to data.seq_len in training and its dev evaluation; `lmforge eval`
+            # cuts them the same way, so its accuracy on the dev split equals the reported one
+            save_classifier_dir(shell, out, labels, tokenizer_dir=cfg.model.path,
+                                extra={**identity, "max_tokens": cfg.data.seq_len})
         elif cfg.mode == "reward":
             from lmforge.models.reward import save_reward_dir
 

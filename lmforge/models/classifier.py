@@ -75,10 +75,11 @@ def save_classifier_dir(clf: SequenceClassifier, directory: str | os.PathLike, l
 
 
 def read_task(directory: str | os.PathLike) -> dict:
-    """The task fields of a model dir's config.json ({} for a plain LM)."""
+    """The task fields of a model dir's config.json ({} for a plain LM); ``max_tokens``: the length texts
+    were cut to when the classifier was fine-tuned."""
     path = Path(directory) / "config.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
-    return {k: data[k] for k in ("task", "labels", "pooling") if k in data}
+    return {k: data[k] for k in ("task", "labels", "pooling", "max_tokens") if k in data}
 
 
 def load_classifier_dir(directory: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[SequenceClassifier, list[str]]:
