@@ -188,12 +188,12 @@ def main(argv=None) -> int:
             str(out / "shards"), "--txt-mode", "line", "--val-fraction", "0.02", done=out / "shards" / "index.json")
     # the quickstart's batch/lr/eval settings with the recipe this demo was measured with (AdamW, the preset's
     # SwiGLU MLP, cosine), pinned since the quickstart moved to Muon + squared ReLU + WSD (README "Recipe")
-    lmforge("pretrain", "--config", "configs/quickstart.yaml", f"run.dir={out / 'pre'}",
+    lmforge("pretrain", "--config", "quickstart", f"run.dir={out / 'pre'}",
             f'model={{"preset": "{a.preset}"}}', "optim.name=adamw", "schedule.name=cosine",
             f"data.dir={out / 'shards'}", f"data.seq_len={a.seq_len}", f"train.max_steps={a.pretrain_steps}",
             "eval.interval=200", "checkpoint.interval=200", "log.interval=50", threads,
             done=out / "pre" / "model" / "config.json")
-    lmforge("finetune", "--config", "configs/finetune/sft.yaml", f"run.dir={out / 'sft'}",
+    lmforge("finetune", "--config", "finetune/sft", f"run.dir={out / 'sft'}",
             f"model.from={out / 'pre' / 'model'}", f"data.train={d / 'sft.jsonl'}", "data.format=auto",
             "data.columns={}", f"data.seq_len={a.seq_len}", f"train.epochs={a.sft_epochs}", "optim.lr=2e-3",
             "eval.interval=100", "checkpoint.interval=200", "log.interval=20", threads,
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     results = [("SFT (before)", safety(out / "sft" / "model", a.new_tokens, general))]
     for loss in a.losses.split(","):
         run = out / f"pref-{loss}"
-        lmforge("finetune", "--config", "configs/finetune/dpo.yaml", f"run.dir={run}",
+        lmforge("finetune", "--config", "finetune/dpo", f"run.dir={run}",
                 f"model.from={out / 'sft' / 'model'}", f"data.train={d / 'pairs.jsonl'}", f"data.seq_len={a.seq_len}",
                 f"train.epochs={a.dpo_epochs}", f"optim.lr={a.dpo_lr}", f"dpo.loss={loss}", f"dpo.beta={a.dpo_beta}",
                 "eval.interval=10", "checkpoint.interval=100", threads, done=run / "model" / "config.json")

@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# name -> dotted config overrides on top of the quickstart's config (lmforge.train.quickstart.QUICKSTART_CONFIG)
+# name -> dotted config overrides on top of the quickstart's config (lmforge/recipes/quickstart.yaml)
 RECIPES: dict[str, dict[str, object]] = {
     "adamw": {},
     "muon": {"optim.name": "muon"},  # Muon for the blocks' matrices (RMS-matched, AdamW's lr), AdamW for the rest
@@ -57,12 +57,12 @@ def recipe_overrides(name: str) -> dict[str, object]:
 
 
 def run_config(args, recipe: str, seed: int, shard_dir: Path, run_dir: Path):
-    from lmforge.config import apply_overrides, from_dict, to_dict
+    from lmforge.config import apply_overrides, from_dict
     from lmforge.models.presets import get_preset
     from lmforge.train.config import PretrainConfig, validate
-    from lmforge.train.quickstart import QUICKSTART_CONFIG
+    from lmforge.train.quickstart import quickstart_recipe
 
-    data = to_dict(QUICKSTART_CONFIG)  # batch, lr, betas, weight decay, warmup, min_lr: the quickstart's
+    data = quickstart_recipe()  # batch, lr, betas, weight decay, warmup, min_lr: the quickstart's
     # The baseline recipe is pinned (the quickstart's recipe before this benchmark changed it: AdamW, the
     # preset's SwiGLU MLP, cosine schedule), so that a new quickstart recipe does not move the baseline.
     data["model"] = {"preset": args.preset}

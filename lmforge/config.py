@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.resources
 import json
 import os
 import types
@@ -263,6 +264,23 @@ def read_json_bounded(path: str | os.PathLike, what: str = "JSON file", max_byte
     return data
 
 
+def _parse_yaml_mapping(text: str, what: str) -> dict[str, Any]:
+    """The YAML mapping in ``text`` (safe loader, no aliases); ``what`` names the source in errors."""
+    try:
+        data = safe_load_yaml_text(text)
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply; pass a YAML recipe") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{what}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping (safe loader, no aliases, size-capped); a clear error for a bad file."""
     p = Path(path)
@@ -271,20 +289,83 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if p.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file '{path}' is larger than {MAX_CONFIG_BYTES >> 20} MB; a recipe is a few KB")
     try:
-        data = safe_load_yaml_text(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config file '{path}' is not UTF-8 text; pass a YAML file") from None
-    except RecursionError:
-        raise ConfigError(f"config file '{path}' is nested too deeply; pass a YAML recipe") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file '{path}'{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
-    return data
+    return _parse_yaml_mapping(text, f"config file '{path}'")
+
+
+# ---- recipes: the YAML files shipped in the package (lmforge/recipes/; `configs/` in a checkout links there) ----
+
+RECIPE_PREFIX = "recipe:"
+# spellings of the recipe folder in a source checkout, accepted before a recipe name when no such file exists
+# (so `--config configs/pretrain/tiny.yaml` from the docs also runs from an installed wheel)
+_RECIPE_DIRS = ("configs/", "lmforge/recipes/")
+
+
+def _recipes_root() -> Any:
+    return importlib.resources.files("lmforge") / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """The packaged recipes by name, e.g. ``['finetune/classify', ..., 'pretrain/tiny', 'quickstart']``."""
+    names: list[str] = []
+    stack = [(_recipes_root(), "")]
+    while stack:
+        node, prefix = stack.pop()
+        if not node.is_dir():
+            continue
+        for child in node.iterdir():
+            if child.is_dir():
+                stack.append((child, f"{prefix}{child.name}/"))
+            elif child.name.endswith(".yaml"):
+                names.append(prefix + child.name[: -len(".yaml")])
+    return sorted(names)
+
+
+def recipe_name(arg: str | os.PathLike) -> str | None:
+    """The packaged recipe ``arg`` names (``pretrain/tiny``, ``recipe:pretrain/tiny``, ``pretrain/tiny.yaml``,
+    ``configs/pretrain/tiny.yaml``), or None. An existing file is a file, not a recipe, unless ``recipe:``
+    says otherwise."""
+    text = str(arg)
+    explicit = text.startswith(RECIPE_PREFIX)
+    if explicit:
+        text = text[len(RECIPE_PREFIX):]
+    elif Path(text).exists():
+        return None
+    text = text.replace("\\", "/").removesuffix(".yaml")
+    names = recipe_names()
+    if text in names:
+        return text
+    for folder in _RECIPE_DIRS:
+        if not explicit and text.startswith(folder) and text[len(folder):] in names:
+            return text[len(folder):]
+    return None
+
+
+def recipe_path(name: str) -> Any:
+    """The packaged recipe file of ``name`` (an ``importlib.resources`` Traversable; ``read_text`` reads it)."""
+    if name not in recipe_names():
+        raise ConfigError(f"there is no packaged recipe '{name}'; available: {', '.join(recipe_names())}")
+    return _recipes_root().joinpath(*f"{name}.yaml".split("/"))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """The YAML mapping of the packaged recipe ``name`` (e.g. ``pretrain/tiny``)."""
+    return _parse_yaml_mapping(recipe_path(name).read_text(encoding="utf-8"), f"recipe '{name}'")
+
+
+def load_config_source(arg: str | os.PathLike) -> dict[str, Any]:
+    """What ``--config`` names: a YAML file, or a packaged recipe (``pretrain/tiny``, ``recipe:pretrain/tiny``);
+    anything else is a one-line error that lists the recipes."""
+    name = recipe_name(arg)
+    if name is not None:
+        return load_recipe(name)
+    text = str(arg)
+    if text.startswith(RECIPE_PREFIX) or not Path(text).exists():
+        raise ConfigError(f"config '{text}' is neither a YAML file nor a packaged recipe; pass a file or one of: "
+                          + ", ".join(recipe_names()))
+    return load_yaml(arg)
 
 
 def dump_yaml(data: Any, path: str | os.PathLike) -> None:

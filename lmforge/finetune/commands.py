@@ -8,7 +8,8 @@ HELP = "fine-tune a model dir: instruction SFT, LoRA or a classifier (resumes fr
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/sft.yaml")
+    p.add_argument("--config", required=True,
+                   help="YAML file or packaged recipe, e.g. configs/finetune/sft.yaml or finetune/sft")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. model.from=runs/tiny/model finetune.mode=lora lora.rank=16")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary line")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from lmforge.config import ConfigError, apply_overrides, from_dict, load_config_source, to_dict
 from lmforge.distributed.config import ParallelConfig
 from lmforge.train.config import (
     CheckpointConfig,
@@ -306,8 +306,8 @@ def config_from_dict(data: dict[str, Any], path: str | None = None) -> FinetuneC
 
 def load_config(path: str | None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None
                 ) -> FinetuneConfig:
-    """YAML file (or ``base``) + ``section.key=value`` overrides -> a validated FinetuneConfig."""
-    data = load_yaml(path) if path else dict(base or {})
+    """YAML file or packaged recipe name (or ``base``) + ``section.key=value`` overrides -> a validated FinetuneConfig."""
+    data = load_config_source(path) if path else dict(base or {})
     data = apply_overrides(data, overrides)
     return config_from_dict(data, path)
 

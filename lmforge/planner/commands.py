@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import ConfigError
+from lmforge.config import ConfigError, load_config_source, recipe_name
 from lmforge.console import emit
 
 HELP = ("per-GPU memory, fits verdict, FLOPs and time for training (pretrain, full, LoRA, QLoRA, DPO, reward) "
@@ -29,7 +29,8 @@ def add_arguments(p) -> None:
     from lmforge.planner.hardware import GPUS
 
     p.add_argument("--model", default=None,
-                   help="preset name (see `lmforge model list`), a model dir / config.json, or a pretrain YAML recipe")
+                   help="preset name (see `lmforge model list`), a model dir / config.json, or a pretrain YAML recipe "
+                        "(a file or a packaged name such as pretrain/llama2-7b)")
     p.add_argument("--mode", choices=["pretrain", "full", "lora", "qlora", "dpo", "reward", "infer"],
                    default="pretrain", help="what runs (default pretrain; full = full fine-tuning)")
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default 1)")
@@ -68,7 +69,7 @@ def add_arguments(p) -> None:
 def _model_source(arg: str) -> tuple[Any, str, dict[str, Any]]:
     """(preset name or ModelConfig, display name, defaults taken from a recipe)."""
     path = Path(arg)
-    if not path.exists():
+    if not path.exists() and recipe_name(arg) is None:  # a preset name
         return arg, arg, {}
     from lmforge.models.presets import model_config_from_dict
 
@@ -82,9 +83,7 @@ def _model_source(arg: str) -> tuple[Any, str, dict[str, Any]]:
         except (OSError, ValueError) as e:
             raise ConfigError(f"--model {arg}: cannot read {path} as JSON ({e})") from None
         return model_config_from_dict(data.get("model", data)), arg, {}
-    from lmforge.config import load_yaml
-
-    recipe = load_yaml(path)
+    recipe = load_config_source(arg)  # a YAML file or a packaged recipe (pretrain/llama2-7b)
     if not isinstance(recipe.get("model"), dict):
         raise ConfigError(f"--model {arg}: the YAML has no 'model:' section; pass a pretrain recipe or a preset")
     defaults: dict[str, Any] = {}

@@ -8,7 +8,8 @@ HELP = "pretrain a causal LM on token shards (resumes from RUN/checkpoints/LATES
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/pretrain/tiny.yaml")
+    p.add_argument("--config", required=True,
+                   help="YAML file or packaged recipe, e.g. configs/pretrain/tiny.yaml or pretrain/tiny")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. train.max_steps=100 optim.lr=1e-3 run.dir=runs/try")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary line")

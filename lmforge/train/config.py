@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from lmforge.config import ConfigError, apply_overrides, from_dict, load_config_source, to_dict
 from lmforge.distributed.config import ParallelConfig  # the `parallel` section (no torch import)
 from lmforge.train.trackers import MLflowLogConfig, WandbLogConfig, validate_tracker_config
 
@@ -306,8 +306,8 @@ def validate(cfg: PretrainConfig) -> None:
 
 
 def load_config(path: str | None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> PretrainConfig:
-    """YAML file (or ``base``) + ``section.key=value`` overrides -> a validated PretrainConfig."""
-    data = load_yaml(path) if path else dict(base or {})
+    """YAML file or packaged recipe name (or ``base``) + ``section.key=value`` overrides -> a validated PretrainConfig."""
+    data = load_config_source(path) if path else dict(base or {})
     data = apply_overrides(data, overrides)
     cfg = from_dict(PretrainConfig, data)
     if cfg.run.dir is None:

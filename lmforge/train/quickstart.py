@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import UserError
+from lmforge.config import UserError, load_recipe
 from lmforge.console import emit, info
 
 HELP = "train a small model on Python's standard library sources in a few minutes (no download); re-run resumes"
@@ -28,21 +28,15 @@ HELP = "train a small model on Python's standard library sources in a few minute
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings", "pydoc_data"}
 SAMPLE_PROMPT = "import os\n"
 
-# The pretraining config the quickstart runs (configs/quickstart.yaml holds the same; a test keeps them equal).
-# run.dir, data.dir and train.max_steps are filled in at run time. The recipe is the best that
-# bench/tokens_to_target.py measured (README "Recipe"): Muon for the blocks' matrices, a squared-ReLU MLP
-# as wide as the SwiGLU's parameters allow (2 x 288 x 1152 = 3 x 288 x 768) and the WSD schedule.
-QUICKSTART_CONFIG: dict[str, Any] = {
-    "model": {"preset": "small", "activation": "relu2", "ffn_hidden": 1152},
-    "data": {"seq_len": 256},
-    "train": {"global_batch": 16, "micro_batch": 16, "seed": 0, "resume": "auto", "device": "auto",
-              "precision": "fp32"},
-    "optim": {"name": "muon", "lr": 2.0e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0},
-    "schedule": {"name": "wsd", "warmup_steps": 10, "min_lr": 2.0e-4},
-    "eval": {"interval": 50, "batches": 4, "batch_size": 16},
-    "checkpoint": {"interval": 50, "keep_last": 2},
-    "log": {"interval": 5},
-}
+# The pretraining config the quickstart runs is the packaged recipe lmforge/recipes/quickstart.yaml
+# (`lmforge pretrain --config quickstart` runs the same by hand); the quickstart fills in run.dir, data.dir and
+# train.max_steps at run time, and scales the warmup and the eval/checkpoint intervals to the fitted steps.
+RECIPE = "quickstart"
+
+
+def quickstart_recipe() -> dict[str, Any]:
+    """The quickstart's recipe as plain data (read from package data: lmforge/recipes/quickstart.yaml)."""
+    return load_recipe(RECIPE)
 
 
 def quickstart_model(preset: str) -> dict[str, Any]:
@@ -50,7 +44,7 @@ def quickstart_model(preset: str) -> dict[str, Any]:
     1.5x the preset's SwiGLU width (two matrices holding the parameters of three; 1152 for `small`)."""
     from lmforge.models.presets import get_preset
 
-    model = {**QUICKSTART_CONFIG["model"], "preset": preset}
+    model = {**quickstart_recipe()["model"], "preset": preset}
     base = get_preset(preset)
     if model.get("activation") == "relu2" and base.activation == "swiglu":
         model["ffn_hidden"] = base.hidden_dim * 3 // 2
@@ -172,7 +166,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
                data_mb: float | None = None) -> dict[str, Any]:
     import torch
 
-    from lmforge.config import from_dict, to_dict
+    from lmforge.config import from_dict
     from lmforge.tokenizer import load_tokenizer
     from lmforge.train.config import PretrainConfig, load_config, validate
     from lmforge.train.pretrain import pretrain
@@ -191,9 +185,9 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
         cfg = load_config(str(cfg_path), [f"run.dir={out}", f"data.dir={shard_dir}", "train.resume=auto"])
         info(f"quickstart: continuing the run in {out} ({cfg.train.max_steps} steps)")
     else:
-        data = to_dict(QUICKSTART_CONFIG)
+        data = quickstart_recipe()
         data["model"] = quickstart_model(preset)
-        data["run"] = {"dir": str(out), "name": "quickstart"}
+        data["run"] = {**data.get("run", {}), "dir": str(out)}
         data["data"] = {**data["data"], "dir": str(shard_dir)}
         cuda = torch.cuda.is_available()
         if cuda:  # bigger steps on a GPU

@@ -24,7 +24,7 @@ from lmforge.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"  # vendored slices: present in every clone
-CONFIGS = ROOT / "configs" / "finetune"
+CONFIGS = ROOT / "lmforge" / "recipes" / "finetune"
 SMALL = ["train.threads=1", "log.progress=false", "checkpoint.interval=0", "eval.patience=0"]
 
 pytestmark = pytest.mark.slow

@@ -39,7 +39,7 @@ def shards(tmp_path_factory):
 
 
 def _args(shards, run_dir, steps):
-    return ["pretrain", "--config", REPO / "configs/pretrain/tiny.yaml", f"data.dir={shards}", f"run.dir={run_dir}",
+    return ["pretrain", "--config", REPO / "lmforge/recipes/pretrain/tiny.yaml", f"data.dir={shards}", f"run.dir={run_dir}",
             "data.seq_len=64", "train.global_batch=16", "train.micro_batch=16", f"train.max_steps={steps}",
             "train.threads=1", "optim.lr=5e-3", f"schedule.warmup_steps={min(5, steps - 1)}", f"eval.interval={steps}",
             "eval.batches=4", f"checkpoint.interval={steps}", "log.interval=10"]

@@ -82,7 +82,7 @@ def test_summary_line_and_hours_without_json():
 
 
 def test_recipe_yaml_supplies_defaults():
-    r = lmforge("plan", "--model", "configs/pretrain/llama2-7b.yaml", "--gpus", "8", "--json")
+    r = lmforge("plan", "--model", "lmforge/recipes/pretrain/llama2-7b.yaml", "--gpus", "8", "--json")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["model"] == "llama2-7b" and plan["seq_len"] == 4096 and plan["micro_batch"] == 2

@@ -36,7 +36,7 @@ def shards(tmp_path_factory):
 
 
 def base_args(shards, run_dir, steps=30):
-    return ["pretrain", "--config", REPO / "configs/pretrain/tiny.yaml", f"data.dir={shards}", f"run.dir={run_dir}",
+    return ["pretrain", "--config", REPO / "lmforge/recipes/pretrain/tiny.yaml", f"data.dir={shards}", f"run.dir={run_dir}",
             "data.seq_len=64", "train.global_batch=16", "train.micro_batch=8", f"train.max_steps={steps}",
             "train.threads=1", "optim.lr=5e-3", "schedule.warmup_steps=5", "eval.interval=10", "eval.batches=4",
             "checkpoint.interval=10", "log.interval=5", "log.peak_tflops=1"]

@@ -23,7 +23,7 @@ STEPS = 24
 
 
 def cli(shards, run_dir):
-    return ["-m", "lmforge", "pretrain", "--config", str(REPO / "configs/pretrain/tiny.yaml"),
+    return ["-m", "lmforge", "pretrain", "--config", str(REPO / "lmforge/recipes/pretrain/tiny.yaml"),
             f"data.dir={shards}", f"run.dir={run_dir}", "data.seq_len=64", "train.global_batch=8",
             "train.micro_batch=4", f"train.max_steps={STEPS}", "train.threads=1", "model.dropout=0.1",
             "schedule.warmup_steps=4", "checkpoint.interval=3", "checkpoint.keep_last=2", "log.interval=1",

@@ -97,7 +97,7 @@ def test_compile_inductor_matches_eager(pg):
 
 @pytest.mark.parametrize("ac", ["matmuls", "selective"])
 def test_recipe_combination_fsdp2_bf16_selective_ac_compile(pg, ac):
-    """What configs/pretrain/llama2-7b.yaml runs (matmuls; selective is torchtitan's), on a small model: same
+    """What lmforge/recipes/pretrain/llama2-7b.yaml runs (matmuls; selective is torchtitan's), on a small model: same
     losses as without AC/compile."""
     import torch._dynamo
 

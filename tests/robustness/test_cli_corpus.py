@@ -63,7 +63,7 @@ class World:
 
 
 def _pretrain_cfg(root: Path) -> dict:
-    cfg = yaml.safe_load((REPO / "configs/pretrain/tiny.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "lmforge/recipes/pretrain/tiny.yaml").read_text())
     cfg["run"]["dir"] = str(root / "run")
     cfg["data"].update(dir=str(root / "shards"), seq_len=16)
     cfg["model"].update(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=64)

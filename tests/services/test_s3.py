@@ -194,7 +194,7 @@ def test_pretrain_from_s3_then_resume(s3_shards, tmp_path):
     url, _ = s3_shards
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "LMFORGE_CACHE_DIR": str(tmp_path / "cache")}
-    base = ["pretrain", "--json", "--config", REPO / "configs/pretrain/tiny.yaml", f"data.dir={url}",
+    base = ["pretrain", "--json", "--config", REPO / "lmforge/recipes/pretrain/tiny.yaml", f"data.dir={url}",
             f"run.dir={tmp_path / 'run'}", "data.seq_len=32", "train.global_batch=4", "train.micro_batch=4",
             "train.threads=1", "eval.batches=0", "checkpoint.interval=2", "log.interval=1",
             "schedule.warmup_steps=1"]

@@ -50,7 +50,7 @@ def shards(tmp_path_factory, make_tokenizer):
 
 
 def pretrain_args(shards, run_dir, *extra):
-    return ["pretrain", "--config", REPO / "configs/pretrain/tiny.yaml", f"data.dir={shards}", f"run.dir={run_dir}",
+    return ["pretrain", "--config", REPO / "lmforge/recipes/pretrain/tiny.yaml", f"data.dir={shards}", f"run.dir={run_dir}",
             "model.n_layers=1", "model.dim=32", "model.n_heads=2", "model.n_kv_heads=2", "data.seq_len=32",
             "train.global_batch=4", "train.micro_batch=4", f"train.max_steps={STEPS}", "train.threads=1",
             "schedule.warmup_steps=1", "eval.interval=3", "eval.batches=2", "checkpoint.interval=0",

@@ -8,7 +8,7 @@ import pytest
 from lmforge.config import ConfigError
 from lmforge.finetune.config import config_dict, config_from_dict, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "finetune").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "lmforge" / "recipes" / "finetune").glob("*.yaml"))
 
 
 def base(**sections):
