@@ -130,13 +130,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError.
+
+    A section may name keys of another stage's section in a class attribute ``OTHER_STAGE_KEYS``
+    (``{key: (inert value, hint)}``): such a key holding its inert value (as older config.yaml files spell it
+    out) is read and dropped; any other value is refused with ``<key> <hint>``."""
     data = dict(data or {})
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    other_stage: dict[str, tuple[Any, str]] = getattr(cls, "OTHER_STAGE_KEYS", {})
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
+        if name not in fields and name in other_stage:
+            inert, hint = other_stage[name]
+            if value == inert:
+                continue
+            raise ConfigError(f"{key} {hint}")
         if name not in fields:
             raise ConfigError(f"unknown config key '{key}'" + _suggest(name, fields))
         kwargs[name] = _coerce(value, hints[name], key)

@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from lmforge.config import ConfigError, apply_overrides, from_dict, load_config_source, to_dict
 from lmforge.distributed.config import ParallelConfig
@@ -25,7 +25,7 @@ from lmforge.train.config import (
     OptimConfig,
     RunConfig,
     ScheduleConfig,
-    TrainConfig,
+    StepsConfig,
     validate_common,
 )
 
@@ -119,10 +119,19 @@ class FinetuneDataConfig:
 
 
 @dataclass
-class FinetuneTrainConfig(TrainConfig):
+class FinetuneTrainConfig(StepsConfig):
+    """Fine-tuning's ``train:`` section: the shared keys plus ``epochs``."""
+
     global_batch: int | None = 32  # examples (classify, unpacked sft) or packed rows per optimizer step
     micro_batch: int = 8
     epochs: float | None = None  # alternative to max_steps: passes over data.train
+    # pretraining's keys, which fine-tuning runs' config.yaml spelled out (as null / clm) before this section had
+    # its own class: read when they hold that value, refused with their fix otherwise
+    OTHER_STAGE_KEYS: ClassVar[dict[str, tuple[Any, str]]] = {
+        "global_batch_tokens": (None, "is for pretraining; fine-tuning counts examples: set train.global_batch"),
+        "max_tokens": (None, "is for pretraining; fine-tuning runs train.max_steps or train.epochs"),
+        "objective": ("clm", "is for pretraining (clm or mlm); fine-tuning's objective follows finetune.mode"),
+    }
 
 
 @dataclass
@@ -206,11 +215,6 @@ def validate(cfg: FinetuneConfig) -> None:
                        ("data.max_dev_examples", d.max_dev_examples)):
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value} must be positive (or unset for all)")
-    if t.global_batch_tokens is not None:
-        raise ConfigError("train.global_batch_tokens is for pretraining; fine-tuning counts examples: set "
-                          "train.global_batch")
-    if t.max_tokens is not None:
-        raise ConfigError("train.max_tokens is for pretraining; fine-tuning runs train.max_steps or train.epochs")
     if t.global_batch is None or t.global_batch <= 0:
         raise ConfigError(f"train.global_batch={t.global_batch} must be a positive number of examples")
     if t.micro_batch <= 0:

@@ -67,6 +67,9 @@ def test_epochs_become_steps():
     ({"finetune": {"mode": "lorra"}}, "did you mean 'lora'"),
     ({"train": {"epochs": 1}}, "exactly one of train.max_steps and train.epochs"),
     ({"train": {"max_tokens": 100, "max_steps": None}}, "train.max_tokens is for pretraining"),
+    ({"train": {"global_batch_tokens": 4096}}, "train.global_batch_tokens is for pretraining"),
+    ({"train": {"objective": "mlm"}}, "train.objective is for pretraining"),
+    ({"train": {"epoch": 2}}, "unknown config key 'train.epoch'; did you mean 'epochs'"),
     ({"eval": {"metric": "accuracy"}}, "measured for finetune.mode=classify and reward only"),
     ({"eval": {"metric": "bleu"}}, "eval.metric=bleu is not one of"),
     ({"eval": {"patience": 2}}, "eval.patience needs periodic evaluation"),
@@ -119,3 +122,25 @@ def test_seq_len_defaults_to_the_models_context(tmp_path, context, explicit, wan
 
 def test_seq_len_stays_open_without_a_readable_model_dir():
     assert config_from_dict(base()).data.seq_len is None  # the run's model-dir check reports the problem
+
+
+def test_train_section_has_the_shared_keys_and_epochs_not_pretrainings_keys():
+    from dataclasses import fields
+
+    from lmforge.finetune.config import FinetuneTrainConfig
+    from lmforge.train.config import StepsConfig, TrainConfig
+
+    shared = {f.name for f in fields(StepsConfig)}
+    assert {"global_batch", "micro_batch", "max_steps", "seed", "resume", "precision", "z_loss"} <= shared
+    assert {f.name for f in fields(FinetuneTrainConfig)} == shared | {"epochs"}
+    assert {f.name for f in fields(TrainConfig)} == shared | {"global_batch_tokens", "max_tokens", "objective"}
+    train = config_from_dict(base()).train
+    assert (train.global_batch, train.micro_batch) == (32, 8)  # fine-tuning's own defaults
+    assert not hasattr(train, "objective") and "objective" not in config_dict(config_from_dict(base()))["train"]
+
+
+def test_a_config_yaml_written_before_the_train_sections_split_still_loads(tmp_path):
+    """Fine-tuning runs' config.yaml spelled out pretraining's train keys at their idle values."""
+    old = base(train={"global_batch_tokens": None, "max_tokens": None, "objective": "clm", "epochs": None})
+    cfg = config_from_dict(old)
+    assert cfg.train.max_steps == 10 and cfg.train.global_batch == 32
