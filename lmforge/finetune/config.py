@@ -310,7 +310,7 @@ def config_from_dict(data: dict[str, Any], path: str | None = None) -> FinetuneC
 
 def load_config(path: str | None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None
                 ) -> FinetuneConfig:
-    """YAML file or packaged recipe name (or ``base``) + ``section.key=value`` overrides -> a validated FinetuneConfig."""
+    """YAML file or packaged recipe (or ``base``) + ``section.key=value`` overrides -> a validated FinetuneConfig."""
     data = load_config_source(path) if path else dict(base or {})
     data = apply_overrides(data, overrides)
     return config_from_dict(data, path)

@@ -316,7 +316,7 @@ def validate(cfg: PretrainConfig) -> None:
 
 
 def load_config(path: str | None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> PretrainConfig:
-    """YAML file or packaged recipe name (or ``base``) + ``section.key=value`` overrides -> a validated PretrainConfig."""
+    """YAML file or packaged recipe (or ``base``) + ``section.key=value`` overrides -> a validated PretrainConfig."""
     data = load_config_source(path) if path else dict(base or {})
     data = apply_overrides(data, overrides)
     cfg = from_dict(PretrainConfig, data)
