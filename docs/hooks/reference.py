@@ -23,16 +23,16 @@ import tokenize
 import typing
 from typing import Any
 
-# (section title, import path, class, the YAML section it is read from / what it describes)
-CONFIG_SECTIONS: list[tuple[str, str, str, str]] = [
+# (section title, import path, class, what it configures, the prefix of its keys). Sections nested in a
+# class (a dataclass-typed field: `train`, `parallel`, `log.mlflow` ...) are found by walking its fields.
+CONFIG_SECTIONS: list[tuple[str, str, str, str, str]] = [
     ("Pretraining", "lmforge.train.config", "PretrainConfig",
-     "`lmforge pretrain --config FILE` (and the quickstart's recipe)"),
+     "`lmforge pretrain --config FILE` (and the quickstart's recipe)", ""),
     ("Fine-tuning", "lmforge.finetune.config", "FinetuneConfig",
-     "`lmforge finetune --config FILE` (every `finetune.mode`: sft, lora, classify, dpo, reward)"),
+     "`lmforge finetune --config FILE` (every `finetune.mode`: sft, lora, classify, dpo, reward)", ""),
     ("Model", "lmforge.models.config", "ModelConfig",
-     "the `model:` section of a pretraining config (after `preset:`) and `config.json` of a model dir"),
-    ("Parallelism", "lmforge.distributed.config", "ParallelConfig",
-     "the `parallel:` section of pretraining and fine-tuning configs"),
+     ("the `model:` section of a pretraining config (any of these keys after `preset:`, which fills the rest) "
+      "and the `config.json` of a model dir"), "model."),
 ]
 
 # (import path, the function returning the top-level argparse parser)
@@ -182,6 +182,8 @@ def _render_dataclass(cls: type, instance: Any, prefix: str, out: list[str], lev
         key = _yaml_key(f.name, comment)
         tp = hints.get(f.name, f.type)
         value = getattr(instance, f.name) if instance is not None else None
+        if f.default is None and value is not None and not dataclasses.is_dataclass(value):
+            value = None  # declared null, derived when the config is built (e.g. model.head_dim = dim // n_heads)
         sub = _nested_dataclass(tp)
         if sub is not None:
             nested.append((key, sub, value if dataclasses.is_dataclass(value) else None))
@@ -214,7 +216,7 @@ def config_reference() -> str:
          "`error:` line naming the key."),
         "",
     ]
-    for title, module, name, what in CONFIG_SECTIONS:
+    for title, module, name, what, prefix in CONFIG_SECTIONS:
         cls = _import(module, name, f"CONFIG_SECTIONS entry {title!r}")
         if not dataclasses.is_dataclass(cls):
             raise ReferenceError(f"docs/hooks/reference.py: {module}.{name} (CONFIG_SECTIONS {title!r}) is not a "
@@ -226,7 +228,7 @@ def config_reference() -> str:
                                  "shows the defaults of a config built with none") from e
         out.append(f"## {title}\n")
         out.append(f"`{module}.{name}`: {what}.\n")
-        _render_dataclass(cls, instance, "", out, level=2)
+        _render_dataclass(cls, instance, prefix, out, level=2)
     return "\n".join(out) + "\n"
 
 
