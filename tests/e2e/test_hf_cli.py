@@ -146,7 +146,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_import_finetune_export(tmp_path):
     """The README's flow: a HF checkpoint → lmforge SFT → back to transformers."""
-    import lmforge.finetune.commands  # noqa: F401 (part of lmforge: an import error must fail, not skip)
+    import lmforge.cli.finetune  # noqa: F401 (part of lmforge: an import error must fail, not skip)
 
     alpaca = TEST_DATA / "translation_en_zh_tatoeba" / "derived" / "alpaca_translate.json"
     src = tmp_path / "hf"
