@@ -69,6 +69,9 @@ def _eval(args) -> int:
     return 0
 
 
+EXTEND_HELP = "add N new tokens learned on a corpus (e.g. Chinese) to a model dir's BPE tokenizer and grow its embeddings"
+
+
 def _extend_args(p) -> None:
     p.add_argument("--base", required=True, metavar="MODEL_DIR", help="model dir whose tokenizer.json is BPE")
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
@@ -102,8 +105,7 @@ def _extend(args) -> int:
 SUBCOMMANDS: dict[str, tuple[str, object, object]] = {
     "train": ("train a byte-level BPE tokenizer from text", _train_args, _train),
     "eval": ("bytes/token, chars/token and round-trip exactness per input file", _eval_args, _eval),
-    "extend": ("add N new tokens learned on a corpus (e.g. Chinese) to a model dir's BPE tokenizer and grow "
-               "its embeddings", _extend_args, _extend),
+    "extend": (EXTEND_HELP, _extend_args, _extend),
 }
 
 
