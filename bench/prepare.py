@@ -166,7 +166,8 @@ def main() -> int:
 
     from lmforge.data.prepare import prepare
     from lmforge.data.sources import iter_documents
-    from lmforge.tokenizer import load_tokenizer, train_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
+    from lmforge.tokenizer.train import train_tokenizer
 
     inputs = args.input or [str(DEFAULT_INPUT / "*" / "*.txt")]
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))

@@ -21,7 +21,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def _hash_of(tokenizer_dir: str | os.PathLike) -> str:
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     return load_tokenizer(tokenizer_dir).hash
 

@@ -162,7 +162,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
     import torch
 
     from lmforge.config import from_dict, to_dict
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
     from lmforge.train.config import PretrainConfig, load_config, validate
     from lmforge.train.pretrain import pretrain
     from lmforge.train.report import write_report
@@ -217,7 +217,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
                 "resumed_from": result.resumed_from, "sample": None,
                 "seconds": round(time.perf_counter() - t_start, 1)}
     # 4. sample from the consolidated model dir (the same path `lmforge generate` takes)
-    from lmforge.generate import generate
+    from lmforge.generate.engine import generate
     from lmforge.models.model_dir import load_model_dir
 
     model = load_model_dir(out / "model").eval()
