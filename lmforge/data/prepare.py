@@ -43,7 +43,7 @@ from lmforge.data.doc_filters import FilterReport, FilterSpec, pipeline
 from lmforge.data.engines import ENGINES, make_engine
 from lmforge.data.remote import guard_remote_out, is_remote, upload_dir
 from lmforge.data.shards import FORMAT, INDEX_NAME, dtype_for_vocab
-from lmforge.data.sources import (
+from lmforge.sources import (
     TXT_MODES,
     ReadStats,
     file_format,

@@ -219,7 +219,7 @@ def extend_tokenizer_json(base_json: dict[str, Any], texts: list[str], n_add: in
 
 # ---- the model dir ---------------------------------------------------------------------------------
 def _read_texts(inputs: list[str], text_field: str, txt_mode: str, max_bytes: int | None) -> list[str]:
-    from lmforge.data.sources import iter_documents
+    from lmforge.sources import iter_documents
 
     texts, n = [], 0
     for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode):
