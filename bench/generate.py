@@ -29,9 +29,10 @@ def _models(args, tmp: Path):
     import transformers
 
     transformers.logging.disable_progress_bar()
-    from lmforge.models import build_model, get_preset
-    from lmforge.models.hf import export_hf, import_hf
+    from lmforge.models.hf.convert import export_hf, import_hf
     from lmforge.models.model_dir import load_model_dir, save_model_dir
+    from lmforge.models.presets import get_preset
+    from lmforge.models.transformer import build_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.hf:
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from lmforge.generate import GenerationConfig, generate_ids
+    from lmforge.generate.engine import GenerationConfig, generate_ids
 
     if args.threads:
         torch.set_num_threads(args.threads)

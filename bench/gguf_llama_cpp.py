@@ -35,7 +35,7 @@ def main() -> int:
 
     from lmforge.generate.engine import generate
     from lmforge.models.model_dir import load_model_dir
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     ours, tok = load_model_dir(args.model).eval(), load_tokenizer(args.model)
     ids = tok.encode(args.text)

@@ -34,8 +34,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.distributed import ParallelConfig, init_distributed, parallelize, shutdown_distributed
+from lmforge.distributed.apply import parallelize
+from lmforge.distributed.config import ParallelConfig
 from lmforge.distributed.materialize import ShardedInit, ShardedLoad, attach_weights, materialize
+from lmforge.distributed.process_group import init_distributed, shutdown_distributed
 from lmforge.models.presets import get_preset, model_config_from_dict
 from lmforge.models.transformer import Transformer, build_model
 

@@ -33,7 +33,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.distributed import ParallelConfig, init_distributed, parallelize, shutdown_distributed
+from lmforge.distributed.apply import parallelize
+from lmforge.distributed.config import ParallelConfig
+from lmforge.distributed.process_group import init_distributed, shutdown_distributed
 from lmforge.models.lora import LoraConfig, apply_lora
 from lmforge.models.presets import get_preset, model_config_from_dict
 from lmforge.models.transformer import build_model

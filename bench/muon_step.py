@@ -64,7 +64,8 @@ class Timed:
 def build(args, device):
     import torch
 
-    from lmforge.models import build_model, get_preset
+    from lmforge.models.presets import get_preset
+    from lmforge.models.transformer import build_model
 
     torch.manual_seed(0)
     cfg = get_preset(args.preset)

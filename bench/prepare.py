@@ -37,7 +37,7 @@ DEFAULT_INPUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "engli
 
 
 def _files_up_to(inputs: list[str], mb: float) -> list[str]:
-    from lmforge.data.sources import resolve_inputs
+    from lmforge.sources import resolve_inputs
 
     out, total = [], 0
     for p in resolve_inputs(inputs):
@@ -165,8 +165,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from lmforge.data.prepare import prepare
-    from lmforge.data.sources import iter_documents
-    from lmforge.tokenizer import load_tokenizer, train_tokenizer
+    from lmforge.sources import iter_documents
+    from lmforge.tokenizer.core import load_tokenizer
+    from lmforge.tokenizer.train import train_tokenizer
 
     inputs = args.input or [str(DEFAULT_INPUT / "*" / "*.txt")]
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))

@@ -49,9 +49,10 @@ def build_model_dir(preset: str, out: Path) -> Path:
 
     import torch
 
-    from lmforge.models import build_model, get_preset
     from lmforge.models.model_dir import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.models.presets import get_preset
+    from lmforge.models.transformer import build_model
+    from lmforge.tokenizer.train import train_tokenizer
 
     (out / "corpus.txt").write_text("\n".join(corpus_lines()), encoding="utf-8")
     tok = train_tokenizer([str(out / "corpus.txt")], 2000, out / "tok", progress=False)

@@ -53,7 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _make_tokenizer(directory: Path, lines: list[str], vocab_size: int = 400, name: str = "out"):
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.tokenizer.train import train_tokenizer
 
     (directory / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
     return train_tokenizer([str(directory / "corpus.txt")], vocab_size, directory / name, progress=False)

@@ -59,7 +59,7 @@ def _strings(value: Any) -> Iterator[str]:
 
 def read_items(path: str) -> list[list[str]]:
     """An evaluation set's items, each a list of text fields."""
-    from lmforge.data.sources import ReadStats, _read_all, decode
+    from lmforge.sources import ReadStats, _read_all, decode
 
     data = decode(_read_all(path), ReadStats())
     low = path.lower().removesuffix(".gz")

@@ -43,7 +43,7 @@ from lmforge.data.doc_filters import FilterReport, FilterSpec, pipeline
 from lmforge.data.engines import ENGINES, make_engine
 from lmforge.data.remote import guard_remote_out, is_remote, upload_dir
 from lmforge.data.shards import FORMAT, INDEX_NAME, dtype_for_vocab
-from lmforge.data.sources import (
+from lmforge.sources import (
     TXT_MODES,
     ReadStats,
     file_format,
@@ -89,7 +89,7 @@ _WORKER: dict[str, Any] = {}
 
 def _worker_state(cfg: TaskConfig) -> dict[str, Any]:
     if _WORKER.get("dir") != cfg.tokenizer_dir:
-        from lmforge.tokenizer import load_tokenizer
+        from lmforge.tokenizer.core import load_tokenizer
 
         _WORKER.clear()
         _WORKER.update(dir=cfg.tokenizer_dir, tok=load_tokenizer(cfg.tokenizer_dir),
@@ -273,7 +273,7 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
     cluster, or the one at ``ray_address``); the shards are byte-identical either way. ``out_dir`` may be an
     ``s3://``/``gs://`` URL: the dir is built locally, then uploaded with ``index.json`` last.
     """
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     t0 = time.perf_counter()
     if dedup not in DEDUP_MODES:

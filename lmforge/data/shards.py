@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.config import UserError
+from lmforge.tokenizer.identity import tokenizer_hash
 
 INDEX_NAME = "index.json"
 FORMAT = "lmforge-token-shards"
@@ -184,3 +185,21 @@ class TokenStream:
             pos += take
             i += 1
         return out
+
+
+def check_shards_tokenizer(shard_dir: str | os.PathLike, tokenizer_dir: str | None,
+                           index: dict[str, Any] | None = None) -> str | None:
+    """The tokenizer dir a pretraining run will ship (``data.tokenizer``, else the one ``index.json`` names)
+    has the hash the shards were prepared with. Returns that dir (None when there is none to check)."""
+    if index is None:
+        index = read_index(shard_dir)
+    expected = index.get("tokenizer_hash")
+    path = tokenizer_dir or (index.get("tokenizer") or {}).get("path")
+    if not expected or not path or not Path(path).exists():
+        return None  # pretrain itself reports a missing data.tokenizer / recorded dir
+    found = tokenizer_hash(path)
+    if found != expected:
+        raise UserError(f"tokenizer '{path}' (hash {found}) is not the one the shards in '{shard_dir}' were "
+                        f"prepared with ({expected}); set data.tokenizer to the right dir or re-run "
+                        "`lmforge prepare` with this tokenizer")
+    return path

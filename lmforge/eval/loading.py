@@ -12,7 +12,7 @@ def load_for_eval(model_dir, device, dtype):
     from lmforge.models.adapter_dir import is_adapter_dir, load_adapter
     from lmforge.models.classifier import load_classifier_dir, read_task
     from lmforge.models.model_dir import load_model_dir
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     d = Path(model_dir)
     labels = None

@@ -75,8 +75,8 @@ def evaluate_pairwise(model_dir: str | os.PathLike, data_path: str | os.PathLike
                       progress=None) -> dict:
     from lmforge.data.preference_pairs import encode_pairs, load_pairs
     from lmforge.models.reward import is_reward_dir, load_reward_dir
-    from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.chat_template import get_chat_template
+    from lmforge.tokenizer.core import load_tokenizer
 
     if not is_reward_dir(model_dir):
         raise UserError(f"'{model_dir}' is not a reward model dir (config.json has no task: reward); --task pairwise "

@@ -282,7 +282,7 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     from lmforge.models.classifier import SequenceClassifier, read_task
     from lmforge.models.lora import apply_lora, trainable_summary
     from lmforge.models.model_dir import read_config
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
     from lmforge.train.config import grad_accum_steps
     from lmforge.train.parallel import barrier, setup_world
     from lmforge.train.resume import check_compatible, find_resume

@@ -177,7 +177,7 @@ class Transformer(nn.Module):
 
         positions: (B, T) absolute positions (default: cache offset + arange). mask: bool
         (B, 1, T, S), True = may attend (padding / document boundaries); causality is added here.
-        cache: a `lmforge.generate.KVCache`; its length advances by T.
+        cache: a `lmforge.generate.kv_cache.KVCache`; its length advances by T.
         """
         B, T = tokens.shape
         start = cache.length if cache is not None else 0

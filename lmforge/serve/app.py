@@ -335,7 +335,7 @@ def load_for_serving(model_dir, device: str | None = None):
     import torch
 
     from lmforge.models.model_dir import load_model_dir
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
     from lmforge.tokenizer.identity import check_model_dir_tokenizer
 
     check_model_dir_tokenizer(model_dir)

@@ -7,7 +7,7 @@ pass a template string or a ``.jinja`` file, or store one with the tokenizer as 
 (`save_chat_template`) so model dirs and exports carry it.
 
 The default template uses the tokenizer's role tokens — lmforge's ``<|system|>`` / ``<|user|>`` /
-``<|assistant|>`` … ``<|end|>`` (`lmforge.tokenizer.DEFAULT_CHAT_TEMPLATE`) or ChatML — and falls back to
+``<|assistant|>`` … ``<|end|>`` (`lmforge.tokenizer.core.DEFAULT_CHAT_TEMPLATE`) or ChatML — and falls back to
 plain-text headers for a tokenizer without them. In training every assistant turn ends with EOS (appended
 when the template does not write it), so generation stops.
 

@@ -13,7 +13,7 @@ def evaluate_tokenizer(tokenizer, inputs: list[str] | str, text_field: str = "te
                        include: list[str] | str | None = None) -> dict[str, Any]:
     """Per resolved input file: documents, bytes, chars, tokens, bytes/token, chars/token and the share
     of documents with ``decode(encode(x)) == x``; plus the totals. ``tokenizer`` is a Tokenizer or a dir."""
-    from lmforge.data.sources import ReadStats, iter_file_documents, resolve_inputs
+    from lmforge.sources import ReadStats, iter_file_documents, resolve_inputs
     from lmforge.tokenizer.core import Tokenizer, load_tokenizer
 
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)

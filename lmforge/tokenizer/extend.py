@@ -29,9 +29,7 @@ from typing import Any
 
 from lmforge.atomic import atomic_directory
 from lmforge.config import UserError
-from lmforge.console import emit, info
-
-HELP = "add N new tokens learned on a corpus (e.g. Chinese) to a model dir's BPE tokenizer and grow its embeddings"
+from lmforge.console import info
 
 
 # ---- symbol spaces ---------------------------------------------------------------------------------
@@ -221,7 +219,7 @@ def extend_tokenizer_json(base_json: dict[str, Any], texts: list[str], n_add: in
 
 # ---- the model dir ---------------------------------------------------------------------------------
 def _read_texts(inputs: list[str], text_field: str, txt_mode: str, max_bytes: int | None) -> list[str]:
-    from lmforge.data.sources import iter_documents
+    from lmforge.sources import iter_documents
 
     texts, n = [], 0
     for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode):
@@ -332,33 +330,4 @@ def extend_model_dir(base: str | os.PathLike, inputs: list[str], n_add: int, out
     report["chars_per_token_after"] = round(_chars_per_token(new_tok, sample), 4)
     report["examples"] = [new_tok.decode([a["id"]]) for a in added if "\ufffd" not in new_tok.decode([a["id"]])][:10]
     return report
-
-
-# ---- CLI -------------------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("--base", required=True, metavar="MODEL_DIR", help="model dir whose tokenizer.json is BPE")
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
-                   help="corpus files/dirs/globs (txt, jsonl, json, parquet; .gz/.zst ok)")
-    p.add_argument("--add", type=int, required=True, metavar="N", help="number of new tokens")
-    p.add_argument("--out", required=True, metavar="MODEL_DIR2", help="the extended model dir to write")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--txt-mode", default="line", choices=["file", "blank", "line"],
-                   help="text files: one document per line (default), blank-line block or file")
-    p.add_argument("--max-bytes", type=float, default=None, help="read at most this much of the corpus")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out dir")
-    p.add_argument("--json", action="store_true")
-
-
-def run(args) -> int:
-    from lmforge.outputs import guard_output_dir
-    from lmforge.tokenizer.identity import check_model_dir_tokenizer
-
-    guard_output_dir(args.out, inputs=[args.base, *args.input], overwrite=args.overwrite)
-    check_model_dir_tokenizer(args.base)
-    r = extend_model_dir(args.base, args.input, args.add, args.out, text_field=args.text_field,
-                         txt_mode=args.txt_mode, max_bytes=int(args.max_bytes) if args.max_bytes else None)
-    emit(args, f"added {r['added']:,} tokens (vocab {r['old_vocab_size']:,} -> {r['new_vocab_size']:,}); "
-               f"chars/token on the corpus {r['chars_per_token_before']:.3f} -> {r['chars_per_token_after']:.3f} "
-               f"-> {r['out']}", r)
-    return 0
 

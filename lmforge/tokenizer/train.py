@@ -59,7 +59,7 @@ def train_tokenizer(inputs: list[str] | str, vocab_size: int, out_dir: str | os.
     """
     from tokenizers import pre_tokenizers, trainers
 
-    from lmforge.data.sources import ReadStats, iter_documents
+    from lmforge.sources import ReadStats, iter_documents
 
     special_tokens = list(special_tokens)
     if len(special_tokens) < 3 or len(set(special_tokens)) != len(special_tokens):

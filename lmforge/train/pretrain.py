@@ -112,7 +112,7 @@ def bytes_per_token(batches, tokenizer_dir: str | None, expected_hash: str | Non
     loss into bits per byte, which compares across tokenizers."""
     if tokenizer_dir is None:
         return None
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     if expected_hash and tok.hash != expected_hash:
@@ -147,7 +147,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     mlm = None
     if cfg.train.objective == "mlm":  # BERT: a mask id (the tokenizer's, or one extra row) and its specials
         from lmforge.models.heads import mask_token_id
-        from lmforge.tokenizer import load_tokenizer
+        from lmforge.tokenizer.core import load_tokenizer
 
         tok_dir = resolve_tokenizer_dir(cfg, index)
         mlm_tok = load_tokenizer(tok_dir) if tok_dir else None
@@ -214,7 +214,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
         extra["continued_from"] = str(Path(base_dir).resolve())
     if vectors and resume_from is None:  # word2vec / GloVe / fastText rows for the tokens that spell words
         from lmforge.models.embedding_init import coverage_line, init_embeddings_from
-        from lmforge.tokenizer import load_tokenizer
+        from lmforge.tokenizer.core import load_tokenizer
 
         if tokenizer_dir is None:
             raise ConfigError("model.init_embeddings_from needs the data's tokenizer; set data.tokenizer")

@@ -1,4 +1,4 @@
-"""`lmforge quickstart`: the whole pipeline on text every machine has — the running Python's standard
+"""The quickstart (`lmforge quickstart`, lmforge.cli.quickstart): the whole pipeline on text every machine has — the running Python's standard
 library sources — in a few minutes, no download.
 
     stdlib *.py -> tokenizer -> token shards -> pretrain the `small` preset -> evaluate -> sample -> report
@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import UserError, load_recipe
-from lmforge.console import emit, info
-
-HELP = "train a small model on Python's standard library sources in a few minutes (no download); re-run resumes"
+from lmforge.console import info
 
 # test suites, installed packages, and two dirs that are data more than code: codec tables (encodings/,
 # a third of the bytes) and the pydoc topic texts
@@ -49,15 +47,6 @@ def quickstart_model(preset: str) -> dict[str, Any]:
     if model.get("activation") == "relu2" and base.activation == "swiglu":
         model["ffn_hidden"] = base.hidden_dim * 3 // 2
     return model
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--out", default="runs/quickstart", help="output dir (data, checkpoints, model, report)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
-    p.add_argument("--preset", default="small", help="model preset (default small; tiny for a smoke run)")
-    p.add_argument("--data-mb", type=float, default=None,
-                   help="use only the first MB of the sources (default: all of them, ~12 MB on CPython 3.11)")
-    p.add_argument("--json", action="store_true")
 
 
 def stdlib_sources(limit_bytes: int | None = None) -> list[str]:
@@ -167,7 +156,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
     import torch
 
     from lmforge.config import from_dict
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
     from lmforge.train.config import PretrainConfig, load_config, validate
     from lmforge.train.pretrain import pretrain
     from lmforge.train.report import write_report
@@ -222,7 +211,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
                 "resumed_from": result.resumed_from, "sample": None,
                 "seconds": round(time.perf_counter() - t_start, 1)}
     # 4. sample from the consolidated model dir (the same path `lmforge generate` takes)
-    from lmforge.generate import generate
+    from lmforge.generate.engine import generate
     from lmforge.models.model_dir import load_model_dir
 
     model = load_model_dir(out / "model").eval()
@@ -241,21 +230,3 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
             "resumed_from": result.resumed_from, "sample": sample, "exit_code": 0,
             "seconds": round(time.perf_counter() - t_start, 1)}
 
-
-def run(args) -> int:
-    from lmforge.outputs import run_dir_claim
-    from lmforge.train.metrics import format_duration
-
-    with run_dir_claim(args.out, "lmforge quickstart", key="--out"):  # never into a folder it did not create
-        r = quickstart(args.out, args.minutes, args.preset, args.data_mb)
-    val = ""
-    if r["first_val_loss"] is not None and r["final_val_loss"] is not None:
-        bpb = f", {r['final_val_bpb']:.2f} bits/byte" if r.get("final_val_bpb") else ""
-        val = f", val loss {r['first_val_loss']:.2f} -> {r['final_val_loss']:.2f}{bpb}"
-    if r["model_dir"] is None:  # stopped early: no model yet; a re-run resumes
-        emit(args, f"quickstart: stopped at step {r['steps']:,} ({r['tokens']:,} tokens) in "
-                   f"{format_duration(r['seconds'])}{val}; no model yet: run it again to finish; report {r['report']}", r)
-        return r["exit_code"]
-    emit(args, f"quickstart: {r['steps']:,} steps ({r['tokens']:,} tokens) in {format_duration(r['seconds'])}{val}; "
-               f"try `lmforge generate --model {r['model_dir']} --prompt 'import os'`; report {r['report']}", r)
-    return 0

@@ -88,7 +88,7 @@ def test_rank_layout_tp_fastest():
 
 
 def test_config_import_does_not_import_torch():
-    code = "import sys, lmforge.distributed as d; d.ParallelConfig(); import lmforge.train.config; " \
+    code = "import sys, lmforge.distributed.config as d; d.ParallelConfig(); import lmforge.train.config; " \
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -43,9 +43,10 @@ def run_dpo(info, configs: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    from lmforge.models import ModelConfig, build_model
+    from lmforge.models.config import ModelConfig
     from lmforge.models.model_dir import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.models.transformer import build_model
+    from lmforge.tokenizer.train import train_tokenizer
 
     d = tmp_path_factory.mktemp("dpo_dist")
     text = [f"{p['prompt']} {p['chosen']} {p['rejected']}" for p in PAIRS] * 10

@@ -40,9 +40,10 @@ def _run(cmd, log: Path) -> None:
 
 
 def test_full_sft_two_ranks_reads_shards_and_equals_one_process(tmp_path):
-    from lmforge.models import ModelConfig, build_model
+    from lmforge.models.config import ModelConfig
     from lmforge.models.model_dir import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.models.transformer import build_model
+    from lmforge.tokenizer.train import train_tokenizer
 
     (tmp_path / "corpus.txt").write_text("\n".join(CORPUS), encoding="utf-8")
     train_tokenizer([str(tmp_path / "corpus.txt")], 300, tmp_path / "tok", progress=False)

@@ -17,8 +17,9 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, make_tokenizer):
-    from lmforge.models import ModelConfig, build_model
+    from lmforge.models.config import ModelConfig
     from lmforge.models.model_dir import save_model_dir
+    from lmforge.models.transformer import build_model
     d = tmp_path_factory.mktemp("evalcli")
     make_tokenizer(d, CORPUS, name="tok")
     cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_hidden=128, max_seq_len=128,
@@ -34,10 +35,11 @@ def forced_model_dir(tok_dir, out, answer: str):
     The LM head maps u -> a1, e_i -> a_(i+1), e_n -> EOS, every other row is zero — so greedy decoding
     walks the chain whatever the prompt was.
     """
-    from lmforge.models import ModelConfig, build_model
+    from lmforge.models.config import ModelConfig
     from lmforge.models.model_dir import save_model_dir
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.models.transformer import build_model
     from lmforge.tokenizer.chat_template import encode_text
+    from lmforge.tokenizer.core import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     chain = encode_text(tok, answer)
@@ -159,7 +161,7 @@ def test_classify_zero_shot_and_head(model_dir, tmp_path, capsys):
     from lmforge.data.labelled import encode_labelled, load_labelled
     from lmforge.models.classifier import SequenceClassifier, save_classifier_dir
     from lmforge.models.model_dir import load_model_dir
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     data = write(tmp_path / "d.tsv", "sentence\tlabel\na charming journey .\t1\nbleak and desperate\t0\n"
                                      "how are you\t1\nthe lazy dog\t0\nhello there\t1\n")

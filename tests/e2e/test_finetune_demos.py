@@ -41,7 +41,7 @@ def keep_torch_threads():
 def base_model(tmp_path_factory):
     """Tokenizer + shards + a 100-step pretraining run of a ~1M-parameter model on en + zh sentences."""
     from lmforge.data.prepare import prepare
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.tokenizer.train import train_tokenizer
     from lmforge.train.config import load_config
     from lmforge.train.pretrain import pretrain
 
@@ -140,8 +140,8 @@ def endings(model_dir, prompts, tok) -> tuple[float, float]:
 def test_alpaca_sft_lowers_val_loss_and_answers_stop_at_eos(base_model, tmp_path, capsys):
     from lmforge.finetune.data import load_sft_examples
     from lmforge.finetune.recipes import split_dev
-    from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.chat_template import encode_prompt
+    from lmforge.tokenizer.core import load_tokenizer
 
     data = translation_instructions()
     run = tmp_path / "run"

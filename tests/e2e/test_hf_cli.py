@@ -49,7 +49,7 @@ def _hf_tokenizer(path, corpus=None):
 @pytest.mark.slow
 def test_import_generate_export_round_trip_with_tokenizer(tmp_path):
     from lmforge.models.model_dir import load_model_dir
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     src = tmp_path / "hf"
     fast = _hf_tokenizer(src)
@@ -89,9 +89,10 @@ def test_import_generate_export_round_trip_with_tokenizer(tmp_path):
 
 def test_export_of_a_model_lmforge_trained(tmp_path):
     """A model lmforge built (tiny preset, lmforge's own BPE tokenizer) → transformers loads both."""
-    from lmforge.models import build_model, get_preset
     from lmforge.models.model_dir import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.models.presets import get_preset
+    from lmforge.models.transformer import build_model
+    from lmforge.tokenizer.train import train_tokenizer
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT + "中文的句子也在这里。")
@@ -120,8 +121,9 @@ def test_export_of_a_model_lmforge_trained(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from lmforge.cli import main
-    from lmforge.models import build_model, get_preset
     from lmforge.models.model_dir import save_model_dir
+    from lmforge.models.presets import get_preset
+    from lmforge.models.transformer import build_model
 
     def err(*args):
         assert main([str(a) for a in args]) == 2
@@ -146,7 +148,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_import_finetune_export(tmp_path):
     """The README's flow: a HF checkpoint → lmforge SFT → back to transformers."""
-    import lmforge.finetune.commands  # noqa: F401 (part of lmforge: an import error must fail, not skip)
+    import lmforge.cli.finetune  # noqa: F401 (part of lmforge: an import error must fail, not skip)
 
     alpaca = TEST_DATA / "translation_en_zh_tatoeba" / "derived" / "alpaca_translate.json"
     src = tmp_path / "hf"
@@ -174,7 +176,7 @@ def test_import_finetune_export(tmp_path):
     assert tok.eos_token_id == 2 and tok.chat_template == TEMPLATE
 
     # identity: the import and the fine-tune record the tokenizer's hash; a swapped tokenizer.json is refused
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     want = load_tokenizer(tmp_path / "lm").hash
     assert json.loads((tmp_path / "lm" / "config.json").read_text())["tokenizer_hash"] == want

@@ -78,7 +78,7 @@ def test_bert_mlm_pretraining_from_scratch_exports_to_transformers(shards, tmp_p
 
 def test_init_embeddings_from_word_vectors(shards, tmp_path):
     from lmforge.models.embedding_init import token_surfaces
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     tok = load_tokenizer(shards.parent / "tok")
     words = sorted({s.lower() for s in token_surfaces(tok) if s and s.isalpha() and len(s) > 2})[:40]

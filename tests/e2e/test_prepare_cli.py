@@ -7,7 +7,8 @@ import sys
 from lmforge.cli import main
 from lmforge.data.loader import ShardLoader
 from lmforge.data.shards import verify_shards
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.tokenizer.core import load_tokenizer
+from lmforge.tokenizer.train import train_tokenizer
 
 
 def run_cli(*args):

@@ -89,7 +89,7 @@ def test_model_dir_generates(trained):
     import random
 
     from lmforge.models.model_dir import load_model_dir
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     run_dir, _, _ = trained
     args = ("generate", "--model", run_dir / "model", "--prompt", "KING HENRY:", "--max-new-tokens", "24", "--json")

@@ -78,7 +78,7 @@ def assert_same_as_reference(run_dir, reference):
 
 def assert_latest_loads(run_dir):
     """LATEST names a complete checkpoint, and it loads into a fresh model + optimizer."""
-    from lmforge.models import build_model
+    from lmforge.models.transformer import build_model
     from lmforge.train.checkpoint import CheckpointManager, is_complete, read_meta
     from lmforge.train.config import load_config
     from lmforge.train.optim import build_optimizer

@@ -14,7 +14,8 @@ from lmforge.config import UserError
 from lmforge.data.doc_filters import make_spec
 from lmforge.data.prepare import prepare
 from lmforge.data.shards import read_index
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.tokenizer.core import load_tokenizer
+from lmforge.tokenizer.train import train_tokenizer
 from tests.conftest import TEST_DATA
 from tests.data.web.build_crawl import build_crawl
 from tests.unit.test_data_prepare import docs_of

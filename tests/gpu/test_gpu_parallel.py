@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.distributed import ParallelConfig, init_distributed, parallelize, shutdown_distributed
+from lmforge.distributed.apply import parallelize
+from lmforge.distributed.config import ParallelConfig
+from lmforge.distributed.process_group import init_distributed, shutdown_distributed
 from lmforge.models.presets import model_config_from_dict
 from lmforge.models.transformer import build_model
 

@@ -24,8 +24,8 @@ from lmforge.models.gguf.tensors import halves_to_pairs, pairs_to_halves, rope_f
 from lmforge.models.model_dir import save_model_dir
 from lmforge.models.positional import rope_inv_freq
 from lmforge.models.transformer import build_model
-from lmforge.tokenizer import load_tokenizer
 from lmforge.tokenizer.chat_template import uses_bos
+from lmforge.tokenizer.core import load_tokenizer
 from lmforge.tokenizer.llama_cpp import PRE_TOKENIZERS, ollama_template
 
 CORPUS = ["The quick brown fox jumps over the lazy dog, 12345 times.", "中文abc 你好，世界。我们在学习。",

@@ -10,7 +10,7 @@ from hf_tiny import V, make_bert
 from safetensors.torch import load_file
 
 from lmforge.models.heads import load_heads, mlm_logits
-from lmforge.models.hf import export_hf, import_hf
+from lmforge.models.hf.convert import export_hf, import_hf
 from lmforge.models.model_dir import load_model_dir
 
 transformers = pytest.importorskip("transformers")
@@ -126,7 +126,7 @@ def test_seed_example_sentence_end_to_end(tmp_path):
 
 
 def _encode_with_lmforge_tokenizer(model_dir, text):
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     tok = load_tokenizer(model_dir)  # BOS/EOS resolve to [CLS]/[SEP] for a BERT vocabulary
     return tok.encode(text, add_bos=True, add_eos=True)

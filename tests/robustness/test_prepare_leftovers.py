@@ -76,8 +76,9 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def test_sigterm_during_export_leaves_no_temp_dir_and_exits_143(tmp_path, tok):
-    from lmforge.models import build_model, get_preset
     from lmforge.models.model_dir import save_model_dir
+    from lmforge.models.presets import get_preset
+    from lmforge.models.transformer import build_model
 
     cfg = get_preset("tiny", vocab_size=320, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_hidden=64)
     save_model_dir(build_model(cfg, seed=0), tmp_path / "model", tokenizer_dir=str(tok))

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from lmforge.data import prepare as prepare_mod
+import lmforge.data.prepare as prepare_mod
 from lmforge.data.prepare import prepare
 from lmforge.data.shards import verify_shards
-from lmforge.tokenizer import train_tokenizer
+from lmforge.tokenizer.train import train_tokenizer
 from tests.conftest import TEST_DATA
 
 ray = pytest.importorskip("ray")

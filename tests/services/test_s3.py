@@ -20,7 +20,7 @@ from lmforge.config import UserError
 from lmforge.data.loader import ShardLoader
 from lmforge.data.prepare import prepare
 from lmforge.data.shards import read_index, verify_shards
-from lmforge.tokenizer import train_tokenizer
+from lmforge.tokenizer.train import train_tokenizer
 from tests.conftest import TEST_DATA
 
 moto_server = pytest.importorskip("moto.server")

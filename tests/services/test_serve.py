@@ -27,8 +27,9 @@ LINES = ["The quick brown fox jumps over the lazy dog.", "你好，世界。今�
 def model_dir(tmp_path_factory, make_tokenizer):
     import torch
 
-    from lmforge.models import ModelConfig, build_model
+    from lmforge.models.config import ModelConfig
     from lmforge.models.model_dir import save_model_dir
+    from lmforge.models.transformer import build_model
 
     root = tmp_path_factory.mktemp("serve")
     tok = make_tokenizer(root, LINES, vocab_size=300, name="tok")
@@ -119,8 +120,8 @@ def test_models_auth_and_page(served):
 
 
 def test_chat_streaming_equals_non_streaming_with_usage(served, model_dir):
-    from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.chat_template import encode_prompt
+    from lmforge.tokenizer.core import load_tokenizer
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好，世界"}]
     full = served.client.chat.completions.create(model="tiny-chat", messages=msgs, temperature=0, max_tokens=20)
@@ -159,10 +160,10 @@ def test_completions_stop_strings_streamed_and_not(served):
 
 
 def test_greedy_in_a_batch_equals_alone_and_the_library(served, model_dir):
-    from lmforge.generate import generate
+    from lmforge.generate.engine import generate
     from lmforge.models.model_dir import load_model_dir
-    from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.chat_template import encode_prompt
+    from lmforge.tokenizer.core import load_tokenizer
 
     prompts = ["你好", "The lazy dog", "How are you?", "Serving models", "fox", "今天天气"]
     lengths = [30, 12, 25, 8, 40, 16]  # different lengths: requests leave the batch at different steps

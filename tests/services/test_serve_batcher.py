@@ -5,12 +5,12 @@ produces alone."""
 import pytest
 import torch
 
-from lmforge.generate import generate
 from lmforge.generate.batcher import ContinuousBatcher, SamplingParams, Sequence
-from lmforge.generate.engine import cut_at_stop
+from lmforge.generate.engine import cut_at_stop, generate
 from lmforge.generate.kv_cache import SlotKVCache
 from lmforge.generate.text_stream import TextStream
-from lmforge.models import ModelConfig, build_model
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import build_model
 
 PROMPTS = [[5, 6], [7, 8, 9, 10, 11, 12], [1], [3] * 13, [40, 2, 17]]
 

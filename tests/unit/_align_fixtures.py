@@ -38,9 +38,10 @@ def keep_torch_threads():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from lmforge.models import ModelConfig, build_model
+    from lmforge.models.config import ModelConfig
     from lmforge.models.model_dir import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.models.transformer import build_model
+    from lmforge.tokenizer.train import train_tokenizer
 
     d = tmp_path_factory.mktemp("dpo")
     (d / "corpus.txt").write_text("\n".join(CORPUS), encoding="utf-8")

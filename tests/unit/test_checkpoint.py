@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError, UserError
-from lmforge.models import build_model, get_preset
+from lmforge.models.presets import get_preset
+from lmforge.models.transformer import build_model
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.config import OptimConfig
 from lmforge.train.optim import build_optimizer

@@ -16,7 +16,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
 from lmforge.config import UserError
-from lmforge.models import build_model, get_preset
+from lmforge.models.presets import get_preset
+from lmforge.models.transformer import build_model
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.config import OptimConfig
 from lmforge.train.optim import build_optimizer

@@ -1,7 +1,8 @@
 import torch
 
-from lmforge.models import ModelConfig, build_model
 from lmforge.models.classifier import SequenceClassifier, load_classifier_dir, save_classifier_dir
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import build_model
 
 
 def backbone(**kw):

@@ -12,7 +12,8 @@ from lmforge.config import UserError
 from lmforge.data.loader import ShardLoader
 from lmforge.data.prepare import prepare
 from lmforge.data.shards import read_index, verify_shards
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.tokenizer.core import load_tokenizer
+from lmforge.tokenizer.train import train_tokenizer
 from tests.conftest import TEST_DATA
 
 SHAKESPEARE = TEST_DATA / "tinyshakespeare" / "input.txt"

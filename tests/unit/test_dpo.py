@@ -35,7 +35,7 @@ from lmforge.models.model_dir import load_weights
 
 def tokenizer_and_template(model_dir):
     from lmforge.tokenizer.chat_template import get_chat_template
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     return tok, get_chat_template(tok)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from lmforge.config import UserError
-from lmforge.models import build_model, get_preset
 from lmforge.models.embedding_init import init_embeddings_from, iter_word_vectors, token_surfaces
+from lmforge.models.presets import get_preset
+from lmforge.models.transformer import build_model
 
 CORPUS = ("the king and the queen walked to the old castle. The King spoke; the queen listened. "
           "an apple a day keeps the doctor away. new york is a big city. ") * 30
@@ -15,7 +16,7 @@ CORPUS = ("the king and the queen walked to the old castle. The King spoke; the 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.tokenizer.train import train_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     (d / "c.txt").write_text(CORPUS)

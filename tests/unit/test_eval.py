@@ -36,7 +36,8 @@ def tok(tmp_path_factory, make_tokenizer):
 
 @pytest.fixture(scope="module")
 def model():
-    from lmforge.models import ModelConfig, build_model
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import build_model
 
     cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128,
                       max_seq_len=64, tie_embeddings=True)

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import UserError
-from lmforge.models import build_model, get_preset
 from lmforge.models.model_dir import load_model_dir, load_weights, save_model_dir
+from lmforge.models.presets import get_preset
+from lmforge.models.transformer import build_model
 
 DATA = Path(__file__).resolve().parents[1] / "data"  # vendored slices (tests/data/SOURCE.md)
 ZH = DATA / "chinese_poetry" / "derived" / "lines.txt"  # classical Chinese, one poem line per line
@@ -64,7 +65,7 @@ def _nll(model, ids):
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory, one_thread):
     """An English base model (BPE tokenizer + a briefly trained tiny model) and its Chinese extension."""
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.tokenizer.train import train_tokenizer
 
     root = tmp_path_factory.mktemp("extend")
     en = EN.read_text(encoding="utf-8")[:300_000]
@@ -91,7 +92,7 @@ def _held_out_zh(n=HELD_OUT):
 
 
 def test_existing_ids_kept_and_english_tokenized_identically(dirs):
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     base, ext, report = dirs
     a, b = load_tokenizer(base), load_tokenizer(ext)
@@ -106,7 +107,7 @@ def test_existing_ids_kept_and_english_tokenized_identically(dirs):
 
 
 def test_chinese_compresses_and_round_trips(dirs):
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     base, ext, report = dirs
     a, b = load_tokenizer(base), load_tokenizer(ext)
@@ -122,7 +123,7 @@ def test_chinese_compresses_and_round_trips(dirs):
 
 
 def test_new_rows_are_the_mean_of_their_old_pieces(dirs):
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     base, ext, _ = dirs
     a, b = load_tokenizer(base), load_tokenizer(ext)
@@ -142,7 +143,7 @@ def test_new_rows_are_the_mean_of_their_old_pieces(dirs):
 
 
 def test_english_loss_unchanged_at_step_0_and_chinese_training_starts_sensibly(dirs, one_thread):
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     base, ext, _ = dirs
     ta, tb = load_tokenizer(base), load_tokenizer(ext)
@@ -166,8 +167,9 @@ def test_english_loss_unchanged_at_step_0_and_chinese_training_starts_sensibly(d
 
 
 def test_untied_head_grows_too(tmp_path):
-    from lmforge.tokenizer import load_tokenizer, train_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
     from lmforge.tokenizer.extend import extend_model_dir
+    from lmforge.tokenizer.train import train_tokenizer
 
     (tmp_path / "en.txt").write_text(EN.read_text(encoding="utf-8")[:50_000])
     tok = train_tokenizer([str(tmp_path / "en.txt")], 400, tmp_path / "tok", progress=False)

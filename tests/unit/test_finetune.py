@@ -45,9 +45,10 @@ def keep_torch_threads():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from lmforge.models import ModelConfig, build_model
+    from lmforge.models.config import ModelConfig
     from lmforge.models.model_dir import save_model_dir
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.models.transformer import build_model
+    from lmforge.tokenizer.train import train_tokenizer
 
     d = tmp_path_factory.mktemp("ft")
     (d / "corpus.txt").write_text("\n".join(CORPUS), encoding="utf-8")
@@ -108,7 +109,7 @@ def test_sft_loss_covers_only_the_assistant_replies(model_dir, sft_file, tmp_pat
     """The loss is the cross-entropy of exactly the reply tokens + end-of-turn + EOS, nothing else."""
     from lmforge.finetune.batching import SFTBatchIterator
     from lmforge.finetune.data import encode_examples, load_sft_examples
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     examples = load_sft_examples(sft_file)[:6]
@@ -231,7 +232,7 @@ def test_early_stopping_keeps_the_best_weights(model_dir, tsv_files, tmp_path):
     assert last.name == "step_000006"  # the last step's state is still checkpointed (resume), not exported
     # the exported classifier scores on dev exactly what the step-3 evaluation logged
     from lmforge.data.labelled import encode_labelled, load_labelled
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     clf, labels = load_classifier_dir(res.model_dir)
     dev = load_labelled(tsv_files[1], "sentence")

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from lmforge.generate import generate, generate_ids, GenerationConfig, filter_logits, sample_next
-from lmforge.models import ModelConfig, build_model
+from lmforge.generate.engine import generate, generate_ids, GenerationConfig
+from lmforge.generate.sampling import filter_logits, sample_next
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import build_model
 
 
 @pytest.fixture(scope="module")

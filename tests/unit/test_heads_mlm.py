@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from lmforge.config import UserError
-from lmforge.models import build_model, get_preset
 from lmforge.models.heads import (
     IGNORE_INDEX,
     MLMHead,
@@ -15,6 +14,8 @@ from lmforge.models.heads import (
     mlm_loss,
     save_heads,
 )
+from lmforge.models.presets import get_preset
+from lmforge.models.transformer import build_model
 
 MASK, SPECIAL = 4, (0, 1, 2)
 

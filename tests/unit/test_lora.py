@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError
-from lmforge.models import ModelConfig, build_model
+from lmforge.models.config import ModelConfig
 from lmforge.models.lora import LoraConfig, LoRALinear, apply_lora, lora_state_dict, merge_lora
+from lmforge.models.transformer import build_model
 
 
 def tiny():

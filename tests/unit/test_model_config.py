@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError, apply_overrides, from_dict
-from lmforge.models import ModelConfig, build_model, count_params, get_preset, preset_names
-from lmforge.models.presets import PUBLISHED_PARAMS, describe
+from lmforge.models.config import ModelConfig
+from lmforge.models.presets import PUBLISHED_PARAMS, describe, get_preset, preset_names
+from lmforge.models.transformer import build_model, count_params
 
 
 @pytest.mark.parametrize("name,count", sorted(PUBLISHED_PARAMS.items()))
@@ -15,7 +16,7 @@ def test_published_parameter_counts_hold_exactly(name, count):
 def test_meta_build_matches_analytic_count(name):
     cfg = get_preset(name)
     with torch.device("meta"):
-        from lmforge.models import Transformer
+        from lmforge.models.transformer import Transformer
 
         model = Transformer(cfg)
     assert count_params(model) == cfg.num_params()

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from lmforge.generate import KVCache
-from lmforge.models import ModelConfig, build_model
+from lmforge.generate.kv_cache import KVCache
 from lmforge.models.attention import reference_attention, use_attention_kernel
+from lmforge.models.config import ModelConfig
 from lmforge.models.positional import sinusoidal_table
+from lmforge.models.transformer import build_model
 
 torch.manual_seed(0)
 

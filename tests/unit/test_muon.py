@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lmforge.config import ConfigError
-from lmforge.models import build_model, get_preset
+from lmforge.models.presets import get_preset
+from lmforge.models.transformer import build_model
 from lmforge.train.config import OptimConfig, load_config
 from lmforge.train.muon import NS_COEFFICIENTS, MuonAdamW, lr_scale, newton_schulz
 from lmforge.train.optim import build_optimizer, muon_matrices, muon_param_groups, set_lr

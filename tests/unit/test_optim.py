@@ -1,6 +1,7 @@
 import torch
 
-from lmforge.models import build_model, get_preset
+from lmforge.models.presets import get_preset
+from lmforge.models.transformer import build_model
 from lmforge.train.config import OptimConfig
 from lmforge.train.optim import build_optimizer, param_groups
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ConfigError, UserError, from_dict
-from lmforge.models import ModelConfig, build_model, count_params
-from lmforge.models.transformer import softcap
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import build_model, count_params, softcap
 
 BASE = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=32)
 OPTIONS = {
@@ -154,7 +154,7 @@ def test_bad_values_name_the_key(over, needle):
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_hf_export_refuses_options_hf_cannot_express(tmp_path, name, capsys):
     from lmforge.cli import main
-    from lmforge.models.hf import export_hf
+    from lmforge.models.hf.convert import export_hf
     from lmforge.models.model_dir import save_model_dir
 
     save_model_dir(build_model(_cfg(**OPTIONS[name]), seed=0), tmp_path / "m")

@@ -181,7 +181,7 @@ def test_non_incremental_template_is_rejected(tok):
 
 
 def test_template_sources(tok, tmp_path):
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     assert get_chat_template(tok) == tok.chat_template  # stored with the tokenizer
     custom = "{% for m in messages %}{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
@@ -275,7 +275,8 @@ def test_packed_batch_layout(tok):
 def test_packed_row_gives_same_logits_and_loss_as_examples_alone(tok):
     import torch.nn.functional as F
 
-    from lmforge.models import build_model, get_preset
+    from lmforge.models.presets import get_preset
+    from lmforge.models.transformer import build_model
 
     model = build_model(get_preset("tiny"), seed=0).eval()
     ds = _dataset(tok, 4, seed=1)
@@ -395,7 +396,7 @@ def test_real_alpaca_data_packs(tok, real_data):
 def test_qwen_style_chatml_template_with_im_end_as_eos(tmp_path):
     """A Hugging Face ChatML template (Qwen2) whose EOS is <|im_end|>: replies train through <|im_end|>,
     which is not appended a second time."""
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.tokenizer.train import train_tokenizer
 
     (tmp_path / "c.txt").write_text("\n".join(CORPUS), encoding="utf-8")
     qtok = train_tokenizer([str(tmp_path / "c.txt")], 400, None, progress=False,

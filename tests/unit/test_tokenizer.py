@@ -5,7 +5,8 @@ import json
 import pytest
 
 from lmforge.config import UserError
-from lmforge.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from lmforge.tokenizer.core import SPECIAL_TOKENS, load_tokenizer
+from lmforge.tokenizer.train import train_tokenizer
 from tests.conftest import TEST_DATA
 
 SHAKESPEARE = TEST_DATA / "tinyshakespeare" / "input.txt"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lmforge.config import from_dict
-from lmforge.models import build_model
 from lmforge.models.model_dir import load_model_dir
+from lmforge.models.transformer import build_model
 from lmforge.train.config import PretrainConfig
 from lmforge.train.trainer import Trainer, TrainingDiverged, causal_lm_loss
 

@@ -9,7 +9,7 @@ import pytest
 from lmforge.config import UserError
 from lmforge.data import doc_filters, langid
 from lmforge.data.decontaminate import Decontaminator, EvalSet, read_items, tokens
-from lmforge.data.sources import ReadStats, file_format, iter_documents, iter_file_documents
+from lmforge.sources import ReadStats, file_format, iter_documents, iter_file_documents
 from tests.conftest import TEST_DATA
 from tests.data.web.build_crawl import page_html, write_wet
 

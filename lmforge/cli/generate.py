@@ -30,7 +30,7 @@ def run(args) -> int:
     from lmforge.generate.engine import generate
     from lmforge.generate.sampling import check_budget, check_sampling
     from lmforge.models.model_dir import load_model_dir
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model is loaded
     if args.max_new_tokens <= 0:

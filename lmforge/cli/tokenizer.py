@@ -1,4 +1,4 @@
-"""`lmforge tokenizer train|eval`: subcommands registered in SUBCOMMANDS (add one by adding an entry)."""
+"""`lmforge tokenizer train|eval|extend`: subcommands registered in SUBCOMMANDS (add one by adding an entry)."""
 
 from __future__ import annotations
 
@@ -69,32 +69,47 @@ def _eval(args) -> int:
     return 0
 
 
-# name -> (help, add_arguments, run). Other modules may register more (e.g. `extend`).
+EXTEND_HELP = "add N new tokens learned on a corpus (e.g. Chinese) to a model dir's BPE tokenizer and grow its embeddings"
+
+
+def _extend_args(p) -> None:
+    p.add_argument("--base", required=True, metavar="MODEL_DIR", help="model dir whose tokenizer.json is BPE")
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
+                   help="corpus files/dirs/globs (txt, jsonl, json, parquet; .gz/.zst ok)")
+    p.add_argument("--add", type=int, required=True, metavar="N", help="number of new tokens")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR2", help="the extended model dir to write")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--txt-mode", default="line", choices=["file", "blank", "line"],
+                   help="text files: one document per line (default), blank-line block or file")
+    p.add_argument("--max-bytes", type=float, default=None, help="read at most this much of the corpus")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out dir")
+    p.add_argument("--json", action="store_true")
+
+
+def _extend(args) -> int:
+    from lmforge.outputs import guard_output_dir
+    from lmforge.tokenizer.extend import extend_model_dir
+    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+
+    guard_output_dir(args.out, inputs=[args.base, *args.input], overwrite=args.overwrite)
+    check_model_dir_tokenizer(args.base)
+    r = extend_model_dir(args.base, args.input, args.add, args.out, text_field=args.text_field,
+                         txt_mode=args.txt_mode, max_bytes=int(args.max_bytes) if args.max_bytes else None)
+    emit(args, f"added {r['added']:,} tokens (vocab {r['old_vocab_size']:,} -> {r['new_vocab_size']:,}); "
+               f"chars/token on the corpus {r['chars_per_token_before']:.3f} -> {r['chars_per_token_after']:.3f} "
+               f"-> {r['out']}", r)
+    return 0
+
+
+# name -> (help, add_arguments, run): add a subcommand by adding an entry.
 SUBCOMMANDS: dict[str, tuple[str, object, object]] = {
     "train": ("train a byte-level BPE tokenizer from text", _train_args, _train),
     "eval": ("bytes/token, chars/token and round-trip exactness per input file", _eval_args, _eval),
+    "extend": (EXTEND_HELP, _extend_args, _extend),
 }
 
 
-def _optional_subcommands() -> None:
-    """Subcommands that live in other modules (registered when the module exists)."""
-    import importlib
-
-    for name, module_name in (("extend", "lmforge.tokenizer.extend"),):
-        if name in SUBCOMMANDS:
-            continue
-        try:
-            mod = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and module_name.startswith(e.name):
-                continue
-            raise
-        if all(hasattr(mod, a) for a in ("HELP", "add_arguments", "run")):
-            SUBCOMMANDS[name] = (mod.HELP, mod.add_arguments, mod.run)
-
-
 def add_arguments(parser) -> None:
-    _optional_subcommands()
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND", required=True)
     for name, (help_text, add, run_fn) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

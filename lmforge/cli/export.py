@@ -71,8 +71,8 @@ def _run_gguf(args) -> int:
     from pathlib import Path
 
     from lmforge.models.gguf import export_gguf
-    from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.chat_template import uses_bos
+    from lmforge.tokenizer.core import load_tokenizer
     from lmforge.tokenizer.llama_cpp import PRE_TOKENIZERS, ollama_template
 
     if not Path(args.model).is_dir():

@@ -9,7 +9,7 @@ Formats (chosen by file name, after a compression suffix ``.gz``/``.zst``/``.bz2
 - anything else is text: one document per file (``txt_mode="file"``), per blank-line-separated block
   (``"blank"``) or per line (``"line"``);
 - ``.warc``/``.wet`` archives and ``.html``/``.htm`` pages: one document per page, the main text
-  extracted by trafilatura (``lmforge.data.web``);
+  extracted by trafilatura (``lmforge.web_inputs``);
 - ``hf:NAME[:SPLIT]`` or a directory written by ``datasets.Dataset.save_to_disk`` (needs ``datasets``).
 
 ``text_field`` may list alternatives separated by commas (``paragraphs,content``): the first one present
@@ -37,7 +37,7 @@ from lmforge.config import UserError
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 # Files picked up when a directory is given (explicit files and globs are always read).
 DIR_EXTENSIONS = (".txt", ".text", ".jsonl", ".ndjson", ".json", ".parquet", ".py", ".md",
-                  ".warc", ".wet", ".html", ".htm")  # web formats: lmforge.data.web
+                  ".warc", ".wet", ".html", ".htm")  # web formats: lmforge.web_inputs
 # Metadata that sits beside data in a directory and holds no documents (skipped unless --include names it).
 DIR_METADATA = frozenset({"manifest.json", "index.json", "config.json", "metadata.json", "dataset_info.json",
                           "state.json", "package.json", "package-lock.json", "tokenizer.json",
@@ -58,7 +58,7 @@ class ReadStats:
     replaced_chars: int = 0
     skipped_files: int = 0
     skipped: list[str] = dataclasses.field(default_factory=list)  # the skipped files (inside directories)
-    # web inputs (lmforge.data.web): pages read, records that are not pages, pages without main text
+    # web inputs (lmforge.web_inputs): pages read, records that are not pages, pages without main text
     web_pages: int = 0
     web_skipped_records: int = 0
     web_no_main_text: int = 0
@@ -95,7 +95,7 @@ def file_format(path: str) -> str:
         return "json"
     if low.endswith(".parquet"):
         return "parquet"
-    from lmforge.data.web import HTML_SUFFIXES, WARC_SUFFIXES
+    from lmforge.web_inputs import HTML_SUFFIXES, WARC_SUFFIXES
 
     if low.endswith(WARC_SUFFIXES):
         return "warc"
@@ -428,7 +428,7 @@ def _iter_hf(spec: str, fields: list[str], stats: ReadStats) -> Iterator[str]:
 
 
 def _iter_web(path: str, fmt: str, stats: ReadStats) -> Iterator[str]:
-    from lmforge.data import web
+    from lmforge import web_inputs as web
 
     if fmt == "html":
         yield from web.html_page(_read_all(path), stats)

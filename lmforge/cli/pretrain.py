@@ -20,8 +20,8 @@ def run(args) -> int:
         from lmforge.train.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # ConfigError before anything is imported or built
+        from lmforge.data.shards import check_shards_tokenizer
         from lmforge.outputs import run_dir_claim
-        from lmforge.tokenizer.identity import check_shards_tokenizer
 
         check_shards_tokenizer(cfg.data.dir, cfg.data.tokenizer)  # every run, with or without a val split
         with run_dir_claim(cfg.run.dir, "lmforge pretrain", overwrite=cfg.run.overwrite,

@@ -8,7 +8,7 @@
 - ``.html`` / ``.htm``: one page per file, extracted the same way.
 
 Reading is streamed record by record (warcio); nothing here holds a whole archive in memory. Counts land
-in :class:`lmforge.data.sources.ReadStats` (``web_pages``, ``web_skipped_records``, ``web_no_main_text``).
+in :class:`lmforge.sources.ReadStats` (``web_pages``, ``web_skipped_records``, ``web_no_main_text``).
 """
 
 from __future__ import annotations
@@ -16,20 +16,31 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from lmforge.config import UserError
+
 WARC_SUFFIXES = (".warc", ".wet", ".arc")
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 
-def _need(module: str):
-    import importlib
+def _missing(package: str) -> UserError:
+    return UserError(f"web inputs need `{package}`; pip install 'lmforge[web]'")
 
+
+def _trafilatura():
     try:
-        return importlib.import_module(module)
+        import trafilatura
     except ImportError:
-        from lmforge.config import UserError
+        raise _missing("trafilatura") from None
+    return trafilatura
 
-        raise UserError(f"web inputs need `{module.split('.')[0]}`; pip install 'lmforge[web]'") from None
+
+def _archive_iterator():
+    try:
+        from warcio.archiveiterator import ArchiveIterator
+    except ImportError:
+        raise _missing("warcio") from None
+    return ArchiveIterator
 
 
 def extract_main_text(html: bytes | str) -> str:
@@ -38,7 +49,7 @@ def extract_main_text(html: bytes | str) -> str:
     Paragraphs come out one per line, so the line-based quality rules (C4, FineWeb) see the page's
     structure.
     """
-    trafilatura = _need("trafilatura")
+    trafilatura = _trafilatura()
     if not html:
         return ""
     try:
@@ -57,7 +68,7 @@ def _content_type(record: Any) -> str:
 
 def iter_warc_pages(stream: BinaryIO, stats: Any, name: str = "input") -> Iterator[str]:
     """Main texts of the HTML / text records of one WARC or WET stream (decompressed or gzip)."""
-    ArchiveIterator = _need("warcio.archiveiterator").ArchiveIterator
+    ArchiveIterator = _archive_iterator()
     try:
         for record in ArchiveIterator(stream, arc2warc=True):
             rtype = record.rec_type
@@ -84,8 +95,6 @@ def iter_warc_pages(stream: BinaryIO, stats: Any, name: str = "input") -> Iterat
                 continue
             yield text
     except Exception as e:  # noqa: BLE001 -- warcio.ArchiveLoadFailed, truncated gzip, not a WARC at all
-        from lmforge.config import UserError
-
         raise UserError(f"'{name}' is not a readable WARC/WET archive ({type(e).__name__}: {e}); "
                         "check the file, or name it .html / .txt if it is not an archive") from None
 
