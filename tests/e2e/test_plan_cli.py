@@ -23,10 +23,30 @@ def test_issue_command_json_keys():
     r = lmforge("plan", "--model", "llama2-7b", "--gpus", "8", "--gpu-mem-gb", "80", "--json", "--tokens", "2T")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
-    assert plan["params"] == 6_738_415_616 and isinstance(plan["fits"], bool)
-    for key in ("weights", "grads", "optimizer", "activations", "total"):
-        assert plan["memory_gb"][key] > 0
-    assert plan["flops"]["per_token"] > 0 and plan["hours"] > 0 and plan["tokens"] == 2e12
+    # Llama 2 7B: vocabulary 32000, width 4096, 32 layers (32 heads of 128), SwiGLU 11008, untied head
+    V, d, L, ffn, T = 32000, 4096, 32, 11008, 4096
+    matmul = L * (4 * d * d + 3 * d * ffn) + V * d  # attention q/k/v/o, SwiGLU w1/w2/w3, the LM head
+    params = matmul + V * d + (2 * L + 1) * d  # + the embedding and the RMSNorm weights
+    assert plan["params"] == params == 6_738_415_616 and plan["tokens"] == 2e12
+    assert plan["parallel"]["dp_shard"] == 8 and plan["params_per_gpu"] == params // 8  # FSDP over the 8 GPUs
+    # training FLOPs per token: 6·(matmul params) + 12·L·d·T (attention scores), the PaLM estimate
+    per_token = 6 * matmul + 12 * L * d * T
+    assert plan["flops"]["per_token"] == per_token and plan["flops"]["total"] == pytest.approx(per_token * 2e12)
+    assert plan["chinchilla_tokens"] == 20 * params
+    # bf16 autocast over fp32 master weights: 4 bytes of weights, 4 of grads, 8 of AdamW moments per parameter
+    mem = plan["memory_gb"]
+    shard = params / 8 / 1e9
+    assert mem["weights"] == pytest.approx(4 * shard, abs=1e-3) and mem["grads"] == pytest.approx(4 * shard, abs=1e-3)
+    assert mem["optimizer"] == pytest.approx(8 * shard, abs=1e-3)
+    assert mem["activations"] > 0 and mem["buffers"] > 0
+    parts = ("weights", "grads", "optimizer", "activations", "buffers")
+    assert mem["total"] == pytest.approx(sum(mem[k] for k in parts), abs=3e-3)
+    assert plan["fits"] == (mem["total"] <= 80) and plan["headroom_gb"] == pytest.approx(80 - mem["total"], abs=2e-3)
+    # time: 8 GPUs x the H100's dense bf16 peak x the assumed MFU, over the FLOPs per token
+    tok_s = 8 * plan["peak_tflops"] * 1e12 * plan["mfu"]["effective"] / per_token
+    assert plan["peak_tflops"] == pytest.approx(989.4) and plan["tokens_per_s"] == pytest.approx(tok_s, rel=1e-4)
+    assert plan["hours"] == pytest.approx(2e12 / tok_s / 3600, rel=1e-4)
+    assert plan["gpu_hours"] == pytest.approx(8 * plan["hours"], rel=1e-4)
     peak = plan["memory_peak_gb"]
     assert peak["verdict_uses"] == "device" and peak["device"] == plan["memory_gb"]["total"]
     assert peak["allocated"] <= peak["reserved"] <= peak["device"]

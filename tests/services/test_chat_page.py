@@ -194,16 +194,40 @@ def watch_reply_lengths(driver) -> None:
 
 
 # ---- tests -------------------------------------------------------------------------------------------------------
-def test_page_and_assets_are_served_as_utf8(server):
-    status, headers, body = http(server + "/", key=None)  # the page itself needs no key; the API does
-    assert status == 200 and headers.get_content_type() == "text/html"
-    html = body.decode("utf-8")
-    assert '<meta charset="utf-8">' in html and 'src="static/chat.js"' in html and 'href="static/chat.css"' in html
-    for name, kind in (("chat.js", "javascript"), ("chat.css", "text/css")):
-        status, headers, body = http(f"{server}/static/{name}", key=None)
-        assert status == 200 and kind in headers.get("content-type", ""), (name, headers.get("content-type"))
+def test_page_and_assets_are_served_as_utf8(server, request):
+    # over HTTP: each file as is, declared UTF-8 (each holds non-ASCII text, so another charset garbles it).
+    # A script typed application/javascript (the system's mime table decides) carries no charset parameter
+    # and is read in the page's charset; the browser part below checks that its text arrives intact.
+    files = {"/": ("index.html", "text/html"), "/static/chat.js": ("chat.js", "javascript"),
+             "/static/chat.css": ("chat.css", "text/css")}
+    for path, (name, kind) in files.items():
+        status, headers, body = http(server + path, key=None)  # the page itself needs no key; the API does
+        assert status == 200 and kind in headers.get_content_type(), (path, headers.get("content-type"))
+        utf8_or_page = headers.get_content_type() == "application/javascript" and not headers.get_content_charset()
+        assert headers.get_content_charset() == "utf-8" or utf8_or_page, (path, headers.get("content-type"))
         assert body == (REPO / "lmforge/serve/static" / name).read_bytes()
-    assert "Noto Sans CJK SC" in (REPO / "lmforge/serve/static/chat.css").read_text()  # a CJK-capable font stack
+        assert any(ord(c) > 127 for c in body.decode("utf-8")), name
+    html = http(server + "/", key=None)[2].decode("utf-8")
+    assert '<meta charset="utf-8">' in html and 'src="static/chat.js"' in html and 'href="static/chat.css"' in html
+
+    # in the browser (where Chromium is installed): the non-ASCII text of each file arrives intact, and
+    # messages are set in a stack that reaches Debian's CJK font
+    browser = request.getfixturevalue("browser")
+    open_page(browser, server)
+    assert browser.execute_script("return document.characterSet") == "UTF-8"
+    assert browser.find_element("id", "input").get_attribute("placeholder").startswith("Message — Enter")
+    model = json.loads(http(server + "/v1/models")[2])["data"][0]["id"]
+    wait_for(browser, lambda d: d.find_element("id", "model").text == f"{model} · context 1024",
+             "chat.js to show the model and its context")
+    styles = browser.execute_script("""
+        const m = document.createElement('div'); m.className = 'message assistant'; m.dataset.state = 'streaming';
+        const t = document.createElement('span'); t.className = 'text'; t.textContent = '你好';
+        m.appendChild(t); document.getElementById('messages').appendChild(m);
+        const out = {cursor: getComputedStyle(t, '::after').content, font: getComputedStyle(t).fontFamily};
+        m.remove();
+        return out;""")
+    assert styles["cursor"] == '"▍"', styles
+    assert '"Noto Sans CJK SC"' in styles["font"] and '"WenQuanYi Zen Hei"' in styles["font"], styles
 
 
 def test_sse_parser_decodes_characters_split_across_chunks(browser, server):

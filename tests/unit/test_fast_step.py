@@ -36,8 +36,13 @@ def test_the_mask_is_built_once_per_forward_and_gives_the_per_layer_result(monke
         want = model.output(model.norm(h))
     assert len(calls) == cfg.n_layers
     torch.testing.assert_close(got, want)
-    built = real(12, 12, window=5, mask=mask)
-    assert isinstance(StepMask(*built), tuple) and built[1] is False  # an explicit mask: window and documents
+    # the mask every layer got: one explicit bool mask (not SDPA's causal flag) of causality, the window of 5
+    # and the two documents, position by position
+    built = StepMask(*real(12, 12, window=5, mask=mask))
+    assert built.is_causal is False and built.attn_mask.dtype == torch.bool
+    t, s = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    allowed = (s <= t) & (s > t - 5) & (docs[:, None] == docs[None, :])
+    assert torch.equal(built.attn_mask.expand(2, 1, 12, 12), allowed.expand(2, 1, 12, 12))
 
 
 def test_input_token_count_stays_on_the_device():

@@ -307,12 +307,40 @@ def test_lora_sft_from_an_hf_imported_llama(tmp_path, capsys):
     assert main(["import", "--hf", str(src), "--out", str(tmp_path / "lm")]) == 0, capsys.readouterr().err
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in SFT), encoding="utf-8")
+
+    # the imported template writes EOS itself: each example is trained on its reply and that one EOS
+    from lmforge.finetune.data import encode_examples, load_sft_examples
+    from lmforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "lm")
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    examples = load_sft_examples(data)[:6]
+    ds = encode_examples(tok, examples, 63)
+    assert ds.stats["truncated"] == 0 and len(ds) == len(examples)
+    for ex, ids, labels in zip(examples, ds.input_ids, ds.labels):
+        assert ids[0] == tok.bos_id and ids.count(tok.eos_id) == 1, tok.decode(ids, skip_special_tokens=False)
+        target = [t for t in labels if t != -100]
+        assert target[-1] == tok.eos_id
+        assert tok.decode(target, skip_special_tokens=False) == ex.messages[-1]["content"] + "</s>"
+
     res = finetune(sft_cfg(tmp_path / "lm", data, tmp_path / "run", finetune={"mode": "lora"},
                            lora={"rank": 2, "alpha": 4, "targets": ["attention"]}, train={"max_steps": 4},
                            eval={"interval": 2}))
     evals = rows(tmp_path / "run", "eval")
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
-    assert 0 < res.trainable_fraction < 0.2
+    adapters = 2 * (2 * (32 + 32) + 2 * (32 + 16) * 2 + 2 * (32 + 32))  # 2 layers: wq, wo (32→32), wk, wv (32→16)
+    assert res.trainable_params == adapters and 0 < res.trainable_fraction < 0.2
+    # RUN/model is the merged model: the attention weights moved from the imported base, nothing else did
+    base, merged = load_weights(tmp_path / "lm"), load_weights(res.model_dir)
+    assert set(merged) == set(base)
+    for k, v in base.items():
+        assert (not torch.equal(v, merged[k])) == k.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight")), k
+    # ... and computes what the base + the unmerged RUN/adapter compute
+    unmerged, meta = load_adapter(res.adapter_dir)
+    assert meta["base_model"] == str((tmp_path / "lm").resolve())
+    x = torch.tensor([ds.input_ids[0][:20]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_model_dir(res.model_dir).eval()(x), unmerged(x), atol=1e-5, rtol=1e-5)
     capsys.readouterr()
     assert main(["generate", "--model", res.model_dir, "--chat", "--prompt", "Say hello.", "--max-new-tokens", "4",
                  "--json"]) == 0

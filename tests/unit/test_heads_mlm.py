@@ -11,7 +11,6 @@ from lmforge.models.heads import (
     load_heads,
     mask_tokens,
     mlm_logits,
-    mlm_loss,
     save_heads,
 )
 from lmforge.models.presets import get_preset
@@ -63,26 +62,67 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_mlm_training_from_scratch_learns_to_fill_masks(one_thread):
-    torch.manual_seed(0)
-    model = _tiny_bert()
-    head = MLMHead(model.cfg)
-    head.init_weights()
-    params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    # Each row repeats one random token: its marginal is uniform over 59 ids (best context-free loss
-    # ln 59 = 4.08), but a model that reads the unmasked neighbours can fill every mask.
-    losses = []
-    for step in range(80):
-        tokens = torch.randint(5, 64, (16, 1), generator=g).expand(16, 16)
-        inputs, labels = mask_tokens(tokens, MASK, 64, SPECIAL, generator=g)
-        loss = mlm_loss(mlm_logits(model, head, inputs), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[0] > 4.0 and sum(losses[-10:]) / 10 < 3.3, (losses[0], losses[-10:])
+def _constant_rows_shards(d, rows: dict[str, int], seq_len: int, vocab: int, seed: int = 0):
+    """A token-shard dir whose every window (``seq_len`` tokens, aligned) repeats one random id in
+    [5, vocab): the MLM rows of the loader are constant rows."""
+    import numpy as np
+
+    from tests.unit.test_loader import write_shards
+
+    g = np.random.default_rng(seed)
+    splits = {split: [np.append(np.repeat(g.integers(5, vocab, n), seq_len), 5)] for split, n in rows.items()}
+    return write_shards(d, splits, vocab=vocab)
+
+
+def test_mlm_training_from_scratch_learns_to_fill_masks(one_thread, tmp_path):
+    """BERT pretraining through the production path: pretrain() with train.objective=mlm (the MLM head
+    attached to the encoder, mlm_objective's masks, the Trainer, RUN/model with its heads). Each row
+    repeats one random token: its marginal is uniform over 59 ids (best context-free loss ln 59 = 4.08),
+    but a model that reads the unmasked neighbours can fill every mask."""
+    import json
+
+    from lmforge.config import from_dict
+    from lmforge.models.heads import load_heads
+    from lmforge.models.model_dir import load_model_dir
+    from lmforge.train.config import PretrainConfig
+    from lmforge.train.pretrain import pretrain
+
+    T, V, steps = 16, 64, 80
+    data = _constant_rows_shards(tmp_path / "shards", {"train": steps * 16, "val": 64}, T, V)
+    cfg = from_dict(PretrainConfig, {
+        "run": {"dir": str(tmp_path / "run")},
+        "model": {"preset": "bert-base", "dim": 32, "n_layers": 2, "n_heads": 4, "ffn_hidden": 64,
+                  "max_seq_len": T, "dropout": 0.0},
+        "data": {"dir": str(data), "seq_len": T},
+        "train": {"global_batch": 16, "micro_batch": 16, "max_steps": steps, "objective": "mlm", "device": "cpu"},
+        "optim": {"lr": 1e-2, "weight_decay": 0.01},
+        "schedule": {"name": "constant"},
+        "eval": {"interval": steps, "batches": 4},
+        "checkpoint": {"interval": 0},
+        "log": {"interval": 10, "progress": False},
+    })
+    result = pretrain(cfg)
+    assert result.step == steps and result.stop_reason == "max_steps"
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
+    assert evals[0][0] == 0 and evals[-1][0] == steps, evals
+    assert evals[0][1] > 4.0 and evals[-1][1] < 3.3, evals
+    # RUN/model: the encoder (one extra id, the mask) and its MLM head; it fills masks in new rows
+    model_dir = tmp_path / "run" / "model"
+    assert json.loads((model_dir / "config.json").read_text())["heads"] == ["mlm"]
+    model = load_model_dir(model_dir).eval()
+    assert model.cfg.vocab_size == V + 1
+    head = load_heads(model_dir, model.cfg)["mlm"]
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(5, V, (128, 1), generator=g).expand(128, T).clone()
+    inputs = tokens.clone()
+    at = [2, 7, 11]
+    inputs[:, at] = V  # the mask id: one after the data's vocabulary
+    with torch.no_grad():
+        logits = mlm_logits(model, head, inputs)[:, at]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, at].flatten()).item()
+    filled = (logits.argmax(-1) == tokens[:, at]).float().mean().item()
+    assert loss < 3.3 and filled > 0.1, (loss, filled)  # chance: ln 59 = 4.08 and 1/59 = 0.017
 
 
 def test_heads_save_and_load(tmp_path):

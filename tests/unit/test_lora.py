@@ -36,21 +36,46 @@ def test_merge_equals_unmerged_after_training():
         opt.step()
         opt.zero_grad()
     model.eval()
+    # training moved every adapter (lora_B starts at zero), so the adapted model is no longer the base
+    adapters = lora_state_dict(model)
+    assert len(adapters) == 2 * 2 * 7
+    for k, v in adapters.items():
+        if k.endswith("lora_B"):
+            assert v.abs().max() > 1e-4, f"{k} did not move in training"
+    base = tiny().eval()
+    base_out = base(x)
     unmerged = model(x)
-    assert lora_state_dict(model)
+    assert (unmerged - base_out).abs().max() > 1e-3
     assert merge_lora(model) == 2 * 7
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
-    assert set(model.state_dict()) == set(tiny().state_dict())  # plain checkpoint keys again
+    assert set(model.state_dict()) == set(base.state_dict())  # plain checkpoint keys again
+    # the merge changed exactly the adapted weights: every linear but the output head and the norms/embedding
+    merged, plain = model.state_dict(), base.state_dict()
+    for k in plain:
+        changed = not torch.equal(merged[k], plain[k])
+        assert changed == (".attention.w" in k or ".feed_forward.w" in k), k
 
 
 def test_state_dict_keeps_base_keys():
     model = tiny()
-    base_keys = set(model.state_dict())
-    apply_lora(model, LoraConfig())
-    keys = set(model.state_dict())
-    assert base_keys <= keys
-    assert all(".lora_" in k for k in keys - base_keys)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, LoraConfig(rank=4))  # default targets: wq, wv
+    state = model.state_dict()
+    # the base tensors keep their keys and values, so a base checkpoint loads unchanged ...
+    assert base.keys() <= state.keys()
+    for k, v in base.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+    # ... and the only new keys are one (A, B) pair for each adapted linear, with the adapter shapes
+    adapted = [f"layers.{i}.attention.{w}" for i in range(2) for w in ("wq", "wv")]
+    expected = {f"{m}.lora_{ab}" for m in adapted for ab in "AB"}
+    assert state.keys() - base.keys() == expected
+    for m in adapted:
+        assert state[f"{m}.lora_A"].shape == (4, 32)
+        assert state[f"{m}.lora_B"].shape == (32, 4)
+    assert set(lora_state_dict(model)) == expected
+    missing, unexpected = model.load_state_dict(base, strict=False)
+    assert set(missing) == expected and not unexpected
 
 
 def test_bad_targets():

@@ -33,10 +33,25 @@ def test_decay_flags_move_groups():
 
 
 def test_frozen_parameters_are_left_out():
-    model = _model()
-    model.tok_embeddings.weight.requires_grad_(False)
-    names = [n for g in param_groups(model, 0.1) for n in g["names"]]
-    assert "tok_embeddings.weight" not in names
+    model = _model(tie_embeddings=False)
+    frozen = {"tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.1.ffn_norm.weight"}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == len(list(model.parameters())) - 3
+    groups = param_groups(model, 0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in trainable.values()}
+    assert sorted(n for g in groups for n in g["names"]) == sorted(trainable)
+    for name in ("adamw", "muon"):
+        opt = build_optimizer(model, OptimConfig(name=name, lr=0.1, weight_decay=0.5))
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in trainable.values()}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)  # a gradient everywhere: only the optimizer's groups decide what moves
+        opt.step()
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]) == (n in frozen), f"{name}: {n}"
 
 
 def test_weight_decay_really_skips_embeddings():

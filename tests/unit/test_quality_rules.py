@@ -96,6 +96,9 @@ CASES = [
     ("gopher_repetition_zh", "dup_para_frac", "\n\n".join(p for p in ZH.split("\n") for _ in range(2)),
      {"dup_para_frac": 0.6, "dup_para_char_frac": None, "dup_line_frac": None, "dup_line_char_frac": None,
       "dup_ngram_char_frac": None}),
+    ("gopher_repetition_zh", "dup_para_char_frac",
+     "\n\n".join([ZH.replace("\n", "")] + GUWEN[6].split("\n") + [ZH.replace("\n", "")]),
+     {"dup_para_char_frac": 0.6, "dup_line_char_frac": 0.6, "dup_ngram_char_frac": None}),
     ("gopher_repetition_zh", "dup_line_frac", "\n".join(ZH_SENTENCES[:6] + ["點擊閱讀全文。"] * 5),
      {"dup_line_frac": 0.5}),
     ("gopher_repetition_zh", "dup_line_char_frac",
@@ -144,19 +147,30 @@ def test_rule_fires_at_default_and_is_configurable(group, rule, text, override):
 
 
 def test_every_rule_has_a_case():
-    covered = {(g.removesuffix("_zh"), r) for g, r, _, _ in CASES}
-    for group, rules in [("gopher_quality", ["min_doc_words", "max_doc_words", "min_avg_word_length",
-                                             "max_avg_word_length", "max_hash_word_ratio", "max_ellipsis_word_ratio",
-                                             "max_bullet_lines_ratio", "max_ellipsis_lines_ratio",
-                                             "min_alpha_words_ratio", "min_stop_words", "min_doc_chars",
-                                             "max_doc_chars", "max_hash_char_ratio", "max_ellipsis_char_ratio",
-                                             "min_text_chars_ratio"]),
-                         ("gopher_repetition", ["dup_para_frac", "dup_para_char_frac", "dup_line_frac",
-                                                "dup_line_char_frac", "top_2gram_char_frac", "dup_5gram_char_frac"]),
-                         ("c4", ["min_sentences", "lorem_ipsum", "curly_bracket"]),
-                         ("fineweb", ["line_punct_thr", "short_line_thr", "char_duplicates_ratio", "new_line_ratio"])]:
-        for rule in rules:
-            assert (group, rule) in covered, (group, rule)
+    """Every threshold in quality.DEFAULTS, in both variants, is tested: a document rule by its own case in
+    CASES (of that very group), an n-gram table by test_ngram_thresholds_each_n (which reads DEFAULTS), a C4
+    line rule by test_c4_line_rules_count_and_drop_lines; the rest are settings of one of those rules."""
+    settings = {"stop_words": "min_stop_words", "short_line_length": "short_line_thr"}
+    c4_line_rules = {"terminal_punct", "min_words_per_line", "min_chars_per_line", "max_word_length", "javascript",
+                     "policy", "citations"}
+    ngram_tables = {"top_ngram_char_frac": "top_{}gram_char_frac", "dup_ngram_char_frac": "dup_{}gram_char_frac"}
+    covered = {(g, r) for g, r, _, _ in CASES}
+    missing = []
+    for group, thresholds in q.DEFAULTS.items():
+        for key, default in thresholds.items():
+            if key in settings:
+                assert settings[key] in thresholds, (group, key)  # the rule the setting belongs to is there
+            elif group.removesuffix("_zh") == "c4" and key in c4_line_rules:
+                assert isinstance(default, (bool, int)), (group, key)
+            elif isinstance(default, dict):
+                assert key in ngram_tables and default, (group, key)
+            elif (group, key) not in covered:
+                missing.append(f"{group}.{key}")
+    assert not missing, f"rules in quality.DEFAULTS without a case in CASES: {missing}"
+    # and every case is a rule that DEFAULTS has (a renamed or removed threshold leaves no stale case)
+    for group, rule, _, _ in CASES:
+        table = {fmt.format(n) for key, fmt in ngram_tables.items() for n in q.DEFAULTS[group].get(key, {})}
+        assert rule in q.DEFAULTS[group] or rule in table, (group, rule)
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])

@@ -180,12 +180,26 @@ def test_early_stopping_with_patience(tmp_path):
 
 
 def test_time_limit_checkpoints_and_a_rerun_continues(tmp_path):
-    cfg = make_cfg(tmp_path, train={"max_steps": 6, "time_limit_minutes": 1e-9}, eval={"batches": 0})
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    make_trainer(make_cfg(ref_dir, train={"max_steps": 6}, eval={"batches": 0})).fit()
+    cfg = make_cfg(run_dir, train={"max_steps": 6, "time_limit_minutes": 1e-9}, eval={"batches": 0})
     first = make_trainer(cfg).fit()
     assert first.stop_reason == "time_limit" and first.step == 1
-    cfg = make_cfg(tmp_path, train={"max_steps": 6}, eval={"batches": 0})
-    second = make_trainer(cfg).fit()
-    assert second.resumed_from and second.step == 6 and second.stop_reason == "max_steps"
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step_000001"
+    cfg = make_cfg(run_dir, train={"max_steps": 6}, eval={"batches": 0})
+    source = CountingSource()
+    second = make_trainer(cfg, source=source, seed=123).fit()  # another init: only the checkpoint can match
+    assert second.resumed_from.endswith("step_000001") and second.step == 6 and second.stop_reason == "max_steps"
+    assert second.tokens == 6 * 8 * T
+    assert source.i == 6  # the loader went on from the checkpoint's position: batches 1..5, not 0..4
+    # the rerun continued the very same run: the uninterrupted run's losses (exactly) and weights
+    ref, got = rows(ref_dir), rows(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 7))
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+    a, b = load_model_dir(ref_dir / "model").state_dict(), load_model_dir(run_dir / "model").state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_interrupted_run_resumes_bit_identically(tmp_path):
