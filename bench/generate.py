@@ -29,9 +29,9 @@ def _models(args, tmp: Path):
     import transformers
 
     transformers.logging.disable_progress_bar()
+    from lmforge.artifacts.hf import export_hf, import_hf
+    from lmforge.artifacts.model_dir import load_model_dir, save_model_dir
     from lmforge.models import build_model, get_preset
-    from lmforge.models.hf import export_hf, import_hf
-    from lmforge.models.model_dir import load_model_dir, save_model_dir
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.hf:

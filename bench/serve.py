@@ -49,8 +49,8 @@ def build_model_dir(preset: str, out: Path) -> Path:
 
     import torch
 
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models import build_model, get_preset
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.tokenizer import train_tokenizer
 
     (out / "corpus.txt").write_text("\n".join(corpus_lines()), encoding="utf-8")

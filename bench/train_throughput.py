@@ -118,7 +118,7 @@ def hf_side(args, device):
     import torch
     import transformers
 
-    from lmforge.models.hf import family_for_model_config, lmforge_to_hf_state_dict, model_config_to_hf
+    from lmforge.artifacts.hf import family_for_model_config, lmforge_to_hf_state_dict, model_config_to_hf
     from lmforge.models.transformer import build_model
 
     transformers.logging.set_verbosity_error()

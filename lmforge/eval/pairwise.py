@@ -73,8 +73,8 @@ def score_pairs(model, data, batch_size: int, pad_id: int, device, progress=None
 def evaluate_pairwise(model_dir: str | os.PathLike, data_path: str | os.PathLike, device="cpu", dtype=None,
                       batch_size: int = 8, max_examples: int | None = None, chat_template: str | None = None,
                       progress=None) -> dict:
+    from lmforge.artifacts.reward_dir import is_reward_dir, load_reward_dir
     from lmforge.data.preference_pairs import encode_pairs, load_pairs
-    from lmforge.models.reward import is_reward_dir, load_reward_dir
     from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.chat_template import get_chat_template
 

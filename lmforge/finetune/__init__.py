@@ -12,7 +12,7 @@ _EXPORTS = {
     "load_config": "lmforge.finetune.config",
     "finetune": "lmforge.finetune.recipes",
     "FinetuneResult": "lmforge.finetune.recipes",
-    "load_adapter": "lmforge.models.adapter_dir",
+    "load_adapter": "lmforge.artifacts.adapter_dir",
 }
 
 __all__ = list(_EXPORTS)

@@ -7,10 +7,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmforge.artifacts.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lmforge.atomic import atomic_directory
 from lmforge.console import info
 from lmforge.finetune.config import FinetuneConfig
-from lmforge.models.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 BEST_DIR = "best"
 BEST_WEIGHTS = "weights.safetensors"
@@ -24,8 +24,8 @@ def lora_trainable_prefixes(cfg: FinetuneConfig) -> tuple[str, ...]:
 def save_adapter(model, directory: Path, cfg: FinetuneConfig, base_fingerprint: str,
                  labels: Sequence[str] | None) -> Path:
     """RUN/adapter: the LoRA tensors (+ a classifier head) and a reference to the base model dir."""
+    from lmforge.artifacts.model_dir import save_weights
     from lmforge.models.lora import lora_state_dict
-    from lmforge.models.model_dir import save_weights
 
     sd = lora_state_dict(model)
     sd.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})
@@ -59,7 +59,7 @@ def _gather(model, trainable_only: bool) -> dict:
 
 def save_best(trainer, run_dir: Path) -> None:
     """on_best hook: keep the trainable weights of the best evaluation in RUN/best/ (all ranks call it)."""
-    from lmforge.models.model_dir import save_weights
+    from lmforge.artifacts.model_dir import save_weights
     from lmforge.train.parallel import barrier
 
     sd = _gather(trainer.model, trainable_only=True)
@@ -111,9 +111,9 @@ def export(trainer, result, cfg: FinetuneConfig, base_cfg, labels, template: str
     (model dir, adapter dir, step whose weights RUN/model holds)."""
     from safetensors.torch import load_file
 
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.classifier import save_classifier_dir
     from lmforge.models.lora import merge_lora
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.tokenizer.chat_template import save_chat_template
     from lmforge.tokenizer.identity import tokenizer_dir_hash
     from lmforge.train.parallel import barrier

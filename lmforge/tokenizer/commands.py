@@ -80,7 +80,7 @@ def _optional_subcommands() -> None:
     """Subcommands that live in other modules (registered when the module exists)."""
     import importlib
 
-    for name, module_name in (("extend", "lmforge.tokenizer.extend"),):
+    for name, module_name in (("extend", "lmforge.tokenizer.extend_command"),):
         if name in SUBCOMMANDS:
             continue
         try:

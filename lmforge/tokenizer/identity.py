@@ -5,8 +5,8 @@ trains or generates, on garbage). So every command checks, before any work:
 
 * ``pretrain``: the data's tokenizer dir against the hash in the shards' ``index.json`` — every run,
   whether or not it has a validation split (:func:`check_shards_tokenizer`);
-* commands that load a model dir: its tokenizer files against the ``tokenizer_hash`` in its
-  ``config.json`` (:func:`check_model_dir_tokenizer`; dirs without a recorded hash are not checked).
+* commands that load a model dir: its tokenizer files against the ``tokenizer_hash`` in its metadata
+  (``lmforge.artifacts.identity.check_model_dir_tokenizer``; dirs without a recorded hash are not checked).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import UserError, read_json_bounded
+from lmforge.config import UserError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -53,19 +53,3 @@ def check_shards_tokenizer(shard_dir: str | os.PathLike, tokenizer_dir: str | No
                         f"prepared with ({expected}); set data.tokenizer to the right dir or re-run "
                         "`lmforge prepare` with this tokenizer")
     return path
-
-
-def check_model_dir_tokenizer(model_dir: str | os.PathLike) -> None:
-    """A model dir's tokenizer files match the ``tokenizer_hash`` its ``config.json`` records."""
-    d = Path(model_dir)
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file() or not any((d / f).is_file() for f in _TOKENIZER_FILES):
-        return
-    data = read_json_bounded(cfg_path, what="model config")
-    expected = data.get("tokenizer_hash") if isinstance(data, dict) else None
-    if not isinstance(expected, str) or not expected:
-        return
-    found = _hash_of(d)
-    if found != expected:
-        raise UserError(f"the tokenizer files in '{model_dir}' (hash {found}) are not the ones its weights were "
-                        f"trained with (config.json says {expected}); restore the original tokenizer.json")

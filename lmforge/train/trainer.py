@@ -531,7 +531,7 @@ class Trainer:
             if self.save_model_fn is not None:
                 self.save_model_fn(shell, out)
             else:
-                from lmforge.models.model_dir import save_model_dir
+                from lmforge.artifacts.model_dir import save_model_dir
 
                 save_model_dir(shell, out)
         barrier()

@@ -17,8 +17,8 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, make_tokenizer):
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models import ModelConfig, build_model
-    from lmforge.models.model_dir import save_model_dir
     d = tmp_path_factory.mktemp("evalcli")
     make_tokenizer(d, CORPUS, name="tok")
     cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_hidden=128, max_seq_len=128,
@@ -34,8 +34,8 @@ def forced_model_dir(tok_dir, out, answer: str):
     The LM head maps u -> a1, e_i -> a_(i+1), e_n -> EOS, every other row is zero — so greedy decoding
     walks the chain whatever the prompt was.
     """
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models import ModelConfig, build_model
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.chat_template import encode_text
 
@@ -156,9 +156,10 @@ def test_generation_metrics_are_exact_when_the_answer_is_known(forced, tmp_path,
 
 
 def test_classify_zero_shot_and_head(model_dir, tmp_path, capsys):
+    from lmforge.artifacts.classifier_dir import save_classifier_dir
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.data.labelled import encode_labelled, load_labelled
-    from lmforge.models.classifier import SequenceClassifier, save_classifier_dir
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.models.classifier import SequenceClassifier
     from lmforge.tokenizer import load_tokenizer
 
     data = write(tmp_path / "d.tsv", "sentence\tlabel\na charming journey .\t1\nbleak and desperate\t0\n"

@@ -48,7 +48,7 @@ def _hf_tokenizer(path, corpus=None):
 
 @pytest.mark.slow
 def test_import_generate_export_round_trip_with_tokenizer(tmp_path):
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.tokenizer import load_tokenizer
 
     src = tmp_path / "hf"
@@ -89,8 +89,8 @@ def test_import_generate_export_round_trip_with_tokenizer(tmp_path):
 
 def test_export_of_a_model_lmforge_trained(tmp_path):
     """A model lmforge built (tiny preset, lmforge's own BPE tokenizer) → transformers loads both."""
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models import build_model, get_preset
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.tokenizer import train_tokenizer
 
     corpus = tmp_path / "corpus.txt"
@@ -119,9 +119,9 @@ def test_export_of_a_model_lmforge_trained(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.cli import main
     from lmforge.models import build_model, get_preset
-    from lmforge.models.model_dir import save_model_dir
 
     def err(*args):
         assert main([str(a) for a in args]) == 2
@@ -165,7 +165,7 @@ def test_import_finetune_export(tmp_path):
     cli("export", "--model", tmp_path / "run" / "model", "--out", tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.model_dir import load_model_dir
 
     tuned = load_model_dir(tmp_path / "run" / "model").eval()
     x = torch.tensor([tok.encode("A journey of a thousand miles", add_special_tokens=False)])

@@ -27,8 +27,8 @@ LINES = ["The quick brown fox jumps over the lazy dog.", "你好，世界。今�
 def model_dir(tmp_path_factory, make_tokenizer):
     import torch
 
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models import ModelConfig, build_model
-    from lmforge.models.model_dir import save_model_dir
 
     root = tmp_path_factory.mktemp("serve")
     tok = make_tokenizer(root, LINES, vocab_size=300, name="tok")
@@ -159,8 +159,8 @@ def test_completions_stop_strings_streamed_and_not(served):
 
 
 def test_greedy_in_a_batch_equals_alone_and_the_library(served, model_dir):
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.generate import generate
-    from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.chat_template import encode_prompt
 

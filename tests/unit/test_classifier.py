@@ -1,7 +1,8 @@
 import torch
 
+from lmforge.artifacts.classifier_dir import load_classifier_dir, save_classifier_dir
 from lmforge.models import ModelConfig, build_model
-from lmforge.models.classifier import SequenceClassifier, load_classifier_dir, save_classifier_dir
+from lmforge.models.classifier import SequenceClassifier
 
 
 def backbone(**kw):

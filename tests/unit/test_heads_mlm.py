@@ -3,17 +3,16 @@
 import pytest
 import torch
 
+from lmforge.artifacts.heads_dir import load_heads, save_heads
 from lmforge.config import UserError
 from lmforge.models import build_model, get_preset
 from lmforge.models.heads import (
     IGNORE_INDEX,
     MLMHead,
     Pooler,
-    load_heads,
     mask_tokens,
     mlm_logits,
     mlm_loss,
-    save_heads,
 )
 
 MASK, SPECIAL = 4, (0, 1, 2)

@@ -7,6 +7,9 @@ import of a higher layer, or of a sibling that is not below it, fails with the o
     layer 1  tokenizer, data, models, planner            (the planner reads model configs only;
                                                          models never read data or tokenizers)
     layer 2  distributed
+             artifacts                                   the one reader/writer of model, adapter, classifier and
+                                                         reward dirs, HF / GGUF interop, consolidation
+                                                         (reads models, tokenizer and config; never train/eval/…)
     layer 3  train, eval, generate                       eval and generate sit beside train, not on it
     layer 4  finetune                                    (reuses train, eval and generate)
              serve                                       (the HTTP server over generate; never finetune)
@@ -27,7 +30,7 @@ PACKAGE = Path(lmforge.__file__).parent
 LAYERS: dict[str, int] = {
     "__init__": 0, "config": 0, "atomic": 0, "console": 0, "outputs": 0, "interrupts": 0,
     "tokenizer": 1, "data": 1, "models": 1, "planner": 1,
-    "distributed": 2,
+    "distributed": 2, "artifacts": 2,
     "train": 3, "eval": 3, "generate": 3,
     "finetune": 4, "serve": 4,
     "cli": 5, "__main__": 5,
