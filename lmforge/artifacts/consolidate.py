@@ -4,7 +4,7 @@ model ready to be written as a model dir:
     gather the full state dict on every rank (a collective; CPU-offloaded)
     → rank 0 builds a shell of the model's structure on the meta device (no memory)
     → ``load_state_dict(assign=True)`` moves the gathered tensors in, strictly
-    → ``tie_weights()`` re-ties a tied LM head
+    → ``tie_weights()`` re-ties a tied LM head; derived buffers (RoPE) are computed on CPU
     → tensors the shell has no place for (injected heads such as ``model.mlm``) ride along in
       ``shell.extra_state_dict`` for the save function that knows them.
 
@@ -72,6 +72,8 @@ def load_into_shell(shell: nn.Module, sd: dict[str, torch.Tensor], keep_extra: b
         raise RuntimeError(f"the trained state does not match the {type(shell).__name__} being saved: missing "
                            f"{missing[:3]}, unexpected {unexpected[:3]}")
     backbone.tie_weights()
+    if hasattr(backbone, "init_buffers"):  # derived non-persistent buffers (RoPE, sinusoidal) off the meta device
+        backbone.init_buffers()
     shell.extra_state_dict = {k: sd[k] for k in unexpected}  # injected heads' weights (model.mlm, …)
     return shell
 

@@ -226,9 +226,6 @@ def read_metadata(directory: str | os.PathLike) -> ArtifactInfo:
         return _info(d, d / CONFIG_NAME, "model")
     if (d / ADAPTER_CONFIG).is_file():
         return _info(d, d / ADAPTER_CONFIG, "adapter")
-    if not d.exists():
-        raise UserError(f"model dir '{directory}' does not exist; pass a model dir written by lmforge "
-                        "(RUN/model, `lmforge import`)")
     raise UserError(f"'{directory}' is not a model dir: {CONFIG_NAME} is missing "
                     "(for a Hugging Face checkpoint run `lmforge import --hf DIR --out DIR` first)")
 

@@ -167,8 +167,12 @@ def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "c
     """Build the model from ``config.json`` and load its weights (strict: missing or extra keys fail)."""
     from lmforge.models.transformer import build_model
 
-    cfg = read_config(directory)
-    model = build_model(cfg, device=device, dtype=dtype, init=False)
+    info = read_metadata(directory)
+    if info.kind == "model" and info.task != "lm":
+        what = {"classify": "a classifier", "reward": "a reward model"}[info.task]
+        raise UserError(f"'{directory}' is {what} dir, not a language model; pass a language-model dir "
+                        "(RUN/model of pretraining or SFT, or an imported model)")
+    model = build_model(info.model_config(), device=device, dtype=dtype, init=False)
     load_state_strict(model, load_weights(directory), directory)
     return model
 

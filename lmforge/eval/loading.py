@@ -22,7 +22,7 @@ def load_for_eval(model_dir, device, dtype):
     if info.kind == "adapter":
         model, meta = load_adapter(d, device=device)
         model = model.to(dtype)
-        labels = list(meta["labels"]) if meta.get("task") == "classify" else None
+        labels = list(info.labels) if info.task == "classify" else None
         if not (d / "tokenizer.json").is_file() and not (d / "tokenizer.model").is_file():
             tok_dir = Path(meta["base_model"])
     elif info.task == "classify":

@@ -79,7 +79,7 @@ def evaluate_pairwise(model_dir: str | os.PathLike, data_path: str | os.PathLike
     from lmforge.tokenizer.chat_template import get_chat_template
 
     if not is_reward_dir(model_dir):
-        raise UserError(f"'{model_dir}' is not a reward model dir (config.json has no task: reward); --task pairwise "
+        raise UserError(f"'{model_dir}' is not a reward model dir (its metadata has no task: reward); --task pairwise "
                         "scores reward models trained with finetune.mode=reward")
     model = load_reward_dir(model_dir, device=device, dtype=dtype or torch.float32)
     tokenizer = load_tokenizer(model_dir)
