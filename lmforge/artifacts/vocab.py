@@ -87,7 +87,7 @@ def extend_model_dir(base: str | os.PathLike, inputs: list[str], n_add: int, out
                 shutil.copy2(base / name, tmp / name)
         (tmp / "tokenizer.json").write_text(json.dumps(new_json, ensure_ascii=False), encoding="utf-8")
         if (tmp / META_FILE).is_file():
-            meta = json.loads((tmp / META_FILE).read_text(encoding="utf-8"))
+            meta = read_json_bounded(tmp / META_FILE, what="tokenizer metadata")
             meta.update(vocab_size=len(new_json["model"]["vocab"]) + len(new_json.get("added_tokens") or []),
                         hash=tokenizer_json_hash(new_json))
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")

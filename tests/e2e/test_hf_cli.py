@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from lmforge.artifacts import read_metadata
 from tests.conftest import TEST_DATA
 
 transformers = pytest.importorskip("transformers")
@@ -177,8 +178,8 @@ def test_import_finetune_export(tmp_path):
     from lmforge.tokenizer import load_tokenizer
 
     want = load_tokenizer(tmp_path / "lm").hash
-    assert json.loads((tmp_path / "lm" / "config.json").read_text())["tokenizer_hash"] == want
-    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["tokenizer_hash"] == want
+    assert json.loads((tmp_path / "lm" / "config.json").read_text())["lmforge"]["tokenizer_hash"] == want
+    assert read_metadata(tmp_path / "run" / "model").tokenizer_hash == want
     other = tmp_path / "other"
     _hf_tokenizer(other, corpus=["completely different words, other merges"] * 50)
     (tmp_path / "run" / "model" / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())

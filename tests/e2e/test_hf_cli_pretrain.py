@@ -63,7 +63,7 @@ def test_bert_mlm_pretraining_from_scratch_exports_to_transformers(shards, tmp_p
     assert result["step"] == 60
     model_dir = run / "model"
     cfg = json.loads((model_dir / "config.json").read_text())
-    assert cfg["heads"] == ["mlm"] and cfg["model"]["vocab_size"] == 513  # one extra id: the mask token
+    assert cfg["lmforge"]["heads"] == ["mlm"] and cfg["model"]["vocab_size"] == 513  # one extra id: the mask token
     lm = load_model_dir(model_dir).eval()
     head = load_heads(model_dir, lm.cfg)["mlm"]
     lmforge("export", "--model", model_dir, "--out", tmp_path / "hf")
