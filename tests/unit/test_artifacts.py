@@ -94,7 +94,7 @@ def test_reward_dir_round_trip(tmp_path):
 
 
 def test_heads_dir_round_trip(tmp_path):
-    enc = _lm(causal=False, lm_head=False)
+    enc = _lm(tie=False, causal=False, lm_head=False)
     head = attach_mlm_head(enc, seed=0)
     _perturb(head)
     save_model_dir_with_heads(enc, tmp_path / "enc")
@@ -171,7 +171,7 @@ def test_old_classifier_reward_and_heads_dirs_load(tmp_path):
     old = _old_dir(tmp_path / "rm", {"model": to_dict(rm.cfg), "task": "reward", "pooling": "last"}, sd)
     assert is_reward_dir(old) and torch.equal(load_reward_dir(old)(TOKENS), rm(TOKENS))
 
-    enc = _lm(causal=False, lm_head=False)
+    enc = _lm(tie=False, causal=False, lm_head=False)
     head = attach_mlm_head(enc, seed=0)
     old = _old_dir(tmp_path / "enc", {"model": to_dict(enc.cfg), "heads": ["mlm"]},
                    {k: v for k, v in unique_state_dict(enc).items() if not k.startswith("mlm.")})
