@@ -118,8 +118,8 @@ def _split_extra(extra: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str
     extra = dict(extra or {})
     extra.pop(BLOCK, None)
     fields = {k: extra.pop(k) for k in SCHEMA_FIELDS if k in extra}
-    fields.pop("lmforge_version", None)
-    return fields, extra
+    fields.pop("lmforge_version", None)  # always this lmforge's
+    return {k: v for k, v in fields.items() if v is not None}, extra
 
 
 def model_config_json(model: dict[str, Any], task: str = "lm", extra: dict[str, Any] | None = None,

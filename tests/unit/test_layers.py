@@ -39,7 +39,8 @@ LAYERS: dict[str, int] = {
 FORBIDDEN_SIBLINGS = {("eval", "train"), ("generate", "train"), ("generate", "eval"),
                       ("planner", "tokenizer"), ("planner", "data"),
                       ("models", "planner"), ("models", "data"), ("models", "tokenizer"),
-                      ("serve", "finetune"), ("finetune", "serve")}
+                      ("serve", "finetune"), ("finetune", "serve"),
+                      ("artifacts", "distributed")}  # distributed reads model dirs; artifacts uses torch.distributed only
 
 
 COMMAND_LAYER = "commands"  # the pseudo-package of all command modules (layer 5)
