@@ -126,8 +126,9 @@ def model_config_json(model: dict[str, Any], task: str = "lm", extra: dict[str, 
                       **fields: Any) -> dict[str, Any]:
     """The ``config.json`` of a model dir: the model config, the ``lmforge`` block, then provenance."""
     from_extra, provenance = _split_extra(extra)
+    provenance.pop("model", None)
     merged = {**from_extra, **{k: v for k, v in fields.items() if v is not None}}
-    merged.setdefault("task", task)
+    merged["task"] = task  # what the writer saves, whatever ``extra`` says
     if merged.get("heads") is not None:
         merged["heads"] = list(merged["heads"])
     block = metadata_block("model", **merged)

@@ -29,7 +29,7 @@ from lmforge.models.lora import LoraConfig, apply_lora, lora_state_dict
 from lmforge.models.reward import RewardModel
 from lmforge.models.transformer import Transformer
 
-CFG = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16)
+CFG = {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 16}
 TOKENS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
 
 
