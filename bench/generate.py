@@ -29,8 +29,8 @@ def _models(args, tmp: Path):
     import transformers
 
     transformers.logging.disable_progress_bar()
-    from lmforge.models.hf.convert import export_hf, import_hf
-    from lmforge.models.model_dir import load_model_dir, save_model_dir
+    from lmforge.artifacts.hf.convert import export_hf, import_hf
+    from lmforge.artifacts.model_dir import load_model_dir, save_model_dir
     from lmforge.models.presets import get_preset
     from lmforge.models.transformer import build_model
 

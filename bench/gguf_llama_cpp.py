@@ -33,8 +33,8 @@ def main() -> int:
     import torch
     from llama_cpp import Llama
 
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.generate.engine import generate
-    from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer.core import load_tokenizer
 
     ours, tok = load_model_dir(args.model).eval(), load_tokenizer(args.model)

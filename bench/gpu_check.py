@@ -213,7 +213,7 @@ def _cfg8b(args):
 
 def write8b(args, device: torch.device) -> dict:
     """Build llama3-8b by sharded init on the GPU, write it as a model dir (fp32), keep its probe logits."""
-    from lmforge.models.model_dir import save_model_dir
+    from lmforge.artifacts.model_dir import save_model_dir
 
     cfg = _cfg8b(args)
     pcfg = ParallelConfig(param_dtype="fp32", compile=False)

@@ -49,7 +49,7 @@ def build_model_dir(preset: str, out: Path) -> Path:
 
     import torch
 
-    from lmforge.models.model_dir import save_model_dir
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.presets import get_preset
     from lmforge.models.transformer import build_model
     from lmforge.tokenizer.train import train_tokenizer

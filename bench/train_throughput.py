@@ -118,8 +118,8 @@ def hf_side(args, device):
     import torch
     import transformers
 
-    from lmforge.models.hf.convert import lmforge_to_hf_state_dict
-    from lmforge.models.hf.families import family_for_model_config, model_config_to_hf
+    from lmforge.artifacts.hf.convert import lmforge_to_hf_state_dict
+    from lmforge.artifacts.hf.families import family_for_model_config, model_config_to_hf
     from lmforge.models.transformer import build_model
 
     transformers.logging.set_verbosity_error()

@@ -98,7 +98,7 @@ def _check_args(args) -> None:
     judge_dir = args.judge if args.task == "safety" and args.judge != "phrases" else None
     guard_output_file(_out_path(args), inputs=[args.model, args.data, judge_dir], overwrite=args.overwrite,
                       ours=_is_eval_result)
-    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+    from lmforge.artifacts.identity import check_model_dir_tokenizer
 
     check_model_dir_tokenizer(args.model)
 
@@ -226,10 +226,10 @@ def _classify(args, device, dtype, progress) -> dict:
         if unknown:
             raise UserError(f"the data has labels {unknown} the classifier does not know (it has {labels}); "
                             "check --label-field")
-        from lmforge.models.classifier import read_task
+        from lmforge.artifacts.metadata import read_metadata
 
         # cut texts where fine-tuning cut them (data.seq_len; older dirs: the context length)
-        max_tokens = min(int(read_task(args.model).get("max_tokens") or clf.cfg.max_seq_len), clf.cfg.max_seq_len)
+        max_tokens = min(read_metadata(args.model).max_tokens or clf.cfg.max_seq_len, clf.cfg.max_seq_len)
         ids, golds = encode_labelled(tokenizer, examples, labels, max_tokens)
         progress.total = len(ids)
         preds = classify_with_head(clf, ids, args.batch_size, tokenizer.pad_id or 0, progress)

@@ -1,5 +1,5 @@
 """`lmforge export --model DIR --format hf|gguf --out DIR`: an lmforge model dir → a Hugging Face model dir,
-or a GGUF file for llama.cpp / Ollama (``lmforge.models.gguf``)."""
+or a GGUF file for llama.cpp / Ollama (``lmforge.artifacts.gguf``)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ _GGUF_DTYPE = {"float32": "f32", "float16": "f16", "f32": "f32", "f16": "f16", "
 
 
 def run(args) -> int:
-    from lmforge.models.hf.convert import export_hf
+    from lmforge.artifacts.hf.convert import export_hf
     from lmforge.outputs import guard_output_dir
 
     if args.format == "hf" and args.dtype in ("f32", "f16", "q8_0"):
@@ -52,7 +52,7 @@ def run(args) -> int:
     if args.format == "gguf" and args.family is not None:
         raise UserError("--family applies to --format hf; GGUF picks llama or qwen2 from the model's shape")
     guard_output_dir(args.out, inputs=[args.model], overwrite=args.overwrite)
-    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+    from lmforge.artifacts.identity import check_model_dir_tokenizer
 
     check_model_dir_tokenizer(args.model)
     if args.format == "gguf":
@@ -70,7 +70,7 @@ def run(args) -> int:
 def _run_gguf(args) -> int:
     from pathlib import Path
 
-    from lmforge.models.gguf import export_gguf
+    from lmforge.artifacts.gguf.export import export_gguf
     from lmforge.tokenizer.chat_template import uses_bos
     from lmforge.tokenizer.core import load_tokenizer
     from lmforge.tokenizer.llama_cpp import PRE_TOKENIZERS, ollama_template

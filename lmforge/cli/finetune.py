@@ -20,8 +20,8 @@ def run(args) -> int:
         from lmforge.finetune.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # ConfigError before anything heavy is imported
+        from lmforge.artifacts.identity import check_model_dir_tokenizer
         from lmforge.outputs import run_dir_claim
-        from lmforge.tokenizer.identity import check_model_dir_tokenizer
 
         check_model_dir_tokenizer(cfg.model.path)
         # model.from inside run.dir (e.g. its own RUN/model) is refused: the run would replace its own base.

@@ -26,10 +26,10 @@ def run(args) -> int:
 
     import torch
 
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.config import UserError
     from lmforge.generate.engine import generate
     from lmforge.generate.sampling import check_budget, check_sampling
-    from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer.core import load_tokenizer
 
     check_sampling(args.temperature, args.top_k, args.top_p)  # before the model is loaded
@@ -37,7 +37,7 @@ def run(args) -> int:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} must be positive")
     if any(not p.strip() for p in args.prompt):
         raise UserError("--prompt is empty; pass some text to continue")
-    from lmforge.tokenizer.identity import check_model_dir_tokenizer
+    from lmforge.artifacts.identity import check_model_dir_tokenizer
 
     check_model_dir_tokenizer(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

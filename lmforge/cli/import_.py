@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from lmforge.models.hf.convert import import_hf
+    from lmforge.artifacts.hf.convert import import_hf
     from lmforge.outputs import guard_output_dir
 
     guard_output_dir(args.out, inputs=[args.hf], overwrite=args.overwrite)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import ConfigError, load_config_source, recipe_name
+from lmforge.config import ConfigError, UserError, load_config_source, recipe_name
 from lmforge.console import emit
 
 HELP = ("per-GPU memory, fits verdict, FLOPs and time for training (pretrain, full, LoRA, QLoRA, DPO, reward) "
@@ -73,15 +72,26 @@ def _model_source(arg: str) -> tuple[Any, str, dict[str, Any]]:
         return arg, arg, {}
     from lmforge.models.presets import model_config_from_dict
 
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
+    if path.is_dir() or path.name == "config.json":
+        from lmforge.artifacts.metadata import read_metadata
+
+        directory = path if path.is_dir() else path.parent
+        if not (directory / "config.json").is_file():
             raise ConfigError(f"--model {arg}: a model dir needs a config.json; pass a preset name or a model dir")
-    if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--model {arg}: cannot read {path} as JSON ({e})") from None
+            info = read_metadata(directory)
+        except UserError as e:
+            raise ConfigError(f"--model {arg}: {e}") from None
+        return model_config_from_dict(info.model), arg, {}
+    if path.suffix == ".json":
+        from lmforge.config import read_json_bounded
+
+        try:
+            data = read_json_bounded(path, what="model config")
+        except UserError as e:
+            raise ConfigError(f"--model {arg}: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--model {arg}: {path} is not a JSON object; pass a model dir or a preset name")
         return model_config_from_dict(data.get("model", data)), arg, {}
     recipe = load_config_source(arg)  # a YAML file or a packaged recipe (pretrain/llama2-7b)
     if not isinstance(recipe.get("model"), dict):

@@ -87,9 +87,9 @@ def _extend_args(p) -> None:
 
 
 def _extend(args) -> int:
+    from lmforge.artifacts.identity import check_model_dir_tokenizer
+    from lmforge.artifacts.vocab import extend_model_dir
     from lmforge.outputs import guard_output_dir
-    from lmforge.tokenizer.extend import extend_model_dir
-    from lmforge.tokenizer.identity import check_model_dir_tokenizer
 
     guard_output_dir(args.out, inputs=[args.base, *args.input], overwrite=args.overwrite)
     check_model_dir_tokenizer(args.base)

@@ -143,7 +143,7 @@ class ShardedLoad:
             with safe_open(str(single), framework="pt") as f:
                 return dict.fromkeys(f.keys(), single)
         if index.is_file():
-            from lmforge.models.model_dir import index_weight_map
+            from lmforge.artifacts.model_dir import index_weight_map
 
             return index_weight_map(index, "re-export the model")
         raise UserError(f"'{self.directory}' holds no {self.weights_name} (or its index); pass a model dir "

@@ -55,9 +55,9 @@ class LMForgeLM(TemplateLM):
                  device: str | None = None, dtype: str = "auto", max_length: int | None = None,
                  max_gen_toks: int = 256, add_bos_token=None, seed: int = 0, max_batch_size=None, **unknown):
         super().__init__()
+        from lmforge.artifacts.identity import check_model_dir_tokenizer
         from lmforge.eval.loading import load_for_eval
         from lmforge.tokenizer.chat_template import uses_bos
-        from lmforge.tokenizer.identity import check_model_dir_tokenizer
 
         if unknown:
             raise UserError(f"model_args {', '.join(sorted(unknown))} not understood by the lmforge model; it takes "

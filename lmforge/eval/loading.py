@@ -8,22 +8,24 @@ from pathlib import Path
 def load_for_eval(model_dir, device, dtype):
     """(model, tokenizer, labels) for a model dir: a plain LM (labels None), a classifier model dir
     (``task: classify``), or a LoRA adapter dir (adapters + a reference to the base model dir)."""
+    from lmforge.artifacts.adapter_dir import load_adapter
+    from lmforge.artifacts.classifier_dir import load_classifier_dir
+    from lmforge.artifacts.metadata import read_metadata
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.config import UserError
-    from lmforge.models.adapter_dir import is_adapter_dir, load_adapter
-    from lmforge.models.classifier import load_classifier_dir, read_task
-    from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer.core import load_tokenizer
 
     d = Path(model_dir)
+    info = read_metadata(d)
     labels = None
     tok_dir = d
-    if is_adapter_dir(d):
+    if info.kind == "adapter":
         model, meta = load_adapter(d, device=device)
         model = model.to(dtype)
-        labels = list(meta["labels"]) if meta.get("task") == "classify" else None
+        labels = list(info.labels) if info.task == "classify" else None
         if not (d / "tokenizer.json").is_file() and not (d / "tokenizer.model").is_file():
             tok_dir = Path(meta["base_model"])
-    elif read_task(d).get("task") == "classify":
+    elif info.task == "classify":
         model, labels = load_classifier_dir(d, device=device, dtype=dtype)
     else:
         model = load_model_dir(d, device=device, dtype=dtype)

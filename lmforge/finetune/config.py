@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from lmforge.config import ConfigError, apply_overrides, from_dict, load_config_source, to_dict
+from lmforge.config import ConfigError, UserError, apply_overrides, from_dict, load_config_source, to_dict
 from lmforge.distributed.config import ParallelConfig
 from lmforge.train.config import (
     CheckpointConfig,
@@ -266,17 +266,14 @@ SEQ_LEN_CAP = 2048  # the default data.seq_len: the model's context, capped (mem
 
 
 def model_context(model_dir: str) -> int | None:
-    """``max_seq_len`` of a model dir, read from its config.json without importing torch (None when the
+    """``max_seq_len`` of a model dir, read from its metadata without importing torch (None when the
     dir is not readable: the run's own model-dir check names the problem)."""
-    import json
+    from lmforge.artifacts.metadata import read_metadata
 
-    p = Path(model_dir) / "config.json"
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_metadata(model_dir).max_seq_len
+    except UserError:
         return None
-    value = data.get("model", data).get("max_seq_len") if isinstance(data, dict) else None
-    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def resolve(cfg: FinetuneConfig, path: str | None) -> None:

@@ -7,10 +7,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmforge.artifacts.adapter_dir import save_adapter_dir
+from lmforge.artifacts.consolidate import consolidate, drop_shared, gather_state_dict
 from lmforge.atomic import atomic_directory
 from lmforge.console import info
 from lmforge.finetune.config import FinetuneConfig
-from lmforge.models.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 BEST_DIR = "best"
 BEST_WEIGHTS = "weights.safetensors"
@@ -25,22 +26,14 @@ def save_adapter(model, directory: Path, cfg: FinetuneConfig, base_fingerprint: 
                  labels: Sequence[str] | None) -> Path:
     """RUN/adapter: the LoRA tensors (+ a classifier head) and a reference to the base model dir."""
     from lmforge.models.lora import lora_state_dict
-    from lmforge.models.model_dir import save_weights
 
     sd = lora_state_dict(model)
     sd.update({k: v for k, v in model.state_dict().items() if k.startswith("score.")})
-    meta = {"base_model": str(Path(cfg.model.path).resolve()), "base_fingerprint": base_fingerprint,
-            "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets),
-            "task": {"classify": "classify", "reward": "reward"}.get(cfg.mode, "lm"),
-            "lmforge_version": __import__("lmforge").__version__}
-    if cfg.mode == "classify":
-        meta.update(labels=list(labels or []), pooling=cfg.classify.pooling)
-
-    def write(tmp: Path) -> None:
-        save_weights(sd, tmp, weights_name=ADAPTER_WEIGHTS)
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-
-    return _write_dir_atomic(directory, write)
+    classify = cfg.mode == "classify"
+    return save_adapter_dir(directory, sd, cfg.model.path, base_fingerprint, cfg.lora.rank, cfg.lora.alpha,
+                            cfg.lora.targets, task={"classify": "classify", "reward": "reward"}.get(cfg.mode, "lm"),
+                            labels=list(labels or []) if classify else None,
+                            pooling=cfg.classify.pooling if classify else None)
 
 
 def _write_dir_atomic(directory: Path, write) -> Path:
@@ -50,25 +43,13 @@ def _write_dir_atomic(directory: Path, write) -> Path:
     return Path(directory)
 
 
-def _gather(model, trainable_only: bool) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                ignore_frozen_params=trainable_only))
-
-
 def save_best(trainer, run_dir: Path) -> None:
     """on_best hook: keep the trainable weights of the best evaluation in RUN/best/ (all ranks call it)."""
-    from lmforge.models.model_dir import save_weights
+    from lmforge.artifacts.model_dir import save_weights
     from lmforge.train.parallel import barrier
 
-    sd = _gather(trainer.model, trainable_only=True)
-    seen: set = set()
-    for k in list(sd):  # tied weights (embeddings = output) are stored once; tie_weights() restores them
-        key = (sd[k].untyped_storage().data_ptr(), sd[k].storage_offset(), tuple(sd[k].shape))
-        if key in seen:
-            del sd[k]
-        seen.add(key)
+    # tied weights (embeddings = output) are stored once; tie_weights() restores them
+    sd = drop_shared(gather_state_dict(trainer.model, trainable_only=True))
     if trainer.world.is_main:
         meta = {"step": trainer.step, "metric": trainer.best_metric, "value": trainer.best_val}
 
@@ -111,29 +92,21 @@ def export(trainer, result, cfg: FinetuneConfig, base_cfg, labels, template: str
     (model dir, adapter dir, step whose weights RUN/model holds)."""
     from safetensors.torch import load_file
 
-    from lmforge.models.classifier import save_classifier_dir
+    from lmforge.artifacts.classifier_dir import save_classifier_dir
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.lora import merge_lora
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.tokenizer.chat_template import save_chat_template
     from lmforge.tokenizer.identity import tokenizer_dir_hash
     from lmforge.train.parallel import barrier
 
     run_dir = Path(cfg.run.dir)
-    sd = _gather(trainer.model, trainable_only=False)
+    shell = consolidate(trainer.model, trainer.world.is_main, keep_extra=False,
+                        build_shell=lambda: _export_shell(cfg, base_cfg, labels))
     out = run_dir / "model"
     adapter_dir = None
     weights_step = result.step
     if trainer.world.is_main:
-        shell = _export_shell(cfg, base_cfg, labels)
         backbone = _backbone(shell)
-        if backbone.cfg.tie_embeddings:
-            sd = {k: v for k, v in sd.items() if not k.endswith("output.weight") or k.startswith("score")}
-        missing, unexpected = shell.load_state_dict(sd, assign=True, strict=False)
-        missing = [k for k in missing if not (backbone.cfg.tie_embeddings and k.endswith("output.weight"))]
-        if missing or unexpected:
-            raise RuntimeError(f"fine-tuned state does not match the export structure: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}")
-        backbone.tie_weights()
         best = run_dir / BEST_DIR
         if cfg.eval.keep_best and result.best_step is not None and result.best_step != result.step:
             meta = json.loads((best / BEST_META).read_text()) if (best / BEST_META).is_file() else {}
@@ -163,7 +136,7 @@ def export(trainer, result, cfg: FinetuneConfig, base_cfg, labels, template: str
             save_classifier_dir(shell, out, labels, tokenizer_dir=cfg.model.path,
                                 extra={**identity, "max_tokens": cfg.data.seq_len})
         elif cfg.mode == "reward":
-            from lmforge.models.reward import save_reward_dir
+            from lmforge.artifacts.reward_dir import save_reward_dir
 
             save_reward_dir(shell, out, tokenizer_dir=cfg.model.path, extra=identity)
         else:

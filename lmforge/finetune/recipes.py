@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lmforge.artifacts.adapter_dir import load_adapter, model_fingerprint
 from lmforge.config import ConfigError, UserError
 from lmforge.console import info
 from lmforge.finetune.config import FinetuneConfig, config_dict
@@ -38,7 +39,6 @@ from lmforge.finetune.final_model import (
     save_adapter,
     save_best,
 )
-from lmforge.models.adapter_dir import load_adapter, model_fingerprint
 
 
 # ================================================================================================
@@ -101,7 +101,7 @@ def load_base(cfg: FinetuneConfig, device, mcfg, world=None):
     and each rank reads only its slices of the weights when the Trainer parallelizes the model
     (`lmforge.train.parallel.build_for_world`). LoRA and classification wrap the full model first.
     """
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.model_dir import load_model_dir
 
     if world is not None and cfg.mode == "sft" and not cfg.uses_lora:
         from lmforge.train.parallel import build_for_world
@@ -278,10 +278,11 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     """Run (or resume) fine-tuning per ``cfg``."""
     import torch
 
+    from lmforge.artifacts.metadata import read_metadata
+    from lmforge.artifacts.model_dir import read_config
     from lmforge.finetune.classify import classify_loss
-    from lmforge.models.classifier import SequenceClassifier, read_task
+    from lmforge.models.classifier import SequenceClassifier
     from lmforge.models.lora import apply_lora, trainable_summary
-    from lmforge.models.model_dir import read_config
     from lmforge.tokenizer.core import load_tokenizer
     from lmforge.train.config import grad_accum_steps
     from lmforge.train.parallel import barrier, setup_world
@@ -291,7 +292,7 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     # ---- checks (no work yet) ----
     base_dir = Path(cfg.model.path)
     base_cfg = read_config(base_dir)  # "not a model dir" errors name the fix
-    if read_task(base_dir).get("task") == "classify":
+    if read_metadata(base_dir).task == "classify":
         raise UserError(f"model.from='{base_dir}' is a classifier; fine-tune from a language-model dir "
                         "(RUN/model of pretraining or an imported model)")
     if not any((base_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):

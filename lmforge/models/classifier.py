@@ -1,22 +1,17 @@
 """Sequence classification (sentiment, topic): a pooled head on any lmforge backbone.
 
 Injected, not forked: `SequenceClassifier` holds the unchanged `Transformer` as ``backbone`` and adds
-``score`` (dim → labels). A classifier model dir is a normal model dir whose config.json also holds
-``task: classify``, ``labels`` and ``pooling``; its weights are the backbone's keys plus ``score.*``.
+``score`` (dim → labels). Classifier model dirs are written and read by `lmforge.artifacts.classifier_dir`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from lmforge.atomic import atomic_directory
-from lmforge.config import UserError, to_dict
+from lmforge.config import UserError
 
 Pooling = Literal["last", "mean", "first"]
 
@@ -55,46 +50,3 @@ class SequenceClassifier(nn.Module):
             w = valid.to(h.dtype)[..., None]
             pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)
         return self.score(self.dropout(pooled))
-
-
-def save_classifier_dir(clf: SequenceClassifier, directory: str | os.PathLike, labels: list[str],
-                        tokenizer_dir: str | None = None, extra: dict | None = None) -> Path:
-    from lmforge.models.model_dir import CONFIG_NAME, copy_tokenizer_files, save_weights, unique_state_dict
-
-    with atomic_directory(directory) as tmp:
-        sd = unique_state_dict(clf.backbone)
-        sd.update({f"score.{k}": v for k, v in clf.score.state_dict().items()})
-        (tmp / CONFIG_NAME).write_text(json.dumps(
-            {"model": to_dict(clf.cfg), "task": "classify", "labels": list(labels), "pooling": clf.pooling,
-             **(extra or {})},
-            indent=2, ensure_ascii=False))
-        save_weights(sd, tmp)
-        if tokenizer_dir:
-            copy_tokenizer_files(tokenizer_dir, tmp)
-    return Path(directory)
-
-
-def read_task(directory: str | os.PathLike) -> dict:
-    """The task fields of a model dir's config.json ({} for a plain LM); ``max_tokens``: the length texts
-    were cut to when the classifier was fine-tuned."""
-    path = Path(directory) / "config.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    return {k: data[k] for k in ("task", "labels", "pooling", "max_tokens") if k in data}
-
-
-def load_classifier_dir(directory: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[SequenceClassifier, list[str]]:
-    from lmforge.models.model_dir import load_state_strict, load_weights, read_config
-    from lmforge.models.transformer import build_model
-
-    task = read_task(directory)
-    if task.get("task") != "classify":
-        raise UserError(f"'{directory}' is not a classifier model dir (config.json has no task: classify); "
-                        "fine-tune one with finetune.mode=classify")
-    cfg = read_config(directory)
-    backbone = build_model(cfg, device=device, dtype=dtype, init=False)
-    clf = SequenceClassifier(backbone, len(task["labels"]), task.get("pooling", "last"))
-    sd = load_weights(directory)
-    score = {k[len("score."):]: sd.pop(k) for k in list(sd) if k.startswith("score.")}
-    load_state_strict(backbone, sd, directory)
-    clf.score.load_state_dict(score)
-    return clf.to(device), list(task["labels"])

@@ -6,15 +6,10 @@
 - `mask_tokens`: BERT's masking recipe (15% of tokens; 80% → [MASK], 10% → random, 10% unchanged), a pure
   function the trainer calls when ``objective: mlm``.
 
-Heads live in a model dir beside the backbone: ``heads.safetensors`` (keys ``mlm.*``, ``pooler.*``) and a
-``"heads": [names]`` list in ``config.json``, so `load_model_dir` still loads the backbone alone.
+Heads are stored beside the backbone by `lmforge.artifacts.heads_dir` (``heads.safetensors``).
 """
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +19,7 @@ from lmforge.config import UserError
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import activation_fn
 
-HEADS_NAME = "heads.safetensors"
 IGNORE_INDEX = -100
-
-
 
 
 class MLMHead(nn.Module):
@@ -122,54 +114,6 @@ def mask_tokens(tokens: torch.Tensor, mask_id: int, vocab_size: int, special_ids
     return inputs, labels
 
 
-# ---- storage in a model dir ------------------------------------------------------------------------
-def save_heads(heads: dict[str, nn.Module], directory: str | os.PathLike) -> list[str]:
-    """Write ``heads.safetensors`` (``name.param`` keys) into ``directory`` atomically; returns the names.
-    The caller records the names in config.json (``"heads": [...]``)."""
-    from safetensors.torch import save_file
-
-    tensors = {f"{name}.{k}": v.detach().to("cpu").contiguous()
-               for name, head in heads.items() for k, v in head.state_dict().items()}
-    path = Path(directory) / HEADS_NAME
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-    return list(heads)
-
-
-def head_names(directory: str | os.PathLike) -> list[str]:
-    path = Path(directory) / "config.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    return list(data.get("heads", []))
-
-
-def load_heads(directory: str | os.PathLike, cfg: ModelConfig, device="cpu",
-               dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
-    """The heads a model dir lists in config.json, loaded from ``heads.safetensors`` ({} when none)."""
-    from safetensors.torch import load_file
-
-    names = head_names(directory)
-    if not names:
-        return {}
-    path = Path(directory) / HEADS_NAME
-    if not path.is_file():
-        raise UserError(f"'{directory}' lists heads {names} in config.json but {HEADS_NAME} is missing; "
-                        "re-import or re-export the model dir")
-    sd = load_file(str(path))
-    out: dict[str, nn.Module] = {}
-    for name in names:
-        if name not in HEAD_CLASSES:
-            raise UserError(f"'{directory}' lists an unknown head '{name}'; known: {', '.join(HEAD_CLASSES)}")
-        part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
-        head = HEAD_CLASSES[name](cfg, device=device, dtype=dtype or next(iter(part.values())).dtype)
-        missing, unexpected = head.load_state_dict(part, strict=False)
-        if missing or unexpected:
-            raise UserError(f"head '{name}' in '{path}' does not match the config: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")
-        out[name] = head
-    return out
-
-
 # ---- masked-LM pretraining (``train.objective: mlm``) ------------------------------------------------
 MASK_NAMES = ("[MASK]", "<mask>", "<|mask|>")
 
@@ -217,30 +161,3 @@ def mlm_objective(mask_id: int, vocab_size: int, special_ids=(), prob: float = 0
         return loss, (labels != IGNORE_INDEX).sum()
 
     return loss_fn
-
-
-def save_model_dir_with_heads(model: nn.Module, directory: str | os.PathLike, tokenizer_dir: str | None = None,
-                              extra: dict | None = None) -> Path:
-    """`save_model_dir` for a backbone carrying injected heads (``model.mlm``, ``model.pooler``): the
-    backbone goes to model.safetensors, the heads to heads.safetensors, their names to config.json."""
-    from lmforge.models.model_dir import save_model_dir
-
-    heads = {n: getattr(model, n) for n in HEAD_CLASSES if isinstance(getattr(model, n, None), nn.Module)}
-    for n in heads:
-        delattr(model, n)
-    # A consolidated copy (the trainer's export) carries the heads' tensors instead of the modules.
-    extra_sd = getattr(model, "extra_state_dict", None) or {}
-    for n, cls in HEAD_CLASSES.items():
-        part = {k[len(n) + 1:]: v for k, v in extra_sd.items() if k.startswith(n + ".")}
-        if part and n not in heads:
-            head = cls(model.cfg, dtype=next(iter(part.values())).dtype)
-            head.load_state_dict(part)
-            heads[n] = head
-    try:
-        out = save_model_dir(model, directory, tokenizer_dir, {**(extra or {}), "heads": list(heads)})
-    finally:
-        for n, h in heads.items():
-            if n not in extra_sd and not any(k.startswith(n + ".") for k in extra_sd):
-                model.add_module(n, h)
-    save_heads(heads, out)
-    return out

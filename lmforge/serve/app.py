@@ -334,9 +334,9 @@ def load_for_serving(model_dir, device: str | None = None):
     """(model in eval mode, tokenizer) from a model dir; bf16 on CUDA, fp32 on CPU."""
     import torch
 
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.identity import check_model_dir_tokenizer
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.tokenizer.core import load_tokenizer
-    from lmforge.tokenizer.identity import check_model_dir_tokenizer
 
     check_model_dir_tokenizer(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,16 +5,14 @@ trains or generates, on garbage). So every command checks, before any work:
 
 * ``pretrain``: the data's tokenizer dir against the hash in the shards' ``index.json`` — every run,
   whether or not it has a validation split (:func:`lmforge.data.shards.check_shards_tokenizer`);
-* commands that load a model dir: its tokenizer files against the ``tokenizer_hash`` in its
-  ``config.json`` (:func:`check_model_dir_tokenizer`; dirs without a recorded hash are not checked).
+* commands that load a model dir: its tokenizer files against the ``tokenizer_hash`` in its metadata
+  (``lmforge.artifacts.identity.check_model_dir_tokenizer``; dirs without a recorded hash are not checked).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-from lmforge.config import UserError, read_json_bounded
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -33,19 +31,3 @@ def tokenizer_dir_hash(directory: str | os.PathLike) -> str | None:
     if not any((d / f).is_file() for f in _TOKENIZER_FILES):
         return None
     return tokenizer_hash(d)
-
-
-def check_model_dir_tokenizer(model_dir: str | os.PathLike) -> None:
-    """A model dir's tokenizer files match the ``tokenizer_hash`` its ``config.json`` records."""
-    d = Path(model_dir)
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file() or not any((d / f).is_file() for f in _TOKENIZER_FILES):
-        return
-    data = read_json_bounded(cfg_path, what="model config")
-    expected = data.get("tokenizer_hash") if isinstance(data, dict) else None
-    if not isinstance(expected, str) or not expected:
-        return
-    found = tokenizer_hash(d)
-    if found != expected:
-        raise UserError(f"the tokenizer files in '{model_dir}' (hash {found}) are not the ones its weights were "
-                        f"trained with (config.json says {expected}); restore the original tokenizer.json")

@@ -152,7 +152,7 @@ class PretrainConfig:
         if not self.model:
             raise ConfigError("model section is empty; set model.preset (see `lmforge model list`)")
         if self.model.get("from"):  # continued pretraining: the architecture is the model dir's (h-shard)
-            from lmforge.models.model_dir import read_config
+            from lmforge.artifacts.model_dir import read_config
 
             extra = sorted(k for k in self.model if k not in MODEL_INIT_KEYS)
             if extra:

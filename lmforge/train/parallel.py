@@ -155,7 +155,7 @@ def build_for_world(mcfg, world: World, device: torch.device, *, seed: int | Non
     dims = world.dims
     if dims is None or not shards_parameters(dims):
         if model_dir is not None:
-            from lmforge.models.model_dir import load_model_dir
+            from lmforge.artifacts.model_dir import load_model_dir
 
             return load_model_dir(model_dir, device=device)
         return build_model(mcfg, device=device, dtype=torch.float32, seed=seed, init=init)

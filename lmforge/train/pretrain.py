@@ -131,9 +131,9 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     """Run (or resume) pretraining per ``cfg``; returns the Trainer's TrainResult."""
     import torch
 
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.data.loader import ShardLoader
     from lmforge.data.shards import read_index
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
     from lmforge.train.batches import CausalLMLoss
     from lmforge.train.parallel import build_for_world, failure_guard, setup_world
@@ -225,7 +225,8 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     loss_fn = CausalLMLoss.from_config(cfg.train)  # train.loss_chunk_tokens, train.z_loss
     save_fn = save_model_dir
     if mlm is not None:
-        from lmforge.models.heads import attach_mlm_head, mlm_objective, save_model_dir_with_heads
+        from lmforge.artifacts.heads_dir import save_model_dir_with_heads
+        from lmforge.models.heads import attach_mlm_head, mlm_objective
 
         attach_mlm_head(model, seed=cfg.train.seed)
         loss_fn = mlm_objective(mlm[0], mcfg.vocab_size, mlm[1], seed=cfg.train.seed)

@@ -211,8 +211,8 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
                 "resumed_from": result.resumed_from, "sample": None,
                 "seconds": round(time.perf_counter() - t_start, 1)}
     # 4. sample from the consolidated model dir (the same path `lmforge generate` takes)
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.generate.engine import generate
-    from lmforge.models.model_dir import load_model_dir
 
     model = load_model_dir(out / "model").eval()
     tokenizer = load_tokenizer(out / "model")

@@ -514,24 +514,15 @@ class Trainer:
 
     def export_model(self) -> Path | None:
         """Consolidate the weights (gathered from all ranks) into RUN/model on rank 0."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from lmforge.artifacts.consolidate import consolidate
 
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        shell = consolidate(self.model, self.world.is_main, template=unwrap(self.raw_model))
         out = self.run_dir / "model"
         if self.world.is_main:
-            raw = unwrap(self.raw_model)
-            # the model's own class: fully_shard / replicate swap in a subclass made in torch.distributed
-            # (replicate's cannot be built again), so take the first class in the MRO from outside torch
-            cls = next(c for c in type(raw).__mro__ if not c.__module__.startswith("torch."))
-            with torch.device("meta"):
-                shell = cls(raw.cfg)
-            unexpected = shell.load_state_dict(sd, assign=True, strict=False).unexpected_keys
-            shell.tie_weights()
-            shell.extra_state_dict = {k: sd[k] for k in unexpected}  # injected heads' weights (model.mlm, …)
             if self.save_model_fn is not None:
                 self.save_model_fn(shell, out)
             else:
-                from lmforge.models.model_dir import save_model_dir
+                from lmforge.artifacts.model_dir import save_model_dir
 
                 save_model_dir(shell, out)
         barrier()

@@ -116,7 +116,7 @@ def wide_reference(out_dir: str, spec: dict, save_dir: str | None, load_dir: str
     import torch
 
     torch.set_num_threads(1)
-    from lmforge.models.model_dir import load_model_dir, save_model_dir
+    from lmforge.artifacts.model_dir import load_model_dir, save_model_dir
     from lmforge.models.transformer import build_model
 
     cfg = model_config(spec)

@@ -43,8 +43,8 @@ def run_dpo(info, configs: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.config import ModelConfig
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
     from lmforge.tokenizer.train import train_tokenizer
 
@@ -67,7 +67,7 @@ def _rows(run_dir: Path, kind: str) -> list[dict]:
 
 @pytest.mark.parametrize("ref", ["copy", "pre"])
 def test_two_ranks_match_one_process(root, ref):
-    from lmforge.models.model_dir import load_weights
+    from lmforge.artifacts.model_dir import load_weights
 
     one, two = root / f"one_{ref}", root / f"two_{ref}"
     assert list(two.glob("checkpoints/step_000004/rank_00001.json"))  # really ran on two ranks

@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from lmforge.models.model_dir import load_weights
+    from lmforge.artifacts.model_dir import load_weights
 
     return load_weights(run_dir / "model")
 

@@ -40,8 +40,8 @@ def _run(cmd, log: Path) -> None:
 
 
 def test_full_sft_two_ranks_reads_shards_and_equals_one_process(tmp_path):
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.config import ModelConfig
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
     from lmforge.tokenizer.train import train_tokenizer
 

@@ -55,7 +55,7 @@ def test_sharded_init_equals_one_process_init(tmp_path, spec_name):
 
 
 def test_sharded_load_equals_one_process_load(tmp_path):
-    from lmforge.models.model_dir import save_model_dir
+    from lmforge.artifacts.model_dir import save_model_dir
 
     model, ref_state, ref_logits = _reference(TINY_GPT, seed=1)
     model_dir = tmp_path / "model"
@@ -70,7 +70,7 @@ def test_sharded_load_equals_one_process_load(tmp_path):
 
 
 def test_sharded_init_and_load_fsdp_over_tp_and_hsdp_4_ranks(tmp_path):
-    from lmforge.models.model_dir import save_model_dir
+    from lmforge.artifacts.model_dir import save_model_dir
 
     _, ref_state, ref_logits = _reference(TINY, seed=0)
     h.spawn(4, "_sharded_worker:layouts", out_dir=str(tmp_path), spec=TINY, layouts=LAYOUTS_4)
@@ -88,9 +88,9 @@ def test_sharded_init_and_load_fsdp_over_tp_and_hsdp_4_ranks(tmp_path):
 
 
 def test_sharded_load_refuses_a_mismatched_model_dir(tmp_path):
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.config import UserError
     from lmforge.distributed.materialize import ShardedLoad, attach_weights, materialize
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import Transformer
 
     model, _, _ = _reference(TINY_GPT, seed=0)
@@ -172,9 +172,9 @@ def test_7b_width_sharded_init_and_load_peak_rss(tmp_path):
 def test_sharded_load_of_an_imported_hf_checkpoint_matches_transformers(tmp_path):
     """`lmforge import` output (a Llama with GQA) read slice by slice on 2 ranks: transformers' logits."""
     transformers = pytest.importorskip("transformers")
+    from lmforge.artifacts.hf.convert import import_hf
+    from lmforge.artifacts.model_dir import load_model_dir, read_config
     from lmforge.config import to_dict
-    from lmforge.models.hf.convert import import_hf
-    from lmforge.models.model_dir import load_model_dir, read_config
 
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(

@@ -34,8 +34,8 @@ TWO_RANKS = {"sft": {"dp_shard": 2}, "lora": {"dp_shard": 2}, "classify": {"dp_s
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.config import ModelConfig
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
     from lmforge.tokenizer.train import train_tokenizer
 

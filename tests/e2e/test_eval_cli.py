@@ -17,8 +17,8 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, make_tokenizer):
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.config import ModelConfig
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
     d = tmp_path_factory.mktemp("evalcli")
     make_tokenizer(d, CORPUS, name="tok")
@@ -35,8 +35,8 @@ def forced_model_dir(tok_dir, out, answer: str):
     The LM head maps u -> a1, e_i -> a_(i+1), e_n -> EOS, every other row is zero — so greedy decoding
     walks the chain whatever the prompt was.
     """
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.config import ModelConfig
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
     from lmforge.tokenizer.chat_template import encode_text
     from lmforge.tokenizer.core import load_tokenizer
@@ -158,9 +158,10 @@ def test_generation_metrics_are_exact_when_the_answer_is_known(forced, tmp_path,
 
 
 def test_classify_zero_shot_and_head(model_dir, tmp_path, capsys):
+    from lmforge.artifacts.classifier_dir import save_classifier_dir
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.data.labelled import encode_labelled, load_labelled
-    from lmforge.models.classifier import SequenceClassifier, save_classifier_dir
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.models.classifier import SequenceClassifier
     from lmforge.tokenizer.core import load_tokenizer
 
     data = write(tmp_path / "d.tsv", "sentence\tlabel\na charming journey .\t1\nbleak and desperate\t0\n"

@@ -126,8 +126,8 @@ def translation_instructions() -> Path:
 def endings(model_dir, prompts, tok) -> tuple[float, float]:
     """Share of sampled answers that stop at EOS within 48 tokens, and share that close the turn as SFT taught:
     the chat template's end-of-turn marker, then EOS."""
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.generate.engine import GenerationConfig, generate_ids
-    from lmforge.models.model_dir import load_model_dir
 
     model = load_model_dir(model_dir).eval()
     gen = GenerationConfig(max_new_tokens=48, temperature=0.7, top_k=20, seed=0, eos_id=tok.eos_id)

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from lmforge.artifacts import read_metadata
 from tests.conftest import TEST_DATA
 
 transformers = pytest.importorskip("transformers")
@@ -48,7 +49,7 @@ def _hf_tokenizer(path, corpus=None):
 
 @pytest.mark.slow
 def test_import_generate_export_round_trip_with_tokenizer(tmp_path):
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.tokenizer.core import load_tokenizer
 
     src = tmp_path / "hf"
@@ -89,7 +90,7 @@ def test_import_generate_export_round_trip_with_tokenizer(tmp_path):
 
 def test_export_of_a_model_lmforge_trained(tmp_path):
     """A model lmforge built (tiny preset, lmforge's own BPE tokenizer) → transformers loads both."""
-    from lmforge.models.model_dir import save_model_dir
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.presets import get_preset
     from lmforge.models.transformer import build_model
     from lmforge.tokenizer.train import train_tokenizer
@@ -120,8 +121,8 @@ def test_export_of_a_model_lmforge_trained(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.cli import main
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.presets import get_preset
     from lmforge.models.transformer import build_model
 
@@ -168,7 +169,7 @@ def test_import_finetune_export(tmp_path):
     cli("export", "--model", tmp_path / "run" / "model", "--out", tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.model_dir import load_model_dir
 
     tuned = load_model_dir(tmp_path / "run" / "model").eval()
     x = torch.tensor([tok.encode("A journey of a thousand miles", add_special_tokens=False)])
@@ -192,8 +193,8 @@ def test_import_finetune_export(tmp_path):
     from lmforge.tokenizer.core import load_tokenizer
 
     want = load_tokenizer(tmp_path / "lm").hash
-    assert json.loads((tmp_path / "lm" / "config.json").read_text())["tokenizer_hash"] == want
-    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["tokenizer_hash"] == want
+    assert json.loads((tmp_path / "lm" / "config.json").read_text())["lmforge"]["tokenizer_hash"] == want
+    assert read_metadata(tmp_path / "run" / "model").tokenizer_hash == want
     other = tmp_path / "other"
     _hf_tokenizer(other, corpus=["completely different words, other merges"] * 50)
     (tmp_path / "run" / "model" / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())

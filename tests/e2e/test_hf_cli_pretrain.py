@@ -49,8 +49,9 @@ def _args(shards, run_dir, steps):
 def test_bert_mlm_pretraining_from_scratch_exports_to_transformers(shards, tmp_path):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
-    from lmforge.models.heads import load_heads, mlm_logits
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.heads_dir import load_heads
+    from lmforge.artifacts.model_dir import load_model_dir
+    from lmforge.models.heads import mlm_logits
 
     run = tmp_path / "bert"
     bert = ["model.preset=bert-base", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_hidden=128",
@@ -62,7 +63,7 @@ def test_bert_mlm_pretraining_from_scratch_exports_to_transformers(shards, tmp_p
     assert result["step"] == 60
     model_dir = run / "model"
     cfg = json.loads((model_dir / "config.json").read_text())
-    assert cfg["heads"] == ["mlm"] and cfg["model"]["vocab_size"] == 513  # one extra id: the mask token
+    assert cfg["lmforge"]["heads"] == ["mlm"] and cfg["model"]["vocab_size"] == 513  # one extra id: the mask token
     lm = load_model_dir(model_dir).eval()
     head = load_heads(model_dir, lm.cfg)["mlm"]
     lmforge("export", "--model", model_dir, "--out", tmp_path / "hf")

@@ -88,7 +88,7 @@ def test_model_dir_generates(trained):
     is more likely to it than the same tokens shuffled (an untrained model cannot tell them apart)."""
     import random
 
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.tokenizer.core import load_tokenizer
 
     run_dir, _, _ = trained

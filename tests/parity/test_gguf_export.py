@@ -17,11 +17,11 @@ gguf = pytest.importorskip("gguf")
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
+from lmforge.artifacts.gguf import export_gguf
+from lmforge.artifacts.gguf.tensors import halves_to_pairs, pairs_to_halves, rope_freq_factors
+from lmforge.artifacts.model_dir import save_model_dir
 from lmforge.config import UserError
 from lmforge.models.config import ModelConfig, RopeScaling
-from lmforge.models.gguf import export_gguf
-from lmforge.models.gguf.tensors import halves_to_pairs, pairs_to_halves, rope_freq_factors
-from lmforge.models.model_dir import save_model_dir
 from lmforge.models.positional import rope_inv_freq
 from lmforge.models.transformer import build_model
 from lmforge.tokenizer.chat_template import uses_bos
@@ -63,7 +63,7 @@ def _export(model_dir, out, dtype):
 
 
 def _logits_both(model_dir, out, dtype):
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.model_dir import load_model_dir
 
     ours = load_model_dir(model_dir).eval()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out), gguf_file=f"model-{dtype}.gguf",
@@ -122,7 +122,7 @@ def test_metadata_and_tensors_read_back_with_gguf_reader(model_dirs, tmp_path):
     assert field("tokenizer.chat_template") == tok.chat_template
     assert field("tokenizer.ggml.add_bos_token") is False
     # q/k rows are stored in llama.cpp's interleaved RoPE order; v as it is
-    from lmforge.models.model_dir import load_weights
+    from lmforge.artifacts.model_dir import load_weights
 
     sd = load_weights(d)
     stored = {t.name: np.array(t.data) for t in r.tensors}
@@ -196,7 +196,7 @@ def test_cli_export_gguf_and_bad_dtype(model_dirs, tmp_path):
 
 
 def test_pre_tokenizer_names_llama_cpp_knows():
-    from lmforge.models.gguf.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
+    from lmforge.artifacts.gguf.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
     from lmforge.tokenizer.train import PRETOKENIZE_PATTERN
 
     def tj(split=None, byte_regex=False, ignore_merges=False):

@@ -9,9 +9,10 @@ import torch
 from hf_tiny import V, make_bert
 from safetensors.torch import load_file
 
-from lmforge.models.heads import load_heads, mlm_logits
-from lmforge.models.hf.convert import export_hf, import_hf
-from lmforge.models.model_dir import load_model_dir
+from lmforge.artifacts.heads_dir import load_heads
+from lmforge.artifacts.hf.convert import export_hf, import_hf
+from lmforge.artifacts.model_dir import load_model_dir
+from lmforge.models.heads import mlm_logits
 
 transformers = pytest.importorskip("transformers")
 ATOL = 1e-5

@@ -9,10 +9,10 @@ import torch
 from hf_tiny import CASES, DECODER_CASES, V, make_hf_model
 from safetensors.torch import load_file
 
+from lmforge.artifacts.hf.convert import export_hf, import_hf
+from lmforge.artifacts.model_dir import load_model_dir
 from lmforge.config import UserError
 from lmforge.generate.engine import generate
-from lmforge.models.hf.convert import export_hf, import_hf
-from lmforge.models.model_dir import load_model_dir
 
 transformers = pytest.importorskip("transformers")
 ATOL = 1e-5
@@ -174,7 +174,7 @@ def test_unknown_tensor_and_missing_tensor_are_named(hf_dir, tmp_path):
 
 
 def test_unsupported_configs_are_clear_errors(tmp_path):
-    from lmforge.models.hf.families import hf_to_model_config
+    from lmforge.artifacts.hf.families import hf_to_model_config
 
     base = CASES["llama-mha-untied"][2]
     with pytest.raises(UserError, match="rope scaling type 'yarn'"):

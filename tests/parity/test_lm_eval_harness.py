@@ -97,9 +97,9 @@ def _write_tasks(d: Path) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, make_tokenizer):
+    from lmforge.artifacts.hf.convert import export_hf
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.config import ModelConfig
-    from lmforge.models.hf.convert import export_hf
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
 
     root = tmp_path_factory.mktemp("harness")

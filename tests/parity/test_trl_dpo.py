@@ -38,8 +38,8 @@ def _rows(n=6):
 
 
 def _lmforge(hf_model, path):
-    from lmforge.models.hf.convert import import_hf
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.hf.convert import import_hf
+    from lmforge.artifacts.model_dir import load_model_dir
 
     hf_model.save_pretrained(path / "hf")
     import_hf(path / "hf", path / "lm")
@@ -50,8 +50,8 @@ def _lmforge(hf_model, path):
 def test_loss_and_gradient_equal_trl(tmp_path, loss_type, beta):
     from trl import DPOConfig, DPOTrainer
 
-    from lmforge.finetune.preference import PreferenceLoss
     from lmforge.data.preference_pairs import EncodedPairs, collate_pairs
+    from lmforge.finetune.preference import PreferenceLoss
 
     policy = make_hf_model("llama-mha-untied", seed=0)
     ref = make_hf_model("llama-mha-untied", seed=0)  # the same weights, built again

@@ -248,10 +248,10 @@ def test_generation_budget_stays_within_the_context():
 # ---- tokenizer identity -----------------------------------------------------------------------
 
 def test_model_dir_tokenizer_is_checked_against_config(tmp_path, make_tokenizer):
-    from lmforge.models.model_dir import save_model_dir
+    from lmforge.artifacts.identity import check_model_dir_tokenizer
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.presets import get_preset
     from lmforge.models.transformer import build_model
-    from lmforge.tokenizer.identity import check_model_dir_tokenizer
 
     tok = make_tokenizer(tmp_path, ["the cat sat on the mat"] * 20, vocab_size=300, name="tok")
     (tmp_path / "o").mkdir()

@@ -63,7 +63,7 @@ def test_sigterm_during_prepare_leaves_no_temp_files(tmp_path, tok):
 # atomic write's temp dir is removed. The signal is sent from inside the write (deterministic timing).
 _KILL_DURING_WRITE = """
 import os, signal, sys
-import lmforge.models.model_dir as md
+import lmforge.artifacts.model_dir as md
 real = md.save_weights
 def save_then_die(*args, **kwargs):
     names = real(*args, **kwargs)          # the temp dir now holds weights
@@ -76,7 +76,7 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def test_sigterm_during_export_leaves_no_temp_dir_and_exits_143(tmp_path, tok):
-    from lmforge.models.model_dir import save_model_dir
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.presets import get_preset
     from lmforge.models.transformer import build_model
 

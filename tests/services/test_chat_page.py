@@ -39,8 +39,8 @@ CORPUS = ([f"the {a} cat sat on the {b} mat and looked at the {c} dog" for a in 
 # ---- the server ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, make_tokenizer):
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.config import ModelConfig
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
     from lmforge.tokenizer.chat_template import save_chat_template
 

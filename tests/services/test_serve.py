@@ -27,8 +27,8 @@ LINES = ["The quick brown fox jumps over the lazy dog.", "你好，世界。今�
 def model_dir(tmp_path_factory, make_tokenizer):
     import torch
 
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.config import ModelConfig
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
 
     root = tmp_path_factory.mktemp("serve")
@@ -160,8 +160,8 @@ def test_completions_stop_strings_streamed_and_not(served):
 
 
 def test_greedy_in_a_batch_equals_alone_and_the_library(served, model_dir):
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.generate.engine import generate
-    from lmforge.models.model_dir import load_model_dir
     from lmforge.tokenizer.chat_template import encode_prompt
     from lmforge.tokenizer.core import load_tokenizer
 

@@ -38,8 +38,8 @@ def keep_torch_threads():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.config import ModelConfig
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
     from lmforge.tokenizer.train import train_tokenizer
 

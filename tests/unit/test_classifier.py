@@ -1,6 +1,7 @@
 import torch
 
-from lmforge.models.classifier import SequenceClassifier, load_classifier_dir, save_classifier_dir
+from lmforge.artifacts.classifier_dir import load_classifier_dir, save_classifier_dir
+from lmforge.models.classifier import SequenceClassifier
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import build_model
 

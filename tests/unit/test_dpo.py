@@ -10,16 +10,8 @@ import pytest
 import torch
 from _align_fixtures import PAIRS, dpo_cfg, keep_torch_threads, model_dir, pairs_file, rows  # noqa: F401
 
+from lmforge.artifacts.model_dir import load_weights
 from lmforge.config import ConfigError, UserError
-from lmforge.finetune.data import IGNORE_INDEX, DataError
-from lmforge.finetune.preference import (
-    PreferenceLoss,
-    adapters_disabled,
-    frozen_copy,
-    pair_logps,
-    preference_losses,
-    sequence_logps,
-)
 from lmforge.data.preference_pairs import (
     PairBatches,
     PreferencePair,
@@ -29,8 +21,16 @@ from lmforge.data.preference_pairs import (
     record_to_pair,
     truncate_pair,
 )
+from lmforge.finetune.data import IGNORE_INDEX, DataError
+from lmforge.finetune.preference import (
+    PreferenceLoss,
+    adapters_disabled,
+    frozen_copy,
+    pair_logps,
+    preference_losses,
+    sequence_logps,
+)
 from lmforge.finetune.recipes import finetune
-from lmforge.models.model_dir import load_weights
 
 
 def tokenizer_and_template(model_dir):
@@ -197,7 +197,7 @@ def _batch(model_dir, n=4):
 
 
 def test_policy_equal_to_reference_gives_ln2_and_rewards_zero(model_dir):
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.model_dir import load_model_dir
 
     model = load_model_dir(model_dir)
     batch, _ = _batch(model_dir)
@@ -208,8 +208,8 @@ def test_policy_equal_to_reference_gives_ln2_and_rewards_zero(model_dir):
 
 
 def test_lora_disabled_and_precomputed_references_equal_a_frozen_copy(model_dir):
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.models.lora import LoraConfig, apply_lora
-    from lmforge.models.model_dir import load_model_dir
 
     base = load_model_dir(model_dir)
     batch, _ = _batch(model_dir)

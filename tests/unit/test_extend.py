@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmforge.artifacts.model_dir import load_model_dir, load_weights, save_model_dir
 from lmforge.config import UserError
-from lmforge.models.model_dir import load_model_dir, load_weights, save_model_dir
 from lmforge.models.presets import get_preset
 from lmforge.models.transformer import build_model
 
@@ -167,8 +167,8 @@ def test_english_loss_unchanged_at_step_0_and_chinese_training_starts_sensibly(d
 
 
 def test_untied_head_grows_too(tmp_path):
+    from lmforge.artifacts.vocab import extend_model_dir
     from lmforge.tokenizer.core import load_tokenizer
-    from lmforge.tokenizer.extend import extend_model_dir
     from lmforge.tokenizer.train import train_tokenizer
 
     (tmp_path / "en.txt").write_text(EN.read_text(encoding="utf-8")[:50_000])
@@ -188,7 +188,7 @@ def test_untied_head_grows_too(tmp_path):
 def test_wordpiece_base_and_bad_arguments_are_clear_errors(tmp_path):
     from tokenizers import BertWordPieceTokenizer
 
-    from lmforge.tokenizer.extend import extend_model_dir
+    from lmforge.artifacts.vocab import extend_model_dir
 
     wp = BertWordPieceTokenizer()
     wp.train_from_iterator(["some english words here"] * 5, vocab_size=60)

@@ -9,13 +9,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
+from lmforge.artifacts.adapter_dir import load_adapter
+from lmforge.artifacts.classifier_dir import load_classifier_dir
+from lmforge.artifacts.model_dir import load_model_dir, load_weights
 from lmforge.config import ConfigError, UserError
 from lmforge.finetune.classify import DevEvaluator, LabelledBatches
 from lmforge.finetune.config import config_dict, config_from_dict
 from lmforge.finetune.recipes import SFTBatches, finetune, sft_loss
-from lmforge.models.adapter_dir import load_adapter
-from lmforge.models.classifier import load_classifier_dir
-from lmforge.models.model_dir import load_model_dir, load_weights
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello there, how are you today?",
@@ -45,8 +45,8 @@ def keep_torch_threads():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.models.config import ModelConfig
-    from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
     from lmforge.tokenizer.train import train_tokenizer
 
@@ -310,7 +310,7 @@ def test_lora_sft_from_an_hf_imported_llama(tmp_path, capsys):
 
     # the imported template writes EOS itself: each example is trained on its reply and that one EOS
     from lmforge.finetune.data import encode_examples, load_sft_examples
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.core import load_tokenizer
 
     tok = load_tokenizer(tmp_path / "lm")
     assert (tok.bos_id, tok.eos_id) == (1, 2)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmforge.generate.engine import generate, generate_ids, GenerationConfig
+from lmforge.generate.engine import GenerationConfig, generate, generate_ids
 from lmforge.generate.sampling import filter_logits, sample_next
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import build_model

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
+from lmforge.artifacts.heads_dir import load_heads, save_heads
+from lmforge.artifacts.metadata import read_metadata
 from lmforge.config import UserError
 from lmforge.models.heads import (
     IGNORE_INDEX,
     MLMHead,
     Pooler,
-    load_heads,
     mask_tokens,
     mlm_logits,
-    save_heads,
 )
 from lmforge.models.presets import get_preset
 from lmforge.models.transformer import build_model
@@ -81,9 +81,9 @@ def test_mlm_training_from_scratch_learns_to_fill_masks(one_thread, tmp_path):
     but a model that reads the unmasked neighbours can fill every mask."""
     import json
 
+    from lmforge.artifacts.heads_dir import load_heads
+    from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.config import from_dict
-    from lmforge.models.heads import load_heads
-    from lmforge.models.model_dir import load_model_dir
     from lmforge.train.config import PretrainConfig
     from lmforge.train.pretrain import pretrain
 
@@ -109,7 +109,7 @@ def test_mlm_training_from_scratch_learns_to_fill_masks(one_thread, tmp_path):
     assert evals[0][1] > 4.0 and evals[-1][1] < 3.3, evals
     # RUN/model: the encoder (one extra id, the mask) and its MLM head; it fills masks in new rows
     model_dir = tmp_path / "run" / "model"
-    assert json.loads((model_dir / "config.json").read_text())["heads"] == ["mlm"]
+    assert read_metadata(model_dir).heads == ["mlm"]
     model = load_model_dir(model_dir).eval()
     assert model.cfg.vocab_size == V + 1
     head = load_heads(model_dir, model.cfg)["mlm"]

@@ -11,6 +11,9 @@ import of a higher layer, or of a sibling that is not below it, fails with the o
                                                          models never read data or tokenizers;
                                                          data tokenizes, the tokenizer never reads shards)
     layer 2  distributed
+             artifacts                                   the one reader/writer of model, adapter, classifier and
+                                                         reward dirs, HF / GGUF interop, consolidation
+                                                         (reads models, tokenizer and config; never train/eval/…)
     layer 3  train, eval, generate                       eval and generate sit beside train, not on it
     layer 4  finetune                                    (reuses train, eval and generate)
              serve                                       (the HTTP server over generate; never finetune)
@@ -41,7 +44,7 @@ LAYERS: dict[str, int] = {
     "__init__": 0, "config": 0, "atomic": 0, "console": 0, "outputs": 0, "interrupts": 0,
     "sources": 0, "web_inputs": 0,
     "tokenizer": 1, "data": 1, "models": 1, "planner": 1,
-    "distributed": 2,
+    "distributed": 2, "artifacts": 2,
     "train": 3, "eval": 3, "generate": 3,
     "finetune": 4, "serve": 4,
     "cli": 5, "__main__": 5,
@@ -51,8 +54,9 @@ FORBIDDEN_SIBLINGS = {("eval", "train"), ("generate", "train"), ("generate", "ev
                       ("planner", "tokenizer"), ("planner", "data"),
                       ("models", "planner"), ("models", "data"), ("models", "tokenizer"),
                       ("tokenizer", "data"),
-                      ("serve", "finetune"), ("finetune", "serve")}
-# The one package whose modules may import a name computed at run time (the CLI's lazy verb loading).
+                      ("serve", "finetune"), ("finetune", "serve"),
+                      ("artifacts", "distributed")}  # distributed reads model dirs; artifacts uses torch.distributed only
+# The one package whose modules may import a name computed at run time (the CLI lazy verb loading).
 DYNAMIC_IMPORTS_ALLOWED = "cli"
 
 

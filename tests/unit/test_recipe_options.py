@@ -111,7 +111,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_model_dir_round_trip(tmp_path):
-    from lmforge.models.model_dir import load_model_dir, read_config, save_model_dir
+    from lmforge.artifacts.model_dir import load_model_dir, read_config, save_model_dir
 
     model = build_model(_cfg(**ALL), seed=3).eval()
     with torch.no_grad():  # non-trivial norm weights, so a dropped q_norm/k_norm would show
@@ -153,9 +153,9 @@ def test_bad_values_name_the_key(over, needle):
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_hf_export_refuses_options_hf_cannot_express(tmp_path, name, capsys):
+    from lmforge.artifacts.hf.convert import export_hf
+    from lmforge.artifacts.model_dir import save_model_dir
     from lmforge.cli import main
-    from lmforge.models.hf.convert import export_hf
-    from lmforge.models.model_dir import save_model_dir
 
     save_model_dir(build_model(_cfg(**OPTIONS[name]), seed=0), tmp_path / "m")
     key = {"qk_norm": "model.qk_norm=true", "relu2": "model.activation=relu2", "softcap": "model.logit_softcap=2"}

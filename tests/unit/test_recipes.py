@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.cli.plan import _model_source
 from lmforge.config import ConfigError, load_config_source, recipe_name, recipe_names, to_dict
 from lmforge.finetune.config import load_config as load_finetune
-from lmforge.cli.plan import _model_source
 from lmforge.train.config import load_config as load_pretrain
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,9 +12,10 @@ import pytest
 import torch
 from _align_fixtures import dpo_cfg, keep_torch_threads, model_dir, pairs_file, rows  # noqa: F401
 
+from lmforge.artifacts.reward_dir import is_reward_dir, load_reward_dir
 from lmforge.finetune.recipes import finetune
 from lmforge.finetune.reward import bradley_terry, pairwise_metrics
-from lmforge.models.reward import RewardModel, is_reward_dir, load_reward_dir
+from lmforge.models.reward import RewardModel
 
 
 def test_bradley_terry_and_pairwise_metrics_by_hand():
@@ -29,7 +30,7 @@ def test_bradley_terry_and_pairwise_metrics_by_hand():
 
 
 def test_reward_score_reads_the_last_real_token(model_dir):
-    from lmforge.models.model_dir import load_model_dir
+    from lmforge.artifacts.model_dir import load_model_dir
 
     rm = RewardModel(load_model_dir(model_dir)).eval()
     x = torch.randint(5, 300, (1, 9))

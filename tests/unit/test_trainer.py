@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from lmforge.artifacts.model_dir import load_model_dir
 from lmforge.config import from_dict
-from lmforge.models.model_dir import load_model_dir
 from lmforge.models.transformer import build_model
 from lmforge.train.config import PretrainConfig
 from lmforge.train.trainer import Trainer, TrainingDiverged, causal_lm_loss

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lmforge.config import read_json_bounded
 from lmforge.models.config import ModelConfig
 
 # Everything a transformers tokenizer may need; copied as they are.
@@ -33,13 +34,19 @@ def _token_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _read_obj(path: Path) -> dict:
+    """A tokenizer/metadata JSON through the bounded reader ({} when it is not an object)."""
+    data = read_json_bounded(path, what="tokenizer file")
+    return data if isinstance(data, dict) else {}
+
+
 def _special_tokens(tok_dir: Path) -> dict[str, str]:
     """Special-token strings from tokenizer_config.json / special_tokens_map.json."""
     out: dict[str, str] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         p = tok_dir / name
         if p.is_file():
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = _read_obj(p)
             for key in SPECIAL_KEYS:
                 s = _token_str(data.get(key))
                 if s is not None:
@@ -100,7 +107,7 @@ def _has_chat_template(d: Path) -> bool:
     if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
         return True
     p = d / "tokenizer_config.json"
-    return p.is_file() and bool(json.loads(p.read_text(encoding="utf-8")).get("chat_template"))
+    return p.is_file() and bool(_read_obj(p).get("chat_template"))
 
 
 def _chat_template_of(d: Path) -> str | None:
@@ -108,15 +115,15 @@ def _chat_template_of(d: Path) -> str | None:
     if (d / "chat_template.jinja").is_file():
         return (d / "chat_template.jinja").read_text(encoding="utf-8")
     if (d / "chat_template.json").is_file():
-        return json.loads((d / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+        return _read_obj(d / "chat_template.json").get("chat_template")
     p = d / "tokenizer_config.json"
     if p.is_file():
-        t = json.loads(p.read_text(encoding="utf-8")).get("chat_template")
+        t = _read_obj(p).get("chat_template")
         if isinstance(t, str):
             return t
     meta = d / "lmforge_tokenizer.json"
     if meta.is_file():
-        t = json.loads(meta.read_text(encoding="utf-8")).get("chat_template")
+        t = _read_obj(meta).get("chat_template")
         if isinstance(t, str):
             return t
     return None
@@ -127,7 +134,7 @@ def _lmforge_specials(d: Path) -> dict[str, str]:
     meta = d / "lmforge_tokenizer.json"
     if not meta.is_file():
         return {}
-    data = json.loads(meta.read_text(encoding="utf-8"))
+    data = _read_obj(meta)
     specials = data.get("special_tokens") or {}
     out = {}
     for key in SPECIAL_KEYS:
@@ -150,7 +157,7 @@ def export_tokenizer(model_dir: Path, dst: Path, cfg: ModelConfig, hf_cfg: dict[
         raise_mismatch(model_dir, max(vocab.values()) + 1, cfg.vocab_size)
     specials = {**_lmforge_specials(model_dir), **_special_tokens(model_dir)}
     tc_path = dst / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+    tc = _read_obj(tc_path) if tc_path.is_file() else {}
     if not tc:  # a tokenizer lmforge trained: describe it for transformers
         tc = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
               "model_max_length": cfg.max_seq_len}

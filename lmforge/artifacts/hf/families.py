@@ -3,7 +3,7 @@
 A family is data: the HF ``model_type`` and architectures, a templated module-name map
 (``layers.{i}.attention.wq`` ↔ ``model.layers.{i}.self_attn.q_proj``), how each HF tensor is laid out
 (``linear``, GPT-2's transposed ``conv1d``, a slice of a fused QKV), which HF keys are buffers to drop, and
-two config functions. No torch here: `lmforge.models.hf.convert` moves the tensors.
+two config functions. No torch here: `lmforge.artifacts.hf.convert` moves the tensors.
 
 RoPE: lmforge rotates the two halves of each head (the GPT-NeoX / HF layout), so HF Llama-family q/k
 weights load as they are; only Meta's original interleaved checkpoints would need the q/k permutation.

@@ -1,21 +1,25 @@
-"""A model dir: ``config.json`` (lmforge ModelConfig) + ``model.safetensors`` (sharded with an index
-above a size limit) + tokenizer files. Loading never unpickles."""
+"""A model dir: ``config.json`` (the ModelConfig + the ``lmforge`` metadata block, see `metadata`) +
+``model.safetensors`` (sharded with an index above a size limit) + tokenizer files. Loading never unpickles.
+
+`write_model_dir` is the one writer every kind of model dir (LM, classifier, reward model, encoder with
+heads) goes through."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge.artifacts.metadata import CONFIG_NAME, model_config_json, read_metadata, write_json
 from lmforge.atomic import atomic_directory
-from lmforge.config import UserError, from_dict, read_json_bounded, to_dict
+from lmforge.config import UserError, read_json_bounded, to_dict
 from lmforge.models.config import ModelConfig
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -113,29 +117,35 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_config(directory: str | os.PathLike) -> ModelConfig:
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise UserError(f"'{directory}' is not a model dir: {CONFIG_NAME} is missing "
-                        "(for a Hugging Face checkpoint run `lmforge import --hf DIR --out DIR` first)")
-    data = read_json_bounded(path, what="model config")
-    data = data.get("model", data) if isinstance(data, dict) else data
-    if not isinstance(data, dict):
-        raise UserError(f"'{path}' does not hold a model config (a JSON object with a 'model' section); "
-                        "re-export the model dir")
-    return from_dict(ModelConfig, data, prefix="model")
+    """The ModelConfig of a model dir (any metadata format)."""
+    return read_metadata(directory).model_config()
+
+
+def write_model_dir(directory: str | os.PathLike, cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None,
+                    tokenizer_dir: str | os.PathLike | None = None, task: str = "lm",
+                    extra: dict[str, Any] | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    write_more: Callable[[Path], None] | None = None, **fields: Any) -> Path:
+    """Write a complete model dir atomically (built in a temp dir beside the target, then renamed):
+    config.json in the current metadata format (``fields``: labels, pooling, max_tokens, heads,
+    tokenizer_hash), the weights (``None``: ``write_more`` writes them), the tokenizer files of
+    ``tokenizer_dir``, then ``write_more(tmp)``."""
+    with atomic_directory(directory) as tmp:
+        write_json(tmp / CONFIG_NAME, model_config_json(to_dict(cfg), task, extra=extra, **fields))
+        if state_dict is not None:
+            save_weights(state_dict, tmp, max_shard_bytes)
+        if tokenizer_dir:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        if write_more is not None:
+            write_more(tmp)
+    return Path(directory)
 
 
 def save_model_dir(model: torch.nn.Module, directory: str | os.PathLike, tokenizer_dir: str | None = None,
                    extra: dict[str, Any] | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write a complete model dir atomically: build it in a temp dir beside the target, then rename."""
-    with atomic_directory(directory) as tmp:
-        cfg_json = {"model": to_dict(model.cfg), "lmforge_version": __import__("lmforge").__version__}
-        cfg_json.update(extra or {})
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg_json, indent=2))
-        save_weights(unique_state_dict(model), tmp, max_shard_bytes)
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
-    return Path(directory)
+    """A language model (or encoder) as a model dir; ``extra``: provenance keys (and schema fields such
+    as ``tokenizer_hash``, which go into the metadata block)."""
+    return write_model_dir(directory, model.cfg, unique_state_dict(model), tokenizer_dir, extra=extra,
+                           max_shard_bytes=max_shard_bytes)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -157,8 +167,12 @@ def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "c
     """Build the model from ``config.json`` and load its weights (strict: missing or extra keys fail)."""
     from lmforge.models.transformer import build_model
 
-    cfg = read_config(directory)
-    model = build_model(cfg, device=device, dtype=dtype, init=False)
+    info = read_metadata(directory)
+    if info.kind == "model" and info.task != "lm":
+        what = {"classify": "a classifier", "reward": "a reward model"}[info.task]
+        raise UserError(f"'{directory}' is {what} dir, not a language model; pass a language-model dir "
+                        "(RUN/model of pretraining or SFT, or an imported model)")
+    model = build_model(info.model_config(), device=device, dtype=dtype, init=False)
     load_state_strict(model, load_weights(directory), directory)
     return model
 

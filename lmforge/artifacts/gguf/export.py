@@ -70,22 +70,22 @@ def export_gguf(model_dir, out, dtype: str = "f16", tokenizer=None, add_bos: boo
     about lmforge's own tokenizers (this package does not import the tokenizer package)."""
     from gguf import GGUFWriter
 
+    from lmforge.artifacts.gguf.tensors import encode, gguf_name, rope_freq_factors, to_gguf_layout
+    from lmforge.artifacts.gguf.vocab import read_vocab
+    from lmforge.artifacts.metadata import read_metadata
+    from lmforge.artifacts.model_dir import load_weights
     from lmforge.atomic import atomic_directory
-    from lmforge.models.gguf.tensors import encode, gguf_name, rope_freq_factors, to_gguf_layout
-    from lmforge.models.gguf.vocab import read_vocab
-    from lmforge.models.model_dir import load_weights, read_config
 
     model_dir, out = Path(model_dir), Path(out)
     if dtype not in GGUF_DTYPES:
         raise UserError(f"--dtype {dtype} is not a GGUF type; use one of {', '.join(GGUF_DTYPES)}")
     if out.resolve() == model_dir.resolve():
         raise UserError(f"--out '{out}' is the source directory; write to a new directory")
-    from lmforge.models.hf.convert import _read_model_dir_json
-
-    meta = _read_model_dir_json(model_dir)
-    if meta.get("task") in ("reward", "classify"):
-        raise UserError(f"'{model_dir}' is a {meta['task']} model dir; GGUF export writes language models")
-    cfg = read_config(model_dir)
+    meta = read_metadata(model_dir)
+    if meta.kind != "model" or meta.task != "lm":
+        what = "an adapter" if meta.kind == "adapter" else f"a {meta.task}"
+        raise UserError(f"'{model_dir}' is {what} model dir; GGUF export writes language models (pass RUN/model)")
+    cfg = meta.model_config()
     arch = gguf_architecture(cfg)
     if tokenizer is None:
         raise UserError(f"'{model_dir}' has no tokenizer; a GGUF file must carry one (copy the tokenizer files "

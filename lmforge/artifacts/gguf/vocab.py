@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.config import UserError
+from lmforge.config import UserError, read_json_bounded
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -97,7 +97,9 @@ def read_vocab(model_dir: Path, vocab_size: int, specials: dict[str, str | None]
         what = "a SentencePiece tokenizer.model" if (model_dir / "tokenizer.model").is_file() else "no tokenizer"
         raise UserError(f"'{model_dir}' has {what}; GGUF export writes byte-level BPE tokenizers (tokenizer.json). "
                         "Export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json_bounded(path, what="tokenizer")
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' is not a tokenizer.json (a JSON object); restore the tokenizer files")
     model = data.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or not _is_byte_level(data):
         raise UserError(f"'{path}' is not a byte-level BPE tokenizer (model {model.get('type')}); GGUF export "

@@ -15,10 +15,7 @@ from typing import Any
 
 import torch
 
-from lmforge.atomic import atomic_directory
-from lmforge.config import UserError, to_dict
-from lmforge.models.config import ModelConfig
-from lmforge.models.hf.families import (
+from lmforge.artifacts.hf.families import (
     FAMILIES,
     Family,
     family_for_hf_config,
@@ -27,6 +24,9 @@ from lmforge.models.hf.families import (
     model_config_to_hf,
     require_hf_expressible,
 )
+from lmforge.atomic import atomic_directory
+from lmforge.config import UserError, read_json_bounded, to_dict
+from lmforge.models.config import ModelConfig
 
 HF_CONFIG = "config.json"
 HF_GENERATION_CONFIG = "generation_config.json"
@@ -59,7 +59,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a HF checkpoint: model.safetensors, sharded safetensors + index, or pytorch_model.bin."""
-    from lmforge.models.model_dir import read_safetensors
+    from lmforge.artifacts.model_dir import read_safetensors
 
     d = Path(hf_dir)
     candidates = [("model.safetensors", read_safetensors), ("pytorch_model.bin", _load_bin)]
@@ -68,7 +68,7 @@ def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
             return loader(d / name)
         index = d / f"{name.rsplit('.', 1)[0]}.{name.rsplit('.', 1)[1]}.index.json"
         if index.is_file():
-            from lmforge.models.model_dir import index_shards
+            from lmforge.artifacts.model_dir import index_shards
 
             out: dict[str, torch.Tensor] = {}
             for p in index_shards(index, "download the checkpoint again, with every shard"):
@@ -213,8 +213,10 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | No
 
     ``tokenizer_hash(dir)`` (the CLI passes the tokenizer package's) hashes the imported tokenizer files;
     the hash is recorded in ``config.json`` so a later swap of ``tokenizer.json`` is caught on load."""
-    from lmforge.models.hf import tokenizer_files
-    from lmforge.models.model_dir import DEFAULT_SHARD_BYTES, save_weights
+    from lmforge.artifacts.heads_dir import HEADS_NAME, save_head_tensors
+    from lmforge.artifacts.hf import tokenizer_files
+    from lmforge.artifacts.metadata import CONFIG_NAME, model_config_json, write_json
+    from lmforge.artifacts.model_dir import DEFAULT_SHARD_BYTES, save_weights, write_model_dir
 
     hf_dir, out = Path(hf_dir), Path(out)
     _check_out(hf_dir, out)
@@ -230,70 +232,55 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | No
     head_names = sorted({k.split(".")[0] for k in heads})
     generation = {}
     if (hf_dir / HF_GENERATION_CONFIG).is_file():
-        generation = json.loads((hf_dir / HF_GENERATION_CONFIG).read_text())
+        generation = read_json_bounded(hf_dir / HF_GENERATION_CONFIG, what="generation config")
     n_params = sum(v.numel() for v in sd.values()) + sum(v.numel() for v in heads.values())
-    with atomic_directory(out) as tmp:
-        from safetensors.torch import save_file
+    record = {"family": family.name, "architecture": (hf_cfg.get("architectures") or [None])[0],
+              "config": hf_cfg, "generation_config": generation}
+    files: list[str] = []
+    tok: dict[str, Any] = {}
 
-        record = {"family": family.name, "architecture": (hf_cfg.get("architectures") or [None])[0],
-                  "config": hf_cfg, "generation_config": generation}
-        cfg_json = {"model": to_dict(cfg), "lmforge_version": __import__("lmforge").__version__, "hf": record}
-        if head_names:
-            cfg_json["heads"] = head_names
-        (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2, ensure_ascii=False))
-        files = save_weights(sd, tmp, max_shard_bytes or DEFAULT_SHARD_BYTES)
+    def write_more(tmp: Path) -> None:
+        nonlocal tok
+        files.extend(save_weights(sd, tmp, max_shard_bytes or DEFAULT_SHARD_BYTES))
         if heads:
-            from lmforge.models.heads import HEADS_NAME
-
-            save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / HEADS_NAME), metadata={"format": "pt"})
             files.append(HEADS_NAME)
+            save_head_tensors(heads, tmp, head_names)
         tok = tokenizer_files.import_tokenizer(hf_dir, tmp, hf_cfg, generation, cfg)
-        if tokenizer_hash is not None and tok.get("files"):
-            digest = tokenizer_hash(tmp)
-            if digest:
-                cfg_json["tokenizer_hash"] = digest
-                (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2, ensure_ascii=False))
+        digest = tokenizer_hash(tmp) if tokenizer_hash is not None and tok.get("files") else None
+        if digest:  # the metadata records the imported tokenizer's identity
+            write_json(tmp / CONFIG_NAME, model_config_json(to_dict(cfg), extra={"hf": record},
+                                                            heads=head_names or None, tokenizer_hash=digest))
+
+    write_model_dir(out, cfg, None, extra={"hf": record}, heads=head_names or None, write_more=write_more)
     dtypes = sorted({_hf_dtype_name(v.dtype) for v in sd.values()})
     return {"family": family.name, "architecture": record["architecture"], "out": str(out), "params": n_params,
             "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "heads": head_names, "files": files,
             "tokenizer": tok, "dropped": dropped}
 
 
-def _read_model_dir_json(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise UserError(f"'{model_dir}' is not an lmforge model dir: config.json is missing")
-    from lmforge.config import read_json_bounded
-
-    data = read_json_bounded(path, what="model config")
-    if not isinstance(data, dict):
-        raise UserError(f"'{path}' is not an lmforge model config (a JSON object); re-export the model dir")
-    if "model" not in data and "model_type" in data:
-        raise UserError(f"'{model_dir}' is a Hugging Face model dir, not an lmforge one; "
-                        f"run `lmforge import --hf {model_dir} --out DIR` first")
-    return data
-
-
 def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | None = None,
               dtype: str | None = None, max_shard_bytes: int | None = None) -> dict[str, Any]:
     """Write a Hugging Face model dir (config.json, generation_config.json, safetensors, tokenizer files)."""
-    from lmforge.models.heads import HEADS_NAME, head_names
-    from lmforge.models.hf import tokenizer_files
-    from lmforge.models.model_dir import DEFAULT_SHARD_BYTES, load_weights, read_config, save_weights
+    from lmforge.artifacts.heads_dir import read_head_tensors
+    from lmforge.artifacts.hf import tokenizer_files
+    from lmforge.artifacts.metadata import read_metadata
+    from lmforge.artifacts.model_dir import DEFAULT_SHARD_BYTES, load_weights, save_weights
 
     model_dir, out = Path(model_dir), Path(out)
     _check_out(model_dir, out)
-    data = _read_model_dir_json(model_dir)
-    if data.get("task") == "reward":  # a scalar-head reward model -> *ForSequenceClassification (num_labels=1)
-        from lmforge.models.reward import export_reward_hf
+    meta = read_metadata(model_dir)
+    if meta.kind == "adapter":
+        raise UserError(f"'{model_dir}' is an adapter dir; export the merged RUN/model instead")
+    if meta.task == "reward":  # a scalar-head reward model -> *ForSequenceClassification (num_labels=1)
+        from lmforge.artifacts.reward_dir import export_reward_hf
 
         return export_reward_hf(model_dir, out, dtype)
-    if data.get("task") == "classify":
+    if meta.task == "classify":
         raise UserError(f"'{model_dir}' is a classifier model dir; export supports language models and "
                         "encoders (export the base model instead)")
-    cfg = read_config(model_dir)
+    cfg = meta.model_config()
     require_hf_expressible(cfg)  # before anything is written
-    record = data.get("hf") or {}
+    record = meta.hf
     if family is not None:
         if family not in FAMILIES:
             raise UserError(f"--family {family} is not one of {', '.join(FAMILIES)}")
@@ -305,14 +292,7 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str 
     sd = load_weights(model_dir)
     if cfg.tie_embeddings:
         sd.pop("output.weight", None)
-    heads: dict[str, torch.Tensor] = {}
-    names = head_names(model_dir)
-    if names:
-        from safetensors.torch import load_file
-
-        if not (model_dir / HEADS_NAME).is_file():
-            raise UserError(f"'{model_dir}' lists heads {names} but {HEADS_NAME} is missing")
-        heads = load_file(str(model_dir / HEADS_NAME))
+    heads: dict[str, torch.Tensor] = read_head_tensors(model_dir)
     if dtype is not None:
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")

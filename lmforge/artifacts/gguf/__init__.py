@@ -10,6 +10,6 @@ package (llama.cpp's own writer).
 
 from __future__ import annotations
 
-from lmforge.models.gguf.export import GGUF_DTYPES, export_gguf
+from lmforge.artifacts.gguf.export import GGUF_DTYPES, export_gguf
 
 __all__ = ["GGUF_DTYPES", "export_gguf"]

@@ -2,5 +2,6 @@
 
 ``convert.import_hf(hf_dir, out)`` turns a ``transformers`` checkpoint (Llama, Mistral, Qwen2, GPT-2, BERT)
 into an lmforge model dir; ``convert.export_hf(model_dir, out)`` writes one that ``AutoModelForCausalLM`` /
-``AutoTokenizer.from_pretrained(out)`` load offline; ``families`` holds the per-family config translation.
+``AutoTokenizer.from_pretrained(out)`` load offline; ``families`` maps configs per family;
+``tokenizer_files`` writes the tokenizer side.
 """
