@@ -163,6 +163,8 @@ def probe(args, device: torch.device) -> dict:
     def check(name: str, required: bool, fn) -> None:
         t0 = time.perf_counter()
         try:
+            if name in os.environ.get("GPU_CHECK_FAIL", "").split(","):  # how the smoke test makes a check fail
+                raise RuntimeError("failed on purpose (GPU_CHECK_FAIL)")
             detail = fn()
             checks.append({"name": name, "ok": True, "required": required, "detail": detail,
                            "s": round(time.perf_counter() - t0, 2)})
