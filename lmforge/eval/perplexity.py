@@ -17,7 +17,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.config import UserError
 
@@ -43,7 +42,11 @@ def token_stream(tokenizer, texts: Sequence[str]) -> tuple[list[int], list[bool]
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int | None = None, batch_size: int = 8,
-               progress=None) -> dict[str, float]:
+               progress=None, chunk: int = 1024) -> dict[str, float]:
+    """``chunk``: tokens per piece of the LM head + cross-entropy (`lmforge.train.loss`; 0 = whole logits)."""
+    from lmforge.train.batches import next_token_loss
+    from lmforge.train.loss import IGNORE
+
     cfg = model.cfg
     if not cfg.causal or not cfg.lm_head:
         raise UserError("perplexity needs a causal language model with an LM head; this model is an "
@@ -72,9 +75,9 @@ def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int | None = Non
             x = torch.stack([stream[s:s + n] for s in group]).to(device)
             y = torch.stack([stream[s + 1:s + n + 1] for s in group]).to(device)
             w = torch.stack([weight[s + 1:s + n + 1] for s in group]).to(device)
-            logits = model(x).float()
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-            nll += float(loss[w.flatten()].double().sum())
+            # the training loss, chunked over the LM head: never the (B, T, V) logits of the whole batch
+            loss = next_token_loss(model, x, y.masked_fill(~w, IGNORE), chunk=chunk)
+            nll += float(loss.double())
             count += int(w.sum())
             if progress is not None:
                 progress.update(len(group))
