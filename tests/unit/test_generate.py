@@ -78,3 +78,35 @@ def test_encoder_cannot_generate():
                                   pos_encoding="learned", max_seq_len=16), seed=0)
     with pytest.raises(ValueError, match="causal"):
         generate_ids(enc, [[1, 2]], GenerationConfig(max_new_tokens=2))
+
+
+class _ReadBacks(torch.overrides.TorchFunctionMode):
+    """Counts what copies a value from a tensor to Python (a device sync on CUDA)."""
+
+    NAMES = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += getattr(func, "__name__", "") in self.NAMES
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_reads_back_once_per_step_and_prefill_runs_the_head_on_the_last_position(model, monkeypatch):
+    prompts = [[5, 6], [7, 8, 9, 10, 11, 12], [1]]  # left-padded: every row, one batch
+    want = [greedy_by_recompute(model, p, 12) for p in prompts]
+    head_rows = []
+    real_logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda h: head_rows.append(tuple(h.shape[:-1])) or real_logits(h))
+    counts = {}
+    for n in (6, 12):
+        head_rows.clear()
+        with _ReadBacks() as rb:
+            got = generate_ids(model, prompts, GenerationConfig(max_new_tokens=n))
+        counts[n] = rb.n
+        assert got == [w[:n] for w in want]  # the same tokens as recomputing everything
+        assert head_rows[0] == (3,)  # prefill: (B,) last positions, not (B, L)
+        assert all(r == (3, 1) for r in head_rows[1:]) and len(head_rows) == n
+    assert counts[12] - counts[6] == 6, counts  # one read-back per decode step, whatever the batch size
