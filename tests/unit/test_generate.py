@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmforge.generate import generate, generate_ids, GenerationConfig, filter_logits, sample_next
+from lmforge.generate import GenerationConfig, filter_logits, generate, generate_ids, sample_next
 from lmforge.models import ModelConfig, build_model
 
 
@@ -35,7 +35,7 @@ def test_left_padded_batch_equals_single_prompts(model):
 
 
 def test_seeded_sampling_is_reproducible_and_varies_with_seed(model):
-    kw = dict(max_new_tokens=12, temperature=1.5, top_k=20, top_p=0.95)
+    kw = {"max_new_tokens": 12, "temperature": 1.5, "top_k": 20, "top_p": 0.95}
     a = generate(model, [1, 2, 3], seed=1, **kw)
     assert a == generate(model, [1, 2, 3], seed=1, **kw)
     assert any(generate(model, [1, 2, 3], seed=s, **kw) != a for s in range(2, 6))
@@ -83,7 +83,7 @@ def test_encoder_cannot_generate():
 class _ReadBacks(torch.overrides.TorchFunctionMode):
     """Counts what copies a value from a tensor to Python (a device sync on CUDA)."""
 
-    NAMES = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__"}
+    NAMES = frozenset({"tolist", "item", "__bool__", "__int__", "__float__", "__index__"})
 
     def __init__(self):
         super().__init__()
