@@ -552,7 +552,7 @@ class Trainer:
         window = self.meter.close_window(out)
         skipped = window.pop("skipped")
         row = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
-               "lr": out["lr"], **window, **memory_stats(self.device)}
+               "lr": out["lr"], **window, **memory_stats(self.device, reset=True)}  # peaks of this row's steps
         if skipped or self.nonfinite_total:
             row.update(skipped=skipped, nonfinite_total=self.nonfinite_total)
         self.metrics.write(row)
