@@ -138,12 +138,16 @@ def flex_attention_forward(q, k, v, block_mask, dropout_p: float = 0.0):
     if dropout_p:
         raise ValueError("attention dropout is not supported with document masks on CUDA (FlexAttention); "
                          "set model.dropout=0 or data.doc_mask=false")
-    fn = flex_attention
+    gqa = q.size(1) != k.size(1)
     if q.device.type == "cuda":
         if _COMPILED_FLEX is None:
             _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-        fn = _COMPILED_FLEX
-    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+        return _COMPILED_FLEX(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    import warnings
+
+    with warnings.catch_warnings():  # eager off CUDA is the intended path here (tests, CPU parity)
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 def document_attention_mask(doc_ids: torch.Tensor, *, causal: bool = True, window: int | None = None,
