@@ -201,13 +201,20 @@ def probe(args, device: torch.device) -> dict:
         assert idx.to_local().numel() == 8 // dist.get_world_size()
         return "ok"
 
-    def flex():  # document masks on CUDA (lmforge.models.masks.document_block_mask)
-        from lmforge.models.masks import document_block_mask, document_mask_dense, flex_attention_forward
+    def flex():  # document masks on CUDA (lmforge.models.masks): the API, eager (tests/gpu runs the compiled kernel)
+        import warnings
+
+        from torch.nn.attention.flex_attention import flex_attention
+
+        from lmforge.models.masks import document_block_mask, document_mask_dense
 
         doc = torch.tensor([[0] * 70 + [1] * 58], device=device)
         q = torch.randn(1, 4, 128, 16, device=device, requires_grad=device.type == "cuda")
         k, v = torch.randn(1, 2, 128, 16, device=device), torch.randn(1, 2, 128, 16, device=device)
-        got = flex_attention_forward(q, k, v, document_block_mask(doc, causal=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = flex_attention(q, k, v, block_mask=document_block_mask(doc, causal=True, compile=False),
+                                 enable_gqa=True)
         dense = document_mask_dense(doc)[:, :, :, :] & torch.ones(128, 128, dtype=torch.bool, device=device).tril()
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
         diff = float((got - want).abs().max())

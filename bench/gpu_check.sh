@@ -4,12 +4,12 @@
 # its JSON to $OUT as it finishes; a failed part does not stop the rest, a failed probe stops everything.
 #   probe       (<= 40 s) CUDA visible, 1-rank NCCL all_reduce, the version-sensitive torch calls
 #               (DTensor _foreach_div_, distribute_tensor(src_data_rank=None), FlexAttention), bf16 matmul rate
-#   throughput  (110 s) ~1.1B model, FSDP2 bf16 + torch.compile: tokens/s and MFU
-#   memory      (100 s) the largest model `lmforge plan` says fits this GPU for a full fine-tune (7B/8B on
+#   throughput  (100 s) ~1.1B model, FSDP2 bf16 + torch.compile: tokens/s and MFU
+#   memory      (90 s) the largest model `lmforge plan` says fits this GPU for a full fine-tune (7B/8B on
 #               an H200, OpenLLaMA-3B's shape on an H100): peak memory beside the planner's prediction
-#   load8b      (90 + 50 s) llama3-8b written as a bf16 model dir (~16 GB under $OUT/model8b, removed after
+#   load8b      (80 + 50 s) llama3-8b written as a bf16 model dir (~16 GB under $OUT/model8b, removed after
 #               unless KEEP_MODEL=1), loaded in a fresh process through the sharded path into DTensors
-#   tests       (90 s) the CUDA tests in tests/gpu/ (if pytest is installed)
+#   tests       (120 s) the CUDA tests in tests/gpu/ (if pytest is installed)
 #   planner     (PARTS=all only, 100 s) bench/gpu_planner_check.py: measured vs planned memory, row by row
 # Results: $OUT (default bench/out): probe.json, throughput.json, memory.json, write8b.json, load8b.json,
 # gpu_planner_check.json, gpu_check.log, summary.txt.
@@ -76,16 +76,16 @@ fi
 
 for part in $PARTS; do
   case "$part" in
-    throughput) run_part throughput 110 "$PY" bench/gpu_check.py throughput --out "$OUT" $SMOKE_FLAG || true ;;
-    memory|memory7b) run_part memory 100 "$PY" bench/gpu_check.py memory --out "$OUT" $SMOKE_FLAG || true ;;
+    throughput) run_part throughput 100 "$PY" bench/gpu_check.py throughput --out "$OUT" $SMOKE_FLAG || true ;;
+    memory|memory7b) run_part memory 90 "$PY" bench/gpu_check.py memory --out "$OUT" $SMOKE_FLAG || true ;;
     load8b)
-      if run_part write8b 90 "$PY" bench/gpu_check.py write8b --out "$OUT" $SMOKE_FLAG; then
+      if run_part write8b 80 "$PY" bench/gpu_check.py write8b --out "$OUT" $SMOKE_FLAG; then
         run_part load8b 50 "$PY" bench/gpu_check.py load8b --out "$OUT" $SMOKE_FLAG || true
       fi
       if [[ "${KEEP_MODEL:-0}" != "1" ]]; then rm -rf "$OUT/model8b"; fi ;;
     tests)
       if "$PY" -c "import pytest" 2>/dev/null; then  # without CUDA (SMOKE) they are collected and skipped
-        run_part gpu-tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/gpu || true
+        run_part gpu-tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/gpu || true
       else
         say "== gpu-tests skipped (pytest not installed)"
       fi ;;

@@ -91,3 +91,14 @@ def test_memory_part_runs_the_largest_model_the_planner_says_fits(mem_gib, want)
     assert name == want, tried
     assert plan["fits"] and plan["memory_peak_gb"]["device"] <= mem_gib
     assert all(not t["fits"] for t in tried[:-1]) and tried[-1]["model"] == want
+
+
+def test_part_timeouts_fit_the_device_lease():
+    """The default parts' timeouts (probe included) sum to <= 8 minutes, PARTS=all to <= 10."""
+    import re
+
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    limits = {name: int(t) for name, t in re.findall(r"run_part ([a-z0-9-]+) (\d+) ", script)}
+    assert set(limits) == {"probe", "throughput", "memory", "write8b", "load8b", "gpu-tests", "planner"}
+    default = sum(v for k, v in limits.items() if k != "planner")
+    assert default <= 480 and default + limits["planner"] <= 600, limits
