@@ -216,17 +216,9 @@ def _continuation_logprobs(model, x: torch.Tensor, row_of: torch.Tensor, pos: to
     (B,) bool) over the N = len(target) positions ``(row_of, pos)`` of ``x`` (B, T). Only those N positions
     go through the LM head (a lmforge Transformer: inside its forward, where FSDP2 holds the head's weight);
     the (B, T, V) log-probabilities are never built, nor copied to the host."""
-    from lmforge.train.batches import _takes_head, _unwrap
+    from lmforge.models.transformer import logits_at
 
-    core = _unwrap(model)
-
-    def pick(h, _output=None):  # (B, T, dim) hidden states -> (N, V) fp32 logits of the wanted positions
-        return core.logits(h[row_of, pos]).float()
-
-    if _takes_head(core) and hasattr(core, "logits"):
-        logits = model(x, head=pick)
-    else:  # any other model: its full logits, then the same gather (still on the device)
-        logits = model(x)[row_of, pos].float()
+    logits = logits_at(model, x, lambda logits_of: logits_of((row_of, pos)).float())  # (N, V)
     logp = F.log_softmax(logits, dim=-1)  # (N, V)
     tgt = logp.gather(-1, target[:, None]).squeeze(-1).double()  # (N,)
     hit = (logp.argmax(-1) == target).to(torch.int32)  # (N,)

@@ -49,14 +49,10 @@ def _as_batch(prompts: Any, tokenizer) -> tuple[list[list[int]], bool, bool]:
 
 def last_logits(model, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
     """(B, V) logits of the last position only: a prefill runs the LM head on one position per row, not
-    on all (B, L, V). A model whose forward takes ``head=`` (the lmforge Transformer) gets the cut inside its
-    forward; any other model's logits are cut after."""
-    from lmforge.train.batches import _takes_head, _unwrap
+    on all (B, L, V) (`lmforge.models.transformer.logits_at`)."""
+    from lmforge.models.transformer import logits_at
 
-    core = _unwrap(model)
-    if _takes_head(core) and hasattr(core, "logits"):
-        return model(tokens, head=lambda h, _output: core.logits(h[:, -1]), **kwargs)
-    return model(tokens, **kwargs)[:, -1]
+    return logits_at(model, tokens, lambda logits_of: logits_of((slice(None), -1)), **kwargs)
 
 
 @torch.no_grad()
