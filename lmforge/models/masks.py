@@ -113,8 +113,14 @@ def document_block_mask(doc_ids: torch.Tensor, *, causal: bool = True, window: i
 
     B, T = doc_ids.shape
     compile = doc_ids.device.type == "cuda" if compile is None else compile
-    return create_block_mask(_document_mask_mod(doc_ids, causal, window), B, None, T, T,
-                             device=doc_ids.device, _compile=compile)
+    mod = _document_mask_mod(doc_ids, causal, window)
+    try:
+        return create_block_mask(mod, B, None, T, T, device=doc_ids.device, _compile=compile)
+    except TypeError as e:  # a torch without the private ``_compile`` switch: compile the builder itself
+        if "_compile" not in str(e):
+            raise
+        build = torch.compile(create_block_mask) if compile else create_block_mask
+        return build(mod, B, None, T, T, device=doc_ids.device)
 
 
 def dense_from_block_mask(block_mask, n_heads: int = 1) -> torch.Tensor:
