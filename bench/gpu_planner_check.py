@@ -8,8 +8,10 @@ state allocated), measured with `torch.cuda.max_memory_allocated` / `max_memory_
   full7b   llama2-7b, FSDP2 on one GPU, full activation checkpointing, seq 4096, mb 1
   lora7b   llama2-7b, bf16 base, LoRA r=8 on wq,wv (`lmforge.models.lora.apply_lora`), no AC, seq 4096, mb 1
 
-Each row prints measured and planned allocated / reserved / device GB and the relative errors, and
-everything goes to $OUT/gpu_planner_check.json (or --out). `--smoke` runs tiny shapes on CPU (checks
+Each row prints measured and planned allocated / reserved / device GB and the relative errors; the JSON
+($OUT/gpu_planner_check.json, or --out) is rewritten after every row, so a run that dies keeps the rows
+before it. A run the planner says does not fit this GPU is skipped (recorded, not run); one that runs out of
+memory anyway is recorded with the error and the next run goes on. `--smoke` runs tiny shapes on CPU (checks
 the script; CPU has no allocator statistics, so only the planner side is printed).
 
     python bench/gpu_planner_check.py                 # all three, one GPU (H100/H200: ~3-5 min)
@@ -98,8 +100,9 @@ def _measure(cfg, mode: str, ac: str, seq: int, micro: int, device: torch.device
     return out
 
 
-def _plan(cfg, mode: str, ac: str, seq: int, micro: int, gpu: str, smoke: bool) -> dict:
-    plan = estimate(PlanRequest(model=cfg, model_name="bench", gpus=1, gpu=gpu, seq_len=seq, micro_batch=micro,
+def _plan(cfg, mode: str, ac: str, seq: int, micro: int, gpu: str, smoke: bool, mem_gb: float | None) -> dict:
+    plan = estimate(PlanRequest(model=cfg, model_name="bench", gpus=1, gpu=gpu, gpu_mem_gb=mem_gb, seq_len=seq,
+                                micro_batch=micro,
                                 ac=ac, mode=mode, device="cpu" if smoke else "cuda",
                                 precision="fp32" if smoke else "bf16"))
     return {**plan["memory_peak_gb"], "fits": plan["fits"], "detail": plan["memory_detail_gb"],
@@ -109,7 +112,10 @@ def _plan(cfg, mode: str, ac: str, seq: int, micro: int, gpu: str, smoke: bool) 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated: {', '.join(RUNS)}")
-    p.add_argument("--gpu", default="h200", help="planner GPU preset (memory for the verdict)")
+    p.add_argument("--gpu", default="h100", help="planner GPU preset (peak FLOP/s; memory: --gpu-mem-gb)")
+    p.add_argument("--gpu-mem-gb", type=float, default=None,
+                   help="memory for the planner's verdict (default: this GPU's, in GiB); rows that do not fit are "
+                        "skipped, not run into an out-of-memory error")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench/out")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script only")
     args = p.parse_args()
@@ -127,21 +133,47 @@ def main() -> int:
             port = sock.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     info = init_distributed(timeout_s=900, device="cpu" if args.smoke else "cuda")
-    rows = []
+    out = Path(args.out)
+    rows: list[dict] = []
+    mem_gb = args.gpu_mem_gb
+    if mem_gb is None and not args.smoke:  # this GPU's memory in GiB (an "80 GB" H100: 79.2), as gpu_check
+        mem_gb = round(torch.cuda.get_device_properties(info.device).total_memory / 2 ** 30, 1)
+
+    def save() -> None:  # after every row: a later run that dies (OOM, timeout) keeps the rows before it
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".gpu_planner_check.json.tmp"
+        tmp.write_text(json.dumps({"torch": torch.__version__, "gpu_mem_gb": mem_gb, "rows": rows}, indent=1))
+        tmp.replace(out / "gpu_planner_check.json")
+
     try:
         for name in names:
             model, mode, ac, seq, micro = RUNS[name]
             if args.smoke:
                 seq, micro = 32, 2
             cfg = _config(model, args.smoke)
-            planned = _plan(cfg, mode, ac, seq, micro, args.gpu, args.smoke)
-            measured = _measure(cfg, mode, ac, seq, micro, info.device)
+            planned = _plan(cfg, mode, ac, seq, micro, args.gpu, args.smoke, mem_gb)
             row = {"run": name, "model": model, "mode": mode, "ac": ac, "seq_len": seq, "micro_batch": micro,
-                   "measured_gb": measured, "planner_gb": planned}
+                   "planner_gb": planned}
+            rows.append(row)
+            if not planned["fits"] and not args.smoke:
+                row["skipped"] = (f"the planner says {planned['device']:.1f} GB does not fit {mem_gb} GB; "
+                                  "not run (--gpu-mem-gb to override)")
+                print(f"{name}: {row['skipped']}", flush=True)
+                save()
+                continue
+            try:
+                measured = _measure(cfg, mode, ac, seq, micro, info.device)
+            except torch.cuda.OutOfMemoryError as e:
+                row["error"] = f"out of memory: {str(e).splitlines()[0]}"[:300]
+                print(f"{name}: {row['error']}", flush=True)
+                torch.cuda.empty_cache()
+                save()
+                continue
+            row["measured_gb"] = measured
             for level in ("allocated", "reserved"):
                 if level in measured:
                     row[f"error_{level}"] = round(planned[level] / measured[level] - 1, 4)
-            rows.append(row)
+            save()
             m = " ".join(f"{k} {measured[k]:.2f}" for k in ("allocated", "reserved", "outside_allocator")
                          if k in measured) or "(CPU: no allocator statistics)"
             print(f"{name}: measured {m} | planner allocated {planned['allocated']:.3f} reserved "
@@ -149,11 +181,8 @@ def main() -> int:
                   f"{ {k: v for k, v in row.items() if k.startswith('error_')} }", flush=True)
     finally:
         shutdown_distributed(info)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_planner_check.json").write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+        save()
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

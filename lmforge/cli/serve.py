@@ -20,8 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before answering 429")
     p.add_argument("--max-context", type=int, default=None,
-                   help="tokens per sequence, prompt + reply (default: the model's max_seq_len); the KV cache "
-                        "holds --max-batch x this many tokens")
+                   help="tokens per sequence, prompt + reply; the KV cache holds --max-batch x this many tokens "
+                        "(default: the model's max_seq_len or less: what fits 80%% of the free GPU memory, or "
+                        "4 GiB on the CPU)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted (413 above it; default: the model's context - 1)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above it)")

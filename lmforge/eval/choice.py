@@ -193,15 +193,39 @@ def score_continuations(model, pairs: Sequence[tuple[list[int], list[int]]], bat
         x = torch.zeros(len(idx), width, dtype=torch.long)
         for b, i in enumerate(idx):
             x[b, :len(rows[i][0])] = torch.tensor(rows[i][0], dtype=torch.long)
-        logp = F.log_softmax(model(x.to(device)).float(), dim=-1).cpu()
+        # the positions that predict a continuation token: (row in batch, position, target), flat
+        row_of, pos, target = [], [], []
         for b, i in enumerate(idx):
             inp, cont = rows[i]
-            lp = logp[b, len(inp) - len(cont):len(inp)]  # (len(cont), V): predictions of the continuation
-            target = torch.tensor(cont, dtype=torch.long)
-            out[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+            row_of += [b] * len(cont)
+            pos += range(len(inp) - len(cont), len(inp))
+            target += cont
+        sums, greedy = _continuation_logprobs(model, x.to(device), torch.tensor(row_of, device=device),
+                                              torch.tensor(pos, device=device), torch.tensor(target, device=device))
+        sums, greedy = sums.tolist(), greedy.tolist()  # the one read-back of the batch: (B,) and (B,)
+        for b, i in enumerate(idx):
+            out[i] = (sums[b], bool(greedy[b]))
         if progress is not None:
             progress.update(len(idx))
     return out
+
+
+def _continuation_logprobs(model, x: torch.Tensor, row_of: torch.Tensor, pos: torch.Tensor,
+                           target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the device: (Σ log p(target) per row (B,) fp64, whether every target of the row is the argmax
+    (B,) bool) over the N = len(target) positions ``(row_of, pos)`` of ``x`` (B, T). Only those N positions
+    go through the LM head (a lmforge Transformer: inside its forward, where FSDP2 holds the head's weight);
+    the (B, T, V) log-probabilities are never built, nor copied to the host."""
+    from lmforge.models.transformer import logits_at
+
+    logits = logits_at(model, x, lambda logits_of: logits_of((row_of, pos)).float())  # (N, V)
+    logp = F.log_softmax(logits, dim=-1)  # (N, V)
+    tgt = logp.gather(-1, target[:, None]).squeeze(-1).double()  # (N,)
+    hit = (logp.argmax(-1) == target).to(torch.int32)  # (N,)
+    B = x.size(0)
+    sums = torch.zeros(B, dtype=torch.float64, device=x.device).index_add_(0, row_of, tgt)
+    misses = torch.zeros(B, dtype=torch.int32, device=x.device).index_add_(0, row_of, 1 - hit)
+    return sums, misses == 0
 
 
 def _stderr(values: list[float]) -> float | None:

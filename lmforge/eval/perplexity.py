@@ -41,9 +41,23 @@ def token_stream(tokenizer, texts: Sequence[str]) -> tuple[list[int], list[bool]
     return ids, scored
 
 
+def _chunked_nll(logits_of, y: torch.Tensor, w: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Σ −log p(y) over the scored positions ``w`` (B, T), ``chunk`` positions of fp32 logits at a time."""
+    rows, cols = w.nonzero(as_tuple=True)  # only scored positions reach the head
+    step = chunk or max(int(rows.numel()), 1)
+    total = torch.zeros((), dtype=torch.float64, device=y.device)
+    for i in range(0, rows.numel(), step):
+        r, c = rows[i:i + step], cols[i:i + step]
+        total += F.cross_entropy(logits_of((r, c)).float(), y[r, c], reduction="sum").double()
+    return total
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int | None = None, batch_size: int = 8,
-               progress=None) -> dict[str, float]:
+               progress=None, chunk: int = 1024) -> dict[str, float]:
+    """``chunk``: positions per piece of the LM head + cross-entropy (0 = the whole batch at once)."""
+    from lmforge.models.transformer import logits_at
+
     cfg = model.cfg
     if not cfg.causal or not cfg.lm_head:
         raise UserError("perplexity needs a causal language model with an LM head; this model is an "
@@ -72,9 +86,8 @@ def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int | None = Non
             x = torch.stack([stream[s:s + n] for s in group]).to(device)
             y = torch.stack([stream[s + 1:s + n + 1] for s in group]).to(device)
             w = torch.stack([weight[s + 1:s + n + 1] for s in group]).to(device)
-            logits = model(x).float()
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-            nll += float(loss[w.flatten()].double().sum())
+            # chunks of positions through the LM head: never the (B, T, V) logits of the whole batch
+            nll += float(logits_at(model, x, lambda logits_of, y=y, w=w: _chunked_nll(logits_of, y, w, chunk)))
             count += int(w.sum())
             if progress is not None:
                 progress.update(len(group))

@@ -50,15 +50,22 @@ class SFTBatch:
 
     Pass ``model(tokens, positions=positions, mask=attention_mask)``; ``attention_mask`` is None for
     right-padded (unpacked) batches, where causality alone keeps real tokens off the padding. The
-    Trainer takes it as a dict (`lmforge.finetune.recipes.sft_batch_dict`) and moves and splits it with
-    its own `to_device` / `split_micro`.
+    Trainer takes it as a dict (`lmforge.finetune.recipes.sft_batch_dict`) holding ``doc_ids`` for packed
+    rows, not the mask: the loss builds the mask on the device (a FlexAttention block mask on CUDA).
     """
 
     tokens: Any  # (B, T) long
     labels: Any  # (B, T) long
     positions: Any  # (B, T) long, restarting at 0 for each packed example
     doc_ids: Any  # (B, T) long, -1 on padding
-    attention_mask: Any = None  # (B, 1, T, T) bool or None
+    packed: bool = False  # several examples per row: attention is masked by document
+
+    @property
+    def attention_mask(self) -> Any:
+        """(B, 1, T, T) bool for packed rows (built on request, on the ids' device), else None."""
+        from lmforge.models.masks import document_mask_dense
+
+        return document_mask_dense(self.doc_ids) if self.packed else None
 
     @property
     def n_target_tokens(self) -> int:
@@ -73,8 +80,6 @@ def collate_rows(dataset: SFTDataset, rows: Sequence[Sequence[int]], seq_len: in
     ``pad_to_multiple`` (at most ``seq_len``).
     """
     import torch
-
-    from lmforge.data.loader import document_mask
 
     fills = [sum(len(dataset.input_ids[i]) - 1 for i in r) for r in rows]
     if packed:
@@ -101,8 +106,7 @@ def collate_rows(dataset: SFTDataset, rows: Sequence[Sequence[int]], seq_len: in
             positions[b, t:t + n] = torch.arange(n)
             doc_ids[b, t:t + n] = d
             t += n
-    mask = document_mask(doc_ids) if packed else None
-    return SFTBatch(tokens, labels, positions, doc_ids, mask)
+    return SFTBatch(tokens, labels, positions, doc_ids, packed=bool(packed))
 
 
 BatchMode = ("pack", "group", "shuffle")

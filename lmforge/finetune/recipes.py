@@ -52,7 +52,7 @@ def sft_loss(model, batch: dict, *, chunk: int = 1024, z_loss: float = 0.0) -> t
 
     labels = batch["labels"]  # (B, T), -100 = no loss
     loss = next_token_loss(model, batch["tokens"], labels, positions=batch.get("positions"), mask=batch.get("mask"),
-                           chunk=chunk, z_loss=z_loss)
+                           chunk=chunk, z_loss=z_loss, doc_ids=batch.get("doc_ids"))
     return loss, (labels != -100).sum()
 
 
@@ -60,8 +60,8 @@ def sft_batch_dict(b) -> dict[str, Any]:
     """`SFTBatch` -> the dict the Trainer splits into micro-batches (no mask for unpacked rows)."""
     out = {"tokens": b.tokens, "labels": b.labels, "positions": b.positions,
            "input_tokens": (b.doc_ids >= 0).sum(1)}  # real (non-padding) inputs per row: the throughput count
-    if b.attention_mask is not None:
-        out["mask"] = b.attention_mask
+    if b.packed:  # the ids travel; the loss builds the mask on the device
+        out["doc_ids"] = b.doc_ids
     return out
 
 

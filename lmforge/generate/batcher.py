@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.generate.engine import last_logits
 from lmforge.generate.kv_cache import SlotKVCache
 from lmforge.generate.sampling import check_sampling, sample_next
 from lmforge.generate.text_stream import TextStream
@@ -122,7 +123,7 @@ class ContinuousBatcher:
         tokens = torch.tensor([seq.prompt], device=self.device)
         positions = torch.arange(len(seq.prompt), device=self.device)[None]
         try:
-            logits = self.model(tokens, positions=positions, cache=self.cache.prefill(slot))[:, -1]  # (1, V)
+            logits = last_logits(self.model, tokens, positions=positions, cache=self.cache.prefill(slot))  # (1, V)
         except BaseException:
             self.remove(seq, "error")
             raise

@@ -47,6 +47,14 @@ def _as_batch(prompts: Any, tokenizer) -> tuple[list[list[int]], bool, bool]:
     return ids, is_text, single
 
 
+def last_logits(model, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+    """(B, V) logits of the last position only: a prefill runs the LM head on one position per row, not
+    on all (B, L, V) (`lmforge.models.transformer.logits_at`)."""
+    from lmforge.models.transformer import logits_at
+
+    return logits_at(model, tokens, lambda logits_of: logits_of((slice(None), -1)), **kwargs)
+
+
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], gen: GenerationConfig, tokenizer=None) -> list[list[int]]:
     """Generate continuations for a batch of id lists. Returns the new ids of each prompt (EOS excluded)."""
@@ -76,16 +84,17 @@ def generate_ids(model, prompts: list[list[int]], gen: GenerationConfig, tokeniz
     model.eval()
     try:
         cache = KVCache(cfg, B, total, device=device, dtype=dtype)
-        logits = model(tokens, positions=positions, mask=mask, cache=cache)[:, -1]
+        logits = last_logits(model, tokens, positions=positions, mask=mask, cache=cache)  # (B, V)
         next_pos = positions[:, -1] + 1
         out: list[list[int]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        done = [False] * B
         for step in range(gen.max_new_tokens):
             nxt = sample_next(logits, gen.temperature, gen.top_k, gen.top_p, generator)
+            picked = nxt.tolist()  # the step's one read-back from the device
             for i in range(B):
                 if done[i]:
                     continue
-                t = int(nxt[i])
+                t = picked[i]
                 if gen.eos_id is not None and t == gen.eos_id:
                     done[i] = True
                     continue
@@ -94,7 +103,7 @@ def generate_ids(model, prompts: list[list[int]], gen: GenerationConfig, tokeniz
                     text = tokenizer.decode(out[i])
                     if any(s in text for s in gen.stop_strings):
                         done[i] = True
-            if bool(done.all()) or step == gen.max_new_tokens - 1:
+            if all(done) or step == gen.max_new_tokens - 1:
                 break
             key_valid[:, L + step] = True
             m = key_valid[:, None, None, : L + step + 1] if padded else None

@@ -129,3 +129,47 @@ class _DecodeView:
     def advance(self, t: int) -> None:
         for s in self._slot_list:
             self.cache.lengths[s] += t
+
+
+# ---- sizing ----------------------------------------------------------------------------------------
+CPU_KV_CACHE_CAP_BYTES = 4 << 30  # a server's KV cache on the CPU: at most 4 GiB unless --max-context asks
+CUDA_FREE_FRACTION = 0.8  # of the device's free memory after the model loaded; the rest: activations, allocator
+MIN_DEFAULT_CONTEXT = 256  # a default context below this (or the model's own, when smaller) is refused
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Keys + values of one token over every layer."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def kv_cache_budget(device: torch.device) -> tuple[int, str]:
+    """(bytes a KV cache may take on ``device``, where that figure comes from): on CUDA a fraction of the
+    memory free now (after the model loaded), elsewhere a fixed cap."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_FREE_FRACTION), f"{CUDA_FREE_FRACTION:.0%} of the {free / 2**30:.1f} GiB free on {device}"
+    return CPU_KV_CACHE_CAP_BYTES, f"the {CPU_KV_CACHE_CAP_BYTES / 2**30:.0f} GiB cap on {device.type}"
+
+
+def slot_cache_context(cfg: ModelConfig, n_slots: int, requested: int | None, device: torch.device,
+                       dtype: torch.dtype) -> int:
+    """Tokens per slot of a `SlotKVCache` with ``n_slots`` slots: ``requested`` (capped at the model's
+    max_seq_len) when it fits the budget, else a one-line refusal before anything is allocated; without a
+    request, the longest context the budget holds — never the model's maximum by default alone (a
+    131,072-token Llama 3.1 x 8 slots is 137 GB)."""
+    from lmforge.config import UserError
+
+    per_token = kv_bytes_per_token(cfg, dtype) * n_slots
+    budget, where = kv_cache_budget(torch.device(device))
+    if requested is not None:
+        context = min(requested, cfg.max_seq_len)
+        if context * per_token > budget:
+            raise UserError(f"a KV cache of {n_slots} slots x {context} tokens needs "
+                            f"{context * per_token / 2**30:.1f} GiB, over {where}; lower --max-batch or "
+                            f"--max-context (at most {budget // per_token} tokens at this batch)")
+        return context
+    context = min(cfg.max_seq_len, budget // per_token)
+    if context < min(MIN_DEFAULT_CONTEXT, cfg.max_seq_len):
+        raise UserError(f"a KV cache of {n_slots} slots holds only {context} tokens each within {where}; "
+                        "lower --max-batch, or pass --max-context to choose the length")
+    return int(context)

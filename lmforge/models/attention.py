@@ -3,7 +3,8 @@ out (`reference_attention`, which tests hold the fused one to). A model picks it
 construction; `use_attention_kernel` swaps it afterwards (tests select the reference this way).
 
 Shapes: q (B, H, T, d), k / v (B, KV, S, d) with H a multiple of KV (grouped-query attention),
-mask bool broadcastable to (B, H, T, S), True = may attend.
+mask bool broadcastable to (B, H, T, S), True = may attend, or a FlexAttention ``BlockMask`` (packed
+documents on CUDA, `lmforge.models.masks.document_block_mask`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.masks import dense_from_block_mask, flex_attention_forward, is_block_mask
+
 
 def sdpa_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
+    if is_block_mask(mask):  # packed documents on CUDA: FlexAttention (`lmforge.models.masks`)
+        return flex_attention_forward(q, k, v, mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                           enable_gqa=q.size(1) != k.size(1))  # (B, H, T, d)
 
@@ -25,6 +30,8 @@ def reference_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
     rep = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, d)
     d_k = q.size(-1)
+    if is_block_mask(mask):
+        mask = dense_from_block_mask(mask)
     scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (B, H, T, S)
     if is_causal:
         t, s = scores.shape[-2:]

@@ -247,3 +247,19 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
 def count_params(model: nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def logits_at(model: nn.Module, tokens: torch.Tensor, fn, **kwargs):
+    """``fn(logits_of)`` for a forward of ``model`` on ``tokens``, where ``logits_of(index)`` gives the
+    (soft-capped) logits of the final hidden states ``h[index]`` (h: (B, T, dim)) — so only the positions
+    wanted go through the LM head: the last one for a prefill, continuations for scoring, chunks for a
+    perplexity. An lmforge `Transformer` (also under FSDP2 / compile wrappers) runs ``fn`` inside its
+    forward (``head=``), where FSDP2 holds the head's weight gathered; any other model's full logits are
+    indexed instead."""
+    core = model
+    while isinstance(getattr(core, "module", None) or getattr(core, "_orig_mod", None), nn.Module):
+        core = getattr(core, "module", None) or core._orig_mod
+    if isinstance(core, Transformer) and core.cfg.lm_head:
+        return model(tokens, head=lambda h, _output: fn(lambda index: core.logits(h[index])), **kwargs)
+    full = model(tokens, **kwargs)
+    return fn(lambda index: full[index])

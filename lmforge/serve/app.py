@@ -40,7 +40,7 @@ class ServeSettings:
     n_slots: int = 8  # sequences decoded together
     max_queue: int = 64  # requests waiting for a slot before 429
     max_prompt_tokens: int | None = None  # default: the context minus one
-    max_context: int | None = None  # tokens per slot (prompt + reply); default: the model's max_seq_len
+    max_context: int | None = None  # tokens per slot (prompt + reply); default: what the KV-cache budget holds
     max_body_bytes: int = 1 << 20
     default_completion_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     extra: dict = field(default_factory=dict)
@@ -54,7 +54,10 @@ class Engine:
         from lmforge.tokenizer.chat_template import special_token_strings, uses_bos
 
         self.model, self.tokenizer, self.name, self.settings = model, tokenizer, name, settings
-        self.context = min(settings.max_context or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        from lmforge.generate.kv_cache import slot_cache_context
+
+        p = next(model.parameters())  # the cache is sized from the memory it may take, before allocating it
+        self.context = slot_cache_context(model.cfg, settings.n_slots, settings.max_context, p.device, p.dtype)
         self.max_prompt = min(settings.max_prompt_tokens or self.context - 1, self.context - 1)
         self.scheduler = Scheduler(ContinuousBatcher(model, tokenizer, settings.n_slots, self.context),
                                    settings.max_queue)

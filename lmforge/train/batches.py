@@ -54,26 +54,36 @@ class CausalLMLoss:
         return cls(getattr(train_cfg, "loss_chunk_tokens", DEFAULT_LOSS_CHUNK), getattr(train_cfg, "z_loss", 0.0))
 
     def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = positions = labels = None
+        mask = positions = labels = doc_ids = None
         if isinstance(batch, dict):
-            tokens, mask, positions, labels = (batch["tokens"], batch.get("mask"), batch.get("positions"),
-                                               batch.get("labels"))
+            tokens, mask, positions, labels, doc_ids = (batch["tokens"], batch.get("mask"), batch.get("positions"),
+                                                        batch.get("labels"), batch.get("doc_ids"))
         else:
             tokens = batch
         inputs = tokens[:, :-1]  # (B, T)
         targets = (labels if labels is not None else tokens)[:, 1:]  # (B, T)
         loss = next_token_loss(model, inputs, targets, positions=positions, mask=mask, chunk=self.chunk,
-                               z_loss=self.z_loss)
+                               z_loss=self.z_loss, doc_ids=doc_ids)
         return loss, (targets != -100).sum()
 
 
 def next_token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, positions=None, mask=None,
-                    chunk: int = DEFAULT_LOSS_CHUNK, z_loss: float = 0.0) -> torch.Tensor:
+                    chunk: int = DEFAULT_LOSS_CHUNK, z_loss: float = 0.0, doc_ids=None) -> torch.Tensor:
     """Σ cross-entropy (+ Σ z-loss while training) of ``model`` on inputs (B, T) against targets (B, T)
     (-100 = not a target). A model whose forward takes ``head=`` (the lmforge Transformer, also under
-    FSDP2/DDP/TP) gets the chunked loss inside its forward; any other model's logits are used whole."""
+    FSDP2/DDP/TP) gets the chunked loss inside its forward; any other model's logits are used whole.
+
+    ``doc_ids`` (B, T) (packed documents; instead of ``mask``): the attention mask is built from them here,
+    on their device — a FlexAttention block mask on CUDA, the dense bool mask elsewhere
+    (`lmforge.models.masks.document_attention_mask`)."""
     z_loss = z_loss if model.training else 0.0
     core = _unwrap(model)
+    if doc_ids is not None and mask is None:
+        from lmforge.models.masks import document_attention_mask
+
+        mcfg = getattr(core, "cfg", None)
+        mask = document_attention_mask(doc_ids[:, :inputs.size(1)], causal=getattr(mcfg, "causal", True),
+                                       window=getattr(mcfg, "sliding_window", None))
     softcap = getattr(getattr(core, "cfg", None), "logit_softcap", None) or None
     if _takes_head(core):
         def head(h, output):

@@ -36,6 +36,7 @@ dir the run started from, so a LoRA checkpoint holds only the adapters (and head
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import os
@@ -146,6 +147,23 @@ def to_jsonable(obj: Any) -> Any:
 
 
 # ---- trust: the manifest ---------------------------------------------------------------------
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> sha256 computed by the ranks together (`_prehash`)
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file: the ranks' shared result when `_prehash` computed it, else read here."""
+    try:
+        known = _DIGESTS.get(_file_key(path))
+    except OSError:
+        known = None
+    return known if known is not None else _sha256(path)
+
+
 def _sha256(path: Path) -> str:
     """sha256 of a file, streamed in 1 MiB chunks (a 7B checkpoint never sits in memory)."""
     h = hashlib.sha256()
@@ -155,14 +173,87 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(path: Path) -> None:
-    """MANIFEST.json: size and sha256 of every file in checkpoint ``path``; call it last."""
+def write_manifest(path: Path, hashed: dict[str, dict[str, Any]] | None = None) -> None:
+    """MANIFEST.json: size and sha256 of every file in checkpoint ``path``; call it last. ``hashed``:
+    entries already computed (by `hash_shares` on every rank); the files not in it are hashed here."""
     path = Path(path)
+    hashed = hashed or {}
     files = {}
     for f in sorted(path.iterdir()):
         if f.is_file() and f.name != MANIFEST:
-            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            entry = hashed.get(f.name)
+            if entry is None or entry["size"] != f.stat().st_size:
+                entry = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            files[f.name] = entry
     atomic_write_text(path / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
+
+
+# The slowest rate a share is assumed to hash at (a network filesystem under load); the wait for the other
+# ranks' hashes is bounded by what this rate needs for the largest share, plus a margin — not by the
+# process group's timeout, which a 7B checkpoint hashed on one rank used to exceed.
+MIN_HASH_BYTES_PER_S = 50e6
+HASH_WAIT_MARGIN_S = 120.0
+_EXCHANGES = 0
+
+
+def split_shares(sizes: dict[str, int], n: int) -> list[list[str]]:
+    """Files dealt to ``n`` ranks, largest first to the least loaded (deterministic: every rank computes
+    the same split from the same listing)."""
+    shares: list[list[str]] = [[] for _ in range(n)]
+    load = [0] * n
+    for name in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        i = min(range(n), key=lambda r: (load[r], r))
+        shares[i].append(name)
+        load[i] += sizes[name]
+    return shares
+
+
+def hash_wait_s(sizes: dict[str, int], n: int) -> float:
+    """Seconds to wait for every rank's share: the largest share at MIN_HASH_BYTES_PER_S, plus a margin."""
+    shares = split_shares(sizes, n)
+    biggest = max((sum(sizes[f] for f in share) for share in shares), default=0)
+    return biggest / MIN_HASH_BYTES_PER_S + HASH_WAIT_MARGIN_S
+
+
+def hash_shares(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """{name: {size, sha256}} for ``names`` in ``path``, the hashing split over the ranks (each reads only
+    its share, all at once) and the entries handed to every rank through the job's key-value store, with a
+    wait sized from the work (`hash_wait_s`). One process: hashes everything here."""
+    global _EXCHANGES
+    sizes = {n: (path / n).stat().st_size for n in names}
+    if not (_dist() and dist.get_world_size() > 1):
+        return {n: {"size": sizes[n], "sha256": _sha256(path / n)} for n in names}
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = {}
+    for n in split_shares(sizes, world)[rank]:
+        try:
+            mine[n] = {"size": sizes[n], "sha256": _sha256(path / n)}
+        except OSError as e:  # every rank must post its share; a missing digest is re-read (and fails) later
+            mine[n] = {"size": sizes[n], "sha256": None, "error": str(e)}
+    _EXCHANGES += 1
+    prefix = f"lmforge/ckpt_hash/{path.name}/{_EXCHANGES}"
+    store = _default_store()
+    if store is None:  # no store to wait on with our own timeout: the process group's collective
+        got: list[Any] = [None] * world
+        dist.all_gather_object(got, mine)
+    else:
+        store.set(f"{prefix}/{rank}", json.dumps(mine))
+        keys = [f"{prefix}/{r}" for r in range(world)]
+        store.wait(keys, datetime.timedelta(seconds=hash_wait_s(sizes, world)))
+        got = [json.loads(store.get(k)) for k in keys]
+    out: dict[str, dict[str, Any]] = {}
+    for part in got:
+        out.update(part)
+    return out
+
+
+def _default_store():
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except (ImportError, RuntimeError, ValueError):
+        return None
 
 
 _VERIFIED: dict[tuple, str | None] = {}  # (path, stats of its files, deep) -> reason or None
@@ -223,7 +314,7 @@ def _verify(path: Path, deep: bool) -> str | None:
         size = f.stat().st_size
         if size != entry["size"]:
             return f"{name} is {size} bytes but was saved with {entry['size']} (truncated or overwritten)"
-        if deep and _sha256(f) != entry["sha256"]:
+        if deep and _digest(f) != entry["sha256"]:
             return f"{name} does not match its sha256 (corrupt)"
     try:
         meta = json.loads((path / META).read_text(encoding="utf-8"))
@@ -305,8 +396,39 @@ def latest_checkpoint(ckpt_dir: Path, verify: bool = True) -> Path | None:
     the reason on stderr. ``verify=False`` checks sizes only (no hashing, any rank may call it alone);
     with ``verify`` every rank of a distributed run must call it (rank 0 hashes, all get its answer)."""
     if verify:
+        _prehash([Path(ckpt_dir)])
         return _decided_on_rank0(lambda: _latest(Path(ckpt_dir), True))
     return _latest(Path(ckpt_dir), False)
+
+
+def _prehash(dirs: list[Path]) -> None:
+    """Before rank 0 decides which checkpoint to trust: every rank hashes its share of the checkpoint it
+    will most likely pick (the first candidate whose sizes check out), all at once, and rank 0's check then
+    reads their digests instead of hashing ~100 GB alone while the others wait. Each rank reaches the same
+    choice from the same files; an older candidate (the newest did not verify) is hashed by rank 0 alone."""
+    if not (_dist() and dist.get_world_size() > 1):
+        return
+    target = None
+    for d in dirs:
+        if (d / META).is_file() or (d / MANIFEST).is_file() or (d / DCP_INDEX).is_file():
+            target = d
+            break
+        target = next((c for c in _candidates(d) if verify_checkpoint(c, deep=False) is None), None)
+        if target is not None:
+            break
+    files = _read_manifest(target) if target is not None else "none"
+    if isinstance(files, str):
+        return
+    names = sorted(n for n in files if "/" not in n and "\\" not in n and (target / n).is_file()
+                   and _file_key(target / n) not in _DIGESTS)  # the same on every rank: filled by the exchange
+    if not names:
+        return
+    for name, entry in hash_shares(target, names).items():
+        if entry.get("sha256"):
+            try:
+                _DIGESTS[_file_key(target / name)] = entry["sha256"]
+            except OSError:
+                pass
 
 
 def _latest(ckpt_dir: Path, verify: bool) -> Path | None:
@@ -321,6 +443,7 @@ def _latest(ckpt_dir: Path, verify: bool) -> Path | None:
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint dir, a checkpoints/ dir (its LATEST) or a run dir (its checkpoints/LATEST). In a
     distributed run every rank must call it (rank 0 verifies)."""
+    _prehash([Path(path), Path(path) / "checkpoints"])
     return _decided_on_rank0(lambda: _resolve(path))
 
 
@@ -411,11 +534,13 @@ class CheckpointManager:
             dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=str(tmp))
         atomic_write_text(tmp / f"rank_{self.rank:05d}.json", json.dumps(to_jsonable(rank_state)))
         _barrier()
+        # every rank hashes its share of the files at once (not rank 0 all of them while the rest wait)
+        hashed = hash_shares(tmp, sorted(f.name for f in tmp.iterdir() if f.is_file() and f.name != MANIFEST))
         if self.rank == 0:
             full_meta = dict(to_jsonable(meta), step=step, saved_at=time.time(), complete=True,
                              world_size=dist.get_world_size() if _dist() else 1)
             atomic_write_text(tmp / META, json.dumps(full_meta, indent=1))
-            write_manifest(tmp)  # last: a checkpoint without it never counts
+            write_manifest(tmp, hashed)  # last: a checkpoint without it never counts (META hashed here)
             _fsync_dir(tmp)
             if final.exists():  # a complete-but-unreferenced save of this step from an interrupted run
                 trash = self.dir / f".trash_{name}"

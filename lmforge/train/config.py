@@ -48,7 +48,8 @@ class StepsConfig:
     seed: int = 0
     resume: str = "auto"  # auto | never | PATH (a checkpoint dir, a run's checkpoints/ dir or a run dir)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast over fp32 master weights (no fp16: no loss scaling)
+    # bf16: autocast over fp32 master weights (no fp16: no loss scaling); auto: bf16 on CUDA, fp32 elsewhere
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
     compile: bool = False  # torch.compile the model (optional; off by default)
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     time_limit_minutes: float | None = None  # checkpoint and stop after this long; a re-run resumes
@@ -350,3 +351,11 @@ __all__ = [
     "load_config",
     "validate",
 ]
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``train.precision`` for a device: ``auto`` is bf16 on CUDA (fp32 master weights, bf16 compute) and
+    fp32 elsewhere (CPU bf16 matmuls are slower than fp32 on most hosts); fp32 / bf16 stay as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if getattr(device, "type", str(device)).startswith("cuda") else "fp32"

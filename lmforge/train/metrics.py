@@ -101,19 +101,49 @@ def _cached(key: str, measure) -> float:
     return value
 
 
-def memory_stats(device: torch.device) -> dict[str, float]:
-    """Current and peak memory in GB: accelerator allocations on CUDA, process RSS on CPU."""
+def memory_stats(device: torch.device, reset: bool = False) -> dict[str, float]:
+    """Current and peak memory in GB.
+
+    CUDA: ``mem_gb`` / ``peak_mem_gb`` what tensors hold (allocated), ``reserved_gb`` / ``peak_reserved_gb``
+    what the caching allocator holds from the device (what runs out first: fragmentation lives here).
+    CPU: the process's resident set (``mem_gb``) and its high-water mark (``peak_mem_gb``).
+    ``reset``: start the peaks over after reading them, so each log row's peak is that of its own steps,
+    not the largest since the start (on Linux the CPU high-water mark is reset through /proc/self/clear_refs).
+    """
     if device.type == "cuda":
-        return {"mem_gb": torch.cuda.memory_allocated(device) / 1e9,
-                "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+        out = {"mem_gb": torch.cuda.memory_allocated(device) / 1e9,
+               "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+               "reserved_gb": torch.cuda.memory_reserved(device) / 1e9,
+               "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9}
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return out
     rss = 0.0
     try:
         rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
     except (OSError, ValueError, IndexError):
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KiB on Linux
+    peak = _vm_hwm_gb()
+    if peak is None:  # no /proc: the lifetime peak (cannot be reset)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KiB on Linux
+    if reset:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+        except OSError:
+            pass
     return {"mem_gb": rss, "peak_mem_gb": max(peak, rss)}
+
+
+def _vm_hwm_gb() -> float | None:
+    """The process's peak resident set since start or the last reset (Linux), GB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _clean(value: Any) -> Any:

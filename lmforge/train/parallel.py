@@ -87,6 +87,7 @@ def setup_world(device_pref: str = "auto", parallel=None) -> tuple[World, torch.
     device = pick_device(device_pref, world.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left (docs/gpu.md)
     return world, device
 
 

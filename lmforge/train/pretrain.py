@@ -22,7 +22,7 @@ class PretrainBatches:
     """The trainer's batch source over a ShardLoader.
 
     With ``doc_mask`` the loader yields (tokens, doc_ids), turned here into the causal-LM batch dict
-    with an attention mask and positions that restart in every packed document. On resume, a loader
+    with the document ids (the attention mask is built from them on the device) and positions that restart in every packed document. On resume, a loader
     state from other data settings (seq_len, tokenizer, data dir) is refused unless the user allowed
     that change (``checkpoint.allow_mismatch`` naming a ``data.*`` field): the stream then continues
     after the same number of tokens, in the new data's order.
@@ -35,11 +35,12 @@ class PretrainBatches:
 
     @staticmethod
     def convert(item) -> dict[str, Any]:
-        from lmforge.data.loader import document_mask, document_positions
+        from lmforge.data.loader import document_positions
 
         tokens, doc_ids = item
         ids = doc_ids[:, :-1]  # inputs are tokens[:, :-1]
-        return {"tokens": tokens, "mask": document_mask(ids), "positions": document_positions(ids)}
+        # the ids, not a (B, 1, T, T) mask: the loss builds the mask on the device (`next_token_loss`)
+        return {"tokens": tokens, "doc_ids": ids, "positions": document_positions(ids)}
 
     def next_batch(self):
         item = self.loader.next_batch()

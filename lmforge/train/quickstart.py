@@ -86,7 +86,10 @@ def time_step(cfg, device) -> float:
     batch = torch.randint(0, mcfg.vocab_size, (cfg.train.micro_batch, cfg.data.seq_len + 1), generator=gen)
     batch = batch.to(device)
     accum = cfg.global_batch_size // cfg.train.micro_batch
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16" else None
+    from lmforge.train.config import resolve_precision
+
+    bf16 = resolve_precision(cfg.train.precision, device) == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
     times = []
     for i in range(4):
         t0 = time.perf_counter()

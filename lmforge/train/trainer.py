@@ -45,6 +45,7 @@ from lmforge.config import ConfigError, UserError, config_hash, dump_yaml
 from lmforge.console import info
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.batches import causal_lm_loss, count_input_tokens, input_tokens, split_micro, to_device
+from lmforge.train.config import resolve_precision
 from lmforge.train.metrics import (
     MetricsWriter,
     Progress,
@@ -130,6 +131,7 @@ class Trainer:
         self.cfg = cfg
         self.world = world or World()
         self.device = torch.device(device)
+        cfg.train.precision = resolve_precision(cfg.train.precision, self.device)  # auto: bf16 on CUDA
         self.run_dir = Path(cfg.run.dir)
         self.total_steps = total_steps
         self.train_batches = train_batches
@@ -541,7 +543,7 @@ class Trainer:
         window = self.meter.close_window(out)
         skipped = window.pop("skipped")
         row = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
-               "lr": out["lr"], **window, **memory_stats(self.device)}
+               "lr": out["lr"], **window, **memory_stats(self.device, reset=True)}  # peaks of this row's steps
         if skipped or self.nonfinite_total:
             row.update(skipped=skipped, nonfinite_total=self.nonfinite_total)
         self.metrics.write(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lmforge.data.records import DataError
 from lmforge.eval.choice import encode_pair, load_choice
@@ -64,3 +65,54 @@ def test_encode_pair_splits_like_the_harness():
     assert ctx == [ord(c) for c in "Answer:"] and cont == [ord(" "), ord("B")]
     assert encode_pair(tok, "Q", " A", add_bos=True) == ([1, ord("Q")], [ord(" "), ord("A")])
     assert encode_pair(tok, "", "hi", add_bos=False) == ([1], [ord("h"), ord("i")])  # empty context -> BOS
+
+
+def _reference_scores(model, pairs, max_length):
+    """The pre-device-gather computation: one row at a time, full fp32 log-softmax on the host."""
+    import torch.nn.functional as F
+
+    out = []
+    with torch.no_grad():
+        for ctx, cont in pairs:
+            whole = (list(ctx) + list(cont))[-(max_length + 1):]
+            inp, cont = whole[:-1], list(cont)[-(len(whole) - 1):]
+            logp = F.log_softmax(model(torch.tensor([inp])).float(), dim=-1)[0].cpu()
+            lp = logp[len(inp) - len(cont):len(inp)]
+            target = torch.tensor(cont)
+            out.append((float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+    return out
+
+
+def test_score_continuations_gathers_on_the_device_and_matches_the_full_log_softmax(monkeypatch):
+    """Batched, right-padded, over-long rows cut: the same sums and greedy flags as the full (B, T, V)
+    log-softmax per row, without the model's full logits (only the continuation positions reach the head)."""
+    from lmforge.eval.choice import score_continuations
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import build_model
+
+    cfg = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=16)
+    model = build_model(cfg, seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
+
+    pairs = [(ids(5), ids(2)), (ids(1), ids(1)), (ids(12), ids(4)), (ids(20), ids(3)), (ids(3), ids(6))]
+    want = _reference_scores(model, pairs, max_length=16)
+    # a continuation the model picks greedily: the reference's own argmax
+    with torch.no_grad():
+        ctx = ids(4)
+        first = int(model(torch.tensor([ctx]))[0, -1].argmax())
+    pairs.append((ctx, [first]))
+    want.append(_reference_scores(model, pairs[-1:], 16)[0])
+    assert want[-1][1] is True
+    rows_seen = []
+    real_logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda h: rows_seen.append(h.shape) or real_logits(h))
+    got = score_continuations(model, pairs, batch_size=3, max_length=16)
+    assert [g_[1] for g_ in got] == [w[1] for w in want]
+    for (a, _), (b, _) in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-4)
+    # two batches; the head saw only the continuation positions (N, dim), never (B, T, dim)
+    assert [len(s) for s in rows_seen] == [2, 2]
+    assert sum(s[0] for s in rows_seen) == sum(len(c) for _, c in pairs)

@@ -81,6 +81,20 @@ def test_perplexity_matches_direct_computation(tok, model, seq_len):
     assert got["bits_per_byte"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-4)
 
 
+def test_perplexity_uses_the_chunked_loss_not_the_full_logits(tok, model, monkeypatch):
+    """Chunks of 5 positions give the numbers of the whole batch at once (chunk=0), and the LM head only
+    ever sees 5 positions: the model's full (B, T, V) logits are never computed."""
+    texts = ["The quick brown fox jumps over the lazy dog.", "Hello there, how are you today?"] * 3
+    whole = perplexity(model, tok, texts, seq_len=16, batch_size=4, chunk=0)
+    rows = []
+    real = model.logits
+    monkeypatch.setattr(model, "logits", lambda h: rows.append(h.shape[:-1]) or real(h))
+    got = perplexity(model, tok, texts, seq_len=16, batch_size=4, chunk=5)
+    assert rows and all(len(r) == 1 and r[0] <= 5 for r in rows), rows  # (n <= 5, dim) each, never (B, T, dim)
+    assert got["tokens"] == whole["tokens"]
+    assert got["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+
+
 def test_perplexity_errors(tok, model):
     with pytest.raises(UserError, match="max_seq_len=64"):
         perplexity(model, tok, ["abc"], seq_len=65)

@@ -37,7 +37,7 @@ def test_left_padded_batch_equals_single_prompts(model):
 
 
 def test_seeded_sampling_is_reproducible_and_varies_with_seed(model):
-    kw = dict(max_new_tokens=12, temperature=1.5, top_k=20, top_p=0.95)
+    kw = {"max_new_tokens": 12, "temperature": 1.5, "top_k": 20, "top_p": 0.95}
     a = generate(model, [1, 2, 3], seed=1, **kw)
     assert a == generate(model, [1, 2, 3], seed=1, **kw)
     assert any(generate(model, [1, 2, 3], seed=s, **kw) != a for s in range(2, 6))
@@ -80,3 +80,61 @@ def test_encoder_cannot_generate():
                                   pos_encoding="learned", max_seq_len=16), seed=0)
     with pytest.raises(ValueError, match="causal"):
         generate_ids(enc, [[1, 2]], GenerationConfig(max_new_tokens=2))
+
+
+class _ReadBacks(torch.overrides.TorchFunctionMode):
+    """Counts what copies a value from a tensor to Python (a device sync on CUDA)."""
+
+    NAMES = frozenset({"tolist", "item", "__bool__", "__int__", "__float__", "__index__"})
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += getattr(func, "__name__", "") in self.NAMES
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_reads_back_once_per_step_and_prefill_runs_the_head_on_the_last_position(model, monkeypatch):
+    prompts = [[5, 6], [7, 8, 9, 10, 11, 12], [1]]  # left-padded: every row, one batch
+    want = [greedy_by_recompute(model, p, 12) for p in prompts]
+    head_rows = []
+    real_logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda h: head_rows.append(tuple(h.shape[:-1])) or real_logits(h))
+    counts = {}
+    for n in (6, 12):
+        head_rows.clear()
+        with _ReadBacks() as rb:
+            got = generate_ids(model, prompts, GenerationConfig(max_new_tokens=n))
+        counts[n] = rb.n
+        assert got == [w[:n] for w in want]  # the same tokens as recomputing everything
+        assert head_rows[0] == (3,)  # prefill: (B,) last positions, not (B, L)
+        assert all(r == (3, 1) for r in head_rows[1:]) and len(head_rows) == n
+    assert counts[12] - counts[6] == 6, counts  # one read-back per decode step, whatever the batch size
+
+
+def test_serving_kv_cache_is_sized_from_memory_not_the_models_maximum(monkeypatch):
+    """llama3.1-8b (131,072 context) x 8 slots in bf16 would be 137 GB: the default context is what the
+    budget holds (CPU: a 4 GiB cap; CUDA: 80% of the free memory), and a request over it is refused in one
+    line before anything is allocated."""
+    from lmforge.config import UserError
+    from lmforge.generate.kv_cache import kv_bytes_per_token, slot_cache_context
+    from lmforge.models.presets import get_preset
+
+    cfg = get_preset("llama3.1-8b")
+    assert cfg.max_seq_len == 131072
+    assert kv_bytes_per_token(cfg, torch.bfloat16) == 2 * 32 * 8 * 128 * 2  # 128 KiB per token
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert slot_cache_context(cfg, 8, None, cpu, torch.bfloat16) == 4096  # 4 GiB / (8 x 128 KiB)
+    assert slot_cache_context(cfg, 8, 1000, cpu, torch.bfloat16) == 1000
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 2**30, 80 * 2**30))
+    assert slot_cache_context(cfg, 8, None, cuda, torch.bfloat16) == 16384  # 16 GiB / 1 MiB per position
+    with pytest.raises(UserError, match=r"8 slots x 131072 tokens needs 128.0 GiB, over 80% of the 20.0 GiB "
+                                        r"free on cuda:0; lower --max-batch or --max-context \(at most 16384"):
+        slot_cache_context(cfg, 8, 10**6, cuda, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**28, 80 * 2**30))
+    with pytest.raises(UserError, match="holds only 204 tokens each"):
+        slot_cache_context(cfg, 8, None, cuda, torch.bfloat16)
+    small = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
+    assert slot_cache_context(small, 8, None, cpu, torch.float32) == 64  # a small model keeps its own context

@@ -59,3 +59,15 @@ def test_grad_accumulation_is_derived():
     with pytest.raises(ConfigError, match=r"global_batch=60 is not divisible by train.micro_batch=8 × 2 ranks; "
                                           r"try train.global_batch=64"):
         grad_accum_steps(60, 8, 2)
+
+
+def test_precision_auto_is_bf16_on_cuda_and_fp32_elsewhere():
+    import torch
+
+    from lmforge.train.config import TrainConfig, resolve_precision
+
+    assert TrainConfig().precision == "auto"
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp32", torch.device("cuda", 0)) == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"

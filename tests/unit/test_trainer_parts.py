@@ -184,3 +184,38 @@ def test_sigint_checkpoints_and_exits_130_without_a_model(tmp_path):
     assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "step_000003"
     assert result.model_dir is None and not (tmp_path / "model").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_memory_stats_peaks_restart_per_row_on_cpu():
+    """The CPU high-water mark restarts after a reset read (Linux /proc/self/clear_refs): a row after a
+    large, freed allocation no longer reports it."""
+    import numpy as np
+
+    from lmforge.train.metrics import memory_stats
+
+    cpu = torch.device("cpu")
+    memory_stats(cpu, reset=True)
+    base = memory_stats(cpu)["mem_gb"]
+    big = np.ones(400_000_000 // 8)  # 0.4 GB, touched
+    peak_with = memory_stats(cpu, reset=True)["peak_mem_gb"]  # a row while it lives
+    del big
+    memory_stats(cpu, reset=True)  # the row whose window saw it freed
+    peak_after = memory_stats(cpu, reset=True)["peak_mem_gb"]  # the next row: its window never held it
+    assert peak_with >= base + 0.35, (base, peak_with)
+    assert peak_after < peak_with - 0.3, (peak_with, peak_after)
+
+
+def test_memory_stats_on_cuda_reports_reserved_and_resets_the_peaks(monkeypatch):
+    from lmforge.train.metrics import memory_stats
+
+    resets = []
+    fake = {"memory_allocated": 1e9, "max_memory_allocated": 3e9, "memory_reserved": 4e9,
+            "max_memory_reserved": 5e9}
+    for name, value in fake.items():
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, v=value: v)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    dev = torch.device("cuda", 0)
+    assert memory_stats(dev) == {"mem_gb": 1.0, "peak_mem_gb": 3.0, "reserved_gb": 4.0, "peak_reserved_gb": 5.0}
+    assert resets == []
+    memory_stats(dev, reset=True)
+    assert resets == [dev]
