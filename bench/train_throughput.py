@@ -83,7 +83,7 @@ def lmforge_side(args, device, loss_chunk: int | None = None):
     step function."""
     from lmforge.config import from_dict
     from lmforge.models.transformer import build_model
-    from lmforge.train.batches import CausalLMLoss
+    from lmforge.train.losses import CausalLMLoss
     from lmforge.train.config import PretrainConfig
     from lmforge.train.trainer import Trainer
 

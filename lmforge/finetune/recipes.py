@@ -46,9 +46,9 @@ from lmforge.models.adapter_dir import load_adapter, model_fingerprint
 # ================================================================================================
 def sft_loss(model, batch: dict, *, chunk: int = 1024, z_loss: float = 0.0) -> tuple[Any, Any]:
     """Summed next-token cross-entropy on the labelled (assistant) positions; labels are already shifted.
-    Computed in chunks of tokens from the final hidden states (`lmforge.train.loss`), like pretraining's
+    Computed in chunks of tokens from the final hidden states (`lmforge.train.losses`), like pretraining's
     (``train.loss_chunk_tokens``, ``train.z_loss``)."""
-    from lmforge.train.batches import next_token_loss
+    from lmforge.train.losses import next_token_loss
 
     labels = batch["labels"]  # (B, T), -100 = no loss
     loss = next_token_loss(model, batch["tokens"], labels, positions=batch.get("positions"), mask=batch.get("mask"),

@@ -14,7 +14,7 @@ _EXPORTS = {
     "Trainer": "lmforge.train.trainer",
     "TrainResult": "lmforge.train.trainer",
     "TrainingDiverged": "lmforge.train.trainer",
-    "causal_lm_loss": "lmforge.train.batches",
+    "causal_lm_loss": "lmforge.train.losses",
     "LRSchedule": "lmforge.train.schedule",
     "build_optimizer": "lmforge.train.optim",
     "param_groups": "lmforge.train.optim",

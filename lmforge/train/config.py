@@ -52,7 +52,7 @@ class TrainConfig:
     time_limit_minutes: float | None = None  # checkpoint and stop after this long; a re-run resumes
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     objective: Literal["clm", "mlm"] = "clm"  # mlm: BERT masked-LM pretraining of an encoder preset
-    # the LM loss (lmforge.train.loss): tokens per chunk of the head + cross-entropy (0 = whole logits at once),
+    # the LM loss (lmforge.train.losses): tokens per chunk of the head + cross-entropy (0 = whole logits at once),
     # and the z-loss coefficient on logsumexp² per target (PaLM; e.g. 1e-4; 0 = off; training only)
     loss_chunk_tokens: int = 1024
     z_loss: float = 0.0

@@ -135,7 +135,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     from lmforge.data.shards import read_index
     from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
-    from lmforge.train.batches import CausalLMLoss
+    from lmforge.train.losses import CausalLMLoss, MaskedLMLoss
     from lmforge.train.parallel import build_for_world, failure_guard, setup_world
     from lmforge.train.resume import check_compatible, find_resume
     from lmforge.train.trainer import Trainer
@@ -225,10 +225,10 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
     loss_fn = CausalLMLoss.from_config(cfg.train)  # train.loss_chunk_tokens, train.z_loss
     save_fn = save_model_dir
     if mlm is not None:
-        from lmforge.models.heads import attach_mlm_head, mlm_objective, save_model_dir_with_heads
+        from lmforge.models.heads import attach_mlm_head, save_model_dir_with_heads
 
         attach_mlm_head(model, seed=cfg.train.seed)
-        loss_fn = mlm_objective(mlm[0], mcfg.vocab_size, mlm[1], seed=cfg.train.seed)
+        loss_fn = MaskedLMLoss(mlm[0], mcfg.vocab_size, mlm[1], seed=cfg.train.seed)
         save_fn = save_model_dir_with_heads
 
     def save_model(m, out):

@@ -44,7 +44,8 @@ from torch import nn
 from lmforge.config import ConfigError, UserError, config_hash, dump_yaml
 from lmforge.console import info
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.batches import causal_lm_loss, count_input_tokens, input_tokens, split_micro, to_device
+from lmforge.train.batches import count_input_tokens, input_tokens, split_micro, to_device
+from lmforge.train.losses import causal_lm_loss
 from lmforge.train.metrics import (
     MetricsWriter,
     Progress,

@@ -12,9 +12,9 @@ from lmforge.models.heads import (
     load_heads,
     mask_tokens,
     mlm_logits,
-    mlm_loss,
     save_heads,
 )
+from lmforge.train.losses import masked_lm_loss
 
 MASK, SPECIAL = 4, (0, 1, 2)
 
@@ -76,7 +76,8 @@ def test_mlm_training_from_scratch_learns_to_fill_masks(one_thread):
     for step in range(80):
         tokens = torch.randint(5, 64, (16, 1), generator=g).expand(16, 16)
         inputs, labels = mask_tokens(tokens, MASK, 64, SPECIAL, generator=g)
-        loss = mlm_loss(mlm_logits(model, head, inputs), labels)
+        loss_sum, n = masked_lm_loss(mlm_logits(model, head, inputs), labels)
+        loss = loss_sum / n
         opt.zero_grad()
         loss.backward()
         opt.step()

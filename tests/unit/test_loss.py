@@ -1,4 +1,4 @@
-"""The chunked LM loss (lmforge.train.loss) against the written-out unchunked formula: values, gradients,
+"""The chunked LM loss (lmforge.train.losses) against the written-out unchunked formula: values, gradients,
 softcap, z-loss, -100 labels, tied heads, LoRA-wrapped heads, no-grad evaluation, bf16 autocast, and
 that no (tokens × vocab) tensor is kept for backward."""
 
@@ -12,8 +12,7 @@ from torch import nn
 from lmforge.models.config import ModelConfig
 from lmforge.models.lora import LoRALinear
 from lmforge.models.transformer import build_model
-from lmforge.train.batches import CausalLMLoss, causal_lm_loss
-from lmforge.train.loss import head_path, lm_head_loss
+from lmforge.train.losses import CausalLMLoss, causal_lm_loss, head_path, lm_head_loss
 
 B, T, D, V = 2, 9, 16, 96
 
