@@ -14,7 +14,7 @@ import sys
 from lmforge.config import UserError
 
 COMMANDS: dict[str, str] = {
-    "quickstart": "lmforge.train.quickstart",
+    "quickstart": "lmforge.tasks.quickstart",
     "model": "lmforge.models.commands",
     "tokenizer": "lmforge.tokenizer.commands",
     "prepare": "lmforge.data.commands",

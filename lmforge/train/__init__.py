@@ -20,7 +20,6 @@ _EXPORTS = {
     "param_groups": "lmforge.train.optim",
     "CheckpointManager": "lmforge.train.checkpoint",
     "latest_checkpoint": "lmforge.train.checkpoint",
-    "pretrain": "lmforge.train.pretrain",
     "parallelize_model": "lmforge.train.parallel",
     "setup_world": "lmforge.train.parallel",
 }

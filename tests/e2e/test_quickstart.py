@@ -45,7 +45,7 @@ def test_quickstart_runs_every_stage_and_a_rerun_resumes(tmp_path):
 
 
 def test_quickstart_config_file_matches_the_embedded_one():
-    from lmforge.train.quickstart import QUICKSTART_CONFIG
+    from lmforge.tasks.quickstart import QUICKSTART_CONFIG
 
     on_disk = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     for section, values in QUICKSTART_CONFIG.items():

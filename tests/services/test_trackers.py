@@ -244,10 +244,10 @@ def test_lora_finetune_uploads_the_merged_model_and_the_adapter(tmp_path, make_t
     import torch
     from mlflow import MlflowClient
 
-    from lmforge.finetune.config import config_from_dict
-    from lmforge.finetune.recipes import finetune
     from lmforge.models import ModelConfig, build_model
     from lmforge.models.model_dir import save_model_dir
+    from lmforge.tasks.config import config_from_dict
+    from lmforge.tasks.run import run as finetune
 
     lines = ["Say hello. Hello there.", "What is two plus two? Four.", "Name an animal. The quick brown fox."] * 10
     make_tokenizer(tmp_path, lines, vocab_size=300, name="tok")

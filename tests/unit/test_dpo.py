@@ -11,15 +11,6 @@ import torch
 from _align_fixtures import PAIRS, dpo_cfg, keep_torch_threads, model_dir, pairs_file, rows  # noqa: F401
 
 from lmforge.config import ConfigError, UserError
-from lmforge.finetune.data import IGNORE_INDEX, DataError
-from lmforge.finetune.preference import (
-    PreferenceLoss,
-    adapters_disabled,
-    frozen_copy,
-    pair_logps,
-    preference_losses,
-    sequence_logps,
-)
 from lmforge.data.preference_pairs import (
     PairBatches,
     PreferencePair,
@@ -29,13 +20,22 @@ from lmforge.data.preference_pairs import (
     record_to_pair,
     truncate_pair,
 )
-from lmforge.finetune.recipes import finetune
+from lmforge.data.sft import IGNORE_INDEX, DataError
 from lmforge.models.model_dir import load_weights
+from lmforge.tasks.preference import (
+    PreferenceLoss,
+    adapters_disabled,
+    frozen_copy,
+    pair_logps,
+    preference_losses,
+    sequence_logps,
+)
+from lmforge.tasks.run import run as finetune
 
 
 def tokenizer_and_template(model_dir):
-    from lmforge.tokenizer.chat_template import get_chat_template
     from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.chat_template import get_chat_template
 
     tok = load_tokenizer(model_dir)
     return tok, get_chat_template(tok)

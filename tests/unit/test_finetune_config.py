@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import ConfigError
-from lmforge.finetune.config import config_dict, config_from_dict, load_config
+from lmforge.tasks.config import config_dict, config_from_dict, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "finetune").glob("*.yaml"))
 

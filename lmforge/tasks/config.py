@@ -71,7 +71,7 @@ class FinetuneSection:
 
 @dataclass
 class DpoSection:
-    """``dpo:`` — preference tuning (finetune.mode=dpo); see lmforge/finetune/preference.py."""
+    """``dpo:`` — preference tuning (finetune.mode=dpo); see lmforge/tasks/preference.py."""
 
     loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
     beta: float = 0.1
