@@ -19,13 +19,14 @@ from typing import Any, Literal
 from lmforge.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from lmforge.distributed.config import ParallelConfig
 from lmforge.train.config import (
+    PRETRAIN_ONLY_TRAIN_KEYS,
     CheckpointConfig,
     EvalConfig,
     LogConfig,
     OptimConfig,
     RunConfig,
     ScheduleConfig,
-    TrainConfig,
+    StepsConfig,
     validate_common,
 )
 
@@ -119,7 +120,10 @@ class FinetuneDataConfig:
 
 
 @dataclass
-class FinetuneTrainConfig(TrainConfig):
+class FinetuneTrainConfig(StepsConfig):
+    """Fine-tuning's ``train:`` section: the shared keys (`StepsConfig`) plus epochs; no token budgets and no
+    pretraining objective (those keys are pretraining's own section)."""
+
     global_batch: int | None = 32  # examples (classify, unpacked sft) or packed rows per optimizer step
     micro_batch: int = 8
     epochs: float | None = None  # alternative to max_steps: passes over data.train
@@ -206,11 +210,6 @@ def validate(cfg: FinetuneConfig) -> None:
                        ("data.max_dev_examples", d.max_dev_examples)):
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value} must be positive (or unset for all)")
-    if t.global_batch_tokens is not None:
-        raise ConfigError("train.global_batch_tokens is for pretraining; fine-tuning counts examples: set "
-                          "train.global_batch")
-    if t.max_tokens is not None:
-        raise ConfigError("train.max_tokens is for pretraining; fine-tuning runs train.max_steps or train.epochs")
     if t.global_batch is None or t.global_batch <= 0:
         raise ConfigError(f"train.global_batch={t.global_batch} must be a positive number of examples")
     if t.micro_batch <= 0:
@@ -291,8 +290,25 @@ def resolve(cfg: FinetuneConfig, path: str | None) -> None:
         cfg.eval.metric_mode = "max" if cfg.eval.metric in MAXIMIZE else "min"
 
 
+PRETRAIN_ONLY_FIXES = {
+    "global_batch_tokens": "fine-tuning counts examples: set train.global_batch",
+    "max_tokens": "fine-tuning runs train.max_steps or train.epochs",
+    "objective": "fine-tuning's objective follows finetune.mode",
+}
+
+
+def _refuse_pretraining_keys(train: Any) -> None:
+    """A pretraining-only ``train:`` key (not a key of fine-tuning's section) named with its fix."""
+    if not isinstance(train, dict):
+        return
+    for key in PRETRAIN_ONLY_TRAIN_KEYS:
+        if train.get(key) is not None:
+            raise ConfigError(f"train.{key} is for pretraining; {PRETRAIN_ONLY_FIXES[key]}")
+
+
 def config_from_dict(data: dict[str, Any], path: str | None = None) -> FinetuneConfig:
     data = dict(data)
+    _refuse_pretraining_keys(data.get("train"))
     if isinstance(data.get("dpo"), dict) and "lambda" in data["dpo"]:  # `lambda` is a Python keyword
         data["dpo"] = {**data["dpo"], "lambda_": data["dpo"]["lambda"]}
         del data["dpo"]["lambda"]

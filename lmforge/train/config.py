@@ -37,12 +37,12 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class StepsConfig:
+    """The ``train:`` keys every stage shares: batch, steps, seed, resume, device, precision, the LM loss."""
+
     global_batch: int | None = None  # sequences per optimizer step, all ranks together
-    global_batch_tokens: int | None = None  # alternative to global_batch: tokens per step (multiple of seq_len)
     micro_batch: int = 8  # sequences per forward/backward on one rank
     max_steps: int | None = None
-    max_tokens: int | None = None  # alternative to max_steps
     seed: int = 0
     resume: str = "auto"  # auto | never | PATH (a checkpoint dir, a run's checkpoints/ dir or a run dir)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -51,11 +51,23 @@ class TrainConfig:
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     time_limit_minutes: float | None = None  # checkpoint and stop after this long; a re-run resumes
     threads: int | None = None  # torch CPU threads (default: torch's choice)
-    objective: Literal["clm", "mlm"] = "clm"  # mlm: BERT masked-LM pretraining of an encoder preset
     # the LM loss (lmforge.train.losses): tokens per chunk of the head + cross-entropy (0 = whole logits at once),
     # and the z-loss coefficient on logsumexp² per target (PaLM; e.g. 1e-4; 0 = off; training only)
     loss_chunk_tokens: int = 1024
     z_loss: float = 0.0
+
+
+# ``train:`` keys of pretraining only (a fine-tuning config names them in its one-line error)
+PRETRAIN_ONLY_TRAIN_KEYS = ("global_batch_tokens", "max_tokens", "objective")
+
+
+@dataclass
+class TrainConfig(StepsConfig):
+    """Pretraining's ``train:`` section: the shared keys plus token budgets and the objective."""
+
+    global_batch_tokens: int | None = None  # alternative to global_batch: tokens per step (multiple of seq_len)
+    max_tokens: int | None = None  # alternative to max_steps
+    objective: Literal["clm", "mlm"] = "clm"  # mlm: BERT masked-LM pretraining of an encoder preset
 
 
 @dataclass
@@ -324,6 +336,7 @@ def config_dict(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 __all__ = [
+    "PRETRAIN_ONLY_TRAIN_KEYS",
     "CheckpointConfig",
     "DataConfig",
     "EvalConfig",
@@ -333,6 +346,7 @@ __all__ = [
     "PretrainConfig",
     "RunConfig",
     "ScheduleConfig",
+    "StepsConfig",
     "TrainConfig",
     "config_dict",
     "grad_accum_steps",
