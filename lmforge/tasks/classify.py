@@ -134,9 +134,6 @@ class ClassifyTask(FinetuneTask):
     needs_lm_head = False
     lora_trainable = ("score.",)  # the head trains beside the adapters
 
-    def uses_lora(self) -> bool:
-        return self.cfg.classify.method == "lora"
-
     def what(self) -> str:
         return f"classification ({self.cfg.classify.method})"
 

@@ -111,8 +111,9 @@ class FinetuneTask(Task):
 
     # ---- what a task says about itself ----
     def uses_lora(self) -> bool:
-        """True when only LoRA adapters (and ``lora_trainable``) train."""
-        return False
+        """True when only LoRA adapters (and ``lora_trainable``) train: an option of the model, switched per
+        mode in the config (`lmforge.tasks.config.ModeSpec.lora`) and applied here for every task."""
+        return self.cfg.uses_lora
 
     def what(self) -> str:
         """How the first log line names the run (e.g. ``full fine-tuning``)."""

@@ -376,9 +376,6 @@ class PreferenceTask(PairsTask):
 
     name = "dpo"
 
-    def uses_lora(self) -> bool:
-        return self.cfg.dpo.lora
-
     def what(self) -> str:
         return f"preference tuning ({'LoRA' if self.uses_lora() else 'full'})"
 

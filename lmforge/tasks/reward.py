@@ -52,9 +52,6 @@ class RewardTask(PairsTask):
     needs_lm_head = False
     lora_trainable = ("score.",)  # the head trains beside the adapters
 
-    def uses_lora(self) -> bool:
-        return self.cfg.classify.method == "lora"
-
     def what(self) -> str:
         return f"reward model ({self.cfg.classify.method})"
 

@@ -57,9 +57,6 @@ class SFTTask(FinetuneTask):
     name = "sft"
     unit = "tokens"
 
-    def uses_lora(self) -> bool:
-        return self.cfg.mode == "lora"
-
     def what(self) -> str:
         return "LoRA" if self.uses_lora() else "full fine-tuning"
 

@@ -1,4 +1,5 @@
-"""Training: the Trainer loop, optimizer + schedules, DCP checkpoints, metrics, the pretraining recipe.
+"""Training: the Trainer loop, optimizer + schedules, losses, DCP checkpoints, metrics (the tasks that use it are
+in `lmforge.tasks`).
 
 Names are imported lazily so `lmforge --help` and config checks never import torch.
 """
