@@ -163,10 +163,12 @@ class FinetuneTask(Task):
         if cfg.data.seq_len > self.base_cfg.max_seq_len:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len="
                               f"{self.base_cfg.max_seq_len}; lower data.seq_len")
+        self.base_fp = model_fingerprint(base_dir)
 
     # ---- data ----
     def prepare(self, world, device) -> None:
         cfg = self.cfg
+        self.world, self.device = world, device
         self.tokenizer = load_tokenizer(self.base_dir)
         self.mcfg = (replace(self.base_cfg, dropout=cfg.model.dropout) if cfg.model.dropout is not None
                      else self.base_cfg)
@@ -184,7 +186,6 @@ class FinetuneTask(Task):
 
     def math_fields(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.base_fp = model_fingerprint(self.base_dir)
         fields: dict[str, Any] = {"finetune.mode": cfg.mode, "model.base": self.base_fp,
                                   "data.seq_len": cfg.data.seq_len, "data.format": cfg.data.format,
                                   "data.columns": dict(cfg.data.columns),
@@ -193,7 +194,6 @@ class FinetuneTask(Task):
         if self.uses_lora():
             fields.update({"lora.rank": cfg.lora.rank, "lora.alpha": cfg.lora.alpha,
                            "lora.targets": sorted(cfg.lora_config().target_names())})
-        self.fields = fields
         return fields
 
     def chat_fields(self) -> dict[str, Any]:
@@ -243,7 +243,7 @@ class FinetuneTask(Task):
         on_best = (lambda tr: save_best(tr, run_dir)) if self.cfg.eval.keep_best else None
         loss = self.loss(model)  # first: DPO builds its reference (and its batches) from the starting model
         return Job(model, self.batches, total_steps, loss, self.val_batches(), self.eval_fn(), on_best,
-                   math_fields=self.fields, flops_per_token=self.flops_per_token(),
+                   math_fields=self.math_fields(), flops_per_token=self.flops_per_token(),
                    config_dict=config_dict(self.cfg), finish_tracking=False)
 
     # ---- the end ----

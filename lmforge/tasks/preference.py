@@ -52,7 +52,6 @@ from lmforge.tasks.finetuning import FinetuneTask, check_ids, pad_id, read_train
 from lmforge.tokenizer.chat_template import get_chat_template
 from lmforge.train.batches import to_device
 from lmforge.train.parallel import all_reduce_sum, barrier, unwrap
-from lmforge.train.trainer import Job
 
 LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -387,6 +386,7 @@ class PreferenceTask(PairsTask):
         first step, together with the batch source and the dev evaluation."""
         cfg, world, device, pad = self.cfg, self.world, self.device, self.pad
         train_ds, dev_ds = self.train_ds, self.dev_ds
+        fields = self.math_fields()
         kind = reference_kind(cfg)
         d = cfg.dpo
         extra_train = extra_dev = None
@@ -394,9 +394,9 @@ class PreferenceTask(PairsTask):
         if kind == "precomputed":
             splits = {"train": train_ds, **({"dev": dev_ds} if dev_ds is not None else {})}
             refs = precompute_reference(model, splits, self.run_dir,
-                                        {"model.base": self.fields.get("model.base"),
+                                        {"model.base": fields.get("model.base"),
                                          "data.seq_len": cfg.data.seq_len,
-                                         "chat_template": self.fields.get("chat_template")},
+                                         "chat_template": fields.get("chat_template")},
                                         cfg.eval.batch_size or cfg.train.micro_batch, pad, device, world)
             extra_train = attach(refs["train"])
             extra_dev = attach(refs["dev"]) if dev_ds is not None else None
@@ -415,10 +415,6 @@ class PreferenceTask(PairsTask):
                      "precomputed": f"precomputed in {self.run_dir / REF_FILE}", None: "none (reference-free)"}
             info(f"dpo: loss {d.loss}, beta {d.beta}; reference: {where[kind]}")
         return loss
-
-    def job(self, model, world, device, total_steps) -> Job:
-        self.world, self.device = world, device  # the reference is computed on this world
-        return super().job(model, world, device, total_steps)
 
     def save_dir(self, model, out: Path, weights_step: int) -> None:
         self.save_lm_dir(model, out, weights_step)
