@@ -23,17 +23,18 @@ from lmforge.train.trainer import Trainer
 
 
 def run(cfg, config_path: str | None = None) -> RunResult:
-    """Run (or resume) the training ``cfg`` selects; returns the Trainer's result and the task's outputs."""
+    """Run (or resume) the training ``cfg`` selects; returns the Trainer's result and the task's outputs.
+    ``config_path`` (the recipe file) is accepted for callers that pass it; the config already holds its effect."""
     task = task_for(cfg)
     task.check()  # no work yet
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     world, device = setup_world(cfg.train.device, cfg.parallel)
     grad_accum_steps(cfg.global_batch_size, cfg.train.micro_batch, world.dp_size)
+    resume_from = find_resume(task.run_dir, cfg.train.resume)  # a path or None: decided once, here
     task.prepare(world, device)
     total_steps = task.total_steps()
     fields = task.math_fields()
-    resume_from = find_resume(task.run_dir, cfg.train.resume)
     notes = [] if resume_from is None else check_compatible(resume_from, fields, cfg.checkpoint.allow_mismatch)
     model = task.build_model(world, device, resume_from)
     task.describe(model, world, device, total_steps, resume_from)
