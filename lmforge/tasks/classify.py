@@ -1,7 +1,7 @@
 """Classification fine-tuning (``finetune.mode: classify``): a `SequenceClassifier` head on the backbone
-(full, or LoRA + head with ``classify.method: lora``); a resumable batch source over labelled examples,
-the loss, and the dev-set evaluation (accuracy and macro-F1 through `lmforge.eval.classification`) at
-every evaluation. RUN/model is a classifier dir.
+(full, or LoRA + head with ``classify.method: lora``); a resumable batch source over labelled examples, the
+loss (`lmforge.train.losses.classify_loss`), and the dev-set evaluation (accuracy and macro-F1 through
+`lmforge.eval.classification`) at every evaluation. RUN/model is a classifier dir.
 
 A batch is a dict: ``tokens`` (B, T) right-padded ids, ``lengths`` (B,) real lengths, ``labels`` (B,).
 """
@@ -23,6 +23,7 @@ from lmforge.eval.classification import classification_scores
 from lmforge.models.classifier import SequenceClassifier, save_classifier_dir
 from lmforge.tasks.base import RunResult
 from lmforge.tasks.finetuning import FinetuneTask, check_ids, pad_id, read_train_dev
+from lmforge.train.losses import classify_loss
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,13 +77,6 @@ class LabelledBatches:
                                 f"{state.get(key)!r}, this run has {value!r}; resume with the same data, seed "
                                 "and train.global_batch")
         self.cursor.load_state_dict(state)
-
-
-def classify_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over the batch's examples, and how many there are."""
-    logits = model(batch["tokens"], batch["lengths"])  # (B, labels)
-    loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-    return loss, torch.tensor(batch["labels"].numel())  # loss "tokens" = examples; inputs = lengths.sum()
 
 
 class DevEvaluator:

@@ -1,16 +1,9 @@
 """Preference tuning (``finetune.mode: dpo``): the DPO family of losses on the shared Trainer
 (`PreferenceTask`; full fine-tuning, or LoRA with ``dpo.lora: true``).
 
-Losses on per-pair sequence log-probabilities (``logp = Σ log π(y_t | x, y_<t)`` over the completion tokens
-only; ``avg = logp / |y|``), ``β = dpo.beta``:
-
-    sigmoid  (DPO, Rafailov et al. 2023)  z = β[(logp_c − ref_c) − (logp_r − ref_r)]
-             loss = −(1 − ε) log σ(z) − ε log σ(−z)            ε = dpo.label_smoothing (cDPO)
-    ipo      (Azar et al. 2023, length-normalised as TRL)
-             loss = ((logp_c − ref_c)/|y_c| − (logp_r − ref_r)/|y_r| − 1/(2β))²
-    simpo    (Meng et al. 2024, reference-free)   loss = −log σ(β·avg_c − β·avg_r − γ)   γ = dpo.gamma
-    orpo     (Hong et al. 2024, reference-free)
-             loss = −avg_c + λ · (−log σ(log odds_c − log odds_r)),  odds = p/(1−p), p = exp(avg)   λ = dpo.lambda
+The losses (sigmoid/DPO, IPO, SimPO, ORPO; ``β = dpo.beta``, ``ε = dpo.label_smoothing``, ``γ = dpo.gamma``,
+``λ = dpo.lambda``) are written out in `lmforge.train.losses.preference_losses`, on per-pair sequence
+log-probabilities (`sequence_logps`) of one forward over chosen and rejected rows (`pair_logps`, here).
 
 ``loss_fn`` returns the *sum* of per-pair losses and the number of pairs; the Trainer divides by the
 global number of pairs, so the optimised loss is the mean over pairs of a global batch.
@@ -51,26 +44,16 @@ from lmforge.tasks.base import RunResult
 from lmforge.tasks.finetuning import FinetuneTask, check_ids, pad_id, read_train_dev
 from lmforge.tokenizer.chat_template import get_chat_template
 from lmforge.train.batches import to_device
+from lmforge.train.losses import REFERENCE_FREE, preference_losses, sequence_logps
 from lmforge.train.parallel import all_reduce_sum, barrier, unwrap
 
-LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
 REF_FILE = "reference_logps.safetensors"
 REF_META = "reference_logps.json"
 
 
 # ================================================================================================
-# Log-probabilities and losses
+# Log-probabilities of pairs (the losses are `lmforge.train.losses.preference_losses`)
 # ================================================================================================
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the labelled targets per row, and how many there are. logits (B, T, V),
-    labels (B, T) shifted targets with IGNORE_INDEX elsewhere -> (B,), (B,)."""
-    mask = labels != IGNORE_INDEX
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (picked * mask).sum(-1), mask.sum(-1)
-
-
 def _pad_to(t: torch.Tensor, T: int, value: int) -> torch.Tensor:
     return t if t.size(1) == T else F.pad(t, (0, T - t.size(1)), value=value)
 
@@ -86,34 +69,6 @@ def pair_logps(model, batch: dict[str, torch.Tensor], pad_id: int = 0
     logps, counts = sequence_logps(model(tokens), labels)
     B = ct.size(0)
     return logps[:B], logps[B:], counts[:B], counts[B:]
-
-
-def preference_losses(loss: str, logp_c: torch.Tensor, logp_r: torch.Tensor, n_c: torch.Tensor, n_r: torch.Tensor,
-                      ref_c: torch.Tensor | None = None, ref_r: torch.Tensor | None = None, *, beta: float = 0.1,
-                      label_smoothing: float = 0.0, gamma: float = 0.5, lam: float = 0.1
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses and the implicit rewards of chosen and rejected (see the module docstring)."""
-    n_c, n_r = n_c.clamp(min=1).to(logp_c.dtype), n_r.clamp(min=1).to(logp_r.dtype)
-    if loss in ("sigmoid", "ipo"):
-        if ref_c is None or ref_r is None:
-            raise ValueError(f"dpo.loss={loss} needs reference log-probs")
-        ratio_c, ratio_r = logp_c - ref_c, logp_r - ref_r
-        if loss == "sigmoid":
-            z = beta * (ratio_c - ratio_r)
-            losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-        else:
-            losses = (ratio_c / n_c - ratio_r / n_r - 1 / (2 * beta)) ** 2
-        return losses, beta * ratio_c.detach(), beta * ratio_r.detach()
-    avg_c, avg_r = logp_c / n_c, logp_r / n_r
-    if loss == "simpo":
-        z = beta * (avg_c - avg_r) - gamma
-        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-        return losses, beta * avg_c.detach(), beta * avg_r.detach()
-    if loss == "orpo":
-        log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
-        losses = -avg_c - lam * F.logsigmoid(log_odds)
-        return losses, lam * avg_c.detach(), lam * avg_r.detach()
-    raise ValueError(f"dpo.loss={loss} is not one of {', '.join(LOSSES)}")
 
 
 # ================================================================================================
@@ -427,6 +382,5 @@ class PreferenceTask(PairsTask):
         return super().metrics_text(val, res)
 
 
-__all__ = ["LOSSES", "PairsTask", "PreferenceEvaluator", "PreferenceLoss", "PreferenceTask", "adapters_disabled",
-           "frozen_copy", "pair_logps", "precompute_reference", "preference_losses", "preference_metrics",
-           "sequence_logps"]
+__all__ = ["PairsTask", "PreferenceEvaluator", "PreferenceLoss", "PreferenceTask", "adapters_disabled",
+           "frozen_copy", "pair_logps", "precompute_reference", "preference_metrics"]

@@ -5,9 +5,12 @@
   (`lm_head_loss`, below);
 - the masked language-model loss (`MaskedLMLoss`, `masked_lm_loss`): BERT's objective over the masked
   positions (the masking recipe itself is `lmforge.models.heads.mask_tokens`);
-- the task losses of fine-tuning live beside them in their own names: SFT reuses `next_token_loss`;
-  classification (`classify_loss`), preference tuning and reward modelling keep theirs with their task's
-  data (`lmforge.tasks.*`), since they are shaped by it.
+- instruction tuning's loss on already-shifted labels (`ShiftedLabelsLoss`, the same chunked cross-entropy);
+- the classification loss (`classify_loss`);
+- the preference-tuning family (`preference_losses`: sigmoid/DPO, IPO, SimPO, ORPO) on per-pair sequence
+  log-probabilities (`sequence_logps`); the task (`lmforge.tasks.preference`) supplies the reference model.
+  (Reward modelling's Bradley–Terry loss is `lmforge.eval.pairwise.bradley_terry`, which its evaluation
+  shares; eval never imports train.)
 
 Every loss is ``loss_fn(model, batch) -> (loss_sum, n_targets)``: the summed loss and how many targets it
 covers; the Trainer normalizes by the global count.
@@ -186,6 +189,75 @@ class MaskedLMLoss:
         core = getattr(model, "module", model)  # under DDP
         h = model(inputs)  # (B, T, dim): an encoder without an LM head returns its hidden states
         return masked_lm_loss(core.mlm(h, core.tok_embeddings.weight), labels)
+
+
+# ================================================================================================
+# Classification
+# ================================================================================================
+def classify_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the batch's examples, and how many there are."""
+    logits = model(batch["tokens"], batch["lengths"])  # (B, labels)
+    loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    return loss, torch.tensor(batch["labels"].numel())  # loss "tokens" = examples; inputs = lengths.sum()
+
+
+
+# ================================================================================================
+# Preference tuning (``finetune.mode: dpo``)
+# ================================================================================================
+LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the labelled targets per row, and how many there are. logits (B, T, V),
+    labels (B, T) shifted targets with IGNORE_INDEX elsewhere -> (B,), (B,)."""
+    mask = labels != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (picked * mask).sum(-1), mask.sum(-1)
+
+
+def preference_losses(loss: str, logp_c: torch.Tensor, logp_r: torch.Tensor, n_c: torch.Tensor, n_r: torch.Tensor,
+                      ref_c: torch.Tensor | None = None, ref_r: torch.Tensor | None = None, *, beta: float = 0.1,
+                      label_smoothing: float = 0.0, gamma: float = 0.5, lam: float = 0.1
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and the implicit rewards of chosen and rejected.
+
+    On per-pair sequence log-probabilities (``logp = Σ log π(y_t | x, y_<t)`` over the completion tokens only;
+    ``avg = logp / |y|``), ``β = beta``:
+
+        sigmoid  (DPO, Rafailov et al. 2023)  z = β[(logp_c − ref_c) − (logp_r − ref_r)]
+                 loss = −(1 − ε) log σ(z) − ε log σ(−z)            ε = label_smoothing (cDPO)
+        ipo      (Azar et al. 2023, length-normalised as TRL)
+                 loss = ((logp_c − ref_c)/|y_c| − (logp_r − ref_r)/|y_r| − 1/(2β))²
+        simpo    (Meng et al. 2024, reference-free)   loss = −log σ(β·avg_c − β·avg_r − γ)
+        orpo     (Hong et al. 2024, reference-free)
+                 loss = −avg_c + λ · (−log σ(log odds_c − log odds_r)),  odds = p/(1−p), p = exp(avg)
+
+    Rewards: ``β (logp − ref)`` (sigmoid, ipo), ``β·avg`` (simpo), ``λ·avg`` (orpo)."""
+    n_c, n_r = n_c.clamp(min=1).to(logp_c.dtype), n_r.clamp(min=1).to(logp_r.dtype)
+    if loss in ("sigmoid", "ipo"):
+        if ref_c is None or ref_r is None:
+            raise ValueError(f"dpo.loss={loss} needs reference log-probs")
+        ratio_c, ratio_r = logp_c - ref_c, logp_r - ref_r
+        if loss == "sigmoid":
+            z = beta * (ratio_c - ratio_r)
+            losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+        else:
+            losses = (ratio_c / n_c - ratio_r / n_r - 1 / (2 * beta)) ** 2
+        return losses, beta * ratio_c.detach(), beta * ratio_r.detach()
+    avg_c, avg_r = logp_c / n_c, logp_r / n_r
+    if loss == "simpo":
+        z = beta * (avg_c - avg_r) - gamma
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+        return losses, beta * avg_c.detach(), beta * avg_r.detach()
+    if loss == "orpo":
+        log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+        losses = -avg_c - lam * F.logsigmoid(log_odds)
+        return losses, lam * avg_c.detach(), lam * avg_r.detach()
+    raise ValueError(f"dpo.loss={loss} is not one of {', '.join(LOSSES)}")
+
 
 
 # ================================================================================================

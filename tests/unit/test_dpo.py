@@ -22,15 +22,9 @@ from lmforge.data.preference_pairs import (
 )
 from lmforge.data.sft import IGNORE_INDEX, DataError
 from lmforge.models.model_dir import load_weights
-from lmforge.tasks.preference import (
-    PreferenceLoss,
-    adapters_disabled,
-    frozen_copy,
-    pair_logps,
-    preference_losses,
-    sequence_logps,
-)
+from lmforge.tasks.preference import PreferenceLoss, adapters_disabled, frozen_copy, pair_logps
 from lmforge.tasks.run import run as finetune
+from lmforge.train.losses import preference_losses, sequence_logps
 
 
 def tokenizer_and_template(model_dir):
