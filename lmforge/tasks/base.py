@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from lmforge.train.metrics import format_duration
 from lmforge.train.trainer import Job, TrainResult
 
 
@@ -132,8 +133,6 @@ class Task:
 
 def stopped_at(r: TrainResult, seen: str) -> str:
     """``max steps at step 1,000 (… tokens) in 1m2s`` — how every summary line starts."""
-    from lmforge.train.metrics import format_duration
-
     reason = r.signal if r.stop_reason == "signal" and r.signal else r.stop_reason
     return f"{reason.replace('_', ' ')} at step {r.step:,} ({seen}) in {format_duration(r.elapsed_s)}"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ConfigError, to_dict
+from lmforge.config import ConfigError, UserError, to_dict
 from lmforge.console import info
 from lmforge.data.loader import ShardLoader, document_mask, document_positions
 from lmforge.data.shards import read_index
@@ -59,8 +59,6 @@ class PretrainBatches:
         return self.loader.state_dict()
 
     def load_state_dict(self, state):
-        from lmforge.config import UserError
-
         try:
             self.loader.load_state_dict(state)
             return
