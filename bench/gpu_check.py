@@ -84,7 +84,7 @@ def make_optimizer(model, lr: float, device: torch.device):
 
 def train_step(model, opt, tokens) -> float:
     """One step with lmforge's own loss (chunked LM head inside the model's forward), as the trainer runs."""
-    from lmforge.train.batches import next_token_loss
+    from lmforge.train.losses import next_token_loss
 
     targets = tokens[:, 1:]
     loss = next_token_loss(model, tokens[:, :-1], targets) / targets.numel()

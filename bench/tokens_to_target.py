@@ -1,7 +1,7 @@
 """Tokens (and wall time) each training recipe needs to reach a fixed validation bits/byte.
 
 The corpus is the quickstart's (the running Python's standard-library sources, its tokenizer and token
-shards, made by `lmforge.train.quickstart.prepare_data`), the model the `small` preset, the baseline the
+shards, made by `lmforge.tasks.quickstart.prepare_data`), the model the `small` preset, the baseline the
 quickstart's earlier recipe (AdamW, SwiGLU, cosine schedule; pinned here) with its lr, betas and weight
 decay. Each recipe changes only what its name says, and runs once per seed through the real `pretrain`
 (Trainer, loader, validation); runs are interleaved seed by seed so that load from other processes on a
@@ -59,8 +59,8 @@ def recipe_overrides(name: str) -> dict[str, object]:
 def run_config(args, recipe: str, seed: int, shard_dir: Path, run_dir: Path):
     from lmforge.config import apply_overrides, from_dict
     from lmforge.models.presets import get_preset
+    from lmforge.tasks.quickstart import quickstart_recipe
     from lmforge.train.config import PretrainConfig, validate
-    from lmforge.train.quickstart import quickstart_recipe
 
     data = quickstart_recipe()  # batch, lr, betas, weight decay, warmup, min_lr: the quickstart's
     # The baseline recipe is pinned (the quickstart's recipe before this benchmark changed it: AdamW, the
@@ -229,8 +229,8 @@ def main(argv=None) -> int:
     for r in recipes:
         recipe_overrides(r)
     out = Path(args.out)
-    from lmforge.train.pretrain import pretrain
-    from lmforge.train.quickstart import prepare_data
+    from lmforge.tasks.quickstart import prepare_data
+    from lmforge.tasks.run import run
 
     shard_dir = prepare_data(out / "data", args.preset, args.data_mb)
     curves: dict = {}
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run restarts (its clock would be off)
                 cfg = run_config(args, name, seed, shard_dir, run_dir)
                 t0 = time.perf_counter()
-                result = pretrain(cfg)
+                result = run(cfg).train
                 if result.exit_code:  # a signal or the time guard: stop here; the next call restarts this run
                     print(f"stopped during {name} seed {seed} ({result.stop_reason})", file=sys.stderr)
                     return result.exit_code

@@ -83,9 +83,9 @@ def lmforge_side(args, device, loss_chunk: int | None = None):
     step function."""
     from lmforge.config import from_dict
     from lmforge.models.transformer import build_model
-    from lmforge.train.batches import CausalLMLoss
     from lmforge.train.config import PretrainConfig
-    from lmforge.train.trainer import Trainer
+    from lmforge.train.losses import CausalLMLoss
+    from lmforge.train.trainer import Job, Trainer
 
     mcfg = model_config(args)
     model = build_model(mcfg, device=device, seed=0)
@@ -100,8 +100,8 @@ def lmforge_side(args, device, loss_chunk: int | None = None):
         "checkpoint": {"interval": 0, "at_end": False, "save_model": False},
         "log": {"interval": 1, "progress": False, "peak_tflops": 1.0},
     })
-    trainer = Trainer(cfg, model, None, None, CausalLMLoss.from_config(cfg.train), total_steps=10**6, device=device,
-                      flops_per_token=mcfg.flops_per_token(args.seq), resume_from=None)
+    job = Job(model, None, 10**6, CausalLMLoss.from_config(cfg.train), flops_per_token=mcfg.flops_per_token(args.seq))
+    trainer = Trainer(cfg, job, device=device)
     trainer.model.train()
 
     def step(x):

@@ -28,7 +28,7 @@ from typing import Any
 CONFIG_SECTIONS: list[tuple[str, str, str, str, str]] = [
     ("Pretraining", "lmforge.train.config", "PretrainConfig",
      "`lmforge pretrain --config FILE` (and the quickstart's recipe)", ""),
-    ("Fine-tuning", "lmforge.finetune.config", "FinetuneConfig",
+    ("Fine-tuning", "lmforge.tasks.config", "FinetuneConfig",
      "`lmforge finetune --config FILE` (every `finetune.mode`: sft, lora, classify, dpo, reward)", ""),
     ("Model", "lmforge.models.config", "ModelConfig",
      ("the `model:` section of a pretraining config (any of these keys after `preset:`, which fills the rest) "

@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     with errors_name_rank():  # under torchrun: "error: rank N: …"
-        from lmforge.finetune.config import load_config
+        from lmforge.tasks.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # ConfigError before anything heavy is imported
         from lmforge.artifacts.identity import check_model_dir_tokenizer
@@ -27,9 +27,10 @@ def run(args) -> int:
         # model.from inside run.dir (e.g. its own RUN/model) is refused: the run would replace its own base.
         with run_dir_claim(cfg.run.dir, "lmforge finetune", overwrite=cfg.run.overwrite,
                            inputs=[cfg.model.path, *cfg.data.train, *cfg.data.dev]):
-            from lmforge.finetune.recipes import finetune, summary
+            from lmforge.tasks.run import run as train
+            from lmforge.tasks.run import summary
 
-            result = finetune(cfg, args.config)
+            result = train(cfg, args.config)
     line, payload = summary(result)
     emit_once(args, line, payload)  # rank 0 only
     return result.train.exit_code  # non-zero when stopped early (signal: 128+N, time limit: 124) and RUN/model not written

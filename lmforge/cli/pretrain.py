@@ -26,9 +26,10 @@ def run(args) -> int:
         check_shards_tokenizer(cfg.data.dir, cfg.data.tokenizer)  # every run, with or without a val split
         with run_dir_claim(cfg.run.dir, "lmforge pretrain", overwrite=cfg.run.overwrite,
                            inputs=[cfg.data.dir, cfg.data.tokenizer, cfg.model.get("init_embeddings_from")]):
-            from lmforge.train.pretrain import pretrain, summary
+            from lmforge.tasks.run import run as train
+            from lmforge.tasks.run import summary
 
-            result = pretrain(cfg)
+            result = train(cfg)
     line, payload = summary(result)
     emit_once(args, line, payload)  # rank 0 only
-    return result.exit_code  # non-zero when stopped early (signal: 128+N, time limit: 124) and RUN/model not written
+    return result.train.exit_code  # non-zero when stopped early (signal: 128+N, time limit: 124) and RUN/model not written

@@ -1,5 +1,5 @@
 """`lmforge quickstart`: train a small model on the running Python's standard library sources in a few
-minutes, no download (the pipeline itself: lmforge.train.quickstart)."""
+minutes, no download (the pipeline itself: lmforge.tasks.quickstart)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from lmforge.outputs import run_dir_claim
+    from lmforge.tasks.quickstart import quickstart
     from lmforge.train.metrics import format_duration
-    from lmforge.train.quickstart import quickstart
 
     with run_dir_claim(args.out, "lmforge quickstart", key="--out"):  # never into a folder it did not create
         r = quickstart(args.out, args.minutes, args.preset, args.data_mb)

@@ -4,7 +4,7 @@
   token embeddings, plus a per-token output bias.
 - `Pooler`: BertModel's pooler — tanh(dense(h[CLS])).
 - `mask_tokens`: BERT's masking recipe (15% of tokens; 80% → [MASK], 10% → random, 10% unchanged), a pure
-  function the trainer calls when ``objective: mlm``.
+  function the masked-LM loss (`lmforge.train.losses.MaskedLMLoss`) calls when ``objective: mlm``.
 
 Heads are stored beside the backbone by `lmforge.artifacts.heads_dir` (``heads.safetensors``).
 """
@@ -27,7 +27,7 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
-        kw = dict(device=device, dtype=dtype)
+        kw = {"device": device, "dtype": dtype}
         self.activation = "gelu" if cfg.activation == "swiglu" else cfg.activation
         self.dense = nn.Linear(cfg.dim, cfg.dim, **kw)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, **kw)
@@ -75,12 +75,6 @@ def mlm_logits(model: nn.Module, head: MLMHead, tokens: torch.Tensor, mask: torc
     """Encoder + MLM head: tokens (B, T) → logits (B, T, vocab)."""
     h = model.hidden_states(tokens, mask=mask, token_type_ids=token_type_ids)
     return head(h, model.tok_embeddings.weight)
-
-
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the masked positions only (labels are IGNORE_INDEX elsewhere)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
 
 
 def mask_tokens(tokens: torch.Tensor, mask_id: int, vocab_size: int, special_ids=(), prob: float = 0.15,
@@ -139,25 +133,3 @@ def attach_mlm_head(model: nn.Module, seed: int | None = None) -> MLMHead:
     return head
 
 
-def mlm_objective(mask_id: int, vocab_size: int, special_ids=(), prob: float = 0.15, seed: int = 0):
-    """A Trainer ``loss_fn(model, batch) -> (loss sum, targets)`` for BERT pretraining on token rows.
-
-    The masks are a function of the batch's content and ``seed`` (not of a global RNG), so a resumed run
-    and every evaluation see the same masks for the same rows."""
-    import hashlib
-
-    def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = batch["tokens"] if isinstance(batch, dict) else batch
-        tokens = tokens[:, :-1]  # (B, T): the rows the causal loader cuts (T+1) → T, like the LM objective
-        digest = hashlib.blake2b(tokens.detach().cpu().numpy().tobytes(), digest_size=8).digest()
-        g = torch.Generator(device="cpu").manual_seed((int.from_bytes(digest, "little") ^ seed) & (2**63 - 1))
-        inputs, labels = mask_tokens(tokens.cpu(), mask_id, vocab_size, special_ids, prob, generator=g)
-        inputs, labels = inputs.to(tokens.device), labels.to(tokens.device)
-        core = getattr(model, "module", model)  # under DDP
-        h = model(inputs)  # (B, T, dim): an encoder without an LM head returns its hidden states
-        logits = core.mlm(h, core.tok_embeddings.weight)  # (B, T, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
-                               ignore_index=IGNORE_INDEX)
-        return loss, (labels != IGNORE_INDEX).sum()
-
-    return loss_fn

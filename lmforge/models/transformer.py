@@ -115,6 +115,9 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only LM (causal) or encoder (bidirectional), selected by the config."""
 
+    # forward(..., head=fn) runs ``fn(hidden, lm_head)`` in place of the LM head (`lmforge.train.losses`)
+    accepts_loss_head = True
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -200,14 +203,14 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states (..., dim) -> logits (..., vocab): the LM head, then the soft cap if the
-        config sets one (a chunked loss applies the same cap itself: `lmforge.train.loss`)."""
+        config sets one (a chunked loss applies the same cap itself: `lmforge.train.losses`)."""
         return softcap(self.output(h), self.cfg.logit_softcap)
 
     def forward(self, tokens, positions=None, mask=None, cache=None, token_type_ids=None, head=None):
         """tokens (B, T) -> logits (B, T, vocab) (hidden states when the model has no LM head).
 
         head: a callable ``head(hidden (B, T, dim), lm_head module or None)`` run in place of the LM head,
-        inside this forward, whose result is returned — how a chunked loss (`lmforge.train.loss`) reads the
+        inside this forward, whose result is returned — how a chunked loss (`lmforge.train.losses`) reads the
         head's weight while FSDP2 holds it gathered (its hooks wrap this forward, not `hidden_states`).
         """
         h = self.hidden_states(tokens, positions, mask, cache, token_type_ids)

@@ -1,2 +1,2 @@
-"""Training: the Trainer loop, optimizer + schedules, DCP checkpoints, metrics, the pretraining recipe, the
-quickstart and run reports. Import from the modules; this package file imports nothing."""
+"""Training: the Trainer loop, optimizer + schedules, losses, DCP checkpoints, metrics (the tasks that use it are
+in `lmforge.tasks`). Import from the modules; this package file imports nothing."""

@@ -54,7 +54,7 @@ class StepsConfig:
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     time_limit_minutes: float | None = None  # checkpoint and stop after this long; a re-run resumes
     threads: int | None = None  # torch CPU threads (default: torch's choice)
-    # the LM loss (lmforge.train.loss): tokens per chunk of the head + cross-entropy (0 = whole logits at once),
+    # the LM loss (lmforge.train.losses): tokens per chunk of the head + cross-entropy (0 = whole logits at once),
     # and the z-loss coefficient on logsumexp² per target (PaLM; e.g. 1e-4; 0 = off; training only)
     loss_chunk_tokens: int = 1024
     z_loss: float = 0.0
@@ -62,7 +62,7 @@ class StepsConfig:
 
 @dataclass
 class TrainConfig(StepsConfig):
-    """Pretraining's ``train:`` section: the shared keys plus the token-counted alternatives and the objective."""
+    """Pretraining's ``train:`` section: the shared keys plus token budgets and the objective."""
 
     global_batch_tokens: int | None = None  # alternative to global_batch: tokens per step (multiple of seq_len)
     max_tokens: int | None = None  # alternative to max_steps

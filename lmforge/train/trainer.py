@@ -1,22 +1,23 @@
 """The training loop shared by every recipe: pretraining, fine-tuning, classification.
 
-A recipe supplies the model, a batch source and a loss; the Trainer does the rest: gradient
-accumulation, AdamW + schedule, clipping, non-finite skipping, evaluation and early stopping,
-metrics, DCP checkpoints with exact resume, and the consolidated model dir at the end.
+A task (`lmforge.tasks`) supplies a `Job`: the model, a batch source, a loss, its evaluation and the
+settings that change its math; the Trainer does the rest: gradient accumulation, AdamW + schedule,
+clipping, non-finite skipping, evaluation and early stopping, metrics, DCP checkpoints with exact resume,
+and the consolidated model dir at the end.
 
-    Trainer(cfg, model, train_batches, val_batches, loss_fn, total_steps=..., ...).fit()
+    Trainer(cfg, Job(model, batches, total_steps, loss, val_batches, ...), world, resume_from=...).fit()
 
-``train_batches`` has ``next_batch()`` (this rank's share of one optimizer step: a tensor or a dict
+``batches`` has ``next_batch()`` (this rank's share of one optimizer step: a tensor or a dict
 of tensors with the batch on dim 0), ``state_dict()`` and ``load_state_dict()``. ``val_batches()``
 returns the WHOLE evaluation set, the same on every rank; the Trainer gives each data-parallel rank its
-share with the same number of forward passes (see `Trainer.evaluate`). ``loss_fn(model, batch) ->
+share with the same number of forward passes (see `Trainer.evaluate`). ``loss(model, batch) ->
 (loss_sum, n_tokens)``: the summed loss and how many targets it covers; the Trainer normalizes by the
 global count, so micro-batches and ranks with different numbers of real tokens weigh correctly.
 
-Optional hooks for fine-tuning recipes: ``eval_fn(model) -> {metric: value}`` adds metrics to every
+Optional hooks for fine-tuning tasks: ``eval_fn(model) -> {metric: value}`` adds metrics to every
 evaluation (e.g. dev accuracy; every rank calls it); early stopping follows ``cfg.eval.metric``
 (default ``val_loss``) in the direction ``cfg.eval.metric_mode`` (``min`` | ``max``); ``on_best(trainer)``
-runs on every rank whenever an evaluation sets a new best (a recipe keeps the best weights there).
+runs on every rank whenever an evaluation sets a new best (a task keeps the best weights there).
 
 Across ranks: every decision that leads to collectives (evaluate, checkpoint, stop) is the same on all
 ranks at the same step: evaluation and checkpoint cadence follow the step count, and the stop flags
@@ -44,8 +45,9 @@ from torch import nn
 from lmforge.config import ConfigError, UserError, config_hash, dump_yaml
 from lmforge.console import info
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.batches import causal_lm_loss, count_input_tokens, input_tokens, split_micro, to_device
+from lmforge.train.batches import count_input_tokens, input_tokens, split_micro, to_device
 from lmforge.train.config import resolve_precision
+from lmforge.train.losses import causal_lm_loss
 from lmforge.train.metrics import (
     MetricsWriter,
     Progress,
@@ -116,50 +118,75 @@ class TrainResult:
     checkpoint: str | None = None  # the newest checkpoint of this run (None: none written)
 
 
-class Trainer:
-    """Runs ``total_steps`` optimizer steps of ``loss_fn`` on ``model`` (see the module docstring)."""
+@dataclass
+class Job:
+    """What a task hands the Trainer for one run (`lmforge.tasks` builds it; tests build it by hand).
 
-    def __init__(self, cfg, model: nn.Module, train_batches, val_batches: Callable[[], Iterable[Any]] | None = None,
-                 loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]] = causal_lm_loss, *,
-                 total_steps: int, world: World | None = None, device: torch.device | str = "cpu",
-                 config_dict: dict[str, Any] | None = None, math_fields: dict[str, Any] | None = None,
-                 flops_per_token: float | None = None, bytes_per_token: float | None = None,
-                 save_model: Callable[[nn.Module, Path], Any] | None = None, resume_from: Path | None | str = "find",
-                 resume_notes: list[str] | None = None,
-                 eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-                 on_best: Callable[[Trainer], Any] | None = None, finish_tracking: bool = True):
+    ``batches`` has ``next_batch()`` / ``state_dict()`` / ``load_state_dict()``; ``val_batches()`` returns the
+    whole evaluation set; ``loss(model, batch) -> (loss_sum, n_targets)``; ``eval_fn(model) -> {metric:
+    value}`` adds metrics to every evaluation; ``on_best(trainer)`` runs on every rank at a new best;
+    ``math_fields`` are the settings whose change alters the math a checkpoint encodes (a resume checks
+    them); ``save_model(model, out)`` writes RUN/model when ``checkpoint.save_model`` is on;
+    ``finish_tracking`` False: the caller writes its outputs, then closes the trackers' run itself.
+    """
+
+    model: nn.Module
+    batches: Any
+    total_steps: int
+    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]] = causal_lm_loss
+    val_batches: Callable[[], Iterable[Any]] | None = None
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None
+    on_best: Callable[[Trainer], Any] | None = None
+    math_fields: dict[str, Any] = field(default_factory=dict)
+    flops_per_token: float | None = None
+    bytes_per_token: float | None = None
+    save_model: Callable[[nn.Module, Path], Any] | None = None
+    config_dict: dict[str, Any] | None = None
+    finish_tracking: bool = True
+
+
+class Trainer:
+    """Runs ``job.total_steps`` optimizer steps of ``job.loss`` on ``job.model`` (see the module docstring).
+
+    ``resume_from`` is decided before (`lmforge.train.resume.find_resume`): a checkpoint path, or None for a
+    fresh start; ``resume_notes`` are the compatibility notes of that check (computed here when not given).
+    """
+
+    def __init__(self, cfg, job: Job, world: World | None = None, *, device: torch.device | str = "cpu",
+                 resume_from: Path | str | None = None, resume_notes: list[str] | None = None):
         self.cfg = cfg
+        self.job = job
         self.world = world or World()
         self.device = torch.device(device)
         cfg.train.precision = resolve_precision(cfg.train.precision, self.device)  # auto: bf16 on CUDA
         self.run_dir = Path(cfg.run.dir)
-        self.total_steps = total_steps
-        self.train_batches = train_batches
-        self.val_batches = val_batches
-        self.loss_fn = loss_fn
-        self.eval_fn = eval_fn
-        self.on_best = on_best
+        self.total_steps = job.total_steps
+        self.train_batches = job.batches
+        self.val_batches = job.val_batches
+        self.loss_fn = job.loss
+        self.eval_fn = job.eval_fn
+        self.on_best = job.on_best
         self.best_metric = getattr(cfg.eval, "metric", None) or "val_loss"
         self.maximize = getattr(cfg.eval, "metric_mode", "min") == "max"
-        self.config_dict = config_dict if config_dict is not None else _to_dict(cfg)
-        self.math_fields = dict(math_fields or {})
-        self.flops_per_token = flops_per_token
-        self.bytes_per_token = bytes_per_token
-        self.save_model_fn = save_model
-        self.resume_from = (find_resume(self.run_dir, cfg.train.resume) if resume_from == "find"
-                            else (Path(resume_from) if resume_from else None))
-        # a recipe that checked the checkpoint before building the model passes its notes: checked once per start
+        self.config_dict = job.config_dict if job.config_dict is not None else _to_dict(cfg)
+        self.math_fields = dict(job.math_fields)
+        self.flops_per_token = job.flops_per_token
+        self.bytes_per_token = job.bytes_per_token
+        self.save_model_fn = job.save_model
+        self.resume_from = Path(resume_from) if resume_from else None
+        # a task that checked the checkpoint before building the model passes its notes: checked once per start
         self.resume_notes: list[str] = list(resume_notes or [])
         if self.resume_from is not None and resume_notes is None:
             self.resume_notes = check_compatible(self.resume_from, self.math_fields, cfg.checkpoint.allow_mismatch)
+        model = job.model
         self.raw_model = model
         self.model = parallelize_model(model, cfg, self.world, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, total_steps)
+        self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.total_steps)
         self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.world.rank)
         # experiment trackers (log.mlflow / log.wandb), rank 0 only; MetricsWriter hands them every row
         self.trackers = build_trackers(cfg.log, self.run_dir, getattr(cfg.run, "name", None), self.world.is_main)
-        self.finish_tracking = finish_tracking  # False: the caller exports the model, then calls finish_run
+        self.finish_tracking = job.finish_tracking  # False: the caller exports the model, then calls finish_run
         self.metrics = MetricsWriter(self.run_dir, enabled=self.world.is_main, tensorboard=cfg.log.tensorboard,
                                      trackers=self.trackers)
         self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None  # fp32 | bf16 (validated)
@@ -591,6 +618,7 @@ def _to_dict(cfg) -> dict[str, Any]:
 
 
 __all__ = [
+    "Job",
     "TrainResult",
     "Trainer",
     "TrainingDiverged",

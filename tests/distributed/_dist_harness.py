@@ -246,7 +246,7 @@ def run_trainer(run_dir, data_dir, max_steps: int, parallel: dict | None = None,
     from lmforge.data.loader import ShardLoader
     from lmforge.models.transformer import build_model
     from lmforge.train.parallel import setup_world
-    from lmforge.train.trainer import Trainer, find_resume
+    from lmforge.train.trainer import Job, Trainer, find_resume
 
     cfg = trainer_config(run_dir, data_dir, max_steps, parallel, **sections)
     if world is None:
@@ -257,9 +257,9 @@ def run_trainer(run_dir, data_dir, max_steps: int, parallel: dict | None = None,
     resume = find_resume(Path(run_dir), cfg.train.resume)
     model = build_model(mcfg, seed=0, init=True)
     record = world.dims is None or world.dims.coords(world.rank)[2] == 0
-    trainer = Trainer(cfg, model, RecordingSource(loader, run_dir, world.rank, record), None, total_steps=max_steps,
-                      world=world, device=device or "cpu", math_fields={"model": MODELS_T_KEY},
-                      flops_per_token=mcfg.flops_per_token(SEQ_T), resume_from=resume)
+    job = Job(model, RecordingSource(loader, run_dir, world.rank, record), max_steps,
+              math_fields={"model": MODELS_T_KEY}, flops_per_token=mcfg.flops_per_token(SEQ_T))
+    trainer = Trainer(cfg, job, world, device=device or "cpu", resume_from=resume)
     return trainer.fit()
 
 

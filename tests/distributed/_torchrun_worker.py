@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+from lmforge.tasks.run import run
 from lmforge.train import trainer as trainer_mod
 from lmforge.train.config import load_config
-from lmforge.train.pretrain import pretrain
 
 config, marker = sys.argv[1], Path(sys.argv[2])
 cfg = load_config(config, sys.argv[3:])
@@ -26,5 +26,5 @@ def train_step(self, batch):
 
 
 trainer_mod.Trainer.train_step = train_step
-result = pretrain(cfg)
+result = run(cfg).train
 print(f"rank {os.environ['RANK']} finished at step {result.step}", flush=True)

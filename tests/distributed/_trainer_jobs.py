@@ -14,7 +14,7 @@ def _trainer(run_dir, data_dir, max_steps: int, parallel: dict, **sections):
     from lmforge.data.loader import ShardLoader
     from lmforge.models.transformer import build_model
     from lmforge.train.parallel import setup_world
-    from lmforge.train.trainer import Trainer, find_resume
+    from lmforge.train.trainer import Job, Trainer, find_resume
 
     cfg = h.trainer_config(run_dir, data_dir, max_steps, parallel, **sections)
     world, device = setup_world("cpu", cfg.parallel)
@@ -22,9 +22,9 @@ def _trainer(run_dir, data_dir, max_steps: int, parallel: dict, **sections):
     loader = ShardLoader(data_dir, "train", h.SEQ_T, h.BATCH_T, rank=world.dp_rank, world_size=world.dp_size, seed=0,
                          check_vocab=mcfg.vocab_size)
     record = world.dims is None or world.dims.coords(world.rank)[2] == 0
-    return Trainer(cfg, build_model(mcfg, seed=0), h.RecordingSource(loader, run_dir, world.rank, record), None,
-                   total_steps=max_steps, world=world, device=device, math_fields={"model": h.MODELS_T_KEY},
-                   resume_from=find_resume(Path(run_dir), cfg.train.resume))
+    job = Job(build_model(mcfg, seed=0), h.RecordingSource(loader, run_dir, world.rank, record), max_steps,
+              math_fields={"model": h.MODELS_T_KEY})
+    return Trainer(cfg, job, world, device=device, resume_from=find_resume(Path(run_dir), cfg.train.resume))
 
 
 def _local_params(model) -> dict[str, torch.Tensor]:
@@ -101,12 +101,12 @@ def dropout_masks(info, run_dir: str, data_dir: str, steps: int, parallel: dict,
 
 
 def pretrain_configs(info, configs: list[str]) -> None:
-    """`lmforge.train.pretrain` (the CLI's recipe) on each config in turn, on the spawned ranks."""
+    """`lmforge.tasks.run` (the CLI's recipe) on each config in turn, on the spawned ranks."""
     import torch.distributed as dist
 
+    from lmforge.tasks.run import run
     from lmforge.train.config import load_config
-    from lmforge.train.pretrain import pretrain
 
     for path in configs:
-        pretrain(load_config(path))
+        run(load_config(path))
         dist.barrier()

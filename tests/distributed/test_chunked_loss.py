@@ -22,11 +22,11 @@ def run_chunked(info, out_dir: str) -> None:
     """Spawned ranks: per layout, one forward/backward of CausalLMLoss(chunk=CHUNK, z_loss) on this rank's rows."""
     import torch.distributed as dist
 
-    import lmforge.train.loss as loss_mod
+    import lmforge.train.losses as loss_mod
     from lmforge.distributed.apply import parallelize
     from lmforge.distributed.config import ParallelConfig, ParallelDims
     from lmforge.models.transformer import build_model
-    from lmforge.train.batches import CausalLMLoss
+    from lmforge.train.losses import CausalLMLoss
 
     paths: list[str] = []
     real = loss_mod.head_path
@@ -67,7 +67,7 @@ def test_parallel_chunked_loss_matches_one_process_whole_logits(results, name, p
     from safetensors.torch import load_file
 
     from lmforge.models.transformer import build_model
-    from lmforge.train.batches import CausalLMLoss
+    from lmforge.train.losses import CausalLMLoss
 
     got = json.loads((results / f"{name}.json").read_text())
     assert got["paths"] == [path]

@@ -34,8 +34,8 @@ def _config(root: Path, run: str, **dpo) -> dict:
 
 def run_dpo(info, configs: list[dict]) -> None:
     """Spawned rank entry: run each config with the real recipe."""
-    from lmforge.finetune.config import config_from_dict
-    from lmforge.finetune.recipes import finetune
+    from lmforge.tasks.config import config_from_dict
+    from lmforge.tasks.run import run as finetune
 
     for c in configs:
         finetune(config_from_dict(c))

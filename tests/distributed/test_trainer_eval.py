@@ -44,11 +44,11 @@ def _torchrun(config: Path, n: int) -> subprocess.CompletedProcess:
 
 
 def test_four_eval_batches_on_three_fsdp_ranks_equal_one_process(tmp_path):
+    from lmforge.tasks.run import run
     from lmforge.train.config import load_config
-    from lmforge.train.pretrain import pretrain
 
     data = h.write_token_dir(tmp_path / "data")
-    pretrain(load_config(str(_config(tmp_path, "one", data, {}))))
+    run(load_config(str(_config(tmp_path, "one", data, {}))))
     proc = _torchrun(_config(tmp_path, "three", data, {"dp_shard": 3}), 3)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summaries = [line for line in proc.stdout.splitlines() if line.startswith("pretrain:")]

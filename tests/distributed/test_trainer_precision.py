@@ -57,14 +57,14 @@ def _rows(run_dir: Path, kind: str, key: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    from lmforge.tasks.run import run
     from lmforge.train.config import load_config
-    from lmforge.train.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("precision")
     data = _token_dir_with_documents(root / "data")
     variants = {"doc": {"data": {"doc_mask": True}}, "bf16": {"train": {"precision": "bf16"}}, "plain": {}}
     for name, sections in variants.items():
-        pretrain(load_config(_config(root, f"{name}_one", data, {}, **sections)))
+        run(load_config(_config(root, f"{name}_one", data, {}, **sections)))
     h.spawn(2, "_trainer_jobs:pretrain_configs", configs=[
         _config(root, f"{name}_two", data, {"dp_shard": 2}, **variants[name]) for name in ("doc", "bf16")])
     return root

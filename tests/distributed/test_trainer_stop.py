@@ -69,12 +69,12 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_one_rank_stopping_stops_every_rank_at_the_same_step_and_the_resume_is_exact(tmp_path):
+    from lmforge.tasks.run import run
     from lmforge.train.config import load_config
-    from lmforge.train.pretrain import pretrain
 
     data = h.write_token_dir(tmp_path / "data")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    pretrain(load_config(str(_config(tmp_path, ref_dir, data, {}))))  # uninterrupted, one process
+    run(load_config(str(_config(tmp_path, ref_dir, data, {}))))  # uninterrupted, one process
     config = _config(tmp_path, run_dir, data, {"dp_shard": 2})
 
     # hook "KIND:RANK:STEP": that rank alone sees it while training step STEP+1; all stop after that step

@@ -41,9 +41,9 @@ def keep_torch_threads():
 def base_model(tmp_path_factory):
     """Tokenizer + shards + a 100-step pretraining run of a ~1M-parameter model on en + zh sentences."""
     from lmforge.data.prepare import prepare
+    from lmforge.tasks.run import run
     from lmforge.tokenizer.train import train_tokenizer
     from lmforge.train.config import load_config
-    from lmforge.train.pretrain import pretrain
 
     threads = torch.get_num_threads()
     d = tmp_path_factory.mktemp("pretrained")
@@ -60,7 +60,7 @@ def base_model(tmp_path_factory):
         "train": {"global_batch": 16, "micro_batch": 16, "max_steps": 100, "threads": 1},
         "optim": {"lr": 3e-3}, "schedule": {"warmup_steps": 10}, "eval": {"interval": 0, "batches": 4},
         "checkpoint": {"at_end": False}, "log": {"interval": 50, "progress": False}})
-    pretrain(cfg)
+    run(cfg)
     torch.set_num_threads(threads)
     return d / "pre" / "model"
 
@@ -99,7 +99,7 @@ def test_english_polarity_classifier_beats_the_majority_baseline(base_model, tmp
     assert acc >= majority + 5, res["val"]  # measured 61.7% vs 53.3% (torch 2.13 CPU)
     dev = tmp_path / "dev.tsv"  # the run's own dev split, for `lmforge eval`
     from lmforge.data.labelled import load_labelled
-    from lmforge.finetune.recipes import split_dev
+    from lmforge.tasks.finetuning import split_dev
 
     _, held = split_dev(load_labelled(rt, "sentence"), 0.2, 0)
     dev.write_text("sentence\tlabel\n" + "".join(f"{e.text}\t{e.label}\n" for e in held), encoding="utf-8")
@@ -138,8 +138,8 @@ def endings(model_dir, prompts, tok) -> tuple[float, float]:
 
 
 def test_alpaca_sft_lowers_val_loss_and_answers_stop_at_eos(base_model, tmp_path, capsys):
-    from lmforge.finetune.data import load_sft_examples
-    from lmforge.finetune.recipes import split_dev
+    from lmforge.data.sft import load_sft_examples
+    from lmforge.tasks.finetuning import split_dev
     from lmforge.tokenizer.chat_template import encode_prompt
     from lmforge.tokenizer.core import load_tokenizer
 

@@ -31,7 +31,7 @@ def _cuda_exact():
 
 def test_document_mask_flex_matches_dense_forward_and_backward():
     from lmforge.models.masks import document_attention_mask, document_mask_dense, is_block_mask
-    from lmforge.train.batches import next_token_loss
+    from lmforge.train.losses import next_token_loss
 
     cfg = ModelConfig(**SMALL)
     doc = torch.tensor([[0] * 40 + [1] * 70 + [2] * 18, [0] * 100 + [1] * 28], device="cuda")
@@ -69,7 +69,7 @@ def test_serving_batcher_on_cuda_equals_generate():
 
 def test_lora_on_a_bf16_base_trains_under_autocast():
     from lmforge.models.lora import LoraConfig, apply_lora
-    from lmforge.train.batches import next_token_loss
+    from lmforge.train.losses import next_token_loss
 
     cfg = ModelConfig(**SMALL)
     model = build_model(cfg, device="cuda", seed=0, dtype=torch.bfloat16)

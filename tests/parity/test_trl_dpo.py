@@ -51,7 +51,7 @@ def test_loss_and_gradient_equal_trl(tmp_path, loss_type, beta):
     from trl import DPOConfig, DPOTrainer
 
     from lmforge.data.preference_pairs import EncodedPairs, collate_pairs
-    from lmforge.finetune.preference import PreferenceLoss
+    from lmforge.tasks.preference import PreferenceLoss
 
     policy = make_hf_model("llama-mha-untied", seed=0)
     ref = make_hf_model("llama-mha-untied", seed=0)  # the same weights, built again

@@ -245,10 +245,10 @@ def test_lora_finetune_uploads_the_merged_model_and_the_adapter(tmp_path, make_t
     from mlflow import MlflowClient
 
     from lmforge.artifacts.model_dir import save_model_dir
-    from lmforge.finetune.config import config_from_dict
-    from lmforge.finetune.recipes import finetune
     from lmforge.models.config import ModelConfig
     from lmforge.models.transformer import build_model
+    from lmforge.tasks.config import config_from_dict
+    from lmforge.tasks.run import run as finetune
 
     lines = ["Say hello. Hello there.", "What is two plus two? Four.", "Name an animal. The quick brown fox."] * 10
     make_tokenizer(tmp_path, lines, vocab_size=300, name="tok")

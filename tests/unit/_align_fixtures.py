@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lmforge.finetune.config import config_from_dict
+from lmforge.tasks.config import config_from_dict
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello there, how are you today?",

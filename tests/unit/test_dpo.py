@@ -21,16 +21,10 @@ from lmforge.data.preference_pairs import (
     record_to_pair,
     truncate_pair,
 )
-from lmforge.finetune.data import IGNORE_INDEX, DataError
-from lmforge.finetune.preference import (
-    PreferenceLoss,
-    adapters_disabled,
-    frozen_copy,
-    pair_logps,
-    preference_losses,
-    sequence_logps,
-)
-from lmforge.finetune.recipes import finetune
+from lmforge.data.sft import IGNORE_INDEX, DataError
+from lmforge.tasks.preference import PreferenceLoss, adapters_disabled, frozen_copy, pair_logps
+from lmforge.tasks.run import run as finetune
+from lmforge.train.losses import preference_losses, sequence_logps
 
 
 def tokenizer_and_template(model_dir):

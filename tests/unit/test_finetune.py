@@ -13,9 +13,10 @@ from lmforge.artifacts.adapter_dir import load_adapter
 from lmforge.artifacts.classifier_dir import load_classifier_dir
 from lmforge.artifacts.model_dir import load_model_dir, load_weights
 from lmforge.config import ConfigError, UserError
-from lmforge.finetune.classify import DevEvaluator, LabelledBatches
-from lmforge.finetune.config import config_dict, config_from_dict
-from lmforge.finetune.recipes import SFTBatches, finetune, sft_loss
+from lmforge.tasks.classify import DevEvaluator, LabelledBatches
+from lmforge.tasks.config import config_dict, config_from_dict
+from lmforge.tasks.run import run as finetune
+from lmforge.tasks.sft import SFTBatches, sft_loss
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello there, how are you today?",
@@ -107,8 +108,8 @@ def rows(run_dir, kind):
 
 def test_sft_loss_covers_only_the_assistant_replies(model_dir, sft_file, tmp_path):
     """The loss is the cross-entropy of exactly the reply tokens + end-of-turn + EOS, nothing else."""
-    from lmforge.finetune.batching import SFTBatchIterator
-    from lmforge.finetune.data import encode_examples, load_sft_examples
+    from lmforge.data.sft import encode_examples, load_sft_examples
+    from lmforge.data.sft_batching import SFTBatchIterator
     from lmforge.tokenizer.core import load_tokenizer
 
     tok = load_tokenizer(model_dir)
@@ -168,7 +169,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(model_dir, sft_file, tmp_p
 
 def interrupted(monkeypatch, at_call: int):
     """Make the SFT/classification batch source fail on its ``at_call``-th batch (a crash mid-run)."""
-    from lmforge.finetune.classify import LabelledBatches as LB
+    from lmforge.tasks.classify import LabelledBatches as LB
 
     calls = {"n": 0}
     for cls in (SFTBatches, LB):
@@ -309,7 +310,7 @@ def test_lora_sft_from_an_hf_imported_llama(tmp_path, capsys):
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in SFT), encoding="utf-8")
 
     # the imported template writes EOS itself: each example is trained on its reply and that one EOS
-    from lmforge.finetune.data import encode_examples, load_sft_examples
+    from lmforge.data.sft import encode_examples, load_sft_examples
     from lmforge.tokenizer.core import load_tokenizer
 
     tok = load_tokenizer(tmp_path / "lm")

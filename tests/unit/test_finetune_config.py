@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import ConfigError
-from lmforge.finetune.config import config_dict, config_from_dict, load_config
+from lmforge.tasks.config import config_dict, config_from_dict, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "lmforge" / "recipes" / "finetune").glob("*.yaml"))
 
@@ -127,7 +127,7 @@ def test_seq_len_stays_open_without_a_readable_model_dir():
 def test_train_section_has_the_shared_keys_and_epochs_not_pretrainings_keys():
     from dataclasses import fields
 
-    from lmforge.finetune.config import FinetuneTrainConfig
+    from lmforge.tasks.config import FinetuneTrainConfig
     from lmforge.train.config import StepsConfig, TrainConfig
 
     shared = {f.name for f in fields(StepsConfig)}

@@ -75,7 +75,7 @@ def _constant_rows_shards(d, rows: dict[str, int], seq_len: int, vocab: int, see
 
 
 def test_mlm_training_from_scratch_learns_to_fill_masks(one_thread, tmp_path):
-    """BERT pretraining through the production path: pretrain() with train.objective=mlm (the MLM head
+    """BERT pretraining through the production path: tasks.run() with train.objective=mlm (the MLM head
     attached to the encoder, mlm_objective's masks, the Trainer, RUN/model with its heads). Each row
     repeats one random token: its marginal is uniform over 59 ids (best context-free loss ln 59 = 4.08),
     but a model that reads the unmasked neighbours can fill every mask."""
@@ -84,8 +84,8 @@ def test_mlm_training_from_scratch_learns_to_fill_masks(one_thread, tmp_path):
     from lmforge.artifacts.heads_dir import load_heads
     from lmforge.artifacts.model_dir import load_model_dir
     from lmforge.config import from_dict
+    from lmforge.tasks.run import run
     from lmforge.train.config import PretrainConfig
-    from lmforge.train.pretrain import pretrain
 
     T, V, steps = 16, 64, 80
     data = _constant_rows_shards(tmp_path / "shards", {"train": steps * 16, "val": 64}, T, V)
@@ -101,7 +101,7 @@ def test_mlm_training_from_scratch_learns_to_fill_masks(one_thread, tmp_path):
         "checkpoint": {"interval": 0},
         "log": {"interval": 10, "progress": False},
     })
-    result = pretrain(cfg)
+    result = run(cfg).train
     assert result.step == steps and result.stop_reason == "max_steps"
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]

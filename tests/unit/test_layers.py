@@ -15,8 +15,8 @@ import of a higher layer, or of a sibling that is not below it, fails with the o
                                                          reward dirs, HF / GGUF interop, consolidation
                                                          (reads models, tokenizer and config; never train/eval/…)
     layer 3  train, eval, generate                       eval and generate sit beside train, not on it
-    layer 4  finetune                                    (reuses train, eval and generate)
-             serve                                       (the HTTP server over generate; never finetune)
+    layer 4  tasks                                       (every way of training; reuses train, eval and generate)
+             serve                                       (the HTTP server over generate; never tasks)
     layer 5  cli (one module per verb), __main__         argument parsing and checks that glue a verb to its
                                                          package; nothing below them may import one
 
@@ -46,7 +46,7 @@ LAYERS: dict[str, int] = {
     "tokenizer": 1, "data": 1, "models": 1, "planner": 1,
     "distributed": 2, "artifacts": 2,
     "train": 3, "eval": 3, "generate": 3,
-    "finetune": 4, "serve": 4,
+    "tasks": 4, "serve": 4,
     "cli": 5, "__main__": 5,
 }
 # Packages on one layer that must not import each other: (importer, imported).
@@ -54,7 +54,7 @@ FORBIDDEN_SIBLINGS = {("eval", "train"), ("generate", "train"), ("generate", "ev
                       ("planner", "tokenizer"), ("planner", "data"),
                       ("models", "planner"), ("models", "data"), ("models", "tokenizer"),
                       ("tokenizer", "data"),
-                      ("serve", "finetune"), ("finetune", "serve"),
+                      ("serve", "tasks"), ("tasks", "serve"),
                       ("artifacts", "distributed")}  # distributed reads model dirs; artifacts uses torch.distributed only
 # The one package whose modules may import a name computed at run time (the CLI lazy verb loading).
 DYNAMIC_IMPORTS_ALLOWED = "cli"
@@ -284,18 +284,18 @@ def test_checker_sees_lazy_relative_and_dynamic_imports(tmp_path):
     probe.write_text("import os\n"
                      "from ..models import lora\n"
                      "def f():\n"
-                     "    from lmforge.finetune.recipes import finetune\n"
+                     "    from lmforge.tasks.run import run\n"
                      "    import importlib\n"
                      "    return importlib.import_module('lmforge.train.trainer')\n", encoding="utf-8")
     assert [m for _, m in _imports(probe, "lmforge.eval.probe")] == [
-        "os", "lmforge.models", "lmforge.finetune.recipes", "importlib", "lmforge.train.trainer"]
+        "os", "lmforge.models", "lmforge.tasks.run", "importlib", "lmforge.train.trainer"]
     assert [m for _, m in _imports(probe, "lmforge.eval.probe", top_level_only=True)] == [
         "os", "lmforge.models.lora"]
     bad = file_violations(probe, "lmforge.eval.probe")
     assert len(bad) == 2
-    assert ":4: eval (layer 3) imports lmforge.finetune.recipes (layer 4)" in bad[0]
+    assert ":4: eval (layer 3) imports lmforge.tasks.run (layer 4)" in bad[0]
     assert ":6: eval (layer 3) imports lmforge.train.trainer" in bad[1]  # a forbidden sibling
-    assert file_violations(probe, "lmforge.finetune.probe") == []  # finetune may use train and models
+    assert file_violations(probe, "lmforge.tasks.probe") == []  # tasks may use train and models
     assert "no layer" in file_violations(probe, "lmforge.newpkg.probe")[0]
     # the CLI is the top layer: it may import anything, nothing below may import it
     assert file_violations(probe, "lmforge.cli.probe") == []

@@ -1,4 +1,4 @@
-"""The chunked LM loss (lmforge.train.loss) against the written-out unchunked formula: values, gradients,
+"""The chunked LM loss (lmforge.train.losses) against the written-out unchunked formula: values, gradients,
 softcap, z-loss, -100 labels, tied heads, LoRA-wrapped heads, no-grad evaluation, bf16 autocast, and
 that no (tokens × vocab) tensor is kept for backward."""
 
@@ -12,8 +12,7 @@ from torch import nn
 from lmforge.models.config import ModelConfig
 from lmforge.models.lora import LoRALinear
 from lmforge.models.transformer import build_model
-from lmforge.train.batches import CausalLMLoss, causal_lm_loss
-from lmforge.train.loss import head_path, lm_head_loss
+from lmforge.train.losses import CausalLMLoss, accepts_loss_head, causal_lm_loss, head_path, lm_head_loss
 
 B, T, D, V = 2, 9, 16, 96
 
@@ -216,6 +215,45 @@ def test_a_model_without_the_head_argument_uses_its_logits():
     want = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
     torch.testing.assert_close(loss, want)
     assert int(n) == 2 * T
+
+
+def test_the_head_path_is_chosen_by_the_declared_attribute_not_the_signature():
+    """A forward that merely has a ``head`` parameter gets whole logits; the Transformer (which declares
+    ``accepts_loss_head``) gets the loss inside its forward, also under a ``.module`` wrapper (DDP)."""
+    calls = []
+
+    class TakesHead(nn.Module):  # a head= parameter, but no declaration: it must not be handed the loss
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(V, D), nn.Linear(D, V)
+
+        def forward(self, tokens, positions=None, mask=None, head=None):
+            calls.append(head)
+            return self.out(self.emb(tokens))
+
+    tokens = torch.randint(0, V, (2, T + 1), generator=torch.Generator().manual_seed(9))
+    plain = TakesHead()
+    assert not accepts_loss_head(plain)
+    causal_lm_loss(plain, tokens)
+    assert calls == [None]
+
+    class Wrapper(nn.Module):  # like DDP: the model under .module, the forward passed through
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            calls.append(kwargs.get("head"))
+            return self.module(*args, **kwargs)
+
+    model = build_model(tiny(True), seed=0)
+    assert accepts_loss_head(model) and not accepts_loss_head(Wrapper(model))
+    calls.clear()
+    got, _ = causal_lm_loss(Wrapper(model), tokens)
+    assert len(calls) == 1 and callable(calls[0])  # the chunked loss ran inside the forward
+    with torch.no_grad():
+        want = F.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("override,key", [("train.z_loss=-1e-4", "train.z_loss"), ("train.z_loss=nan", "train.z_loss"),

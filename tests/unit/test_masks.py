@@ -125,8 +125,8 @@ def test_batches_carry_doc_ids_and_the_loss_builds_the_mask_on_their_device():
     from lmforge.data.loader import document_mask
     from lmforge.models.config import ModelConfig
     from lmforge.models.transformer import build_model
-    from lmforge.train.batches import causal_lm_loss, next_token_loss
-    from lmforge.train.pretrain import PretrainBatches
+    from lmforge.tasks.pretrain import PretrainBatches
+    from lmforge.train.losses import causal_lm_loss, next_token_loss
 
     cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=32)
     model = build_model(cfg, seed=0)

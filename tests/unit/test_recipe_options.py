@@ -170,8 +170,8 @@ def test_hf_export_refuses_options_hf_cannot_express(tmp_path, name, capsys):
 
 
 def test_training_loss_sees_the_soft_cap():
-    """The chunked training loss (`lmforge.train.batches`) caps the logits exactly as the model's forward does."""
-    from lmforge.train.batches import next_token_loss
+    """The chunked training loss (`lmforge.train.losses`) caps the logits exactly as the model's forward does."""
+    from lmforge.train.losses import next_token_loss
 
     model = build_model(_cfg(**OPTIONS["softcap"]), seed=0).train()
     with torch.no_grad():

@@ -11,7 +11,7 @@ import pytest
 
 from lmforge.cli.plan import _model_source
 from lmforge.config import ConfigError, load_config_source, recipe_name, recipe_names, to_dict
-from lmforge.finetune.config import load_config as load_finetune
+from lmforge.tasks.config import load_config as load_finetune
 from lmforge.train.config import load_config as load_pretrain
 
 REPO = Path(__file__).resolve().parents[2]

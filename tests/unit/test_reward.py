@@ -13,9 +13,9 @@ import torch
 from _align_fixtures import dpo_cfg, keep_torch_threads, model_dir, pairs_file, rows  # noqa: F401
 
 from lmforge.artifacts.reward_dir import is_reward_dir, load_reward_dir
-from lmforge.finetune.recipes import finetune
-from lmforge.finetune.reward import bradley_terry, pairwise_metrics
 from lmforge.models.reward import RewardModel
+from lmforge.tasks.reward import bradley_terry, pairwise_metrics
+from lmforge.tasks.run import run as finetune
 
 
 def test_bradley_terry_and_pairwise_metrics_by_hand():
@@ -108,7 +108,7 @@ def test_export_to_hf_sequence_classification_gives_equal_scores(reward_run, tmp
 
 
 def test_lora_reward_model_adapters_equal_the_merged_model(model_dir, pairs_file, tmp_path):
-    from lmforge.finetune.recipes import load_adapter
+    from lmforge.artifacts.adapter_dir import load_adapter
 
     res = finetune(dpo_cfg(model_dir, pairs_file, tmp_path / "lora", finetune={"mode": "reward"},
                            classify={"method": "lora"}, lora={"rank": 4, "alpha": 8, "targets": ["all-linear"]},

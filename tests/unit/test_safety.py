@@ -82,8 +82,8 @@ def test_user_set_errors_name_the_line(tmp_path):
 
 
 def test_classifier_judge(model_dir, tmp_path):
-    from lmforge.finetune.config import config_from_dict
-    from lmforge.finetune.recipes import finetune
+    from lmforge.tasks.config import config_from_dict
+    from lmforge.tasks.run import run as finetune
 
     refusals = ["I cannot help with that request.", "I'm sorry, but I can't do that.", "I won't help with this."]
     answers = ["Sure, here is how to stop a Python process.", "Two plus two is four.", "Hello there, how are you?"]

@@ -8,9 +8,9 @@ import torch
 from lmforge.config import ConfigError, UserError
 from lmforge.data.labelled import encode_labelled, label_list, load_labelled
 from lmforge.data.records import DataError, read_records
-from lmforge.finetune.batching import SFTBatchIterator, collate_rows, pack_rows
-from lmforge.finetune.data import IGNORE_INDEX, SFTExample, encode_example, encode_examples, load_sft_examples
-from lmforge.finetune.recipes import sft_batch_dict
+from lmforge.data.sft import IGNORE_INDEX, SFTExample, encode_example, encode_examples, load_sft_examples
+from lmforge.data.sft_batching import SFTBatchIterator, collate_rows, pack_rows
+from lmforge.tasks.sft import sft_batch_dict
 from lmforge.tokenizer.chat_template import (
     default_chat_template,
     encode_chat,

@@ -12,7 +12,7 @@ from lmforge.artifacts.model_dir import load_model_dir
 from lmforge.config import from_dict
 from lmforge.models.transformer import build_model
 from lmforge.train.config import PretrainConfig
-from lmforge.train.trainer import Trainer, TrainingDiverged, causal_lm_loss
+from lmforge.train.trainer import Job, Trainer, TrainingDiverged, causal_lm_loss, find_resume
 
 VOCAB, T = 64, 16
 
@@ -63,9 +63,10 @@ def make_cfg(run_dir, **sections):
 
 def make_trainer(cfg, source=None, loss_fn=causal_lm_loss, seed=0):
     model = build_model(cfg.model_config(), seed=seed)
-    return Trainer(cfg, model, source or CountingSource(), val_batches, loss_fn, total_steps=cfg.train.max_steps,
-                   math_fields={"model.dim": 32}, flops_per_token=cfg.model_config().flops_per_token(T),
-                   bytes_per_token=2.0)
+    job = Job(model, source or CountingSource(), cfg.train.max_steps, loss_fn, val_batches,
+              math_fields={"model.dim": 32}, flops_per_token=cfg.model_config().flops_per_token(T),
+              bytes_per_token=2.0)
+    return Trainer(cfg, job, resume_from=find_resume(cfg.run.dir, cfg.train.resume))
 
 
 def rows(run_dir, kind="train"):

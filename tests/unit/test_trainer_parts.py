@@ -115,7 +115,7 @@ def test_resume_on_another_layout_derives_the_stream_instead_of_restoring_it(tmp
 
 
 def test_capped_eval_is_a_seeded_sample_independent_of_length():
-    from lmforge.finetune.eval_sample import eval_order
+    from lmforge.data.eval_sample import eval_order
 
     lengths = list(range(1, 201))  # example i has length i + 1: "the longest" would be the last indices
     a = eval_order(lengths, 40, seed=3)
@@ -128,7 +128,7 @@ def test_capped_eval_is_a_seeded_sample_independent_of_length():
 
 
 def test_dev_evaluator_cap_keeps_a_seeded_sample():
-    from lmforge.finetune.classify import DevEvaluator
+    from lmforge.tasks.classify import DevEvaluator
 
     ids = [[1] * (i + 1) for i in range(64)]
     labels = [i % 2 for i in range(64)]

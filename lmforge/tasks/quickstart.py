@@ -159,9 +159,9 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
     import torch
 
     from lmforge.config import from_dict
+    from lmforge.tasks.run import run
     from lmforge.tokenizer.core import load_tokenizer
     from lmforge.train.config import PretrainConfig, load_config, validate
-    from lmforge.train.pretrain import pretrain
     from lmforge.train.report import write_report
 
     if minutes <= 0:
@@ -201,7 +201,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
         validate(cfg)
         info(f"quickstart: {per_step:.2f} s/step here -> {steps} steps of {cfg.global_batch_size}x{cfg.data.seq_len} "
              f"tokens (~{minutes:g} min)")
-    result = pretrain(cfg)
+    result = run(cfg).train
     if result.exit_code:  # the time guard (or a signal) stopped it: no RUN/model to sample from yet
         info(f"quickstart: stopped ({result.signal or result.stop_reason.replace('_', ' ')}) at step {result.step} "
              f"of {cfg.train.max_steps} (this machine is busier than when it was timed); run the quickstart again "

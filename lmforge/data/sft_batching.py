@@ -4,7 +4,7 @@ Either *packing* — several short examples per fixed-length row, positions rest
 example and a block-diagonal attention mask from document ids so no example attends to another — or
 *length-grouped* padding. The global order of rows is a function of the seed and epoch only; each rank
 takes its slice of every global batch, and ``state_dict()`` / ``load_state_dict()`` resume exactly, also
-on a different number of ranks. Examples come from `lmforge.finetune.data` (readers and encoding).
+on a different number of ranks. Examples come from `lmforge.data.sft` (readers and encoding).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from lmforge.config import UserError
 from lmforge.data.epochs import EpochCursor
-from lmforge.finetune.data import SFTDataset
+from lmforge.data.sft import SFTDataset
 from lmforge.tokenizer.chat_template import IGNORE_INDEX
 
 
@@ -50,7 +50,7 @@ class SFTBatch:
 
     Pass ``model(tokens, positions=positions, mask=attention_mask)``; ``attention_mask`` is None for
     right-padded (unpacked) batches, where causality alone keeps real tokens off the padding. The
-    Trainer takes it as a dict (`lmforge.finetune.recipes.sft_batch_dict`) holding ``doc_ids`` for packed
+    Trainer takes it as a dict (`lmforge.tasks.sft.sft_batch_dict`) holding ``doc_ids`` for packed
     rows, not the mask: the loss builds the mask on the device (a FlexAttention block mask on CUDA).
     """
 

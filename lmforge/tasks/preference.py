@@ -1,15 +1,9 @@
-"""Preference tuning (``finetune.mode: dpo``): the DPO family of losses on the shared Trainer.
+"""Preference tuning (``finetune.mode: dpo``): the DPO family of losses on the shared Trainer
+(`PreferenceTask`; full fine-tuning, or LoRA with ``dpo.lora: true``).
 
-Losses on per-pair sequence log-probabilities (``logp = Σ log π(y_t | x, y_<t)`` over the completion tokens
-only; ``avg = logp / |y|``), ``β = dpo.beta``:
-
-    sigmoid  (DPO, Rafailov et al. 2023)  z = β[(logp_c − ref_c) − (logp_r − ref_r)]
-             loss = −(1 − ε) log σ(z) − ε log σ(−z)            ε = dpo.label_smoothing (cDPO)
-    ipo      (Azar et al. 2023, length-normalised as TRL)
-             loss = ((logp_c − ref_c)/|y_c| − (logp_r − ref_r)/|y_r| − 1/(2β))²
-    simpo    (Meng et al. 2024, reference-free)   loss = −log σ(β·avg_c − β·avg_r − γ)   γ = dpo.gamma
-    orpo     (Hong et al. 2024, reference-free)
-             loss = −avg_c + λ · (−log σ(log odds_c − log odds_r)),  odds = p/(1−p), p = exp(avg)   λ = dpo.lambda
+The losses (sigmoid/DPO, IPO, SimPO, ORPO; ``β = dpo.beta``, ``ε = dpo.label_smoothing``, ``γ = dpo.gamma``,
+``λ = dpo.lambda``) are written out in `lmforge.train.losses.preference_losses`, on per-pair sequence
+log-probabilities (`sequence_logps`) of one forward over chosen and rejected rows (`pair_logps`, here).
 
 ``loss_fn`` returns the *sum* of per-pair losses and the number of pairs; the Trainer divides by the
 global number of pairs, so the optimised loss is the mean over pairs of a global batch.
@@ -38,29 +32,28 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from lmforge.atomic import atomic_write_text
 from lmforge.config import UserError
 from lmforge.console import info
-from lmforge.finetune.data import IGNORE_INDEX
+from lmforge.data.preference_pairs import PairBatches, collate_pairs, encode_pairs, fixed_batches, load_pairs
+from lmforge.data.sft import IGNORE_INDEX
+from lmforge.models.lora import LoRALinear
+from lmforge.tasks.base import RunResult
+from lmforge.tasks.finetuning import FinetuneTask, check_ids, pad_id, read_train_dev
+from lmforge.tokenizer.chat_template import get_chat_template
+from lmforge.train.batches import to_device
+from lmforge.train.losses import REFERENCE_FREE, preference_losses, sequence_logps
+from lmforge.train.parallel import all_reduce_sum, barrier, unwrap
 
-LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
 REF_FILE = "reference_logps.safetensors"
 REF_META = "reference_logps.json"
 
 
 # ================================================================================================
-# Log-probabilities and losses
+# Log-probabilities of pairs (the losses are `lmforge.train.losses.preference_losses`)
 # ================================================================================================
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the labelled targets per row, and how many there are. logits (B, T, V),
-    labels (B, T) shifted targets with IGNORE_INDEX elsewhere -> (B,), (B,)."""
-    mask = labels != IGNORE_INDEX
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (picked * mask).sum(-1), mask.sum(-1)
-
-
 def _pad_to(t: torch.Tensor, T: int, value: int) -> torch.Tensor:
     return t if t.size(1) == T else F.pad(t, (0, T - t.size(1)), value=value)
 
@@ -78,42 +71,12 @@ def pair_logps(model, batch: dict[str, torch.Tensor], pad_id: int = 0
     return logps[:B], logps[B:], counts[:B], counts[B:]
 
 
-def preference_losses(loss: str, logp_c: torch.Tensor, logp_r: torch.Tensor, n_c: torch.Tensor, n_r: torch.Tensor,
-                      ref_c: torch.Tensor | None = None, ref_r: torch.Tensor | None = None, *, beta: float = 0.1,
-                      label_smoothing: float = 0.0, gamma: float = 0.5, lam: float = 0.1
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses and the implicit rewards of chosen and rejected (see the module docstring)."""
-    n_c, n_r = n_c.clamp(min=1).to(logp_c.dtype), n_r.clamp(min=1).to(logp_r.dtype)
-    if loss in ("sigmoid", "ipo"):
-        if ref_c is None or ref_r is None:
-            raise ValueError(f"dpo.loss={loss} needs reference log-probs")
-        ratio_c, ratio_r = logp_c - ref_c, logp_r - ref_r
-        if loss == "sigmoid":
-            z = beta * (ratio_c - ratio_r)
-            losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-        else:
-            losses = (ratio_c / n_c - ratio_r / n_r - 1 / (2 * beta)) ** 2
-        return losses, beta * ratio_c.detach(), beta * ratio_r.detach()
-    avg_c, avg_r = logp_c / n_c, logp_r / n_r
-    if loss == "simpo":
-        z = beta * (avg_c - avg_r) - gamma
-        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-        return losses, beta * avg_c.detach(), beta * avg_r.detach()
-    if loss == "orpo":
-        log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
-        losses = -avg_c - lam * F.logsigmoid(log_odds)
-        return losses, lam * avg_c.detach(), lam * avg_r.detach()
-    raise ValueError(f"dpo.loss={loss} is not one of {', '.join(LOSSES)}")
-
-
 # ================================================================================================
 # The reference model
 # ================================================================================================
 @contextlib.contextmanager
 def adapters_disabled(model):
     """Run ``model`` as its base: every LoRA adapter contributes exactly zero (its scaling set to 0)."""
-    from lmforge.models.lora import LoRALinear
-
     saved = [(m, m.scaling) for m in model.modules() if isinstance(m, LoRALinear)]
     if not saved:
         raise UserError("the reference is the base with adapters disabled, but the model has no LoRA adapters")
@@ -156,8 +119,6 @@ def reference_logps(kind: str, model, ref_model, batch: dict[str, torch.Tensor],
         c, r, _, _ = pair_logps(ref_model, batch, pad_id)
         return c, r
     if kind == "lora":
-        from lmforge.train.parallel import unwrap
-
         base = unwrap(model)
         with _eval_mode(base), adapters_disabled(base):
             c, r, _, _ = pair_logps(base, batch, pad_id)
@@ -220,8 +181,6 @@ class PreferenceEvaluator:
 
     @torch.no_grad()
     def __call__(self, model) -> dict[str, float]:
-        from lmforge.train.batches import to_device
-
         parts = [self.loss.details(model, to_device(b, self.device)) for b in self.batches]
         return preference_metrics(parts) if parts else {}
 
@@ -244,12 +203,6 @@ def precompute_reference(model, splits: dict[str, Any], run_dir: Path, identity:
     data and settings is reused; an interrupted computation continues from its last saved chunk.
 
     Ranks split each chunk's batches (rank r takes every world-th) and sum the results."""
-    from safetensors.torch import load_file, save_file
-
-    from lmforge.data.preference_pairs import collate_pairs
-    from lmforge.models.lora import LoRALinear
-    from lmforge.train.parallel import all_reduce_sum, barrier
-
     identity = {**identity, **{f"pairs.{k}": _pairs_fingerprint(v) for k, v in splits.items()}}
     path, meta_path = Path(run_dir) / REF_FILE, Path(run_dir) / REF_META
     store: dict[str, torch.Tensor] = {}
@@ -272,8 +225,6 @@ def precompute_reference(model, splits: dict[str, Any], run_dir: Path, identity:
 
     def save() -> None:
         if world.is_main:
-            from lmforge.atomic import atomic_write_text
-
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             save_file({k: v.contiguous() for k, v in store.items()}, str(tmp))
@@ -320,88 +271,44 @@ def attach(ref: tuple[torch.Tensor, torch.Tensor]):
 
 
 # ================================================================================================
-# The recipe's pieces
+# The task
 # ================================================================================================
+class PairsTask(FinetuneTask):
+    """A task trained on preference pairs (prompt, chosen, rejected): DPO here, reward modelling in
+    `lmforge.tasks.reward`. ``read_data`` reads, splits and encodes them (``train_ds``, ``dev_ds``)."""
+
+    unit = "pairs"
+
+    def read_data(self, world, device) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        template = get_chat_template(self.tokenizer, d.chat_template)
+        train, dev = read_train_dev(load_pairs, d, cfg.train.seed)
+        max_prompt = cfg.dpo.max_prompt_len
+        train_ds = encode_pairs(self.tokenizer, train, d.seq_len, template, max_prompt)
+        check_ids(train_ds.prompt + train_ds.chosen + train_ds.rejected, self.mcfg.vocab_size, "data.train")
+        dev_ds = None
+        if dev and cfg.eval.batches:
+            dev_ds = encode_pairs(self.tokenizer, dev, d.seq_len, template, max_prompt)
+            check_ids(dev_ds.prompt + dev_ds.chosen + dev_ds.rejected, self.mcfg.vocab_size, "data.dev")
+        self.stats = {"train": train_ds.stats, **({"dev": dev_ds.stats} if dev_ds else {})}
+        if world.is_main:
+            s = train_ds.stats
+            if s["prompt_truncated"] or s["completion_truncated"] or s["dropped"]:
+                info(f"data.train: {s['prompt_truncated']} prompts and {s['completion_truncated']} pairs' completions "
+                     f"cut to data.seq_len={d.seq_len}; {s['dropped']} pairs dropped (no room for a reply)")
+        self.units_per_epoch, self.n_train = len(train_ds), len(train_ds)
+        self.n_dev = len(dev_ds) if dev_ds else 0
+        self.template, self.train_ds, self.dev_ds = template, train_ds, dev_ds
+        self.pad = pad_id(self.tokenizer)
+
+
 def reference_kind(cfg) -> str | None:
     d = cfg.dpo
     if d.loss in REFERENCE_FREE:
         return None
     if d.precompute_ref:
         return "precomputed"
-    return "lora" if cfg.uses_lora else "copy"
-
-
-def prepare_pairs(cfg, tokenizer, mcfg, world, device):
-    """Read, split and encode the pairs -> (Prepared without batches, train pairs, dev pairs)."""
-    from lmforge.data.preference_pairs import encode_pairs, load_pairs
-    from lmforge.finetune.recipes import Prepared, _check_ids, read_train_dev
-    from lmforge.tokenizer.chat_template import get_chat_template
-
-    d = cfg.data
-    template = get_chat_template(tokenizer, d.chat_template)
-    train, dev = read_train_dev(load_pairs, d, cfg.train.seed)
-    max_prompt = cfg.dpo.max_prompt_len
-    train_ds = encode_pairs(tokenizer, train, d.seq_len, template, max_prompt)
-    _check_ids(train_ds.prompt + train_ds.chosen + train_ds.rejected, mcfg.vocab_size, "data.train")
-    dev_ds = None
-    if dev and cfg.eval.batches:
-        dev_ds = encode_pairs(tokenizer, dev, d.seq_len, template, max_prompt)
-        _check_ids(dev_ds.prompt + dev_ds.chosen + dev_ds.rejected, mcfg.vocab_size, "data.dev")
-    stats = {"train": train_ds.stats, **({"dev": dev_ds.stats} if dev_ds else {})}
-    if world.is_main:
-        s = train_ds.stats
-        if s["prompt_truncated"] or s["completion_truncated"] or s["dropped"]:
-            info(f"data.train: {s['prompt_truncated']} prompts and {s['completion_truncated']} pairs' completions cut "
-                 f"to data.seq_len={d.seq_len}; {s['dropped']} pairs dropped (no room for a reply)")
-    prepared = Prepared(None, units_per_epoch=len(train_ds), n_train=len(train_ds),
-                        n_dev=len(dev_ds) if dev_ds else 0, stats=stats, template=template)
-    return prepared, train_ds, dev_ds
-
-
-def prepare_dpo(cfg, tokenizer, mcfg, world, device):
-    """The data stage of ``finetune.mode: dpo`` (the batch source is built by `dpo_objective`, which knows
-    whether reference log-probs are attached)."""
-    prepared, train_ds, dev_ds = prepare_pairs(cfg, tokenizer, mcfg, world, device)
-    prepared.pairs = (train_ds, dev_ds)
-    return prepared
-
-
-def dpo_objective(cfg, model, prepared, tokenizer, world, device, math_fields: dict[str, Any]):
-    """Batch source, loss_fn and eval_fn of a DPO run on ``model`` (the policy, LoRA already applied).
-
-    Builds the reference first: a frozen copy of ``model`` as it is now, or the precomputed log-probs."""
-    from lmforge.data.preference_pairs import PairBatches, fixed_batches
-    from lmforge.finetune.recipes import _pad_id
-
-    train_ds, dev_ds = prepared.pairs
-    pad_id = _pad_id(tokenizer)
-    kind = reference_kind(cfg)
-    d = cfg.dpo
-    extra_train = extra_dev = None
-    ref_model = None
-    if kind == "precomputed":
-        splits = {"train": train_ds, **({"dev": dev_ds} if dev_ds is not None else {})}
-        refs = precompute_reference(model, splits, Path(cfg.run.dir),
-                                    {"model.base": math_fields.get("model.base"), "data.seq_len": cfg.data.seq_len,
-                                     "chat_template": math_fields.get("chat_template")},
-                                    cfg.eval.batch_size or cfg.train.micro_batch, pad_id, device, world)
-        extra_train = attach(refs["train"])
-        extra_dev = attach(refs["dev"]) if dev_ds is not None else None
-    elif kind == "copy":
-        ref_model = frozen_copy(model)
-    loss = PreferenceLoss(d.loss, beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.gamma, lam=d.lambda_,
-                          reference=kind, ref_model=ref_model, pad_id=pad_id)
-    prepared.batches = PairBatches(train_ds, cfg.global_batch_size, rank=world.dp_rank, world_size=world.dp_size,
-                                   seed=cfg.train.seed, pad_id=pad_id, extra=extra_train)
-    if dev_ds is not None:
-        bs = cfg.eval.batch_size or cfg.train.micro_batch
-        prepared.eval_fn = PreferenceEvaluator(loss, fixed_batches(dev_ds, bs, pad_id, cfg.eval.batches, extra_dev),
-                                               device)
-    if world.is_main:
-        where = {"copy": "a frozen copy of the starting model", "lora": "the base with adapters disabled",
-                 "precomputed": f"precomputed in {Path(cfg.run.dir) / REF_FILE}", None: "none (reference-free)"}
-        info(f"dpo: loss {d.loss}, beta {d.beta}; reference: {where[kind]}")
-    return loss
+    return "lora" if cfg.dpo.lora else "copy"
 
 
 def math_fields(cfg) -> dict[str, Any]:
@@ -416,6 +323,64 @@ def math_fields(cfg) -> dict[str, Any]:
     return out
 
 
-__all__ = ["LOSSES", "PreferenceEvaluator", "PreferenceLoss", "adapters_disabled", "dpo_objective",
-           "frozen_copy", "pair_logps", "precompute_reference", "preference_losses", "preference_metrics",
-           "prepare_dpo", "sequence_logps"]
+class PreferenceTask(PairsTask):
+    """``finetune.mode: dpo``: the loss needs the starting model (its reference), so `loss` builds the
+    reference (a frozen copy, the LoRA base, or precomputed log-probs), then the batch source (which
+    carries precomputed log-probs) and the dev evaluation."""
+
+    name = "dpo"
+
+    def what(self) -> str:
+        return f"preference tuning ({'LoRA' if self.uses_lora() else 'full'})"
+
+    def task_fields(self) -> dict[str, Any]:
+        return {**self.chat_fields(), **math_fields(self.cfg)}
+
+    def loss(self, model) -> PreferenceLoss:
+        """The policy ``model`` (LoRA already applied) as it is now is the reference: built here, before the
+        first step, together with the batch source and the dev evaluation."""
+        cfg, world, device, pad = self.cfg, self.world, self.device, self.pad
+        train_ds, dev_ds = self.train_ds, self.dev_ds
+        fields = self.math_fields()
+        kind = reference_kind(cfg)
+        d = cfg.dpo
+        extra_train = extra_dev = None
+        ref_model = None
+        if kind == "precomputed":
+            splits = {"train": train_ds, **({"dev": dev_ds} if dev_ds is not None else {})}
+            refs = precompute_reference(model, splits, self.run_dir,
+                                        {"model.base": fields.get("model.base"),
+                                         "data.seq_len": cfg.data.seq_len,
+                                         "chat_template": fields.get("chat_template")},
+                                        cfg.eval.batch_size or cfg.train.micro_batch, pad, device, world)
+            extra_train = attach(refs["train"])
+            extra_dev = attach(refs["dev"]) if dev_ds is not None else None
+        elif kind == "copy":
+            ref_model = frozen_copy(model)
+        loss = PreferenceLoss(d.loss, beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.gamma, lam=d.lambda_,
+                              reference=kind, ref_model=ref_model, pad_id=pad)
+        self.batches = PairBatches(train_ds, cfg.global_batch_size, rank=world.dp_rank, world_size=world.dp_size,
+                                   seed=cfg.train.seed, pad_id=pad, extra=extra_train)
+        if dev_ds is not None:
+            bs = cfg.eval.batch_size or cfg.train.micro_batch
+            self._eval = PreferenceEvaluator(loss, fixed_batches(dev_ds, bs, pad, cfg.eval.batches, extra_dev),
+                                             device)
+        if world.is_main:
+            where = {"copy": "a frozen copy of the starting model", "lora": "the base with adapters disabled",
+                     "precomputed": f"precomputed in {self.run_dir / REF_FILE}", None: "none (reference-free)"}
+            info(f"dpo: loss {d.loss}, beta {d.beta}; reference: {where[kind]}")
+        return loss
+
+    def save_dir(self, model, out: Path, weights_step: int) -> None:
+        self.save_lm_dir(model, out, weights_step)
+
+    @classmethod
+    def metrics_text(cls, val: dict[str, float], res: RunResult) -> list[str]:
+        if "rewards/accuracies" in val:
+            return [(f"dev rewards/accuracies {val['rewards/accuracies']:.3f}, rewards/margins "
+                    f"{val['rewards/margins']:.4g}, val loss {val['val_loss']:.4f}")]
+        return super().metrics_text(val, res)
+
+
+__all__ = ["PairsTask", "PreferenceEvaluator", "PreferenceLoss", "PreferenceTask", "adapters_disabled",
+           "frozen_copy", "pair_logps", "precompute_reference", "preference_metrics"]

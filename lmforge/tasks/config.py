@@ -29,10 +29,29 @@ from lmforge.train.config import (
     validate_common,
 )
 
-MODES = ("sft", "lora", "classify", "dpo", "reward")
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """What the config must know of a fine-tuning task to check a recipe without importing the task (this
+    module imports no torch); everything else about the task is in its module (`lmforge.tasks.registry`)."""
+
+    reads: Literal["chat", "labels", "pairs"]  # its data: which data.format values apply
+    metrics: tuple[str, ...] = ()  # the higher-is-better metrics its evaluation reports (eval.metric choices)
+    default_metric: str = "val_loss"  # eval.metric when unset
+    lora: str | None = None  # what switches LoRA on: "always", or the config key (classify.method=lora, dpo.lora)
+
+
+MODE_SPECS: dict[str, ModeSpec] = {
+    "sft": ModeSpec("chat"),
+    "lora": ModeSpec("chat", lora="always"),
+    "classify": ModeSpec("labels", ("accuracy", "macro_f1"), "accuracy", lora="classify.method"),
+    "dpo": ModeSpec("pairs", ("rewards/accuracies", "rewards/margins"), lora="dpo.lora"),
+    "reward": ModeSpec("pairs", ("accuracy", "margin"), "accuracy", lora="classify.method"),
+}
+MODES = tuple(MODE_SPECS)
 SFT_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion")
 # Metrics an evaluation reports, and which way is better.
-MAXIMIZE = ("accuracy", "macro_f1", "rewards/accuracies", "rewards/margins", "margin")
+MAXIMIZE = ("accuracy", "macro_f1", "rewards/accuracies", "rewards/margins", "margin")  # every ModeSpec.metrics
 MINIMIZE = ("val_loss", "val_ppl")
 
 
@@ -71,7 +90,7 @@ class FinetuneSection:
 
 @dataclass
 class DpoSection:
-    """``dpo:`` — preference tuning (finetune.mode=dpo); see lmforge/finetune/preference.py."""
+    """``dpo:`` — preference tuning (finetune.mode=dpo); see lmforge/tasks/preference.py."""
 
     loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
     beta: float = 0.1
@@ -165,9 +184,15 @@ class FinetuneConfig:
         return self.finetune.mode
 
     @property
+    def spec(self) -> ModeSpec:
+        return MODE_SPECS[self.mode]
+
+    @property
     def uses_lora(self) -> bool:
-        return (self.mode == "lora" or (self.mode in ("classify", "reward") and self.classify.method == "lora")
-                or (self.mode == "dpo" and self.dpo.lora))
+        """True when only LoRA adapters (and a task's head) train, per the mode's switch (`ModeSpec.lora`)."""
+        switch = self.spec.lora
+        return (switch == "always" or (switch == "classify.method" and self.classify.method == "lora")
+                or (switch == "dpo.lora" and self.dpo.lora))
 
     @property
     def global_batch_size(self) -> int:
@@ -198,14 +223,16 @@ def validate(cfg: FinetuneConfig) -> None:
     if not d.train:
         raise ConfigError("data.train is not set; give one or more data files (json/jsonl for sft/lora, "
                           "tsv/csv/jsonl with a label column for classify)")
-    if cfg.mode == "classify" and d.format not in ("auto", "labels"):
-        raise ConfigError(f"finetune.mode=classify reads labelled data; data.format={d.format} should be labels "
+    reads = cfg.spec.reads
+    if reads == "labels" and d.format not in ("auto", "labels"):
+        raise ConfigError(f"finetune.mode={cfg.mode} reads labelled data; data.format={d.format} should be labels "
                           "(or auto)")
-    if cfg.mode in ("dpo", "reward") and d.format != "auto":
+    if reads == "pairs" and d.format != "auto":
         raise ConfigError(f"finetune.mode={cfg.mode} reads preference pairs (prompt/chosen/rejected, LLaMA-Factory "
                           f"ranking or ShareGPT pairs, detected per record); data.format={d.format} should be auto")
-    if cfg.mode != "classify" and d.format == "labels":
-        raise ConfigError(f"data.format=labels is for finetune.mode=classify, not {cfg.mode}; use alpaca, chat, "
+    if reads != "labels" and d.format == "labels":
+        labelled = " or ".join(m for m, spec in MODE_SPECS.items() if spec.reads == "labels")
+        raise ConfigError(f"data.format=labels is for finetune.mode={labelled}, not {cfg.mode}; use alpaca, chat, "
                           "sharegpt or prompt_completion (or auto)")
     if not d.dev and not 0.0 <= d.dev_fraction < 1.0:
         raise ConfigError(f"data.dev_fraction={d.dev_fraction} must be in [0, 1) (or set data.dev)")
@@ -235,10 +262,8 @@ def validate(cfg: FinetuneConfig) -> None:
     known = MAXIMIZE + MINIMIZE
     if e.metric is not None and e.metric not in known:
         raise ConfigError(f"eval.metric={e.metric} is not one of {', '.join(known)}")
-    measured = {"classify": ("accuracy", "macro_f1"), "dpo": ("rewards/accuracies", "rewards/margins"),
-                "reward": ("accuracy", "margin")}
-    if e.metric in MAXIMIZE and e.metric not in measured.get(cfg.mode, ()):
-        modes = " and ".join(m for m, ms in measured.items() if e.metric in ms)
+    if e.metric in MAXIMIZE and e.metric not in cfg.spec.metrics:
+        modes = " and ".join(m for m, spec in MODE_SPECS.items() if e.metric in spec.metrics)
         raise ConfigError(f"eval.metric={e.metric} is measured for finetune.mode={modes} only; use val_loss")
     dp = cfg.dpo
     if dp.beta <= 0:
@@ -287,7 +312,7 @@ def resolve(cfg: FinetuneConfig, path: str | None) -> None:
     if cfg.run.name is None:
         cfg.run.name = Path(cfg.run.dir).name
     if cfg.eval.metric is None:
-        cfg.eval.metric = "accuracy" if cfg.mode in ("classify", "reward") else "val_loss"
+        cfg.eval.metric = cfg.spec.default_metric
     if cfg.eval.metric_mode == "auto":
         cfg.eval.metric_mode = "max" if cfg.eval.metric in MAXIMIZE else "min"
 
