@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge import __version__
 from lmforge.config import UserError, from_dict, read_json_bounded
 from lmforge.models.config import ModelConfig
 
@@ -106,7 +107,7 @@ def metadata_block(kind: str = "model", task: str = "lm", labels: list[str] | No
         block["heads"] = list(heads)
     if tokenizer_hash:
         block["tokenizer_hash"] = tokenizer_hash
-    block["lmforge_version"] = __import__("lmforge").__version__
+    block["lmforge_version"] = __version__
     return block
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from lmforge import __version__
 from lmforge.atomic import make_temp_dir, swap_into_place
 from lmforge.config import UserError
 from lmforge.console import info
@@ -432,7 +433,7 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
                        "txt_mode": txt_mode, "min_chars": min_chars, "pii": pii, "add_bos": add_bos,
                        "near_threshold": near_threshold, "shard_tokens": shard_tokens, **ran_on,
                        "include": include, "filters": filters.as_dict() if filters is not None else None},
-            "lmforge_version": __import__("lmforge").__version__,
+            "lmforge_version": __version__,
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False))
         bar.update(n_docs, tokens_total, stats.bytes, final=True)
