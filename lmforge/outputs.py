@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from lmforge.atomic import atomic_write_text
 from lmforge.config import UserError
 
 RUN_MARKER = ".lmforge_run.json"
@@ -180,7 +181,6 @@ def claim_run_dir(run_dir: str | os.PathLike, command: str, inputs: Iterable[str
         how = ("; choose a new run.dir, or set run.overwrite=true to write into it (its config.yaml, model/ and "
                "checkpoints/ would be replaced)") if key == "run.dir" else f"; choose a new {key}"
         raise UserError(f"{key}='{run_dir}' exists, is not empty and is not an lmforge run dir{how}")
-    from lmforge.atomic import atomic_write_text
 
     existed = target.exists()
     try:

@@ -32,7 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from lmforge import web_inputs as web
 from lmforge.config import UserError
+from lmforge.web_inputs import HTML_SUFFIXES, WARC_SUFFIXES
 
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 # Files picked up when a directory is given (explicit files and globs are always read).
@@ -95,7 +97,6 @@ def file_format(path: str) -> str:
         return "json"
     if low.endswith(".parquet"):
         return "parquet"
-    from lmforge.web_inputs import HTML_SUFFIXES, WARC_SUFFIXES
 
     if low.endswith(WARC_SUFFIXES):
         return "warc"
@@ -428,8 +429,6 @@ def _iter_hf(spec: str, fields: list[str], stats: ReadStats) -> Iterator[str]:
 
 
 def _iter_web(path: str, fmt: str, stats: ReadStats) -> Iterator[str]:
-    from lmforge import web_inputs as web
-
     if fmt == "html":
         yield from web.html_page(_read_all(path), stats)
         return

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import UserError, read_json_bounded
+from lmforge import __version__
+from lmforge.config import UserError, from_dict, read_json_bounded
+from lmforge.models.config import ModelConfig
 
 FORMAT_VERSION = 1
 BLOCK = "lmforge"  # the schema's key in config.json / adapter_config.json
@@ -79,9 +81,6 @@ class ArtifactInfo:
 
     def model_config(self):
         """The `ModelConfig` of a model dir (checked field by field)."""
-        from lmforge.config import from_dict
-        from lmforge.models.config import ModelConfig
-
         if self.kind != "model":
             raise UserError(f"'{self.path}' is an adapter dir; its model config is the base model's "
                             f"('{self.adapter.get('base_model')}')")
@@ -108,7 +107,7 @@ def metadata_block(kind: str = "model", task: str = "lm", labels: list[str] | No
         block["heads"] = list(heads)
     if tokenizer_hash:
         block["tokenizer_hash"] = tokenizer_hash
-    block["lmforge_version"] = __import__("lmforge").__version__
+    block["lmforge_version"] = __version__
     return block
 
 

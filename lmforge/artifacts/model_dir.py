@@ -19,6 +19,7 @@ from lmforge.artifacts.metadata import CONFIG_NAME, model_config_json, read_meta
 from lmforge.atomic import atomic_directory
 from lmforge.config import UserError, read_json_bounded, to_dict
 from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import build_model
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -165,8 +166,6 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
 def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32):
     """Build the model from ``config.json`` and load its weights (strict: missing or extra keys fail)."""
-    from lmforge.models.transformer import build_model
-
     info = read_metadata(directory)
     if info.kind == "model" and info.task != "lm":
         what = {"classify": "a classifier", "reward": "a reward model"}[info.task]

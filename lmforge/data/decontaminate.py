@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import UserError
+from lmforge.sources import ReadStats, _read_all, decode
 
 DEFAULT_NGRAM = 13
 MODES = ("drop", "report")
@@ -59,8 +60,6 @@ def _strings(value: Any) -> Iterator[str]:
 
 def read_items(path: str) -> list[list[str]]:
     """An evaluation set's items, each a list of text fields."""
-    from lmforge.sources import ReadStats, _read_all, decode
-
     data = decode(_read_all(path), ReadStats())
     low = path.lower().removesuffix(".gz")
     if low.endswith((".jsonl", ".ndjson")):

@@ -79,6 +79,6 @@ def make_engine(name: str, workers: int = 1, ray_address: str | None = None):
         if ray_address:
             raise UserError("--ray-address needs --engine ray")
         return LocalEngine(workers)
-    from lmforge.data.ray_engine import RayEngine
+    from lmforge.data.ray_engine import RayEngine  # lazy: cycle, data.ray_engine imports in_flight_limit
 
     return RayEngine(workers, ray_address)

@@ -17,6 +17,7 @@ from lmforge.data.records import (
     row_cells,
     table_columns,
 )
+from lmforge.tokenizer.chat_template import encode_text, uses_bos
 
 
 @dataclass
@@ -81,8 +82,6 @@ def label_list(examples: Iterable[LabelledExample]) -> list[str]:
 def encode_labelled(tokenizer, examples: Sequence[LabelledExample], labels: Sequence[str], max_len: int
                     ) -> tuple[list[list[int]], list[int]]:
     """Token ids (text, after BOS for Llama-style tokenizers; cut to ``max_len``) and label indices."""
-    from lmforge.tokenizer.chat_template import encode_text, uses_bos
-
     index = {lab: i for i, lab in enumerate(labels)}
     bos = [tokenizer.bos_id] if uses_bos(tokenizer) else []
     ids, ys = [], []

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from lmforge.config import UserError
-from lmforge.data.remote import is_remote
-from lmforge.data.shards import TokenStream, check_shards, read_index
+from lmforge.data.remote import RemoteShards, is_remote, parse_index_bytes, read_remote_index_bytes
+from lmforge.data.shards import TokenStream, check_index, check_shards, read_index
 
 _MASK64 = (1 << 64) - 1
 
@@ -124,9 +124,6 @@ class ShardLoader:
         self.remote = None  # RemoteShards when shard_dir is an s3:// / gs:// URL (lmforge/data/remote.py)
         self.cache_dir = cache_dir
         if is_remote(shard_dir):
-            from lmforge.data.remote import RemoteShards, parse_index_bytes, read_remote_index_bytes
-            from lmforge.data.shards import check_index
-
             self.shard_dir: str | Path = str(shard_dir)
             raw = read_remote_index_bytes(str(shard_dir))
             where = f"{str(shard_dir).rstrip('/')}/index.json"

@@ -32,8 +32,16 @@ from typing import Any
 import torch
 
 from lmforge.config import UserError
+from lmforge.data.epochs import check_batch_layout
 from lmforge.data.records import DataError, read_records
-from lmforge.tokenizer.chat_template import IGNORE_INDEX
+from lmforge.tokenizer.chat_template import (
+    IGNORE_INDEX,
+    _prefix,
+    encode_prompt,
+    encode_text,
+    render,
+    token_texts,
+)
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
           "chatgpt": "assistant", "system": "system"}
@@ -148,8 +156,6 @@ def load_pairs(paths: str | os.PathLike | Sequence[str | os.PathLike], limit: in
 def encode_reply(tokenizer, prompt: list[dict[str, str]], reply: str, template: str) -> list[int]:
     """Token ids the chat template adds for ``reply`` after the generation prompt, closed by EOS (the
     tokens SFT trains for an assistant turn)."""
-    from lmforge.tokenizer.chat_template import _prefix, encode_text, render, token_texts
-
     bos_text, eos_text = token_texts(tokenizer)
     eos_id = getattr(tokenizer, "eos_id", None)
     if eos_id is None:
@@ -190,8 +196,6 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], seq
 
 def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], seq_len: int, template: str,
                  max_prompt_len: int | None = None) -> EncodedPairs:
-    from lmforge.tokenizer.chat_template import encode_prompt
-
     if max_prompt_len is None:
         max_prompt_len = seq_len // 2
     out = EncodedPairs([], [], [], [], {"pairs": len(pairs), "prompt_truncated": 0, "completion_truncated": 0,
@@ -262,8 +266,6 @@ class PairBatches:
 
     def __init__(self, data: EncodedPairs, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  pad_id: int = 0, extra=None, collate=None):
-        from lmforge.data.epochs import check_batch_layout
-
         check_batch_layout(len(data), global_batch, world_size, "pairs")
         self.data, self.global_batch, self.rank, self.world_size = data, global_batch, rank, world_size
         self.seed, self.pad_id, self.extra = seed, pad_id, extra

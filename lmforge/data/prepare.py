@@ -35,14 +35,17 @@ from typing import Any
 
 import numpy as np
 
+from lmforge import __version__
 from lmforge.atomic import make_temp_dir, swap_into_place
 from lmforge.config import UserError
 from lmforge.console import info
 from lmforge.data import clean
 from lmforge.data.doc_filters import FilterReport, FilterSpec, pipeline
 from lmforge.data.engines import ENGINES, make_engine
+from lmforge.data.holdout import hold_out_tail
 from lmforge.data.remote import guard_remote_out, is_remote, upload_dir
 from lmforge.data.shards import FORMAT, INDEX_NAME, dtype_for_vocab
+from lmforge.interrupts import sigterm_raises
 from lmforge.sources import (
     TXT_MODES,
     ReadStats,
@@ -51,6 +54,7 @@ from lmforge.sources import (
     iter_file_documents,
     resolve_inputs,
 )
+from lmforge.tokenizer.core import load_tokenizer
 
 DEDUP_MODES = ("exact", "near", "none")
 SMALL_FILE = 4 << 20  # local files up to this size are read by the workers themselves
@@ -89,8 +93,6 @@ _WORKER: dict[str, Any] = {}
 
 def _worker_state(cfg: TaskConfig) -> dict[str, Any]:
     if _WORKER.get("dir") != cfg.tokenizer_dir:
-        from lmforge.tokenizer.core import load_tokenizer
-
         _WORKER.clear()
         _WORKER.update(dir=cfg.tokenizer_dir, tok=load_tokenizer(cfg.tokenizer_dir),
                        minhash=clean.MinHasher())
@@ -247,8 +249,6 @@ class _Progress:
 
 def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """See :func:`_prepare`. A SIGTERM unwinds through its cleanup (the temp dir is removed; exit 143)."""
-    from lmforge.interrupts import sigterm_raises
-
     with sigterm_raises("error: terminated (SIGTERM); no output written"):
         return _prepare(*args, **kwargs)
 
@@ -273,8 +273,6 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
     cluster, or the one at ``ray_address``); the shards are byte-identical either way. ``out_dir`` may be an
     ``s3://``/``gs://`` URL: the dir is built locally, then uploaded with ``index.json`` last.
     """
-    from lmforge.tokenizer.core import load_tokenizer
-
     t0 = time.perf_counter()
     if dedup not in DEDUP_MODES:
         raise UserError(f"--dedup={dedup!r} is not one of {', '.join(DEDUP_MODES)}")
@@ -367,8 +365,6 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
                 splits[name]["shards"] = []
         held_out = 0  # too few documents to hold whole ones out: hold out the tail tokens (data/holdout.py)
         if val_fraction > 0 and (splits["val"]["documents"] == 0 or splits["train"]["documents"] == 0):
-            from lmforge.data.holdout import hold_out_tail
-
             held_out = hold_out_tail(tmp, splits, val_fraction, dtype, tok.eos_id)
         n_docs = splits["train"]["documents"] + splits["val"]["documents"]
         if n_docs == 0 and held_out == 0:
@@ -437,7 +433,7 @@ def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir:
                        "txt_mode": txt_mode, "min_chars": min_chars, "pii": pii, "add_bos": add_bos,
                        "near_threshold": near_threshold, "shard_tokens": shard_tokens, **ran_on,
                        "include": include, "filters": filters.as_dict() if filters is not None else None},
-            "lmforge_version": __import__("lmforge").__version__,
+            "lmforge_version": __version__,
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False))
         bar.update(n_docs, tokens_total, stats.bytes, final=True)

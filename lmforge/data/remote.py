@@ -23,11 +23,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lmforge.atomic import atomic_write_text
 from lmforge.config import UserError
 
 INDEX_NAME = "index.json"
 INDEX_LIMIT = 64 << 20  # bytes: an index.json bigger than this is not one
 FETCH_THREADS = 8
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The hex sha256 of a local file, read in ``chunk``-byte blocks (a shard, local or just fetched)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def is_remote(path: str | os.PathLike | None) -> bool:
@@ -191,7 +201,6 @@ class RemoteShards:
         except OSError as e:
             raise UserError(f"data.cache_dir '{self.dir}' cannot be created ({e}); set data.cache_dir to a "
                             "writable dir") from None
-        from lmforge.atomic import atomic_write_text
 
         if not (self.dir / INDEX_NAME).is_file():
             atomic_write_text(self.dir / INDEX_NAME, index_bytes.decode("utf-8"))
@@ -217,7 +226,6 @@ class RemoteShards:
             tmp = self.dir / f".{name}.part{os.getpid()}.{threading.get_ident()}"
             try:
                 self.fs.get_file(_join(self.root, name), str(tmp))
-                from lmforge.data.shards import sha256_file
 
                 digest = sha256_file(tmp)
                 if digest != self.expected[name].get("sha256"):

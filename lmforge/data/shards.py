@@ -16,7 +16,6 @@ Documents are stored back to back, each followed by the EOS id (and preceded by 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.config import UserError
+from lmforge.config import UserError, read_json_bounded
+from lmforge.data.remote import (
+    check_remote_shards,
+    is_remote,
+    parse_index_bytes,
+    read_remote_index_bytes,
+    sha256_file,
+)
 from lmforge.tokenizer.identity import tokenizer_hash
 
 INDEX_NAME = "index.json"
@@ -36,22 +42,10 @@ def dtype_for_vocab(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65536 else "uint32"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_index(shard_dir: str | os.PathLike) -> dict[str, Any]:
     """Parse and sanity-check ``index.json`` (of a local dir or an ``s3://``/``gs://`` prefix); every
     problem is a one-line UserError."""
-    from lmforge.data.remote import is_remote
-
     if is_remote(shard_dir):
-        from lmforge.data.remote import parse_index_bytes, read_remote_index_bytes
-
         where = f"{str(shard_dir).rstrip('/')}/{INDEX_NAME}"
         return check_index(parse_index_bytes(read_remote_index_bytes(str(shard_dir)), where), where)
     d = Path(shard_dir)
@@ -61,7 +55,6 @@ def read_index(shard_dir: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"'{shard_dir}' is not a token-shard dir ({INDEX_NAME} is missing); "
                         f"run `lmforge prepare --out {shard_dir}`")
-    from lmforge.config import read_json_bounded
 
     try:
         index = read_json_bounded(p, what="token-shard index")
@@ -106,8 +99,6 @@ def _check_index_types(p: str | os.PathLike, index: dict[str, Any]) -> None:
 
 def check_shards(shard_dir: str | os.PathLike, index: dict[str, Any], split: str, verify: bool = False) -> None:
     """Each shard of ``split`` exists with the size its token count implies (and the recorded sha256)."""
-    from lmforge.data.remote import check_remote_shards, is_remote
-
     if is_remote(shard_dir):
         check_remote_shards(str(shard_dir), index, split, verify)
         return

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from lmforge.data.records import DataError, check_file, read_records, read_table
 from lmforge.eval.text import has_cjk
+from lmforge.models.transformer import logits_at
 
 LAYOUTS = ("auto", "mmlu", "ceval", "cmmlu", "hellaswag")
 LETTERS = "ABCDEFGHIJ"
@@ -216,8 +217,6 @@ def _continuation_logprobs(model, x: torch.Tensor, row_of: torch.Tensor, pos: to
     (B,) bool) over the N = len(target) positions ``(row_of, pos)`` of ``x`` (B, T). Only those N positions
     go through the LM head (a lmforge Transformer: inside its forward, where FSDP2 holds the head's weight);
     the (B, T, V) log-probabilities are never built, nor copied to the host."""
-    from lmforge.models.transformer import logits_at
-
     logits = logits_at(model, x, lambda logits_of: logits_of((row_of, pos)).float())  # (N, V)
     logp = F.log_softmax(logits, dim=-1)  # (N, V)
     tgt = logp.gather(-1, target[:, None]).squeeze(-1).double()  # (N,)

@@ -19,6 +19,7 @@ from lmforge.data.records import (
     table_columns,
 )
 from lmforge.eval.text import cjk_fraction
+from lmforge.sources import iter_file_documents
 
 
 @dataclass
@@ -80,8 +81,6 @@ def read_texts(path: str | os.PathLike, text_field: str = "text", txt_mode: str 
     `lmforge prepare`, so a model is scored on documents cut the way it was trained on them)."""
     p = check_file(path)
     if p.suffix.lower() not in (".json", ".jsonl"):
-        from lmforge.sources import iter_file_documents
-
         docs = [d for d in iter_file_documents(str(p), txt_mode=txt_mode) if d.strip()]
         if not docs:
             raise DataError(f"'{p}' is empty; perplexity needs text")

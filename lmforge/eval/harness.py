@@ -27,13 +27,18 @@ import sys
 
 import torch
 
+from lmforge.artifacts.identity import check_model_dir_tokenizer
+from lmforge.config import UserError
+from lmforge.eval.choice import score_continuations
+from lmforge.eval.loading import load_for_eval
+from lmforge.generate.engine import GenerationConfig, cut_at_stop, generate_ids
+from lmforge.tokenizer.chat_template import get_chat_template, render_chat, uses_bos
+
 try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
 except ImportError as e:  # an optional extra
     raise ImportError("lm-evaluation-harness is not installed; pip install 'lmforge[harness]'") from e
-
-from lmforge.config import UserError
 
 
 def _flag(value, name: str) -> bool:
@@ -55,9 +60,6 @@ class LMForgeLM(TemplateLM):
                  device: str | None = None, dtype: str = "auto", max_length: int | None = None,
                  max_gen_toks: int = 256, add_bos_token=None, seed: int = 0, max_batch_size=None, **unknown):
         super().__init__()
-        from lmforge.artifacts.identity import check_model_dir_tokenizer
-        from lmforge.eval.loading import load_for_eval
-        from lmforge.tokenizer.chat_template import uses_bos
 
         if unknown:
             raise UserError(f"model_args {', '.join(sorted(unknown))} not understood by the lmforge model; it takes "
@@ -120,14 +122,11 @@ class LMForgeLM(TemplateLM):
         """The model's chat template (for ``--apply_chat_template``), or None when not asked for."""
         if chat_template is False or chat_template is None:
             return None
-        from lmforge.tokenizer.chat_template import get_chat_template
 
         return get_chat_template(self.tokenizer_lm)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The conversation rendered with the tokenizer's chat template (lmforge's sandboxed Jinja renderer)."""
-        from lmforge.tokenizer.chat_template import render_chat
-
         return render_chat(self.tokenizer_lm, chat_history, add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
@@ -142,8 +141,6 @@ class LMForgeLM(TemplateLM):
         return self.tokenizer_lm.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        from lmforge.eval.choice import score_continuations
-
         out = score_continuations(self.model, [(ctx, cont) for _, ctx, cont in requests], self._batch_size,
                                   self._max_length)
         for (key, _, _), answer in zip(requests, out):
@@ -170,8 +167,6 @@ class LMForgeLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from lmforge.generate.engine import GenerationConfig, cut_at_stop, generate_ids
-
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):  # requests with the same settings decode together

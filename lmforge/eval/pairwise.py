@@ -12,7 +12,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from lmforge.artifacts.reward_dir import is_reward_dir, load_reward_dir
 from lmforge.config import UserError
+from lmforge.data.preference_pairs import encode_pairs, load_pairs
+from lmforge.tokenizer.chat_template import get_chat_template
+from lmforge.tokenizer.core import load_tokenizer
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,11 +77,6 @@ def score_pairs(model, data, batch_size: int, pad_id: int, device, progress=None
 def evaluate_pairwise(model_dir: str | os.PathLike, data_path: str | os.PathLike, device="cpu", dtype=None,
                       batch_size: int = 8, max_examples: int | None = None, chat_template: str | None = None,
                       progress=None) -> dict:
-    from lmforge.artifacts.reward_dir import is_reward_dir, load_reward_dir
-    from lmforge.data.preference_pairs import encode_pairs, load_pairs
-    from lmforge.tokenizer.chat_template import get_chat_template
-    from lmforge.tokenizer.core import load_tokenizer
-
     if not is_reward_dir(model_dir):
         raise UserError(f"'{model_dir}' is not a reward model dir (its metadata has no task: reward); --task pairwise "
                         "scores reward models trained with finetune.mode=reward")

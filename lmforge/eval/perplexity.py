@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import UserError
+from lmforge.models.transformer import logits_at
+from lmforge.tokenizer.chat_template import encode_text, uses_bos
 
 
 def token_stream(tokenizer, texts: Sequence[str]) -> tuple[list[int], list[bool]]:
     """(ids, scored): every document after its separator; ``scored`` is False on separators."""
-    from lmforge.tokenizer.chat_template import encode_text, uses_bos
-
     sep = tokenizer.bos_id if uses_bos(tokenizer) else getattr(tokenizer, "eos_id", None)
     ids: list[int] = []
     scored: list[bool] = []
@@ -56,8 +56,6 @@ def _chunked_nll(logits_of, y: torch.Tensor, w: torch.Tensor, chunk: int) -> tor
 def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int | None = None, batch_size: int = 8,
                progress=None, chunk: int = 1024) -> dict[str, float]:
     """``chunk``: positions per piece of the LM head + cross-entropy (0 = the whole batch at once)."""
-    from lmforge.models.transformer import logits_at
-
     cfg = model.cfg
     if not cfg.causal or not cfg.lm_head:
         raise UserError("perplexity needs a causal language model with an LM head; this model is an "

@@ -26,6 +26,11 @@ from importlib import resources
 from pathlib import Path
 
 from lmforge.config import UserError
+from lmforge.data.records import check_file
+from lmforge.eval.datasets import GenExample
+from lmforge.eval.loading import load_for_eval
+from lmforge.eval.tasks import PromptBuilder, classify_with_head, generate_answers
+from lmforge.tokenizer.chat_template import encode_text, uses_bos
 
 SHIPPED = "safety_en_zh.jsonl"
 TYPES = ("harmful", "benign")
@@ -59,8 +64,6 @@ def shipped_set_path() -> Path:
 
 def load_safety_set(path: str | os.PathLike | None = None, split: str | None = None) -> list[SafetyExample]:
     """The shipped set (``path`` None) or a user's jsonl file; ``split`` keeps only that split."""
-    from lmforge.data.records import check_file
-
     p = shipped_set_path() if path is None else check_file(path)
     out = []
     for i, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
@@ -111,8 +114,6 @@ class ClassifierJudge:
 
     def __init__(self, model_dir: str | os.PathLike, refusal_label: str = "refusal", device="cpu",
                  batch_size: int = 16):
-        from lmforge.eval.loading import load_for_eval
-
         self.model, self.tokenizer, labels = load_for_eval(model_dir, device, None)
         if labels is None:
             raise UserError(f"--judge '{model_dir}' is not a classifier model dir; train one with "
@@ -123,9 +124,6 @@ class ClassifierJudge:
         self.name, self.batch_size = str(model_dir), batch_size
 
     def __call__(self, prompts: Sequence[str], replies: Sequence[str]) -> list[bool]:
-        from lmforge.eval.tasks import classify_with_head
-        from lmforge.tokenizer.chat_template import encode_text, uses_bos
-
         bos = [self.tokenizer.bos_id] if uses_bos(self.tokenizer) else []
         ids = [(bos + encode_text(self.tokenizer, r))[: self.model.cfg.max_seq_len] or [0] for r in replies]
         preds = classify_with_head(self.model, ids, self.batch_size, self.tokenizer.pad_id or 0)
@@ -164,9 +162,6 @@ def run_safety(model, tokenizer, examples: Sequence[SafetyExample], judge, max_n
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, progress=None
                ) -> tuple[dict, list[dict]]:
     """Generate a reply to every request (chat template, greedy by default), judge it, and score."""
-    from lmforge.eval.datasets import GenExample
-    from lmforge.eval.tasks import PromptBuilder, generate_answers
-
     max_prompt = model.cfg.max_seq_len - max_new_tokens
     if max_prompt < 8:
         raise UserError(f"--max-new-tokens={max_new_tokens} leaves no room for a prompt in the model's "

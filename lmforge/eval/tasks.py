@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from lmforge.config import UserError
 from lmforge.eval.datasets import GenExample
+from lmforge.generate.engine import GenerationConfig, generate_ids
+from lmforge.tokenizer.chat_template import encode_prompt, encode_text, uses_bos
 
 # ---- prompts ---------------------------------------------------------------------------------------
 PROMPTS = {
@@ -70,8 +72,6 @@ class PromptBuilder:
     extra_fields: dict[str, str] | None = None
 
     def _ids(self, text: str) -> list[int]:
-        from lmforge.tokenizer.chat_template import encode_prompt, encode_text, uses_bos
-
         if self.chat:
             return encode_prompt(self.tokenizer, [{"role": "user", "content": text}], self.template)
         bos = [self.tokenizer.bos_id] if uses_bos(self.tokenizer, self.template) else []
@@ -79,8 +79,6 @@ class PromptBuilder:
 
     def __call__(self, example: GenExample) -> tuple[list[int], bool]:
         """Prompt ids for ``example`` and whether its long field had to be shortened to fit."""
-        from lmforge.tokenizer.chat_template import encode_text
-
         fields = {**(self.extra_fields or {}), **example.fields}
         template = prompt_template(self.task, example, self.custom_prompt)
         ids = self._ids(fill(template, fields))
@@ -109,8 +107,6 @@ def generate_answers(model, tokenizer, prompts: Sequence[list[int]], max_new_tok
                      top_p: float | None = None, progress=None) -> list[str]:
     """Batched KV-cache generation; prompts are sorted by length so batches pad little, and the answers
     are returned in the input order."""
-    from lmforge.generate.engine import GenerationConfig, generate_ids
-
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     out: list[str] = [""] * len(prompts)
     for b, start in enumerate(range(0, len(order), batch_size)):
@@ -195,8 +191,6 @@ def zero_shot_classify(model, tokenizer, texts: Sequence[str], label_words: Sequ
                        prompt: str = "{text}\nAnswer:", progress=None,
                        build: Callable[[str], list[int]] | None = None) -> list[int]:
     """Pick, for each text, the label word the LM finds most likely after ``prompt``."""
-    from lmforge.tokenizer.chat_template import encode_text, uses_bos
-
     bos = [tokenizer.bos_id] if uses_bos(tokenizer) else []
     if build is None:
         def build(text: str) -> list[int]:

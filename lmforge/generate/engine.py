@@ -10,6 +10,7 @@ import torch
 
 from lmforge.generate.kv_cache import KVCache
 from lmforge.generate.sampling import sample_next
+from lmforge.models.transformer import logits_at
 
 
 @dataclass
@@ -50,8 +51,6 @@ def _as_batch(prompts: Any, tokenizer) -> tuple[list[list[int]], bool, bool]:
 def last_logits(model, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
     """(B, V) logits of the last position only: a prefill runs the LM head on one position per row, not
     on all (B, L, V) (`lmforge.models.transformer.logits_at`)."""
-    from lmforge.models.transformer import logits_at
-
     return logits_at(model, tokens, lambda logits_of: logits_of((slice(None), -1)), **kwargs)
 
 

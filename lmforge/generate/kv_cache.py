@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.config import UserError
 from lmforge.models.config import ModelConfig
 
 
@@ -157,8 +158,6 @@ def slot_cache_context(cfg: ModelConfig, n_slots: int, requested: int | None, de
     max_seq_len) when it fits the budget, else a one-line refusal before anything is allocated; without a
     request, the longest context the budget holds — never the model's maximum by default alone (a
     131,072-token Llama 3.1 x 8 slots is 137 GB)."""
-    from lmforge.config import UserError
-
     per_token = kv_bytes_per_token(cfg, dtype) * n_slots
     budget, where = kv_cache_budget(torch.device(device))
     if requested is not None:

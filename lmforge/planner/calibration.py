@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lmforge.planner.estimate import PlanRequest, estimate
+
 TOLERANCE = 0.10  # |planner / published - 1|, every row unless it states its own
 # litgpt's 4-bit rows: the planner is ~1.1 GB (7B) / 1.9 GB (13B) below litgpt per 1,304-token sequence in
 # LoRA *and* QLoRA (the same absolute gap, not found); against a 14 GB total that is -12.6%.
@@ -96,8 +98,6 @@ ROWS: tuple[Row, ...] = (
 
 def evaluate(row: Row) -> dict[str, Any]:
     """The planner's figure for `row`, in the row's unit and at the row's level, and the relative error."""
-    from lmforge.planner.estimate import PlanRequest, estimate
-
     plan = estimate(PlanRequest(**row.request))
     scale = GIB if row.unit == "GiB" else 1e9
     figure = plan["memory_peak_gb"][row.level] * 1e9 / scale

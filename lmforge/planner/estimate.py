@@ -28,9 +28,11 @@ from typing import Any
 
 from lmforge.config import ConfigError
 from lmforge.models.config import ModelConfig
+from lmforge.models.presets import get_preset
 from lmforge.planner import allocator
 from lmforge.planner.activations import (
     Frozen,
+    _linears,
     estimate_activations,
     largest_weight_elements,
     logits_transient_bytes,
@@ -45,6 +47,7 @@ from lmforge.planner.modes import (
     head_params,
     kv_cache_bytes,
     lora_targets,
+    projection_shapes,
     reward_config,
     state_bytes,
 )
@@ -97,7 +100,6 @@ class PlanRequest:
 def _resolve_model(req: PlanRequest) -> tuple[ModelConfig, str]:
     if isinstance(req.model, ModelConfig):
         return req.model, req.model_name or "custom"
-    from lmforge.models.presets import get_preset
 
     return get_preset(req.model), req.model
 
@@ -194,9 +196,6 @@ def _recompute_flops_per_token(cfg: ModelConfig, seq_len: int, ac: str) -> float
     if policy == "matmuls":  # keeps every matmul and fused-attention output: only pointwise ops rerun
         return unfused
     # selective (torchtitan's op SAC): the second, fourth, ... bias-free projection (aten.mm) of each block reruns
-    from lmforge.planner.activations import _linears
-    from lmforge.planner.modes import projection_shapes
-
     shapes = projection_shapes(cfg)
     rerun, n_mm = 0, 0
     for name, _width, _kind, bias in _linears(cfg):

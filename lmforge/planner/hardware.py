@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmforge.config import ConfigError
+
 
 @dataclass(frozen=True)
 class GPU:
@@ -34,8 +36,6 @@ GPUS_PER_NODE = 8  # tensor parallelism stays inside a node (NVLink); larger tp 
 
 
 def get_gpu(name: str) -> GPU:
-    from lmforge.config import ConfigError
-
     key = name.lower()
     if key not in GPUS:
         import difflib

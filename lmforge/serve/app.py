@@ -23,10 +23,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from lmforge.generate.batcher import SamplingParams, Sequence, Update
+from lmforge.artifacts.identity import check_model_dir_tokenizer
+from lmforge.artifacts.model_dir import load_model_dir
+from lmforge.config import UserError
+from lmforge.generate.batcher import ContinuousBatcher, SamplingParams, Sequence, Update
+from lmforge.generate.kv_cache import slot_cache_context
 from lmforge.serve import protocol as P
 from lmforge.serve.limits import BodyLimit
 from lmforge.serve.scheduler import Job, QueueFull, Scheduler, Unavailable
+from lmforge.tokenizer.chat_template import encode_prompt, special_token_strings, uses_bos
+from lmforge.tokenizer.core import load_tokenizer
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
@@ -50,11 +56,7 @@ class Engine:
     """The model side of the app: tokenizer, batcher, scheduler and request building."""
 
     def __init__(self, model, tokenizer, name: str, settings: ServeSettings):
-        from lmforge.generate.batcher import ContinuousBatcher
-        from lmforge.tokenizer.chat_template import special_token_strings, uses_bos
-
         self.model, self.tokenizer, self.name, self.settings = model, tokenizer, name, settings
-        from lmforge.generate.kv_cache import slot_cache_context
 
         p = next(model.parameters())  # the cache is sized from the memory it may take, before allocating it
         self.context = slot_cache_context(model.cfg, settings.n_slots, settings.max_context, p.device, p.dtype)
@@ -88,9 +90,6 @@ class Engine:
         return list(prompt)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        from lmforge.config import UserError
-        from lmforge.tokenizer.chat_template import encode_prompt
-
         try:
             return encode_prompt(self.tokenizer, messages)
         except UserError as e:  # the template refused the conversation (roles out of order, …)
@@ -336,10 +335,6 @@ def _usage(seqs: list[Sequence]):
 def load_for_serving(model_dir, device: str | None = None):
     """(model in eval mode, tokenizer) from a model dir; bf16 on CUDA, fp32 on CPU."""
     import torch
-
-    from lmforge.artifacts.identity import check_model_dir_tokenizer
-    from lmforge.artifacts.model_dir import load_model_dir
-    from lmforge.tokenizer.core import load_tokenizer
 
     check_model_dir_tokenizer(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

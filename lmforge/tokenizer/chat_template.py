@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import ConfigError, atomic_write_text
+from lmforge.tokenizer.core import DEFAULT_CHAT_TEMPLATE
 
 IGNORE_INDEX = -100
 TEMPLATE_FILE = "chat_template.jinja"
@@ -245,8 +246,6 @@ def default_chat_template(tokenizer=None) -> str:
     `lmforge tokenizer train` stores), ChatML (``<|im_start|>`` / ``<|im_end|>``), or plain-text headers."""
     specials = set(special_token_strings(tokenizer)) if tokenizer is not None else set()
     if {"<|user|>", "<|assistant|>", "<|end|>"} <= specials:
-        from lmforge.tokenizer.core import DEFAULT_CHAT_TEMPLATE
-
         return DEFAULT_CHAT_TEMPLATE
     if {"<|im_start|>", "<|im_end|>"} <= specials:
         heads = {r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")}

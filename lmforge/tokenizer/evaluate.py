@@ -6,6 +6,8 @@ import os
 from typing import Any
 
 from lmforge.config import UserError
+from lmforge.sources import ReadStats, iter_file_documents, resolve_inputs
+from lmforge.tokenizer.core import Tokenizer, load_tokenizer
 
 
 def evaluate_tokenizer(tokenizer, inputs: list[str] | str, text_field: str = "text", txt_mode: str = "file",
@@ -13,9 +15,6 @@ def evaluate_tokenizer(tokenizer, inputs: list[str] | str, text_field: str = "te
                        include: list[str] | str | None = None) -> dict[str, Any]:
     """Per resolved input file: documents, bytes, chars, tokens, bytes/token, chars/token and the share
     of documents with ``decode(encode(x)) == x``; plus the totals. ``tokenizer`` is a Tokenizer or a dir."""
-    from lmforge.sources import ReadStats, iter_file_documents, resolve_inputs
-    from lmforge.tokenizer.core import Tokenizer, load_tokenizer
-
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     files = []
     total = {"documents": 0, "bytes": 0, "chars": 0, "tokens": 0, "exact": 0}

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lmforge.config import UserError
+from lmforge.sources import iter_documents
 
 
 # ---- symbol spaces ---------------------------------------------------------------------------------
@@ -215,8 +216,6 @@ def extend_tokenizer_json(base_json: dict[str, Any], texts: list[str], n_add: in
 
 # ---- corpus and embedding rows (the model dir is written by lmforge.artifacts.vocab) -----------------------------------------------------------------------------
 def _read_texts(inputs: list[str], text_field: str, txt_mode: str, max_bytes: int | None) -> list[str]:
-    from lmforge.sources import iter_documents
-
     texts, n = [], 0
     for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode):
         if not doc.strip():

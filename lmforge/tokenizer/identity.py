@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lmforge.tokenizer.core import load_tokenizer
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
     """The hash of the tokenizer in ``tokenizer_dir`` (a one-line UserError when it holds none)."""
-    from lmforge.tokenizer.core import load_tokenizer
-
     return load_tokenizer(tokenizer_dir).hash
 
 

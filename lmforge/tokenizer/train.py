@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lmforge.config import UserError
 from lmforge.console import info
+from lmforge.sources import ReadStats, iter_documents
 from lmforge.tokenizer.core import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS, HFTokenizer
 
 _CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
@@ -58,8 +59,6 @@ def train_tokenizer(inputs: list[str] | str, vocab_size: int, out_dir: str | os.
     picks the files read inside input directories.
     """
     from tokenizers import pre_tokenizers, trainers
-
-    from lmforge.sources import ReadStats, iter_documents
 
     special_tokens = list(special_tokens)
     if len(special_tokens) < 3 or len(set(special_tokens)) != len(special_tokens):

@@ -12,6 +12,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lmforge.artifacts.gguf.tensors import encode, gguf_name, rope_freq_factors, to_gguf_layout
+from lmforge.artifacts.gguf.vocab import read_vocab
+from lmforge.artifacts.metadata import read_metadata
+from lmforge.artifacts.model_dir import load_weights
+from lmforge.atomic import atomic_directory
 from lmforge.config import UserError
 from lmforge.models.config import ModelConfig
 
@@ -69,12 +74,6 @@ def export_gguf(model_dir, out, dtype: str = "f16", tokenizer=None, add_bos: boo
     prompts start with BOS; ``extra_pre`` / ``ollama_template``: what ``lmforge.tokenizer.llama_cpp`` knows
     about lmforge's own tokenizers (this package does not import the tokenizer package)."""
     from gguf import GGUFWriter
-
-    from lmforge.artifacts.gguf.tensors import encode, gguf_name, rope_freq_factors, to_gguf_layout
-    from lmforge.artifacts.gguf.vocab import read_vocab
-    from lmforge.artifacts.metadata import read_metadata
-    from lmforge.artifacts.model_dir import load_weights
-    from lmforge.atomic import atomic_directory
 
     model_dir, out = Path(model_dir), Path(out)
     if dtype not in GGUF_DTYPES:

@@ -18,6 +18,7 @@ import torch
 
 from lmforge.config import UserError
 from lmforge.models.config import ModelConfig
+from lmforge.models.positional import rope_inv_freq
 
 # lmforge module -> llama.cpp tensor name; the same in the llama and qwen2 graphs.
 _NAMES = {
@@ -88,8 +89,6 @@ def encode(t: torch.Tensor, dtype: str):
 def rope_freq_factors(cfg: ModelConfig) -> torch.Tensor | None:
     """llama.cpp's ``rope_freqs.weight`` for Llama-3 RoPE scaling: per frequency, the divisor of the base
     frequency (``theta_i / factor_i`` = lmforge's scaled inverse frequency). None without scaling."""
-    from lmforge.models.positional import rope_inv_freq
-
     if cfg.rope_scaling is None:
         return None
     base = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))

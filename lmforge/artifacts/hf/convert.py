@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lmforge.artifacts.heads_dir import HEADS_NAME, read_head_tensors, save_head_tensors
+from lmforge.artifacts.hf import tokenizer_files
 from lmforge.artifacts.hf.families import (
     FAMILIES,
     Family,
@@ -24,9 +26,19 @@ from lmforge.artifacts.hf.families import (
     model_config_to_hf,
     require_hf_expressible,
 )
+from lmforge.artifacts.metadata import CONFIG_NAME, model_config_json, read_metadata, write_json
+from lmforge.artifacts.model_dir import (
+    DEFAULT_SHARD_BYTES,
+    index_shards,
+    load_weights,
+    read_safetensors,
+    save_weights,
+    write_model_dir,
+)
 from lmforge.atomic import atomic_directory
 from lmforge.config import UserError, read_json_bounded, to_dict
 from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import Transformer
 
 HF_CONFIG = "config.json"
 HF_GENERATION_CONFIG = "generation_config.json"
@@ -41,7 +53,6 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
                         "(lmforge never downloads: use `huggingface-cli download` first)")
     if not path.is_file():
         raise UserError(f"'{hf_dir}' has no {HF_CONFIG}; pass a Hugging Face model directory")
-    from lmforge.config import read_json_bounded
 
     data = read_json_bounded(path, what="Hugging Face config")
     if not isinstance(data, dict):
@@ -59,8 +70,6 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a HF checkpoint: model.safetensors, sharded safetensors + index, or pytorch_model.bin."""
-    from lmforge.artifacts.model_dir import read_safetensors
-
     d = Path(hf_dir)
     candidates = [("model.safetensors", read_safetensors), ("pytorch_model.bin", _load_bin)]
     for name, loader in candidates:
@@ -68,8 +77,6 @@ def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
             return loader(d / name)
         index = d / f"{name.rsplit('.', 1)[0]}.{name.rsplit('.', 1)[1]}.index.json"
         if index.is_file():
-            from lmforge.artifacts.model_dir import index_shards
-
             out: dict[str, torch.Tensor] = {}
             for p in index_shards(index, "download the checkpoint again, with every shard"):
                 out.update(loader(p))
@@ -84,8 +91,6 @@ def read_hf_checkpoint(hf_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[
 # ---- state-dict adapters ---------------------------------------------------------------------------
 def _expected_keys(cfg: ModelConfig) -> list[str]:
     """The backbone's checkpoint keys (the tied output weight excluded), from a model built on meta."""
-    from lmforge.models.transformer import Transformer
-
     with torch.device("meta"):
         model = Transformer(cfg)
     keys = list(model.state_dict())
@@ -213,11 +218,6 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | No
 
     ``tokenizer_hash(dir)`` (the CLI passes the tokenizer package's) hashes the imported tokenizer files;
     the hash is recorded in ``config.json`` so a later swap of ``tokenizer.json`` is caught on load."""
-    from lmforge.artifacts.heads_dir import HEADS_NAME, save_head_tensors
-    from lmforge.artifacts.hf import tokenizer_files
-    from lmforge.artifacts.metadata import CONFIG_NAME, model_config_json, write_json
-    from lmforge.artifacts.model_dir import DEFAULT_SHARD_BYTES, save_weights, write_model_dir
-
     hf_dir, out = Path(hf_dir), Path(out)
     _check_out(hf_dir, out)
     hf_cfg = read_hf_config(hf_dir)
@@ -261,19 +261,12 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | No
 def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str | None = None,
               dtype: str | None = None, max_shard_bytes: int | None = None) -> dict[str, Any]:
     """Write a Hugging Face model dir (config.json, generation_config.json, safetensors, tokenizer files)."""
-    from lmforge.artifacts.heads_dir import read_head_tensors
-    from lmforge.artifacts.hf import tokenizer_files
-    from lmforge.artifacts.metadata import read_metadata
-    from lmforge.artifacts.model_dir import DEFAULT_SHARD_BYTES, load_weights, save_weights
-
     model_dir, out = Path(model_dir), Path(out)
     _check_out(model_dir, out)
     meta = read_metadata(model_dir)
     if meta.kind == "adapter":
         raise UserError(f"'{model_dir}' is an adapter dir; export the merged RUN/model instead")
     if meta.task == "reward":  # a scalar-head reward model -> *ForSequenceClassification (num_labels=1)
-        from lmforge.artifacts.reward_dir import export_reward_hf
-
         return export_reward_hf(model_dir, out, dtype)
     if meta.task == "classify":
         raise UserError(f"'{model_dir}' is a classifier model dir; export supports language models and "
@@ -329,6 +322,51 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str 
     return {"family": fam.name, "architecture": arch, "out": str(out), "files": files,
             "dtype": hf_cfg["torch_dtype"], "tokenizer": tok,
             "params": sum(v.numel() for v in hf_sd.values())}
+
+
+def export_reward_hf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None
+                     ) -> dict[str, Any]:
+    """Write a reward model dir as HF ``<Family>ForSequenceClassification`` (``num_labels=1``): the
+    backbone under the family's base-model prefix, ``score.weight``, and the tokenizer files."""
+    model_dir, out = Path(model_dir), Path(out)
+    _check_out(model_dir, out)
+    info = read_metadata(model_dir)
+    cfg = info.model_config()
+    record = info.hf
+    fam = FAMILIES[record["family"]] if record.get("family") in FAMILIES else family_for_model_config(cfg)
+    if fam.name not in ("llama", "mistral", "qwen2"):
+        raise UserError(f"reward models export as Llama/Mistral/Qwen2 sequence classifiers; '{model_dir}' maps to "
+                        f"{fam.name}")
+    sd = load_weights(model_dir)
+    score = sd.pop("score.weight")
+    if cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+        sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
+        score = score.to(DTYPES[dtype])
+    if cfg.lm_head and not cfg.tie_embeddings:
+        sd.setdefault("output.weight", torch.zeros(cfg.vocab_size, cfg.dim, dtype=score.dtype))
+    hf_sd = lmforge_to_hf_state_dict(fam, cfg, sd)
+    hf_sd = {k: v for k, v in hf_sd.items() if not k.startswith("lm_head.")}
+    hf_sd["score.weight"] = score.contiguous()
+    base = dict(record.get("config") or {}) if record.get("family") == fam.name else {}
+    hf_cfg = model_config_to_hf(cfg, fam, base)
+    arch = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
+            "qwen2": "Qwen2ForSequenceClassification"}[fam.name]
+    hf_cfg.update(architectures=[arch], num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+                  problem_type="regression")
+    hf_cfg.pop("dtype", None)
+    hf_cfg["torch_dtype"] = _hf_dtype_name(score.dtype)
+    with atomic_directory(out) as tmp:
+        tok_info = tokenizer_files.export_tokenizer(model_dir, tmp, cfg, hf_cfg)  # fills *_token_id
+        if hf_cfg.get("pad_token_id") is None:  # HF reads the score at the last token that is not pad_token_id
+            hf_cfg["pad_token_id"] = hf_cfg.get("eos_token_id")
+        (tmp / "config.json").write_text(json.dumps(dict(sorted(hf_cfg.items())), indent=2) + "\n")
+        files = save_weights(hf_sd, tmp)
+    return {"family": fam.name, "architecture": arch, "out": str(out), "files": files,
+            "dtype": hf_cfg["torch_dtype"], "tokenizer": tok_info, "params": sum(v.numel() for v in hf_sd.values())}
 
 
 def _export_architecture(fam: Family, base: dict[str, Any], heads: dict[str, torch.Tensor]) -> str:

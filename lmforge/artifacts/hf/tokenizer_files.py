@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import read_json_bounded
+from lmforge.config import UserError, read_json_bounded
 from lmforge.models.config import ModelConfig
 
 # Everything a transformers tokenizer may need; copied as they are.
@@ -97,8 +97,6 @@ def import_tokenizer(hf_dir: Path, dst: Path, hf_cfg: dict[str, Any], generation
 
 
 def raise_mismatch(where: Path, tok_size: int, model_size: int) -> None:
-    from lmforge.config import UserError
-
     raise UserError(f"tokenizer in '{where}' has ids up to {tok_size - 1} but the model's vocab_size is "
                     f"{model_size}; the tokenizer does not belong to this model")
 
