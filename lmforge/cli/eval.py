@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from lmforge.console import emit, info
-from lmforge.eval.loading import load_for_eval
 
 HELP = ("evaluate a model dir: perplexity, classification, QA, summarization, translation, multiple choice, "
         "reward-model pairwise accuracy or safety (refusal / over-refusal)")
@@ -192,6 +191,7 @@ def format_table(task: str, metrics: dict) -> list[str]:
 # ---- tasks ------------------------------------------------------------------------------------------
 def _load_lm(args, device, dtype):
     from lmforge.config import UserError
+    from lmforge.eval.loading import load_for_eval
 
     model, tokenizer, labels = load_for_eval(args.model, device, dtype)
     if labels is not None:
@@ -217,6 +217,8 @@ def _classify(args, device, dtype, progress) -> dict:
     from lmforge.eval.tasks import classify_with_head, zero_shot_classify
 
     examples = subset(load_labelled(args.data, args.text_field, args.label_field), args.max_examples, args.subset)
+    from lmforge.eval.loading import load_for_eval
+
     model, tokenizer, head_labels = load_for_eval(args.model, device, dtype)
     if head_labels is not None:
         clf, labels = model, head_labels

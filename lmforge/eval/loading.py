@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmforge.artifacts.adapter_dir import load_adapter
+from lmforge.artifacts.classifier_dir import load_classifier_dir
 from lmforge.artifacts.metadata import read_metadata
+from lmforge.artifacts.model_dir import load_model_dir
 from lmforge.config import UserError
 from lmforge.tokenizer.core import load_tokenizer
 
@@ -12,11 +15,6 @@ from lmforge.tokenizer.core import load_tokenizer
 def load_for_eval(model_dir, device, dtype):
     """(model, tokenizer, labels) for a model dir: a plain LM (labels None), a classifier model dir
     (``task: classify``), or a LoRA adapter dir (adapters + a reference to the base model dir)."""
-    # lazy: these three import torch, and lmforge.cli.eval imports this module while building the parser
-    from lmforge.artifacts.adapter_dir import load_adapter
-    from lmforge.artifacts.classifier_dir import load_classifier_dir
-    from lmforge.artifacts.model_dir import load_model_dir
-
     d = Path(model_dir)
     info = read_metadata(d)
     labels = None
