@@ -1,4 +1,4 @@
-"""Scale-out with PyTorch's own stack: process group, ParallelDims/DeviceMesh, TP -> AC -> compile -> FSDP2.
+"""Scale-out with PyTorch's own stack: process group, the World (one DeviceMesh), TP -> AC -> compile -> FSDP2.
 
 Names are imported lazily so config validation (and `lmforge model info`) never imports torch.
 """
@@ -16,6 +16,13 @@ _EXPORTS = {
     "launched_by_torchrun": "lmforge.distributed.process_group",
     "all_reduce_mean": "lmforge.distributed.process_group",
     "barrier": "lmforge.distributed.process_group",
+    "World": "lmforge.distributed.world",
+    "setup_world": "lmforge.distributed.world",
+    "parallelize_model": "lmforge.distributed.world",
+    "build_for_world": "lmforge.distributed.world",
+    "no_sync": "lmforge.distributed.world",
+    "unwrap": "lmforge.distributed.world",
+    "CollectiveDeviceError": "lmforge.distributed.collectives",
     "parallelize": "lmforge.distributed.apply",
     "apply_tp": "lmforge.distributed.apply",
     "apply_ac": "lmforge.distributed.apply",

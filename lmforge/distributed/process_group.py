@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import UserError
+from lmforge.distributed import collectives
 
 
 @dataclass
@@ -83,12 +84,7 @@ def init_distributed(timeout_s: float = 600.0, device: str | None = None, watchd
     timeout = datetime.timedelta(seconds=float(timeout_s))
     pg_kwargs = _attempt_store(rank, world, timeout)
     if want_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(
-                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
-                f"use --nproc_per_node <= {torch.cuda.device_count()}"
-            )
-        dev = torch.device("cuda", local_rank)
+        dev = cuda_device(local_rank)
         torch.cuda.set_device(dev)
         dist.init_process_group("nccl", timeout=timeout, device_id=dev, **pg_kwargs)
         backend = "nccl"
@@ -107,6 +103,19 @@ def init_distributed(timeout_s: float = 600.0, device: str | None = None, watchd
 
 
 _CURRENT: DistInfo | None = None
+
+
+def cuda_device(local_rank: int) -> torch.device:
+    """This rank's GPU: ``cuda:LOCAL_RANK``, or ``cuda:0`` when the launcher gave each rank its own single
+    visible device (CUDA_VISIBLE_DEVICES set per rank, e.g. Slurm's ``--gpus-per-task=1``), so LOCAL_RANK
+    counts past the one device this process sees."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    raise UserError(f"LOCAL_RANK={local_rank} but only {count} CUDA devices are visible; use --nproc_per_node "
+                    f"<= {count}, or give each rank one device with CUDA_VISIBLE_DEVICES")
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dict[str, Any]:
@@ -138,8 +147,7 @@ def current() -> DistInfo:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def shutdown_distributed(info: DistInfo | None = None) -> None:
@@ -160,6 +168,5 @@ def all_reduce_mean(value: float | torch.Tensor, group=None) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return float(t)
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    t = t.to(dev)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    t = collectives.all_reduce(t.to(dev), "sum", group)
     return float(t) / dist.get_world_size(group)

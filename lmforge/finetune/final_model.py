@@ -59,8 +59,8 @@ def _gather(model, trainable_only: bool) -> dict:
 
 def save_best(trainer, run_dir: Path) -> None:
     """on_best hook: keep the trainable weights of the best evaluation in RUN/best/ (all ranks call it)."""
+    from lmforge.distributed.world import barrier
     from lmforge.models.model_dir import save_weights
-    from lmforge.train.parallel import barrier
 
     sd = _gather(trainer.model, trainable_only=True)
     seen: set = set()
@@ -111,12 +111,12 @@ def export(trainer, result, cfg: FinetuneConfig, base_cfg, labels, template: str
     (model dir, adapter dir, step whose weights RUN/model holds)."""
     from safetensors.torch import load_file
 
+    from lmforge.distributed.world import barrier
     from lmforge.models.classifier import save_classifier_dir
     from lmforge.models.lora import merge_lora
     from lmforge.models.model_dir import save_model_dir
     from lmforge.tokenizer.chat_template import save_chat_template
     from lmforge.tokenizer.identity import tokenizer_dir_hash
-    from lmforge.train.parallel import barrier
 
     run_dir = Path(cfg.run.dir)
     sd = _gather(trainer.model, trainable_only=False)

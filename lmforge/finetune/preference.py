@@ -156,7 +156,7 @@ def reference_logps(kind: str, model, ref_model, batch: dict[str, torch.Tensor],
         c, r, _, _ = pair_logps(ref_model, batch, pad_id)
         return c, r
     if kind == "lora":
-        from lmforge.train.parallel import unwrap
+        from lmforge.distributed.world import unwrap
 
         base = unwrap(model)
         with _eval_mode(base), adapters_disabled(base):
@@ -247,8 +247,8 @@ def precompute_reference(model, splits: dict[str, Any], run_dir: Path, identity:
     from safetensors.torch import load_file, save_file
 
     from lmforge.data.preference_pairs import collate_pairs
+    from lmforge.distributed.world import barrier
     from lmforge.models.lora import LoRALinear
-    from lmforge.train.parallel import all_reduce_sum, barrier
 
     identity = {**identity, **{f"pairs.{k}": _pairs_fingerprint(v) for k, v in splits.items()}}
     path, meta_path = Path(run_dir) / REF_FILE, Path(run_dir) / REF_META
@@ -289,15 +289,15 @@ def precompute_reference(model, splits: dict[str, Any], run_dir: Path, identity:
             batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
             for c0 in range(0, len(batches), chunk_batches):
                 chunk = batches[c0:c0 + chunk_batches]
-                vals = torch.zeros(2, len(data), dtype=torch.float64)
+                vals = torch.zeros(2, len(data), dtype=torch.float64, device=device)  # NCCL sums device tensors
                 for b, idx in enumerate(chunk):
                     if b % world.dp_size != world.dp_rank:
                         continue
                     batch = {k: v.to(device) for k, v in collate_pairs(data, idx, pad_id).items()}
                     c, r, _, _ = pair_logps(model, batch, pad_id)
-                    vals[0, idx] = c.double().cpu()
-                    vals[1, idx] = r.double().cpu()
-                all_reduce_sum(vals)
+                    vals[0, idx] = c.double()
+                    vals[1, idx] = r.double()
+                vals = world.all_reduce_sum(vals).cpu()
                 flat = [i for idx in chunk for i in idx]
                 store[f"{name}.chosen"][flat] = vals[0, flat]
                 store[f"{name}.rejected"][flat] = vals[1, flat]

@@ -99,12 +99,12 @@ def load_base(cfg: FinetuneConfig, device, mcfg, world=None):
 
     Full fine-tuning in a job that shards parameters (FSDP2/TP, ``world`` given) builds on the meta device
     and each rank reads only its slices of the weights when the Trainer parallelizes the model
-    (`lmforge.train.parallel.build_for_world`). LoRA and classification wrap the full model first.
+    (`lmforge.distributed.world.build_for_world`). LoRA and classification wrap the full model first.
     """
     from lmforge.models.model_dir import load_model_dir
 
     if world is not None and cfg.mode == "sft" and not cfg.uses_lora:
-        from lmforge.train.parallel import build_for_world
+        from lmforge.distributed.world import build_for_world
 
         model = build_for_world(mcfg, world, device, model_dir=cfg.model.path)
     else:
@@ -278,13 +278,13 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
     """Run (or resume) fine-tuning per ``cfg``."""
     import torch
 
+    from lmforge.distributed.world import barrier, setup_world
     from lmforge.finetune.classify import classify_loss
     from lmforge.models.classifier import SequenceClassifier, read_task
     from lmforge.models.lora import apply_lora, trainable_summary
     from lmforge.models.model_dir import read_config
     from lmforge.tokenizer import load_tokenizer
     from lmforge.train.config import grad_accum_steps
-    from lmforge.train.parallel import barrier, setup_world
     from lmforge.train.resume import check_compatible, find_resume
     from lmforge.train.trainer import Trainer
 
@@ -403,6 +403,7 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
                                                       base_fp)
         result.model_dir = model_dir
     trainer.trackers.finish_run(result.stop_reason, model_dir, adapter_dir)  # log.mlflow / log.wandb
+    world.close()  # the process group this run created is destroyed
     return FinetuneResult(cfg.mode, result, model_dir, adapter_dir, weights_step, counts["trainable"],
                           counts["total"], data.n_train, data.n_dev, data.labels, data.majority_baseline)
 

@@ -21,8 +21,6 @@ _EXPORTS = {
     "CheckpointManager": "lmforge.train.checkpoint",
     "latest_checkpoint": "lmforge.train.checkpoint",
     "pretrain": "lmforge.train.pretrain",
-    "parallelize_model": "lmforge.train.parallel",
-    "setup_world": "lmforge.train.parallel",
 }
 
 __all__ = list(_EXPORTS)

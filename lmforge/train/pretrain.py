@@ -133,10 +133,10 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
 
     from lmforge.data.loader import ShardLoader
     from lmforge.data.shards import read_index
+    from lmforge.distributed.world import build_for_world, failure_guard, setup_world
     from lmforge.models.model_dir import save_model_dir
     from lmforge.models.transformer import build_model
     from lmforge.train.batches import CausalLMLoss
-    from lmforge.train.parallel import build_for_world, failure_guard, setup_world
     from lmforge.train.resume import check_compatible, find_resume
     from lmforge.train.trainer import Trainer
 
@@ -239,7 +239,9 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
                       bytes_per_token=bpt, save_model=save_model, resume_from=resume_from,
                       resume_notes=resume_notes)
     with failure_guard(world):  # a rank that fails or dies makes the others exit, naming it
-        return trainer.fit()
+        result = trainer.fit()
+    world.close()  # the process group this run created is destroyed
+    return result
 
 
 def summary(result) -> tuple[str, dict[str, Any]]:

@@ -49,8 +49,8 @@ def train(model, data, dp_rank: int = 0, dp: int = 1, accum: int = 1) -> list[di
     Step 0 also records every parameter's gradient norm: Adam is blind to a gradient scaled by a
     constant per tensor, so the final weights alone would not catch, say, a missing average.
     """
-    from lmforge.distributed.apply import set_grad_sync
     from lmforge.distributed.process_group import all_reduce_mean
+    from lmforge.distributed.world import no_sync
 
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     out = []
@@ -58,9 +58,9 @@ def train(model, data, dp_rank: int = 0, dp: int = 1, accum: int = 1) -> list[di
         local = tokens.chunk(dp)[dp_rank]  # rank slice of the global batch
         loss_sum = 0.0
         for i, micro in enumerate(local.chunk(accum)):
-            set_grad_sync(model, i == accum - 1)
-            logits = model(micro[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), micro[:, 1:].flatten()) / accum
+            with no_sync(model, skip=i < accum - 1):  # the Trainer's gradient accumulation
+                logits = model(micro[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), micro[:, 1:].flatten()) / accum
             loss.backward()
             loss_sum += loss.detach()
         metrics = {}
@@ -71,6 +71,18 @@ def train(model, data, dp_rank: int = 0, dp: int = 1, accum: int = 1) -> list[di
         opt.zero_grad(set_to_none=True)
         out.append({"loss": all_reduce_mean(loss_sum), "grad_norm": float(norm), **metrics})
     return out
+
+
+def data_parallel_wrapper(model) -> str:
+    """Which data-parallel wrapper `parallelize` put on ``model``, read from the model itself: "fsdp" / "hsdp"
+    (FSDP2 over a 1-D / (dp_replicate, dp_shard) mesh), "ddp" (composable replicate) or "none"."""
+    from torch.distributed._composable.contract import _get_registry
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        names = next(model.parameters()).device_mesh.mesh_dim_names
+        return "hsdp" if "dp_replicate" in names else "fsdp"
+    return "ddp" if "replicate" in (_get_registry(model) or {}) else "none"
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -145,7 +157,8 @@ def spawn(world: int, target: str, **kwargs) -> None:
 def run_layouts(info, out_dir: str, layouts: dict) -> None:
     """For each named layout: build the same seeded model, parallelize, train, dump metrics + params."""
     from lmforge.distributed.apply import parallelize
-    from lmforge.distributed.config import ParallelConfig, ParallelDims
+    from lmforge.distributed.config import ParallelConfig
+    from lmforge.distributed.world import world_for
     from lmforge.models.transformer import build_model
 
     for name, spec in layouts.items():
@@ -153,16 +166,16 @@ def run_layouts(info, out_dir: str, layouts: dict) -> None:
         cfg = model_config(spec.pop("model", "tiny"))
         accum = spec.pop("accum", 1)
         pcfg = ParallelConfig(**spec)
-        dims = ParallelDims.from_config(pcfg, info.world_size)
+        world = world_for(pcfg, info.device)
         model = build_model(cfg, seed=0)
-        parallelize(model, pcfg, dims, device=info.device)
-        metrics = train(model, batches(cfg.vocab_size), dims.dp_rank(info.rank), dims.dp, accum)
+        parallelize(model, pcfg, world, device=info.device)
+        metrics = train(model, batches(cfg.vocab_size), world.dp_rank, world.dp_size, accum)
         state = full_state(model)
         if info.rank == 0:
             from safetensors.torch import save_file
 
             save_file(state, str(Path(out_dir) / f"{name}.safetensors"))
-            wrapper = getattr(model, "_lmforge_parallel", {}).get("wrapper")
+            wrapper = data_parallel_wrapper(model)
             Path(out_dir, f"{name}.json").write_text(json.dumps({"metrics": metrics, "wrapper": wrapper}))
 
 
@@ -245,7 +258,7 @@ def run_trainer(run_dir, data_dir, max_steps: int, parallel: dict | None = None,
     """Train (or resume: train.resume=auto) the tiny model on the token dir; returns the TrainResult."""
     from lmforge.data.loader import ShardLoader
     from lmforge.models.transformer import build_model
-    from lmforge.train.parallel import setup_world
+    from lmforge.distributed.world import setup_world
     from lmforge.train.trainer import Trainer, find_resume
 
     cfg = trainer_config(run_dir, data_dir, max_steps, parallel, **sections)
@@ -256,7 +269,7 @@ def run_trainer(run_dir, data_dir, max_steps: int, parallel: dict | None = None,
                          check_vocab=mcfg.vocab_size)
     resume = find_resume(Path(run_dir), cfg.train.resume)
     model = build_model(mcfg, seed=0, init=True)
-    record = world.dims is None or world.dims.coords(world.rank)[2] == 0
+    record = world.tp_rank == 0
     trainer = Trainer(cfg, model, RecordingSource(loader, run_dir, world.rank, record), None, total_steps=max_steps,
                       world=world, device=device or "cpu", math_fields={"model": MODELS_T_KEY},
                       flops_per_token=mcfg.flops_per_token(SEQ_T), resume_from=resume)
@@ -287,7 +300,7 @@ def run_trainer_jobs(info, jobs: list[dict]) -> None:
 
     import torch.distributed as dist
 
-    from lmforge.train.parallel import setup_world
+    from lmforge.distributed.world import setup_world
 
     for job in jobs:
         job = dict(job)

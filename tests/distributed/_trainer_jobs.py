@@ -13,7 +13,7 @@ def _trainer(run_dir, data_dir, max_steps: int, parallel: dict, **sections):
     """The real Trainer over the token dir (as `_dist_harness.run_trainer`), returned before fit()."""
     from lmforge.data.loader import ShardLoader
     from lmforge.models.transformer import build_model
-    from lmforge.train.parallel import setup_world
+    from lmforge.distributed.world import setup_world
     from lmforge.train.trainer import Trainer, find_resume
 
     cfg = h.trainer_config(run_dir, data_dir, max_steps, parallel, **sections)
@@ -21,7 +21,7 @@ def _trainer(run_dir, data_dir, max_steps: int, parallel: dict, **sections):
     mcfg = cfg.model_config()
     loader = ShardLoader(data_dir, "train", h.SEQ_T, h.BATCH_T, rank=world.dp_rank, world_size=world.dp_size, seed=0,
                          check_vocab=mcfg.vocab_size)
-    record = world.dims is None or world.dims.coords(world.rank)[2] == 0
+    record = world.tp_rank == 0
     return Trainer(cfg, build_model(mcfg, seed=0), h.RecordingSource(loader, run_dir, world.rank, record), None,
                    total_steps=max_steps, world=world, device=device, math_fields={"model": h.MODELS_T_KEY},
                    resume_from=find_resume(Path(run_dir), cfg.train.resume))

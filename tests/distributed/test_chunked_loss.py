@@ -24,7 +24,8 @@ def run_chunked(info, out_dir: str) -> None:
 
     import lmforge.train.loss as loss_mod
     from lmforge.distributed.apply import parallelize
-    from lmforge.distributed.config import ParallelConfig, ParallelDims
+    from lmforge.distributed.config import ParallelConfig
+    from lmforge.distributed.world import world_for
     from lmforge.models.transformer import build_model
     from lmforge.train.batches import CausalLMLoss
 
@@ -36,14 +37,14 @@ def run_chunked(info, out_dir: str) -> None:
     for name, spec in LAYOUTS.items():
         paths.clear()
         pcfg = ParallelConfig(**spec)
-        dims = ParallelDims.from_config(pcfg, info.world_size)
+        world = world_for(pcfg, info.device)
         model = build_model(cfg, seed=0)
-        parallelize(model, pcfg, dims, device=info.device)
-        mine = tokens.chunk(dims.dp)[dims.dp_rank(info.rank)]
+        parallelize(model, pcfg, world, device=info.device)
+        mine = tokens.chunk(world.dp_size)[world.dp_rank]
         loss, n = CausalLMLoss(chunk=CHUNK, z_loss=1e-3)(model, mine)
         loss.backward()
         total = torch.stack([loss.detach(), n.float()])
-        if dims.dp > 1:
+        if world.dp_size > 1:
             dist.all_reduce(total)
         grads = h.full_grads(model)
         if info.rank == 0:

@@ -19,15 +19,17 @@ pytestmark = pytest.mark.distributed
 LAYOUTS_2 = {
     "ddp": dict(dp_replicate=2, dp_shard=1),
     "fsdp": dict(dp_shard=2),
-    "fsdp_accum": dict(dp_shard=2, accum=2),  # gradient sync only on the last micro batch
+    "ddp_accum": dict(dp_replicate=2, dp_shard=1, accum=2),  # all-reduce only on the last micro batch
+    "fsdp_accum": dict(dp_shard=2, accum=2),  # reduce-scatter every micro batch (sharded gradients)
     "fsdp_ac": dict(dp_shard=2, activation_checkpoint="selective", reshard_after_forward=False),
     "tp": dict(tp=2),  # sequence parallel (default)
     "tp_nosp": dict(tp=2, sequence_parallel=False),
     "tp_gpt": dict(tp=2, model="tiny_gpt"),  # learned positions, LayerNorm, biases, GELU
     "tp_recipe": dict(tp=2, model="tiny_recipe"),  # QK-norm, relu2, logit soft-cap
 }
-WRAPPER = {"ddp": "ddp", "fsdp": "fsdp", "fsdp_accum": "fsdp", "fsdp_ac": "fsdp", "tp": "none",
-           "tp_nosp": "none", "tp_gpt": "none", "tp_recipe": "none", "hsdp": "hsdp", "fsdp_tp": "fsdp"}
+WRAPPER = {"ddp": "ddp", "ddp_accum": "ddp", "fsdp": "fsdp", "fsdp_accum": "fsdp", "fsdp_ac": "fsdp", "tp": "none",
+           "tp_nosp": "none", "tp_gpt": "none", "tp_recipe": "none", "hsdp": "hsdp", "hsdp_accum": "hsdp",
+           "fsdp_tp": "fsdp"}
 
 LOSS_TOL = 1e-5
 # Parameters move ~1e-3..1e-2 over 5 steps (lr 3e-3); reduction order alone leaves ~1e-5.
@@ -82,6 +84,7 @@ def test_two_ranks_match_single_process(results_2, name):
 
 LAYOUTS_4 = {
     "hsdp": dict(dp_replicate=2, dp_shard=2),
+    "hsdp_accum": dict(dp_replicate=2, dp_shard=2, accum=2),  # all-reduce across replicas on the last only
     "fsdp_tp": dict(dp_shard=2, tp=2),  # 2-D: FSDP2 over TP DTensors
 }
 
