@@ -110,3 +110,30 @@ def pretrain_configs(info, configs: list[str]) -> None:
     for path in configs:
         pretrain(load_config(path))
         dist.barrier()
+
+
+def world_layout(info, out: str, layouts: dict) -> None:
+    """Per layout: the real World's groups and meshes as global ranks, and a one-hot sum over its groups."""
+    import torch.distributed as dist
+
+    from lmforge.distributed.config import ParallelConfig
+    from lmforge.distributed.world import setup_world
+
+    report = {}
+    for name, spec in layouts.items():
+        world, _ = setup_world("cpu", ParallelConfig(**spec))
+        one_hot = torch.zeros(world.world_size)
+        one_hot[world.rank] = 1.0
+        everyone = one_hot.clone()
+        report[name] = {
+            "dp_rank": world.dp_rank, "tp_rank": world.tp_rank, "dp_size": world.dp_size,
+            "tp_group": sorted(dist.get_process_group_ranks(world.tp_mesh.get_group())),
+            "dp_group": sorted(dist.get_process_group_ranks(world.dp_group)),
+            "ddp_group": sorted(dist.get_process_group_ranks(world.ddp_mesh.get_group())),
+            "fsdp_mesh": world.fsdp_mesh.mesh.tolist(),
+            "dp_sum": [int(v) for v in world.all_reduce_sum(one_hot)],
+            "world_sum": [int(v) for v in world.all_reduce(everyone, "sum", over="world")],
+        }
+        world.close()  # the harness's group stays (it was not created by this World)
+        assert dist.is_initialized()
+    (Path(out) / f"layout_rank{info.rank}.json").write_text(json.dumps(report))
