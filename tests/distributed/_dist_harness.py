@@ -38,9 +38,9 @@ def model_config(name: str):
     return model_config_from_dict(MODELS[name])
 
 
-def batches(vocab: int, steps: int = STEPS, seed: int = 1234) -> list[torch.Tensor]:
+def batches(vocab: int, steps: int = STEPS, seed: int = 1234, rows: int = GLOBAL_BATCH) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g) for _ in range(steps)]
+    return [torch.randint(0, vocab, (rows, SEQ + 1), generator=g) for _ in range(steps)]
 
 
 def train(model, data, dp_rank: int = 0, dp: int = 1, accum: int = 1) -> list[dict]:
@@ -56,6 +56,8 @@ def train(model, data, dp_rank: int = 0, dp: int = 1, accum: int = 1) -> list[di
     out = []
     for tokens in data:
         local = tokens.chunk(dp)[dp_rank]  # rank slice of the global batch
+        if len(local) % accum:
+            raise ValueError(f"{len(local)} rows per rank do not split into {accum} micro batches")
         loss_sum = 0.0
         for i, micro in enumerate(local.chunk(accum)):
             with no_sync(model, skip=i < accum - 1):  # the Trainer's gradient accumulation
@@ -109,7 +111,8 @@ def build_initial(model_name: str) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in build_model(model_config(model_name), seed=0).named_parameters()}
 
 
-def reference(model_name: str, ac: str = "none", compile_backend: str | None = None, accum: int = 1):
+def reference(model_name: str, ac: str = "none", compile_backend: str | None = None, accum: int = 1,
+              rows: int = GLOBAL_BATCH):
     """One process, no wrappers: the numbers every parallel layout must reproduce."""
     from lmforge.distributed.apply import parallelize
     from lmforge.distributed.config import ParallelConfig
@@ -121,7 +124,7 @@ def reference(model_name: str, ac: str = "none", compile_backend: str | None = N
         pc = ParallelConfig(activation_checkpoint=ac, compile=bool(compile_backend),
                             compile_backend=compile_backend or "inductor")
         parallelize(model, pc)
-    metrics = train(model, batches(cfg.vocab_size), accum=accum)
+    metrics = train(model, batches(cfg.vocab_size, rows=rows), accum=accum)
     return metrics, full_state(model)
 
 
@@ -165,11 +168,12 @@ def run_layouts(info, out_dir: str, layouts: dict) -> None:
         spec = dict(spec)
         cfg = model_config(spec.pop("model", "tiny"))
         accum = spec.pop("accum", 1)
+        rows = spec.pop("rows", GLOBAL_BATCH)
         pcfg = ParallelConfig(**spec)
         world = world_for(pcfg, info.device)
         model = build_model(cfg, seed=0)
         parallelize(model, pcfg, world, device=info.device)
-        metrics = train(model, batches(cfg.vocab_size), world.dp_rank, world.dp_size, accum)
+        metrics = train(model, batches(cfg.vocab_size, rows=rows), world.dp_rank, world.dp_size, accum)
         state = full_state(model)
         if info.rank == 0:
             from safetensors.torch import save_file
@@ -257,8 +261,8 @@ def run_trainer(run_dir, data_dir, max_steps: int, parallel: dict | None = None,
                 **sections):
     """Train (or resume: train.resume=auto) the tiny model on the token dir; returns the TrainResult."""
     from lmforge.data.loader import ShardLoader
-    from lmforge.models.transformer import build_model
     from lmforge.distributed.world import setup_world
+    from lmforge.models.transformer import build_model
     from lmforge.train.trainer import Trainer, find_resume
 
     cfg = trainer_config(run_dir, data_dir, max_steps, parallel, **sections)

@@ -12,8 +12,8 @@ import torch
 def _trainer(run_dir, data_dir, max_steps: int, parallel: dict, **sections):
     """The real Trainer over the token dir (as `_dist_harness.run_trainer`), returned before fit()."""
     from lmforge.data.loader import ShardLoader
-    from lmforge.models.transformer import build_model
     from lmforge.distributed.world import setup_world
+    from lmforge.models.transformer import build_model
     from lmforge.train.trainer import Trainer, find_resume
 
     cfg = h.trainer_config(run_dir, data_dir, max_steps, parallel, **sections)
@@ -137,3 +137,31 @@ def world_layout(info, out: str, layouts: dict) -> None:
         world.close()  # the harness's group stays (it was not created by this World)
         assert dist.is_initialized()
     (Path(out) / f"layout_rank{info.rank}.json").write_text(json.dumps(report))
+
+
+def fsdp_accumulation(info, run_dir: str, data_dir: str, steps: int, out: str) -> None:
+    """The real Trainer with FSDP2 over 2 ranks and 2 micro-batches per rank and step: before each micro-batch
+    (after the previous one's backward) record what gradient storage every parameter holds on this rank."""
+    from torch.distributed.tensor import DTensor
+
+    import lmforge.train.trainer as trainer_mod
+
+    real, rows = trainer_mod.no_sync, []
+
+    def recording(model, skip):
+        grads = [(p, p.grad) for p in model.parameters()]
+        rows.append({
+            "skip": skip,
+            "with_grad": sum(g is not None for _, g in grads), "params": len(grads),
+            "all_dtensor": all(isinstance(g, DTensor) for _, g in grads if g is not None),
+            "local_numel": sum(g.to_local().numel() for _, g in grads if isinstance(g, DTensor)),
+            "global_numel": sum(p.numel() for p, _ in grads),
+        })
+        return real(model, skip)
+
+    trainer_mod.no_sync = recording
+    try:
+        h.run_trainer(run_dir, data_dir, steps, {"dp_shard": 2, "timeout_s": 120})
+    finally:
+        trainer_mod.no_sync = real
+    Path(out, f"grads_rank{info.rank}.json").write_text(json.dumps(rows))

@@ -52,7 +52,7 @@ def run_chunked(info, out_dir: str) -> None:
 
             save_file({k: v.contiguous() for k, v in grads.items()}, str(Path(out_dir) / f"{name}.safetensors"))
             Path(out_dir, f"{name}.json").write_text(json.dumps(
-                {"loss": float(total[0]), "n": float(total[1]), "paths": sorted(set(paths)), "dp": dims.dp}))
+                {"loss": float(total[0]), "n": float(total[1]), "paths": sorted(set(paths)), "dp": world.dp_size}))
 
 
 @pytest.fixture(scope="module")

@@ -46,17 +46,18 @@ def results_2(tmp_path_factory):
 _REFS: dict = {}
 
 
-def _reference(model: str, accum: int):
-    if (model, accum) not in _REFS:
+def _reference(model: str, accum: int, rows: int):
+    if (model, accum, rows) not in _REFS:
         torch.manual_seed(0)
-        _REFS[(model, accum)] = h.reference(model, accum=accum)
-    return _REFS[(model, accum)]
+        _REFS[(model, accum, rows)] = h.reference(model, accum=accum, rows=rows)
+    return _REFS[(model, accum, rows)]
 
 
 def _check(out_dir: Path, name: str, spec: dict) -> None:
     from safetensors.torch import load_file
 
-    ref_metrics, ref_state = _reference(spec.get("model", "tiny"), spec.get("accum", 1))
+    ref_metrics, ref_state = _reference(spec.get("model", "tiny"), spec.get("accum", 1),
+                                        spec.get("rows", h.GLOBAL_BATCH))
     got = json.loads((out_dir / f"{name}.json").read_text())
     state = load_file(str(out_dir / f"{name}.safetensors"))
     assert got["wrapper"] == WRAPPER[name]
@@ -84,7 +85,8 @@ def test_two_ranks_match_single_process(results_2, name):
 
 LAYOUTS_4 = {
     "hsdp": dict(dp_replicate=2, dp_shard=2),
-    "hsdp_accum": dict(dp_replicate=2, dp_shard=2, accum=2),  # all-reduce across replicas on the last only
+    # reduce-scatter every micro batch, all-reduce across the replicas on the last one only
+    "hsdp_accum": dict(dp_replicate=2, dp_shard=2, accum=2, rows=8),
     "fsdp_tp": dict(dp_shard=2, tp=2),  # 2-D: FSDP2 over TP DTensors
 }
 
