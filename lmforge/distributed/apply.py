@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.config import ConfigError
-from lmforge.distributed.config import ParallelConfig
+from lmforge.distributed.config import ParallelConfig, ParallelDims
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -337,6 +337,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, world=None, device: torch
     size = dist.get_world_size() if have_pg else 1
     if dims.world_size != size:
         raise ConfigError(f"parallel dims were resolved for world size {dims.world_size}, but this job has {size}")
+    if ParallelDims.from_config(cfg, size) != dims:  # ConfigError naming the fix when the section does not fit
+        raise ConfigError(f"the parallel section ({ParallelDims.from_config(cfg, size).describe()}) is not the "
+                          f"World's layout ({dims.describe()}); build the World from the same parallel section")
     dims.check_model(model.cfg)
     if dims.data_parallel == "ddp" and dims.tp > 1:
         raise ConfigError(

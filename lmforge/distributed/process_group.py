@@ -7,6 +7,7 @@ Under torchrun (even with one process) a real process group is created, which FS
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class DistInfo:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None  # None: no process group (plain single process)
     watchdog: Any = None  # lmforge.distributed.watchdog.Watchdog when world_size > 1
+    in_run: bool = False  # a run (`World`) is using the group: not destroyed at exit (see `destroy_at_exit`)
 
     @property
     def initialized(self) -> bool:
@@ -160,6 +162,22 @@ def shutdown_distributed(info: DistInfo | None = None) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _CURRENT = None
+
+
+def destroy_at_exit(info: DistInfo) -> None:
+    """Destroy ``info``'s process group when the interpreter exits, unless a run is still using it.
+
+    Several runs may share one process group (a script calling `pretrain` twice), so the end of a run
+    leaves it; at exit it is shut down (watchdog, then `destroy_process_group`), so NCCL's communicators
+    are released instead of leaked. A run that failed (``in_run`` still set) is left alone: destroying an
+    NCCL group with a collective still pending on a dead peer would hang the exit.
+    """
+    atexit.register(_destroy_if_idle, info)
+
+
+def _destroy_if_idle(info: DistInfo) -> None:
+    if not info.in_run and dist.is_available() and dist.is_initialized() and _CURRENT is info:
+        shutdown_distributed(info)
 
 
 def all_reduce_mean(value: float | torch.Tensor, group=None) -> float:

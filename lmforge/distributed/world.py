@@ -36,9 +36,9 @@ from lmforge.distributed.process_group import (
     DistInfo,
     cuda_device,
     current,
+    destroy_at_exit,
     init_distributed,
     launched_by_torchrun,
-    shutdown_distributed,
 )
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
@@ -55,8 +55,8 @@ class World:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: Any = None  # the job's DeviceMesh (None without a process group)
     dist_info: DistInfo | None = None  # holds the failure watchdog
-    owns_group: bool = False  # the process group was created for this World: `close` destroys it
-    _dp_mesh: Any = field(default=None, repr=False)
+    owns_group: bool = False  # the process group was created for this World (destroyed at exit)
+    _dp_mesh: Any = field(default=None, init=False, repr=False)  # built on first use
 
     # ---- who am I ------------------------------------------------------------------------------
     @property
@@ -152,11 +152,11 @@ class World:
         return contextlib.nullcontext()
 
     def close(self) -> None:
-        """End of the run: destroy the process group if this World created it (a group the caller made,
-        e.g. a test harness running several jobs, stays for its owner to destroy)."""
-        if self.owns_group:
-            shutdown_distributed(self.dist_info)
-            self.owns_group = False
+        """The run ended: its meshes are dropped; the process group stays for a later run in this process
+        and, if lmforge created it, is destroyed when the process exits (`process_group.destroy_at_exit`).
+        A group a caller made (a test harness) stays for its owner to destroy."""
+        if self.dist_info is not None:
+            self.dist_info.in_run = False
         self.mesh = self._dp_mesh = None
 
     def describe(self) -> str:
@@ -199,8 +199,8 @@ def setup_world(device_pref: str = "auto", parallel: ParallelConfig | None = Non
     """Rank and world; under torchrun, join (create) the process group first (nccl on CUDA, gloo on CPU).
 
     ``parallel`` (the config's parallel section) sets the process-group timeout and the mesh. A group
-    created here belongs to the World (`World.close` destroys it at the end of the run); one that already
-    exists (a test harness's) is used as it is. Returns (world, world.device).
+    created here is destroyed when the process exits after its last run ended (`World.close`); one that
+    already exists (an earlier run's, a test harness's) is used as it is. Returns (world, world.device).
     """
     pcfg = parallel if parallel is not None else ParallelConfig()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -210,6 +210,9 @@ def setup_world(device_pref: str = "auto", parallel: ParallelConfig | None = Non
         info = current()
     elif launched_by_torchrun():
         info, owns = init_distributed(pcfg.timeout_s, device=device.type), True
+        destroy_at_exit(info)
+    if info is not None:
+        info.in_run = True  # until `World.close`
     world = world_for(pcfg, device, info, owns)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -251,7 +254,8 @@ def parallelize_model(model: nn.Module, cfg, world: World, device: torch.device)
     if on_meta and source is not None and world.is_main:
         from lmforge.console import info
 
-        info(f"model: {source.describe()} on the meta device, materialized {'each rank its shards' if sharded else 'whole'}")
+        where = "each rank its shards" if sharded else "whole"
+        info(f"model: {source.describe()} on the meta device, materialized {where}")
     if on_meta and not sharded:
         materialize(model, device)
     parallelize(model, pcfg, world, device=device, precision=precision)

@@ -403,7 +403,7 @@ def finetune(cfg: FinetuneConfig, config_path: str | None = None) -> FinetuneRes
                                                       base_fp)
         result.model_dir = model_dir
     trainer.trackers.finish_run(result.stop_reason, model_dir, adapter_dir)  # log.mlflow / log.wandb
-    world.close()  # the process group this run created is destroyed
+    world.close()  # the run ended: a process group lmforge created is destroyed at exit
     return FinetuneResult(cfg.mode, result, model_dir, adapter_dir, weights_step, counts["trainable"],
                           counts["total"], data.n_train, data.n_dev, data.labels, data.majority_baseline)
 

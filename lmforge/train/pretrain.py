@@ -240,7 +240,7 @@ def pretrain(cfg: PretrainConfig, config_path: str | None = None):
                       resume_notes=resume_notes)
     with failure_guard(world):  # a rank that fails or dies makes the others exit, naming it
         result = trainer.fit()
-    world.close()  # the process group this run created is destroyed
+    world.close()  # the run ended: a process group lmforge created is destroyed at exit
     return result
 
 

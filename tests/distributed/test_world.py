@@ -1,7 +1,8 @@
 """The World and its collectives: a tensor on a device its group's backend does not reduce is refused with
 one line (NCCL takes CUDA tensors only: a CPU tensor there fails only on the GPU machine); no tensor
-collective in the package bypasses the checked wrappers; the process group a run creates is destroyed at
-its end; a launcher that gives each rank one visible GPU (CUDA_VISIBLE_DEVICES per rank) is accepted.
+collective in the package bypasses the checked wrappers; the process group lmforge creates is destroyed
+at exit after its last run; a launcher that gives each rank one visible GPU (CUDA_VISIBLE_DEVICES per
+rank) is accepted.
 
 The 4-rank mesh layout is tested in test_dist_config.py, sharded gradient accumulation in
 test_dist_accumulation.py.
@@ -119,26 +120,37 @@ def test_one_visible_gpu_per_rank_is_cuda_0(monkeypatch):
         cuda_device(3)
 
 
-def test_close_destroys_only_the_group_the_world_created(pg, monkeypatch):
-    world, device = setup_world("cpu")  # the harness's group exists: the World uses it
+def test_a_group_lmforge_created_is_destroyed_at_exit_after_its_last_run(pg, monkeypatch):
+    import atexit
+
+    from lmforge.distributed import process_group
+
+    world, device = setup_world("cpu")  # the harness's group exists: the World uses it and leaves it alone
     assert not world.owns_group and world.distributed and device.type == "cpu"
     world.close()
     assert dist.is_initialized() and not world.distributed
     dist.destroy_process_group()
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(h.free_port()))
-    world, _ = setup_world("cpu", ParallelConfig(timeout_s=60))  # as under torchrun: the World creates it
-    assert world.owns_group and dist.is_initialized() and world.dp_size == 1
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(h.free_port())}.items():
+        monkeypatch.setenv(key, value)
+    registered = []
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: registered.append((fn, args)))
+    world, _ = setup_world("cpu", ParallelConfig(timeout_s=60))  # as under torchrun: lmforge creates it
+    assert world.owns_group and dist.is_initialized() and world.dp_size == 1 and len(registered) == 1
+    fn, args = registered[0]
+    fn(*args)  # the interpreter exits in the middle of a run (it failed): the group is left alone
+    assert dist.is_initialized()
     world.close()
-    assert not dist.is_initialized()
+    again, _ = setup_world("cpu", ParallelConfig(timeout_s=60))  # a second run in the process reuses it
+    assert not again.owns_group and again.distributed and len(registered) == 1
+    again.close()
+    fn(*args)  # exit after the last run ended: destroyed
+    assert not dist.is_initialized() and process_group.current().backend is None
     assert World().dp_rank == 0 and World().all_reduce_sum(torch.ones(1)).tolist() == [1.0]  # one plain process
 
 
 @pytest.mark.distributed
-def test_a_pretrain_run_under_torchrun_destroys_its_process_group(tmp_path):
+def test_pretrain_runs_under_torchrun_share_the_group_and_destroy_it_at_exit(tmp_path):
     import yaml
 
     data = h.write_token_dir(tmp_path / "data")
@@ -147,11 +159,15 @@ def test_a_pretrain_run_under_torchrun_destroys_its_process_group(tmp_path):
     code = ("import sys, torch.distributed as dist\n"
             "from lmforge.train.config import load_config\n"
             "from lmforge.train.pretrain import pretrain\n"
-            "result = pretrain(load_config(sys.argv[1], ['train.device=cpu']))\n"
-            "print('step', result.step, 'initialized', dist.is_initialized())\n")
+            "real = dist.destroy_process_group\n"
+            "dist.destroy_process_group = lambda *a: print('destroyed', flush=True) or real(*a)\n"
+            "for run in ('a', 'b'):\n"
+            "    result = pretrain(load_config(sys.argv[1], [f'run.dir={sys.argv[2]}/{run}']))\n"
+            "    print('step', result.step, 'initialized', dist.is_initialized(), flush=True)\n")
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(h.free_port()), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, env=env,
-                         timeout=600, check=False)
+    out = subprocess.run([sys.executable, "-c", code, str(cfg), str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=600, check=False)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "step 2 initialized False"
+    lines = [x for x in out.stdout.splitlines() if x.startswith(("step", "destroyed"))]
+    assert lines == ["step 2 initialized True", "step 2 initialized True", "destroyed"], out.stdout
