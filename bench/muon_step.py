@@ -189,14 +189,15 @@ def _rank(rank: int, world: int, port: int, args, out: str) -> None:
 
     torch.set_num_threads(1)
     from lmforge.distributed.apply import parallelize
-    from lmforge.distributed.config import ParallelConfig, ParallelDims
+    from lmforge.distributed.config import ParallelConfig
+    from lmforge.distributed.world import world_for
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         device = torch.device("cpu")
         model, cfg = build(args, device)
         pcfg = ParallelConfig(dp_shard=world)
-        parallelize(model, pcfg, ParallelDims.from_config(pcfg, world), device=device)
+        parallelize(model, pcfg, world_for(pcfg, device), device=device)
         fwd_bwd = real_grads(model, cfg, args, device)
         opts = optimizers(model, args)
         med, parts = time_steps(opts, device, args.steps)

@@ -286,10 +286,11 @@ def apply_ddp(model: nn.Module, dp_mesh, device: torch.device) -> None:
 
 
 def set_grad_sync(model: nn.Module, enabled: bool) -> None:
-    """Turn gradient reduction off for all but the last micro batch of a gradient-accumulation step.
+    """Turn gradient reduction on or off (``set_requires_gradient_sync`` of FSDP2 / HSDP / replicate).
 
-    FSDP2 reads the flag in backward, composable replicate (DDP) in forward: set it before both.
-    A model without a data-parallel wrapper has nothing to synchronise.
+    Composable replicate (DDP) reads the flag in forward, FSDP2 in backward: set it before both. Off under
+    FSDP2 keeps unsharded gradients; gradient accumulation goes through `lmforge.distributed.world.no_sync`,
+    which picks per wrapper. A model without a data-parallel wrapper has nothing to synchronise.
     """
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 / HSDP / replicate
         model.set_requires_gradient_sync(enabled)
@@ -311,12 +312,14 @@ def compute_dtypes(cfg: ParallelConfig, device: torch.device,
     return _DTYPES[name], _DTYPES[cfg.reduce_dtype]
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims | None = None,
-                device: torch.device | str | None = None, mesh=None, precision: str | None = None):
-    """Apply TP -> AC -> compile -> FSDP2/DDP to ``model`` in place; returns (model, mesh or None).
+def parallelize(model: nn.Module, cfg: ParallelConfig, world=None, device: torch.device | str | None = None,
+                precision: str | None = None) -> nn.Module:
+    """Apply TP -> AC -> compile -> FSDP2/DDP to ``model`` in place, on the meshes of ``world``; returns it.
 
-    The model must hold fp32 weights, identical on every rank (same seed, or loaded before).
-    Data-parallel wrapper, from ``dims.data_parallel``:
+    ``world`` is the run's `lmforge.distributed.world.World` (its one DeviceMesh is reused: no new
+    communicators per call); without one, a World is made for the current process group (a plain single
+    process when there is none). The model must hold fp32 weights, identical on every rank (same seed, or
+    loaded before). Data-parallel wrapper, from ``world.dims.data_parallel``:
       - "fsdp"/"hsdp": FSDP2 over the dp_shard (or (dp_replicate, dp_shard)) mesh;
       - "ddp": composable replicate over dp_replicate;
       - "none" (one data-parallel rank): on CUDA with a process group and bf16, FSDP2 over the
@@ -324,13 +327,19 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims | None
     Without a process group (plain single process) only AC and compile apply. ``precision`` is the
     trainer's train.precision, which ``parallel.param_dtype: auto`` follows.
     """
+    from lmforge.distributed.world import world_for
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
     have_pg = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if have_pg else 1
-    if dims is None:
-        dims = ParallelDims.from_config(cfg, world)
-    if dims.world_size != world:
-        raise ConfigError(f"parallel dims were resolved for world size {dims.world_size}, but this job has {world}")
+    if world is None:
+        world = world_for(cfg, device)
+    dims = world.dims
+    size = dist.get_world_size() if have_pg else 1
+    if dims.world_size != size:
+        raise ConfigError(f"parallel dims were resolved for world size {dims.world_size}, but this job has {size}")
+    if ParallelDims.from_config(cfg, size) != dims:  # ConfigError naming the fix when the section does not fit
+        raise ConfigError(f"the parallel section ({ParallelDims.from_config(cfg, size).describe()}) is not the "
+                          f"World's layout ({dims.describe()}); build the World from the same parallel section")
     dims.check_model(model.cfg)
     if dims.data_parallel == "ddp" and dims.tp > 1:
         raise ConfigError(
@@ -338,28 +347,22 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims | None
             "with tensor parallel; use parallel.dp_shard>1 (FSDP2/HSDP) instead of dp_replicate"
         )
     param_dtype, reduce_dtype = compute_dtypes(cfg, device, precision)
-    if have_pg and mesh is None:
-        mesh = dims.build_mesh(device.type)
 
     if dims.tp > 1:
         if not hasattr(model, "layers"):
             raise ConfigError(f"parallel.tp={dims.tp}: tensor parallel applies to the plain Transformer, not to "
                               f"a {type(model).__name__} (a head around a backbone); set parallel.tp=1 and shard "
                               "with parallel.dp_shard (FSDP2) instead")
-        apply_tp(model, mesh["tp"], cfg.sequence_parallel)
+        apply_tp(model, world.tp_mesh, cfg.sequence_parallel)
     apply_ac(model, cfg.activation_checkpoint)
     if cfg.compile:
         apply_compile(model, cfg.compile_backend)
 
     wrapper = dims.data_parallel
-    if wrapper == "none" and have_pg and device.type == "cuda" and param_dtype != torch.float32:
+    if wrapper == "none" and world.distributed and device.type == "cuda" and param_dtype != torch.float32:
         wrapper = "fsdp"
     if wrapper in ("fsdp", "hsdp"):
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if wrapper == "hsdp" else mesh["dp_shard"]
-        apply_fsdp(model, dp_mesh, param_dtype, reduce_dtype, cfg.reshard_after_forward)
+        apply_fsdp(model, world.fsdp_mesh, param_dtype, reduce_dtype, cfg.reshard_after_forward)
     elif wrapper == "ddp":
-        apply_ddp(model, mesh["dp_replicate"], device)
-    model._lmforge_parallel = {"wrapper": wrapper, "tp": dims.tp, "dp": dims.dp,
-                               "ac": cfg.activation_checkpoint, "compile": bool(cfg.compile),
-                               "param_dtype": str(param_dtype).removeprefix("torch.")}
-    return model, mesh
+        apply_ddp(model, world.ddp_mesh, device)
+    return model

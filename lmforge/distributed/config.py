@@ -1,12 +1,8 @@
 """The `parallel` config section and `ParallelDims`, which checks it against the world and the model.
 
-Pure Python (no torch import) so config validation and the planner stay instant; only
-`ParallelDims.build_mesh` touches torch.
-
-Ranks are laid out as a (dp_replicate, dp_shard, tp) grid, tp fastest:
-``rank = (r * dp_shard + s) * tp + t``. Tensor-parallel peers are neighbours (same node when
-tp ≤ GPUs per node); the data-parallel rank (which slice of the global batch a rank reads) is
-``rank // tp``.
+Pure Python (no torch import) so config validation and the planner stay instant. The ranks' layout
+(which ranks share a tensor-parallel or data-parallel group) is the DeviceMesh that
+`lmforge.distributed.world.World` builds from these degrees, and nothing else.
 """
 
 from __future__ import annotations
@@ -116,19 +112,6 @@ class ParallelDims:
             return "ddp"
         return "none"
 
-    def coords(self, rank: int) -> tuple[int, int, int]:
-        """(replicate index, shard index, tp index) of a global rank."""
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank {rank} outside world of {self.world_size}")
-        t = rank % self.tp
-        s = (rank // self.tp) % self.dp_shard
-        r = rank // (self.tp * self.dp_shard)
-        return r, s, t
-
-    def dp_rank(self, rank: int) -> int:
-        """Which slice of the global batch `rank` reads (tp peers read the same one)."""
-        return rank // self.tp
-
     # ---- checks against the model --------------------------------------------------------------
     def check_model(self, model_cfg) -> None:
         """Raise ConfigError when the model cannot be split `tp` ways (heads, kv heads, widths, vocab)."""
@@ -156,26 +139,6 @@ class ParallelDims:
                 "parallel.tp>1 on a model without an LM head needs model.final_norm=true "
                 "(the hidden states are gathered after it); use parallel.tp=1"
             )
-
-    def check_batch(self, global_batch: int, micro_batch: int) -> int:
-        """Gradient-accumulation steps for a global batch; ConfigError naming the fix when it does not divide."""
-        per_step = micro_batch * self.dp
-        if global_batch % per_step:
-            up = -(-global_batch // per_step) * per_step
-            raise ConfigError(
-                f"train.global_batch={global_batch} is not divisible by micro_batch={micro_batch} x "
-                f"{self.dp} data-parallel ranks; try {up}"
-            )
-        return global_batch // per_step
-
-    # ---- torch ---------------------------------------------------------------------------------
-    def build_mesh(self, device_type: str):
-        """A 3-D DeviceMesh ("dp_replicate", "dp_shard", "tp"); size-1 dims are kept so names always exist."""
-        from torch.distributed.device_mesh import init_device_mesh
-
-        return init_device_mesh(
-            device_type, (self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
-        )
 
     def describe(self) -> str:
         parts = [f"world={self.world_size}", f"dp_replicate={self.dp_replicate}", f"dp_shard={self.dp_shard}",

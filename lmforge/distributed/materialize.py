@@ -1,7 +1,7 @@
 """Give a model built on the meta device real weights, rank by rank, after it was parallelized.
 
 The recipe builds the `Transformer` on ``meta`` (no memory) and attaches a weight source
-(`attach_weights`); `lmforge.train.parallel.parallelize_model` applies TP -> AC -> compile -> FSDP2
+(`attach_weights`); `lmforge.distributed.world.parallelize_model` applies TP -> AC -> compile -> FSDP2
 to the meta model and then calls `materialize`: ``to_empty`` allocates only this rank's shards, and
 the source fills them. Peak memory per rank is the model ÷ shard degree plus a bounded scratch.
 

@@ -7,6 +7,7 @@ Under torchrun (even with one process) a real process group is created, which FS
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import UserError
+from lmforge.distributed import collectives
 
 
 @dataclass
@@ -28,6 +30,7 @@ class DistInfo:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None  # None: no process group (plain single process)
     watchdog: Any = None  # lmforge.distributed.watchdog.Watchdog when world_size > 1
+    in_run: bool = False  # a run (`World`) is using the group: not destroyed at exit (see `destroy_at_exit`)
 
     @property
     def initialized(self) -> bool:
@@ -83,12 +86,7 @@ def init_distributed(timeout_s: float = 600.0, device: str | None = None, watchd
     timeout = datetime.timedelta(seconds=float(timeout_s))
     pg_kwargs = _attempt_store(rank, world, timeout)
     if want_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(
-                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
-                f"use --nproc_per_node <= {torch.cuda.device_count()}"
-            )
-        dev = torch.device("cuda", local_rank)
+        dev = cuda_device(local_rank)
         torch.cuda.set_device(dev)
         dist.init_process_group("nccl", timeout=timeout, device_id=dev, **pg_kwargs)
         backend = "nccl"
@@ -107,6 +105,19 @@ def init_distributed(timeout_s: float = 600.0, device: str | None = None, watchd
 
 
 _CURRENT: DistInfo | None = None
+
+
+def cuda_device(local_rank: int) -> torch.device:
+    """This rank's GPU: ``cuda:LOCAL_RANK``, or ``cuda:0`` when the launcher gave each rank its own single
+    visible device (CUDA_VISIBLE_DEVICES set per rank, e.g. Slurm's ``--gpus-per-task=1``), so LOCAL_RANK
+    counts past the one device this process sees."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    raise UserError(f"LOCAL_RANK={local_rank} but only {count} CUDA devices are visible; use --nproc_per_node "
+                    f"<= {count}, or give each rank one device with CUDA_VISIBLE_DEVICES")
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dict[str, Any]:
@@ -138,8 +149,7 @@ def current() -> DistInfo:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def shutdown_distributed(info: DistInfo | None = None) -> None:
@@ -154,12 +164,27 @@ def shutdown_distributed(info: DistInfo | None = None) -> None:
     _CURRENT = None
 
 
+def destroy_at_exit(info: DistInfo) -> None:
+    """Destroy ``info``'s process group when the interpreter exits, unless a run is still using it.
+
+    Several runs may share one process group (a script calling `pretrain` twice), so the end of a run
+    leaves it; at exit it is shut down (watchdog, then `destroy_process_group`), so NCCL's communicators
+    are released instead of leaked. A run that failed (``in_run`` still set) is left alone: destroying an
+    NCCL group with a collective still pending on a dead peer would hang the exit.
+    """
+    atexit.register(_destroy_if_idle, info)
+
+
+def _destroy_if_idle(info: DistInfo) -> None:
+    if not info.in_run and dist.is_available() and dist.is_initialized() and _CURRENT is info:
+        shutdown_distributed(info)
+
+
 def all_reduce_mean(value: float | torch.Tensor, group=None) -> float:
     """Mean of a scalar over ranks (the value itself when no process group exists)."""
     t = value.detach().float().reshape(()) if isinstance(value, torch.Tensor) else torch.tensor(float(value))
     if not (dist.is_available() and dist.is_initialized()):
         return float(t)
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    t = t.to(dev)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    t = collectives.all_reduce(t.to(dev), "sum", group)
     return float(t) / dist.get_world_size(group)

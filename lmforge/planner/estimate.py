@@ -5,7 +5,9 @@ Memory per GPU (GB = 10^9 bytes), following what `lmforge.distributed.apply` and
 * weights / grads / optimizer: FSDP2 keeps fp32 master weights, fp32 gradients and AdamW's fp32 m and v
   (or 8-bit m and v with blockwise fp32 scales) sharded over ``tp x dp_shard`` ranks (norm weights are
   replicated across TP): 4 + 4 + 8 = 16 bytes per parameter before sharding. bf16 training keeps the
-  same fp32 state; the bf16 copies are the all-gathered compute weights, counted under buffers.
+  same fp32 state; the bf16 copies are the all-gathered compute weights, counted under buffers. Gradients
+  stay sharded through gradient accumulation too: the trainer reduce-scatters every micro batch under
+  FSDP2 (`lmforge.distributed.world.no_sync`; HSDP defers only the all-reduce across replicas).
 * activations: what autograd holds from forward to backward for one micro batch
   (`lmforge.planner.activations`, held to the real model by tests).
 * buffers: the backward transient above the saved activations (fp32 logit gradients, or one block's

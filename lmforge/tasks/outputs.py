@@ -21,8 +21,8 @@ from lmforge.artifacts.model_dir import save_weights
 from lmforge.atomic import atomic_directory
 from lmforge.config import read_json_bounded
 from lmforge.console import info
+from lmforge.distributed.world import barrier
 from lmforge.models.lora import lora_state_dict, merge_lora
-from lmforge.train.parallel import barrier
 
 BEST_DIR = "best"
 BEST_WEIGHTS = "weights.safetensors"

@@ -39,13 +39,13 @@ from lmforge.config import UserError
 from lmforge.console import info
 from lmforge.data.preference_pairs import PairBatches, collate_pairs, encode_pairs, fixed_batches, load_pairs
 from lmforge.data.sft import IGNORE_INDEX
+from lmforge.distributed.world import barrier, unwrap
 from lmforge.models.lora import LoRALinear
 from lmforge.tasks.base import RunResult
 from lmforge.tasks.finetuning import FinetuneTask, check_ids, pad_id, read_train_dev
 from lmforge.tokenizer.chat_template import get_chat_template
 from lmforge.train.batches import to_device
 from lmforge.train.losses import REFERENCE_FREE, preference_losses, sequence_logps
-from lmforge.train.parallel import all_reduce_sum, barrier, unwrap
 
 REF_FILE = "reference_logps.safetensors"
 REF_META = "reference_logps.json"
@@ -240,15 +240,15 @@ def precompute_reference(model, splits: dict[str, Any], run_dir: Path, identity:
             batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
             for c0 in range(0, len(batches), chunk_batches):
                 chunk = batches[c0:c0 + chunk_batches]
-                vals = torch.zeros(2, len(data), dtype=torch.float64)
+                vals = torch.zeros(2, len(data), dtype=torch.float64, device=device)  # NCCL sums device tensors
                 for b, idx in enumerate(chunk):
                     if b % world.dp_size != world.dp_rank:
                         continue
                     batch = {k: v.to(device) for k, v in collate_pairs(data, idx, pad_id).items()}
                     c, r, _, _ = pair_logps(model, batch, pad_id)
-                    vals[0, idx] = c.double().cpu()
-                    vals[1, idx] = r.double().cpu()
-                all_reduce_sum(vals)
+                    vals[0, idx] = c.double()
+                    vals[1, idx] = r.double()
+                vals = world.all_reduce_sum(vals).cpu()
                 flat = [i for idx in chunk for i in idx]
                 store[f"{name}.chosen"][flat] = vals[0, flat]
                 store[f"{name}.rejected"][flat] = vals[1, flat]

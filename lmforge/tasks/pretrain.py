@@ -16,13 +16,13 @@ from lmforge.config import ConfigError, UserError, to_dict
 from lmforge.console import info
 from lmforge.data.loader import ShardLoader, document_positions
 from lmforge.data.shards import read_index
+from lmforge.distributed.world import build_for_world
 from lmforge.models.embedding_init import coverage_line, init_embeddings_from
 from lmforge.models.transformer import build_model
 from lmforge.tasks.base import RunResult, Task, final_loss, stopped_at
 from lmforge.tokenizer.core import load_tokenizer
 from lmforge.train.config import PretrainConfig, grad_accum_steps
 from lmforge.train.losses import CausalLMLoss
-from lmforge.train.parallel import build_for_world
 from lmforge.train.rank_output import note  # notes every rank would repeat: rank 0 only
 from lmforge.train.trainer import Job
 

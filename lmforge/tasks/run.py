@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from lmforge.distributed.world import barrier, failure_guard, setup_world
 from lmforge.tasks.base import RunResult
 from lmforge.tasks.registry import TASKS, task_for
 from lmforge.train.config import grad_accum_steps
-from lmforge.train.parallel import barrier, failure_guard, setup_world
 from lmforge.train.resume import check_compatible, find_resume
 from lmforge.train.trainer import Trainer
 
@@ -45,6 +45,7 @@ def run(cfg, config_path: str | None = None) -> RunResult:
         result = trainer.fit()
     outputs = task.save_outputs(trainer, result)
     trainer.trackers.finish_run(result.stop_reason, outputs.model_dir, outputs.adapter_dir)  # log.mlflow / wandb
+    world.close()  # the run ended: a process group lmforge created is destroyed at exit (not after a failure)
     return task.result(result, outputs, model)
 
 

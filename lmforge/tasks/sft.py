@@ -13,10 +13,10 @@ from lmforge.artifacts.adapter_dir import load_adapter, model_fingerprint
 from lmforge.data.eval_sample import eval_order
 from lmforge.data.sft import encode_examples, load_sft_examples
 from lmforge.data.sft_batching import SFTBatchIterator, collate_rows
+from lmforge.distributed.world import build_for_world
 from lmforge.tasks.finetuning import FinetuneTask, check_ids, pad_id, read_train_dev, set_dropout, split_dev
 from lmforge.tokenizer.chat_template import get_chat_template, save_chat_template
 from lmforge.train.losses import ShiftedLabelsLoss
-from lmforge.train.parallel import build_for_world
 
 
 def sft_loss(model, batch: dict, *, chunk: int = 1024, z_loss: float = 0.0):

@@ -128,6 +128,8 @@ def _orthogonalize_on_owner(u: Tensor, steps: int, dtype: torch.dtype, owner: in
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
+    from lmforge.distributed import collectives
+
     mesh, dim = u.device_mesh, u.placements[0].dim
     group, me = mesh.get_group(), mesh.get_local_rank()
     sizes = _chunk_sizes(u.shape[dim], mesh.size())
@@ -141,7 +143,7 @@ def _orthogonalize_on_owner(u: Tensor, steps: int, dtype: torch.dtype, owner: in
     mine = padded(local)
     src = dist.get_global_rank(group, owner)
     pieces = [torch.empty_like(mine) for _ in sizes] if me == owner else None
-    dist.gather(mine, pieces, dst=src, group=group)
+    collectives.gather(mine, pieces, dst=src, group=group)
     slices = None
     if me == owner:
         full = newton_schulz(torch.cat([pc.narrow(dim, 0, n) for pc, n in zip(pieces, sizes)], dim=dim),
@@ -149,7 +151,7 @@ def _orthogonalize_on_owner(u: Tensor, steps: int, dtype: torch.dtype, owner: in
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         slices = [padded(full.narrow(dim, a, n)) for a, n in zip(starts, sizes)]
     out = torch.empty_like(mine)
-    dist.scatter(out, slices, src=src, group=group)
+    collectives.scatter(out, slices, src=src, group=group)
     return DTensor.from_local(out.narrow(dim, 0, local.shape[dim]), mesh, u.placements, run_check=False,
                               shape=u.shape, stride=u.stride())
 

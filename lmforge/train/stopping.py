@@ -18,7 +18,8 @@ import threading
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
+
+from lmforge.distributed import collectives
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 EXIT_TIME_LIMIT = 124  # as GNU `timeout`: the run stopped at train.time_limit_minutes; re-run to continue
@@ -27,10 +28,10 @@ EXIT_TIME_LIMIT = 124  # as GNU `timeout`: the run stopped at train.time_limit_m
 def agree(values: Sequence[float]) -> list[float]:
     """The element-wise maximum of ``values`` over every rank of the job (TP peers included)."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":
+    if collectives.initialized():
+        if "cpu" not in collectives.expected_device_types():
             t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        collectives.all_reduce(t, "max")
     return t.cpu().tolist()
 
 

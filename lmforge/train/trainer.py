@@ -44,6 +44,7 @@ from torch import nn
 
 from lmforge.config import ConfigError, UserError, config_hash, dump_yaml
 from lmforge.console import info
+from lmforge.distributed.world import World, barrier, no_sync, parallelize_model, unwrap
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.batches import count_input_tokens, input_tokens, split_micro, to_device
 from lmforge.train.config import resolve_precision
@@ -57,7 +58,6 @@ from lmforge.train.metrics import (
     peak_flops,
 )
 from lmforge.train.optim import build_optimizer, set_lr
-from lmforge.train.parallel import World, all_reduce_sum, barrier, no_sync, parallelize_model, unwrap
 from lmforge.train.resume import _changed_settings, check_compatible, find_resume
 from lmforge.train.schedule import LRSchedule
 from lmforge.train.stopping import StopSignals, agree, exit_code
@@ -302,7 +302,7 @@ class Trainer:
         finally:
             model.train(was_training)
         if self.val_batches is not None:
-            all_reduce_sum(total)
+            self.world.all_reduce_sum(total)
         out: dict[str, float] = {}
         if total[1] > 0:
             loss = float(total[0] / total[1])
@@ -343,7 +343,7 @@ class Trainer:
             totals[0] += loss_sum.detach().double()
             totals[1] += n
             totals[2] += count_input_tokens(mb)
-        all_reduce_sum(totals)
+        self.world.all_reduce_sum(totals)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = totals.new_zeros(())
         if params:

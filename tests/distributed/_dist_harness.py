@@ -38,9 +38,9 @@ def model_config(name: str):
     return model_config_from_dict(MODELS[name])
 
 
-def batches(vocab: int, steps: int = STEPS, seed: int = 1234) -> list[torch.Tensor]:
+def batches(vocab: int, steps: int = STEPS, seed: int = 1234, rows: int = GLOBAL_BATCH) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g) for _ in range(steps)]
+    return [torch.randint(0, vocab, (rows, SEQ + 1), generator=g) for _ in range(steps)]
 
 
 def train(model, data, dp_rank: int = 0, dp: int = 1, accum: int = 1) -> list[dict]:
@@ -49,18 +49,20 @@ def train(model, data, dp_rank: int = 0, dp: int = 1, accum: int = 1) -> list[di
     Step 0 also records every parameter's gradient norm: Adam is blind to a gradient scaled by a
     constant per tensor, so the final weights alone would not catch, say, a missing average.
     """
-    from lmforge.distributed.apply import set_grad_sync
     from lmforge.distributed.process_group import all_reduce_mean
+    from lmforge.distributed.world import no_sync
 
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     out = []
     for tokens in data:
         local = tokens.chunk(dp)[dp_rank]  # rank slice of the global batch
+        if len(local) % accum:
+            raise ValueError(f"{len(local)} rows per rank do not split into {accum} micro batches")
         loss_sum = 0.0
         for i, micro in enumerate(local.chunk(accum)):
-            set_grad_sync(model, i == accum - 1)
-            logits = model(micro[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), micro[:, 1:].flatten()) / accum
+            with no_sync(model, skip=i < accum - 1):  # the Trainer's gradient accumulation
+                logits = model(micro[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), micro[:, 1:].flatten()) / accum
             loss.backward()
             loss_sum += loss.detach()
         metrics = {}
@@ -71,6 +73,18 @@ def train(model, data, dp_rank: int = 0, dp: int = 1, accum: int = 1) -> list[di
         opt.zero_grad(set_to_none=True)
         out.append({"loss": all_reduce_mean(loss_sum), "grad_norm": float(norm), **metrics})
     return out
+
+
+def data_parallel_wrapper(model) -> str:
+    """Which data-parallel wrapper `parallelize` put on ``model``, read from the model itself: "fsdp" / "hsdp"
+    (FSDP2 over a 1-D / (dp_replicate, dp_shard) mesh), "ddp" (composable replicate) or "none"."""
+    from torch.distributed._composable.contract import _get_registry
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        names = next(model.parameters()).device_mesh.mesh_dim_names
+        return "hsdp" if "dp_replicate" in names else "fsdp"
+    return "ddp" if "replicate" in (_get_registry(model) or {}) else "none"
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -97,7 +111,8 @@ def build_initial(model_name: str) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in build_model(model_config(model_name), seed=0).named_parameters()}
 
 
-def reference(model_name: str, ac: str = "none", compile_backend: str | None = None, accum: int = 1):
+def reference(model_name: str, ac: str = "none", compile_backend: str | None = None, accum: int = 1,
+              rows: int = GLOBAL_BATCH):
     """One process, no wrappers: the numbers every parallel layout must reproduce."""
     from lmforge.distributed.apply import parallelize
     from lmforge.distributed.config import ParallelConfig
@@ -109,7 +124,7 @@ def reference(model_name: str, ac: str = "none", compile_backend: str | None = N
         pc = ParallelConfig(activation_checkpoint=ac, compile=bool(compile_backend),
                             compile_backend=compile_backend or "inductor")
         parallelize(model, pc)
-    metrics = train(model, batches(cfg.vocab_size), accum=accum)
+    metrics = train(model, batches(cfg.vocab_size, rows=rows), accum=accum)
     return metrics, full_state(model)
 
 
@@ -145,24 +160,26 @@ def spawn(world: int, target: str, **kwargs) -> None:
 def run_layouts(info, out_dir: str, layouts: dict) -> None:
     """For each named layout: build the same seeded model, parallelize, train, dump metrics + params."""
     from lmforge.distributed.apply import parallelize
-    from lmforge.distributed.config import ParallelConfig, ParallelDims
+    from lmforge.distributed.config import ParallelConfig
+    from lmforge.distributed.world import world_for
     from lmforge.models.transformer import build_model
 
     for name, spec in layouts.items():
         spec = dict(spec)
         cfg = model_config(spec.pop("model", "tiny"))
         accum = spec.pop("accum", 1)
+        rows = spec.pop("rows", GLOBAL_BATCH)
         pcfg = ParallelConfig(**spec)
-        dims = ParallelDims.from_config(pcfg, info.world_size)
+        world = world_for(pcfg, info.device)
         model = build_model(cfg, seed=0)
-        parallelize(model, pcfg, dims, device=info.device)
-        metrics = train(model, batches(cfg.vocab_size), dims.dp_rank(info.rank), dims.dp, accum)
+        parallelize(model, pcfg, world, device=info.device)
+        metrics = train(model, batches(cfg.vocab_size, rows=rows), world.dp_rank, world.dp_size, accum)
         state = full_state(model)
         if info.rank == 0:
             from safetensors.torch import save_file
 
             save_file(state, str(Path(out_dir) / f"{name}.safetensors"))
-            wrapper = getattr(model, "_lmforge_parallel", {}).get("wrapper")
+            wrapper = data_parallel_wrapper(model)
             Path(out_dir, f"{name}.json").write_text(json.dumps({"metrics": metrics, "wrapper": wrapper}))
 
 
@@ -244,8 +261,8 @@ def run_trainer(run_dir, data_dir, max_steps: int, parallel: dict | None = None,
                 **sections):
     """Train (or resume: train.resume=auto) the tiny model on the token dir; returns the TrainResult."""
     from lmforge.data.loader import ShardLoader
+    from lmforge.distributed.world import setup_world
     from lmforge.models.transformer import build_model
-    from lmforge.train.parallel import setup_world
     from lmforge.train.trainer import Job, Trainer, find_resume
 
     cfg = trainer_config(run_dir, data_dir, max_steps, parallel, **sections)
@@ -256,7 +273,7 @@ def run_trainer(run_dir, data_dir, max_steps: int, parallel: dict | None = None,
                          check_vocab=mcfg.vocab_size)
     resume = find_resume(Path(run_dir), cfg.train.resume)
     model = build_model(mcfg, seed=0, init=True)
-    record = world.dims is None or world.dims.coords(world.rank)[2] == 0
+    record = world.tp_rank == 0
     job = Job(model, RecordingSource(loader, run_dir, world.rank, record), max_steps,
               math_fields={"model": MODELS_T_KEY}, flops_per_token=mcfg.flops_per_token(SEQ_T))
     trainer = Trainer(cfg, job, world, device=device or "cpu", resume_from=resume)
@@ -287,7 +304,7 @@ def run_trainer_jobs(info, jobs: list[dict]) -> None:
 
     import torch.distributed as dist
 
-    from lmforge.train.parallel import setup_world
+    from lmforge.distributed.world import setup_world
 
     for job in jobs:
         job = dict(job)

@@ -22,7 +22,8 @@ def count_newton_schulz(info, out: str) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     from lmforge.distributed.apply import parallelize
-    from lmforge.distributed.config import ParallelConfig, ParallelDims
+    from lmforge.distributed.config import ParallelConfig
+    from lmforge.distributed.world import world_for
     from lmforge.models.transformer import build_model
     from lmforge.train import muon
     from lmforge.train.config import OptimConfig
@@ -30,7 +31,7 @@ def count_newton_schulz(info, out: str) -> None:
 
     pcfg = ParallelConfig(dp_shard=info.world_size)
     model = build_model(h.model_config("tiny"), seed=0)
-    parallelize(model, pcfg, ParallelDims.from_config(pcfg, info.world_size), device=info.device)
+    parallelize(model, pcfg, world_for(pcfg, info.device), device=info.device)
     gen = torch.Generator().manual_seed(3)
     for p in model.parameters():  # the same full gradient on every rank, sliced like the parameter
         full = torch.randn(p.shape, generator=gen)

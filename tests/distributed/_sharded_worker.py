@@ -32,17 +32,15 @@ def model_config(spec: dict):
 
 
 def world_for(info, pcfg):
-    from lmforge.distributed.config import ParallelDims
-    from lmforge.train.parallel import World
+    from lmforge.distributed.world import world_for
 
-    dims = ParallelDims.from_config(pcfg, info.world_size)
-    return World(info.rank, info.world_size, info.rank, dp_rank=dims.dp_rank(info.rank), dp_size=dims.dp, dims=dims)
+    return world_for(pcfg, info.device)
 
 
 def build_sharded(info, spec: dict, parallel: dict, model_dir: str | None):
     """The recipes' path: meta build -> `parallelize_model` (TP -> AC -> compile -> FSDP2) -> local shards filled."""
     from lmforge.distributed.config import ParallelConfig
-    from lmforge.train.parallel import build_for_world, parallelize_model
+    from lmforge.distributed.world import build_for_world, parallelize_model
 
     pcfg = ParallelConfig(**parallel)
     world = world_for(info, pcfg)

@@ -12,8 +12,8 @@ import torch
 def _trainer(run_dir, data_dir, max_steps: int, parallel: dict, **sections):
     """The real Trainer over the token dir (as `_dist_harness.run_trainer`), returned before fit()."""
     from lmforge.data.loader import ShardLoader
+    from lmforge.distributed.world import setup_world
     from lmforge.models.transformer import build_model
-    from lmforge.train.parallel import setup_world
     from lmforge.train.trainer import Job, Trainer, find_resume
 
     cfg = h.trainer_config(run_dir, data_dir, max_steps, parallel, **sections)
@@ -21,7 +21,7 @@ def _trainer(run_dir, data_dir, max_steps: int, parallel: dict, **sections):
     mcfg = cfg.model_config()
     loader = ShardLoader(data_dir, "train", h.SEQ_T, h.BATCH_T, rank=world.dp_rank, world_size=world.dp_size, seed=0,
                          check_vocab=mcfg.vocab_size)
-    record = world.dims is None or world.dims.coords(world.rank)[2] == 0
+    record = world.tp_rank == 0
     job = Job(build_model(mcfg, seed=0), h.RecordingSource(loader, run_dir, world.rank, record), max_steps,
               math_fields={"model": h.MODELS_T_KEY})
     return Trainer(cfg, job, world, device=device, resume_from=find_resume(Path(run_dir), cfg.train.resume))
@@ -110,3 +110,58 @@ def pretrain_configs(info, configs: list[str]) -> None:
     for path in configs:
         run(load_config(path))
         dist.barrier()
+
+
+def world_layout(info, out: str, layouts: dict) -> None:
+    """Per layout: the real World's groups and meshes as global ranks, and a one-hot sum over its groups."""
+    import torch.distributed as dist
+
+    from lmforge.distributed.config import ParallelConfig
+    from lmforge.distributed.world import setup_world
+
+    report = {}
+    for name, spec in layouts.items():
+        world, _ = setup_world("cpu", ParallelConfig(**spec))
+        one_hot = torch.zeros(world.world_size)
+        one_hot[world.rank] = 1.0
+        everyone = one_hot.clone()
+        report[name] = {
+            "dp_rank": world.dp_rank, "tp_rank": world.tp_rank, "dp_size": world.dp_size,
+            "tp_group": sorted(dist.get_process_group_ranks(world.tp_mesh.get_group())),
+            "dp_group": sorted(dist.get_process_group_ranks(world.dp_group)),
+            "ddp_group": sorted(dist.get_process_group_ranks(world.ddp_mesh.get_group())),
+            "fsdp_mesh": world.fsdp_mesh.mesh.tolist(),
+            "dp_sum": [int(v) for v in world.all_reduce_sum(one_hot)],
+            "world_sum": [int(v) for v in world.all_reduce(everyone, "sum", over="world")],
+        }
+        world.close()  # the harness's group stays (it was not created by this World)
+        assert dist.is_initialized()
+    (Path(out) / f"layout_rank{info.rank}.json").write_text(json.dumps(report))
+
+
+def fsdp_accumulation(info, run_dir: str, data_dir: str, steps: int, out: str) -> None:
+    """The real Trainer with FSDP2 over 2 ranks and 2 micro-batches per rank and step: before each micro-batch
+    (after the previous one's backward) record what gradient storage every parameter holds on this rank."""
+    from torch.distributed.tensor import DTensor
+
+    import lmforge.train.trainer as trainer_mod
+
+    real, rows = trainer_mod.no_sync, []
+
+    def recording(model, skip):
+        grads = [(p, p.grad) for p in model.parameters()]
+        rows.append({
+            "skip": skip,
+            "with_grad": sum(g is not None for _, g in grads), "params": len(grads),
+            "all_dtensor": all(isinstance(g, DTensor) for _, g in grads if g is not None),
+            "local_numel": sum(g.to_local().numel() for _, g in grads if isinstance(g, DTensor)),
+            "global_numel": sum(p.numel() for p, _ in grads),
+        })
+        return real(model, skip)
+
+    trainer_mod.no_sync = recording
+    try:
+        h.run_trainer(run_dir, data_dir, steps, {"dp_shard": 2, "timeout_s": 120})
+    finally:
+        trainer_mod.no_sync = real
+    Path(out, f"grads_rank{info.rank}.json").write_text(json.dumps(rows))

@@ -24,7 +24,8 @@ def run_chunked(info, out_dir: str) -> None:
 
     import lmforge.train.losses as loss_mod
     from lmforge.distributed.apply import parallelize
-    from lmforge.distributed.config import ParallelConfig, ParallelDims
+    from lmforge.distributed.config import ParallelConfig
+    from lmforge.distributed.world import world_for
     from lmforge.models.transformer import build_model
     from lmforge.train.losses import CausalLMLoss
 
@@ -36,14 +37,14 @@ def run_chunked(info, out_dir: str) -> None:
     for name, spec in LAYOUTS.items():
         paths.clear()
         pcfg = ParallelConfig(**spec)
-        dims = ParallelDims.from_config(pcfg, info.world_size)
+        world = world_for(pcfg, info.device)
         model = build_model(cfg, seed=0)
-        parallelize(model, pcfg, dims, device=info.device)
-        mine = tokens.chunk(dims.dp)[dims.dp_rank(info.rank)]
+        parallelize(model, pcfg, world, device=info.device)
+        mine = tokens.chunk(world.dp_size)[world.dp_rank]
         loss, n = CausalLMLoss(chunk=CHUNK, z_loss=1e-3)(model, mine)
         loss.backward()
         total = torch.stack([loss.detach(), n.float()])
-        if dims.dp > 1:
+        if world.dp_size > 1:
             dist.all_reduce(total)
         grads = h.full_grads(model)
         if info.rank == 0:
@@ -51,7 +52,7 @@ def run_chunked(info, out_dir: str) -> None:
 
             save_file({k: v.contiguous() for k, v in grads.items()}, str(Path(out_dir) / f"{name}.safetensors"))
             Path(out_dir, f"{name}.json").write_text(json.dumps(
-                {"loss": float(total[0]), "n": float(total[1]), "paths": sorted(set(paths)), "dp": dims.dp}))
+                {"loss": float(total[0]), "n": float(total[1]), "paths": sorted(set(paths)), "dp": world.dp_size}))
 
 
 @pytest.fixture(scope="module")

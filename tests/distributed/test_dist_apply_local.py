@@ -104,8 +104,8 @@ def test_names_stay_the_checkpoint_keys():
     parallelize(model, ParallelConfig(activation_checkpoint="full", compile=True, compile_backend="aot_eager"))
     assert list(model.state_dict()) == list(plain.state_dict())
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
-    assert model._lmforge_parallel == {"wrapper": "none", "tp": 1, "dp": 1, "ac": "full", "compile": True,
-                                       "param_dtype": "float32"}
+    assert h.data_parallel_wrapper(model) == "none"
+    assert [(b._lmforge_ac, b._lmforge_compiled) for b in model.layers] == [("full", "aot_eager")] * len(model.layers)
 
 
 def test_single_process_cannot_do_tensor_parallel():

@@ -1,4 +1,5 @@
-"""ParallelConfig / ParallelDims: resolution, validation messages (key + fix), rank layout. No torch needed."""
+"""ParallelConfig / ParallelDims: resolution, validation messages (key + fix); the World's rank layout on 4 gloo
+ranks."""
 
 from __future__ import annotations
 
@@ -79,12 +80,39 @@ def test_tp_must_divide_heads_kv_heads_and_widths():
         dims(2, tp=2).check_model(gpt2)
 
 
-def test_rank_layout_tp_fastest():
-    d = dims(16, dp_replicate=2, tp=2)  # (2, 4, 2)
-    assert [d.coords(r) for r in (0, 1, 2, 7, 8, 15)] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 3, 1), (1, 0, 0),
-                                                         (1, 3, 1)]
-    assert [d.dp_rank(r) for r in range(4)] == [0, 0, 1, 1]  # TP peers read the same batch slice
-    assert d.dp == 8
+LAYOUTS_4 = {"tp": {"tp": 2}, "hsdp": {"dp_replicate": 2}, "ddp_tp": {"dp_replicate": 2, "dp_shard": 1, "tp": 2}}
+
+
+@pytest.mark.distributed
+def test_world_mesh_layout_on_four_ranks(tmp_path):
+    """The real World on 4 gloo ranks: which ranks share a TP group, a data-parallel group (for the loss
+    sums: a one-hot all-reduce shows who was summed) and an FSDP/DDP mesh; tp is the fastest dimension and
+    dp_rank (the batch slice a rank reads) is the same for TP peers and distinct within a dp group."""
+    import json
+
+    import _dist_harness as h
+
+    h.spawn(4, "_trainer_jobs:world_layout", out=str(tmp_path), layouts=LAYOUTS_4)
+    got = {}
+    for rank in range(4):
+        for name, row in json.loads((tmp_path / f"layout_rank{rank}.json").read_text()).items():
+            got.setdefault(name, []).append(row)
+    tp = got["tp"]  # (dp_replicate, dp_shard, tp) = (1, 2, 2)
+    assert [r["tp_group"] for r in tp] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["dp_group"] for r in tp] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r["dp_rank"] for r in tp] == [0, 0, 1, 1] and [r["tp_rank"] for r in tp] == [0, 1, 0, 1]
+    assert [r["dp_sum"] for r in tp] == [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]
+    assert [r["fsdp_mesh"] for r in tp] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert all(r["dp_size"] == 2 and r["world_sum"] == [1, 1, 1, 1] for r in tp)
+    hsdp = got["hsdp"]  # (2, 2, 1): FSDP2 shards inside a replica, replicas are {0, 1} and {2, 3}
+    assert [r["fsdp_mesh"] for r in hsdp] == [[[0, 1], [2, 3]]] * 4
+    assert [r["ddp_group"] for r in hsdp] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r["dp_group"] for r in hsdp] == [[0, 1, 2, 3]] * 4
+    assert [r["dp_rank"] for r in hsdp] == [0, 1, 2, 3] and [r["dp_sum"] for r in hsdp] == [[1, 1, 1, 1]] * 4
+    ddp_tp = got["ddp_tp"]  # (2, 1, 2): the replicas are the dp ranks
+    assert [r["tp_group"] for r in ddp_tp] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["ddp_group"] for r in ddp_tp] == [r["dp_group"] for r in ddp_tp] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r["dp_rank"] for r in ddp_tp] == [0, 0, 1, 1]
 
 
 def test_config_import_does_not_import_torch():

@@ -19,15 +19,17 @@ pytestmark = pytest.mark.distributed
 LAYOUTS_2 = {
     "ddp": dict(dp_replicate=2, dp_shard=1),
     "fsdp": dict(dp_shard=2),
-    "fsdp_accum": dict(dp_shard=2, accum=2),  # gradient sync only on the last micro batch
+    "ddp_accum": dict(dp_replicate=2, dp_shard=1, accum=2),  # all-reduce only on the last micro batch
+    "fsdp_accum": dict(dp_shard=2, accum=2),  # reduce-scatter every micro batch (sharded gradients)
     "fsdp_ac": dict(dp_shard=2, activation_checkpoint="selective", reshard_after_forward=False),
     "tp": dict(tp=2),  # sequence parallel (default)
     "tp_nosp": dict(tp=2, sequence_parallel=False),
     "tp_gpt": dict(tp=2, model="tiny_gpt"),  # learned positions, LayerNorm, biases, GELU
     "tp_recipe": dict(tp=2, model="tiny_recipe"),  # QK-norm, relu2, logit soft-cap
 }
-WRAPPER = {"ddp": "ddp", "fsdp": "fsdp", "fsdp_accum": "fsdp", "fsdp_ac": "fsdp", "tp": "none",
-           "tp_nosp": "none", "tp_gpt": "none", "tp_recipe": "none", "hsdp": "hsdp", "fsdp_tp": "fsdp"}
+WRAPPER = {"ddp": "ddp", "ddp_accum": "ddp", "fsdp": "fsdp", "fsdp_accum": "fsdp", "fsdp_ac": "fsdp", "tp": "none",
+           "tp_nosp": "none", "tp_gpt": "none", "tp_recipe": "none", "hsdp": "hsdp", "hsdp_accum": "hsdp",
+           "fsdp_tp": "fsdp"}
 
 LOSS_TOL = 1e-5
 # Parameters move ~1e-3..1e-2 over 5 steps (lr 3e-3); reduction order alone leaves ~1e-5.
@@ -44,17 +46,18 @@ def results_2(tmp_path_factory):
 _REFS: dict = {}
 
 
-def _reference(model: str, accum: int):
-    if (model, accum) not in _REFS:
+def _reference(model: str, accum: int, rows: int):
+    if (model, accum, rows) not in _REFS:
         torch.manual_seed(0)
-        _REFS[(model, accum)] = h.reference(model, accum=accum)
-    return _REFS[(model, accum)]
+        _REFS[(model, accum, rows)] = h.reference(model, accum=accum, rows=rows)
+    return _REFS[(model, accum, rows)]
 
 
 def _check(out_dir: Path, name: str, spec: dict) -> None:
     from safetensors.torch import load_file
 
-    ref_metrics, ref_state = _reference(spec.get("model", "tiny"), spec.get("accum", 1))
+    ref_metrics, ref_state = _reference(spec.get("model", "tiny"), spec.get("accum", 1),
+                                        spec.get("rows", h.GLOBAL_BATCH))
     got = json.loads((out_dir / f"{name}.json").read_text())
     state = load_file(str(out_dir / f"{name}.safetensors"))
     assert got["wrapper"] == WRAPPER[name]
@@ -82,6 +85,8 @@ def test_two_ranks_match_single_process(results_2, name):
 
 LAYOUTS_4 = {
     "hsdp": dict(dp_replicate=2, dp_shard=2),
+    # reduce-scatter every micro batch, all-reduce across the replicas on the last one only
+    "hsdp_accum": dict(dp_replicate=2, dp_shard=2, accum=2, rows=8),
     "fsdp_tp": dict(dp_shard=2, tp=2),  # 2-D: FSDP2 over TP DTensors
 }
 
