@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge import __version__
 from lmforge.artifacts.consolidate import consolidate
 from lmforge.artifacts.model_dir import save_model_dir
 from lmforge.config import ConfigError, UserError, config_hash, dump_yaml, to_dict
@@ -225,7 +226,7 @@ class Trainer:
                         "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
                         "last_val": self.last_val, "last_val_step": self.last_val_step},
             "layout": self._layout(),
-            "lmforge_version": __import__("lmforge").__version__,
+            "lmforge_version": __version__,
         }
 
     def _layout(self) -> dict[str, int]:
