@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from lmforge.train.metrics import format_duration
+from lmforge.train.report import format_duration
 from lmforge.train.trainer import Job, TrainResult
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from lmforge.artifacts.metadata import read_metadata
 from lmforge.config import ConfigError, UserError, apply_overrides, from_dict, load_config_source, to_dict
 from lmforge.distributed.config import ParallelConfig
 from lmforge.train.config import (
@@ -206,6 +207,7 @@ class FinetuneConfig:
         return max(1, math.ceil(self.train.epochs * per_epoch))
 
     def lora_config(self):
+        # lazy: models.lora imports torch and this module imports none (configs are checked before torch loads)
         from lmforge.models.lora import LoraConfig
 
         return LoraConfig(rank=self.lora.rank, alpha=self.lora.alpha, dropout=self.lora.dropout,
@@ -293,8 +295,6 @@ SEQ_LEN_CAP = 2048  # the default data.seq_len: the model's context, capped (mem
 def model_context(model_dir: str) -> int | None:
     """``max_seq_len`` of a model dir, read from its metadata without importing torch (None when the
     dir is not readable: the run's own model-dir check names the problem)."""
-    from lmforge.artifacts.metadata import read_metadata
-
     try:
         return read_metadata(model_dir).max_seq_len
     except UserError:

@@ -18,8 +18,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import UserError, load_recipe
+import torch
+
+from lmforge.artifacts.model_dir import load_model_dir
+from lmforge.config import UserError, from_dict, load_recipe
 from lmforge.console import info
+from lmforge.data.prepare import prepare
+from lmforge.generate.engine import generate
+from lmforge.models.presets import get_preset
+from lmforge.models.transformer import build_model
+from lmforge.tasks.run import run
+from lmforge.tokenizer.core import load_tokenizer
+from lmforge.tokenizer.train import train_tokenizer
+from lmforge.train.config import PretrainConfig, load_config, resolve_precision, validate
+from lmforge.train.optim import build_optimizer
+from lmforge.train.report import write_report
 
 # test suites, installed packages, and two dirs that are data more than code: codec tables (encodings/,
 # a third of the bytes) and the pydoc topic texts
@@ -40,8 +53,6 @@ def quickstart_recipe() -> dict[str, Any]:
 def quickstart_model(preset: str) -> dict[str, Any]:
     """The quickstart's model section for ``preset``: the recipe's options, with the squared-ReLU width set to
     1.5x the preset's SwiGLU width (two matrices holding the parameters of three; 1152 for `small`)."""
-    from lmforge.models.presets import get_preset
-
     model = {**quickstart_recipe()["model"], "preset": preset}
     base = get_preset(preset)
     if model.get("activation") == "relu2" and base.activation == "swiglu":
@@ -74,11 +85,6 @@ def stdlib_sources(limit_bytes: int | None = None) -> list[str]:
 
 def time_step(cfg, device) -> float:
     """Seconds per optimizer step of the real model shape on this machine (best of a few)."""
-    import torch
-
-    from lmforge.models.transformer import build_model
-    from lmforge.train.optim import build_optimizer
-
     mcfg = cfg.model_config()
     model = build_model(mcfg, device=device, seed=0)
     opt = build_optimizer(model, cfg.optim)
@@ -86,8 +92,6 @@ def time_step(cfg, device) -> float:
     batch = torch.randint(0, mcfg.vocab_size, (cfg.train.micro_batch, cfg.data.seq_len + 1), generator=gen)
     batch = batch.to(device)
     accum = cfg.global_batch_size // cfg.train.micro_batch
-    from lmforge.train.config import resolve_precision
-
     bf16 = resolve_precision(cfg.train.precision, device) == "bf16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
     times = []
@@ -124,10 +128,6 @@ def prepare_data(data_dir: str | Path, preset: str = "small", data_mb: float | N
     """Steps 1-2 of the quickstart (also `bench/tokens_to_target.py`'s corpus): a BPE tokenizer of the preset's
     vocabulary trained on the standard-library sources, then token shards with 3% of the files held out.
     Each step is skipped when its output exists. Returns the shard dir (``DATA_DIR/shards``)."""
-    from lmforge.data.prepare import prepare
-    from lmforge.models.presets import get_preset
-    from lmforge.tokenizer.train import train_tokenizer
-
     tok_dir, shard_dir = Path(data_dir) / "tokenizer", Path(data_dir) / "shards"
     vocab = get_preset(preset).vocab_size  # the preset's vocabulary: the tokenizer is trained to fit it
     files: list[str] | None = None
@@ -156,14 +156,6 @@ def prepare_data(data_dir: str | Path, preset: str = "small", data_mb: float | N
 
 def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset: str = "small",
                data_mb: float | None = None) -> dict[str, Any]:
-    import torch
-
-    from lmforge.config import from_dict
-    from lmforge.tasks.run import run
-    from lmforge.tokenizer.core import load_tokenizer
-    from lmforge.train.config import PretrainConfig, load_config, validate
-    from lmforge.train.report import write_report
-
     if minutes <= 0:
         raise UserError(f"--minutes={minutes} must be positive")
     if data_mb is not None and data_mb <= 0:
@@ -214,9 +206,6 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, preset
                 "resumed_from": result.resumed_from, "sample": None,
                 "seconds": round(time.perf_counter() - t_start, 1)}
     # 4. sample from the consolidated model dir (the same path `lmforge generate` takes)
-    from lmforge.artifacts.model_dir import load_model_dir
-    from lmforge.generate.engine import generate
-
     model = load_model_dir(out / "model").eval()
     tokenizer = load_tokenizer(out / "model")
     sample = SAMPLE_PROMPT + generate(model, SAMPLE_PROMPT, tokenizer, max_new_tokens=120, temperature=0.8,

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lmforge.artifacts.metadata import read_metadata  # torch-free (model_dir imports torch)
 from lmforge.config import ConfigError, apply_overrides, from_dict, load_config_source, to_dict
 from lmforge.distributed.config import ParallelConfig  # the `parallel` section (no torch import)
+from lmforge.models.presets import model_config_from_dict
 from lmforge.train.trackers import MLflowLogConfig, WandbLogConfig, validate_tracker_config
 
 
@@ -148,20 +150,16 @@ class PretrainConfig:
 
     def model_config(self):
         """The resolved lmforge ModelConfig (preset + overrides)."""
-        from lmforge.models.presets import model_config_from_dict
-
         if not self.model:
             raise ConfigError("model section is empty; set model.preset (see `lmforge model list`)")
         if self.model.get("from"):  # continued pretraining: the architecture is the model dir's (h-shard)
-            from lmforge.artifacts.model_dir import read_config
-
             extra = sorted(k for k in self.model if k not in MODEL_INIT_KEYS)
             if extra:
                 raise ConfigError(f"model.from takes the architecture from '{self.model['from']}'; drop model.{extra[0]}")
             if not Path(str(self.model["from"])).is_dir():
                 raise ConfigError(f"model.from='{self.model['from']}' is not a directory; point it at a model dir "
                                   "(RUN/model of a pretraining run, or `lmforge import` output)")
-            return read_config(self.model["from"])
+            return read_metadata(self.model["from"]).model_config()
         try:  # init options (model.init_embeddings_from) are not part of the architecture
             return model_config_from_dict({k: v for k, v in self.model.items() if k not in MODEL_INIT_KEYS})
         except TypeError as e:

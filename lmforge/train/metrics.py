@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from lmforge.atomic import atomic_write_text
+from lmforge.train.report import format_duration  # defined there: the report is torch-free
+
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against the device name.
 GPU_BF16_PEAK = {
     "H200": 989.5e12,
@@ -93,8 +96,6 @@ def _cached(key: str, measure) -> float:
     if value > cached:
         table[key] = value
         try:
-            from lmforge.config import atomic_write_text
-
             atomic_write_text(path, json.dumps(table, indent=1))
         except OSError:
             pass  # a read-only home only costs a re-measurement next time
@@ -180,8 +181,6 @@ class MetricsWriter:
                 continue  # a half-written last line from a kill
             if row.get("step", 0) <= step:
                 keep.append(line)
-        from lmforge.config import atomic_write_text
-
         atomic_write_text(self.path, "".join(x + "\n" for x in keep))
 
     def write(self, row: dict[str, Any]) -> None:
@@ -214,15 +213,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             except ValueError:
                 continue
     return rows
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = round(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 class ThroughputMeter:

@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmforge.models.transformer import TransformerBlock
+from lmforge.train.muon import MuonAdamW
+from lmforge.train.rank_output import note
+
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
@@ -42,8 +46,6 @@ def muon_matrices(model: nn.Module) -> set[int]:
     """ids of the parameters Muon trains: the trainable ``weight`` of every ``nn.Linear`` inside a
     transformer block (attention q/k/v/o, MLP w1/w2/w3). Embeddings, the LM head, norms, biases, LoRA
     adapters and classifier/MLM heads (all outside the blocks, or not an nn.Linear weight) stay on AdamW."""
-    from lmforge.models.transformer import TransformerBlock
-
     ids: set[int] = set()
     for block in model.modules():
         if isinstance(block, TransformerBlock):
@@ -94,12 +96,8 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
 
 
 def _build_muon(model: nn.Module, optim_cfg):
-    from lmforge.train.muon import MuonAdamW
-
     groups = muon_param_groups(model, optim_cfg)
     if not any(g.get("muon") for g in groups):
-        from lmforge.train.rank_output import note
-
         note("note: optim.name=muon found no trainable matrix inside the transformer blocks (LoRA trains only "
              "adapters and heads); every parameter is trained by AdamW")
     for g in groups:

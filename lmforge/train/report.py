@@ -9,7 +9,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import UserError
+from lmforge.atomic import atomic_write_text
+from lmforge.config import UserError, load_yaml
+from lmforge.models.presets import model_config_from_dict
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -31,6 +33,16 @@ def _num(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def format_duration(seconds: float) -> str:
+    """``2h03m``, ``4m05s`` or ``7s`` (``?`` when not finite)."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
 def summarize(run_dir: str | Path) -> dict[str, Any]:
     """Figures of a run from its metrics.jsonl (and config.yaml / model dir when present)."""
     run_dir = Path(run_dir)
@@ -43,16 +55,12 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir": str(run_dir), "name": run_dir.name}
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
-        from lmforge.config import load_yaml
-
         cfg = load_yaml(cfg_path)  # safe loader, no aliases: a hostile config.yaml is a one-line error
         cfg = {k: v for k, v in cfg.items() if isinstance(v, dict)}  # a hand-edited section that is not a mapping
         out["name"] = (cfg.get("run") or {}).get("name") or out["name"]
         model = cfg.get("model") or {}
         out["preset"] = model.get("preset")
         try:
-            from lmforge.models.presets import model_config_from_dict
-
             mcfg = model_config_from_dict(model)
             out["params"] = mcfg.num_params()
             out["model"] = f"{mcfg.n_layers} layers, dim {mcfg.dim}, {mcfg.n_heads} heads, vocab {mcfg.vocab_size:,}"
@@ -138,8 +146,6 @@ def _fmt(v, spec: str = "", none: str = "—") -> str:
 
 
 def markdown(s: dict[str, Any], image: str | None = "report.png", extra: dict[str, str] | None = None) -> str:
-    from lmforge.train.metrics import format_duration
-
     lines = [f"# Run `{s['name']}`", ""]
     if image:
         lines += [f"![loss and learning rate]({image})", ""]
@@ -173,8 +179,6 @@ def markdown(s: dict[str, Any], image: str | None = "report.png", extra: dict[st
 
 def write_report(run_dir: str | Path, extra: dict[str, str] | None = None) -> tuple[dict[str, Any], Path, Path]:
     """PNG + markdown into the run dir; returns (summary, png path, markdown path)."""
-    from lmforge.config import atomic_write_text
-
     run_dir = Path(run_dir)
     s = summarize(run_dir)
     png = plot(run_dir, title=s.get("name"))

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from lmforge.atomic import atomic_write_text
 from lmforge.config import ConfigError
+from lmforge.train.report import plot
 
 STATUSES = ("finished", "failed", "killed")
 IDS_FILE = "trackers.json"  # RUN/trackers.json: the tracking runs' ids, so a resumed run logs to the same one
@@ -376,8 +378,6 @@ class Trackers:
 
     def _report(self) -> Path | None:
         try:
-            from lmforge.train.report import plot
-
             return plot(self.run_dir)
         except Exception as e:  # noqa: BLE001 - a report that cannot be drawn must not fail the run
             print(f"warning: could not draw {self.run_dir / 'report.png'} for the trackers ({e}); "
@@ -390,8 +390,6 @@ class Trackers:
     def _write_ids(self, ids: dict[str, str]) -> None:
         if not ids:
             return
-        from lmforge.config import atomic_write_text
-
         try:
             atomic_write_text(self.run_dir / IDS_FILE, json.dumps(ids, indent=1) + "\n")
         except OSError as e:

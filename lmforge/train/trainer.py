@@ -42,7 +42,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import ConfigError, UserError, config_hash, dump_yaml
+from lmforge import __version__
+from lmforge.artifacts.consolidate import consolidate
+from lmforge.artifacts.model_dir import save_model_dir
+from lmforge.config import ConfigError, UserError, config_hash, dump_yaml, to_dict
 from lmforge.console import info
 from lmforge.distributed.world import World, barrier, no_sync, parallelize_model, unwrap
 from lmforge.train import checkpoint as ckpt
@@ -168,7 +171,7 @@ class Trainer:
         self.on_best = job.on_best
         self.best_metric = getattr(cfg.eval, "metric", None) or "val_loss"
         self.maximize = getattr(cfg.eval, "metric_mode", "min") == "max"
-        self.config_dict = job.config_dict if job.config_dict is not None else _to_dict(cfg)
+        self.config_dict = job.config_dict if job.config_dict is not None else to_dict(cfg)
         self.math_fields = dict(job.math_fields)
         self.flops_per_token = job.flops_per_token
         self.bytes_per_token = job.bytes_per_token
@@ -223,7 +226,7 @@ class Trainer:
                         "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
                         "last_val": self.last_val, "last_val_step": self.last_val_step},
             "layout": self._layout(),
-            "lmforge_version": __import__("lmforge").__version__,
+            "lmforge_version": __version__,
         }
 
     def _layout(self) -> dict[str, int]:
@@ -543,16 +546,12 @@ class Trainer:
 
     def export_model(self) -> Path | None:
         """Consolidate the weights (gathered from all ranks) into RUN/model on rank 0."""
-        from lmforge.artifacts.consolidate import consolidate
-
         shell = consolidate(self.model, self.world.is_main, template=unwrap(self.raw_model))
         out = self.run_dir / "model"
         if self.world.is_main:
             if self.save_model_fn is not None:
                 self.save_model_fn(shell, out)
             else:
-                from lmforge.artifacts.model_dir import save_model_dir
-
                 save_model_dir(shell, out)
         barrier()
         return out
@@ -609,12 +608,6 @@ class Trainer:
             return False
         self.evals_since_best += 1
         return bool(self.cfg.eval.patience) and self.evals_since_best >= self.cfg.eval.patience
-
-
-def _to_dict(cfg) -> dict[str, Any]:
-    from lmforge.config import to_dict
-
-    return to_dict(cfg)
 
 
 __all__ = [
