@@ -16,6 +16,7 @@ from typing import Any
 from lmforge.config import UserError
 from lmforge.data.epochs import EpochCursor
 from lmforge.data.sft import SFTDataset
+from lmforge.models.masks import document_mask_dense
 from lmforge.tokenizer.chat_template import IGNORE_INDEX
 
 
@@ -63,7 +64,6 @@ class SFTBatch:
     @property
     def attention_mask(self) -> Any:
         """(B, 1, T, T) bool for packed rows (built on request, on the ids' device), else None."""
-        from lmforge.models.masks import document_mask_dense
 
         return document_mask_dense(self.doc_ids) if self.packed else None
 

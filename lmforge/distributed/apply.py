@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.config import ConfigError
-from lmforge.distributed.config import ParallelConfig, ParallelDims
+from lmforge.distributed.config import ParallelConfig, ParallelDims, parse_ac_policy
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -233,7 +233,6 @@ def _checkpoint_block(block: nn.Module, mode: str, context_fn) -> None:
 
 def apply_ac(model: nn.Module, mode: str) -> None:
     """Activation checkpointing per block with one of the policies above (`none` leaves the model alone)."""
-    from lmforge.distributed.config import parse_ac_policy
 
     policy, every = parse_ac_policy(mode)
     if policy == "none":
@@ -327,7 +326,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, world=None, device: torch
     Without a process group (plain single process) only AC and compile apply. ``precision`` is the
     trainer's train.precision, which ``parallel.param_dtype: auto`` follows.
     """
-    from lmforge.distributed.world import world_for
+    from lmforge.distributed.world import world_for  # lazy: cycle, distributed.world imports this module
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     have_pg = dist.is_available() and dist.is_initialized()

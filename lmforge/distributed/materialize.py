@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmforge.artifacts.model_dir import index_weight_map
 from lmforge.config import UserError
 
 _ATTR = "_lmforge_weights"  # the weight source a recipe attaches to a meta model
@@ -143,8 +144,6 @@ class ShardedLoad:
             with safe_open(str(single), framework="pt") as f:
                 return dict.fromkeys(f.keys(), single)
         if index.is_file():
-            from lmforge.artifacts.model_dir import index_weight_map
-
             return index_weight_map(index, "re-export the model")
         raise UserError(f"'{self.directory}' holds no {self.weights_name} (or its index); pass a model dir "
                         "written by lmforge (RUN/model, `lmforge import`)")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from lmforge.config import UserError
 from lmforge.distributed import collectives
+from lmforge.distributed.watchdog import Watchdog
 
 
 @dataclass
@@ -96,8 +97,6 @@ def init_distributed(timeout_s: float = 600.0, device: str | None = None, watchd
         backend = "gloo"
     info = DistInfo(rank, world, local_rank, dev, backend)
     if watchdog and world > 1:
-        from lmforge.distributed.watchdog import Watchdog
-
         info.watchdog = Watchdog.start(rank, world, timeout_s)
     global _CURRENT
     _CURRENT = info

@@ -29,9 +29,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmforge.artifacts.model_dir import load_model_dir
 from lmforge.config import ConfigError
+from lmforge.console import info
 from lmforge.distributed import collectives
+from lmforge.distributed.apply import parallelize, set_grad_sync
 from lmforge.distributed.config import ParallelConfig, ParallelDims
+from lmforge.distributed.materialize import (
+    ShardedInit,
+    ShardedLoad,
+    attach_weights,
+    is_meta,
+    materialize,
+    weight_source,
+)
 from lmforge.distributed.process_group import (
     DistInfo,
     cuda_device,
@@ -40,6 +51,7 @@ from lmforge.distributed.process_group import (
     init_distributed,
     launched_by_torchrun,
 )
+from lmforge.models.transformer import Transformer, build_model
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
@@ -244,8 +256,6 @@ def parallelize_model(model: nn.Module, cfg, world: World, device: torch.device)
     FSDP2 when its parameters end up sharded (each rank allocates and fills only its shards), before
     parallelizing otherwise (DDP broadcasts real weights; a single process just materializes).
     """
-    from lmforge.distributed.apply import parallelize
-    from lmforge.distributed.materialize import is_meta, materialize, weight_source
 
     pcfg = _parallel_cfg(cfg)
     precision = getattr(getattr(cfg, "train", None), "precision", None)
@@ -253,8 +263,6 @@ def parallelize_model(model: nn.Module, cfg, world: World, device: torch.device)
     source = weight_source(model)
     sharded = shards_parameters(world)
     if on_meta and source is not None and world.is_main:
-        from lmforge.console import info
-
         where = "each rank its shards" if sharded else "whole"
         info(f"model: {source.describe()} on the meta device, materialized {where}")
     if on_meta and not sharded:
@@ -273,13 +281,9 @@ def build_for_world(mcfg, world: World, device: torch.device, *, seed: int | Non
     Weights: loaded from ``model_dir`` (each rank reads only its slices of the safetensors files), else the
     seeded init (``init``; bitwise the 1-process init), else left for a checkpoint load.
     """
-    from lmforge.distributed.materialize import ShardedInit, ShardedLoad, attach_weights
-    from lmforge.models.transformer import Transformer, build_model
 
     if not shards_parameters(world):
         if model_dir is not None:
-            from lmforge.artifacts.model_dir import load_model_dir
-
             return load_model_dir(model_dir, device=device)
         return build_model(mcfg, device=device, dtype=torch.float32, seed=seed, init=init)
     with torch.device("meta"):
@@ -319,7 +323,6 @@ def no_sync(model: nn.Module, skip: bool):
         model.set_requires_gradient_sync(True)
         model.set_requires_all_reduce(not skip)  # only HSDP all-reduces; a no-op for 1-D FSDP2
         return contextlib.nullcontext()
-    from lmforge.distributed.apply import set_grad_sync
 
     set_grad_sync(model, not skip)  # composable replicate (DDP)
     return contextlib.nullcontext()

@@ -38,6 +38,8 @@ import math
 import torch
 from torch import Tensor
 
+from lmforge.distributed import collectives
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: maximal slope at 0
 LR_ADJUST = ("match_rms_adamw", "original", "none")
 NS_WORK = ("split", "replicate")  # sharded matrices: Newton–Schulz on one owner rank each, or on every rank
@@ -127,8 +129,6 @@ def _orthogonalize_on_owner(u: Tensor, steps: int, dtype: torch.dtype, owner: in
     """``gather`` the shards (padded to one size) on ``owner``, Newton–Schulz there, ``scatter`` back."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
-
-    from lmforge.distributed import collectives
 
     mesh, dim = u.device_mesh, u.placements[0].dim
     group, me = mesh.get_group(), mesh.get_local_rank()
