@@ -373,8 +373,8 @@ def load_config_source(arg: str | os.PathLike) -> dict[str, Any]:
         return load_recipe(name)
     text = str(arg)
     if text.startswith(RECIPE_PREFIX) or not Path(text).exists():
-        raise ConfigError(f"config '{text}' is neither a YAML file nor a packaged recipe; pass a file or one of: "
-                          + ", ".join(recipe_names()))
+        raise ConfigError(f"config '{text}' does not exist as a YAML file and is not a packaged recipe; "
+                          "pass an existing file or one of: " + ", ".join(recipe_names()))
     return load_yaml(arg)
 
 

@@ -63,5 +63,5 @@ def test_an_installed_wheel_runs_a_recipe_by_name(wheel, tmp_path):
                           f"data.dir={work / 'no-shards'}"], cwd=work, env=env, capture_output=True, text=True,
                          timeout=120, check=False)
     # the recipe was read and validated; the run stops at its (missing) data, before writing anything
-    assert run.returncode == 2 and "no-shards" in run.stderr and "neither a YAML file" not in run.stderr, run.stderr
+    assert run.returncode == 2 and "no-shards" in run.stderr and "does not exist as a YAML file" not in run.stderr, run.stderr
     assert not (work / "runs").exists()

@@ -74,7 +74,7 @@ def test_neither_a_file_nor_a_recipe_is_one_line_listing_the_recipes(arg, tmp_pa
     with pytest.raises(ConfigError) as e:
         load_pretrain(arg, ["data.dir=/tmp/shards"])
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"config '{arg}' is neither a YAML file nor a packaged recipe")
+    assert "\n" not in msg and msg.startswith(f"config '{arg}' does not exist as a YAML file and is not a packaged recipe")
     assert all(name in msg for name in recipe_names())
 
 
@@ -83,12 +83,12 @@ def test_the_cli_runs_a_recipe_by_name_and_refuses_an_unknown_one(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--config", "pretrain/tinyy"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
-    assert bad.stderr.startswith("error: config 'pretrain/tinyy' is neither a YAML file nor a packaged recipe")
+    assert bad.stderr.startswith("error: config 'pretrain/tinyy' does not exist as a YAML file and is not a packaged recipe")
     # a recipe by name gets as far as its data: the config itself was read and validated
     ok = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--config", "recipe:pretrain/tiny",
                          f"data.dir={tmp_path / 'no-shards'}", f"run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=120, check=False)
-    assert ok.returncode == 2 and "no-shards" in ok.stderr and "neither a YAML file" not in ok.stderr, ok.stderr
+    assert ok.returncode == 2 and "no-shards" in ok.stderr and "does not exist as a YAML file" not in ok.stderr, ok.stderr
 
 
 def test_the_planner_reads_a_recipe_by_name(tmp_path, monkeypatch):
