@@ -247,19 +247,16 @@ class _Progress:
             info(line)
 
 
-def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """See :func:`_prepare`. A SIGTERM unwinds through its cleanup (the temp dir is removed; exit 143)."""
-    with sigterm_raises("error: terminated (SIGTERM); no output written"):
-        return _prepare(*args, **kwargs)
-
-
-def _prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
-             val_fraction: float = 0.0, workers: int = 1, dedup: str = "exact", seed: int = 0,
-             text_field: str = "text", min_chars: int = 16, txt_mode: str = "file", pii: bool = False,
-             shard_tokens: int = 1 << 28, add_bos: bool = False, near_threshold: float = 0.8,
-             overwrite: bool = False, progress: bool = True,
-             include: list[str] | str | None = None, filters: FilterSpec | None = None,
-             engine: str = "local", ray_address: str | None = None) -> dict[str, Any]:
+# A SIGTERM unwinds through the cleanup below (the temp dir is removed; exit 143): the guard decorates the
+# function, so its signature is the real one (no *args/**kwargs pass-through).
+@sigterm_raises("error: terminated (SIGTERM); no output written")
+def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
+            val_fraction: float = 0.0, workers: int = 1, dedup: str = "exact", seed: int = 0,
+            text_field: str = "text", min_chars: int = 16, txt_mode: str = "file", pii: bool = False,
+            shard_tokens: int = 1 << 28, add_bos: bool = False, near_threshold: float = 0.8,
+            overwrite: bool = False, progress: bool = True,
+            include: list[str] | str | None = None, filters: FilterSpec | None = None,
+            engine: str = "local", ray_address: str | None = None) -> dict[str, Any]:
     """Tokenize ``inputs`` into a token-shard dir at ``out_dir``; returns the report (also in index.json).
 
     ``txt_mode``: ``file`` (one document per text file, e.g. source code), ``blank`` (blank-line-separated
