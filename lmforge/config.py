@@ -249,6 +249,42 @@ def _depth_ok(obj: Any, limit: int) -> bool:
     return True
 
 
+MAX_RECORD_CHARS = 64 << 20  # one JSON record of data (a .jsonl line, an element of a .json array)
+
+
+def loads_bounded(text: str, where: str, error: type[Exception] = UserError, max_depth: int = MAX_JSON_DEPTH,
+                  max_chars: int | None = MAX_RECORD_CHARS, pos: int | None = None) -> Any:
+    """``json.loads(text)`` with nesting and size caps: over a cap is one ``error`` line naming ``where``
+    (e.g. ``file:line``); invalid JSON still raises ``json.JSONDecodeError`` for the caller to word.
+
+    With ``pos`` the value starting there is decoded (``JSONDecoder.raw_decode``) and ``(value, end)``
+    returned. ``max_chars`` (None = no cap) bounds the decoded text; depth is walked only when the text
+    holds more brackets than ``max_depth`` (a cheap count), so flat records cost nothing extra.
+    """
+    start = 0 if pos is None else pos
+    if max_chars is not None and pos is None and len(text) > max_chars:
+        raise error(f"{where}: one JSON record of {len(text):,} characters, over the {max_chars:,} limit; "
+                    "split it into smaller records")
+    try:
+        if pos is None:
+            obj, end = json.loads(text), len(text)
+        else:
+            obj, end = _DECODER.raw_decode(text, pos)
+    except RecursionError:
+        raise error(f"{where}: JSON nested deeper than {max_depth} levels; data records are not nested that "
+                    "deep — fix or remove it") from None
+    if max_chars is not None and end - start > max_chars:
+        raise error(f"{where}: one JSON record of {end - start:,} characters, over the {max_chars:,} limit; "
+                    "split it into smaller records")
+    if text.count("[", start, end) + text.count("{", start, end) > max_depth and not _depth_ok(obj, max_depth):
+        raise error(f"{where}: JSON nested deeper than {max_depth} levels; data records are not nested that "
+                    "deep — fix or remove it")
+    return obj if pos is None else (obj, end)
+
+
+_DECODER = json.JSONDecoder()
+
+
 def read_json_bounded(path: str | os.PathLike, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES,
                       max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse a JSON file with size and nesting caps; every failure is a one-line UserError naming ``what``."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bz2
 import dataclasses
+import errno
 import fnmatch
 import glob as _glob
 import gzip
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lmforge import web_inputs as web
-from lmforge.config import UserError
+from lmforge.config import UserError, loads_bounded
 from lmforge.web_inputs import HTML_SUFFIXES, WARC_SUFFIXES
 
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
@@ -71,6 +72,25 @@ class ReadStats:
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
+
+
+def refuse_symlink_loop(path: str | os.PathLike, flag: str = "--input") -> None:
+    """A one-line UserError when a local ``path`` (or a folder on the way to it) is a symbolic link loop,
+    which ``Path.resolve`` reports as a RuntimeError (Python < 3.13) or ELOOP. URLs and hf: names pass."""
+    text = str(path)
+    if not text or is_url(text) or text.startswith(("hf:", "hfdisk:")):
+        return
+    try:
+        Path(os.path.abspath(os.path.expanduser(text))).resolve(strict=False)
+        os.stat(text)
+    except RuntimeError:
+        pass
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            return
+    else:
+        return
+    raise UserError(f"{flag} '{text}' goes through a symbolic link loop; fix the link or pass the real path")
 
 
 def is_url(path: str) -> bool:
@@ -152,6 +172,7 @@ def resolve_inputs(inputs: list[str] | str, stats: ReadStats | None = None,
             for p in _resolve_url(item, stats, include):
                 add(p)
         else:
+            refuse_symlink_loop(item, "--input")
             p = Path(item).expanduser()
             if any(c in item for c in "*?["):
                 matches = sorted(_glob.glob(str(p), recursive=True))
@@ -361,7 +382,7 @@ def _iter_jsonl(path: str, fields: list[str], stats: ReadStats) -> Iterator[str]
                     continue
                 line = decode(raw, stats)
                 try:
-                    rec = json.loads(line)
+                    rec = loads_bounded(line, f"{path}:{lineno}")
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove the line") from None
                 yield from _record_text(rec, fields, f"{path}:{lineno}")
@@ -373,7 +394,7 @@ def _iter_json(path: str, fields: list[str], stats: ReadStats) -> Iterator[str]:
     data = _read_all(path)
     stats.bytes += len(data)
     try:
-        obj = json.loads(decode(data, stats))
+        obj = loads_bounded(decode(data, stats), path, max_chars=None)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
     items = obj if isinstance(obj, list) else [obj]

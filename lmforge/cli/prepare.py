@@ -56,11 +56,15 @@ def run(args) -> int:
     from lmforge.data.prepare import prepare
     from lmforge.data.remote import is_remote
     from lmforge.outputs import guard_output_dir
+    from lmforge.sources import refuse_symlink_loop
 
     filters = make_spec(lang=args.lang, lang_min_score=args.lang_min_score, quality_filters=args.quality,
                         quality_config=args.quality_config, decontaminate=args.decontaminate,
                         decontaminate_mode=args.decontaminate_mode, decontaminate_ngram=args.decontaminate_ngram)
 
+    for flag, paths in (("--input", args.input), ("--tokenizer", [args.tokenizer]), ("--out", [args.out])):
+        for path in paths:  # before the output guard, which resolves them
+            refuse_symlink_loop(path, flag)
     if not is_remote(args.out):  # an s3:// / gs:// --out is checked by prepare itself (data/remote.py)
         guard_output_dir(args.out, inputs=[*args.input, args.tokenizer], overwrite=args.overwrite)
     r = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,

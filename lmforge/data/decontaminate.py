@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import UserError
-from lmforge.sources import ReadStats, _read_all, decode
+from lmforge.config import UserError, loads_bounded
+from lmforge.sources import ReadStats, _read_all, decode, refuse_symlink_loop
 
 DEFAULT_NGRAM = 13
 MODES = ("drop", "report")
@@ -68,14 +68,14 @@ def read_items(path: str) -> list[list[str]]:
             if not line.strip():
                 continue
             try:
-                items.append(list(_strings(json.loads(line))))
+                items.append(list(_strings(loads_bounded(line, f"--decontaminate {path}:{lineno}"))))
             except json.JSONDecodeError as e:
                 raise UserError(f"--decontaminate {path}:{lineno} is not valid JSON ({e.msg}); "
                                 "fix the line or pass a .txt set (one item per line)") from None
         return items
     if low.endswith(".json"):
         try:
-            obj = json.loads(data)
+            obj = loads_bounded(data, f"--decontaminate {path}", max_chars=None)
         except json.JSONDecodeError as e:
             raise UserError(f"--decontaminate {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
         return [list(_strings(x)) for x in obj] if isinstance(obj, list) else [list(_strings(obj))]
@@ -157,10 +157,23 @@ class Decontaminator:
 
 
 def check_paths(paths: list[str]) -> list[str]:
-    """The given eval-set paths, each checked to exist (a missing one is a UserError)."""
+    """The given eval-set paths, each checked to exist and to hold at least one item (read here, in the main
+    process, so a bad set is one UserError before any work): a missing file, a directory, a symlink loop or
+    an empty set is refused."""
     out = []
     for p in paths:
-        if "://" not in p and not Path(p).expanduser().is_file():
-            raise UserError(f"--decontaminate {p}: no such file; pass evaluation sets as .jsonl/.json/.txt files")
-        out.append(p if "://" in p else str(Path(p).expanduser().resolve()))
+        if "://" not in p:
+            local = Path(p).expanduser()
+            if local.is_dir():
+                raise UserError(f"--decontaminate {p} is a directory; pass the evaluation set files inside it "
+                                f"(e.g. {p.rstrip('/')}/*.jsonl)")
+            refuse_symlink_loop(p, "--decontaminate")
+            if not local.is_file():
+                raise UserError(f"--decontaminate {p}: no such file; pass evaluation sets as .jsonl/.json/.txt "
+                                "files")
+            p = str(local.resolve())
+        if not read_items(p):
+            raise UserError(f"--decontaminate {p} holds no items (an empty evaluation set would check nothing); "
+                            "pass a set with one item per line or record")
+        out.append(p)
     return out

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import UserError
+from lmforge.config import UserError, loads_bounded, read_json_bounded
 from lmforge.data import decontaminate as decon
 from lmforge.data import langid, quality
 
@@ -70,17 +70,22 @@ def _load_config(config: str | dict | None) -> dict | None:
     """``--quality-config``: a JSON file, or inline JSON (``'{"c4": {"min_sentences": 2}}'``)."""
     if config is None or isinstance(config, dict):
         return config
-    text = config
-    if not config.lstrip().startswith("{"):
-        p = Path(config).expanduser()
-        if not p.is_file():
-            raise UserError(f"--quality-config {config}: no such file; pass a JSON file or inline JSON "
-                            "such as '{\"gopher_quality\": {\"min_doc_words\": 30}}'")
-        text = p.read_text(encoding="utf-8")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--quality-config is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not config.strip():
+        raise UserError("--quality-config is empty; pass a JSON file or inline JSON")
+    example = "'{\"gopher_quality\": {\"min_doc_words\": 30}}'"
+    p = Path(config).expanduser()
+    if not config.lstrip().startswith(("{", "[")) and p.is_dir():
+        raise UserError(f"--quality-config {config} is a directory; pass a JSON file or inline JSON such as {example}")
+    if not config.lstrip().startswith(("{", "[")) and p.is_file():
+        obj = read_json_bounded(p, "--quality-config file", max_bytes=1 << 20)
+    else:
+        try:
+            obj = loads_bounded(config, "--quality-config", max_chars=1 << 20)
+        except json.JSONDecodeError as e:
+            if not config.lstrip().startswith(("{", "[")):  # neither a file nor JSON: name the missing file
+                raise UserError(f"--quality-config {config}: no such file; pass a JSON file or inline JSON "
+                                f"such as {example}") from None
+            raise UserError(f"--quality-config is not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(obj, dict):
         raise UserError("--quality-config must be a JSON object: {\"filter\": {\"threshold\": value}}")
     return obj

@@ -35,6 +35,7 @@ Blank lines are not lines here (the published code counts them; trafilatura's ou
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections import Counter
 from typing import Any
@@ -124,6 +125,16 @@ def expand_names(spec: str | list[str] | None) -> list[str]:
     return [f for f in FILTERS if f in chosen]
 
 
+def _is_number(v: Any) -> bool:
+    """A finite int or float (JSON's true/false and NaN/Infinity are not thresholds)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_n(k: Any) -> bool:
+    """An n-gram size key: an integer >= 1, written as digits ("5") or a number (5)."""
+    return (str(k).isascii() and str(k).isdigit() and int(k) >= 1) if not isinstance(k, bool) else False
+
+
 def resolve_thresholds(overrides: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """DEFAULTS with ``overrides`` (``{"gopher_quality": {"min_doc_words": 30}, "c4_zh": {...}}``) applied."""
     out = copy.deepcopy(DEFAULTS)
@@ -139,9 +150,13 @@ def resolve_thresholds(overrides: dict[str, Any] | None) -> dict[str, dict[str, 
                                 f"known: {', '.join(DEFAULTS[group])}")
             default = DEFAULTS[group][key]
             if value is not None and isinstance(default, dict):
-                if not isinstance(value, dict) or not all(str(k).isdigit() for k in value):
-                    raise UserError(f"--quality-config: {group}.{key} maps n (an integer) to a fraction, "
+                if not isinstance(value, dict) or not all(_is_n(k) for k in value):
+                    raise UserError(f"--quality-config: {group}.{key} maps n (an integer >= 1) to a fraction, "
                                     f"e.g. {default}")
+                for n, frac in value.items():
+                    if frac is not None and not _is_number(frac):
+                        raise UserError(f"--quality-config: {group}.{key}.{n}={frac!r} must be a number "
+                                        "(a fraction, or null = off)")
                 value = {str(k): v for k, v in value.items()}
             elif value is not None and isinstance(default, list):
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -149,7 +164,7 @@ def resolve_thresholds(overrides: dict[str, Any] | None) -> dict[str, dict[str, 
             elif value is not None and isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise UserError(f"--quality-config: {group}.{key} must be true or false")
-            elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            elif value is not None and not _is_number(value):
                 raise UserError(f"--quality-config: {group}.{key}={value!r} must be a number (or null = off)")
             out[group][key] = value
     return out

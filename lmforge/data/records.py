@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import UserError
+from lmforge.config import UserError, loads_bounded
 
 
 class DataError(UserError):
@@ -56,7 +56,7 @@ def _read_jsonl(p: Path, text: str) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield i, json.loads(line)
+            yield i, loads_bounded(line, f"{p}:{i}", DataError)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{i}: invalid JSON ({e.msg} at column {e.colno}); each line of a .jsonl "
                             "file must be one JSON object") from None
@@ -64,7 +64,6 @@ def _read_jsonl(p: Path, text: str) -> Iterator[tuple[int, Any]]:
 
 def _read_json_array(p: Path, text: str) -> Iterator[tuple[int, Any]]:
     """Walk a top-level JSON array element by element so each record keeps its line number."""
-    decoder = json.JSONDecoder()
     ws = " \t\r\n"
 
     def fail(pos: int, msg: str):
@@ -91,12 +90,12 @@ def _read_json_array(p: Path, text: str) -> Iterator[tuple[int, Any]]:
             pos += 1
             expect_value = True
             continue
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            fail(e.pos, f"invalid JSON ({e.msg})")
         line += text.count("\n", counted, pos)
         counted = pos
+        try:
+            obj, end = loads_bounded(text, f"{p}:{line}", DataError, pos=pos)
+        except json.JSONDecodeError as e:
+            fail(e.pos, f"invalid JSON ({e.msg})")
         yield line, obj
         pos, expect_value = end, False
 

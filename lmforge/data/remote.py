@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.atomic import atomic_write_text
-from lmforge.config import UserError
+from lmforge.config import UserError, loads_bounded
 
 INDEX_NAME = "index.json"
 INDEX_LIMIT = 64 << 20  # bytes: an index.json bigger than this is not one
@@ -144,7 +144,7 @@ def read_remote_index_bytes(url: str) -> bytes:
 
 def parse_index_bytes(data: bytes, where: str) -> dict[str, Any]:
     try:
-        return json.loads(data.decode("utf-8"))
+        return loads_bounded(data.decode("utf-8"), where, max_chars=None)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{where} is not valid JSON ({e}); re-run `lmforge prepare`") from None
 

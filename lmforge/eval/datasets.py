@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.config import loads_bounded
 from lmforge.data.records import (
     DataError,
     check_file,
@@ -113,7 +114,7 @@ def load_qa(path: str | os.PathLike) -> list[GenExample]:
     p = check_file(path)
     if p.suffix.lower() == ".json":
         try:
-            data = json.loads(read_text(p))
+            data = loads_bounded(read_text(p), str(p), DataError, max_chars=None)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
         if isinstance(data, dict) and "data" in data:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from lmforge.config import UserError
+from lmforge.config import UserError, loads_bounded
 from lmforge.data.records import check_file
 from lmforge.eval.datasets import GenExample
 from lmforge.eval.loading import load_for_eval
@@ -70,7 +70,7 @@ def load_safety_set(path: str | os.PathLike | None = None, split: str | None = N
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
+            r = loads_bounded(line, f"{p}:{i}")
         except json.JSONDecodeError as e:
             raise UserError(f"{p}:{i}: invalid JSON ({e.msg}); each line must be one JSON object") from None
         if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
