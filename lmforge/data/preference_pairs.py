@@ -19,7 +19,10 @@ Truncation (``L = seq_len + 1`` ids, i.e. ``seq_len`` model positions per row):
      ``max_prompt_len`` tokens (the end holds the question and the assistant header);
   2. if it still does not fit, each completion is cut at its end to ``L - len(prompt)`` tokens;
   3. a pair left with an empty completion (a prompt of ``L`` tokens or more) is dropped.
-``stats`` counts the cut prompts, cut completions and dropped pairs.
+A pair whose chosen and rejected replies are the same (both empty included) — as text, or as the tokens left
+after the cut — teaches nothing (every pairwise loss sits at its constant, e.g. DPO's log 2 = 0.6931, with a
+zero gradient) and is dropped too. ``stats`` counts the cut prompts, cut completions, pairs dropped for
+lack of room (``dropped``) and identical pairs dropped (``identical``).
 """
 
 from __future__ import annotations
@@ -199,8 +202,11 @@ def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], seq_len: int, templ
     if max_prompt_len is None:
         max_prompt_len = seq_len // 2
     out = EncodedPairs([], [], [], [], {"pairs": len(pairs), "prompt_truncated": 0, "completion_truncated": 0,
-                                        "dropped": 0})
+                                        "dropped": 0, "identical": 0})
     for p in pairs:
+        if p.chosen == p.rejected:  # nothing to prefer (both empty included): a constant loss, no gradient
+            out.stats["identical"] += 1
+            continue
         try:
             prompt = encode_prompt(tokenizer, p.prompt, template)
             chosen = encode_reply(tokenizer, p.prompt, p.chosen, template)
@@ -213,14 +219,32 @@ def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], seq_len: int, templ
         if not chosen or not rejected or not prompt:
             out.stats["dropped"] += 1
             continue
+        if chosen == rejected:  # the replies differ only past data.seq_len
+            out.stats["identical"] += 1
+            continue
         out.prompt.append(prompt)
         out.chosen.append(chosen)
         out.rejected.append(rejected)
         out.where.append(p.where)
     if not out.prompt:
-        raise DataError(f"every one of the {len(pairs)} pairs was dropped: no prompt leaves room for a reply "
-                        f"within data.seq_len={seq_len}; raise data.seq_len or lower dpo.max_prompt_len")
+        same, room = out.stats["identical"], out.stats["dropped"]
+        if not room:
+            raise DataError(f"every one of the {len(pairs)} pairs was dropped: chosen and rejected are the same "
+                            f"(within data.seq_len={seq_len}); preference pairs need two different replies")
+        raise DataError(f"every one of the {len(pairs)} pairs was dropped: "
+                        + (f"{same} have the same chosen and rejected reply, {room} " if same else "")
+                        + f"no prompt leaves room for a reply within data.seq_len={seq_len}; raise data.seq_len "
+                        "or lower dpo.max_prompt_len")
     return out
+
+
+def identical_warning(stats: dict[str, int], split: str) -> str | None:
+    """The one-line warning for the pairs `encode_pairs` dropped as identical, or None when there are none."""
+    n = stats.get("identical", 0)
+    if not n:
+        return None
+    return (f"warning: {split}: dropped {n} of {stats['pairs']} preference pairs whose chosen and rejected replies "
+            "are the same (or both empty): they teach nothing (the loss stays at its constant, 0.6931 for DPO)")
 
 
 # ================================================================================================
@@ -328,4 +352,4 @@ def fixed_batches(data: EncodedPairs, batch_size: int, pad_id: int, max_batches:
 
 
 __all__ = ["EncodedPairs", "PairBatches", "PreferencePair", "collate_pairs", "encode_pairs", "encode_reply",
-           "fixed_batches", "load_pairs", "record_to_pair", "truncate_pair"]
+           "fixed_batches", "identical_warning", "load_pairs", "record_to_pair", "truncate_pair"]

@@ -182,12 +182,14 @@ class SFTDataset:
         return [len(x) - 1 for x in self.input_ids]
 
 
-def encode_example(tokenizer, example: SFTExample, template: str | None = None) -> tuple[list[int], list[int]]:
+def encode_example(tokenizer, example: SFTExample, template: str | None = None, max_len: int | None = None
+                   ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one example: chat examples through the chat template (assistant-only
     labels); prompt/completion pairs as raw text (prompt untrained — after BOS when the chat template
-    uses one —, completion + EOS trained)."""
+    uses one —, completion + EOS trained). With ``max_len`` a conversation is encoded only as far as
+    needed to know its first ``max_len`` ids (and that there are more): see `encode_chat`."""
     if example.messages is not None:
-        return encode_chat(tokenizer, example.messages, template)
+        return encode_chat(tokenizer, example.messages, template, max_len=max_len)
     eos = getattr(tokenizer, "eos_id", None)
     if eos is None:
         raise UserError("the tokenizer has no EOS token; SFT needs one to end each completion")
@@ -200,14 +202,15 @@ def encode_example(tokenizer, example: SFTExample, template: str | None = None) 
 def encode_examples(tokenizer, examples: Sequence[SFTExample], seq_len: int,
                     template: str | None = None) -> SFTDataset:
     """Encode every example; longer than ``seq_len + 1`` tokens -> cut at the end (counted); an example
-    left with no trained target after the cut is dropped (counted)."""
+    left with no trained target after the cut is dropped (counted). A conversation is cut before rendering
+    what lies past ``seq_len + 1`` tokens, so the time is linear in what is kept, not in the record."""
     if seq_len < 2:
         raise UserError(f"seq_len={seq_len} is too short for fine-tuning; use at least 2 (typically 512-4096)")
     ids_out, labels_out = [], []
     stats = {"examples": len(examples), "truncated": 0, "dropped": 0, "tokens": 0, "trained_tokens": 0}
     for ex in examples:
         try:
-            ids, labels = encode_example(tokenizer, ex, template)
+            ids, labels = encode_example(tokenizer, ex, template, max_len=seq_len + 1)
         except UserError as e:
             raise DataError(f"{ex.where}: {e}") from None
         if len(ids) > seq_len + 1:

@@ -92,7 +92,7 @@ def evaluate_pairwise(model_dir: str | os.PathLike, data_path: str | os.PathLike
     metrics.pop("val_loss")
     metrics.update(n=len(data), bt_loss=float(-torch.nn.functional.logsigmoid(chosen - rejected).mean()),
                    truncated=data.stats["prompt_truncated"] + data.stats["completion_truncated"],
-                   dropped=data.stats["dropped"])
+                   dropped=data.stats["dropped"], identical=data.stats["identical"])
     predictions = [{"where": w, "chosen_score": float(c), "rejected_score": float(r)}
                    for w, c, r in zip(data.where, chosen, rejected)]
     return {"metrics": metrics, "predictions": predictions}

@@ -37,7 +37,14 @@ from safetensors.torch import load_file, save_file
 from lmforge.atomic import atomic_write_text
 from lmforge.config import UserError
 from lmforge.console import info
-from lmforge.data.preference_pairs import PairBatches, collate_pairs, encode_pairs, fixed_batches, load_pairs
+from lmforge.data.preference_pairs import (
+    PairBatches,
+    collate_pairs,
+    encode_pairs,
+    fixed_batches,
+    identical_warning,
+    load_pairs,
+)
 from lmforge.data.sft import IGNORE_INDEX
 from lmforge.distributed.world import barrier, unwrap
 from lmforge.models.lora import LoRALinear
@@ -293,6 +300,9 @@ class PairsTask(FinetuneTask):
         self.stats = {"train": train_ds.stats, **({"dev": dev_ds.stats} if dev_ds else {})}
         if world.is_main:
             s = train_ds.stats
+            for split, st in self.stats.items():
+                if (warning := identical_warning(st, f"data.{split}")) is not None:
+                    info(warning)
             if s["prompt_truncated"] or s["completion_truncated"] or s["dropped"]:
                 info(f"data.train: {s['prompt_truncated']} prompts and {s['completion_truncated']} pairs' completions "
                      f"cut to data.seq_len={d.seq_len}; {s['dropped']} pairs dropped (no room for a reply)")

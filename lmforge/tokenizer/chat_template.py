@@ -309,14 +309,24 @@ def _prefix(longer: str, shorter: str, what: str) -> str:
     return longer[len(shorter):]
 
 
-def encode_chat(tokenizer, messages: Sequence[dict[str, str]], template: str | None = None
-                ) -> tuple[list[int], list[int]]:
+_CUT_MARGIN = 64  # tokens past max_len before an untrained stretch is cut: its last tokens may still merge
+
+
+def encode_chat(tokenizer, messages: Sequence[dict[str, str]], template: str | None = None,
+                max_len: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and labels that train only the assistant replies.
 
     ``labels[i] == input_ids[i]`` for tokens of an assistant reply and the EOS that ends it (EOS is
     appended when the template does not write it); every other label is ``IGNORE_INDEX``. Labels are
     aligned with the inputs (not shifted). Non-trained text is encoded in one piece per stretch, so the
     prompt of a single-turn conversation is token for token ``encode_prompt(messages[:-1])``.
+
+    ``max_len`` (the caller keeps only the first ``max_len`` ids): the conversation is cut before the rest of
+    it is rendered — encoding stops once more than ``max_len`` ids are out (so the result is still longer
+    than ``max_len`` when the whole one would be), and a non-trained stretch that alone runs past
+    ``max_len`` by a margin ends it. Rendering a prefix costs its length, so stopping early keeps a
+    10,000-turn record from costing 10,000 ever-longer renders; the first ``max_len`` ids are those of the
+    whole conversation.
     """
     template = get_chat_template(tokenizer, template)
     bos_text, eos_text = token_texts(tokenizer)
@@ -338,11 +348,19 @@ def encode_chat(tokenizer, messages: Sequence[dict[str, str]], template: str | N
 
     done = rend([])
     pending = done
+    checked = 0  # length of `pending` when it was last counted against max_len
     for i, msg in enumerate(messages):
+        if max_len is not None and len(ids) > max_len:
+            return ids, labels  # everything from here on lies past what the caller keeps
         if msg["role"] != "assistant":
             full = rend(messages[: i + 1])
             pending += _prefix(full, done, f"message {i}")
             done = full
+            if max_len is not None and len(pending) > 2 * checked:  # counted at doublings: linear in total
+                checked = len(pending)
+                if len(ids) + len(encode_text(tokenizer, pending)) > max_len + _CUT_MARGIN:
+                    emit(pending, train=False)  # the window ends inside this untrained stretch
+                    return ids, labels
             continue
         header = rend(messages[:i], gen=True)
         pending += _prefix(header, done, f"the assistant header before message {i}")
@@ -351,6 +369,7 @@ def encode_chat(tokenizer, messages: Sequence[dict[str, str]], template: str | N
         start = reply.find(msg["content"]) if msg["content"] else 0
         k = reply.find(eos_text, max(start, 0) + len(msg["content"])) if eos_text else -1
         emit(pending, train=False)
+        checked = 0
         if k >= 0:  # the template wrote EOS: train through it; what follows belongs to the next prompt part
             emit(reply[:k], train=True)
             pending = reply[k + len(eos_text):]
