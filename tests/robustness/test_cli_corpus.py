@@ -123,6 +123,9 @@ def snapshot(root: Path) -> dict[str, str]:
         state[rel + "/"] = "dir"
         for name in filenames:
             p = Path(dirpath) / name
+            if p.is_symlink():  # a case's link (a loop, even) is checked as a link, not followed
+                state[os.path.join(rel, name)] = "link:" + os.readlink(p)
+                continue
             state[os.path.join(rel, name)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return state
 
@@ -282,6 +285,9 @@ CASES = [
     Case("finetune-swapped-tokenizer", lambda w, d: _ft(w, f"model.from={_model_copy(w, d, _swap_tok(w))}",
                                                         f"run.dir={d / 'ft'}"), "not the ones its weights"),
     Case("finetune-yaml-alias-bomb", lambda w, d: ["finetune", "--config", _write(d / "c.yaml", BOMB)], "alias"),
+    Case("finetune-data-deep", lambda w, d: _ft(w, f"run.dir={d / 'ft'}", "data.train=[" + str(_write(
+        d / "sft.jsonl", '{"instruction": "a", "output": ' + _deep_json(100000) + "}\n")) + "]"),
+         "sft.jsonl:1: json nested deeper"),
     Case("finetune-run-dir-foreign", lambda w, d: _ft(w, f"run.dir={_user_folder(d)}"), "not an lmforge run dir"),
     # import
     Case("import-missing", lambda w, d: ["import", "--hf", d / "nope", "--out", d / "o"], "does not exist"),
@@ -400,7 +406,37 @@ CASES = [
                                            "--out", "/proc/shards"], "/proc"),
     Case("prepare-tokenizer-garbage", lambda w, d: ["prepare", "--input", w.corpus, "--tokenizer", _garbage_tok(w, d),
                                                     "--out", d / "o", "--no-progress"], "tokenizer"),
+    # prepare: hostile data files (issue 22)
+    Case("prepare-jsonl-deep", lambda w, d: _prep(w, d, _write(d / "d.jsonl", '{"text": "fine text here"}\n'
+                                                               '{"text": ' + _deep_json(100000) + "}\n")),
+         "d.jsonl:2: json nested deeper"),
+    Case("prepare-json-deep", lambda w, d: _prep(w, d, _write(d / "d.json", _deep_json(100000))), "nested deeper"),
+    Case("prepare-decontaminate-deep", lambda w, d: _prep(w, d, w.corpus, "--decontaminate", _write(
+        d / "set.jsonl", '{"q": ' + _deep_json(100000) + "}\n")), "set.jsonl:1: json nested deeper"),
+    Case("prepare-decontaminate-empty", lambda w, d: _prep(w, d, w.corpus, "--decontaminate",
+                                                           _write(d / "set.jsonl", "")), "holds no items"),
+    Case("prepare-decontaminate-dir", lambda w, d: _prep(w, d, w.corpus, "--decontaminate",
+                                                         _write(d / "sets" / "a.jsonl", "").parent), "is a directory"),
+    Case("prepare-quality-config-mistyped", lambda w, d: _prep(
+        w, d, w.corpus, "--quality", "gopher", "--quality-config",
+        '{"gopher_repetition": {"dup_ngram_char_frac": {"5": "x"}}}'), "dup_ngram_char_frac.5"),
+    Case("prepare-quality-config-list", lambda w, d: _prep(w, d, w.corpus, "--quality", "gopher",
+                                                           "--quality-config", "[1,2]"), "must be a json object"),
+    Case("prepare-input-symlink-loop", lambda w, d: _prep(w, d, _loop(d)), "symbolic link loop"),
+    Case("prepare-out-symlink-loop", lambda w, d: ["prepare", "--input", w.corpus, "--tokenizer", w.tok, "--out",
+                                                   _loop(d), "--no-progress"], "symbolic link loop"),
 ]
+
+
+def _prep(w: World, d: Path, inp: Path, *extra) -> list:
+    return ["prepare", "--input", inp, "--tokenizer", w.tok, "--out", d / "o", "--txt-mode", "line",
+            "--no-progress", *extra]
+
+
+def _loop(d: Path) -> Path:
+    (d / "loop_a").symlink_to(d / "loop_b")
+    (d / "loop_b").symlink_to(d / "loop_a")
+    return d / "loop_a"
 
 
 def _retype_config(m: Path, **fields) -> None:
