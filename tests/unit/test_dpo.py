@@ -328,3 +328,28 @@ def test_config_errors_name_the_key_and_fix(model_dir, pairs_file, tmp_path):
     assert cfg.dpo.lambda_ == 0.3
     with pytest.raises(UserError, match="fewer than one global batch"):
         finetune(dpo_cfg(model_dir, pairs_file, tmp_path / "big", train={"global_batch": 64, "micro_batch": 8}))
+
+
+def test_a_run_drops_identical_pairs_with_one_warning_line(model_dir, tmp_path, capsys, monkeypatch):
+    """Pairs with the same chosen and rejected reply (or both empty) would train at a constant 0.6931: the
+    run drops them, counts them in its data stats and says so in one line."""
+    same = [{"prompt": "Say hello.", "chosen": "Hello.", "rejected": "Hello."},
+            {"prompt": "Say nothing.", "chosen": "", "rejected": ""}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PAIRS + same), encoding="utf-8")
+    cfg = dpo_cfg(model_dir, path, tmp_path / "run", data={"dev_fraction": 0.0}, train={"max_steps": 1},
+                  eval={"batches": 0, "at_start": False}, checkpoint={"interval": 0, "save_model": False})
+    from lmforge.tasks.preference import PreferenceTask
+
+    seen = {}
+    real = PreferenceTask.read_data
+
+    def spy(self, world, device):
+        real(self, world, device)
+        seen.update(self.stats["train"])
+
+    monkeypatch.setattr(PreferenceTask, "read_data", spy)
+    finetune(cfg)
+    assert seen["identical"] == 2 and seen["pairs"] == len(PAIRS) + 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "chosen and rejected replies are the same" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: data.train: dropped 2 of 26")
