@@ -13,8 +13,9 @@ Evaluation sets: ``.jsonl`` (one item per record, every string field of it — a
 joined; n-grams never cross fields),
 ``.json`` (a list of records, or one object = one item), anything else is text with one item per
 non-empty line (``.txt``, ``.tsv``). A set is checked before any work (`check_paths`): a directory, a
-symlink loop, a set with no item, JSON nested deeper than 64 levels or a record over 64 MB is an error. Each set is indexed in memory (~100 bytes per distinct
-n-gram: a 10 MB eval set takes ~1 GB; evaluation sets are small).
+symlink loop, a set with no item, JSON nested deeper than 64 levels or a record over 64 MB is an error.
+Each set is indexed in memory (~100 bytes per distinct n-gram: a 10 MB eval set takes ~1 GB; evaluation
+sets are small).
 """
 
 from __future__ import annotations
