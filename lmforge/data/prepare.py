@@ -52,6 +52,7 @@ from lmforge.sources import (
     file_format,
     file_size,
     iter_file_documents,
+    refuse_symlink_loop,
     resolve_inputs,
 )
 from lmforge.tokenizer.core import load_tokenizer
@@ -285,6 +286,7 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
         raise UserError(f"shard_tokens={shard_tokens} must be positive")
     if min_chars < 0:
         raise UserError(f"--min-chars={min_chars} must be >= 0")
+    refuse_symlink_loop(out_dir, "--out")
     remote_out = is_remote(out_dir)  # built in a local staging dir, then uploaded, index.json last
     if remote_out:
         guard_remote_out(str(out_dir), [str(i) for i in ([inputs] if isinstance(inputs, str) else inputs)],

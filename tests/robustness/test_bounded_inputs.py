@@ -162,6 +162,7 @@ def test_a_decontamination_directory_is_named_as_one(tmp_path):
 # ---- symlink loops ----------------------------------------------------------------------------------
 
 def test_symlink_loops_are_one_line_errors(tmp_path):
+    from lmforge.data.prepare import prepare
     from lmforge.sources import refuse_symlink_loop, resolve_inputs
 
     (tmp_path / "a").symlink_to(tmp_path / "b")
@@ -171,6 +172,9 @@ def test_symlink_loops_are_one_line_errors(tmp_path):
             refuse_symlink_loop(p, "--out")
     with pytest.raises(UserError, match="--input .* symbolic link loop"):
         resolve_inputs([str(tmp_path / "a")])
+    with pytest.raises(UserError, match="--out .* symbolic link loop"):  # the library call, before any work
+        prepare([str(tmp_path / "x.txt")], tmp_path / "tok", tmp_path / "a", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     refuse_symlink_loop(tmp_path / "missing", "--out")  # a new path is fine
     refuse_symlink_loop("s3://bucket/x", "--input")
 
