@@ -158,6 +158,9 @@ def acquire(path: str | os.PathLike, command: str, what: str, fix: str) -> Outpu
             if time.monotonic() < deadline:
                 time.sleep(0.05)
                 continue
+            if holder is not None and holder.get("host") == socket.gethostname() and not _pid_alive(holder["pid"]):
+                raise Locked(f"{what} is still locked by a process that {describe_holder(holder)} started, though "
+                             f"pid {holder['pid']} has exited; find it with `fuser {path}` and stop it, or {fix}") from None
             raise Locked(f"{what} is being written by {describe_holder(holder)}; wait for it to finish or stop "
                          f"it, or {fix}") from None
         try:  # a holder that finished removed the file: lock the one now at `path`

@@ -253,6 +253,37 @@ def test_a_stale_run_dir_lock_is_taken_over_with_a_note(world, tmp_path):
     assert (run / "model" / "config.json").is_file() and not (run / LOCK_NAME).exists()
 
 
+ORPHAN = """
+import os, sys, time
+from lmforge.lock import acquire
+acquire(sys.argv[1], "lmforge prepare", "test", "wait")
+child = os.fork()
+if child == 0:  # a worker that outlives its parent keeps the inherited lock
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+os._exit(0)
+"""
+
+
+def test_a_lock_kept_by_an_orphaned_child_names_the_exited_parent(world, tmp_path):
+    out = tmp_path / "shards"
+    parent = subprocess.run([sys.executable, "-c", ORPHAN, str(output_lock_path(out))], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=60, check=True)
+    child = int(parent.stdout)
+    try:
+        p = lmforge(*prepare_args(world, "corpus.txt", out))
+        assert p.returncode == 2, p.stderr[-3000:]
+        line = one_error_line(p.stderr)
+        assert "is still locked by a process that pid " in line and "has exited; find it with `fuser " in line
+        assert not out.exists()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 # ---- the no-overwrite guard at the rename --------------------------------------------------------------
 
 @pytest.fixture(params=["renameat2", "fallback"])
