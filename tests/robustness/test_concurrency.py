@@ -359,3 +359,36 @@ def test_prepare_does_not_replace_an_out_that_appears_while_it_runs(world, tmp_p
         prep.prepare([str(world / "corpus.txt")], world / "tok", out, txt_mode="line", min_chars=1, progress=False)
     assert listing(out) == {"theirs.txt": 6}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # no temp dir, no lock file left
+
+
+SECOND_WRITER = """
+import sys
+from lmforge.outputs import exclusive_output
+try:
+    with exclusive_output(sys.argv[1], "lmforge export"):
+        pass
+except Exception as e:
+    print(e)
+    sys.exit(2)
+"""
+
+
+def test_export_output_is_exclusive_and_never_replaced_at_the_rename(tmp_path):
+    from lmforge.atomic import atomic_directory
+    from lmforge.outputs import exclusive_output
+
+    out = tmp_path / "hf"
+    with exclusive_output(out, "lmforge export"):
+        assert json.loads(output_lock_path(out).read_text())["command"] == "lmforge export"
+        second = subprocess.run([sys.executable, "-c", SECOND_WRITER, str(out)], cwd=REPO, env=ENV,
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert second.returncode == 2 and f"--out '{out}' is being written by pid {os.getpid()} on " in second.stdout
+        out.mkdir()  # something else fills --out while the export builds it
+        (out / "theirs.txt").write_text("theirs")
+        with pytest.raises(UserError, match="appeared while this command was writing it"), atomic_directory(out) as t:
+            (t / "config.json").write_text("{}")
+    assert listing(out) == {"theirs.txt": 6}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp dir, no lock file left
+    with exclusive_output(out, "lmforge export", overwrite=True), atomic_directory(out) as t:
+        (t / "config.json").write_text("{}")
+    assert listing(out) == {"config.json": 2}
