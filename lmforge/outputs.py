@@ -8,7 +8,10 @@ Every command that writes calls one of these before it builds anything:
   refused unless it is one this command wrote before (``ours``) or ``--overwrite``.
 * :func:`run_dir_claim` / :func:`claim_run_dir` — a pretrain/fine-tune run dir: created with a marker file
   (:data:`RUN_MARKER`) so that a later ``resume=auto`` recognises it as a run; an existing non-empty
-  folder without the marker is refused unless ``run.overwrite: true``.
+  folder without the marker is refused unless ``run.overwrite: true``. ``run_dir_claim`` also holds the
+  run dir's lock (``RUN/.lmforge.lock``, :mod:`lmforge.lock`) for the command's whole life.
+* :func:`exclusive_output` — a one-shot output dir while it is written: its sibling lock ``.OUT.lock``
+  is held and, without ``--overwrite``, the final rename never replaces what appeared meanwhile.
 
 All of them refuse a target that is one of the command's inputs, holds one (writing it would replace
 the input) or sits inside an input dir. They delete nothing: the writers themselves build into a temp
@@ -25,8 +28,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from lmforge.atomic import atomic_write_text
+from lmforge.atomic import atomic_write_text, no_replace
 from lmforge.config import UserError
+from lmforge.lock import LOCK_NAME, acquire, locked, output_lock_path, run_dir_lock_path
 
 RUN_MARKER = ".lmforge_run.json"
 _SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
@@ -92,9 +96,9 @@ def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLik
                             f"choose a {flag} outside it")
 
 
-def _non_empty(path: Path) -> bool:
+def _non_empty(path: Path, ignore: tuple[str, ...] = ()) -> bool:
     try:
-        return path.is_dir() and any(path.iterdir())
+        return path.is_dir() and any(p.name not in ignore for p in path.iterdir())
     except OSError:
         return True
 
@@ -160,54 +164,128 @@ def _check_run_inputs(run_dir: str | os.PathLike, target: Path, inputs: Iterable
                             f"choose a {key} outside it")
 
 
-def claim_run_dir(run_dir: str | os.PathLike, command: str, inputs: Iterable[str | os.PathLike | None] = (),
-                  overwrite: bool = False, key: str = "run.dir") -> tuple[bool, bool]:
-    """Create (or accept) ``run_dir`` for ``command`` (e.g. ``lmforge pretrain``) and mark it as a run.
-    Returns (created the dir, wrote the marker) so a failed start can undo exactly that.
-
-    Only rank 0 (``RANK`` unset or 0) creates and marks; other ranks check the inputs only."""
+def _check_run_dir(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], overwrite: bool,
+                   key: str) -> Path | None:
+    """Every check of :func:`claim_run_dir`, nothing written; None on ranks other than 0."""
     if str(run_dir).strip() == "":
         raise UserError(f"{key} is empty; set it to a directory path")
     target = check_location(run_dir, key)
     _check_run_inputs(run_dir, target, inputs, key)
     if os.environ.get("RANK", "0") != "0":
-        return False, False
+        return None
     if target.exists() and not target.is_dir():
         raise UserError(f"{key}='{run_dir}' is a file; set it to a directory path")
-    marker = target / RUN_MARKER
-    if marker.is_file():
-        return False, False
-    if _non_empty(target) and not _is_legacy_run(target) and not overwrite:
+    if (not (target / RUN_MARKER).is_file() and _non_empty(target, ignore=(LOCK_NAME,))
+            and not _is_legacy_run(target) and not overwrite):
         how = ("; choose a new run.dir, or set run.overwrite=true to write into it (its config.yaml, model/ and "
                "checkpoints/ would be replaced)") if key == "run.dir" else f"; choose a new {key}"
         raise UserError(f"{key}='{run_dir}' exists, is not empty and is not an lmforge run dir{how}")
+    return target
 
-    existed = target.exists()
+
+def _mark_run_dir(target: Path, run_dir: str | os.PathLike, command: str, key: str) -> bool:
+    """Create ``target`` and write its marker unless it has one; True when the marker was written."""
+    marker = target / RUN_MARKER
+    if marker.is_file():
+        return False
     try:
         target.mkdir(parents=True, exist_ok=True)
         atomic_write_text(marker, json.dumps({"created_by": command, "created_at": time.time()}) + "\n")
     except OSError as e:
         raise UserError(f"{key}='{run_dir}' cannot be created ({e.strerror}); choose a directory you own") from None
-    return not existed, True
+    return True
+
+
+def claim_run_dir(run_dir: str | os.PathLike, command: str, inputs: Iterable[str | os.PathLike | None] = (),
+                  overwrite: bool = False, key: str = "run.dir") -> tuple[bool, bool]:
+    """Create (or accept) ``run_dir`` for ``command`` (e.g. ``lmforge pretrain``) and mark it as a run.
+    Returns (created the dir, wrote the marker) so a failed start can undo exactly that. Takes no lock
+    (:func:`run_dir_claim` does).
+
+    Only rank 0 (``RANK`` unset or 0) creates and marks; other ranks check the inputs only."""
+    target = _check_run_dir(run_dir, inputs, overwrite, key)
+    if target is None:
+        return False, False
+    existed = target.exists()
+    wrote = _mark_run_dir(target, run_dir, command, key)
+    return wrote and not existed, wrote
+
+
+def _remove_dir_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 @contextlib.contextmanager
 def run_dir_claim(run_dir: str | os.PathLike, command: str, inputs: Iterable[str | os.PathLike | None] = (),
                   overwrite: bool = False, key: str = "run.dir") -> Iterator[Path]:
-    """``with run_dir_claim(...):`` run the command. When it is refused (a UserError) before its first
-    checkpoint, what this call created goes again: the whole run dir if this call created it (everything
-    in it was written by this run), else just the marker when nothing else was written. Any other
-    failure (a crash, a signal) leaves the run dir as it is, for ``resume=auto``."""
-    created_dir, wrote_marker = claim_run_dir(run_dir, command, inputs, overwrite, key)
-    try:
+    """``with run_dir_claim(...):`` run the command, holding the run dir's lock (``RUN/.lmforge.lock``,
+    :mod:`lmforge.lock`) throughout: a second command on the same run dir is refused naming this one.
+    Under torchrun only rank 0 takes the lock (the ranks of one run write one run dir together).
+
+    When the command is refused (a UserError) before its first checkpoint, what this call created goes
+    again: the whole run dir if this call created it (everything in it was written by this run), else
+    just the marker when nothing else was written. Any other failure (a crash, a signal) leaves the run
+    dir as it is, for ``resume=auto``."""
+    target = _check_run_dir(run_dir, inputs, overwrite, key)
+    if target is None:  # a rank other than 0
         yield Path(run_dir)
-    except BaseException as e:
-        target = Path(run_dir)
-        if wrote_marker and target.is_dir():
-            if created_dir and isinstance(e, UserError) and not (target / "checkpoints").exists():
-                shutil.rmtree(target, ignore_errors=True)
-            elif [p.name for p in target.iterdir()] == [RUN_MARKER]:
-                (target / RUN_MARKER).unlink()
-                if created_dir:
-                    target.rmdir()
+        return
+    existed = target.exists()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{key}='{run_dir}' cannot be created ({e.strerror}); choose a directory you own") from None
+    try:
+        lock = acquire(run_dir_lock_path(target), command, f"{key}='{run_dir}'", f"choose another {key}")
+    except BaseException:
+        if not existed:
+            _remove_dir_if_empty(target)
         raise
+    remove_dir = False
+    try:
+        _check_run_dir(run_dir, inputs, overwrite, key)  # again, now that no other lmforge writes it
+        wrote_marker = _mark_run_dir(target, run_dir, command, key)
+        created_dir = wrote_marker and not existed
+        try:
+            yield Path(run_dir)
+        except BaseException as e:
+            if wrote_marker and target.is_dir():
+                others = [p for p in target.iterdir() if p.name != LOCK_NAME]
+                if created_dir and isinstance(e, UserError) and not (target / "checkpoints").exists():
+                    for p in others:  # everything but the lock file, which goes when the lock is released
+                        if p.is_dir() and not p.is_symlink():
+                            shutil.rmtree(p, ignore_errors=True)
+                        else:
+                            p.unlink(missing_ok=True)
+                    remove_dir = True
+                elif [p.name for p in others] == [RUN_MARKER]:
+                    (target / RUN_MARKER).unlink()
+                    remove_dir = created_dir
+            raise
+    except BaseException:
+        if not existed and not (target / RUN_MARKER).exists():
+            remove_dir = True
+        raise
+    finally:
+        lock.release()
+        if remove_dir:
+            _remove_dir_if_empty(target)
+
+
+@contextlib.contextmanager
+def exclusive_output(out: str | os.PathLike, command: str, overwrite: bool = False,
+                     flag: str = "--out") -> Iterator[Path]:
+    """``with exclusive_output(out, "lmforge export", overwrite):`` write the one-shot output dir ``out``
+    (after :func:`guard_output_dir`) holding its sibling lock ``.OUT.lock``: a second writer is refused
+    naming this one. Without ``overwrite`` the final rename of :func:`lmforge.atomic.atomic_directory`
+    into ``out`` never replaces a dir that appeared meanwhile."""
+    with locked(output_lock_path(out), command, f"{flag} '{out}'", f"choose another {flag}"):
+        if _non_empty(Path(out)) and not overwrite:  # written meanwhile, by a writer that has finished
+            raise UserError(f"{flag} '{out}' already exists and is not empty; pass --overwrite to replace it, "
+                            f"or choose a new {flag}")
+        if overwrite:
+            yield Path(out)
+        else:
+            with no_replace(out, flag):
+                yield Path(out)

@@ -42,7 +42,6 @@ _GGUF_DTYPE = {"float32": "f32", "float16": "f16", "f32": "f32", "f16": "f16", "
 
 
 def run(args) -> int:
-    from lmforge.artifacts.hf.convert import export_hf
     from lmforge.outputs import guard_output_dir
 
     if args.format == "hf" and args.dtype in ("f32", "f16", "q8_0"):
@@ -52,6 +51,17 @@ def run(args) -> int:
     if args.format == "gguf" and args.family is not None:
         raise UserError("--family applies to --format hf; GGUF picks llama or qwen2 from the model's shape")
     guard_output_dir(args.out, inputs=[args.model], overwrite=args.overwrite)
+    from lmforge.lock import check_not_being_written
+    from lmforge.outputs import exclusive_output
+
+    # A run that writes RUN/ replaces RUN/model when it ends: reading it meanwhile is refused, naming the run.
+    check_not_being_written(args.model, "--model")
+    with exclusive_output(args.out, "lmforge export", overwrite=args.overwrite):  # one writer of --out
+        return _export(args)
+
+
+def _export(args) -> int:
+    from lmforge.artifacts.hf.convert import export_hf
     from lmforge.artifacts.identity import check_model_dir_tokenizer
 
     check_model_dir_tokenizer(args.model)

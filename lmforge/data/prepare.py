@@ -46,6 +46,7 @@ from lmforge.data.holdout import hold_out_tail
 from lmforge.data.remote import guard_remote_out, is_remote, upload_dir
 from lmforge.data.shards import FORMAT, INDEX_NAME, dtype_for_vocab
 from lmforge.interrupts import sigterm_raises
+from lmforge.lock import acquire, output_lock_path
 from lmforge.sources import (
     TXT_MODES,
     ReadStats,
@@ -248,6 +249,11 @@ class _Progress:
             info(line)
 
 
+def _refuse_existing(out: Path, out_dir: str | os.PathLike, overwrite: bool) -> None:
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output '{out_dir}' already exists; pass --overwrite or choose another --out")
+
+
 # A SIGTERM unwinds through the cleanup below (the temp dir is removed; exit 143): the guard decorates the
 # function, so its signature is the real one (no *args/**kwargs pass-through).
 @sigterm_raises("error: terminated (SIGTERM); no output written")
@@ -292,8 +298,8 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
         guard_remote_out(str(out_dir), [str(i) for i in ([inputs] if isinstance(inputs, str) else inputs)],
                          overwrite)
     out = Path(out_dir)
-    if not remote_out and out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output '{out_dir}' already exists; pass --overwrite or choose another --out")
+    if not remote_out:
+        _refuse_existing(out, out_dir, overwrite)
     tokenizer_dir = str(Path(tokenizer_dir).expanduser().resolve())
     tok = load_tokenizer(tokenizer_dir)
     if tok.eos_id is None:
@@ -309,9 +315,12 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
     staging = Path(tempfile.mkdtemp(prefix="lmforge-prepare-")) if remote_out else None
     if staging is not None:
         out = staging / "out"
-    tmp = make_temp_dir(out)  # filled, then renamed to `out` only when complete
-    runner = None
+    runner = tmp = lock = None
     try:
+        if not remote_out:  # one prepare writes `out` at a time (lmforge.lock); the rename re-checks atomically
+            lock = acquire(output_lock_path(out), "lmforge prepare", f"--out '{out_dir}'", "choose another --out")
+            _refuse_existing(out, out_dir, overwrite)  # a prepare that held the lock may have finished
+        tmp = make_temp_dir(out)  # filled, then renamed to `out` only when complete
         runner = make_engine(engine, workers, ray_address)
         writers = {"train": _ShardWriter(tmp, "train", dtype, shard_tokens),
                    "val": _ShardWriter(tmp, "val", dtype, shard_tokens)}
@@ -436,15 +445,18 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False))
         bar.update(n_docs, tokens_total, stats.bytes, final=True)
-        swap_into_place(tmp, out)
+        swap_into_place(tmp, out, overwrite=overwrite or remote_out)
         if remote_out:
             upload_dir(out, str(out_dir), overwrite)
         return report
     except BaseException:
         if runner is not None:
             runner.close(failed=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        if lock is not None:
+            lock.release()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
