@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lmforge.errors import UserError
+
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _renameat2 = None  # libc's renameat2 (glibc >= 2.28) once looked up; False where there is none
@@ -98,8 +100,6 @@ def swap_into_place(tmp: str | os.PathLike, out: str | os.PathLike, overwrite: b
         try:
             rename_noreplace(tmp, out)
         except FileExistsError:
-            from lmforge.config import UserError  # lmforge.config imports this module
-
             raise UserError(f"{flag} '{out}' appeared while this command was writing it (another writer?) and "
                             f"was left as it is; pass --overwrite to replace it, or choose a new {flag}") from None
         return out

@@ -20,16 +20,9 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from lmforge.atomic import atomic_write_text
+from lmforge.errors import ConfigError, UserError  # defined there (layer 0); importable from here too
 
 T = TypeVar("T")
-
-
-class UserError(Exception):
-    """Bad input from the user: the CLI prints ``error: <message>`` (one line) and exits 2."""
-
-
-class ConfigError(UserError, ValueError):
-    """A user-facing configuration error; the message names the key and the fix."""
 
 
 def _suggest(name: str, options: typing.Iterable[str]) -> str:

@@ -41,7 +41,7 @@ import lmforge
 PACKAGE = Path(lmforge.__file__).parent
 
 LAYERS: dict[str, int] = {
-    "__init__": 0, "config": 0, "atomic": 0, "console": 0, "outputs": 0, "interrupts": 0,
+    "__init__": 0, "config": 0, "atomic": 0, "console": 0, "outputs": 0, "interrupts": 0, "lock": 0, "errors": 0,
     "sources": 0, "web_inputs": 0,
     "tokenizer": 1, "data": 1, "models": 1, "planner": 1,
     "distributed": 2, "artifacts": 2,
