@@ -38,7 +38,11 @@ _NOT_LOCAL = ("://", "hf:")
 
 
 def _resolve(p: str | os.PathLike) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve(strict=False)
+    try:
+        return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve(strict=False)
+    except (RuntimeError, OSError) as e:  # a symbolic link loop (RuntimeError before Python 3.13, ELOOP after)
+        raise UserError(f"'{p}' is (or passes through) a symbolic link loop; fix the link or pass another "
+                        "path") from None
 
 
 def _within(child: Path, parent: Path) -> bool:

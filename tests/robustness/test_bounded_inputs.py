@@ -257,3 +257,22 @@ def test_sft_10000_turn_record_is_linear_in_what_is_kept(tok):
     seconds(100)  # warm the template cache
     small, big = seconds(100), seconds(10_000)
     assert big < 5.0 and big < max(small, 0.01) * 50, (small, big)
+
+
+@pytest.mark.parametrize("argv", [["export", "--model", "{m}", "--out", "{loop}/x"],
+                                  ["import", "--hf", "{loop}/y", "--out", "{d}/z"],
+                                  ["import", "--hf", "{d}/hf", "--out", "{loop}/z"]])
+def test_symlink_loops_through_the_output_guard_are_one_line_errors(tmp_path, capsys, argv):
+    """Every command whose outputs go through `lmforge.outputs` (export, import, eval, tokenizer) refuses a
+    path through a symbolic link loop in one line instead of a RuntimeError traceback."""
+    from lmforge.cli import main
+
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "hf").mkdir()
+    args = [a.format(m=tmp_path / "m", loop=tmp_path / "a", d=tmp_path) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "symbolic link loop" in err[0] and "Traceback" not in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "hf", "m"]
