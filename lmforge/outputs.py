@@ -21,6 +21,7 @@ dir beside the target and rename (``lmforge.atomic``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -40,7 +41,9 @@ _NOT_LOCAL = ("://", "hf:")
 def _resolve(p: str | os.PathLike) -> Path:
     try:
         return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve(strict=False)
-    except (RuntimeError, OSError) as e:  # a symbolic link loop (RuntimeError before Python 3.13, ELOOP after)
+    except (RuntimeError, OSError) as e:  # a symbolic link loop: RuntimeError before Python 3.13, ELOOP after
+        if isinstance(e, OSError) and e.errno != errno.ELOOP:
+            raise
         raise UserError(f"'{p}' is (or passes through) a symbolic link loop; fix the link or pass another "
                         "path") from None
 

@@ -329,7 +329,7 @@ def no_sync(model: nn.Module, skip: bool):
 
 
 def failure_guard(world: World):
-    """`World.guard` (kept as a function for the recipes)."""
+    """`World.guard` as a function (`lmforge.tasks.run` wraps `Trainer.fit` in it)."""
     return world.guard()
 
 
