@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 
 HELP = "serve a model dir over an OpenAI-compatible HTTP API (continuous batching) with a chat page at /"
 
@@ -27,6 +28,17 @@ def add_arguments(p) -> None:
                    help="longest prompt accepted (413 above it; default: the model's context - 1)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above it)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    # ---- connections and slow clients (lmforge.serve.server, lmforge.serve.limits) ----
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections at once; one more evicts the longest-stalled one (or gets 503); "
+                        "lowered to fit the open-file limit (ulimit -n)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's line and headers (closed after)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request has to send its whole body (408 after)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a Host name answered without --api-key, beside localhost, 127.0.0.1 and [::1] "
+                        "(DNS-rebinding protection; repeatable)")
 
 
 def is_loopback(host: str) -> bool:
@@ -51,6 +63,12 @@ def check_args(args) -> None:
     for flag in ("max_batch", "max_queue", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    if args.max_connections < 1:
+        raise UserError(f"--max-connections {args.max_connections} must be at least 1")
+    for flag in ("header_timeout", "body_timeout"):
+        value = getattr(args, flag)
+        if not 0 < value <= 3600:  # NaN fails too
+            raise UserError(f"--{flag.replace('_', '-')} {value} must be a number of seconds in (0, 3600]")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise UserError(f"--max-prompt-tokens {args.max_prompt_tokens} must be at least 1")
     if args.max_context is not None and args.max_context < 2:
@@ -67,6 +85,7 @@ def run(args) -> int:
         import uvicorn
 
         from lmforge.serve.app import ServeSettings, create_app
+        from lmforge.serve.server import ConnectionLimits, fit_connections, make_server
     except ModuleNotFoundError as e:
         raise UserError(f"lmforge serve needs the 'serve' extra ({e.name} is missing); "
                         "pip install 'lmforge[serve]'") from None
@@ -76,12 +95,17 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     settings = ServeSettings(n_slots=args.max_batch, max_queue=args.max_queue,
                              max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
-                             max_context=args.max_context)
+                             max_context=args.max_context, body_timeout=args.body_timeout,
+                             allowed_hosts=(args.host, *args.allow_host))
     app = create_app(args.model, args.api_key, settings=settings, device=args.device, model_name=args.model_name)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=30)  # then open streams are cut (their slots freed)
-    server = _server_class(uvicorn)(config)
-    _announce_when_up(server, app.state.engine)
+    cap, note = fit_connections(args.max_connections)  # after loading: the model's descriptors are counted
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    limits = ConnectionLimits(max_connections=cap, header_timeout=args.header_timeout)
+    server = make_server(app, args.host, args.port, limits, log_level=args.log_level, access_log=False,
+                         timeout_graceful_shutdown=30,  # then open streams are cut (their slots freed)
+                         server_class=_server_class(uvicorn))
+    _announce_when_up(server, app.state.engine, cap)
     server.run()
     print("lmforge serve: stopped", flush=True)
     return 0
@@ -101,7 +125,7 @@ def _server_class(uvicorn):
     return Server
 
 
-def _announce_when_up(server, engine) -> None:
+def _announce_when_up(server, engine, max_connections: int) -> None:
     """Print one line with the bound address once the socket listens (``--port 0`` picks a free port)."""
     original = server.startup
 
@@ -113,7 +137,7 @@ def _announce_when_up(server, engine) -> None:
                 shown = f"[{host}]" if ":" in host else host
                 print(f"lmforge serve: model '{engine.name}' at http://{shown}:{port}/ (OpenAI API at /v1); "
                       f"{engine.settings.n_slots} slots x {engine.context} tokens, KV cache "
-                      f"{_size(engine.cache_bytes())}", flush=True)
+                      f"{_size(engine.cache_bytes())}; up to {max_connections} connections", flush=True)
                 return
 
     server.startup = startup

@@ -18,7 +18,7 @@ import torch
 
 from lmforge.generate.engine import last_logits
 from lmforge.generate.kv_cache import SlotKVCache
-from lmforge.generate.sampling import check_sampling, sample_next
+from lmforge.generate.sampling import apply_logit_bias, check_sampling, sample_next
 from lmforge.generate.text_stream import TextStream
 
 
@@ -31,6 +31,7 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed
     stop_strings: tuple[str, ...] = ()
     stop_ids: frozenset[int] = frozenset()  # EOS and end-of-turn tokens: end the sequence, not part of the text
+    logit_bias: dict[int, float] | None = None  # {token id: added to its logit} (the server's logit_bias)
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_k, self.top_p)
@@ -143,6 +144,7 @@ class ContinuousBatcher:
 
     # ---- per-sequence sampling and ending ----------------------------------------------------------
     def _sample(self, seqs: Seq[Sequence], logits: torch.Tensor) -> list[int]:
+        logits = apply_logit_bias(logits, [s.params.logit_bias for s in seqs])
         out = logits.float().argmax(dim=-1).tolist()  # greedy rows
         for i, s in enumerate(seqs):
             p = s.params

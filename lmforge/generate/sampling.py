@@ -59,6 +59,20 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[int, float] | None]) -> torch.Tensor:
+    """logits (B, V) with row i's ``biases[i]`` ({token id: value}, None = none) added (OpenAI's
+    ``logit_bias``: -100 all but bans a token, +100 all but forces it). Returns ``logits`` itself when no
+    row has a bias, else a float copy."""
+    if not any(biases):
+        return logits
+    logits = logits.float().clone()
+    for i, bias in enumerate(biases):
+        if bias:
+            ids = torch.tensor(list(bias.keys()), device=logits.device)
+            logits[i].index_add_(0, ids, torch.tensor(list(bias.values()), device=logits.device))
+    return logits
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). temperature 0 means greedy (argmax)."""

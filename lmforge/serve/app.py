@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.artifacts.identity import check_model_dir_tokenizer
 from lmforge.artifacts.model_dir import load_model_dir
@@ -29,7 +29,7 @@ from lmforge.config import UserError
 from lmforge.generate.batcher import ContinuousBatcher, SamplingParams, Sequence, Update
 from lmforge.generate.kv_cache import slot_cache_context
 from lmforge.serve import protocol as P
-from lmforge.serve.limits import BodyLimit
+from lmforge.serve.limits import Guard
 from lmforge.serve.scheduler import Job, QueueFull, Scheduler, Unavailable
 from lmforge.tokenizer.chat_template import encode_prompt, special_token_strings, uses_bos
 from lmforge.tokenizer.core import load_tokenizer
@@ -48,6 +48,8 @@ class ServeSettings:
     max_prompt_tokens: int | None = None  # default: the context minus one
     max_context: int | None = None  # tokens per slot (prompt + reply); default: what the KV-cache budget holds
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0  # seconds to receive a whole request body (408 after)
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered without an API key, beside the loopback ones
     default_completion_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     extra: dict = field(default_factory=dict)
 
@@ -109,7 +111,8 @@ class Engine:
                              code="context_length_exceeded")
         params = SamplingParams(max_new_tokens=max_tokens or min(default, room), temperature=req.temperature,
                                 top_p=req.top_p if req.top_p < 1.0 else None, top_k=req.top_k or None,
-                                seed=req.seed, stop_strings=req.stop_strings(), stop_ids=stop_ids)
+                                seed=req.seed, stop_strings=req.stop_strings(), stop_ids=stop_ids,
+                                logit_bias=req.token_bias(self.model.cfg.vocab_size))
         return Sequence(ids, params, self.tokenizer)
 
 
@@ -188,49 +191,24 @@ def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings
 
     app = FastAPI(title="lmforge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, allowed_hosts=settings.allowed_hosts,
+                       max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
+    install_error_handlers(app)
 
-    @app.exception_handler(P.APIError)
-    async def _api_error(request, exc: P.APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
-        err = exc.errors()[0] if exc.errors() else {}
-        msg = err.get("msg", "invalid request")
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid" or not loc:
-            param, msg = None, f"the request body is not JSON: {msg}; send a JSON object"
-        else:
-            param = ".".join(loc)
-            msg = f"{param}: {msg}"
-        return JSONResponse(P.APIError(400, msg, param=param).body(), status_code=400)
-
-    async def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:] if auth.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise P.APIError(401, "invalid or missing API key; send 'Authorization: Bearer KEY'",
-                             code="invalid_api_key")
-
-    auth = [Depends(check_key)]
-
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": engine.created,
                                             "owned_by": "lmforge", "max_model_len": engine.context}]}
 
-    @app.get("/v1/models/{model_id}", dependencies=auth)
+    @app.get("/v1/models/{model_id}")
     async def model_info(model_id: str):
         engine.check_model(model_id)
         return {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "lmforge"}
 
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(req: P.CompletionRequest, request: Request):
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = P.parse_request(P.CompletionRequest, await request.body())
         engine.check_model(req.model)
-        req.check_unsupported()
 
         def build():  # tokenizing is CPU work: off the event loop
             return [engine.sequence(engine.encode_completion(p), req, req.max_tokens,
@@ -238,10 +216,10 @@ def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings
 
         return await _respond(request, req, await asyncio.to_thread(build), chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat(req: P.ChatRequest, request: Request):
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = P.parse_request(P.ChatRequest, await request.body())
         engine.check_model(req.model)
-        req.check_unsupported()
 
         def build():  # rendering the chat template and tokenizing: off the event loop
             ids = engine.encode_chat(req.conversation())
@@ -328,6 +306,47 @@ def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings
     return app
 
 
+def _error(err: P.APIError, headers=None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """One shape for every error the app answers: OpenAI's ``{"error": {message, type, param, code}}``.
+
+    Client errors (4xx) are answered without a log line; an unexpected exception is a 500 in the same shape
+    (the server then logs its traceback: a bug to report)."""
+
+    @app.exception_handler(P.APIError)
+    async def _api_error(request, exc: P.APIError):
+        return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        method, path = request.method, request.url.path[:200]
+        if exc.status_code == 404:
+            err = P.APIError(404, f"no route {method} {path}; the API is under /v1 (GET /v1/models, POST "
+                             "/v1/chat/completions, POST /v1/completions)", code="not_found")
+        elif exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            err = P.APIError(405, f"{method} is not allowed on {path}" + (f"; use {allow}" if allow else ""),
+                             code="method_not_allowed")
+        else:
+            detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)[:200]
+            err = P.APIError(exc.status_code, f"{detail} ({method} {path})")
+        return _error(err, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):  # path parameters (bodies are parsed by P)
+        err = exc.errors()[0] if exc.errors() else {}
+        param = P._param([x for x in err.get("loc", ()) if x not in ("body", "path", "query")])
+        return _error(P.APIError(400, f"{param or 'request'}: {err.get('msg', 'invalid')}", param=param))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):
+        return _error(P.APIError(500, f"internal error ({type(exc).__name__}); the server log has the "
+                                 "details", code="internal_error"))
+
+
 def _usage(seqs: list[Sequence]):
     return P.usage(sum(len(s.prompt) for s in seqs), sum(len(s.out) for s in seqs))
 
@@ -343,4 +362,4 @@ def load_for_serving(model_dir, device: str | None = None):
     return model, load_tokenizer(model_dir)
 
 
-__all__ = ["Engine", "ServeSettings", "create_app", "load_for_serving"]
+__all__ = ["Engine", "ServeSettings", "create_app", "install_error_handlers", "load_for_serving"]

@@ -1,37 +1,194 @@
-"""The OpenAI wire format: request bodies (validated by pydantic), response / chunk objects, error bodies.
+"""The OpenAI wire format: request bodies (parsed and validated here), response / chunk objects, error bodies.
 
-Only what lmforge can honour is accepted: ``n`` and ``best_of`` must be 1, ``logprobs`` / ``echo`` /
-tools are refused with a 400 that names the field, unknown extra fields are ignored (as OpenAI does).
+A request body goes through `parse_request`: JSON (UTF-8, no ``NaN``/``Infinity``, at most `MAX_JSON_DEPTH`
+levels), every string valid Unicode (a lone surrogate such as ``"\\ud800"`` is a 400 naming the field), then
+the pydantic model in strict mode (``max_tokens: true`` or ``1.0`` is not an integer, ``stream: "yes"`` is not a
+boolean). Fields that would change the output but that lmforge does not implement (`UNSUPPORTED`) are refused
+with a 400 naming the field when set to anything but their neutral value; ``logit_bias`` is implemented;
+other unknown fields are ignored (metadata such as ``user`` or ``store``).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_JSON_DEPTH = 32  # a chat request is 4 levels deep (messages[i].content[j].text)
+MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
 
 
 class APIError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+        404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+        413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+        500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or self.TYPES.get(status, "server_error")
+        self.type = type or self.TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def json_bytes(self) -> bytes:
+        return json.dumps(self.body(), ensure_ascii=False).encode()
+
+
+# ---- parsing a body ------------------------------------------------------------------------------------
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _path(parts: list) -> str:
+    return ".".join(str(p) for p in parts)
+
+
+def check_json_tree(obj: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse (400) nesting deeper than ``max_depth`` and any string or key that is not valid Unicode (a lone
+    surrogate: JSON's ``\\ud800`` escape decodes to one, and UTF-8 cannot encode it), naming where it is."""
+    stack: list[tuple[Any, list]] = [(obj, [])]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError as e:
+                param = _path(where) or None
+                raise APIError(400, f"{param or 'the body'} holds invalid Unicode (a lone surrogate, "
+                               f"{node[e.start]!r}, at character {e.start}); send valid UTF-8 text",
+                               param=param, code="invalid_unicode") from None
+        elif isinstance(node, (dict, list)):
+            if len(where) >= max_depth:
+                raise APIError(400, f"the request body is nested deeper than {max_depth} levels (at "
+                               f"{_path(where[:3])}…); an OpenAI request is a few levels deep",
+                               param=_path(where[:1]) or None, code="too_deep")
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    stack.append((k, where))
+                    stack.append((v, [*where, k]))
+            else:
+                stack.extend((v, [*where, i]) for i, v in enumerate(node))
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 that says what is wrong with it."""
+    if not body.strip():
+        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not UTF-8 (byte {e.start}); send JSON in UTF-8",
+                       code="invalid_json") from None
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels; an OpenAI "
+                       "request is a few levels deep", code="too_deep") from None
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer of over 4300 digits
+        raise APIError(400, f"the request body is not JSON: {str(e).splitlines()[0][:200]}; send a JSON object",
+                       code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, f"the request body is a JSON {type(obj).__name__}, not an object; send a JSON "
+                       "object", code="invalid_json")
+    check_json_tree(obj)
+    return obj
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}
+_JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "an object", type(None): "null"}
+
+
+def _param(loc) -> str | None:
+    # pydantic puts union members ('str', 'list[int]', …) into the location; the field path is the rest
+    parts = [str(p) for p in loc if isinstance(p, int) or ("[" not in str(p) and str(p) not in _TYPE_TAGS)]
+    return ".".join(parts) or None
+
+
+def validate(model: type[BaseModel], obj: dict[str, Any]):
+    """``model`` from a parsed body; a validation error is a 400 naming the first field at fault."""
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        err = errors[0]
+        param = _param(err.get("loc", ()))
+        got = _JSON_TYPES.get(type(err.get("input")), "")
+        if err.get("type") == "union_tag_invalid" or (len(errors) > 1 and all(_param(x["loc"]) == param
+                                                                            for x in errors)):
+            msg = f"{param} has the wrong type or shape (got {got or 'something else'}); see the API reference"
+        else:
+            msg = f"{param}: {err.get('msg', 'invalid')}" + (f" (got {got})" if got and "type" in err["type"]
+                                                               else "")
+        raise APIError(400, msg, param=param, code="invalid_value") from None
+
+
+def parse_request(model: type[_Request], body: bytes) -> _Request:
+    """A request model from the raw body: JSON, Unicode and depth checks, unsupported fields, then pydantic."""
+    obj = parse_json(body)
+    check_unsupported(obj, model.UNSUPPORTED)
+    req = validate(model, obj)
+    req.check()
+    return req
+
+
+# field -> its neutral values (same JSON type); anything else would change the output and is refused
+_COMMON_UNSUPPORTED: dict[str, tuple] = {
+    "logprobs": (None, False), "top_logprobs": (None,), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1), "min_p": (None, 0), "typical_p": (None, 1), "best_of": (None, 1),
+    "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
+    "guided_choice": (None,), "guided_grammar": (None,), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]),
+    "web_search_options": (None,), "echo": (None, False), "suffix": (None, ""),
+}
+_WHY = {
+    "logprobs": "log probabilities are not returned by lmforge serve",
+    "top_logprobs": "log probabilities are not returned by lmforge serve",
+    "response_format": "lmforge serve does not constrain decoding to JSON; send {\"type\": \"text\"} or leave it out",
+    "tools": "tools are not supported by lmforge serve", "tool_choice": "tools are not supported by lmforge serve",
+    "functions": "function calling is not supported by lmforge serve",
+    "function_call": "function calling is not supported by lmforge serve",
+    "echo": "echo is not supported by lmforge serve", "suffix": "suffix (insertion) is not supported by lmforge serve",
+}
+
+
+def _same(a: Any, b: Any) -> bool:
+    num = (int, float)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, num) and isinstance(b, num):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def check_unsupported(obj: dict[str, Any], fields: dict[str, tuple]) -> None:
+    for name, neutral in fields.items():
+        if name in obj and not any(_same(obj[name], n) for n in neutral):
+            why = _WHY.get(name, f"{name} is not implemented by lmforge serve")
+            raise APIError(400, f"{name}={json.dumps(obj[name], ensure_ascii=False)[:80]} would change the "
+                           f"output but is not supported: {why}; leave it out", param=name, code="unsupported")
+
 
 # ---- requests ---------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = _COMMON_UNSUPPORTED
 
     model: str | None = None  # optional here (the one served); when given it must match
     max_tokens: int | None = Field(default=None, ge=1)
@@ -41,9 +198,9 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
-    logprobs: Any = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -53,25 +210,37 @@ class _Request(BaseModel):
         return tuple(s for s in stops if s)
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
-    def check_unsupported(self) -> None:
-        if self.logprobs not in (None, False):
-            raise APIError(400, "logprobs is not supported by lmforge serve; leave it out", param="logprobs")
+    def check(self) -> None:
+        """Checks across fields and values pydantic's types do not express."""
+        self.stop_strings()
+        self.token_bias(None)
+
+    def token_bias(self, vocab_size: int | None) -> dict[int, float] | None:
+        """``logit_bias`` as {token id: bias}: keys are token ids (decimal strings, within the vocabulary when
+        ``vocab_size`` is given), values in [-100, 100] (OpenAI's range; -100 bans a token, 100 forces it)."""
+        if not self.logit_bias:
+            return None
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise APIError(400, f"logit_bias has {len(self.logit_bias)} entries; pass at most {MAX_LOGIT_BIAS}",
+                           param="logit_bias")
+        out: dict[int, float] = {}
+        for key, bias in self.logit_bias.items():
+            if not (key.isascii() and key.isdigit()) or len(key) > 9:
+                raise APIError(400, f"logit_bias key {key[:40]!r} is not a token id; keys are token ids as "
+                               "decimal strings, e.g. {\"50256\": -100}", param="logit_bias")
+            if vocab_size is not None and int(key) >= vocab_size:
+                raise APIError(400, f"logit_bias names token {key}, outside the vocabulary [0, {vocab_size})",
+                               param="logit_bias")
+            if not math.isfinite(bias) or not -100 <= bias <= 100:
+                raise APIError(400, f"logit_bias[{key}] = {bias} is outside [-100, 100]", param="logit_bias")
+            out[int(key)] = float(bias)
+        return out
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    best_of: int = Field(default=1, ge=1, le=1)
-    suffix: str | None = None
-
-    def check_unsupported(self) -> None:
-        super().check_unsupported()
-        if self.echo:
-            raise APIError(400, "echo is not supported by lmforge serve; leave it out", param="echo")
-        if self.suffix:
-            raise APIError(400, "suffix (insertion) is not supported by lmforge serve; leave it out", param="suffix")
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""
@@ -90,10 +259,11 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -112,13 +282,6 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Any] | None = None
-    top_logprobs: int | None = None
-
-    def check_unsupported(self) -> None:
-        super().check_unsupported()
-        if self.tools:
-            raise APIError(400, "tools are not supported by lmforge serve; leave them out", param="tools")
 
     def conversation(self) -> list[dict[str, str]]:
         # "developer" is OpenAI's newer name for the system role
