@@ -85,7 +85,7 @@ def run(args) -> int:
         import uvicorn
 
         from lmforge.serve.app import ServeSettings, create_app
-        from lmforge.serve.server import ConnectionLimits, fit_connections, make_server
+        from lmforge.serve.server import ConnectionLimits, fit_to_fd_limit, make_server
     except ModuleNotFoundError as e:
         raise UserError(f"lmforge serve needs the 'serve' extra ({e.name} is missing); "
                         "pip install 'lmforge[serve]'") from None
@@ -98,14 +98,14 @@ def run(args) -> int:
                              max_context=args.max_context, body_timeout=args.body_timeout,
                              allowed_hosts=(args.host, *args.allow_host))
     app = create_app(args.model, args.api_key, settings=settings, device=args.device, model_name=args.model_name)
-    cap, note = fit_connections(args.max_connections)  # after loading: the model's descriptors are counted
+    limits, note = fit_to_fd_limit(ConnectionLimits(max_connections=args.max_connections,
+                                                    header_timeout=args.header_timeout))  # counted after loading
     if note:
         print(note, file=sys.stderr, flush=True)
-    limits = ConnectionLimits(max_connections=cap, header_timeout=args.header_timeout)
     server = make_server(app, args.host, args.port, limits, log_level=args.log_level, access_log=False,
                          timeout_graceful_shutdown=30,  # then open streams are cut (their slots freed)
                          server_class=_server_class(uvicorn))
-    _announce_when_up(server, app.state.engine, cap)
+    _announce_when_up(server, app.state.engine, limits.max_connections)
     server.run()
     print("lmforge serve: stopped", flush=True)
     return 0

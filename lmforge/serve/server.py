@@ -7,21 +7,23 @@ h11 protocol with three additions) holds:
   ``header_timeout`` seconds of connecting, and of the end of its previous response; otherwise it is closed
   (with a 408 in OpenAI's shape when part of a request came). uvicorn alone waits for ever.
 - **Connection cap.** At most ``max_connections`` connections are open at once. One more evicts the
-  connection that has stalled longest (waiting for its headers, or for its body before any response began);
-  when every connection is busy with a real request the newcomer gets 503 and is closed. So slow clients
+  connection that has stalled longest (waiting for its headers, or for its body before any response began,
+  for at least `ConnectionLimits.grace`); when there is none the newcomer gets 503 and is closed. So slow clients
   cannot fill the process's file descriptors (uvicorn then fails every ``accept`` with ``Too many open
   files``), and real clients still get in while slow ones hold connections.
 - **Abandoned bodies.** A connection whose response went out before its request body was read (401, 413,
   408, a GET with a body) is closed rather than kept waiting for the rest.
 
 The body timeout itself is an ASGI layer (`lmforge.serve.limits.Guard`), so it holds under any server.
-`fit_connections` checks the cap against ``RLIMIT_NOFILE`` at start-up (raising the soft limit when the hard
+`fit_to_fd_limit` checks the cap against ``RLIMIT_NOFILE`` at start-up (raising the soft limit when the hard
 one allows, else lowering the cap, with one ``note:`` line). Malformed HTTP (or headers over
 `MAX_HEADER_BYTES`) gets a 400 in the same JSON shape instead of uvicorn's text.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 
@@ -43,6 +45,12 @@ class ConnectionLimits:
     max_connections: int = 512  # open connections at once
     header_timeout: float = 10.0  # seconds to deliver a request's line and headers
     keep_alive: int = 5  # seconds an idle connection is kept between requests
+    backlog: int = 2048  # the listen queue, and how many connections asyncio accepts in one go
+
+    @property
+    def grace(self) -> float:
+        """A stalled connection younger than this is not evicted for a newcomer (it may just be starting)."""
+        return min(1.0, self.header_timeout / 2)
 
 
 def open_fds() -> int | None:
@@ -55,18 +63,22 @@ def open_fds() -> int | None:
     return None
 
 
-def fit_connections(requested: int) -> tuple[int, str | None]:
-    """(connection cap, note or None): ``requested`` if the open-file limit leaves room for it (the soft limit
-    is raised towards the hard one when needed), else what room there is, with a line saying so."""
+def fit_to_fd_limit(limits: ConnectionLimits) -> tuple[ConnectionLimits, str | None]:
+    """``limits`` made to fit ``RLIMIT_NOFILE``, and a note when they had to shrink.
+
+    The descriptors needed: those open now (the model loaded), the connections, the accept queue (asyncio
+    accepts up to ``backlog`` connections before any can be closed) and `FD_MARGIN`. The soft limit is raised
+    towards the hard one when that is short; when the hard one is too, the backlog and then the connection cap
+    are lowered to fit, with one line saying so."""
     try:
         import resource
     except ImportError:  # not a POSIX system: nothing to check
-        return requested, None
+        return limits, None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = open_fds() or 64
-    need = in_use + requested + FD_MARGIN
+    need = in_use + limits.max_connections + limits.backlog + FD_MARGIN
     if soft == resource.RLIM_INFINITY or soft >= need:
-        return requested, None
+        return limits, None
     target = need if hard == resource.RLIM_INFINITY else min(need, hard)
     if target > soft:
         try:
@@ -75,14 +87,32 @@ def fit_connections(requested: int) -> tuple[int, str | None]:
         except (ValueError, OSError):
             pass
     if soft >= need:
-        return requested, None
-    cap = soft - in_use - FD_MARGIN
+        return limits, None
+    budget = soft - in_use - FD_MARGIN
+    backlog = min(limits.backlog, max(16, budget - limits.max_connections))
+    cap = min(limits.max_connections, budget - backlog)
     if cap < MIN_CONNECTIONS:
         raise UserError(f"the open-file limit (ulimit -n) is {soft} and {in_use} descriptors are already open: "
                         f"no room for connections; raise it (ulimit -n {need})")
-    return cap, (f"note: the open-file limit (ulimit -n) is {soft} with {in_use} in use, room for {cap} "
-                 f"connections, not --max-connections {requested}; accepting at most {cap} at once "
-                 f"(raise it with 'ulimit -n {need}')")
+    fitted = dataclasses.replace(limits, max_connections=cap, backlog=backlog)
+    if cap == limits.max_connections:
+        return fitted, None  # only the accept queue shrank
+    return fitted, (f"note: the open-file limit (ulimit -n) is {soft} with {in_use} descriptors in use, room for "
+                    f"{cap} connections, not --max-connections {limits.max_connections}; accepting at most {cap} "
+                    f"at once (raise it with 'ulimit -n {need}')")
+
+
+class _QuietOnBadClients(logging.LoggerAdapter):
+    """uvicorn's logger, except that a malformed request (a client's fault, answered with a 400) is logged at
+    debug level rather than as a warning: a client cannot fill the log."""
+
+    @property
+    def level(self) -> int:
+        return self.logger.level
+
+    def warning(self, msg, *args, **kwargs):
+        level = logging.DEBUG if msg == "Invalid HTTP request received." else logging.WARNING
+        self.log(level, msg, *args, **kwargs)
 
 
 def raw_response(status: int, err: APIError) -> bytes:
@@ -99,6 +129,7 @@ def protocol_class(limits: ConnectionLimits) -> type[H11Protocol]:
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            self.logger = _QuietOnBadClients(self.logger, {})
             self._since = 0.0  # when the current wait (for headers, or for the body) began
             self._got_bytes = False  # bytes came since then
             self._header_timer = None
@@ -145,8 +176,9 @@ def protocol_class(limits: ConnectionLimits) -> type[H11Protocol]:
             self._start_waiting()
             self._arm_header_timer()
             if len(self.connections) > limits.max_connections:
+                now = self.loop.time()
                 stalled = [c for c in self.connections if c is not self and isinstance(c, GuardedH11)
-                           and c._stalled()]
+                           and c._stalled() and now - c._since >= limits.grace]
                 if stalled:
                     oldest = min(stalled, key=lambda c: c._since)
                     oldest._drop(408, f"this connection stalled for {self.loop.time() - oldest._since:.1f} s "
@@ -199,5 +231,6 @@ def make_server(app, host: str, port: int, limits: ConnectionLimits | None = Non
     limits = limits or ConnectionLimits()
     cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol_class(limits),
                          timeout_keep_alive=limits.keep_alive, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                         backlog=limits.backlog,
                          **config)
     return (server_class or uvicorn.Server)(cfg)
