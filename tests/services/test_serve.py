@@ -300,6 +300,9 @@ def test_a_server_shutting_down_answers_503(model_dir, served):
     (["--port", "70000"], "--port 70000"),
     (["--max-batch", "0"], "--max-batch 0"),
     (["--max-context", "1"], "--max-context 1"),
+    (["--max-connections", "0"], "--max-connections 0"),
+    (["--header-timeout", "0"], "--header-timeout 0.0 must be a number of seconds"),
+    (["--body-timeout", "nan"], "--body-timeout nan"),
     (["--model", "{empty}"], "{empty}"),
     (["--model", "{missing}"], "is not a directory"),
 ])

@@ -314,3 +314,39 @@ def test_slow_headers_and_bodies_are_dropped(keyed):
         assert closed or read_all(s, 5).startswith(b"HTTP/1.1 408")
         assert time.monotonic() - t0 < TIMEOUT + 5
     assert post(keyed, CHAT, chat_body()).status_code == 200  # and the server serves on
+
+
+# ---- the open-file limit ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("soft,hard,in_use,raised,cap,noted", [
+    (100_000, 100_000, 20, None, 512, False),  # room enough: nothing changes
+    (1024, 1 << 20, 20, 20 + 512 + 2048 + 32, 512, False),  # the soft limit is raised to what is needed, quietly
+    (1024, 1024, 20, None, 512, False),  # only the accept queue shrinks (to 1024 - 20 - 32 - 512 = 460)
+    (256, 256, 40, None, 256 - 40 - 32 - 16, True),  # the cap shrinks, with a note
+])
+def test_the_connection_cap_fits_the_open_file_limit(monkeypatch, soft, hard, in_use, raised, cap, noted):
+    import resource
+
+    from lmforge.serve import server
+
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda what, lim: calls.append(lim[0]))
+    monkeypatch.setattr(server, "open_fds", lambda: in_use)
+    limits, note = server.fit_to_fd_limit(server.ConnectionLimits())
+    assert calls == ([raised] if raised else [])
+    assert limits.max_connections == cap and (note is not None) == noted
+    assert in_use + limits.max_connections + limits.backlog + server.FD_MARGIN <= max(soft, raised or 0)
+    if noted:
+        assert f"accepting at most {cap} at once" in note and "ulimit -n" in note
+
+
+def test_no_room_for_connections_is_a_one_line_error(monkeypatch):
+    import resource
+
+    from lmforge.config import UserError
+    from lmforge.serve import server
+
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (64, 64))
+    monkeypatch.setattr(server, "open_fds", lambda: 30)
+    with pytest.raises(UserError, match="no room for connections; raise it"):
+        server.fit_to_fd_limit(server.ConnectionLimits())
