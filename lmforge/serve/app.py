@@ -6,6 +6,10 @@ app; the engine thread starts with the app (lifespan) and stops with it.
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` gives
 server-sent events ``data: {json}\\n\\n`` ending with ``data: [DONE]``), ``GET /health`` (slot and queue
 counts), ``GET /`` (``lmforge/serve/static/index.html``) and ``/static/*`` (that folder).
+
+In front of the routes, `lmforge.serve.limits.Guard` checks ``Host`` (without a key), the key (before the body
+is read), the body's size and the time it takes to arrive; bodies are parsed by `lmforge.serve.protocol`
+(strict types, valid Unicode, a depth cap); `install_error_handlers` gives every error OpenAI's JSON shape.
 """
 
 from __future__ import annotations
