@@ -211,7 +211,7 @@ def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = P.parse_request(P.CompletionRequest, await request.body())
+        req = await asyncio.to_thread(P.parse_request, P.CompletionRequest, await request.body())  # CPU work
         engine.check_model(req.model)
 
         def build():  # tokenizing is CPU work: off the event loop
@@ -222,7 +222,7 @@ def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = P.parse_request(P.ChatRequest, await request.body())
+        req = await asyncio.to_thread(P.parse_request, P.ChatRequest, await request.body())  # CPU work
         engine.check_model(req.model)
 
         def build():  # rendering the chat template and tokenizing: off the event loop
@@ -247,7 +247,7 @@ def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings
                 if not waiter.done() and await request.is_disconnected():
                     waiter.cancel()
                     stream.cancel()
-                    return JSONResponse({}, status_code=499)
+                    return _error(P.APIError(499, "the client closed the connection", code="client_closed"))
             waiter.result()
         finally:
             if not waiter.done():

@@ -56,28 +56,32 @@ def _path(parts: list) -> str:
 def check_json_tree(obj: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
     """Refuse (400) nesting deeper than ``max_depth`` and any string or key that is not valid Unicode (a lone
     surrogate: JSON's ``\\ud800`` escape decodes to one, and UTF-8 cannot encode it), naming where it is."""
-    stack: list[tuple[Any, list]] = [(obj, [])]
+    def check_str(text: str, where: list) -> None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            param = _path(where) or None
+            raise APIError(400, f"{param or 'the body'} holds invalid Unicode (a lone surrogate, "
+                           f"{text[e.start]!r}, at character {e.start}); send valid UTF-8 text",
+                           param=param, code="invalid_unicode") from None
+
+    if isinstance(obj, str):
+        check_str(obj, [])
+    stack: list[tuple[Any, list]] = [(obj, [])] if isinstance(obj, (dict, list)) else []
     while stack:
         node, where = stack.pop()
-        if isinstance(node, str):
-            try:
-                node.encode("utf-8")
-            except UnicodeEncodeError as e:
-                param = _path(where) or None
-                raise APIError(400, f"{param or 'the body'} holds invalid Unicode (a lone surrogate, "
-                               f"{node[e.start]!r}, at character {e.start}); send valid UTF-8 text",
-                               param=param, code="invalid_unicode") from None
-        elif isinstance(node, (dict, list)):
-            if len(where) >= max_depth:
-                raise APIError(400, f"the request body is nested deeper than {max_depth} levels (at "
-                               f"{_path(where[:3])}…); an OpenAI request is a few levels deep",
-                               param=_path(where[:1]) or None, code="too_deep")
-            if isinstance(node, dict):
-                for k, v in node.items():
-                    stack.append((k, where))
-                    stack.append((v, [*where, k]))
-            else:
-                stack.extend((v, [*where, i]) for i, v in enumerate(node))
+        if len(where) >= max_depth:
+            raise APIError(400, f"the request body is nested deeper than {max_depth} levels (at "
+                           f"{_path(where[:3])}…); an OpenAI request is a few levels deep",
+                           param=_path(where[:1]) or None, code="too_deep")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            if isinstance(k, str):
+                check_str(k, where)
+            if isinstance(v, str):
+                check_str(v, [*where, k])
+            elif isinstance(v, (dict, list)):
+                stack.append((v, [*where, k]))
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
