@@ -141,6 +141,7 @@ def parse_request(model: type[_Request], body: bytes) -> _Request:
     """A request model from the raw body: JSON, Unicode and depth checks, unsupported fields, then pydantic."""
     obj = parse_json(body)
     check_unsupported(obj, model.UNSUPPORTED)
+    obj = {k: v for k, v in obj.items() if v is not None}  # null means the default (OpenAI's reading)
     req = validate(model, obj)
     req.check()
     return req

@@ -212,6 +212,10 @@ def test_neutral_values_of_those_fields_are_accepted(keyed):
     r = post(keyed, CHAT, body)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "stop": None, "seed": None,
+             "logit_bias": None, "max_completion_tokens": None, "presence_penalty": None, "response_format": None}
+    r = post(keyed, CHAT, {**chat_body(), **nulls})  # null: the default, as OpenAI reads it
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
 
 
 # ---- logit_bias ------------------------------------------------------------------------------------------------
