@@ -65,8 +65,7 @@ class ServeProcess:
         self.port = int(self.url.rsplit(":", 1)[1])
 
     def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")  # written by the process alone
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
