@@ -272,6 +272,9 @@ def validate_common(cfg) -> None:
                           "(or set log.tensorboard=false)")
     validate_tracker_config(lg.mlflow, lg.wandb)
     validate_spike(t.spike)
+    if t.spike.action == "rollback" and not c.interval:
+        raise ConfigError("train.spike.action=rollback goes back to the last checkpoint; set checkpoint.interval > 0 "
+                          "(e.g. 500), or use train.spike.action=skip")
 
 
 def validate_spike(sp: SpikeConfig) -> None:

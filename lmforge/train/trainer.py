@@ -127,6 +127,7 @@ class TrainResult:
     signal: str | None = None  # SIGINT | SIGTERM | SIGUSR1 when stop_reason == "signal"
     exit_code: int = 0  # what the CLI exits with: 0 finished, 128+signal, 124 time limit
     checkpoint: str | None = None  # the newest checkpoint of this run (None: none written)
+    rollbacks: int = 0  # loss-spike rollbacks over the whole run (train.spike.action=rollback)
 
 
 @dataclass
@@ -681,7 +682,8 @@ class Trainer:
             tok_per_s=tps, mfu=self.meter.mfu(tps), nonfinite_total=self.nonfinite_total,
             model_dir=str(model_dir) if model_dir else None, run_dir=str(self.run_dir),
             peak_flops_source=self.peak_source, signal=self.signals.name if stop_reason == "signal" else None,
-            exit_code=code, checkpoint=str(self.last_saved) if self.last_saved else None)
+            exit_code=code, checkpoint=str(self.last_saved) if self.last_saved else None,
+            rollbacks=self.spike_rollbacks)
 
     def export_model(self) -> Path | None:
         """Consolidate the weights (gathered from all ranks) into RUN/model on rank 0."""

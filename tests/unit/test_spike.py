@@ -88,6 +88,8 @@ def test_config_section_and_unknown_keys(tmp_path):
     cfg = make_cfg(tmp_path, train={"spike": {"action": "rollback", "metric": "both", "lr_factor": 0.5,
                                               "lr_factor_steps": 10}})
     assert cfg.train.spike.action == "rollback" and cfg.train.spike.metric == "both"
+    with pytest.raises(ConfigError, match="train.spike.action=rollback .* set checkpoint.interval > 0"):
+        validate(make_cfg(tmp_path, train={"spike": {"action": "rollback"}}, checkpoint={"interval": 0}))
     assert PretrainConfig().train.spike.action == "none"  # off unless asked for
     with pytest.raises(ConfigError, match="train.spike.action"):
         make_cfg(tmp_path, train={"spike": {"action": "undo"}})
@@ -154,6 +156,7 @@ def test_rollback_skips_exactly_the_batches_since_the_checkpoint_and_equals_a_ru
     trainer._load_checkpoint = lambda path, notes=True: (loaded.append(path.name), original(path, notes))[1]
     result = trainer.fit()
     assert loaded == ["step_000003"] and result.step == 10 and result.stop_reason == "max_steps"
+    assert result.rollbacks == 1
     assert source.i == 12  # batches 0..2, 3..4 (undone), then 5..11: none read twice, 3 and 4 never trained on
     spikes = [e for e in rows(tmp_path / "run", "event") if e["event"] == "spike"]
     assert len(spikes) == 1
@@ -314,3 +317,13 @@ def test_report_marks_spikes_on_the_loss_curve(tmp_path):
     assert [(m["x"], m["y"], m["label"]) for m in marks] == [(5, 4.0, "rollback to 3"), (8, 4.0, "skip")]
     plt.close(fig)
     assert report.plot(tmp_path).is_file()
+
+
+def test_a_spike_before_the_first_checkpoint_stops_with_the_reason(tmp_path):
+    source = CountingSource()
+    cfg = make_cfg(tmp_path, train={"max_steps": 10, "spike": {"action": "rollback", "min_history": 2}},
+                   eval={"batches": 0}, checkpoint={"interval": 5})
+    with pytest.raises(LossSpikeStop, match="loss spike at step 4 .* and no verified checkpoint to roll back to; "
+                                            "set checkpoint.interval"):
+        make_trainer(cfg, source=source, loss_fn=poisoned(source, index=3)).fit()
+    assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "step_000004"
