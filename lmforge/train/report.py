@@ -148,7 +148,8 @@ SPIKE_STYLE = {"rollback": ("v", "tab:red"), "skip": ("x", "tab:purple"), "stop"
 
 def mark_events(ax, rows: list[dict[str, Any]], top: float) -> list[dict[str, Any]]:
     """Mark the loss spikes (``train.spike`` events) on the loss axis ``ax``: at the spiked step and its loss
-    (at ``top`` when the loss is off the scale or not finite), labelled with what the run did. Returns the marks."""
+    (at ``top`` when the loss is off the scale or not finite, the value then in the label), labelled with what the
+    run did; a rollback also shades the steps it undid. Returns the marks."""
     marks = []
     for r in rows:
         if r.get("kind") != "event" or r.get("event") != "spike":
@@ -157,7 +158,11 @@ def mark_events(ax, rows: list[dict[str, Any]], top: float) -> list[dict[str, An
         x = r.get("spike_step", r.get("step"))
         loss = _num(r.get("loss"))
         label = f"rollback to {r.get('step')}" if action == "rollback" else action
+        if loss is None or loss > top:  # off the scale: the marker sits at the top, the label says the value
+            label += f" (loss {loss:.3g})" if loss is not None else f" (loss {r.get('loss')})"
         marks.append({"x": x, "y": min(loss, top) if loss is not None else top, "label": label, "action": action})
+        if action == "rollback" and isinstance(r.get("step"), (int, float)):  # the steps that were undone
+            ax.axvspan(r["step"], x, color=SPIKE_STYLE["rollback"][1], alpha=0.08, lw=0)
     for action, (marker, color) in SPIKE_STYLE.items():
         mine = [m for m in marks if m["action"] == action]
         if mine:

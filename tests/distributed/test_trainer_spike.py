@@ -168,3 +168,15 @@ def test_two_ranks_skip_and_bounded_rollbacks(runs, tmp_path):
     assert "after 2 rollbacks (train.spike.max_rollbacks=2)" in results[0][2]
     assert [(e["action"], e["step"], e["spike_step"]) for e in _events(bound_dir)] == \
         [("rollback", 3, 4), ("rollback", 3, 4), ("stop", 4, 4)]
+
+
+def test_the_docs_demo(tmp_path):
+    """The figures docs/guide/pretraining.md ("Loss spikes") quotes from `_spike_demo.py`."""
+    from _spike_demo import main
+
+    f = main(tmp_path / "demo", None)
+    assert (f["spike_step"], f["rolled_back_to"], f["skipped_samples"], f["rollbacks"]) == (55, 50, [400, 440], 1)
+    assert f["spike_loss"] > 9 and f["threshold"] < 1.5 and f["loss_before"] < 0.5
+    assert f["max_abs_diff_rollback_vs_clean"] == 0.0
+    assert f["final_loss"]["rollback"] == f["final_loss"]["clean"] != f["final_loss"]["none"]
+    assert (tmp_path / "demo" / "rollback" / "report.png").is_file()

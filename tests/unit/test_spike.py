@@ -314,7 +314,7 @@ def test_report_marks_spikes_on_the_loss_curve(tmp_path):
 
     fig, ax = plt.subplots()
     marks = report.mark_events(ax, rows_, top=4.0)
-    assert [(m["x"], m["y"], m["label"]) for m in marks] == [(5, 4.0, "rollback to 3"), (8, 4.0, "skip")]
+    assert [(m["x"], m["y"], m["label"]) for m in marks] == [(5, 4.0, "rollback to 3 (loss 40)"), (8, 4.0, "skip (loss nan)")]
     plt.close(fig)
     assert report.plot(tmp_path).is_file()
 
