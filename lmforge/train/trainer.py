@@ -417,7 +417,7 @@ class Trainer:
                     self.maybe_evaluate(force=True)
                 while self.step < self.total_steps:
                     out = self.timed_step()
-                    if out["spike"] is not None and self.handle_spike(out):
+                    if out.get("spike") is not None and self.handle_spike(out):
                         continue  # rolled back: the step is undone, training goes on from the checkpoint
                     self.log_step(out)
                     val = self.maybe_evaluate()
