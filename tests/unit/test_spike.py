@@ -327,3 +327,53 @@ def test_a_spike_before_the_first_checkpoint_stops_with_the_reason(tmp_path):
                                             "set checkpoint.interval"):
         make_trainer(cfg, source=source, loss_fn=poisoned(source, index=3)).fit()
     assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "step_000004"
+
+
+def test_fine_tuning_rolls_back_too(tmp_path, monkeypatch):
+    """LoRA SFT (adapter-only checkpoints, a frozen base) through the fine-tuning entry point: the shared
+    Trainer rolls back on a spike its loss hook injects once, at step 5, and finishes."""
+    from test_finetune import SFT, sft_cfg
+
+    from lmforge.artifacts.model_dir import save_model_dir
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import build_model
+    from lmforge.tasks.run import run as finetune
+    from lmforge.tokenizer.train import train_tokenizer
+    from lmforge.train import trainer as trainer_mod
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(r["instruction"] + " " + r["output"] for r in SFT) * 10, encoding="utf-8")
+    train_tokenizer([str(corpus)], 300, tmp_path / "tok", progress=False)
+    mcfg = ModelConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64,
+                       tie_embeddings=True)
+    model_dir = save_model_dir(build_model(mcfg, seed=0), tmp_path / "model", tokenizer_dir=str(tmp_path / "tok"))
+    sft_file = tmp_path / "train.jsonl"
+    sft_file.write_text("".join(json.dumps(r) + "\n" for r in SFT), encoding="utf-8")
+    original, fired = trainer_mod.Trainer.train_step, []
+
+    def train_step(self, batch):
+        if self.step == POISON and not fired:
+            fired.append(True)
+            loss_fn = self.loss_fn
+
+            def scaled(model, b):
+                loss, n = loss_fn(model, b)
+                return loss * 50.0, n
+
+            self.loss_fn = scaled
+            try:
+                return original(self, batch)
+            finally:
+                self.loss_fn = loss_fn
+        return original(self, batch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", train_step)
+    cfg = sft_cfg(model_dir, sft_file, tmp_path / "run", finetune={"mode": "lora"},
+                  train={"max_steps": 8, "spike": {"action": "rollback", "min_history": 2, "window": 10}},
+                  lora={"rank": 4, "alpha": 8, "targets": ["all-linear"]}, eval={"interval": 0, "batches": 0},
+                  checkpoint={"interval": 3})
+    res = finetune(cfg)
+    assert res.train.step == 8 and res.train.rollbacks == 1 and res.adapter_dir
+    e = [r for r in rows(tmp_path / "run", "event") if r["event"] == "spike"]
+    assert [(x["action"], x["step"], x["spike_step"]) for x in e] == [("rollback", 3, 5)]
+    assert [r["step"] for r in rows(tmp_path / "run")] == list(range(1, 9))
