@@ -377,3 +377,24 @@ def test_fine_tuning_rolls_back_too(tmp_path, monkeypatch):
     e = [r for r in rows(tmp_path / "run", "event") if r["event"] == "spike"]
     assert [(x["action"], x["step"], x["spike_step"]) for x in e] == [("rollback", 3, 5)]
     assert [r["step"] for r in rows(tmp_path / "run")] == list(range(1, 9))
+
+
+def test_the_rollback_count_survives_a_restart(tmp_path):
+    """The bound is over the whole run: the count is in the checkpoints, so a re-run does not reset it."""
+    holder = {}
+
+    def from_step_5(model, batch):
+        loss, n = causal_lm_loss(model, batch)
+        return (loss * 50.0 if model.training and holder["t"].step >= POISON else loss), n
+
+    cfg = spike_cfg(tmp_path, action="rollback", max_rollbacks=1)
+    trainer = holder["t"] = make_trainer(cfg, loss_fn=from_step_5)
+    with pytest.raises(LossSpikeStop, match="after 1 rollbacks"):
+        trainer.fit()
+    meta = json.loads((tmp_path / "checkpoints" / "step_000005" / "meta.json").read_text())
+    assert meta["trainer"]["spike"]["rollbacks"] == 1
+    again = holder["t"] = make_trainer(cfg, loss_fn=from_step_5)
+    with pytest.raises(LossSpikeStop, match="loss spike at step 6 after 1 rollbacks"):
+        again.fit()
+    spikes = [e for e in rows(tmp_path, "event") if e["event"] == "spike"]
+    assert [(e["action"], e["spike_step"]) for e in spikes] == [("rollback", 5), ("stop", 5), ("stop", 6)]
