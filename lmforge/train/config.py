@@ -39,6 +39,28 @@ class DataConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """``train.spike``: what a loss spike is (``lmforge.train.spike``) and what the run does about one.
+
+    A spike is a step whose ``metric`` lies above ``median + k · MAD`` of the last ``window`` applied steps
+    (once ``min_history`` of them are known), or whose loss or grad norm is not finite. ``skip``: no update
+    for that step (it still counts as a step; ``train.max_nonfinite`` skipped steps in a row stop the run);
+    ``rollback``: reload the last verified checkpoint, skip the data consumed since it and go on (at most
+    ``max_rollbacks`` times in the run), with the lr × ``lr_factor`` for ``lr_factor_steps`` steps; ``stop``:
+    checkpoint the weights from before the spike and stop (exit 2). ``none``: no detection; a non-finite step
+    is skipped as always."""
+
+    action: Literal["none", "skip", "rollback", "stop"] = "none"
+    metric: Literal["loss", "grad_norm", "both"] = "loss"  # what is watched (non-finite values always count)
+    window: int = 100  # applied steps the median and MAD are taken over
+    k: float = 6.0  # a spike lies above median + k · MAD
+    min_history: int = 20  # steps needed before the threshold applies (non-finite counts from step 1)
+    max_rollbacks: int = 3  # rollbacks allowed in the whole run (kept in checkpoints); one more spike stops
+    lr_factor: float = 1.0  # after a rollback the lr is multiplied by this ...
+    lr_factor_steps: int = 0  # ... for this many steps (0 = the lr is left alone)
+
+
+@dataclass
 class StepsConfig:
     """The ``train:`` keys every stage shares: batch sizes, the step limit, seed, resume, device, precision and
     the loss's numerics. Each stage's ``train:`` section is this plus its own keys (pretraining: token-counted
@@ -60,6 +82,7 @@ class StepsConfig:
     # and the z-loss coefficient on logsumexp² per target (PaLM; e.g. 1e-4; 0 = off; training only)
     loss_chunk_tokens: int = 1024
     z_loss: float = 0.0
+    spike: SpikeConfig = field(default_factory=SpikeConfig)  # loss-spike detection and rollback (train.spike)
 
 
 @dataclass
@@ -248,6 +271,31 @@ def validate_common(cfg) -> None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard "
                           "(or set log.tensorboard=false)")
     validate_tracker_config(lg.mlflow, lg.wandb)
+    validate_spike(t.spike)
+    if t.spike.action == "rollback" and not c.interval:
+        raise ConfigError("train.spike.action=rollback goes back to the last checkpoint; set checkpoint.interval > 0 "
+                          "(e.g. 500), or use train.spike.action=skip")
+
+
+def validate_spike(sp: SpikeConfig) -> None:
+    """The train.spike keys (checked whatever the action, so a typo does not wait for a spike)."""
+    if sp.window < 1:
+        raise ConfigError(f"train.spike.window={sp.window} must be at least 1 (e.g. 100 steps)")
+    if not 1 <= sp.min_history <= sp.window:
+        raise ConfigError(f"train.spike.min_history={sp.min_history} must be in 1..train.spike.window={sp.window} "
+                          f"(e.g. {min(20, sp.window)})")
+    if not (math.isfinite(sp.k) and sp.k > 0):
+        raise ConfigError(f"train.spike.k={sp.k} must be a finite number > 0 (e.g. 6: median + 6 MAD)")
+    if sp.max_rollbacks < 1:
+        raise ConfigError(f"train.spike.max_rollbacks={sp.max_rollbacks} must be at least 1 (or use "
+                          "train.spike.action=stop)")
+    if not (math.isfinite(sp.lr_factor) and 0 < sp.lr_factor <= 1):
+        raise ConfigError(f"train.spike.lr_factor={sp.lr_factor} must be in (0, 1] (e.g. 0.5; 1 leaves the lr alone)")
+    if sp.lr_factor_steps < 0:
+        raise ConfigError(f"train.spike.lr_factor_steps={sp.lr_factor_steps} must be >= 0")
+    if sp.lr_factor < 1 and not sp.lr_factor_steps:
+        raise ConfigError(f"train.spike.lr_factor={sp.lr_factor} needs train.spike.lr_factor_steps > 0 "
+                          "(how many steps after a rollback the lower lr lasts, e.g. 100)")
 
 
 def validate_muon(o: OptimConfig) -> None:
@@ -342,12 +390,14 @@ __all__ = [
     "PretrainConfig",
     "RunConfig",
     "ScheduleConfig",
+    "SpikeConfig",
     "StepsConfig",
     "TrainConfig",
     "config_dict",
     "grad_accum_steps",
     "load_config",
     "validate",
+    "validate_spike",
 ]
 
 

@@ -122,6 +122,10 @@ def plot(run_dir: str | Path, path: str | Path | None = None, title: str | None 
     if evals:
         ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=4, lw=1.2,
                      color="tab:orange", label="val loss")
+    if train or evals:
+        ylim = ax_loss.get_ylim()
+        mark_events(ax_loss, rows, top=ylim[1])
+        ax_loss.set_ylim(*ylim)  # a spike's marker does not rescale the curve (off-scale ones sit at the top)
     ax_loss.set_ylabel("loss (nats / token)")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
@@ -137,6 +141,36 @@ def plot(run_dir: str | Path, path: str | Path | None = None, title: str | None 
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+SPIKE_STYLE = {"rollback": ("v", "tab:red"), "skip": ("x", "tab:purple"), "stop": ("X", "black")}
+
+
+def mark_events(ax, rows: list[dict[str, Any]], top: float) -> list[dict[str, Any]]:
+    """Mark the loss spikes (``train.spike`` events) on the loss axis ``ax``: at the spiked step and its loss
+    (at ``top`` when the loss is off the scale or not finite, the value then in the label), labelled with what the
+    run did; a rollback also shades the steps it undid. Returns the marks."""
+    marks = []
+    for r in rows:
+        if r.get("kind") != "event" or r.get("event") != "spike":
+            continue
+        action = str(r.get("action", "skip"))
+        x = r.get("spike_step", r.get("step"))
+        loss = _num(r.get("loss"))
+        label = f"rollback to {r.get('step')}" if action == "rollback" else action
+        if loss is None or loss > top:  # off the scale: the marker sits at the top, the label says the value
+            label += f" (loss {loss:.3g})" if loss is not None else f" (loss {r.get('loss')})"
+        marks.append({"x": x, "y": min(loss, top) if loss is not None else top, "label": label, "action": action})
+        if action == "rollback" and isinstance(r.get("step"), (int, float)):  # the steps that were undone
+            ax.axvspan(r["step"], x, color=SPIKE_STYLE["rollback"][1], alpha=0.08, lw=0)
+    for action, (marker, color) in SPIKE_STYLE.items():
+        mine = [m for m in marks if m["action"] == action]
+        if mine:
+            ax.scatter([m["x"] for m in mine], [m["y"] for m in mine], marker=marker, color=color, s=60, zorder=5,
+                       clip_on=False, label=f"loss spike: {action}")
+    for m in marks:
+        ax.annotate(m["label"], (m["x"], m["y"]), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    return [{k: m[k] for k in ("x", "y", "label")} for m in marks]
 
 
 def _fmt(v, spec: str = "", none: str = "—") -> str:

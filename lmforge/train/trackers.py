@@ -114,6 +114,8 @@ class Tracker:
     def log(self, row: dict[str, Any]) -> None:
         """One metrics.jsonl row: numeric fields become metrics named ``<kind>/<field>`` at ``row['step']``."""
         if row.get("kind") == "event":
+            if row.get("event") == "spike":  # train.spike: its figures at the step that spiked
+                self._guard("log", self._log, *spike_metrics(row))
             return  # start/resume/end events are not curves (the end's reason becomes the run's status)
         step, values = int(row.get("step", 0)), numeric_fields(row)
         if values:
@@ -168,6 +170,19 @@ def numeric_fields(row: dict[str, Any]) -> dict[str, float]:
         if math.isfinite(value):
             out[f"{kind}/{key}"] = float(value)
     return out
+
+
+def spike_metrics(row: dict[str, Any]) -> tuple[int, dict[str, float]]:
+    """A ``spike`` event row -> (the spiked step, ``{"spike/loss": …, "spike/threshold": …, "spike/<action>": 1}``);
+    a rollback adds ``spike/to_step``, the checkpoint's step the run went back to (the row's ``step``)."""
+    values = {f"spike/{k}": float(v) for k, v in row.items()
+              if k not in ("step", "spike_step", "kind") and not isinstance(v, bool) and isinstance(v, (int, float))
+              and math.isfinite(v)}
+    action = str(row.get("action", "spike"))
+    values[f"spike/{action}"] = 1.0
+    if action == "rollback":
+        values["spike/to_step"] = float(row.get("step", 0))
+    return int(row.get("spike_step", row.get("step", 0))), values
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -426,5 +441,6 @@ __all__ = [
     "build_trackers",
     "flatten",
     "numeric_fields",
+    "spike_metrics",
     "validate_tracker_config",
 ]

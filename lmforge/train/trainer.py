@@ -21,7 +21,9 @@ runs on every rank whenever an evaluation sets a new best (a task keeps the best
 
 Across ranks: every decision that leads to collectives (evaluate, checkpoint, stop) is the same on all
 ranks at the same step: evaluation and checkpoint cadence follow the step count, and the stop flags
-(signal, time limit, early stop, divergence) are agreed by an all-reduce (`lmforge.train.stopping`).
+(signal, time limit, early stop, divergence) are agreed by an all-reduce (`lmforge.train.stopping`), and so
+is the verdict on a loss spike (``train.spike``, `lmforge.train.spike`): skip the update, roll back to the last
+verified checkpoint (skipping the data consumed since), or stop.
 Dropout streams are seeded per data-parallel rank (TP peers share one); notes print on rank 0 only.
 
 Accounting: ``tokens`` / ``tok_per_s`` / MFU count the input tokens that went through forward passes
@@ -63,12 +65,18 @@ from lmforge.train.metrics import (
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.resume import _changed_settings, check_compatible, find_resume
 from lmforge.train.schedule import LRSchedule
+from lmforge.train.spike import SpikeDetector, Verdict
 from lmforge.train.stopping import StopSignals, agree, exit_code
 from lmforge.train.trackers import build_trackers
 
 
 class TrainingDiverged(UserError):
     """Too many non-finite steps in a row; the message names the last checkpoint of finite weights."""
+
+
+class LossSpikeStop(UserError):
+    """A loss spike stopped the run (``train.spike.action=stop``, or one spike more than
+    ``train.spike.max_rollbacks``); the message names the checkpoint of the weights from before it."""
 
 
 def now() -> float:
@@ -119,6 +127,7 @@ class TrainResult:
     signal: str | None = None  # SIGINT | SIGTERM | SIGUSR1 when stop_reason == "signal"
     exit_code: int = 0  # what the CLI exits with: 0 finished, 128+signal, 124 time limit
     checkpoint: str | None = None  # the newest checkpoint of this run (None: none written)
+    rollbacks: int = 0  # loss-spike rollbacks over the whole run (train.spike.action=rollback)
 
 
 @dataclass
@@ -202,8 +211,15 @@ class Trainer:
         self.evals_since_best = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
+        self.skip_streak = 0  # steps in a row whose update was skipped (non-finite or spike)
         self.last_val: dict[str, float] = {}
         self.last_val_step: int | None = None
+        # loss spikes (train.spike): the detector's history, rollbacks so far, the lowered-lr window (checkpointed)
+        self.spike_cfg = cfg.train.spike
+        self.spike = SpikeDetector.from_config(self.spike_cfg) if self.spike_cfg.action != "none" else None
+        self.spike_rollbacks = 0
+        self.spike_lr_until = 0  # steps before this one run at lr × train.spike.lr_factor
+        self.spike_stop: str | None = None  # why a spike stops the run (this start only)
         # this start only
         self.signals = StopSignals()
         self.progress: Progress | None = None
@@ -224,7 +240,8 @@ class Trainer:
             "trainer": {"best_val": self.best_val, "best_step": self.best_step,
                         "evals_since_best": self.evals_since_best, "loss_tokens": self.loss_tokens,
                         "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
-                        "last_val": self.last_val, "last_val_step": self.last_val_step},
+                        "last_val": self.last_val, "last_val_step": self.last_val_step,
+                        "skip_streak": self.skip_streak, "spike": self._spike_state()},
             "layout": self._layout(),
             "lmforge_version": __version__,
         }
@@ -239,7 +256,7 @@ class Trainer:
         self.saved_at, self.last_saved = self.step, path
         return path
 
-    def _load_checkpoint(self, path: Path) -> None:
+    def _load_checkpoint(self, path: Path, notes: bool = True) -> None:
         meta, rank_state = self.ckpt.load(path, self.model, self.optimizer)
         self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
         t = meta.get("trainer", {})
@@ -251,13 +268,15 @@ class Trainer:
         self.nonfinite_streak = int(t.get("nonfinite_streak", 0))
         self.last_val = t.get("last_val", {}) or {}
         self.last_val_step = t.get("last_val_step")
+        self.skip_streak = int(t.get("skip_streak", self.nonfinite_streak))
+        self._load_spike_state(t.get("spike") or {})
         if "loader" in rank_state:
             self.train_batches.load_state_dict(rank_state["loader"])
         if "rng" in rank_state and meta.get("layout") == self._layout():
             ckpt.set_rng_state(rank_state["rng"])  # the same rank's own stream: exact resume
         else:  # another world size: a fresh stream per data-parallel rank, never rank 0's copied
             seed_rank_stream(self.cfg.train.seed, self.step, self.world.dp_rank)
-        if self.world.is_main:
+        if self.world.is_main and notes:
             for note in self.resume_notes + _changed_settings(meta.get("config", {}), self.config_dict):
                 info(f"note: resuming with changed setting {note}")
 
@@ -333,6 +352,8 @@ class Trainer:
         """Forward/backward over the micro-batches of one step, then clip and update (or skip)."""
         cfg = self.cfg
         lr = self.schedule(self.step)
+        if self.step < self.spike_lr_until:  # lowered for a while after a rollback (train.spike.lr_factor)
+            lr *= self.spike_cfg.lr_factor
         set_lr(self.optimizer, lr)
         micro = split_micro(batch, cfg.train.micro_batch)
         # Sums stay on the device through the micro-batches (no .item()/float() per micro-batch: on a GPU
@@ -363,18 +384,26 @@ class Trainer:
             totals.device)]).tolist()
         loss = loss_total / max(n_global, 1.0)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
+        spike = self.spike_verdict(loss, grad_norm)  # None unless train.spike is on and every rank agrees
+        update = finite and spike is None
+        if update:
             self.optimizer.step()
+            self.skip_streak = 0
+            if self.spike is not None:
+                self.spike.observe(loss, grad_norm)
+        else:
+            self.skip_streak += 1
+        if finite:
             self.nonfinite_streak = 0
         else:
             self.nonfinite_total += 1
             self.nonfinite_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self.step += 1  # a skipped step is a step (the schedule moves on); a rollback sets the count back
         self.tokens += int(n_inputs)
         self.loss_tokens += int(n_global)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, "tokens": int(n_inputs),
-                "loss_tokens": int(n_global)}
+                "loss_tokens": int(n_global), "spike": spike}
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -388,6 +417,8 @@ class Trainer:
                     self.maybe_evaluate(force=True)
                 while self.step < self.total_steps:
                     out = self.timed_step()
+                    if out.get("spike") is not None and self.handle_spike(out):
+                        continue  # rolled back: the step is undone, training goes on from the checkpoint
                     self.log_step(out)
                     val = self.maybe_evaluate()
                     stop = self.should_stop(val)
@@ -397,12 +428,16 @@ class Trainer:
                 self.progress.close()
                 if stop is None:
                     self.final_evaluation()
-                if stop != "diverged":
+                if stop not in ("diverged", "spike"):
                     self.maybe_checkpoint(None, at_end=True)
             finally:
                 self.progress.close()
         if stop == "diverged":
             raise self._diverged()
+        if stop == "spike":
+            self.metrics.write({"kind": "event", "step": self.step, "event": "end", "reason": "spike",
+                                "elapsed_s": time.perf_counter() - self.t_start, "time": time.time()})
+            raise self._spike_stopped()
         return self._finish(stop or "max_steps", peak)
 
     def _start(self) -> float:
@@ -468,12 +503,15 @@ class Trainer:
         early = bool(val) and self._early_stop(val)
         limit = cfg.train.time_limit_minutes
         late = bool(limit) and now() - self.t_start > limit * 60
-        diverged = self.nonfinite_streak >= cfg.train.max_nonfinite
-        diverged, early, signum, late = agree([diverged, early, self.signals.signum, late])
+        diverged = self.skip_streak >= cfg.train.max_nonfinite  # non-finite (or spike-skipped) steps in a row
+        spiked = self.spike_stop is not None  # decided by every rank together (`spike_verdict`)
+        diverged, spiked, early, signum, late = agree([diverged, spiked, early, self.signals.signum, late])
         if signum:
             self.signals.signum = int(signum)  # a peer's signal stops this rank the same way
         if diverged:
             return "diverged"
+        if spiked:
+            return "spike"
         if early:
             return "early_stop"
         if self.step >= self.total_steps:
@@ -494,7 +532,7 @@ class Trainer:
             else:
                 self.message(f"step {self.step}: the weights are not finite; no checkpoint written "
                              f"(the last finite one: {self.last_saved or 'none'})")
-        if stop and stop != "diverged":
+        if stop and stop not in ("diverged", "spike"):
             how = self.signals.name if stop == "signal" else stop.replace("_", " ")
             self.message(f"stopping at step {self.step}: {how}; checkpoint {self.last_saved}")
 
@@ -511,8 +549,110 @@ class Trainer:
                  if self.saved_at == self.step else
                  f"the weights are no longer finite, so no checkpoint was written; the last finite checkpoint is "
                  f"{self.last_saved or 'none (the run never saved finite weights)'}")
+        if self.skip_streak > self.nonfinite_streak:  # spikes skipped by train.spike.action=skip among them
+            return TrainingDiverged(
+                f"{self.skip_streak} steps in a row skipped at step {self.step} (loss spikes or non-finite); {where}; "
+                "the loss left its recent history for good: lower optim.lr, check the data, use "
+                "train.spike.action=rollback or raise train.spike.k, then resume")
         return TrainingDiverged(f"{self.nonfinite_streak} non-finite steps in a row at step {self.step}; {where}; "
                                 "lower optim.lr or check the data, then resume")
+
+    # ---- loss spikes (train.spike) ---------------------------------------------------------------
+    def _spike_state(self) -> dict[str, Any]:
+        return {"history": self.spike.state_dict() if self.spike is not None else {},
+                "rollbacks": self.spike_rollbacks, "lr_until": self.spike_lr_until}
+
+    def _load_spike_state(self, state: dict[str, Any]) -> None:
+        if self.spike is not None:
+            self.spike.load_state_dict(state.get("history"))
+        self.spike_rollbacks = int(state.get("rollbacks", 0))
+        self.spike_lr_until = int(state.get("lr_until", 0))
+
+    def spike_verdict(self, loss: float, grad_norm: float) -> Verdict | None:
+        """This step's spike verdict, agreed by every rank (a spike any rank sees is one for all; the values
+        are the all-reduced ones, so they agree anyway); None when ``train.spike`` is off or no spike."""
+        if self.spike is None:
+            return None
+        verdict = self.spike.check(loss, grad_norm)
+        if not agree([verdict is not None])[0]:
+            return None
+        return verdict or Verdict("peer", loss, None)
+
+    def handle_spike(self, out: dict[str, Any]) -> bool:
+        """Act on a spike per ``train.spike.action`` (every rank, together): skip (the update was not made),
+        roll back, or stop. True when the run rolled back (the step is undone)."""
+        verdict, action, step = out["spike"], self.spike_cfg.action, self.step
+        row = {"kind": "event", "step": step, "event": "spike", "spike_step": step, "action": action,
+               "loss": out["loss"], "grad_norm": out["grad_norm"], **verdict.row()}
+        if action == "skip":
+            if not verdict.nonfinite:  # a non-finite step is reported as always (log_step's "nonfinite" event)
+                self.metrics.write({**row, "skipped_in_a_row": self.skip_streak})
+                self.message(f"step {step}: loss spike, {verdict.describe()}; update skipped "
+                             f"({self.skip_streak} in a row)")
+            return False
+        if action == "rollback" and self.spike_rollbacks < self.spike_cfg.max_rollbacks:
+            if not self._rollback(verdict, row):
+                return False
+            self.meter.close_window(out)  # the undone steps' figures stay out of the next metrics row
+            return True
+        if action == "rollback":
+            row["action"] = "stop"
+            self.spike_stop = (f"loss spike at step {step} after {self.spike_rollbacks} rollbacks "
+                               f"(train.spike.max_rollbacks={self.spike_cfg.max_rollbacks}): {verdict.describe()}")
+        else:
+            self.spike_stop = f"loss spike at step {step} (train.spike.action=stop): {verdict.describe()}"
+        self.metrics.write({**row, "rollbacks": self.spike_rollbacks})
+        return False
+
+    def _rollback(self, verdict: Verdict, row: dict[str, Any]) -> bool:
+        """Reload the newest verified checkpoint (the resume path), then put the data cursor back where the
+        spike left it: the windows read since that checkpoint are skipped, exactly. Optionally lower the lr
+        for ``train.spike.lr_factor_steps`` steps. False (and a stop) when there is no checkpoint to go to."""
+        spike_step = self.step
+        path = ckpt.latest_checkpoint(self.ckpt.dir, verify=True)  # every rank: rank 0 verifies, all get it
+        target = int(ckpt.read_meta(path)["step"]) if path is not None else None
+        if target is None or target >= spike_step:
+            where = "no verified checkpoint" if path is None else f"the newest checkpoint {path} is not behind it"
+            self.spike_stop = (f"loss spike at step {spike_step} ({verdict.describe()}) and {where} to roll back "
+                               "to; set checkpoint.interval so that one is written before a spike")
+            self.metrics.write({**row, "action": "stop", "rollbacks": self.spike_rollbacks})
+            return False
+        data_after = self.train_batches.state_dict()  # the cursor just past the spiked step's windows
+        rollbacks = self.spike_rollbacks + 1
+        self._load_checkpoint(path, notes=False)
+        data_from = self.train_batches.state_dict()
+        self.train_batches.load_state_dict(data_after)  # skip what steps target+1 .. spike_step consumed
+        self.spike_rollbacks = rollbacks
+        if self.spike_cfg.lr_factor < 1:
+            self.spike_lr_until = self.step + self.spike_cfg.lr_factor_steps
+        self.saved_at, self.last_saved = self.step, path
+        self.evaluated_at = self.step if self.last_val_step == self.step else -1
+        self.metrics.truncate_after(self.step)  # the undone steps' rows go; this event stays (at the new step)
+        event = {**row, "step": self.step, "checkpoint": path.name, "rollbacks": rollbacks,
+                 "skipped_steps": [self.step + 1, spike_step]}
+        if isinstance(data_from, dict) and "samples_seen" in data_from and "samples_seen" in data_after:
+            event["skipped_samples"] = [int(data_from["samples_seen"]), int(data_after["samples_seen"])]
+        if self.spike_lr_until > self.step:
+            event["lr_factor_until"] = self.spike_lr_until
+        self.metrics.write(event)
+        skipped = (f"samples {event['skipped_samples'][0]}..{event['skipped_samples'][1] - 1}"
+                   if "skipped_samples" in event else f"the data of steps {self.step + 1}..{spike_step}")
+        lower = (f"; lr × {self.spike_cfg.lr_factor} until step {self.spike_lr_until}"
+                 if self.spike_lr_until > self.step else "")
+        self.message(f"step {spike_step}: loss spike, {verdict.describe()}; rolled back to {path} (step "
+                     f"{self.step}), skipping {skipped}{lower} (rollback {rollbacks} of "
+                     f"{self.spike_cfg.max_rollbacks})")
+        return True
+
+    def _spike_stopped(self) -> LossSpikeStop:
+        if self.saved_at == self.step:
+            where = (f"the weights from before it (its update was not applied) are checkpointed in {self.last_saved}; "
+                     "running the same command again continues after the spiked step")
+        else:
+            where = (f"the weights are not finite, so no checkpoint was written; the last finite checkpoint is "
+                     f"{self.last_saved or 'none'}")
+        return LossSpikeStop(f"{self.spike_stop}; {where}; lower optim.lr or check the data (or set "
+                             "train.spike.action=rollback / raise train.spike.max_rollbacks)")
 
     def _finish(self, stop_reason: str, peak: float) -> TrainResult:
         """The end event, RUN/model (finished runs only) and the result."""
@@ -542,7 +682,8 @@ class Trainer:
             tok_per_s=tps, mfu=self.meter.mfu(tps), nonfinite_total=self.nonfinite_total,
             model_dir=str(model_dir) if model_dir else None, run_dir=str(self.run_dir),
             peak_flops_source=self.peak_source, signal=self.signals.name if stop_reason == "signal" else None,
-            exit_code=code, checkpoint=str(self.last_saved) if self.last_saved else None)
+            exit_code=code, checkpoint=str(self.last_saved) if self.last_saved else None,
+            rollbacks=self.spike_rollbacks)
 
     def export_model(self) -> Path | None:
         """Consolidate the weights (gathered from all ranks) into RUN/model on rank 0."""
@@ -612,6 +753,7 @@ class Trainer:
 
 __all__ = [
     "Job",
+    "LossSpikeStop",
     "TrainResult",
     "Trainer",
     "TrainingDiverged",
