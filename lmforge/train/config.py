@@ -44,7 +44,7 @@ class SourceConfig:
 class MixPhaseConfig:
     """One phase of ``data.schedule``: the weights of steps [previous phase's until_step (or 0), until_step)."""
 
-    until_step: int = 0
+    until_step: int = 0  # the first step after this phase (phases run in step order)
     weights: dict[str, float] = field(default_factory=dict)  # {source name: weight}; a missing source gets 0
     interpolate: Literal["constant", "linear"] = "constant"  # linear: from the previous phase's weights to these
 
