@@ -239,3 +239,15 @@ def test_config_reads_sources_and_schedule(tmp_path):
                                                                "interpolate": "linear"}]}))
     assert cfg.data.shard_dirs() == ["a", "b"] and cfg.data.sources[1].on_exhaust == "stop"
     assert cfg.data.schedule[1].interpolate == "linear"
+
+
+def test_doc_mask_batches_carry_document_ids(dirs):
+    tokens, doc_ids = loader(dirs, doc_mask=True, seed=1).next_batch()
+    assert tokens.shape == doc_ids.shape == (8, SEQ + 1) and int(doc_ids.min()) == 0
+
+
+def test_per_source_metrics_reach_the_trackers_under_their_names():
+    from lmforge.train.trackers import numeric_fields
+
+    row = {"kind": "eval", "step": 4, "val_loss": 5.0, "val_loss/web": 4.5, "val_bpb/web": 2.0}
+    assert numeric_fields(row) == {"eval/val_loss": 5.0, "eval/val_loss/web": 4.5, "eval/val_bpb/web": 2.0}
