@@ -26,7 +26,8 @@ def run(args) -> int:
         for shard_dir in cfg.data.shard_dirs():  # every run, with or without a val split; each mixture source
             check_shards_tokenizer(shard_dir, cfg.data.tokenizer)
         with run_dir_claim(cfg.run.dir, "lmforge pretrain", overwrite=cfg.run.overwrite,
-                           inputs=[*cfg.data.shard_dirs(), cfg.data.tokenizer, cfg.model.get("init_embeddings_from")]):
+                           inputs=[*cfg.data.shard_dirs(), cfg.data.tokenizer,
+                                   cfg.model.get("init_embeddings_from")]):
             from lmforge.tasks.run import run as train
             from lmforge.tasks.run import summary
 

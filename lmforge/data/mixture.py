@@ -78,7 +78,7 @@ class MixSchedule:
             target = np.asarray([float(ph.weights.get(n, 0.0)) for n in self.names], dtype=np.float64)
             if step < ph.until_step:
                 if ph.interpolate == "linear":
-                    t = (step + 1 - start) / (ph.until_step - start)  # reaches the target on the phase's last step
+                    t = (step + 1 - start) / (ph.until_step - start)  # the target on the phase's last step
                     return (1.0 - t) * prev + t * target
                 return target
             prev, start = target, ph.until_step
@@ -298,8 +298,8 @@ class MixtureLoader:
                 cursors.append(0)
                 continue
             if int(entry.get("num_tokens", ld.num_tokens)) != ld.num_tokens:
-                raise UserError(f"data.sources: '{n}' held {int(entry['num_tokens']):,} train tokens at the checkpoint "
-                                f"but {ld.num_tokens:,} now; resume on the same data")
+                raise UserError(f"data.sources: '{n}' held {int(entry['num_tokens']):,} train tokens at the "
+                                f"checkpoint but {ld.num_tokens:,} now; resume on the same data")
             cursors.append(int(entry["cursor"]))
         gone = sorted(set(saved) - set(self.names))
         if gone:
@@ -336,7 +336,8 @@ def expected_tokens(names: Sequence[str], schedule: MixSchedule, steps: int, sam
         end = steps if not len(dead) else step + int(dead[0])
         per = np.where(tot > 0, ww / np.where(tot > 0, tot, 1.0), 0.0)[:end - step] * samples_per_step
         cum = used + np.cumsum(per, axis=0)
-        over = [(int(np.argmax(cum[:, s] > limit[s])), s) for s in range(n) if alive[s] and (cum[:, s] > limit[s]).any()]
+        over = [(int(np.argmax(cum[:, s] > limit[s])), s) for s in range(n)
+                if alive[s] and (cum[:, s] > limit[s]).any()]
         if over:
             k, s = min(over)
             used = used + (per[:k].sum(axis=0) if k else 0.0)

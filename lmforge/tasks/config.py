@@ -125,7 +125,7 @@ class TrainFile:
     """A weighted ``data.train`` entry: ``{path: FILE, weight: W}`` (a plain path is weight 1)."""
 
     path: str = ""
-    weight: float = 1.0  # examples of this file per epoch, as a multiple of its size: 2 = each twice, 0.5 = a seeded half
+    weight: float = 1.0  # examples per epoch as a multiple of the file's: 2 = each twice, 0.5 = a seeded half
 
 
 @dataclass

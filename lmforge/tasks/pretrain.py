@@ -72,7 +72,8 @@ class PretrainBatches:
         self.loader.samples_seen = tokens_seen // self.loader.seq_len
         if isinstance(self.loader, MixtureLoader):  # every source from its first window; the schedule's step kept
             self.loader.cursors = [0] * len(self.loader.cursors)
-            self.loader.batches_seen = int(state.get("batches_seen", self.loader.samples_seen // self.loader.global_batch))
+            steps = self.loader.samples_seen // self.loader.global_batch
+            self.loader.batches_seen = int(state.get("batches_seen", steps))
         note(f"note: data changed since the checkpoint; continuing after {tokens_seen:,} tokens "
              f"({self.loader.samples_seen:,} samples of the new data)")
 
@@ -125,8 +126,8 @@ def resolve_tokenizer_dir(cfg: PretrainConfig, index: dict[str, Any]) -> str | N
         if cfg.data.tokenizer:
             raise ConfigError(f"data.tokenizer='{path}' does not exist; point it at the tokenizer dir the shards "
                               "were prepared with")
-        note(f"note: the tokenizer dir recorded in {cfg.data.shard_dirs()[0]}/index.json ({path}) is gone; RUN/model will "
-             "have no tokenizer files (set data.tokenizer to copy them)")
+        note(f"note: the tokenizer dir recorded in {cfg.data.shard_dirs()[0]}/index.json ({path}) is gone; "
+             "RUN/model will have no tokenizer files (set data.tokenizer to copy them)")
         return None
     return str(path)
 
@@ -159,6 +160,8 @@ class PretrainTask(Task):
         super().__init__(cfg)
         self.index: dict[str, Any] = {}
         self.mcfg = None
+        self.val_groups: list[str] | None = None  # a mixture's source of each evaluation batch
+        self.group_bytes: dict[str, float] = {}  # a mixture's bytes per token of each source's val split
 
     # ---- before any work ----
     def check(self) -> None:
@@ -213,11 +216,11 @@ class PretrainTask(Task):
         self.loader = loader = MixtureLoader(
             mixture_sources(cfg), mixture_schedule(cfg), "train", cfg.data.seq_len, cfg.global_batch_size,
             rank=world.dp_rank, world_size=world.dp_size, seed=cfg.train.seed, check_vocab=self.mcfg.vocab_size,
-            tokenizer_hash=self.index.get("tokenizer_hash"), doc_mask=cfg.data.doc_mask, cache_dir=cfg.data.cache_dir)
+            tokenizer_hash=self.index.get("tokenizer_hash"), doc_mask=cfg.data.doc_mask,
+            cache_dir=cfg.data.cache_dir)
         self.batches = PretrainBatches(loader, cfg.data.doc_mask,
                                        any(k.startswith("data.") for k in cfg.checkpoint.allow_mismatch))
         self._val, self.val_groups, self.bytes_per_token = None, None, None
-        self.group_bytes: dict[str, float] = {}
         with_val = [n for n in loader.names if loader.has_split(n)]
         missing = [n for n in loader.names if n not in with_val]
         if cfg.eval.batches and missing:
@@ -307,7 +310,7 @@ class PretrainTask(Task):
                    bytes_per_token=self.bytes_per_token, save_model=self.save_model, config_dict=self.config_dict(),
                    finish_tracking=False, val_groups=self.val_groups,
                    val_group_weights={s.name: s.weight for s in self.cfg.data.sources} if self.val_groups else None,
-                   val_group_bytes_per_token=getattr(self, "group_bytes", None) or None)
+                   val_group_bytes_per_token=self.group_bytes or None)
 
     # ---- the end ----
     @classmethod

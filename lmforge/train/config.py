@@ -56,8 +56,9 @@ class DataConfig:
     tokenizer: str | None = None  # tokenizer dir copied into RUN/model; default: the one the index names
     doc_mask: bool = False  # attend only within documents (EOS-separated) instead of across the packed row
     cache_dir: str | None = None  # local cache for s3:// / gs:// shards (default ~/.cache/lmforge/shards)
-    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture of shard dirs (not with data.dir)
-    schedule: list[MixPhaseConfig] = field(default_factory=list)  # data.sources' weights by step (phases in order)
+    # a weighted mixture of shard dirs (instead of data.dir), and its weights by step (phases in step order)
+    sources: list[SourceConfig] = field(default_factory=list)
+    schedule: list[MixPhaseConfig] = field(default_factory=list)
 
     def shard_dirs(self) -> list[str]:
         """Every shard dir the run reads: data.dir, or each source's."""
@@ -76,17 +77,19 @@ def validate_data_sources(d: DataConfig) -> None:
             raise ConfigError("data.dir is not set; point it at a token-shard dir written by `lmforge prepare` "
                               "(or list data.sources)")
         if d.schedule:
-            raise ConfigError("data.schedule needs data.sources (the weights it changes); drop it or list the sources")
+            raise ConfigError("data.schedule needs data.sources (the weights it changes); drop it or list the "
+                              "sources")
         return
     names: list[str] = []
     for i, s in enumerate(d.sources):
         if not _SOURCE_NAME.match(s.name or ""):
-            raise ConfigError(f"data.sources[{i}].name={s.name!r} must be a word of letters, digits, '_', '-' or '.' "
-                              "(e.g. web)")
+            raise ConfigError(f"data.sources[{i}].name={s.name!r} must be a word of letters, digits, '_', '-' "
+                              "or '.' (e.g. web)")
         if s.name in names:
             raise ConfigError(f"data.sources: the name '{s.name}' appears twice; give every source its own name")
         if not s.dir:
-            raise ConfigError(f"data.sources[{i}] ('{s.name}') has no dir; set it to a shard dir from `lmforge prepare`")
+            raise ConfigError(f"data.sources[{i}] ('{s.name}') has no dir; set it to a shard dir from "
+                              "`lmforge prepare`")
         if not (math.isfinite(s.weight) and s.weight >= 0):
             raise ConfigError(f"data.sources[{i}].weight={s.weight} must be a finite number >= 0")
         names.append(s.name)

@@ -100,7 +100,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         out["best_val_loss"], out["best_val_step"] = best["val_loss"], best["step"]
         sources = _source_names(evals)
         if sources:  # a data.sources mixture: each source's last loss and bits/byte
-            out["sources"] = {n: {"val_loss": evals[-1].get(f"val_loss/{n}"), "val_bpb": evals[-1].get(f"val_bpb/{n}")}
+            last = evals[-1]
+            out["sources"] = {n: {"val_loss": last.get(f"val_loss/{n}"), "val_bpb": last.get(f"val_bpb/{n}")}
                               for n in sources}
     out["nonfinite_steps"] = sum(1 for e in events if e.get("event") == "nonfinite")
     out["has_model"] = (run_dir / "model" / "config.json").is_file()
