@@ -88,3 +88,22 @@ def test_a_weighted_sft_run_trains_and_its_resume_checks_the_weights(model_dir, 
     other = [str(sft_file), {"path": str(extra), "weight": 3.0}]
     with pytest.raises(ConfigError, match="data.train_weights"):
         finetune(sft_cfg(model_dir, sft_file, run_dir, data={"train": other}, train={"max_steps": 8}))
+
+
+def test_weighted_preference_pairs(tmp_path):
+    from lmforge.data.preference_pairs import load_pairs
+
+    files = []
+    for name, n in (("a", 12), ("b", 6)):
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"prompt": f"{name} {i}?", "chosen": "yes", "rejected": "no"}) + "\n"
+                             for i in range(n)))
+        files.append(str(p))
+    d = cfg([{"path": files[0], "weight": 0.5}, {"path": files[1], "weight": 2}], dev_fraction=0.0,
+            format="auto").data
+    train, dev = read_train_dev(load_pairs, d, seed=0)
+    where = [p.where for p in train]
+    assert not dev and len(train) == 6 + 12
+    a_rows = [w for w in where if w.startswith(files[0])]
+    assert len(a_rows) == 6 and len(set(a_rows)) == 6  # a seeded half of a's pairs
+    assert sum(w.startswith(files[1]) for w in where) == 12  # b's pairs twice
