@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # each test runs the CLI (~20-40 s on a shared 2-core CPU)
+
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = {"plays": REPO / "tests/data/tinyshakespeare/input.txt",
          "speeches": REPO / "tests/data/english_corpus/nltk_inaugural",

@@ -8,6 +8,7 @@ from lmforge.data.mixture import MixtureLoader, Source, read_source_indexes
 from lmforge.data.prepare import prepare
 
 s3fs = pytest.importorskip("s3fs")
+pytestmark = pytest.mark.slow  # the S3 server and a prepare: ~25 s
 from tests.services.test_s3 import SHAKESPEARE, corpus, s3, s3_shards, tok_dir  # noqa: F401 (fixtures)
 
 
