@@ -26,7 +26,7 @@ def run(args) -> int:
         check_model_dir_tokenizer(cfg.model.path)
         # model.from inside run.dir (e.g. its own RUN/model) is refused: the run would replace its own base.
         with run_dir_claim(cfg.run.dir, "lmforge finetune", overwrite=cfg.run.overwrite,
-                           inputs=[cfg.model.path, *cfg.data.train, *cfg.data.dev]):
+                           inputs=[cfg.model.path, *cfg.data.train_paths(), *cfg.data.dev]):
             from lmforge.tasks.run import run as train
             from lmforge.tasks.run import summary
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,65 @@ def summary(plan: dict[str, Any]) -> str:
     return line
 
 
+def mixture_plan(arg: str | None, tokens: float | None) -> dict[str, Any] | None:
+    """Tokens (and epochs, where the shard dirs can be read) per ``data.sources`` source of a pretrain recipe,
+    over ``tokens`` (default: the recipe's train.max_tokens, or max_steps × global batch × seq_len)."""
+    if not arg or (Path(arg).suffix not in (".yaml", ".yml") and recipe_name(arg) is None):
+        return None
+    try:
+        recipe = load_config_source(arg)
+    except (ConfigError, UserError):
+        return None
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    if not isinstance(data, dict) or not data.get("sources"):
+        return None
+    from lmforge.config import from_dict
+    from lmforge.data.mixture import MixPhaseSpec, MixSchedule, expected_tokens
+    from lmforge.data.shards import read_index
+    from lmforge.train.config import DataConfig, TrainConfig, validate_data_sources
+
+    d = from_dict(DataConfig, data, prefix="data")
+    validate_data_sources(d)
+    t = from_dict(TrainConfig, recipe.get("train") or {}, prefix="train")
+    batch = t.global_batch or (t.global_batch_tokens or 0) // d.seq_len
+    if batch <= 0:
+        raise ConfigError(f"{arg}: set train.global_batch (or train.global_batch_tokens) to plan data.sources")
+    per_step = batch * d.seq_len
+    budget = tokens or t.max_tokens or (t.max_steps or 0) * per_step
+    if not budget:
+        raise ConfigError("pass --tokens (e.g. 2T) or set train.max_tokens / train.max_steps to plan data.sources")
+    steps = math.ceil(budget / per_step)
+    names = [s.name for s in d.sources]
+    windows, have = {}, {}
+    for s in d.sources:
+        try:
+            n = int(read_index(s.dir)["splits"]["train"]["tokens"])
+        except (UserError, KeyError, TypeError):
+            continue  # not prepared yet (or unreachable): tokens only, no epochs
+        have[s.name], windows[s.name] = n, max(1, (n - 1) // d.seq_len)
+    sched = MixSchedule(names, [s.weight for s in d.sources],
+                        [MixPhaseSpec(p.until_step, dict(p.weights), p.interpolate) for p in d.schedule])
+    rows, last = expected_tokens(names, sched, steps, batch, d.seq_len, windows,
+                                 {s.name: s.on_exhaust for s in d.sources})
+    for s in d.sources:
+        rows[s.name]["on_exhaust"] = s.on_exhaust
+        if s.name in have:
+            rows[s.name]["train_tokens"] = have[s.name]
+    return {"tokens": steps * per_step, "steps": steps, "steps_with_data": last, "sources": rows}
+
+
+def mixture_lines(mix: dict[str, Any]) -> str:
+    out = [f"data.sources over {mix['tokens']:.3g} tokens ({mix['steps']:,} steps):"]
+    for name, r in mix["sources"].items():
+        epochs = f", {r['epochs']:.2f} epochs of its {r['train_tokens']:,} tokens" if "epochs" in r else \
+            " (shard dir not readable here: no epochs)"
+        stop = f"; stops at step {r['exhausted_at_step']:,}" if r.get("exhausted_at_step") is not None else ""
+        out.append(f"  {name}: {r['tokens']:.3g} tokens ({r['share']:.1%}){epochs}{stop}")
+    if mix["steps_with_data"] < mix["steps"]:
+        out.append(f"  every source stops by step {mix['steps_with_data']:,}: the run ends there")
+    return "\n".join(out)
+
+
 def run(args) -> int:
     from lmforge.planner.estimate import estimate, suggest
 
@@ -172,5 +232,10 @@ def run(args) -> int:
         raise ConfigError("lmforge plan needs --model (a preset, a model dir or a recipe), or --calibration")
     req = _request(args)
     plan = suggest(req) if args.suggest else estimate(req)
-    emit(args, summary(plan), plan)
+    mix = mixture_plan(args.model, args.tokens)
+    line = summary(plan)
+    if mix is not None:
+        plan["data_sources"] = mix
+        line += "\n" + mixture_lines(mix)
+    emit(args, line, plan)
     return 0

@@ -23,9 +23,11 @@ def run(args) -> int:
         from lmforge.data.shards import check_shards_tokenizer
         from lmforge.outputs import run_dir_claim
 
-        check_shards_tokenizer(cfg.data.dir, cfg.data.tokenizer)  # every run, with or without a val split
+        for shard_dir in cfg.data.shard_dirs():  # every run, with or without a val split; each mixture source
+            check_shards_tokenizer(shard_dir, cfg.data.tokenizer)
         with run_dir_claim(cfg.run.dir, "lmforge pretrain", overwrite=cfg.run.overwrite,
-                           inputs=[cfg.data.dir, cfg.data.tokenizer, cfg.model.get("init_embeddings_from")]):
+                           inputs=[*cfg.data.shard_dirs(), cfg.data.tokenizer,
+                                   cfg.model.get("init_embeddings_from")]):
             from lmforge.tasks.run import run as train
             from lmforge.tasks.run import summary
 

@@ -26,6 +26,24 @@ def check_batch_layout(n_units: int, global_batch: int, world_size: int, what: s
                         "lower train.global_batch or add data")
 
 
+def weight_examples(groups: list[list[Any]], weights: list[float], seed: int) -> list[Any]:
+    """A weighted ``data.train`` list's epoch: group ``g`` (one file's examples) contributes ``round(w × n)``
+    examples — ``floor(w)`` copies of every example plus a subset of the rest, seeded by ``(seed, g)`` — in
+    file order (the epoch permutation shuffles them). The same list on every rank and every start."""
+    import numpy as np
+
+    out: list[Any] = []
+    for g, (examples, w) in enumerate(zip(groups, weights)):
+        n = len(examples)
+        k = round(w * n)
+        whole, rest = divmod(k, n) if n else (0, 0)
+        out += list(examples) * whole
+        if rest:
+            pick = np.sort(np.random.default_rng([seed, g, 0x77]).choice(n, rest, replace=False))
+            out += [examples[int(i)] for i in pick]
+    return out
+
+
 class EpochCursor:
     def __init__(self, n_units: int, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  order: Callable[[int], list[int]] | None = None):

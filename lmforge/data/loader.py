@@ -243,6 +243,9 @@ class ShardLoader:
                 "num_tokens": self.num_tokens, "tokenizer_hash": self.index.get("tokenizer_hash")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") == "mixture":
+            raise UserError("loader state was saved by a data.sources mixture, not a single data.dir; resume with "
+                            "the same data settings")
         for key in ("seed", "seq_len", "num_tokens", "tokenizer_hash"):
             if key in state and state[key] != getattr(self, key, self.index.get(key)):
                 raise UserError(f"loader state was saved with {key}={state[key]!r} but this loader has "

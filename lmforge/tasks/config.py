@@ -121,8 +121,17 @@ class ClassifySection:
 
 
 @dataclass
+class TrainFile:
+    """A weighted ``data.train`` entry: ``{path: FILE, weight: W}`` (a plain path is weight 1)."""
+
+    path: str = ""
+    weight: float = 1.0  # examples per epoch as a multiple of the file's: 2 = each twice, 0.5 = a seeded half
+
+
+@dataclass
 class FinetuneDataConfig:
-    train: list[str] = field(default_factory=list)  # json/jsonl (sft, lora) or tsv/csv/jsonl (classify)
+    # json/jsonl (sft, lora) or tsv/csv/jsonl (classify); an entry may be {path, weight} to up- or down-sample it
+    train: list[str | TrainFile] = field(default_factory=list)
     dev: list[str] = field(default_factory=list)  # held-out split; empty = dev_fraction of train
     dev_fraction: float = 0.05  # used only without data.dev: a seeded share of train held out
     format: Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "labels"] = "auto"
@@ -136,6 +145,18 @@ class FinetuneDataConfig:
     chat_template: str | None = None  # Jinja text or .jinja file; default: the tokenizer's
     max_train_examples: int | None = None  # read at most this many (the first N of the files)
     max_dev_examples: int | None = None
+
+    def train_files(self) -> list[tuple[str, float]]:
+        """``data.train`` as (path, weight) pairs."""
+        return [(e.path, e.weight) if isinstance(e, TrainFile) else (str(e), 1.0) for e in self.train]
+
+    def train_paths(self) -> list[str]:
+        return [p for p, _ in self.train_files()]
+
+    @property
+    def weighted(self) -> bool:
+        """True when some data.train entry has a weight other than 1."""
+        return any(w != 1.0 for _, w in self.train_files())
 
 
 @dataclass
@@ -225,6 +246,14 @@ def validate(cfg: FinetuneConfig) -> None:
     if not d.train:
         raise ConfigError("data.train is not set; give one or more data files (json/jsonl for sft/lora, "
                           "tsv/csv/jsonl with a label column for classify)")
+    for i, (path, weight) in enumerate(d.train_files()):
+        if not path:
+            raise ConfigError(f"data.train[{i}] has no path; write {{path: FILE, weight: W}} or just FILE")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"data.train[{i}].weight={weight} must be a finite number >= 0 (2 = every example "
+                              "twice per epoch, 0.5 = a seeded half)")
+    if not any(w > 0 for _, w in d.train_files()):
+        raise ConfigError("data.train: every weight is 0; give at least one file a positive weight")
     reads = cfg.spec.reads
     if reads == "labels" and d.format not in ("auto", "labels"):
         raise ConfigError(f"finetune.mode={cfg.mode} reads labelled data; data.format={d.format} should be labels "
@@ -357,6 +386,7 @@ __all__ = [
     "FinetuneTrainConfig",
     "LoraSection",
     "ModelSource",
+    "TrainFile",
     "config_dict",
     "config_from_dict",
     "load_config",

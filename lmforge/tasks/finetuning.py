@@ -25,6 +25,7 @@ from lmforge.artifacts.metadata import read_metadata
 from lmforge.artifacts.model_dir import load_model_dir, read_config, save_model_dir
 from lmforge.config import ConfigError, UserError
 from lmforge.console import info
+from lmforge.data.epochs import weight_examples
 from lmforge.models.lora import apply_lora, trainable_summary
 from lmforge.models.transformer import Transformer
 from lmforge.tasks.base import Outputs, RunResult, Task, final_loss, stopped_at
@@ -53,12 +54,31 @@ def _cap(examples: list, n: int | None) -> list:
 
 def read_train_dev(read: Callable[[Sequence[str], int | None], list], d, seed: int) -> tuple[list, list]:
     """(train, dev) records per the data section: ``data.dev`` when given, else a seeded
-    ``data.dev_fraction`` of ``data.train``; each capped by ``data.max_*_examples``."""
+    ``data.dev_fraction`` of ``data.train``; each capped by ``data.max_*_examples``. A weighted ``data.train``
+    (``{path, weight}`` entries) holds out the same dev examples, then up/down-samples each file's rest
+    (`lmforge.data.epochs.weight_examples`)."""
+    if d.weighted:
+        return _read_weighted(read, d, seed)
     train = read(d.train, d.max_train_examples)
     if d.dev:
         return train, read(d.dev, d.max_dev_examples)
     train, dev = split_dev(train, d.dev_fraction, seed)
     return train, _cap(dev, d.max_dev_examples)
+
+
+def _read_weighted(read: Callable[[Sequence[str], int | None], list], d, seed: int) -> tuple[list, list]:
+    groups, left = [], d.max_train_examples
+    for path, _ in d.train_files():
+        groups.append(read([path], left) if left is None or left > 0 else [])
+        left = None if left is None else left - len(groups[-1])
+    if d.dev:
+        dev = read(d.dev, d.max_dev_examples)
+    else:  # the unweighted run's dev examples: the split runs over the files' examples in order
+        tagged = [(g, e) for g, examples in enumerate(groups) for e in examples]
+        kept, held = split_dev(tagged, d.dev_fraction, seed)
+        groups = [[e for g2, e in kept if g2 == g] for g in range(len(groups))]
+        dev = _cap([e for _, e in held], d.max_dev_examples)
+    return weight_examples(groups, [w for _, w in d.train_files()], seed), dev
 
 
 def check_ids(seqs: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
@@ -189,7 +209,9 @@ class FinetuneTask(Task):
         fields: dict[str, Any] = {"finetune.mode": cfg.mode, "model.base": self.base_fp,
                                   "data.seq_len": cfg.data.seq_len, "data.format": cfg.data.format,
                                   "data.columns": dict(cfg.data.columns),
-                                  "data.train": data_fingerprint(cfg.data.train)}
+                                  "data.train": data_fingerprint(cfg.data.train_paths())}
+        if cfg.data.weighted:  # (only then: unweighted runs keep their checkpoints' fields)
+            fields["data.train_weights"] = [w for _, w in cfg.data.train_files()]
         fields.update(self.task_fields())
         if self.uses_lora():
             fields.update({"lora.rank": cfg.lora.rank, "lora.alpha": cfg.lora.alpha,

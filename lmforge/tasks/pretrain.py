@@ -15,6 +15,7 @@ from lmforge.artifacts.model_dir import save_model_dir
 from lmforge.config import ConfigError, UserError, to_dict
 from lmforge.console import info
 from lmforge.data.loader import ShardLoader, document_positions
+from lmforge.data.mixture import MixPhaseSpec, MixSchedule, MixtureLoader, Source, read_source_indexes
 from lmforge.data.shards import read_index
 from lmforge.distributed.world import build_for_world
 from lmforge.models.embedding_init import coverage_line, init_embeddings_from
@@ -61,15 +62,30 @@ class PretrainBatches:
 
     def load_state_dict(self, state):
         try:
-            self.loader.load_state_dict(state)
+            for line in self.loader.load_state_dict(state) or []:  # a mixture's notes (a source added)
+                note(f"note: {line}")
             return
         except UserError as e:
             if not self.allow_data_change:
                 raise UserError(f"{e}; or continue on the new data with checkpoint.allow_mismatch=[data.dir]") from None
         tokens_seen = int(state["samples_seen"]) * int(state.get("seq_len") or self.loader.seq_len)
         self.loader.samples_seen = tokens_seen // self.loader.seq_len
+        if isinstance(self.loader, MixtureLoader):  # every source from its first window; the schedule's step kept
+            self.loader.cursors = [0] * len(self.loader.cursors)
+            steps = self.loader.samples_seen // self.loader.global_batch
+            self.loader.batches_seen = int(state.get("batches_seen", steps))
         note(f"note: data changed since the checkpoint; continuing after {tokens_seen:,} tokens "
              f"({self.loader.samples_seen:,} samples of the new data)")
+
+
+def mixture_sources(cfg: PretrainConfig) -> list[Source]:
+    return [Source(s.name, s.dir, s.weight, s.on_exhaust) for s in cfg.data.sources]
+
+
+def mixture_schedule(cfg: PretrainConfig) -> MixSchedule:
+    """data.sources' weights, then data.schedule's phases."""
+    return MixSchedule([s.name for s in cfg.data.sources], [s.weight for s in cfg.data.sources],
+                       [MixPhaseSpec(p.until_step, dict(p.weights), p.interpolate) for p in cfg.data.schedule])
 
 
 def resolve_model_config(cfg: PretrainConfig, data_vocab: int):
@@ -110,8 +126,8 @@ def resolve_tokenizer_dir(cfg: PretrainConfig, index: dict[str, Any]) -> str | N
         if cfg.data.tokenizer:
             raise ConfigError(f"data.tokenizer='{path}' does not exist; point it at the tokenizer dir the shards "
                               "were prepared with")
-        note(f"note: the tokenizer dir recorded in {cfg.data.dir}/index.json ({path}) is gone; RUN/model will "
-             "have no tokenizer files (set data.tokenizer to copy them)")
+        note(f"note: the tokenizer dir recorded in {cfg.data.shard_dirs()[0]}/index.json ({path}) is gone; "
+             "RUN/model will have no tokenizer files (set data.tokenizer to copy them)")
         return None
     return str(path)
 
@@ -144,11 +160,19 @@ class PretrainTask(Task):
         super().__init__(cfg)
         self.index: dict[str, Any] = {}
         self.mcfg = None
+        self.val_groups: list[str] | None = None  # a mixture's source of each evaluation batch
+        self.group_bytes: dict[str, float] = {}  # a mixture's bytes per token of each source's val split
 
     # ---- before any work ----
     def check(self) -> None:
-        self.index = read_index(self.cfg.data.dir)
-        self.data_vocab = int(self.index.get("vocab_size") or 0)
+        if self.cfg.data.sources:  # a mixture: every source's index, one tokenizer (checked by hash)
+            self.indexes = read_source_indexes(mixture_sources(self.cfg))
+            self.index = next(iter(self.indexes.values()))
+            self.data_vocab = max(int(ix.get("vocab_size") or 0) for ix in self.indexes.values())
+        else:
+            self.indexes = {}
+            self.index = read_index(self.cfg.data.dir)
+            self.data_vocab = int(self.index.get("vocab_size") or 0)
         self.mcfg = resolve_model_config(self.cfg, self.data_vocab)
 
     # ---- data ----
@@ -156,6 +180,9 @@ class PretrainTask(Task):
         cfg, index = self.cfg, self.index
         self.tokenizer_dir = resolve_tokenizer_dir(cfg, index)
         cfg.data.tokenizer = self.tokenizer_dir
+        if cfg.data.sources:
+            self.prepare_mixture(world)
+            return
         loader = ShardLoader(cfg.data.dir, "train", cfg.data.seq_len, cfg.global_batch_size, rank=world.dp_rank,
                              world_size=world.dp_size, seed=cfg.train.seed, check_vocab=self.mcfg.vocab_size,
                              tokenizer_hash=index.get("tokenizer_hash"), doc_mask=cfg.data.doc_mask,
@@ -164,6 +191,7 @@ class PretrainTask(Task):
         self.batches = PretrainBatches(loader, cfg.data.doc_mask,
                                        any(k.startswith("data.") for k in cfg.checkpoint.allow_mismatch))
         self._val = None
+        self.val_groups = None
         has_val = bool(index["splits"].get("val", {}).get("tokens"))
         if cfg.eval.batches and has_val:
             eval_bs = cfg.eval.batch_size or cfg.train.micro_batch
@@ -180,6 +208,39 @@ class PretrainTask(Task):
             self.bytes_per_token = bytes_per_token(
                 loader.eval_batches(cfg.eval.batches, cfg.eval.batch_size or cfg.train.micro_batch),
                 self.tokenizer_dir, index.get("tokenizer_hash"))
+
+    def prepare_mixture(self, world) -> None:
+        """data.sources: a MixtureLoader; the evaluation covers every source with a val split (eval.batches
+        each) and reports each one's loss and bits/byte beside their weighted total."""
+        cfg = self.cfg
+        self.loader = loader = MixtureLoader(
+            mixture_sources(cfg), mixture_schedule(cfg), "train", cfg.data.seq_len, cfg.global_batch_size,
+            rank=world.dp_rank, world_size=world.dp_size, seed=cfg.train.seed, check_vocab=self.mcfg.vocab_size,
+            tokenizer_hash=self.index.get("tokenizer_hash"), doc_mask=cfg.data.doc_mask,
+            cache_dir=cfg.data.cache_dir)
+        self.batches = PretrainBatches(loader, cfg.data.doc_mask,
+                                       any(k.startswith("data.") for k in cfg.checkpoint.allow_mismatch))
+        self._val, self.val_groups, self.bytes_per_token = None, None, None
+        with_val = [n for n in loader.names if loader.has_split(n)]
+        missing = [n for n in loader.names if n not in with_val]
+        if cfg.eval.batches and missing:
+            note(f"note: data.sources {', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} no val split; "
+                 "not in the evaluation (prepare with --val-fraction 0.01)")
+        if not cfg.eval.batches or not with_val:
+            return
+        eval_bs = cfg.eval.batch_size or cfg.train.micro_batch
+
+        def val_batches():  # every source's batches in turn, the same on every rank
+            batches = loader.eval_batches(cfg.eval.batches, eval_bs)
+            return map(PretrainBatches.convert, batches) if cfg.data.doc_mask else batches
+
+        self._val = val_batches
+        self.val_groups = [n for n in with_val for _ in range(cfg.eval.batches)]
+        for n in with_val:
+            bpt = bytes_per_token(loader.eval_batches(cfg.eval.batches, eval_bs, source=n), self.tokenizer_dir,
+                                  self.index.get("tokenizer_hash"))
+            if bpt:
+                self.group_bytes[n] = bpt
 
     def total_steps(self) -> int:
         return self.cfg.steps_for()
@@ -247,7 +308,9 @@ class PretrainTask(Task):
         return Job(model, self.batches, total_steps, self.loss(model), self.val_batches(),
                    math_fields=self.math_fields(), flops_per_token=self.flops_per_token(),
                    bytes_per_token=self.bytes_per_token, save_model=self.save_model, config_dict=self.config_dict(),
-                   finish_tracking=False)
+                   finish_tracking=False, val_groups=self.val_groups,
+                   val_group_weights={s.name: s.weight for s in self.cfg.data.sources} if self.val_groups else None,
+                   val_group_bytes_per_token=self.group_bytes or None)
 
     # ---- the end ----
     @classmethod
@@ -271,5 +334,5 @@ class PretrainTask(Task):
         return line, payload
 
 
-__all__ = ["PretrainBatches", "PretrainTask", "bytes_per_token", "math_fields", "resolve_model_config",
-           "resolve_tokenizer_dir"]
+__all__ = ["PretrainBatches", "PretrainTask", "bytes_per_token", "math_fields", "mixture_schedule",
+           "mixture_sources", "resolve_model_config", "resolve_tokenizer_dir"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +31,85 @@ class RunConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a data mixture (``data.sources``): a prepared shard dir and its sampling weight."""
+
+    name: str = ""  # names the source in data.schedule, metrics (val_loss/NAME) and checkpoints
+    dir: str = ""  # token-shard dir written by `lmforge prepare` (local or s3:// / gs://)
+    weight: float = 1.0  # relative sampling weight (normalised over the sources still in the mix)
+    on_exhaust: Literal["repeat", "stop"] = "repeat"  # after its last window: a new epoch, or leave the mix
+
+
+@dataclass
+class MixPhaseConfig:
+    """One phase of ``data.schedule``: the weights of steps [previous phase's until_step (or 0), until_step)."""
+
+    until_step: int = 0  # the first step after this phase (phases run in step order)
+    weights: dict[str, float] = field(default_factory=dict)  # {source name: weight}; a missing source gets 0
+    interpolate: Literal["constant", "linear"] = "constant"  # linear: from the previous phase's weights to these
+
+
+@dataclass
 class DataConfig:
-    dir: str = ""  # token-shard dir written by `lmforge prepare`
+    dir: str = ""  # token-shard dir written by `lmforge prepare` (or use data.sources for a mixture)
     seq_len: int = 512
     tokenizer: str | None = None  # tokenizer dir copied into RUN/model; default: the one the index names
     doc_mask: bool = False  # attend only within documents (EOS-separated) instead of across the packed row
     cache_dir: str | None = None  # local cache for s3:// / gs:// shards (default ~/.cache/lmforge/shards)
+    # a weighted mixture of shard dirs (instead of data.dir), and its weights by step (phases in step order)
+    sources: list[SourceConfig] = field(default_factory=list)
+    schedule: list[MixPhaseConfig] = field(default_factory=list)
+
+    def shard_dirs(self) -> list[str]:
+        """Every shard dir the run reads: data.dir, or each source's."""
+        return [s.dir for s in self.sources] if self.sources else [self.dir]
+
+
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def validate_data_sources(d: DataConfig) -> None:
+    """data.dir xor data.sources; unique names; finite weights >= 0, some positive; phases in step order."""
+    if d.sources and d.dir:
+        raise ConfigError("set data.dir or data.sources, not both (a single dir is a one-source mixture)")
+    if not d.sources:
+        if not d.dir:
+            raise ConfigError("data.dir is not set; point it at a token-shard dir written by `lmforge prepare` "
+                              "(or list data.sources)")
+        if d.schedule:
+            raise ConfigError("data.schedule needs data.sources (the weights it changes); drop it or list the "
+                              "sources")
+        return
+    names: list[str] = []
+    for i, s in enumerate(d.sources):
+        if not _SOURCE_NAME.match(s.name or ""):
+            raise ConfigError(f"data.sources[{i}].name={s.name!r} must be a word of letters, digits, '_', '-' "
+                              "or '.' (e.g. web)")
+        if s.name in names:
+            raise ConfigError(f"data.sources: the name '{s.name}' appears twice; give every source its own name")
+        if not s.dir:
+            raise ConfigError(f"data.sources[{i}] ('{s.name}') has no dir; set it to a shard dir from "
+                              "`lmforge prepare`")
+        if not (math.isfinite(s.weight) and s.weight >= 0):
+            raise ConfigError(f"data.sources[{i}].weight={s.weight} must be a finite number >= 0")
+        names.append(s.name)
+    if not any(s.weight > 0 for s in d.sources):
+        raise ConfigError("data.sources: every weight is 0; give at least one source a positive weight")
+    prev = 0
+    for i, ph in enumerate(d.schedule):
+        if ph.until_step <= prev:
+            raise ConfigError(f"data.schedule[{i}].until_step={ph.until_step} must be greater than {prev} (the "
+                              "previous phase's end, or step 0); phases run in step order")
+        unknown = sorted(set(ph.weights) - set(names))
+        if unknown:
+            raise ConfigError(f"data.schedule[{i}].weights names '{unknown[0]}', which is not in data.sources "
+                              f"({', '.join(names)})")
+        for k, v in ph.weights.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"data.schedule[{i}].weights.{k}={v!r} must be a finite number >= 0")
+        if not any(float(v) > 0 for v in ph.weights.values()):
+            raise ConfigError(f"data.schedule[{i}].weights gives no source a positive weight")
+        prev = ph.until_step
 
 
 @dataclass
@@ -318,8 +392,7 @@ def validate_muon(o: OptimConfig) -> None:
 def validate(cfg: PretrainConfig) -> None:
     """Checks that need no files: types were checked by `from_dict`; these are value and combination checks."""
     t, s, e = cfg.train, cfg.schedule, cfg.eval
-    if not cfg.data.dir:
-        raise ConfigError("data.dir is not set; point it at a token-shard dir written by `lmforge prepare`")
+    validate_data_sources(cfg.data)
     if cfg.data.seq_len <= 0:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be positive")
     if (t.global_batch is None) == (t.global_batch_tokens is None):
@@ -385,11 +458,13 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "LogConfig",
+    "MixPhaseConfig",
     "OptimConfig",
     "ParallelConfig",
     "PretrainConfig",
     "RunConfig",
     "ScheduleConfig",
+    "SourceConfig",
     "SpikeConfig",
     "StepsConfig",
     "TrainConfig",

@@ -98,13 +98,29 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         out["final_val_ppl"] = evals[-1].get("val_ppl")
         out["final_val_bpb"] = evals[-1].get("val_bpb")
         out["best_val_loss"], out["best_val_step"] = best["val_loss"], best["step"]
+        sources = _source_names(evals)
+        if sources:  # a data.sources mixture: each source's last loss and bits/byte
+            last = evals[-1]
+            out["sources"] = {n: {"val_loss": last.get(f"val_loss/{n}"), "val_bpb": last.get(f"val_bpb/{n}")}
+                              for n in sources}
     out["nonfinite_steps"] = sum(1 for e in events if e.get("event") == "nonfinite")
     out["has_model"] = (run_dir / "model" / "config.json").is_file()
     return out
 
 
+def _source_names(evals: list[dict[str, Any]]) -> list[str]:
+    """The sources of a data mixture's evaluation rows (keys ``val_loss/<name>``), in first-seen order."""
+    names: dict[str, None] = {}
+    for r in evals:
+        for k in r:
+            if k.startswith("val_loss/"):
+                names[k.split("/", 1)[1]] = None
+    return list(names)
+
+
 def plot(run_dir: str | Path, path: str | Path | None = None, title: str | None = None) -> Path:
-    """Two panels: train + validation loss against step (tokens on the top axis), and the learning rate."""
+    """Two panels: train + validation loss against step (tokens on the top axis), and the learning rate; a
+    data mixture adds a third: each source's validation bits per byte (or loss) and their weighted total."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,8 +130,22 @@ def plot(run_dir: str | Path, path: str | Path | None = None, title: str | None 
     rows = _rows(run_dir)
     train = [r for r in rows if r.get("kind") == "train" and _num(r.get("loss")) is not None]
     evals = [r for r in rows if r.get("kind") == "eval" and _num(r.get("val_loss")) is not None]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
-                                         gridspec_kw={"height_ratios": [3, 1.2]})
+    sources = _source_names(evals)
+    if sources:
+        fig, (ax_loss, ax_src, ax_lr) = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True,
+                                                     gridspec_kw={"height_ratios": [3, 2.4, 1.2]})
+        metric = "val_bpb" if all(f"val_bpb/{n}" in evals[-1] for n in sources) else "val_loss"
+        for n in sources:
+            pts = [(r["step"], r[f"{metric}/{n}"]) for r in evals if _num(r.get(f"{metric}/{n}")) is not None]
+            ax_src.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, lw=1.2, label=n)
+        pts = [(r["step"], r[metric]) for r in evals if _num(r.get(metric)) is not None]
+        ax_src.plot([p[0] for p in pts], [p[1] for p in pts], "k--", lw=1.2, label="weighted total")
+        ax_src.set_ylabel("val bits / byte" if metric == "val_bpb" else "val loss (nats / token)")
+        ax_src.grid(alpha=0.3)
+        ax_src.legend(fontsize=8)
+    else:
+        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                             gridspec_kw={"height_ratios": [3, 1.2]})
     if train:
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2, label="train loss")
         ax_lr.plot([r["step"] for r in train], [r.get("lr", 0.0) for r in train], color="tab:green", lw=1.2)
@@ -198,6 +228,8 @@ def markdown(s: dict[str, Any], image: str | None = "report.png", extra: dict[st
                      f"(best {_fmt(s.get('best_val_loss'), '.4f')} at step {_fmt(s.get('best_val_step'))})")),
         ("val perplexity", _fmt(s.get("final_val_ppl"), ".2f")),
         ("val bits per byte", _fmt(s.get("final_val_bpb"), ".3f")),
+        *((f"val {name}", f"loss {_fmt(v.get('val_loss'), '.4f')}, bits/byte {_fmt(v.get('val_bpb'), '.3f')}")
+          for name, v in (s.get("sources") or {}).items()),
         ("throughput (median)", f"{_fmt(s.get('median_tok_per_s'), ',.0f')} tokens/s"
          + (f", MFU {s['median_mfu']:.1%}" if s.get("median_mfu") else "")),
         ("peak memory", f"{_fmt(s.get('peak_mem_gb'), '.2f')} GB"),

@@ -49,6 +49,7 @@ from lmforge.artifacts.consolidate import consolidate
 from lmforge.artifacts.model_dir import save_model_dir
 from lmforge.config import ConfigError, UserError, config_hash, dump_yaml, to_dict
 from lmforge.console import info
+from lmforge.data.mixture import DataExhausted
 from lmforge.distributed.world import World, barrier, no_sync, parallelize_model, unwrap
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.batches import count_input_tokens, input_tokens, split_micro, to_device
@@ -108,7 +109,7 @@ def _same_on_every_rank(metrics: dict[str, float]) -> dict[str, float]:
 class TrainResult:
     step: int
     tokens: int  # input tokens processed (forward passes), all ranks
-    stop_reason: str  # max_steps | early_stop | time_limit | signal
+    stop_reason: str  # max_steps | early_stop | time_limit | signal | data_exhausted
     final_loss: float | None
     val: dict[str, float] = field(default_factory=dict)
     best_val_loss: float | None = None
@@ -155,6 +156,12 @@ class Job:
     save_model: Callable[[nn.Module, Path], Any] | None = None
     config_dict: dict[str, Any] | None = None
     finish_tracking: bool = True
+    # data mixtures (data.sources): the source of each evaluation batch, in order; the evaluation then also
+    # reports val_loss/<source> (and val_bpb/<source> from its bytes per token), and val_loss / val_bpb are
+    # the sources' values weighted by val_group_weights
+    val_groups: list[str] | None = None
+    val_group_weights: dict[str, float] | None = None
+    val_group_bytes_per_token: dict[str, float] | None = None
 
 
 class Trainer:
@@ -305,7 +312,9 @@ class Trainer:
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        groups = self.job.val_groups or []
+        names = list(dict.fromkeys(groups))  # row 0: every batch; row 1 + g: the batches of group g
+        total = torch.zeros(1 + len(names), 2, dtype=torch.float64, device=self.device)
         extra: dict[str, float] = {}
         try:
             batches = list(self.val_batches()) if self.val_batches is not None else []
@@ -316,8 +325,9 @@ class Trainer:
                 batch = to_device(mine[i] if weight else batches[0], self.device)
                 with self._autocast():
                     loss_sum, n = self.loss_fn(model, batch)
-                total[0] += weight * loss_sum.double()
-                total[1] += weight * n  # summed on the device: no read-back per batch
+                rows = [0, 1 + names.index(groups[r + i * dp])] if names and weight else [0]
+                total[rows, 0] += weight * loss_sum.double()
+                total[rows, 1] += weight * n  # summed on the device: no read-back per batch
             if self.eval_fn is not None:
                 with self._autocast():
                     extra = dict(self.eval_fn(model))
@@ -326,15 +336,44 @@ class Trainer:
         if self.val_batches is not None:
             self.world.all_reduce_sum(total)
         out: dict[str, float] = {}
-        if total[1] > 0:
-            loss = float(total[0] / total[1])
+        if total[0, 1] > 0:
+            loss = float(total[0, 0] / total[0, 1])
             out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
             if self.bytes_per_token:
                 out["val_bpb"] = loss / math.log(2) / self.bytes_per_token
+            if names:
+                out.update(self._group_metrics(names, total[1:].tolist()))
         out.update(extra)
         if out:
             out["eval_time"] = time.perf_counter() - t0
         return _same_on_every_rank(out)
+
+    def _group_metrics(self, names: list[str], sums: list[list[float]]) -> dict[str, float]:
+        """Per-source val_loss/<name> and val_bpb/<name>, and val_loss / val_ppl / val_bpb as their weighted
+        mean (``val_group_weights``; equal weights when not given)."""
+        weights = self.job.val_group_weights or {}
+        bpt = self.job.val_group_bytes_per_token or {}
+        out: dict[str, float] = {}
+        wsum = wloss = wbpb = 0.0
+        all_bpb = True
+        for name, (loss_sum, n) in zip(names, sums):
+            if n <= 0:
+                continue
+            loss = loss_sum / n
+            out[f"val_loss/{name}"] = loss
+            w = float(weights.get(name, 1.0))
+            wsum, wloss = wsum + w, wloss + w * loss
+            if bpt.get(name):
+                out[f"val_bpb/{name}"] = bpb = loss / math.log(2) / bpt[name]
+                wbpb += w * bpb
+            else:
+                all_bpb = False
+        if wsum > 0:
+            out["val_loss"] = wloss / wsum
+            out["val_ppl"] = math.exp(min(out["val_loss"], 700.0))
+            if all_bpb:
+                out["val_bpb"] = wbpb / wsum
+        return out
 
     @property
     def can_evaluate(self) -> bool:
@@ -416,7 +455,12 @@ class Trainer:
                 if self.cfg.eval.at_start and self.step == 0 and self.resume_from is None:
                     self.maybe_evaluate(force=True)
                 while self.step < self.total_steps:
-                    out = self.timed_step()
+                    try:
+                        out = self.timed_step()
+                    except DataExhausted as e:  # a data.sources mixture whose every weighted source stopped
+                        self.message(f"step {self.step}: {e}; the run ends here")
+                        stop = "data_exhausted"
+                        break
                     if out.get("spike") is not None and self.handle_spike(out):
                         continue  # rolled back: the step is undone, training goes on from the checkpoint
                     self.log_step(out)
@@ -426,7 +470,7 @@ class Trainer:
                     if stop:
                         break
                 self.progress.close()
-                if stop is None:
+                if stop in (None, "data_exhausted"):
                     self.final_evaluation()
                 if stop not in ("diverged", "spike"):
                     self.maybe_checkpoint(None, at_end=True)
