@@ -168,7 +168,7 @@ def _layer_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[st
     return top, layer
 
 
-def _culprit(cfg: ModelConfig, size: int, names: dict[str, str] | None = None) -> str:
+def _culprit(cfg: ModelConfig, size: int, names: dict[str, str] | None = None) -> str | None:
     """The config field (or product of fields) a tensor dimension of ``size`` comes from; ``names``: what
     the config file calls lmforge's fields (a Hugging Face config's ``hidden_size`` for ``dim``)."""
     for name, value in (("model.dim", cfg.dim), ("model.vocab_size", cfg.vocab_size),
@@ -180,7 +180,7 @@ def _culprit(cfg: ModelConfig, size: int, names: dict[str, str] | None = None) -
             for field, theirs in (names or {}).items():
                 name = name.replace(f"model.{field}", theirs)
             return f"{name}={size:,}"
-    return "its sizes"
+    return None
 
 
 def _layer_index(key: str) -> int | None:
@@ -213,9 +213,9 @@ def check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where: st
             continue
         if tuple(got) != tuple(want):
             dims = [i for i in range(min(len(got), len(want))) if got[i] != want[i]]
-            field = _culprit(cfg, want[dims[0]], names) if dims else "its sizes"
-            raise UserError(f"{where} says {field} but the weights disagree: '{key}' is {list(got)}, the config "
-                            f"makes it {list(want)}; {fix}")
+            field = _culprit(cfg, want[dims[0]], names) if dims else None
+            says = f"says {field} but the weights disagree" if field else "does not match the weights"
+            raise UserError(f"{where} {says}: '{key}' is {list(got)}, the config makes it {list(want)}; {fix}")
 
 
 def available_memory(device: str | torch.device = "cpu") -> tuple[int | None, str]:
