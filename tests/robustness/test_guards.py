@@ -428,3 +428,23 @@ def test_serve_refuses_to_start_with_a_template_that_cannot_render_one_turn(smal
     assert p.returncode == 2 and lines and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert lines[-1].startswith("error: chat template ") and "did not finish rendering within 5 s" in lines[-1]
     assert f"'{d / 'chat_template.jinja'}'" in lines[-1]
+
+
+def test_sharded_weights_are_checked_from_their_headers(small_model_dir, tmp_path):
+    import shutil
+
+    from lmforge.artifacts.model_dir import check_model_dir, load_weights, save_weights, weight_shapes
+
+    d = tmp_path / "sharded"
+    d.mkdir()
+    shutil.copy(small_model_dir / "config.json", d / "config.json")
+    names = save_weights(load_weights(small_model_dir), d, max_shard_bytes=20_000)
+    assert len(names) > 2 and "model.safetensors.index.json" in names
+    assert weight_shapes(d) == weight_shapes(small_model_dir)
+    assert weight_shapes(d)["tok_embeddings.weight"] == (300, 32)
+    assert check_model_dir(d).dim == 32
+    data = json.loads((d / "config.json").read_text())
+    data["model"]["n_layers"] = 3
+    (d / "config.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"says model.n_layers=3 but the weights hold 2 layers"):
+        check_model_dir(d)
