@@ -18,11 +18,12 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from lmforge.artifacts.hf.convert import import_hf
-    from lmforge.outputs import guard_output_dir
+    from lmforge.outputs import exclusive_output, guard_output_dir
 
     guard_output_dir(args.out, inputs=[args.hf], overwrite=args.overwrite)
-    info(f"importing {args.hf} …")
-    s = import_hf(args.hf, args.out, dtype=args.dtype, tokenizer_hash=_tokenizer_hash)
+    with exclusive_output(args.out, "lmforge import", overwrite=args.overwrite):  # one writer of --out
+        info(f"importing {args.hf} …")
+        s = import_hf(args.hf, args.out, dtype=args.dtype, tokenizer_hash=_tokenizer_hash)
     heads = f", heads {'+'.join(s['heads'])}" if s["heads"] else ""
     tok = "tokenizer" if "tokenizer.json" in s["tokenizer"]["files"] else "no tokenizer"
     emit(args, f"imported {s['architecture'] or s['family']} ({s['params']:,} params, {s['dtype']}{heads}, {tok}) "

@@ -24,14 +24,15 @@ def _train_args(p) -> None:
 
 
 def _train(args) -> int:
-    from lmforge.outputs import guard_output_dir
+    from lmforge.outputs import exclusive_output, guard_output_dir
     from lmforge.tokenizer.train import train_tokenizer
 
     guard_output_dir(args.out, inputs=args.input, overwrite=args.overwrite)
-    tok = train_tokenizer(args.input, args.vocab_size, args.out, text_field=args.text_field,
-                          txt_mode=args.txt_mode, min_frequency=args.min_frequency,
-                          max_bytes=int(args.max_bytes) if args.max_bytes else None,
-                          max_token_length=args.max_token_length, include=args.include)
+    with exclusive_output(args.out, "lmforge tokenizer train", overwrite=args.overwrite):  # one writer of --out
+        tok = train_tokenizer(args.input, args.vocab_size, args.out, text_field=args.text_field,
+                              txt_mode=args.txt_mode, min_frequency=args.min_frequency,
+                              max_bytes=int(args.max_bytes) if args.max_bytes else None,
+                              max_token_length=args.max_token_length, include=args.include)
     st = tok.train_stats
     summary = (f"trained {tok.vocab_size:,}-token BPE on {st['documents']:,} documents "
                f"({st['bytes'] / 1e6:.1f} MB) in {st['seconds']:.1f}s -> {args.out} ({tok.hash})")
@@ -89,12 +90,13 @@ def _extend_args(p) -> None:
 def _extend(args) -> int:
     from lmforge.artifacts.identity import check_model_dir_tokenizer
     from lmforge.artifacts.vocab import extend_model_dir
-    from lmforge.outputs import guard_output_dir
+    from lmforge.outputs import exclusive_output, guard_output_dir
 
     guard_output_dir(args.out, inputs=[args.base, *args.input], overwrite=args.overwrite)
     check_model_dir_tokenizer(args.base)
-    r = extend_model_dir(args.base, args.input, args.add, args.out, text_field=args.text_field,
-                         txt_mode=args.txt_mode, max_bytes=int(args.max_bytes) if args.max_bytes else None)
+    with exclusive_output(args.out, "lmforge tokenizer extend", overwrite=args.overwrite):  # one writer of --out
+        r = extend_model_dir(args.base, args.input, args.add, args.out, text_field=args.text_field,
+                             txt_mode=args.txt_mode, max_bytes=int(args.max_bytes) if args.max_bytes else None)
     emit(args, f"added {r['added']:,} tokens (vocab {r['old_vocab_size']:,} -> {r['new_vocab_size']:,}); "
                f"chars/token on the corpus {r['chars_per_token_before']:.3f} -> {r['chars_per_token_after']:.3f} "
                f"-> {r['out']}", r)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +39,31 @@ RENDER_MAX_CHARS = 4 << 20  # output (and any string/list a template builds) abo
 _RANGE_CHECK_EVERY = 1024
 
 
+class TemplateLimitError(ConfigError):
+    """A chat template ran past `RENDER_SECONDS` or built more than `RENDER_MAX_CHARS`: a broken template,
+    whatever the conversation (callers that tolerate a template refusing a conversation re-raise this)."""
+
+
 class _Budget(threading.local):
     deadline: float | None = None
     seconds: float = RENDER_SECONDS
     max_chars: int = RENDER_MAX_CHARS
+    name: str = ""
 
 
 _budget = _Budget()
+_ORIGINS: dict[str, str] = {}  # template text -> the file it was read from (named in limit errors)
 
 
 def _over(what: str):
-    return ConfigError(f"chat template {what}; a chat template must render a conversation in under "
-                       f"{_budget.seconds:g} s and {_budget.max_chars:,} characters — fix its loops")
+    name = f" {_budget.name}" if _budget.name else ""
+    return TemplateLimitError(f"chat template{name} {what}; a chat template must render a conversation in under "
+                              f"{_budget.seconds:g} s and {_budget.max_chars:,} characters — fix its loops")
 
 
 def _check_time() -> None:
     if _budget.deadline is not None and time.monotonic() > _budget.deadline:
-        raise _over(f"did not finish rendering within {_budget.seconds:g} s")
+        raise _over(f"did not finish rendering within {_budget.seconds:g} s (the limit)")
 
 
 def _check_size(n: int, what: str) -> None:
@@ -62,18 +71,104 @@ def _check_size(n: int, what: str) -> None:
         raise _over(f"{what} of size {n:,} (limit {_budget.max_chars:,})")
 
 
+def _guard_iter(iterable):
+    """Every ``{% for %}`` loop of a template iterates through this (the parser wraps each loop's iterable),
+    as do generators that filters return: the clock is checked at every step, so loops nested over a long
+    string stop at the time limit, and the strings one iteration yields are counted against the size limit."""
+    _check_time()
+    if isinstance(iterable, _Guarded):
+        return iterable
+    return _Guarded(iterable)
+
+
+class _Guarded:
+    __slots__ = ("_chars", "_it")
+
+    def __init__(self, iterable) -> None:
+        self._it = iter(iterable)
+        self._chars = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        _check_time()
+        item = next(self._it)
+        if isinstance(item, (str, list, tuple)):
+            self._chars += len(item)
+            _check_size(self._chars, "iterated over values")
+        return item
+
+
 def _guarded_range(*args):
     """`range` for templates: bounded like the output and checking the clock while it is iterated."""
     r = range(*args)
     _check_size(len(r), "asked for a range")
+    return _Guarded(r)
 
-    def walk():
-        for i, v in enumerate(r):
-            if i % _RANGE_CHECK_EVERY == 0:
-                _check_time()
-            yield v
 
-    return walk()
+_WIDTH = re.compile(r"\d+")
+
+
+def _check_format(fmt: object) -> None:
+    """A ``%`` / ``format`` string whose width or precision alone exceeds the size limit."""
+    if isinstance(fmt, str) and len(fmt) <= _budget.max_chars:
+        widest = max((int(m) for m in _WIDTH.findall(fmt) if len(m) < 12), default=0)
+        if any(len(m) >= 12 for m in _WIDTH.findall(fmt)) or widest > _budget.max_chars:
+            raise _over("formats a field wider than the size limit")
+
+
+def _total(items) -> int:
+    return sum(len(x) for x in items if isinstance(x, (str, list, tuple)))
+
+
+def _materialize(value):
+    """A sequence a filter or method is about to join / sum, as a list read under the clock and size guard."""
+    if isinstance(value, (list, tuple)):
+        return value
+    if isinstance(value, (str, dict)) or not hasattr(value, "__iter__"):
+        return value
+    out = []
+    for item in _guard_iter(value):
+        out.append(item)
+        _check_size(len(out), "iterated over values")
+    return out
+
+
+def _precheck(name: str, target, args: tuple, kwargs: dict) -> tuple:
+    """Refuse, before it runs, a filter or string method whose result would exceed the size limit although
+    its inputs do not (``replace``, ``join``, ``indent``, ``expandtabs``, ``sum``, ``wordwrap``, ``format``,
+    ``%``). Returns ``args`` with an iterable to be joined or summed read into a list (checked)."""
+    if name == "replace" and isinstance(target, str) and len(args) >= 2 and isinstance(args[1], str):
+        old, new = args[0], args[1]
+        if isinstance(old, str):
+            n = len(target) + 1 if old == "" else target.count(old)
+            _check_size(len(target) + n * len(new), "replaces into a string")
+    elif name == "join":
+        if isinstance(target, str):  # str.join(seq)
+            args = (_materialize(args[0]), *args[1:]) if args else args
+            seq, sep = (args[0] if args else []), target
+        else:  # the join filter: seq|join(d)
+            seq, sep = target, (args[0] if args else kwargs.get("d", ""))
+        if isinstance(seq, (list, tuple)) and isinstance(sep, str):
+            _check_size(_total(seq) + len(sep) * max(len(seq) - 1, 0), "joins a string")
+    elif name == "sum" and isinstance(target, (list, tuple)):
+        _check_size(_total(target), "sums a sequence")
+    elif name == "indent" and isinstance(target, str):
+        width = args[0] if args else kwargs.get("width", 4)
+        w = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        _check_size(len(target) + (target.count("\n") + 1) * w, "indents a string")
+    elif name == "expandtabs" and isinstance(target, str):
+        n = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(n, int):
+            _check_size(len(target) + target.count("\t") * n, "expands tabs")
+    elif name == "wordwrap" and isinstance(target, str):
+        wrap = kwargs.get("wrapstring", args[3] if len(args) > 3 else None)
+        if isinstance(wrap, str):
+            _check_size(len(target) * (1 + len(wrap)), "wraps a string")
+    elif name in ("format", "format_map"):
+        _check_format(target)
+    return args
 
 
 def _check_args(args, kwargs) -> None:
@@ -81,33 +176,63 @@ def _check_args(args, kwargs) -> None:
     for v in (*args, *kwargs.values()):
         if isinstance(v, int) and not isinstance(v, bool):
             _check_size(v, "passes a number")
+        elif isinstance(v, str):
+            _check_size(len(v), "passes a string")
 
 
 def _sized(value):
     """``value``, unless it is a string or list longer than the output limit (a template doubling a
-    string in a loop is caught when it reads the string back)."""
+    string in a loop is caught when it reads the string back); an iterator comes back guarded."""
     if isinstance(value, (str, list, tuple)):
         _check_size(len(value), "built a value")
+    elif isinstance(value, Iterator) and not isinstance(value, _Guarded):
+        return _Guarded(value)
     return value
 
 
-def _guarded_filter(f):
+def _guarded_filter(name: str, f):
+    from jinja2.utils import _PassArg
+
+    skip = 0 if _PassArg.from_obj(f) is None else 1  # the context / environment jinja passes first
+
     @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
     def guarded(*args, **kwargs):
-        _check_args(args, kwargs)
+        user = args[skip:]
+        _check_args(user, kwargs)
+        if user:
+            target = _materialize(user[0]) if name in ("join", "sum") else user[0]
+            args = (*args[:skip], target, *_precheck(name, target, user[1:], kwargs))
         return _sized(f(*args, **kwargs))
 
     return guarded
 
 
+def _guarded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100):
+    _check_size(n * max * 16, "asked for lorem ipsum")
+    from jinja2.utils import generate_lorem_ipsum
+
+    return generate_lorem_ipsum(n=n, html=html, min=min, max=max)
+
+
 def _sandbox_class():
+    from jinja2 import nodes
+    from jinja2.runtime import LoopContext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    class GuardedSandbox(ImmutableSandboxedEnvironment):
-        """The immutable sandbox plus a clock and a size limit checked at every call, attribute and item
-        access and repetition operator, so a template that loops or allocates without bound stops."""
+    guard_name = f"{__name__}._guard_iter"
 
-        intercepted_binops = frozenset(["*", "**", "+"])
+    class GuardedSandbox(ImmutableSandboxedEnvironment):
+        """The immutable sandbox plus a clock and a size limit checked at every loop step, call, attribute and
+        item access and repetition operator, so a template that loops or allocates without bound stops."""
+
+        intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+        def _parse(self, source, name, filename):
+            tree = super()._parse(source, name, filename)
+            for loop in tree.find_all(nodes.For):  # `for x in ITER` -> `for x in _guard_iter(ITER)`
+                loop.iter = nodes.Call(nodes.ImportedName(guard_name, lineno=loop.lineno), [loop.iter], [],
+                                       None, None, lineno=loop.lineno)
+            return tree
 
         def call_binop(self, context, operator, left, right):
             _check_time()
@@ -120,11 +245,25 @@ def _sandbox_class():
                 for seq, n in ((left, right), (right, left)):
                     if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
                         _check_size(len(seq) * n, "builds a repetition")
-            return super().call_binop(context, operator, left, right)
+                        if isinstance(seq, (list, tuple)):
+                            _check_size(_total(seq) * n, "builds a repetition")
+            if operator == "%":
+                _check_format(left)
+            return _sized(super().call_binop(context, operator, left, right))
 
         def call(self, context, obj, /, *args, **kwargs):
             _check_args(args, kwargs)
+            if isinstance(obj, LoopContext) and args:  # a recursive loop's `loop(children)`
+                args = (_Guarded(args[0]), *args[1:])
+            owner = getattr(obj, "__self__", None)
+            if isinstance(owner, str):  # a string method: refuse one that would blow up the size
+                args = _precheck(getattr(obj, "__name__", ""), owner, args, kwargs)
             return _sized(super().call(context, obj, *args, **kwargs))
+
+        def wrap_str_format(self, value):  # `'{:>N}'.format` is wrapped when it is looked up
+            if getattr(value, "__name__", None) in ("format", "format_map"):
+                _check_format(getattr(value, "__self__", None))
+            return super().wrap_str_format(value)
 
         def getattr(self, obj, attribute):
             _check_time()
@@ -147,22 +286,41 @@ def _compile(template: str):
     env = _sandbox_class()(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     env.globals["range"] = _guarded_range
-    env.filters = {name: _guarded_filter(f) for name, f in env.filters.items()}
+    env.globals["lipsum"] = _guarded_lipsum
+    env.filters = {name: _guarded_filter(name, f) for name, f in env.filters.items()}
     try:
         return env.from_string(template)
     except TemplateError as e:
         raise ConfigError(f"chat template does not compile: {e}; fix the Jinja syntax") from None
 
 
+def template_name(tokenizer=None, template: str | None = None) -> str:
+    """How limit errors name a template: the file it was read from, or the tokenizer dir it came with."""
+    if template is not None and template in _ORIGINS:
+        return f"'{_ORIGINS[template]}'"
+    stored = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    where = getattr(tokenizer, "path", None) if tokenizer is not None else None
+    if where and (template is None or template == stored):
+        f = Path(str(where)) / TEMPLATE_FILE
+        return f"'{f}'" if f.is_file() else f"of the tokenizer in '{where}'"
+    return ""
+
+
 def render(template: str, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False,
-           bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
+           bos_token: str = "", eos_token: str = "", *, name: str | None = None, **extra: Any) -> str:
     """Render ``messages`` with a Jinja chat template in the immutable sandbox (no attribute writes,
     no access to Python internals), within `RENDER_SECONDS` and `RENDER_MAX_CHARS`: a template that loops
-    or allocates without bound fails with a one-line `ConfigError` instead of hanging."""
+    or allocates without bound fails with a one-line `TemplateLimitError` naming it (``name``: how, e.g.
+    its file; default: the file it was read from, if known) instead of hanging."""
     from jinja2 import TemplateError
 
-    compiled = _compile(template)
-    outer = _budget.deadline
+    outer, outer_name = _budget.deadline, _budget.name
+    _budget.name = name if name is not None else template_name(None, template) if outer is None else outer_name
+    try:
+        compiled = _compile(template)
+    except ConfigError:
+        _budget.name = outer_name
+        raise
     _budget.deadline = time.monotonic() + _budget.seconds if outer is None else outer
     size, parts = 0, []
     try:
@@ -181,7 +339,7 @@ def render(template: str, messages: Sequence[dict[str, str]], add_generation_pro
     except (MemoryError, OverflowError) as e:
         raise _over(f"allocated without bound ({type(e).__name__})") from None
     finally:
-        _budget.deadline = outer
+        _budget.deadline, _budget.name = outer, outer_name
     return "".join(parts)
 
 
@@ -273,7 +431,11 @@ def get_chat_template(tokenizer=None, template: str | os.PathLike | None = None)
             p = Path(t)
             if not p.is_file():
                 raise ConfigError(f"chat template file '{t}' does not exist; pass a .jinja file or template text")
-            return p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8")
+            if len(_ORIGINS) > 64:
+                _ORIGINS.clear()
+            _ORIGINS[text] = t
+            return text
         return t
     stored = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if isinstance(stored, str) and stored.strip():
@@ -292,7 +454,8 @@ def save_chat_template(template: str, directory: str | os.PathLike) -> Path:
 def render_chat(tokenizer, messages: Sequence[dict[str, str]], template: str | None = None,
                 add_generation_prompt: bool = False) -> str:
     bos, eos = token_texts(tokenizer)
-    return render(get_chat_template(tokenizer, template), messages, add_generation_prompt, bos, eos)
+    text = get_chat_template(tokenizer, template)
+    return render(text, messages, add_generation_prompt, bos, eos, name=template_name(tokenizer, text))
 
 
 def render_generation_prompt(tokenizer, messages: Sequence[dict[str, str]], template: str | None = None) -> str:
@@ -335,8 +498,10 @@ def encode_chat(tokenizer, messages: Sequence[dict[str, str]], template: str | N
         raise ConfigError("the tokenizer has no EOS token; SFT appends EOS after each assistant turn "
                           "so generation stops — train or load a tokenizer with one")
 
+    name = template_name(tokenizer, template)
+
     def rend(msgs, gen=False):
-        return render(template, msgs, gen, bos_text, eos_text)
+        return render(template, msgs, gen, bos_text, eos_text, name=name)
 
     ids: list[int] = []
     labels: list[int] = []
@@ -390,9 +555,12 @@ def uses_bos(tokenizer, template: str | None = None) -> bool:
     bos_text, eos_text = token_texts(tokenizer)
     if not bos_text or getattr(tokenizer, "bos_id", None) is None:
         return False
+    chosen = get_chat_template(tokenizer, template)
     try:
-        text = render(get_chat_template(tokenizer, template), [{"role": "user", "content": "x"}], False,
-                      bos_text, eos_text)
+        text = render(chosen, [{"role": "user", "content": "x"}], False, bos_text, eos_text,
+                      name=template_name(tokenizer, chosen))
+    except TemplateLimitError:  # a template that hangs or blows up on one short turn is broken: say so now
+        raise
     except ConfigError:  # a template that refuses a lone user turn: fall back to the tokenizer's habit
         return False
     return text.startswith(bos_text)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from lmforge.atomic import atomic_directory
 from lmforge.config import UserError
 from lmforge.console import info
 from lmforge.sources import ReadStats, iter_documents
@@ -108,6 +109,8 @@ def train_tokenizer(inputs: list[str] | str, vocab_size: int, out_dir: str | os.
                           "seconds": round(time.perf_counter() - t0, 2), "files": stats.files,
                           "invalid_utf8_documents": stats.invalid_utf8_documents,
                           "replaced_chars": stats.replaced_chars}
-    if out_dir is not None:
-        result.save(Path(out_dir))
+    if out_dir is not None:  # built beside out_dir and renamed into place: never a half-written tokenizer dir
+        with atomic_directory(out_dir) as tmp:
+            result.save(tmp)
+        result.path = str(Path(out_dir))
     return result

@@ -3,9 +3,14 @@
 Each case builds its bad input under ``WORLD/cases/NAME``, snapshots the whole world (sha256 of every
 file, every directory), runs the CLI in-process (``lmforge.cli.main``) and asserts: a non-zero exit,
 exactly one stderr line starting with ``error:`` (the last one, naming the expected problem), no
-traceback, and a world identical to the snapshot — no input changed, nothing lost, no partial output.
-A few cases go through a real ``python -m lmforge`` process to prove the exit path. The counts are
-printed at the end of the run (tests/robustness/conftest.py) and quoted in the README.
+traceback, and a world identical to the snapshot — no input changed, nothing lost, no partial output —
+within a stated wall time and peak memory (`Case.max_s`, `Case.max_mb`: 60 s and 1.5 GiB unless a case
+says otherwise). In-process, the peak is the test process's peak RSS above its RSS when the case started
+(the kernel's high-water mark, reset per case through ``/proc/self/clear_refs``; sampled every 5 ms where
+that cannot be written); through a real process it is that process's own peak RSS (``wait4``). A few cases
+go through a real ``python -m lmforge`` process to prove the exit path. The counts (cases, tracebacks,
+files lost, over-memory, over-time) are printed at the end of the run (tests/robustness/conftest.py) and
+quoted in the README.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
@@ -60,6 +68,7 @@ class World:
     sft: Path
     pre_cfg: Path
     ft_cfg: Path
+    hf: Path
 
 
 def _pretrain_cfg(root: Path) -> dict:
@@ -112,8 +121,10 @@ def world(tmp_path_factory, make_tokenizer) -> World:
         "run": {"dir": str(root / "ft")}, "model": {"from": str(root / "run" / "model")},
         "finetune": {"mode": "sft"}, "data": {"train": [str(sft)], "format": "alpaca", "seq_len": 32},
         "train": {"global_batch": 4, "micro_batch": 4, "max_steps": 1}}))
+    rc, _, err, raised = cli(["export", "--model", root / "run" / "model", "--out", root / "hf"])
+    assert rc == 0 and not raised, err[-3000:]
     return World(root, root / "tok", root / "other" / "tok", root / "shards", root / "run", root / "run" / "model",
-                 root / "corpus.txt", sft, pre_cfg, ft_cfg)
+                 root / "corpus.txt", sft, pre_cfg, ft_cfg, root / "hf")
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -224,6 +235,67 @@ class Case:
     name: str
     build: Callable[[World, Path], list]  # -> argv
     expect: str  # a phrase the error line must hold
+    max_s: float = 60.0  # wall time bound
+    max_mb: float = 1536.0  # peak RSS bound (MiB; in-process: above the RSS at the case's start)
+
+
+# ---- measuring a case ------------------------------------------------------------------------------
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakRSS:
+    """``with PeakRSS() as m: ...`` then ``m.mb``: the peak RSS of this process during the block above its
+    RSS at the start, in MiB. Resets the kernel's high-water mark (VmHWM) through /proc/self/clear_refs; where
+    that is not allowed, a thread samples VmRSS every 5 ms (then a spike shorter than that can be missed)."""
+
+    def __enter__(self):
+        self.start = _status_kb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")  # 5: reset the peak RSS to the current RSS
+            self.sampler = None
+        except OSError:
+            self.peak, self.stop = self.start, threading.Event()
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, _status_kb("VmRSS"))
+
+    def __exit__(self, *exc):
+        if self.sampler is None:
+            peak = _status_kb("VmHWM")
+        else:
+            self.stop.set()
+            self.sampler.join()
+            peak = max(self.peak, _status_kb("VmRSS"))
+        self.mb = max(peak - self.start, 0) / 1024
+        return False
+
+
+def run_process(argv: list[str], env: dict, timeout: float) -> tuple[int, str, str, float]:
+    """(exit code, stdout, stderr, peak RSS in MiB) of ``argv`` as a child process, its peak from ``wait4``."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        timer = threading.Timer(timeout, p.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(p.pid, 0)
+        finally:
+            timer.cancel()
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return (p.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
+                usage.ru_maxrss / 1024)
 
 
 def _pre(w, *extra):
@@ -428,6 +500,105 @@ CASES = [
 ]
 
 
+# ---- issue 22: chat templates, model config sizes, second writers -------------------------------------
+
+LONG_PROMPT = "the quick brown fox " * 150  # 3,000 characters: a loop nested three deep over it never ends
+TEMPLATES = {
+    "nested-loops": "{% for m in messages %}{% for a in m['content'] %}{% for b in m['content'] %}"
+                    "{% for c in m['content'] %}{% endfor %}{% endfor %}{% endfor %}{{ m['content'] }}{% endfor %}",
+    "macro-recursion": "{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(messages[0]['content']) }}",
+    "macro-doubling": "{% macro f(x) %}{{ f(x ~ x) }}{% endmacro %}{{ f(messages[0]['content']) }}",
+    "string-multiplication": "{{ messages[0]['content'] * 1000000000 }}",
+    "join-amplification": "{{ ([messages[0]['content']] * 4000000)|join }}",
+    "format-width": "{{ '%999999999d' % 1 }}",
+}
+TEMPLATE_EXPECT = {"nested-loops": "within 5 s", "macro-recursion": "recursed", "macro-doubling": "size",
+                   "string-multiplication": "repetition", "join-amplification": "repetition",
+                   "format-width": "wider than the size limit"}
+
+
+def _template(name: str) -> Callable[[Path], None]:
+    return lambda m: _write(m / "chat_template.jinja", TEMPLATES[name])
+
+
+def _hf_copy(w: World, d: Path, **fields) -> Path:
+    h = _copy(w.hf, d / "hf")
+    data = json.loads((h / "config.json").read_text())
+    data.update(fields)
+    (h / "config.json").write_text(json.dumps(data))
+    return h
+
+
+_HELD_FDS: list[int] = []
+
+
+def _held(lock_file: Path, command: str) -> None:
+    """Hold ``lock_file`` as a live writer would (the flock on its own open file, the holder's JSON in it), so
+    the command under test meets a second writer; released after the case."""
+    import fcntl
+    import socket
+
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                             "started": "2026-12-07T20:00:00Z"}).encode())
+    _HELD_FDS.append(fd)
+
+
+def _release_held() -> None:
+    while _HELD_FDS:
+        os.close(_HELD_FDS.pop())
+
+
+def _locked_out(d: Path, command: str) -> Path:
+    from lmforge.lock import output_lock_path
+
+    _held(output_lock_path(d / "o"), command)
+    return d / "o"
+
+
+CASES += [
+    *(Case(f"generate-template-{name}", lambda w, d, name=name: [
+        "generate", "--model", _model_copy(w, d, _template(name)), "--chat", "--prompt", LONG_PROMPT,
+        "--max-new-tokens", "4"], TEMPLATE_EXPECT[name]) for name in TEMPLATES),
+    Case("generate-config-dim-huge", lambda w, d: _gen(_model_copy(w, d, lambda m: _retype_config(m, dim=10**9))),
+         "model.dim=1,000,000,000"),
+    Case("generate-config-layers-huge", lambda w, d: _gen(_model_copy(
+        w, d, lambda m: _retype_config(m, n_layers=10**9))), "model.n_layers=1,000,000,000"),
+    Case("generate-config-vocab-huge", lambda w, d: _gen(_model_copy(
+        w, d, lambda m: _retype_config(m, vocab_size=10**9))), "model.vocab_size=1,000,000,000"),
+    Case("generate-config-heads-huge", lambda w, d: _gen(_model_copy(
+        w, d, lambda m: _retype_config(m, n_heads=10**9))), "model.n_heads"),
+    Case("generate-config-ffn-huge", lambda w, d: _gen(_model_copy(
+        w, d, lambda m: _retype_config(m, ffn_hidden=10**9))), "model.ffn_hidden=1,000,000,000"),
+    Case("export-config-dim-huge", lambda w, d: ["export", "--model", _model_copy(
+        w, d, lambda m: _retype_config(m, dim=10**9)), "--out", d / "o"], "model.dim=1,000,000,000"),
+    Case("export-gguf-config-dim-huge", lambda w, d: ["export", "--format", "gguf", "--model", _model_copy(
+        w, d, lambda m: _retype_config(m, dim=10**9)), "--out", d / "o"], "model.dim=1,000,000,000"),
+    Case("export-gguf-config-layers-huge", lambda w, d: ["export", "--format", "gguf", "--model", _model_copy(
+        w, d, lambda m: _retype_config(m, n_layers=10**9)), "--out", d / "o"], "model.n_layers=1,000,000,000"),
+    Case("import-config-hidden-size-huge", lambda w, d: ["import", "--hf", _hf_copy(w, d, hidden_size=10**9),
+                                                         "--out", d / "o"], "hidden_size=1,000,000,000"),
+    Case("import-config-layers-huge", lambda w, d: ["import", "--hf", _hf_copy(w, d, num_hidden_layers=10**9),
+                                                    "--out", d / "o"], "says 1,000,000,000 layers"),
+    Case("import-config-vocab-huge", lambda w, d: ["import", "--hf", _hf_copy(w, d, vocab_size=10**9),
+                                                   "--out", d / "o"], "vocab_size=1,000,000,000"),
+    Case("import-out-locked", lambda w, d: ["import", "--hf", w.hf, "--out", _locked_out(d, "lmforge import")],
+         "is being written by pid"),
+    Case("export-out-locked", lambda w, d: ["export", "--model", w.model, "--out", _locked_out(d, "lmforge export")],
+         "is being written by pid"),
+    Case("tokenizer-train-out-locked", lambda w, d: [
+        "tokenizer", "train", "--input", w.corpus, "--vocab-size", "300", "--out",
+        _locked_out(d, "lmforge tokenizer train")], "is being written by pid"),
+    Case("extend-out-locked", lambda w, d: ["tokenizer", "extend", "--base", w.model, "--input", w.corpus, "--add",
+                                            "8", "--out", _locked_out(d, "lmforge tokenizer extend")],
+         "is being written by pid"),
+    Case("prepare-out-locked", lambda w, d: ["prepare", "--input", w.corpus, "--tokenizer", w.tok, "--out",
+                                             _locked_out(d, "lmforge prepare"), "--no-progress"],
+         "is being written by pid"),
+]
+
+
 def _prep(w: World, d: Path, inp: Path, *extra) -> list:
     return ["prepare", "--input", inp, "--tokenizer", w.tok, "--out", d / "o", "--txt-mode", "line",
             "--no-progress", *extra]
@@ -469,11 +640,13 @@ def _truncated_ck(w: World, d: Path) -> Path:
 def _tally(config) -> dict:
     if not hasattr(config, "_lmforge_robustness"):
         config._lmforge_robustness = {"tried": 0, "subprocess": 0, "tracebacks": 0, "files_lost": 0,
-                                      "partial": 0, "not_refused": 0}
+                                      "partial": 0, "not_refused": 0, "over_memory": 0, "over_time": 0,
+                                      "max_mb": (0.0, ""), "max_s": (0.0, "")}
     return config._lmforge_robustness
 
 
-def _check(case: Case, w: World, d: Path, before: dict, rc, err: str, raised: bool, tally: dict) -> None:
+def _check(case: Case, w: World, d: Path, before: dict, rc, err: str, raised: bool, tally: dict,
+           seconds: float, mb: float) -> None:
     after = snapshot(w.root)
     lost = [k for k in before if after.get(k) != before[k]]
     added = [k for k in after if k not in before]
@@ -482,6 +655,10 @@ def _check(case: Case, w: World, d: Path, before: dict, rc, err: str, raised: bo
     tally["files_lost"] += len(lost)
     tally["partial"] += len(added)
     tally["not_refused"] += int(rc in (0, None))
+    tally["over_memory"] += int(mb > case.max_mb)
+    tally["over_time"] += int(seconds > case.max_s)
+    tally["max_mb"] = max(tally["max_mb"], (round(mb, 1), case.name))
+    tally["max_s"] = max(tally["max_s"], (round(seconds, 1), case.name))
     assert not raised and "Traceback" not in err, f"{case.name}: traceback\n{err[-3000:]}"
     assert rc not in (0, None), f"{case.name}: exit {rc}\n{err[-2000:]}"
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -491,6 +668,8 @@ def _check(case: Case, w: World, d: Path, before: dict, rc, err: str, raised: bo
     assert not lost, f"{case.name}: changed or lost {lost[:5]}"
     assert not added, f"{case.name}: left {added[:5]}"
     assert not (d / "pwned").exists()
+    assert seconds <= case.max_s, f"{case.name}: took {seconds:.1f} s, over its bound of {case.max_s:g} s"
+    assert mb <= case.max_mb, f"{case.name}: peak RSS {mb:,.0f} MiB, over its bound of {case.max_mb:,.0f} MiB"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -499,11 +678,18 @@ def test_bad_input_is_refused_cleanly(case, world, request):
     d.mkdir(parents=True)
     argv = case.build(world, d)
     before = snapshot(world.root)
-    rc, _, err, raised = cli(argv)
-    _check(case, world, d, before, rc, err, raised, _tally(request.config))
+    try:
+        t0 = time.monotonic()
+        with PeakRSS() as peak:
+            rc, _, err, raised = cli(argv)
+        seconds = time.monotonic() - t0
+    finally:
+        _release_held()
+    _check(case, world, d, before, rc, err, raised, _tally(request.config), seconds, peak.mb)
 
 
 SUBPROCESS_CASES = ["pretrain-yaml-alias-bomb", "generate-temperature-nan", "export-out-is-run-dir",
+                    "generate-template-nested-loops", "generate-config-dim-huge", "import-config-hidden-size-huge",
                     "resume-pickle-in-metadata"]
 
 
@@ -515,12 +701,14 @@ def test_bad_input_through_a_real_process(name, world, request):
     argv = [str(a) for a in case.build(world, d)]
     before = snapshot(world.root)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    p = subprocess.run([sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True, env=env,
-                       timeout=600, check=False)
+    t0 = time.monotonic()
+    rc, _, err, mb = run_process([sys.executable, "-m", "lmforge", *argv], env, timeout=600)
+    seconds = time.monotonic() - t0
     tally = _tally(request.config)
     tally["subprocess"] += 1
-    assert p.returncode == 2, p.stderr[-2000:]
-    _check(case, world, d, before, p.returncode, p.stderr, False, tally)
+    assert rc == 2, err[-2000:]
+    # through a real process the bounds hold the whole process: interpreter, torch and all
+    _check(case, world, d, before, rc, err, False, tally, seconds, mb)
 
 
 @pytest.mark.parametrize("victim", ["rank_00000.json", ".metadata", "__0_0.distcp"])

@@ -392,3 +392,55 @@ def test_export_output_is_exclusive_and_never_replaced_at_the_rename(tmp_path):
     with exclusive_output(out, "lmforge export", overwrite=True), atomic_directory(out) as t:
         (t / "config.json").write_text("{}")
     assert listing(out) == {"config.json": 2}
+
+
+# ---- import and tokenizer train (issue 22) ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_dir(world):
+    """A small Hugging Face Llama dir (exported from an lmforge model dir with the world's tokenizer)."""
+    from lmforge.artifacts.model_dir import save_model_dir
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import build_model
+
+    model = build_model(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=64, vocab_size=300,
+                                    max_seq_len=64), seed=0)
+    save_model_dir(model, world / "m", tokenizer_dir=str(world / "tok"))
+    rc, _, err, raised = cli(["export", "--model", world / "m", "--out", world / "hf"])
+    assert rc == 0 and not raised, err[-3000:]
+    return world / "hf"
+
+
+def test_an_import_while_another_writes_its_out_is_refused_naming_it(hf_dir, tmp_path):
+    out = tmp_path / "imported"
+    first = gated(tmp_path / "gate", "lmforge.artifacts.hf.convert.import_hf", "import", "--hf", hf_dir,
+                  "--out", out)
+    assert json.loads(output_lock_path(out).read_text())["command"] == "lmforge import"
+    second = lmforge("import", "--hf", hf_dir, "--out", out)
+    assert second.returncode == 2, second.stderr[-3000:]
+    line = one_error_line(second.stderr)
+    assert f"--out '{out}' is being written by pid {first.pid} on " in line and "(lmforge import, since " in line
+    assert "choose another --out" in line
+    rc, _, err = finish(first, tmp_path / "gate")
+    assert rc == 0, err[-3000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(listing(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gate", "gate.waiting", "imported"]  # no lock, no temp
+
+
+def test_a_tokenizer_train_while_another_writes_its_out_is_refused_naming_it(world, tmp_path):
+    out = tmp_path / "tok"
+    base = ["tokenizer", "train", "--vocab-size", "300", "--txt-mode", "line", "--input", world / "corpus.txt"]
+    first = gated(tmp_path / "gate", "lmforge.tokenizer.train.train_tokenizer", *base, "--out", out)
+    second = lmforge(*base, world / "other.txt", "--out", out)
+    assert second.returncode == 2, second.stderr[-3000:]
+    line = one_error_line(second.stderr)
+    assert f"--out '{out}' is being written by pid {first.pid} on " in line
+    assert "(lmforge tokenizer train, since " in line
+    rc, _, err = finish(first, tmp_path / "gate")
+    assert rc == 0, err[-3000:]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(listing(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gate", "gate.waiting", "tok"]  # no lock, no temp
+    # the refused writer's corpus left no trace: the tokenizer is the first one's, trained on corpus.txt
+    again = lmforge(*base, "--out", tmp_path / "tok2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tok2" / "tokenizer.json").read_bytes()

@@ -3,7 +3,13 @@ tokenizer identity (issue 11, items 2-6 and 10)."""
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +25,8 @@ from lmforge.outputs import (
     is_run_dir,
     run_dir_claim,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 # ---- output targets ---------------------------------------------------------------------------
 
@@ -265,3 +273,178 @@ def test_model_dir_tokenizer_is_checked_against_config(tmp_path, make_tokenizer)
     with pytest.raises(UserError, match="not the ones its weights were trained with") as e:
         check_model_dir_tokenizer(model_dir)
     assert tok.hash in str(e.value) and other.hash in str(e.value)
+
+
+# ---- chat template render bounds (issue 22) -------------------------------------------------------------
+
+LONG = "the quick brown fox " * 150
+HOSTILE_TEMPLATES = {
+    "nested-loops": "{% for m in messages %}{% for a in m['content'] %}{% for b in m['content'] %}"
+                    "{% for c in m['content'] %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}",
+    "nested-loops-setting": "{% set s = messages[0]['content'] %}{% for a in s %}{% for b in s %}{% for c in s %}"
+                            "{% set x = a ~ b %}{% endfor %}{% endfor %}{% endfor %}",
+    "nested-loops-literal": "{% for a in range(1000) %}{% for b in 'x' * 3000 %}{% for c in 'y' * 3000 %}"
+                            "{% endfor %}{% endfor %}{% endfor %}",
+    "recursive-loop": "{% for a in [messages] recursive %}{% for b in LONG %}{% endfor %}{{ loop([a]) }}{% endfor %}",
+    "macro-recursion": "{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}",
+    "macro-loop-recursion": "{% macro f(x) %}{% for c in x %}{{ f(x) }}{% endfor %}{% endmacro %}"
+                            "{{ f(messages[0]['content']) }}",
+    "macro-doubling": "{% macro f(x) %}{{ f(x ~ x) }}{% endmacro %}{{ f(messages[0]['content']) }}",
+    "string-multiplication": "{{ messages[0]['content'] * 1000000000 }}",
+    "list-multiplication-join": "{{ ([messages[0]['content']] * 1000000)|join }}",
+    "generator-join": "{{ (range(4000000)|map('string'))|join(messages[0]['content']) }}",
+    "replace-amplification": "{{ messages[0]['content']|replace('', messages[0]['content']) }}",
+    "method-replace-amplification": "{{ messages[0]['content'].replace('', messages[0]['content']) }}",
+    "indent-amplification": "{{ messages[0]['content']|replace(' ', '\\n')|indent(4000000) }}",
+    "percent-width": "{{ '%999999999d' % 1 }}",
+    "format-width": "{{ '{:>999999999}'.format(1) }}",
+    "power": "{{ 10 ** 100000000 }}",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))
+def test_a_hostile_chat_template_fails_within_the_limit(name, monkeypatch):
+    from lmforge.tokenizer import chat_template as ct
+
+    monkeypatch.setattr(ct._budget, "seconds", 1.0)  # the same clock as the 5 s default, quicker to test
+    template = HOSTILE_TEMPLATES[name].replace("LONG", repr(LONG))
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        ct.render(template, [{"role": "user", "content": LONG}], name="'hostile.jinja'")
+    took = time.monotonic() - t0
+    assert took < 1.0 + 1.5, f"{name}: {took:.1f} s"
+    message = str(e.value)
+    assert "\n" not in message
+    assert "recursed" in message or ("'hostile.jinja'" in message and "1 s" in message)
+
+
+def test_the_render_limit_error_names_the_template_file(tmp_path):
+    from lmforge.tokenizer.chat_template import RENDER_SECONDS, TemplateLimitError, get_chat_template, render
+
+    f = tmp_path / "slow.jinja"
+    f.write_text("{{ messages[0]['content'] * 1000000000 }}")
+    with pytest.raises(TemplateLimitError, match=f"chat template '{f}' builds a repetition") as e:
+        render(get_chat_template(None, str(f)), [{"role": "user", "content": "xyz"}])
+    assert f"{RENDER_SECONDS:g} s" in str(e.value)
+
+
+def test_ordinary_templates_render_as_before():
+    from lmforge.tokenizer.chat_template import render
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi %d {x}"},
+            {"role": "assistant", "content": "hello"}]
+    t = ("{% for m in messages %}{{ loop.index }}/{{ loop.length }}{% if loop.first %}F{% endif %}"
+         "{% if loop.last %}L{% endif %}{{ m['role'] }}:{{ m['content']|replace('h', 'H') }}|"
+         "{% endfor %}{{ messages|map(attribute='role')|join(',') }}{{ ' %s' % 'ok' }}{{ ' {:>3}'.format(7) }}"
+         "{% for k, v in {'a': 1}.items() %}{{ k }}{{ v }}{% endfor %}{{ range(3)|list|sum }}"
+         "{% for x in [[1, [2]], [3]] recursive %}{% if x is iterable %}{{ loop(x) }}{% else %}{{ x }}{% endif %}"
+         "{% endfor %}{{ (messages|selectattr('role', 'eq', 'user')|first)['content']|indent(2) }}")
+    assert render(t, msgs) == ("1/3Fsystem:be brief|2/3user:Hi %d {x}|3/3Lassistant:Hello|system,user,assistant"
+                               " ok   7a13123hi %d {x}")
+
+
+# ---- model config sizes against the weights and the machine (issue 22) --------------------------------
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    from lmforge.artifacts.model_dir import save_model_dir
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import build_model
+
+    d = tmp_path_factory.mktemp("sizes") / "model"
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64, vocab_size=300, max_seq_len=64)
+    save_model_dir(build_model(cfg, seed=0), d)
+    return d
+
+
+def _with_model_fields(src, dst, **fields):
+    import shutil
+
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "config.json").read_text())
+    data["model"].update(fields)
+    (dst / "config.json").write_text(json.dumps(data))
+    return dst
+
+
+@pytest.mark.parametrize("field,expect", [
+    ("dim", "model.dim=1,000,000,000"), ("n_layers", "model.n_layers=1,000,000,000"),
+    ("vocab_size", "model.vocab_size=1,000,000,000"), ("n_heads", "model.n_heads x model.head_dim="),
+    ("ffn_hidden", "model.ffn_hidden=1,000,000,000"), ("max_seq_len", None)])
+def test_a_config_that_disagrees_with_its_tensors_is_refused_before_allocating(small_model_dir, tmp_path, field,
+                                                                                expect):
+    from lmforge.artifacts.model_dir import load_model_dir
+
+    d = _with_model_fields(small_model_dir, tmp_path / "m", **{field: 10**9})
+    t0 = time.monotonic()
+    if expect is None:  # rope positions are no tensor: a long max_seq_len is the config's to choose
+        assert load_model_dir(d).cfg.max_seq_len == 10**9
+        return
+    with pytest.raises(UserError, match=re.escape(expect)) as e:
+        load_model_dir(d)
+    assert time.monotonic() - t0 < 10
+    assert f"'{d / 'config.json'}'" in str(e.value) and "fix config.json" in str(e.value)
+
+
+def test_a_model_larger_than_the_memory_is_refused_before_allocating(small_model_dir, monkeypatch):
+    from lmforge.artifacts import model_dir as md
+
+    monkeypatch.setattr(md, "available_memory", lambda device="cpu": (100_000, "available in this machine's memory"))
+    with pytest.raises(UserError, match=r"describes a model of 37,\d{3} parameters .* over the 0.0 GiB available "
+                                        r"in this machine's memory; use a machine with more memory"):
+        md.load_model_dir(small_model_dir)
+    monkeypatch.undo()
+    assert md.load_model_dir(small_model_dir).cfg.dim == 32
+    free, _ = md.available_memory("cpu")
+    assert free is None or free > 0
+
+
+def test_serve_refuses_to_start_on_a_config_that_disagrees_with_its_tensors(small_model_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    d = _with_model_fields(small_model_dir, tmp_path / "m", dim=10**9)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--model", str(d), "--port", "0"], env=env,
+                       capture_output=True, text=True, timeout=300, check=False)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert lines[0].startswith("error: ") and "model.dim=1,000,000,000" in lines[0]
+
+
+def test_serve_refuses_to_start_with_a_template_that_cannot_render_one_turn(small_model_dir, tmp_path,
+                                                                            make_tokenizer):
+    import shutil
+
+    pytest.importorskip("fastapi")
+    make_tokenizer(tmp_path, ["the cat sat on the mat"] * 20, vocab_size=300, name="tok")
+    d = shutil.copytree(small_model_dir, tmp_path / "m")
+    for f in (tmp_path / "tok").iterdir():
+        shutil.copy(f, d / f.name)
+    (d / "chat_template.jinja").write_text("{% for a in range(1000) %}{% for b in 'x' * 3000 %}"
+                                           "{% for c in 'y' * 3000 %}{% endfor %}{% endfor %}{% endfor %}")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--model", str(d), "--port", "0"], env=env,
+                       capture_output=True, text=True, timeout=300, check=False)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and lines and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert lines[-1].startswith("error: chat template ") and "did not finish rendering within 5 s" in lines[-1]
+    assert f"'{d / 'chat_template.jinja'}'" in lines[-1]
+
+
+def test_sharded_weights_are_checked_from_their_headers(small_model_dir, tmp_path):
+    import shutil
+
+    from lmforge.artifacts.model_dir import check_model_dir, load_weights, save_weights, weight_shapes
+
+    d = tmp_path / "sharded"
+    d.mkdir()
+    shutil.copy(small_model_dir / "config.json", d / "config.json")
+    names = save_weights(load_weights(small_model_dir), d, max_shard_bytes=20_000)
+    assert len(names) > 2 and "model.safetensors.index.json" in names
+    assert weight_shapes(d) == weight_shapes(small_model_dir)
+    assert weight_shapes(d)["tok_embeddings.weight"] == (300, 32)
+    assert check_model_dir(d).dim == 32
+    data = json.loads((d / "config.json").read_text())
+    data["model"]["n_layers"] = 3
+    (d / "config.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"says model.n_layers=3 but the weights hold 2 layers"):
+        check_model_dir(d)

@@ -15,7 +15,7 @@ from typing import Any
 from lmforge.artifacts.gguf.tensors import encode, gguf_name, rope_freq_factors, to_gguf_layout
 from lmforge.artifacts.gguf.vocab import read_vocab
 from lmforge.artifacts.metadata import read_metadata
-from lmforge.artifacts.model_dir import load_weights
+from lmforge.artifacts.model_dir import check_model_dir, load_weights
 from lmforge.atomic import atomic_directory
 from lmforge.config import UserError
 from lmforge.models.config import ModelConfig
@@ -95,6 +95,7 @@ def export_gguf(model_dir, out, dtype: str = "f16", tokenizer=None, add_bos: boo
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_seq_len:
         warnings.append(f"sliding_window={cfg.sliding_window} is not in llama.cpp's llama graph: beyond "
                         f"{cfg.sliding_window} tokens of context the GGUF attends to all keys")
+    check_model_dir(model_dir, cfg)  # a config that disagrees with its tensors is never exported
     sd = load_weights(model_dir)
     if cfg.tie_embeddings:
         sd.pop("output.weight", None)  # llama.cpp reuses token_embd when output.weight is absent

@@ -29,6 +29,8 @@ from lmforge.artifacts.hf.families import (
 from lmforge.artifacts.metadata import CONFIG_NAME, model_config_json, read_metadata, write_json
 from lmforge.artifacts.model_dir import (
     DEFAULT_SHARD_BYTES,
+    check_model_dir,
+    check_shapes,
     index_shards,
     load_weights,
     read_safetensors,
@@ -211,6 +213,30 @@ def _hf_dtype_name(t: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}.get(t, str(t).removeprefix("torch."))
 
 
+_HF_NAMES = {  # what a Hugging Face config.json calls the fields a size mismatch is traced to
+    "llama": {"dim": "hidden_size", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+              "ffn_hidden": "intermediate_size", "max_seq_len": "max_position_embeddings"},
+    "gpt2": {"dim": "n_embd", "n_heads": "n_head", "n_kv_heads": "n_head", "ffn_hidden": "n_inner",
+             "max_seq_len": "n_positions"},
+}
+
+
+def _check_hf_layers(family: Family, cfg: ModelConfig, hf_sd: dict[str, torch.Tensor], hf_dir: Path) -> None:
+    """The HF config's layer count against the layers its tensors hold, before a model of that many layers
+    is laid out (a ``num_hidden_layers`` of 10^9 would take minutes on the meta device alone)."""
+    indices = set()
+    for k in hf_sd:
+        c = family.normalize_key(k)
+        parts = (c or "").split(".")
+        n = next((p for p in parts if p.isdigit()), None)
+        if n is not None:
+            indices.add(int(n))
+    if indices and cfg.n_layers != max(indices) + 1:
+        raise UserError(f"'{hf_dir / HF_CONFIG}' says {cfg.n_layers:,} layers but its weights hold "
+                        f"{max(indices) + 1}; fix its layer count (num_hidden_layers / n_layer) or download "
+                        "the checkpoint again")
+
+
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
               max_shard_bytes: int | None = None,
               tokenizer_hash: Callable[[Path], str | None] | None = None) -> dict[str, Any]:
@@ -223,7 +249,12 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | No
     hf_cfg = read_hf_config(hf_dir)
     family = family_for_hf_config(hf_cfg)
     cfg = hf_to_model_config(hf_cfg, family)
-    sd, heads, dropped = hf_to_lmforge_state_dict(family, cfg, read_hf_weights(hf_dir))
+    hf_sd = read_hf_weights(hf_dir)
+    _check_hf_layers(family, cfg, hf_sd, hf_dir)
+    sd, heads, dropped = hf_to_lmforge_state_dict(family, cfg, hf_sd)
+    check_shapes(cfg, {k: tuple(v.shape) for k, v in sd.items()}, f"'{hf_dir / HF_CONFIG}'",
+                 "fix its sizes (or download the checkpoint again: config.json and the weights must be one "
+                 "model's)", names=_HF_NAMES.get(family.name, _HF_NAMES["llama"]))
     if dtype is not None:
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
@@ -282,6 +313,7 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str 
         fam = FAMILIES[record["family"]]
     else:
         fam = family_for_model_config(cfg)
+    check_model_dir(model_dir, cfg)  # a config that disagrees with its tensors is never exported
     sd = load_weights(model_dir)
     if cfg.tie_embeddings:
         sd.pop("output.weight", None)
