@@ -59,19 +59,31 @@ def read_capped(f: Any, cap: int | None) -> tuple[bytes | None, int]:
     return (None if over else b"".join(parts)), total
 
 
+class _Cut(Exception):
+    """The decompressed stream under a WARC ended early (a cut .warc.gz). Not an EOFError: warcio takes an
+    EOFError from its input for the end of the archive and stops without a word."""
+
+
 class _Counted:
-    """A read-only stream that counts the bytes read through it (what an archive really held)."""
+    """A read-only stream that counts the bytes read through it (what an archive really held) and turns a
+    decompressor's EOFError into :class:`_Cut`."""
 
     def __init__(self, stream: Any):
         self.stream, self.n = stream, 0
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
+        try:
+            data = self.stream.read(size)
+        except EOFError as e:
+            raise _Cut(str(e)) from None
         self.n += len(data)
         return data
 
     def readline(self, size: int = -1) -> bytes:
-        data = self.stream.readline(size)
+        try:
+            data = self.stream.readline(size)
+        except EOFError as e:
+            raise _Cut(str(e)) from None
         self.n += len(data)
         return data
 
@@ -178,7 +190,10 @@ def iter_warc_pages(stream: BinaryIO, stats: Any, name: str = "input", cap: int 
         count()
     except BadInputFile:
         raise
-    except Exception as e:  # noqa: BLE001 -- warcio.ArchiveLoadFailed, truncated gzip, not a WARC at all
+    except _Cut as e:
+        count()
+        raise bad(f"the compressed data ends early: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- warcio.ArchiveLoadFailed, a corrupt gzip, not a WARC at all
         count()
         raise bad(f"{type(e).__name__}: {e}") from None
 

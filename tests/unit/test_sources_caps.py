@@ -265,3 +265,26 @@ def test_prepare_says_every_document_was_too_large_not_check_text_field(tmp_path
     assert not (tmp_path / "out").exists()
     r = prepare([str(tmp_path / "one.jsonl.gz")], tok, tmp_path / "out", progress=False, max_doc_bytes=0)
     assert r["documents_read"] == 2 and r["skipped_too_large"] == 0  # 0: no cap
+
+
+def test_every_cut_of_a_warc_gz_is_an_error_unless_it_falls_between_records(tmp_path):
+    """warcio takes an EOFError from a cut gzip for the end of the archive: before, most cuts of a .warc.gz
+    were read as a shorter archive without a word (exit 0). Only a cut between two records' gzip members,
+    which leaves a valid shorter archive, can pass."""
+    from tests.unit.test_web_inputs import _warc
+
+    whole = tmp_path / "w.warc.gz"
+    _warc(whole, [(f"https://x.example/{i}", "text/plain", f"page {i} ".encode() * 50) for i in range(12)])
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.warc.gz"
+    silent = []
+    for n in range(1, len(data), 7):
+        cut.write_bytes(data[:n])
+        try:
+            list(iter_file_documents(str(cut)))
+        except BadInputFile as e:
+            assert "cut.warc.gz" in str(e)
+            continue
+        gzip.decompress(data[:n])  # passed: must be a whole number of gzip members (records)
+        silent.append(n)
+    assert len(silent) <= 12, silent
