@@ -144,9 +144,9 @@ def iter_warc_pages(stream: BinaryIO, stats: Any, name: str = "input", cap: int 
     counted = _Counted(stream)
     seen = 0
 
-    def bad(why: str) -> BadInputFile:
-        return BadInputFile(name, f"'{name}' is not a readable WARC/WET archive ({why}); check the file, or "
-                                  "name it .html / .txt if it is not an archive")
+    def bad(why: str, not_warc: bool = False) -> BadInputFile:
+        hint = "; name it .html / .txt if it is not an archive" if not_warc else ""
+        return BadInputFile(name, f"'{name}' is not a readable WARC/WET archive ({why}){hint}")
 
     def count() -> None:
         nonlocal seen
@@ -169,8 +169,8 @@ def iter_warc_pages(stream: BinaryIO, stats: Any, name: str = "input", cap: int 
             count()
             if missing:
                 declared = record.rec_headers.get_header("Content-Length")
-                raise bad(f"record {record.rec_headers.get_header('WARC-Record-ID') or ''} declares "
-                          f"Content-Length {declared} but the archive ends {missing:,} bytes short: truncated")
+                raise bad(f"a record declares Content-Length {declared} but the archive ends {missing:,} bytes "
+                          "short: truncated")
             if kind is None:  # warcinfo, request, metadata, revisit; images, scripts …
                 stats.web_skipped_records += 1
                 continue
@@ -195,7 +195,7 @@ def iter_warc_pages(stream: BinaryIO, stats: Any, name: str = "input", cap: int 
         raise bad(f"the compressed data ends early: {e}") from None
     except Exception as e:  # noqa: BLE001 -- warcio.ArchiveLoadFailed, a corrupt gzip, not a WARC at all
         count()
-        raise bad(f"{type(e).__name__}: {e}") from None
+        raise bad(f"{type(e).__name__}: {e}", not_warc=True) from None
 
 
 def html_page(data: bytes, stats: Any) -> Iterator[str]:

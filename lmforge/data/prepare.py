@@ -270,7 +270,7 @@ def _nothing_read(n_paths: int, stats: ReadStats, max_doc_bytes: int, max_file_b
     parts = []
     if stats.too_large:
         parts.append(f"all {stats.too_large:,} document(s) were over --max-doc-bytes={max_doc_bytes:,}"
-                     + (f" (a .json file counts when over --max-file-bytes={max_file_bytes:,})"
+                     + (f" (or, for .json files, over --max-file-bytes={max_file_bytes:,})"
                         if max_file_bytes else "") + " and were skipped unread")
     if stats.bad_files:
         parts.append(f"{len(stats.bad_files)} truncated or corrupt file(s) were skipped (--skip-bad-files: "
@@ -415,7 +415,8 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
             held_out = hold_out_tail(tmp, splits, val_fraction, dtype, tok.eos_id)
         n_docs = splits["train"]["documents"] + splits["val"]["documents"]
         if n_docs == 0 and held_out == 0 and stats.documents == 0 and (stats.too_large or stats.bad_files):
-            raise UserError(_nothing_read(len(paths), stats, max_doc_bytes, max_file_bytes))
+            any_json = any(file_format(p) == "json" for p in paths)
+            raise UserError(_nothing_read(len(paths), stats, max_doc_bytes, max_file_bytes if any_json else 0))
         if n_docs == 0 and held_out == 0:
             raise UserError(f"no text left to write from {len(paths)} input file(s): "
                             f"{stats.documents} documents read, {counts['removed_empty']} empty, "
@@ -467,8 +468,9 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
                  f"({names}); name them with --include to read them")
         if stats.too_large:
             info(f"prepare: skipped {stats.too_large:,} document(s) over --max-doc-bytes={max_doc_bytes:,}"
-                 + (f" (or .json files over --max-file-bytes={max_file_bytes:,})" if max_file_bytes else "")
-                 + " without reading them whole; raise the cap to keep them")
+                 + (f" (or .json files over --max-file-bytes={max_file_bytes:,})"
+                    if max_file_bytes and any(file_format(p) == "json" for p in paths) else "")
+                 + " without holding them whole; raise the cap to keep them")
         if stats.bad_files:
             names = ", ".join(Path(f).name for f, _ in stats.bad_files[:5]) + (
                 " …" if len(stats.bad_files) > 5 else "")
