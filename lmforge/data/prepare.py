@@ -14,9 +14,10 @@ document for exact dedup and ~0.6 KB for near dedup):
 
 So shards are byte-identical whatever ``workers`` and the engine are, and dedup is corpus-wide. Memory is
 bounded per document too: a document over ``max_doc_bytes`` (a ``.json`` file over ``max_file_bytes``) is
-dropped while it is read and counted (``skipped_too_large``), and compressed files are streamed by the main
-process in ~1 MB tasks (a small gzip can expand a thousandfold), so no task holds more than about
-``TASK_BYTES + max_doc_bytes`` of text. A truncated or corrupt input is an error naming it, or with
+dropped while it is read and counted (``skipped_too_large``), and a worker reading a group of small files
+gives up once they expand past ``FILES_TASK_TEXT`` (a small gzip can expand a thousandfold): the main
+process then streams those files itself in ~1 MB tasks, at the same place in the order, so no task holds
+more than about ``FILES_TASK_TEXT + max_doc_bytes`` of text. A truncated or corrupt input is an error naming it, or with
 ``skip_bad_files`` is named in the report (``bad_files``). Output is
 built in a temp dir beside ``out_dir`` and renamed into place at the end: a failed run leaves no
 half-written dir (an ``s3://``/``gs://`` ``out_dir`` is built locally, then uploaded, index.json last).
@@ -59,7 +60,6 @@ from lmforge.sources import (
     ReadStats,
     file_format,
     file_size,
-    is_compressed,
     iter_file_documents,
     refuse_symlink_loop,
     resolve_inputs,
@@ -69,6 +69,7 @@ from lmforge.tokenizer.core import load_tokenizer
 DEDUP_MODES = ("exact", "near", "none")
 SMALL_FILE = 4 << 20  # local files up to this size are read by the workers themselves
 TASK_BYTES = 1 << 20  # ~text per task
+FILES_TASK_TEXT = 64 << 20  # a worker's group of small (compressed) files that expands past this is streamed
 
 
 @dataclass
@@ -103,6 +104,7 @@ class TaskResult:
     chars: int = 0
     stats: ReadStats = field(default_factory=ReadStats)
     filters: FilterReport | None = None  # counts of the web filters (doc_filters), when on
+    redo: list[str] | None = None  # files that expanded past FILES_TASK_TEXT: the main process streams them
 
 
 _WORKER: dict[str, Any] = {}
@@ -124,8 +126,13 @@ def process_task(task: tuple[str, list[str]], cfg: TaskConfig) -> TaskResult:
     kind, items = task
     if kind == "files":
         docs: list[str] = []
+        held = 0
         for path in items:
-            docs.extend(cfg.read(path, res.stats))
+            for doc in cfg.read(path, res.stats):
+                docs.append(doc)
+                held += len(doc)
+                if held > FILES_TASK_TEXT:  # compressed files that expand hugely: hand them back
+                    return TaskResult(redo=list(items))
     else:
         docs = items
     kept: list[str] = []
@@ -217,8 +224,7 @@ def _tasks(paths: list[str], cfg: TaskConfig, stats: ReadStats) -> Iterator[tupl
     for path in paths:
         size = file_size(path)
         fmt = file_format(path)
-        compressed = is_compressed(path)  # its text size is unknown: streamed here, in ~1 MB tasks
-        if size is not None and size <= SMALL_FILE and fmt != "parquet" and not compressed:
+        if size is not None and size <= SMALL_FILE and fmt != "parquet":
             group.append(path)
             group_bytes += size
             if group_bytes >= TASK_BYTES:
@@ -228,18 +234,23 @@ def _tasks(paths: list[str], cfg: TaskConfig, stats: ReadStats) -> Iterator[tupl
         if group:
             yield "files", group
             group, group_bytes = [], 0
-        batch: list[str] = []
-        batch_bytes = 0
-        for doc in cfg.read(path, stats):
-            batch.append(doc)
-            batch_bytes += len(doc)
-            if batch_bytes >= TASK_BYTES:
-                yield "docs", batch
-                batch, batch_bytes = [], 0
-        if batch:
-            yield "docs", batch
+        yield from _doc_tasks(path, cfg, stats)
     if group:
         yield "files", group
+
+
+def _doc_tasks(path: str, cfg: TaskConfig, stats: ReadStats) -> Iterator[tuple[str, list[str]]]:
+    """One file read here (the main process) and cut into tasks of ~TASK_BYTES of documents."""
+    batch: list[str] = []
+    batch_bytes = 0
+    for doc in cfg.read(path, stats):
+        batch.append(doc)
+        batch_bytes += len(doc)
+        if batch_bytes >= TASK_BYTES:
+            yield "docs", batch
+            batch, batch_bytes = [], 0
+    if batch:
+        yield "docs", batch
 
 
 class _Progress:
@@ -401,6 +412,11 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
             bar.update(docs, toks, stats.bytes)
 
         for res in runner.map_ordered(process_task, _tasks(paths, cfg, stats), cfg):
+            if res.redo:  # small files that expanded past FILES_TASK_TEXT: streamed here, in their place
+                for path in res.redo:
+                    for task in _doc_tasks(path, cfg, stats):
+                        consume(process_task(task, cfg))
+                continue
             consume(res)
         runner.close()
         ran_on = runner.describe()

@@ -288,3 +288,25 @@ def test_every_cut_of_a_warc_gz_is_an_error_unless_it_falls_between_records(tmp_
         gzip.decompress(data[:n])  # passed: must be a whole number of gzip members (records)
         silent.append(n)
     assert len(silent) <= 12, silent
+
+
+def test_small_compressed_files_that_expand_hugely_are_streamed_by_the_main_process(tmp_path, tok, monkeypatch):
+    """A worker's group of small files gives up past FILES_TASK_TEXT; the main process streams the group in
+    its place, so the shards are the same as when the limit is not reached."""
+    from lmforge.data import prepare as prep
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(3):
+        (inp / f"f{i}.jsonl.gz").write_bytes(gzip.compress("".join(
+            json.dumps({"text": f"{SHORT[j % 5]} file {i} line {j}"}) + "\n" for j in range(300)).encode()))
+    whole = prep.prepare([str(inp)], tok, tmp_path / "a", progress=False)
+    calls = []
+    real = prep._doc_tasks
+    monkeypatch.setattr(prep, "_doc_tasks", lambda *a: calls.append(a[0]) or real(*a))
+    monkeypatch.setattr(prep, "FILES_TASK_TEXT", 5_000)
+    redone = prep.prepare([str(inp)], tok, tmp_path / "b", progress=False)
+    assert calls == [str(p) for p in sorted(inp.iterdir())]  # the whole group, in order
+    for k in ("documents_read", "files", "bytes_read", "tokens", "documents_kept"):
+        assert redone[k] == whole[k], k
+    assert (tmp_path / "a" / "train_00000.bin").read_bytes() == (tmp_path / "b" / "train_00000.bin").read_bytes()
