@@ -69,7 +69,7 @@ from lmforge.tokenizer.core import load_tokenizer
 DEDUP_MODES = ("exact", "near", "none")
 SMALL_FILE = 4 << 20  # local files up to this size are read by the workers themselves
 TASK_BYTES = 1 << 20  # ~text per task
-FILES_TASK_TEXT = 64 << 20  # a worker's group of small (compressed) files that expands past this is streamed
+FILES_TASK_TEXT = 8 << 20  # a worker's group of small (compressed) files expanding past this is streamed
 
 
 @dataclass
