@@ -310,3 +310,24 @@ def test_small_compressed_files_that_expand_hugely_are_streamed_by_the_main_proc
     for k in ("documents_read", "files", "bytes_read", "tokens", "documents_kept"):
         assert redone[k] == whole[k], k
     assert (tmp_path / "a" / "train_00000.bin").read_bytes() == (tmp_path / "b" / "train_00000.bin").read_bytes()
+
+
+def test_cli_truncated_warc_beside_a_good_file_is_one_line_or_skipped_and_named(tmp_path, tok, capsys):
+    """Before: a cut .warc.gz passed with a good file was dropped without a word (exit 0)."""
+    from lmforge.cli import main
+
+    bad = _truncated(tmp_path, ".warc.gz")
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"{s} kept"}) + "\n" for s in SHORT))
+    argv = ["prepare", "--input", str(bad), str(good), "--tokenizer", str(tok), "--out", str(tmp_path / "o"),
+            "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cut.warc.gz" in err[0] and "--skip-bad-files" in err[0], err
+    assert "Traceback" not in err[0] and not (tmp_path / "o").exists()
+    assert main([*argv, "--skip-bad-files", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert [b["file"] for b in report["bad_files"]] == [str(bad)]
+    assert report["documents_kept"] > 5  # the good file, and the pages before the cut (kept, as documented)
+    assert "skipped 1 truncated or corrupt file(s) (--skip-bad-files): cut.warc.gz" in captured.err
