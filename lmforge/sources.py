@@ -83,7 +83,7 @@ class ReadStats:
     web_pages: int = 0
     web_skipped_records: int = 0
     web_no_main_text: int = 0
-    too_large: int = 0  # documents (or .json files) over max_doc_bytes / max_file_bytes, skipped unread
+    too_large: int = 0  # documents (.json files) over max_doc_bytes (max_file_bytes): read, dropped, never held
     bad_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, why): skip_bad_files
 
     def add(self, other: ReadStats) -> None:

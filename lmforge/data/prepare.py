@@ -282,7 +282,7 @@ def _nothing_read(n_paths: int, stats: ReadStats, max_doc_bytes: int, max_file_b
     if stats.too_large:
         parts.append(f"all {stats.too_large:,} document(s) were over --max-doc-bytes={max_doc_bytes:,}"
                      + (f" (or, for .json files, over --max-file-bytes={max_file_bytes:,})"
-                        if max_file_bytes else "") + " and were skipped unread")
+                        if max_file_bytes else "") + " and were skipped (read and dropped, never held whole)")
     if stats.bad_files:
         parts.append(f"{len(stats.bad_files)} truncated or corrupt file(s) were skipped (--skip-bad-files: "
                      + ", ".join(Path(f).name for f, _ in stats.bad_files[:3]) + ")")
@@ -438,7 +438,7 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
                             f"{stats.documents} documents read, {counts['removed_empty']} empty, "
                             f"{counts['removed_short']} shorter than --min-chars={min_chars}, "
                             f"{counts['removed_exact_duplicates']} duplicates"
-                            + (f", {stats.too_large} over --max-doc-bytes={max_doc_bytes} (skipped unread)"
+                            + (f", {stats.too_large} over --max-doc-bytes={max_doc_bytes} (skipped)"
                                if stats.too_large else "")
                             + (f", {len(stats.bad_files)} bad file(s) skipped" if stats.bad_files else "")
                             + (f", {filter_report.documents_in - filter_report.documents_out} removed by the "
