@@ -24,6 +24,7 @@ from lmforge.config import UserError
 
 WARC_SUFFIXES = (".warc", ".wet", ".arc")
 _CHUNK = 1 << 20
+HEADER_LIMIT = 1 << 20  # a record's WARC + HTTP headers: a few hundred bytes in any real archive
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
 
@@ -64,28 +65,36 @@ class _Cut(Exception):
     EOFError from its input for the end of the archive and stops without a word."""
 
 
+class _HeadersTooLong(Exception):
+    """warcio reads headers line by line into memory: a header block over HEADER_LIMIT is refused."""
+
+
 class _Counted:
-    """A read-only stream that counts the bytes read through it (what an archive really held) and turns a
-    decompressor's EOFError into :class:`_Cut`."""
+    """A read-only stream that counts the bytes read through it (what an archive really held), turns a
+    decompressor's EOFError into :class:`_Cut`, and while ``armed`` (warcio parsing a record's headers)
+    refuses to read more than HEADER_LIMIT: warcio would hold a hostile endless header line whole."""
 
     def __init__(self, stream: Any):
         self.stream, self.n = stream, 0
+        self.armed: int | None = None  # self.n when header parsing began
+
+    def _count(self, data: bytes) -> bytes:
+        self.n += len(data)
+        if self.armed is not None and self.n - self.armed > HEADER_LIMIT:
+            raise _HeadersTooLong(f"a record's headers run past {HEADER_LIMIT:,} bytes")
+        return data
 
     def read(self, size: int = -1) -> bytes:
         try:
-            data = self.stream.read(size)
+            return self._count(self.stream.read(size))
         except EOFError as e:
             raise _Cut(str(e)) from None
-        self.n += len(data)
-        return data
 
     def readline(self, size: int = -1) -> bytes:
         try:
-            data = self.stream.readline(size)
+            return self._count(self.stream.readline(size))
         except EOFError as e:
             raise _Cut(str(e)) from None
-        self.n += len(data)
-        return data
 
     def tell(self) -> int:  # warcio keeps record offsets with it
         return self.n
@@ -154,7 +163,13 @@ def iter_warc_pages(stream: BinaryIO, stats: Any, name: str = "input", cap: int 
         seen = counted.n
 
     try:
-        for record in ArchiveIterator(counted, arc2warc=True):
+        records = iter(ArchiveIterator(counted, arc2warc=True))
+        while True:
+            counted.armed = counted.n  # warcio reads the next record's headers (in memory): bounded
+            record = next(records, None)
+            counted.armed = None
+            if record is None:
+                break
             rtype = record.rec_type
             kind = None
             if rtype == "conversion":  # WET: text already extracted by the crawler
@@ -193,6 +208,9 @@ def iter_warc_pages(stream: BinaryIO, stats: Any, name: str = "input", cap: int 
     except _Cut as e:
         count()
         raise bad(f"the compressed data ends early: {e}") from None
+    except _HeadersTooLong as e:
+        count()
+        raise bad(str(e)) from None
     except Exception as e:  # noqa: BLE001 -- warcio.ArchiveLoadFailed, a corrupt gzip, not a WARC at all
         count()
         raise bad(f"{type(e).__name__}: {e}", not_warc=True) from None

@@ -331,3 +331,17 @@ def test_cli_truncated_warc_beside_a_good_file_is_one_line_or_skipped_and_named(
     assert [b["file"] for b in report["bad_files"]] == [str(bad)]
     assert report["documents_kept"] > 5  # the good file, and the pages before the cut (kept, as documented)
     assert "skipped 1 truncated or corrupt file(s) (--skip-bad-files): cut.warc.gz" in captured.err
+
+
+def test_warc_endless_header_line_is_refused_not_held(tmp_path):
+    """warcio reads a record's headers line by line into memory; a header block past 1 MiB is a bad file."""
+    p = tmp_path / "hdr.warc.gz"
+    with gzip.open(p, "wb", compresslevel=1) as f:
+        f.write(_record(b"A plain text page that is kept.", ctype=b"text/plain"))
+        f.write(b"WARC/1.0\r\nWARC-Type: response\r\nX-Junk: ")
+        for _ in range(40):
+            f.write(b"j" * (1 << 20))
+    stats = ReadStats()
+    with pytest.raises(BadInputFile, match=r"hdr\.warc\.gz.*headers run past 1,048,576 bytes"):
+        list(iter_file_documents(str(p), stats=stats))
+    assert stats.bytes < 3 << 20  # stopped soon after the limit, not at the end of the 40 MB line
