@@ -46,10 +46,8 @@ from typing import Any, BinaryIO
 
 from lmforge import web_inputs as web
 from lmforge.config import UserError, loads_bounded
-from lmforge.web_inputs import HTML_SUFFIXES, WARC_SUFFIXES, BadInputFile, read_capped
-
-__all__ = ["BadInputFile"]  # defined beside the WARC reader, which raises it too
-
+from lmforge.web_inputs import HTML_SUFFIXES, WARC_SUFFIXES, BadInputFile, read_capped  # BadInputFile: the
+# WARC reader raises it too; callers import it from here
 
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 # Files picked up when a directory is given (explicit files and globs are always read).
@@ -123,11 +121,6 @@ def _strip_compression(name: str) -> tuple[str, str | None]:
         if low.endswith(ext):
             return name[: -len(ext)], ext
     return name, None
-
-
-def is_compressed(path: str) -> bool:
-    """Whether ``path`` is read through a decompressor (its text size is not its file size)."""
-    return _strip_compression(path)[1] is not None
 
 
 def file_format(path: str) -> str:
@@ -522,8 +515,8 @@ def _iter_jsonl(path: str, fields: list[str], stats: ReadStats, cap: int | None)
             try:
                 rec = loads_bounded(line, f"{path}:{lineno}")
             except json.JSONDecodeError as e:
-                raise BadInputFile(path, f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove the "
-                                   "line") from None
+                raise BadInputFile(path, f"{path}:{lineno} is not valid JSON ({e.msg})",
+                                   "fix or remove the line") from None
             for text in _record_text(rec, fields, f"{path}:{lineno}"):
                 if _doc_over(text, cap):
                     stats.too_large += 1

@@ -33,12 +33,12 @@ class BadInputFile(UserError):
     """A truncated or corrupt input file (any format ``lmforge.sources`` reads); ``prepare --skip-bad-files``
     names it in the report and goes on with the next file. ``reason`` names the file and what is wrong."""
 
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{reason}; fix or remove the file, or pass --skip-bad-files to skip bad files")
-        self.path, self.reason = path, reason
+    def __init__(self, path: str, reason: str, fix: str = "fix or remove the file"):
+        super().__init__(f"{reason}; {fix}, or pass --skip-bad-files to skip bad files")
+        self.path, self.reason, self.fix = path, reason, fix
 
-    def __reduce__(self):  # raised in worker processes: pickled with both arguments
-        return (type(self), (self.path, self.reason))
+    def __reduce__(self):  # raised in worker processes: pickled with its arguments
+        return (type(self), (self.path, self.reason, self.fix))
 
 
 def read_capped(f: Any, cap: int | None) -> tuple[bytes | None, int]:

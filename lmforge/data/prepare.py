@@ -17,10 +17,10 @@ bounded per document too: a document over ``max_doc_bytes`` (a ``.json`` file ov
 dropped while it is read and counted (``skipped_too_large``), and a worker reading a group of small files
 gives up once they expand past ``FILES_TASK_TEXT`` (a small gzip can expand a thousandfold): the main
 process then streams those files itself in ~1 MB tasks, at the same place in the order, so no task holds
-more than about ``FILES_TASK_TEXT + max_doc_bytes`` of text. A truncated or corrupt input is an error naming it, or with
-``skip_bad_files`` is named in the report (``bad_files``). Output is
-built in a temp dir beside ``out_dir`` and renamed into place at the end: a failed run leaves no
-half-written dir (an ``s3://``/``gs://`` ``out_dir`` is built locally, then uploaded, index.json last).
+more than about ``FILES_TASK_TEXT + max_doc_bytes`` of text. A truncated or corrupt input is an error
+naming it, or with ``skip_bad_files`` is named in the report (``bad_files``). Output is built in a temp
+dir beside ``out_dir`` and renamed into place at the end: a failed run leaves no half-written dir (an
+``s3://``/``gs://`` ``out_dir`` is built locally, then uploaded, index.json last).
 """
 
 from __future__ import annotations
