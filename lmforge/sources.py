@@ -46,8 +46,7 @@ from typing import Any, BinaryIO
 
 from lmforge import web_inputs as web
 from lmforge.config import UserError, loads_bounded
-from lmforge.web_inputs import HTML_SUFFIXES, WARC_SUFFIXES, BadInputFile, read_capped  # BadInputFile: the
-# WARC reader raises it too; callers import it from here
+from lmforge.web_inputs import HTML_SUFFIXES, WARC_SUFFIXES, BadInputFile, read_capped
 
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 # Files picked up when a directory is given (explicit files and globs are always read).
@@ -65,6 +64,7 @@ _URL_SIZES: dict[str, int] = {}  # remote object sizes seen while resolving inpu
 MAX_DOC_BYTES = 8 << 20  # prepare's default --max-doc-bytes: web pages and most books fit, a bomb does not
 MAX_FILE_BYTES = 64 << 20  # prepare's default --max-file-bytes: a .json file is parsed whole
 _CHUNK = 1 << 20  # bytes read at a time (decompressed)
+# BadInputFile (a truncated / corrupt input) is defined in web_inputs, whose WARC reader raises it too.
 _ZSTD_FEED = 1 << 10  # compressed bytes per zstd step: at most ~32 MB out (zstd's worst ratio is ~1:32768)
 
 
