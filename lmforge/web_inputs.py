@@ -34,6 +34,7 @@ class BadInputFile(UserError):
     names it in the report and goes on with the next file. ``reason`` names the file and what is wrong."""
 
     def __init__(self, path: str, reason: str, fix: str = "fix or remove the file"):
+        reason = " ".join(reason.split()).rstrip(".")  # library messages (pyarrow's) may span lines: one line
         super().__init__(f"{reason}; {fix}, or pass --skip-bad-files to skip bad files")
         self.path, self.reason, self.fix = path, reason, fix
 
