@@ -4,8 +4,9 @@ document"): real subprocesses, peak RSS from ``wait4``.
 Before the caps, a 58 KB gzip of one 40 MB line peaked at 5.2 GB, a 0.7 MB gzip of one 500 MB line was
 killed by the OOM killer at 19 GB (leaving ``.OUT.tmp*``), and a 763 KB ``.warc.gz`` holding one 300 MB
 HTML record peaked at 5.6 GB, then said "no text left … check --text-field". The bound stated in
-docs/guide/data.md: about 100 MB plus ~170 bytes per byte of the longest document kept, per process, so
-under 1.5 GiB at the default --max-doc-bytes (8 MiB); over-cap documents cost nothing.
+docs/guide/data.md: per process, about 100 MB plus ~170 bytes per byte of the longest document kept (plus
+~5 bytes per byte of a .json file being parsed), so under 2 GiB with the default caps; over-cap documents
+cost nothing.
 """
 
 from __future__ import annotations
