@@ -85,6 +85,7 @@ class TaskConfig:
     max_doc_bytes: int | None = MAX_DOC_BYTES  # longer documents are skipped while read (None: no cap)
     max_file_bytes: int | None = MAX_FILE_BYTES  # .json files (parsed whole) over this are skipped
     skip_bad_files: bool = False  # a truncated / corrupt file is named in the report instead of an error
+    files_task_text: int = FILES_TASK_TEXT  # a group of small files holding more text is handed back
 
     def read(self, path: str, stats: ReadStats) -> Iterator[str]:
         return iter_file_documents(path, self.text_field, self.txt_mode, stats, self.max_doc_bytes,
@@ -131,7 +132,7 @@ def process_task(task: tuple[str, list[str]], cfg: TaskConfig) -> TaskResult:
             for doc in cfg.read(path, res.stats):
                 docs.append(doc)
                 held += len(doc)
-                if held > FILES_TASK_TEXT:  # compressed files that expand hugely: hand them back
+                if held > cfg.files_task_text:  # compressed files that expand hugely: hand them back
                     return TaskResult(redo=list(items))
     else:
         docs = items
@@ -360,7 +361,7 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
     paths = resolve_inputs(inputs, stats, include)
     cfg = TaskConfig(tokenizer_dir, text_field, txt_mode, min_chars, pii, dedup == "near", add_bos,
                      filters=filters, max_doc_bytes=max_doc_bytes or None, max_file_bytes=max_file_bytes or None,
-                     skip_bad_files=skip_bad_files)
+                     skip_bad_files=skip_bad_files, files_task_text=FILES_TASK_TEXT)
 
     staging = Path(tempfile.mkdtemp(prefix="lmforge-prepare-")) if remote_out else None
     if staging is not None:
