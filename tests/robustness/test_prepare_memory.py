@@ -103,7 +103,6 @@ def _no_leftovers(tmp_path: Path, inp: Path) -> None:
     assert inp.name in names and not [n for n in names if n.startswith(".OUT")], names  # no .OUT.tmp* / lock left behind
 
 
-@pytest.mark.slow
 def test_one_500_mb_jsonl_line_in_a_small_gzip_is_skipped_in_bounded_memory(tmp_path, tok):
     inp = tmp_path / "bomb.jsonl.gz"
     _big_line_gz(inp, 500, jsonl=True, good=[])
@@ -118,7 +117,6 @@ def test_one_500_mb_jsonl_line_in_a_small_gzip_is_skipped_in_bounded_memory(tmp_
     _no_leftovers(tmp_path, inp)
 
 
-@pytest.mark.slow
 def test_a_40_mb_text_line_beside_good_lines(tmp_path, tok):
     inp = tmp_path / "bomb.txt.gz"
     _big_line_gz(inp, 40, jsonl=False, good=GOOD)
@@ -131,7 +129,6 @@ def test_a_40_mb_text_line_beside_good_lines(tmp_path, tok):
     _no_leftovers(tmp_path, inp)
 
 
-@pytest.mark.slow
 def test_a_300_mb_html_record_in_a_small_warc_gz(tmp_path, tok):
     inp = tmp_path / "bomb.warc.gz"
     _big_warc_gz(inp, 300)
