@@ -15,6 +15,16 @@ Formats (chosen by file name, after a compression suffix ``.gz``/``.zst``/``.bz2
 ``text_field`` may list alternatives separated by commas (``paragraphs,content``): the first one present
 is used. Everything streams: a file is opened when reached, jsonl/parquet/line-mode text never sit whole
 in memory. Non-UTF-8 bytes are replaced with U+FFFD and counted in :class:`ReadStats`.
+
+Bounds (``max_doc_bytes``, ``max_file_bytes``; ``prepare`` passes its ``--max-doc-bytes`` /
+``--max-file-bytes``): a document (a jsonl line, a text line, block or file, an HTML file, a WARC record's
+payload, a parquet cell) longer than ``max_doc_bytes`` decompressed bytes is skipped and counted in
+``ReadStats.too_large`` *while it is read*: it is read and dropped in chunks of 1 MiB, never held whole; a
+``.json`` file (parsed whole) over ``max_file_bytes`` is skipped the same way. Decompression is streamed
+with bounded output for every codec. A truncated or corrupt file (gzip, zstd, bz2, xz, WARC, parquet,
+JSON) raises :class:`BadInputFile` naming it, or with ``skip_bad_files`` is named in
+``ReadStats.bad_files`` and reading goes on with the next file (the documents read before the damage are
+kept). ``ReadStats.bytes`` counts the decompressed bytes actually read.
 """
 
 from __future__ import annotations
@@ -29,13 +39,14 @@ import io
 import json
 import lzma
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from lmforge import web_inputs as web
 from lmforge.config import UserError, loads_bounded
-from lmforge.web_inputs import HTML_SUFFIXES, WARC_SUFFIXES
+from lmforge.web_inputs import HTML_SUFFIXES, WARC_SUFFIXES, BadInputFile, read_capped
 
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 # Files picked up when a directory is given (explicit files and globs are always read).
@@ -50,6 +61,11 @@ TXT_MODES = ("file", "blank", "line")
 _REPLACEMENT = "\ufffd"
 _REPLACEMENT_BYTES = _REPLACEMENT.encode()
 _URL_SIZES: dict[str, int] = {}  # remote object sizes seen while resolving inputs (s3://, gs://)
+MAX_DOC_BYTES = 8 << 20  # prepare's default --max-doc-bytes: web pages and most books fit, a bomb does not
+MAX_FILE_BYTES = 64 << 20  # prepare's default --max-file-bytes: a .json file is parsed whole
+_CHUNK = 1 << 20  # bytes read at a time (decompressed)
+# BadInputFile (a truncated / corrupt input) is defined in web_inputs, whose WARC reader raises it too.
+_ZSTD_FEED = 1 << 10  # compressed bytes per zstd step: at most ~32 MB out (zstd's worst ratio is ~1:32768)
 
 
 @dataclasses.dataclass
@@ -65,6 +81,8 @@ class ReadStats:
     web_pages: int = 0
     web_skipped_records: int = 0
     web_no_main_text: int = 0
+    too_large: int = 0  # documents (.json files) over max_doc_bytes (max_file_bytes): read, dropped, never held
+    bad_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, why): skip_bad_files
 
     def add(self, other: ReadStats) -> None:
         for f in dataclasses.fields(self):
@@ -274,14 +292,115 @@ def open_binary(path: str) -> BinaryIO:
     if comp == ".gz":
         return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
     if comp in (".zst", ".zstd"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))  # type: ignore
+        return io.BufferedReader(_ZstdReader(raw), _CHUNK)  # type: ignore[return-value]
     if comp == ".bz2":
         return bz2.BZ2File(raw)  # type: ignore[return-value]
     if comp == ".xz":
         return lzma.LZMAFile(raw)  # type: ignore[return-value]
     return raw  # type: ignore[return-value]
+
+
+class _ZstdReader(io.RawIOBase):
+    """zstd frames decompressed with bounded output (small compressed steps) that raise EOFError when the
+    input ends inside a frame: ``zstandard``'s stream reader returns a truncated file's bytes silently."""
+
+    def __init__(self, raw: BinaryIO):
+        import zstandard
+
+        self._zstd, self._raw = zstandard, raw
+        self._dec: Any = None
+        self._in, self._ipos = b"", 0
+        self._out, self._opos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._opos >= len(self._out):
+            if self._ipos >= len(self._in):
+                self._in, self._ipos = self._raw.read(1 << 16), 0
+                if not self._in:
+                    if self._dec is not None and not self._dec.eof:
+                        raise EOFError("zstd data ends inside a frame: the file is truncated")
+                    return 0
+            if self._dec is None or self._dec.eof:
+                self._dec = self._zstd.ZstdDecompressor().decompressobj()
+            piece = self._in[self._ipos:self._ipos + _ZSTD_FEED]
+            self._ipos += len(piece)
+            self._out, self._opos = self._dec.decompress(piece), 0
+            if self._dec.eof and self._dec.unused_data:  # the next frame starts inside this piece
+                self._in, self._ipos = self._dec.unused_data + self._in[self._ipos:], 0
+        n = min(len(b), len(self._out) - self._opos)
+        b[:n] = self._out[self._opos:self._opos + n]
+        self._opos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+# Errors a decompressor or container reader raises on a truncated or corrupt file.
+_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _zstd_error() -> tuple[type[BaseException], ...]:
+    try:
+        import zstandard
+    except ImportError:
+        return ()
+    return (zstandard.ZstdError,)
+
+
+def _bad(path: str, e: BaseException | str) -> BadInputFile:
+    why = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
+    return BadInputFile(path, f"input '{path}' cannot be read: it is truncated or corrupt ({why})")
+
+
+def _lines(f: BinaryIO, cap: int | None, stats: ReadStats) -> Iterator[bytes | None]:
+    """The lines of ``f`` without their ``\\n``, read in chunks; a line over ``cap`` bytes comes out as
+    None after it was read to its end chunk by chunk (never held whole). Counts bytes read."""
+    pending: list[bytes] = []
+    size, over = 0, False
+    while True:
+        chunk = f.read(_CHUNK)
+        if not chunk:
+            break
+        stats.bytes += len(chunk)
+        parts = chunk.split(b"\n")
+        for part in parts[:-1]:  # each ends a line
+            if over or (cap is not None and size + len(part) > cap):
+                yield None
+            else:
+                yield b"".join((*pending, part)) if pending else part
+            pending, size, over = [], 0, False
+        tail = parts[-1]
+        if tail and not over:
+            size += len(tail)
+            if cap is not None and size > cap:
+                pending, over = [], True
+            else:
+                pending.append(tail)
+    if over:
+        yield None
+    elif pending:
+        yield b"".join(pending)
+
+
+def _read_doc(f: BinaryIO, cap: int | None, stats: ReadStats) -> bytes | None:
+    """All of ``f`` (bytes counted), or None when it holds more than ``cap`` bytes (the rest is read and
+    dropped chunk by chunk, so a truncated file still fails)."""
+    data, total = read_capped(f, cap)
+    stats.bytes += total
+    return data
+
+
+def _doc_over(text: str, cap: int | None) -> bool:
+    """Whether the UTF-8 form of ``text`` is over ``cap`` bytes (cheap for short texts)."""
+    if cap is None or len(text) * 4 <= cap:
+        return False
+    return len(text) > cap or len(text.encode("utf-8", errors="replace")) > cap
 
 
 def decode(data: bytes, stats: ReadStats | None = None) -> str:
@@ -344,91 +463,135 @@ def _record_text(rec: Any, fields: list[str], where: str) -> list[str]:
     return [str(value)]
 
 
-def _iter_text(path: str, txt_mode: str, stats: ReadStats) -> Iterator[str]:
-    if txt_mode == "file":
-        data = _read_all(path)
-        stats.bytes += len(data)
-        yield decode(data, stats)
-        return
+def _iter_text(path: str, txt_mode: str, stats: ReadStats, cap: int | None) -> Iterator[str]:
     if txt_mode not in TXT_MODES:
         raise UserError(f"txt mode '{txt_mode}' is not one of {', '.join(TXT_MODES)}")
-    block: list[bytes] = []
-    try:
-        with open_binary(path) as f:
-            for raw in f:
-                stats.bytes += len(raw)
-                if txt_mode == "line":
-                    line = raw.rstrip(b"\r\n")
-                    if line.strip():
-                        yield decode(line, stats)
-                    continue
-                if raw.strip():
-                    block.append(raw)
+    with open_binary(path) as f:
+        if txt_mode == "file":
+            data = _read_doc(f, cap, stats)
+            if data is None:
+                stats.too_large += 1
+            else:
+                yield decode(data, stats)
+            return
+        block: list[bytes] = []
+        size, over = 0, False
+        for line in _lines(f, cap, stats):
+            if txt_mode == "line":
+                if line is None:
+                    stats.too_large += 1
+                elif line.strip():
+                    yield decode(line.rstrip(b"\r"), stats)
+                continue
+            if line is not None and not line.strip():  # a blank line ends the block
+                if over:
+                    stats.too_large += 1
                 elif block:
-                    yield decode(b"".join(block).rstrip(b"\r\n"), stats)
-                    block = []
-    except (OSError, EOFError) as e:
-        raise UserError(f"input '{path}' cannot be read: {type(e).__name__}: {e}") from None
-    if block:
-        yield decode(b"".join(block).rstrip(b"\r\n"), stats)
+                    yield decode(b"\n".join(block).rstrip(b"\r\n"), stats)
+                block, size, over = [], 0, False
+                continue
+            if over:
+                continue
+            size += (cap or 0) + 1 if line is None else len(line) + 1
+            if line is None or (cap is not None and size > cap):
+                block, over = [], True
+            else:
+                block.append(line)
+        if over:
+            stats.too_large += 1
+        elif block:
+            yield decode(b"\n".join(block).rstrip(b"\r\n"), stats)
 
 
-def _iter_jsonl(path: str, fields: list[str], stats: ReadStats) -> Iterator[str]:
-    try:
-        with open_binary(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                stats.bytes += len(raw)
-                if not raw.strip():
-                    continue
-                line = decode(raw, stats)
-                try:
-                    rec = loads_bounded(line, f"{path}:{lineno}")
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove the line") from None
-                yield from _record_text(rec, fields, f"{path}:{lineno}")
-    except (OSError, EOFError) as e:
-        raise UserError(f"input '{path}' cannot be read: {type(e).__name__}: {e}") from None
+def _iter_jsonl(path: str, fields: list[str], stats: ReadStats, cap: int | None) -> Iterator[str]:
+    with open_binary(path) as f:
+        for lineno, raw in enumerate(_lines(f, cap, stats), 1):
+            if raw is None:
+                stats.too_large += 1
+                continue
+            if not raw.strip():
+                continue
+            line = decode(raw, stats)
+            try:
+                rec = loads_bounded(line, f"{path}:{lineno}")
+            except json.JSONDecodeError as e:
+                raise BadInputFile(path, f"{path}:{lineno} is not valid JSON ({e.msg})",
+                                   "fix or remove the line") from None
+            for text in _record_text(rec, fields, f"{path}:{lineno}"):
+                if _doc_over(text, cap):
+                    stats.too_large += 1
+                else:
+                    yield text
 
 
-def _iter_json(path: str, fields: list[str], stats: ReadStats) -> Iterator[str]:
-    data = _read_all(path)
-    stats.bytes += len(data)
+def _iter_json(path: str, fields: list[str], stats: ReadStats, cap: int | None,
+               file_cap: int | None) -> Iterator[str]:
+    with open_binary(path) as f:
+        data = _read_doc(f, file_cap, stats)
+    if data is None:  # parsed whole: a file over the cap is skipped like a too-large document
+        stats.too_large += 1
+        return
     try:
         obj = loads_bounded(decode(data, stats), path, max_chars=None)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        raise BadInputFile(path, f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    del data
     items = obj if isinstance(obj, list) else [obj]
     for i, rec in enumerate(items):
-        yield from _record_text(rec, fields, f"{path} item {i}")
+        for text in _record_text(rec, fields, f"{path} item {i}"):
+            if _doc_over(text, cap):
+                stats.too_large += 1
+            else:
+                yield text
 
 
-def _iter_parquet(path: str, fields: list[str], stats: ReadStats) -> Iterator[str]:
+def _iter_parquet(path: str, fields: list[str], stats: ReadStats, cap: int | None) -> Iterator[str]:
     try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"reading '{path}' needs pyarrow; pip install 'lmforge[parquet]'") from None
+    f = open_binary(path)
     try:
-        f = open_binary(path)
         pf = pq.ParquetFile(f)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{path} is not a readable parquet file: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- pyarrow's ArrowInvalid / ArrowIOError / OSError: not parquet
+        f.close()
+        raise BadInputFile(path, f"{path} is not a readable parquet file: {e}") from None
     names = pf.schema_arrow.names
     col = next((c for c in fields if c in names), None)
     if col is None:
+        f.close()
         raise UserError(f"{path} has no column '{','.join(fields)}' (columns: {', '.join(names[:8])}); "
                         "pass --text-field NAME")
     with f:
-        for batch in pf.iter_batches(columns=[col], batch_size=1024):
-            for v in batch.column(0).to_pylist():
+        batches = pf.iter_batches(columns=[col], batch_size=256)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowException, *_READ_ERRORS) as e:  # a truncated or corrupt page / row group
+                raise _bad(path, e) from None
+            column = batch.column(0)
+            if cap is not None and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                                    or pa.types.is_binary(column.type)):
+                over = pc.fill_null(pc.greater(pc.binary_length(column), cap), False)
+                n_over = pc.sum(over).as_py() or 0
+                if n_over:  # dropped before they become Python strings
+                    stats.too_large += n_over
+                    column = pc.filter(column, pc.invert(over))
+            for v in column.to_pylist():
                 text = "" if v is None else v if isinstance(v, str) else "\n".join(map(str, v)) \
                     if isinstance(v, list) else str(v)
+                if _doc_over(text, cap):
+                    stats.too_large += 1
+                    continue
                 stats.bytes += len(text.encode("utf-8", errors="replace"))
                 yield text
 
 
-def _iter_hf(spec: str, fields: list[str], stats: ReadStats) -> Iterator[str]:
+def _iter_hf(spec: str, fields: list[str], stats: ReadStats, cap: int | None) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
@@ -445,53 +608,79 @@ def _iter_hf(spec: str, fields: list[str], stats: ReadStats) -> Iterator[str]:
         raise UserError(f"dataset '{spec}' cannot be loaded: {type(e).__name__}: {e}") from None
     for i, rec in enumerate(ds):
         for text in _record_text(rec, fields, f"{spec} row {i}"):
+            if _doc_over(text, cap):
+                stats.too_large += 1
+                continue
             stats.bytes += len(text.encode("utf-8", errors="replace"))
             yield text
 
 
-def _iter_web(path: str, fmt: str, stats: ReadStats) -> Iterator[str]:
-    if fmt == "html":
-        yield from web.html_page(_read_all(path), stats)
-        return
-    try:
-        with open_binary(path) as f:
-            yield from web.iter_warc_pages(f, stats, path)
-    except OSError as e:
-        raise UserError(f"input '{path}' cannot be read: {type(e).__name__}: {e}") from None
+def _iter_web(path: str, fmt: str, stats: ReadStats, cap: int | None) -> Iterator[str]:
+    with open_binary(path) as f:
+        if fmt == "html":
+            data = _read_doc(f, cap, stats)
+            if data is None:
+                stats.too_large += 1
+                return
+            yield from web.html_page(data, stats)
+            return
+        yield from web.iter_warc_pages(f, stats, path, cap)
 
 
 def iter_file_documents(path: str, text_field: str = "text", txt_mode: str = "file",
-                        stats: ReadStats | None = None) -> Iterator[str]:
-    """Documents of one resolved input, in order."""
+                        stats: ReadStats | None = None, max_doc_bytes: int | None = None,
+                        max_file_bytes: int | None = None, skip_bad_files: bool = False) -> Iterator[str]:
+    """Documents of one resolved input, in order.
+
+    ``max_doc_bytes`` / ``max_file_bytes`` (None: no cap) skip and count over-long documents and ``.json``
+    files while reading (``stats.too_large``). A truncated or corrupt file raises :class:`BadInputFile`;
+    with ``skip_bad_files`` it is recorded in ``stats.bad_files`` instead and its remaining documents are
+    not read.
+    """
     stats = stats if stats is not None else ReadStats()
     fields = _fields(text_field)
     fmt = file_format(path)
     stats.files += 1
     if fmt == "jsonl":
-        it = _iter_jsonl(path, fields, stats)
+        it = _iter_jsonl(path, fields, stats, max_doc_bytes)
     elif fmt == "json":
-        it = _iter_json(path, fields, stats)
+        it = _iter_json(path, fields, stats, max_doc_bytes, max_file_bytes)
     elif fmt == "parquet":
-        it = _iter_parquet(path, fields, stats)
+        it = _iter_parquet(path, fields, stats, max_doc_bytes)
     elif fmt == "hf":
-        it = _iter_hf(path, fields, stats)
+        it = _iter_hf(path, fields, stats, max_doc_bytes)
     elif fmt in ("warc", "html"):
-        it = _iter_web(path, fmt, stats)
+        it = _iter_web(path, fmt, stats, max_doc_bytes)
     else:
-        it = _iter_text(path, txt_mode, stats)
-    for doc in it:
-        stats.documents += 1
-        yield doc
+        it = _iter_text(path, txt_mode, stats, max_doc_bytes)
+    try:
+        for doc in it:
+            stats.documents += 1
+            yield doc
+    except BadInputFile as e:
+        if not skip_bad_files:
+            raise
+        stats.bad_files.append((path, e.reason))
+    except UserError:
+        raise
+    except (*_READ_ERRORS, *_zstd_error()) as e:  # truncated gzip / bz2 / xz / zstd, unreadable bytes
+        if not skip_bad_files:
+            raise _bad(path, e) from None
+        stats.bad_files.append((path, _bad(path, e).reason))
 
 
 def iter_documents(inputs: list[str] | str, text_field: str = "text", txt_mode: str = "file",
-                   stats: ReadStats | None = None, include: list[str] | str | None = None) -> Iterator[str]:
-    """All documents of all inputs, in a deterministic order."""
+                   stats: ReadStats | None = None, include: list[str] | str | None = None,
+                   max_doc_bytes: int | None = None, max_file_bytes: int | None = None,
+                   skip_bad_files: bool = False) -> Iterator[str]:
+    """All documents of all inputs, in a deterministic order (caps and ``skip_bad_files`` as in
+    :func:`iter_file_documents`)."""
     stats = stats if stats is not None else ReadStats()
     if txt_mode not in TXT_MODES:
         raise UserError(f"txt mode '{txt_mode}' is not one of {', '.join(TXT_MODES)}")
     for path in resolve_inputs(inputs, stats, include):
-        yield from iter_file_documents(path, text_field, txt_mode, stats)
+        yield from iter_file_documents(path, text_field, txt_mode, stats, max_doc_bytes, max_file_bytes,
+                                       skip_bad_files)
 
 
 def file_size(path: str) -> int | None:

@@ -28,6 +28,14 @@ def add_arguments(p) -> None:
                    help="text files: one document per file (default), per blank-line block or per line")
     p.add_argument("--include", default=None, help="file-name patterns read inside input dirs, e.g. '*.py,*.txt'")
     p.add_argument("--min-chars", type=int, default=16, help="drop shorter documents")
+    p.add_argument("--max-doc-bytes", type=int, default=8 << 20, metavar="N",
+                   help="skip (and count) documents longer than N decompressed bytes, never loading them whole "
+                        "(default 8 MiB; 0: no cap)")
+    p.add_argument("--max-file-bytes", type=int, default=64 << 20, metavar="N",
+                   help="skip (and count) .json files longer than N bytes; they are parsed whole "
+                        "(default 64 MiB; 0: no cap)")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="skip truncated or corrupt input files (named in the report) instead of stopping")
     p.add_argument("--pii", action="store_true", help="replace e-mail addresses and phone numbers")
     p.add_argument("--add-bos", action="store_true", help="start every document with BOS")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
@@ -71,13 +79,16 @@ def run(args) -> int:
                 dedup=args.dedup, seed=args.seed, text_field=args.text_field, min_chars=args.min_chars,
                 txt_mode=args.txt_mode, pii=args.pii, shard_tokens=args.shard_tokens, add_bos=args.add_bos,
                 overwrite=args.overwrite, progress=not args.no_progress, include=args.include, filters=filters,
-                engine=args.engine, ray_address=args.ray_address)
+                engine=args.engine, ray_address=args.ray_address, max_doc_bytes=args.max_doc_bytes,
+                max_file_bytes=args.max_file_bytes, skip_bad_files=args.skip_bad_files)
     removed = r["removed_exact_duplicates"] + r["removed_near_duplicates"]
     summary = (f"{r['tokens']:,} tokens ({r['train_tokens']:,} train / {r['val_tokens']:,} val) from "
                f"{r['documents_kept']:,} of {r['documents_read']:,} documents "
                f"({removed:,} duplicates, {r['removed_short'] + r['removed_empty']:,} empty/short removed"
                + (f", {r['filters']['documents_in'] - r['filters']['documents_out']:,} filtered" if "filters" in r
-                  else "") + ") "
-               f"in {r['seconds']:.1f}s, {r['mb_per_s']:.2f} MB/s -> {args.out}")
+                  else "")
+               + (f", {r['skipped_too_large']:,} too large skipped" if r["skipped_too_large"] else "")
+               + (f", {len(r['bad_files'])} bad file(s) skipped" if r["bad_files"] else "")
+               + f") in {r['seconds']:.1f}s, {r['mb_per_s']:.2f} MB/s -> {args.out}")
     emit(args, summary, {"out": args.out, **r})
     return 0

@@ -12,9 +12,15 @@ document for exact dedup and ~0.6 KB for near dedup):
 3. the main process takes results *in task order*, drops exact and near duplicates, assigns each
    document to train/val from (seed, text hash), and appends its tokens + EOS to the split's shard.
 
-So shards are byte-identical whatever ``workers`` and the engine are, and dedup is corpus-wide. Output is
-built in a temp dir beside ``out_dir`` and renamed into place at the end: a failed run leaves no
-half-written dir (an ``s3://``/``gs://`` ``out_dir`` is built locally, then uploaded, index.json last).
+So shards are byte-identical whatever ``workers`` and the engine are, and dedup is corpus-wide. Memory is
+bounded per document too: a document over ``max_doc_bytes`` (a ``.json`` file over ``max_file_bytes``) is
+dropped while it is read and counted (``skipped_too_large``), and a worker reading a group of small files
+gives up once they expand past ``FILES_TASK_TEXT`` (a small gzip can expand a thousandfold): the main
+process then streams those files itself in ~1 MB tasks, at the same place in the order, so no task holds
+more than about ``FILES_TASK_TEXT + max_doc_bytes`` of text. A truncated or corrupt input is an error
+naming it, or with ``skip_bad_files`` is named in the report (``bad_files``). Output is built in a temp
+dir beside ``out_dir`` and renamed into place at the end: a failed run leaves no half-written dir (an
+``s3://``/``gs://`` ``out_dir`` is built locally, then uploaded, index.json last).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ from lmforge.data.shards import FORMAT, INDEX_NAME, dtype_for_vocab
 from lmforge.interrupts import sigterm_raises
 from lmforge.lock import acquire, output_lock_path
 from lmforge.sources import (
+    MAX_DOC_BYTES,
+    MAX_FILE_BYTES,
     TXT_MODES,
     ReadStats,
     file_format,
@@ -61,6 +69,7 @@ from lmforge.tokenizer.core import load_tokenizer
 DEDUP_MODES = ("exact", "near", "none")
 SMALL_FILE = 4 << 20  # local files up to this size are read by the workers themselves
 TASK_BYTES = 1 << 20  # ~text per task
+FILES_TASK_TEXT = 8 << 20  # a worker's group of small (compressed) files expanding past this is streamed
 
 
 @dataclass
@@ -73,6 +82,14 @@ class TaskConfig:
     near: bool = False
     add_bos: bool = False
     filters: FilterSpec | None = None  # web filters (lmforge.data.doc_filters): language, quality, decontamination
+    max_doc_bytes: int | None = MAX_DOC_BYTES  # longer documents are skipped while read (None: no cap)
+    max_file_bytes: int | None = MAX_FILE_BYTES  # .json files (parsed whole) over this are skipped
+    skip_bad_files: bool = False  # a truncated / corrupt file is named in the report instead of an error
+    files_task_text: int = FILES_TASK_TEXT  # a group of small files holding more text is handed back
+
+    def read(self, path: str, stats: ReadStats) -> Iterator[str]:
+        return iter_file_documents(path, self.text_field, self.txt_mode, stats, self.max_doc_bytes,
+                                   self.max_file_bytes, self.skip_bad_files)
 
 
 @dataclass
@@ -88,6 +105,7 @@ class TaskResult:
     chars: int = 0
     stats: ReadStats = field(default_factory=ReadStats)
     filters: FilterReport | None = None  # counts of the web filters (doc_filters), when on
+    redo: list[str] | None = None  # files that expanded past FILES_TASK_TEXT: the main process streams them
 
 
 _WORKER: dict[str, Any] = {}
@@ -109,8 +127,13 @@ def process_task(task: tuple[str, list[str]], cfg: TaskConfig) -> TaskResult:
     kind, items = task
     if kind == "files":
         docs: list[str] = []
+        held = 0
         for path in items:
-            docs.extend(iter_file_documents(path, cfg.text_field, cfg.txt_mode, res.stats))
+            for doc in cfg.read(path, res.stats):
+                docs.append(doc)
+                held += len(doc)
+                if held > cfg.files_task_text:  # compressed files that expand hugely: hand them back
+                    return TaskResult(redo=list(items))
     else:
         docs = items
     kept: list[str] = []
@@ -212,18 +235,23 @@ def _tasks(paths: list[str], cfg: TaskConfig, stats: ReadStats) -> Iterator[tupl
         if group:
             yield "files", group
             group, group_bytes = [], 0
-        batch: list[str] = []
-        batch_bytes = 0
-        for doc in iter_file_documents(path, cfg.text_field, cfg.txt_mode, stats):
-            batch.append(doc)
-            batch_bytes += len(doc)
-            if batch_bytes >= TASK_BYTES:
-                yield "docs", batch
-                batch, batch_bytes = [], 0
-        if batch:
-            yield "docs", batch
+        yield from _doc_tasks(path, cfg, stats)
     if group:
         yield "files", group
+
+
+def _doc_tasks(path: str, cfg: TaskConfig, stats: ReadStats) -> Iterator[tuple[str, list[str]]]:
+    """One file read here (the main process) and cut into tasks of ~TASK_BYTES of documents."""
+    batch: list[str] = []
+    batch_bytes = 0
+    for doc in cfg.read(path, stats):
+        batch.append(doc)
+        batch_bytes += len(doc)
+        if batch_bytes >= TASK_BYTES:
+            yield "docs", batch
+            batch, batch_bytes = [], 0
+    if batch:
+        yield "docs", batch
 
 
 class _Progress:
@@ -249,6 +277,20 @@ class _Progress:
             info(line)
 
 
+def _nothing_read(n_paths: int, stats: ReadStats, max_doc_bytes: int, max_file_bytes: int) -> str:
+    """Why no document at all came out of the inputs: every one was too large, or every file was bad."""
+    parts = []
+    if stats.too_large:
+        parts.append(f"all {stats.too_large:,} document(s) were over --max-doc-bytes={max_doc_bytes:,}"
+                     + (f" (or, for .json files, over --max-file-bytes={max_file_bytes:,})"
+                        if max_file_bytes else "") + " and were skipped (read and dropped, never held whole)")
+    if stats.bad_files:
+        parts.append(f"{len(stats.bad_files)} truncated or corrupt file(s) were skipped (--skip-bad-files: "
+                     + ", ".join(Path(f).name for f, _ in stats.bad_files[:3]) + ")")
+    fix = "raise --max-doc-bytes (0: no cap) to keep them" if stats.too_large else "repair the inputs"
+    return f"no text left to write from {n_paths} input file(s): " + "; ".join(parts) + f"; {fix}"
+
+
 def _refuse_existing(out: Path, out_dir: str | os.PathLike, overwrite: bool) -> None:
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output '{out_dir}' already exists; pass --overwrite or choose another --out")
@@ -263,7 +305,8 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
             shard_tokens: int = 1 << 28, add_bos: bool = False, near_threshold: float = 0.8,
             overwrite: bool = False, progress: bool = True,
             include: list[str] | str | None = None, filters: FilterSpec | None = None,
-            engine: str = "local", ray_address: str | None = None) -> dict[str, Any]:
+            engine: str = "local", ray_address: str | None = None, max_doc_bytes: int = MAX_DOC_BYTES,
+            max_file_bytes: int = MAX_FILE_BYTES, skip_bad_files: bool = False) -> dict[str, Any]:
     """Tokenize ``inputs`` into a token-shard dir at ``out_dir``; returns the report (also in index.json).
 
     ``txt_mode``: ``file`` (one document per text file, e.g. source code), ``blank`` (blank-line-separated
@@ -276,6 +319,10 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
     ``engine``: where the tasks run, ``local`` (``workers`` processes here) or ``ray`` (Ray tasks on a local
     cluster, or the one at ``ray_address``); the shards are byte-identical either way. ``out_dir`` may be an
     ``s3://``/``gs://`` URL: the dir is built locally, then uploaded with ``index.json`` last.
+    ``max_doc_bytes`` (0: no cap): documents longer than this many (decompressed) bytes are skipped while
+    read and counted in ``skipped_too_large``; ``max_file_bytes`` (0: no cap) the same for ``.json`` files,
+    which are parsed whole. A truncated or corrupt input file is a UserError naming it; with
+    ``skip_bad_files`` it is named in the report's ``bad_files`` and the run goes on.
     """
     t0 = time.perf_counter()
     if dedup not in DEDUP_MODES:
@@ -292,6 +339,9 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
         raise UserError(f"shard_tokens={shard_tokens} must be positive")
     if min_chars < 0:
         raise UserError(f"--min-chars={min_chars} must be >= 0")
+    for flag, value in (("--max-doc-bytes", max_doc_bytes), ("--max-file-bytes", max_file_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{flag}={value!r} must be a whole number of bytes >= 0 (0: no cap)")
     refuse_symlink_loop(out_dir, "--out")
     remote_out = is_remote(out_dir)  # built in a local staging dir, then uploaded, index.json last
     if remote_out:
@@ -310,7 +360,8 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
     stats = ReadStats()
     paths = resolve_inputs(inputs, stats, include)
     cfg = TaskConfig(tokenizer_dir, text_field, txt_mode, min_chars, pii, dedup == "near", add_bos,
-                     filters=filters)
+                     filters=filters, max_doc_bytes=max_doc_bytes or None, max_file_bytes=max_file_bytes or None,
+                     skip_bad_files=skip_bad_files, files_task_text=FILES_TASK_TEXT)
 
     staging = Path(tempfile.mkdtemp(prefix="lmforge-prepare-")) if remote_out else None
     if staging is not None:
@@ -362,6 +413,11 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
             bar.update(docs, toks, stats.bytes)
 
         for res in runner.map_ordered(process_task, _tasks(paths, cfg, stats), cfg):
+            if res.redo:  # small files that expanded past FILES_TASK_TEXT: streamed here, in their place
+                for path in res.redo:
+                    for task in _doc_tasks(path, cfg, stats):
+                        consume(process_task(task, cfg))
+                continue
             consume(res)
         runner.close()
         ran_on = runner.describe()
@@ -375,11 +431,17 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
         if val_fraction > 0 and (splits["val"]["documents"] == 0 or splits["train"]["documents"] == 0):
             held_out = hold_out_tail(tmp, splits, val_fraction, dtype, tok.eos_id)
         n_docs = splits["train"]["documents"] + splits["val"]["documents"]
+        if n_docs == 0 and held_out == 0 and stats.documents == 0 and (stats.too_large or stats.bad_files):
+            any_json = any(file_format(p) == "json" for p in paths)
+            raise UserError(_nothing_read(len(paths), stats, max_doc_bytes, max_file_bytes if any_json else 0))
         if n_docs == 0 and held_out == 0:
             raise UserError(f"no text left to write from {len(paths)} input file(s): "
                             f"{stats.documents} documents read, {counts['removed_empty']} empty, "
                             f"{counts['removed_short']} shorter than --min-chars={min_chars}, "
                             f"{counts['removed_exact_duplicates']} duplicates"
+                            + (f", {stats.too_large} over --max-doc-bytes={max_doc_bytes} (skipped)"
+                               if stats.too_large else "")
+                            + (f", {len(stats.bad_files)} bad file(s) skipped" if stats.bad_files else "")
                             + (f", {filter_report.documents_in - filter_report.documents_out} removed by the "
                                "language/quality/decontamination filters (see --lang, --quality)"
                                if filters is not None else "")
@@ -390,7 +452,8 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
         tokens_total = splits["train"]["tokens"] + splits["val"]["tokens"]
         report: dict[str, Any] = {
             "files": stats.files, "skipped_files": stats.skipped_files, "skipped": stats.skipped[:20],
-            "documents_read": stats.documents,
+            "documents_read": stats.documents, "skipped_too_large": stats.too_large,
+            "bad_files": [{"file": f, "error": why} for f, why in stats.bad_files],
             "bytes_read": stats.bytes, "invalid_utf8_documents": stats.invalid_utf8_documents,
             "replaced_chars": stats.replaced_chars, "removed_empty": counts["removed_empty"],
             "removed_short": counts["removed_short"],
@@ -420,6 +483,16 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
             names = ", ".join(Path(n).name for n in stats.skipped[:5]) + (" …" if len(stats.skipped) > 5 else "")
             info(f"prepare: skipped {len(stats.skipped)} file(s) in input directories that are not text data "
                  f"({names}); name them with --include to read them")
+        if stats.too_large:
+            info(f"prepare: skipped {stats.too_large:,} document(s) over --max-doc-bytes={max_doc_bytes:,}"
+                 + (f" (or .json files over --max-file-bytes={max_file_bytes:,})"
+                    if max_file_bytes and any(file_format(p) == "json" for p in paths) else "")
+                 + " without holding them whole; raise the cap to keep them")
+        if stats.bad_files:
+            names = ", ".join(Path(f).name for f, _ in stats.bad_files[:5]) + (
+                " …" if len(stats.bad_files) > 5 else "")
+            info(f"warning: skipped {len(stats.bad_files)} truncated or corrupt file(s) (--skip-bad-files): {names}"
+                 "; the report's bad_files says why")
         if held_out:
             report["val_held_out_tokens"] = held_out
             info(f"prepare: {n_docs} document(s) are too few to hold out whole ones for --val-fraction="
@@ -440,7 +513,9 @@ def prepare(inputs: list[str] | str, tokenizer_dir: str | os.PathLike, out_dir: 
                        "val_fraction": val_fraction, "dedup": dedup, "seed": seed, "text_field": text_field,
                        "txt_mode": txt_mode, "min_chars": min_chars, "pii": pii, "add_bos": add_bos,
                        "near_threshold": near_threshold, "shard_tokens": shard_tokens, **ran_on,
-                       "include": include, "filters": filters.as_dict() if filters is not None else None},
+                       "include": include, "filters": filters.as_dict() if filters is not None else None,
+                       "max_doc_bytes": max_doc_bytes, "max_file_bytes": max_file_bytes,
+                       "skip_bad_files": skip_bad_files},
             "lmforge_version": __version__,
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False))
