@@ -18,7 +18,7 @@ transformers.logging.disable_progress_bar()
 from lmforge.artifacts.gguf import export_gguf
 from lmforge.artifacts.gguf.tensors import halves_to_pairs
 from lmforge.artifacts.hf.convert import export_hf, import_hf, read_hf_weights
-from lmforge.artifacts.model_dir import load_model_dir, load_weights, save_model_dir
+from lmforge.artifacts.model_dir import load_model_dir, save_model_dir
 from lmforge.config import UserError
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import build_model
