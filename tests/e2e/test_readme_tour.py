@@ -49,7 +49,7 @@ def tour(tmp_path_factory):
     root = tmp_path_factory.mktemp("tour")
     # On a machine busier than when the quickstart timed its step, its time guard stops the run with a
     # checkpoint (exit 124) and, as the README says, running it again continues where it stopped.
-    for _ in range(4):
+    for _ in range(10):  # each try trains >= 3 minutes' worth before its guard; 20 steps take ~15 s when idle
         qs = lmforge("quickstart", "--out", str(root / "qs"), "--minutes", "0.1", "--preset", "tiny",
                      "--data-mb", "1.5", ok=(0, 124))
         if qs["exit_code"] == 0:
