@@ -2,8 +2,9 @@
 
 Llama and Mistral shapes become llama.cpp's ``llama`` graph (q/k rows permuted, see ``tensors``), Qwen2
 (biases on q/k/v) its ``qwen2`` graph, a squared-ReLU MLP (``activation: relu2``, the quickstart's) its
-``arcee`` graph (llama's, with a non-gated relu² MLP). The output is a directory holding ``model-<dtype>.gguf`` and an
-Ollama ``Modelfile`` that points at it; the directory appears whole or not at all.
+``arcee`` graph (llama's, with a non-gated relu² MLP). The output is a directory holding
+``model-<dtype>.gguf`` and an Ollama ``Modelfile`` that points at it; the directory appears whole or not at
+all.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ RoPE layout: lmforge (like Hugging Face) rotates the two halves of each head, ``
 ``llama`` graph of llama.cpp rotates adjacent pairs ``(x_{2i}, x_{2i+1})`` (``LLAMA_ROPE_TYPE_NORM``). So, as
 llama.cpp's own ``convert_hf_to_gguf.py`` does, the rows of ``wq`` / ``wk`` (and their biases) are
 reordered per head from ``[0 .. d/2-1 | d/2 .. d-1]`` to ``[0, d/2, 1, d/2+1, …]``: the dot products,
-hence the logits, are unchanged (the ``arcee`` graph rotates like ``llama``). The ``qwen2`` graph rotates halves (``NEOX``) and takes the rows as they
-are.
+hence the logits, are unchanged (the ``arcee`` graph rotates like ``llama``). The ``qwen2`` graph rotates
+halves (``NEOX``) and takes the rows as they are.
 """
 
 from __future__ import annotations
