@@ -508,7 +508,8 @@ class Trainer:
         self.metrics.write({"kind": "event", "step": self.step, "event": "resume" if self.resume_from else "start",
                             "total_steps": self.total_steps, "time": time.time()})
         self.progress = Progress(self.total_steps, enabled=cfg.log.progress and world.is_main, every=cfg.log.interval)
-        self.meter = ThroughputMeter(self.flops_per_token, peak, world.world_size)
+        self.meter = ThroughputMeter(self.flops_per_token, peak, world.world_size, remeasure=lambda: peak_flops(
+            self.device, cfg.train.precision, cfg.log.peak_tflops)[0])  # raised when a window beats the peak
         self.t_start = time.perf_counter()
         return peak
 

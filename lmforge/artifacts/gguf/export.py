@@ -1,8 +1,10 @@
 """Write an lmforge model dir as a GGUF file (llama.cpp, Ollama, LM Studio, transformers' GGUF loader).
 
 Llama and Mistral shapes become llama.cpp's ``llama`` graph (q/k rows permuted, see ``tensors``), Qwen2
-(biases on q/k/v) its ``qwen2`` graph. The output is a directory holding ``model-<dtype>.gguf`` and an
-Ollama ``Modelfile`` that points at it; the directory appears whole or not at all.
+(biases on q/k/v) its ``qwen2`` graph, a squared-ReLU MLP (``activation: relu2``, the quickstart's) its
+``arcee`` graph (llama's, with a non-gated relu² MLP). The output is a directory holding
+``model-<dtype>.gguf`` and an Ollama ``Modelfile`` that points at it; the directory appears whole or not at
+all.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ _EXPRESSED = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_di
 
 
 def gguf_architecture(cfg: ModelConfig) -> str:
-    """``llama`` or ``qwen2``; a UserError naming what does not fit otherwise."""
-    if not (cfg.causal and cfg.lm_head and cfg.pos_encoding == "rope" and cfg.activation == "swiglu"
+    """``llama``, ``qwen2`` or (a squared-ReLU MLP) ``arcee``; a UserError naming what does not fit otherwise."""
+    if not (cfg.causal and cfg.lm_head and cfg.pos_encoding == "rope" and cfg.activation in ("swiglu", "relu2")
             and cfg.norm == "rmsnorm" and cfg.norm_position == "pre" and cfg.final_norm
             and not cfg.embedding_norm and not cfg.type_vocab_size and not cfg.embed_scale):
-        raise UserError("GGUF export needs a Llama-family decoder (causal, pre-norm RMSNorm, SwiGLU, RoPE, LM head); "
+        raise UserError("GGUF export needs a Llama-family decoder (causal, pre-norm RMSNorm, SwiGLU or squared-ReLU "
+                        "MLP, RoPE, LM head); "
                         "export other shapes with --format hf")
     if cfg.bias:
         raise UserError("this model has biases on every linear layer, which llama.cpp's llama graph does not "
@@ -47,6 +50,11 @@ def gguf_architecture(cfg: ModelConfig) -> str:
     if extra:
         raise UserError(f"model option(s) {', '.join('model.' + k for k in extra)} have no GGUF (llama/qwen2) "
                         "equivalent; a GGUF file needs a model trained without them")
+    if cfg.activation == "relu2":
+        if cfg.qkv_bias or cfg.sliding_window is not None:
+            raise UserError("llama.cpp's arcee graph (squared-ReLU MLP) has no q/k/v-only biases or sliding window; "
+                            "a GGUF file needs a model trained without them")
+        return "arcee"
     return "qwen2" if cfg.qkv_bias else "llama"
 
 
@@ -140,12 +148,12 @@ def export_gguf(model_dir, out, dtype: str = "f16", tokenizer=None, add_bos: boo
             counts["f32"] = counts.get("f32", 0) + 1
         n_params = 0
         for key in sorted(sd, key=_tensor_order):
-            t = to_gguf_layout(key, sd[key], cfg, permute_qk=arch == "llama")
+            t = to_gguf_layout(key, sd[key], cfg, permute_qk=arch in ("llama", "arcee"))
             n_params += t.numel()
             data, raw = encode(t, dtype)
             kind = raw.name.lower() if raw is not None else ("f16" if data.dtype.itemsize == 2 else "f32")
             counts[kind] = counts.get(kind, 0) + 1
-            w.add_tensor(gguf_name(key), data, raw_dtype=raw)
+            w.add_tensor(gguf_name(key, arch), data, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

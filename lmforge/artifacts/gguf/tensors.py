@@ -4,8 +4,8 @@ RoPE layout: lmforge (like Hugging Face) rotates the two halves of each head, ``
 ``llama`` graph of llama.cpp rotates adjacent pairs ``(x_{2i}, x_{2i+1})`` (``LLAMA_ROPE_TYPE_NORM``). So, as
 llama.cpp's own ``convert_hf_to_gguf.py`` does, the rows of ``wq`` / ``wk`` (and their biases) are
 reordered per head from ``[0 .. d/2-1 | d/2 .. d-1]`` to ``[0, d/2, 1, d/2+1, …]``: the dot products,
-hence the logits, are unchanged. The ``qwen2`` graph rotates halves (``NEOX``) and takes the rows as they
-are.
+hence the logits, are unchanged (the ``arcee`` graph rotates like ``llama``). The ``qwen2`` graph rotates
+halves (``NEOX``) and takes the rows as they are.
 """
 
 from __future__ import annotations
@@ -35,18 +35,23 @@ _NAMES = {
     "layers.{i}.feed_forward.w3": "blk.{i}.ffn_up",
     "layers.{i}.feed_forward.w2": "blk.{i}.ffn_down",
 }
+# llama.cpp's ``arcee`` graph (the squared-ReLU Llama): a non-gated MLP, ffn_down(relu(ffn_up x)²), so the
+# relu2 MLP's w1 is the up projection there (in the llama graph w1 is the SwiGLU gate).
+_ARCEE_NAMES = {**_NAMES, "layers.{i}.feed_forward.w1": "blk.{i}.ffn_up"}
+del _ARCEE_NAMES["layers.{i}.feed_forward.w3"]
 Q8_BLOCK = 32  # values per q8_0 block (one f16 scale + 32 int8)
 
 
-def gguf_name(lm_key: str) -> str:
-    """``layers.3.attention.wq.weight`` -> ``blk.3.attn_q.weight``."""
+def gguf_name(lm_key: str, arch: str = "llama") -> str:
+    """``layers.3.attention.wq.weight`` -> ``blk.3.attn_q.weight`` (``arch``: the GGUF graph)."""
+    names = _ARCEE_NAMES if arch == "arcee" else _NAMES
     module, _, param = lm_key.rpartition(".")
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", module)
     template = f"layers.{{i}}.{m.group(2)}" if m else module
-    if template not in _NAMES:
+    if template not in names:
         raise UserError(f"lmforge tensor '{lm_key}' has no GGUF (llama.cpp) equivalent; GGUF export supports "
                         "Llama / Mistral / Qwen2-shaped decoders")
-    return f"{_NAMES[template].format(i=m.group(1) if m else '')}.{param}"
+    return f"{names[template].format(i=m.group(1) if m else '')}.{param}"
 
 
 def halves_to_pairs(t: torch.Tensor, n_heads: int) -> torch.Tensor:

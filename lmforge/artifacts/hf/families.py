@@ -362,28 +362,28 @@ def family_for_model_config(cfg: ModelConfig) -> Family:
     if cfg.pos_encoding == "learned":
         return FAMILIES["gpt2"]
     if cfg.pos_encoding == "rope":
+        if cfg.activation == "relu2":  # a non-gated squared-ReLU MLP: Arcee (registered by lmforge.artifacts.hf)
+            return FAMILIES["arcee"]
         if cfg.qkv_bias and not cfg.bias:
             return FAMILIES["qwen2"]
         if cfg.sliding_window is not None:
             return FAMILIES["mistral"]
         return FAMILIES["llama"]
     raise UserError(f"a model with pos_encoding='{cfg.pos_encoding}' has no Hugging Face equivalent; export "
-                    "supports Llama/Mistral/Qwen2 (rope), GPT-2 (learned, causal) and BERT (encoder) shapes")
+                    "supports Llama/Mistral/Qwen2/Arcee (rope), GPT-2 (learned, causal) and BERT (encoder) shapes")
 
 
 def require_hf_expressible(cfg: ModelConfig) -> None:
-    """Refuse the recipe options no exported family computes (Llama/Mistral/Qwen2/GPT-2/BERT would load the
-    weights and silently run a different model)."""
+    """Refuse the recipe options no exported family computes (Llama/Mistral/Qwen2/Arcee/GPT-2/BERT would load
+    the weights and silently run a different model). A squared-ReLU MLP exports as Arcee."""
     options = []
     if cfg.qk_norm:
         options.append("model.qk_norm=true")
     if cfg.logit_softcap is not None:
         options.append(f"model.logit_softcap={cfg.logit_softcap:g}")
-    if cfg.activation == "relu2":
-        options.append("model.activation=relu2")
     if options:
         raise UserError(f"this model uses {', '.join(options)}, which the Hugging Face families lmforge exports "
-                        "(llama, mistral, qwen2, gpt2, bert) cannot express; use it with lmforge's own commands "
+                        "(llama, mistral, qwen2, arcee, gpt2, bert) cannot express; use it with lmforge's own commands "
                         "(generate, eval, serve), or train without these options to export")
 
 
