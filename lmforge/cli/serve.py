@@ -20,9 +20,16 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before answering 429")
     p.add_argument("--max-context", type=int, default=None,
-                   help="tokens per sequence, prompt + reply; the KV cache holds --max-batch x this many tokens "
-                        "(default: the model's max_seq_len or less: what fits 80%% of the free GPU memory, or "
-                        "4 GiB on the CPU)")
+                   help="tokens per sequence, prompt + reply (default: the model's max_seq_len, or what the KV "
+                        "cache holds when that is less)")
+    # the serving engine: paged KV cache and chunked prefill
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="memory of the paged KV cache's block pool, shared by all sequences (default: --max-batch "
+                        "full contexts, at most 80%% of the free GPU memory, or on the CPU 4 GiB and half the "
+                        "available memory)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens one engine step computes (decode rows + prompt chunks): a longer prompt is "
+                        "prefilled over several steps while other streams keep decoding (default: 256)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted (413 above it; default: the model's context - 1)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above it)")
@@ -53,6 +60,10 @@ def check_args(args) -> None:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise UserError(f"--max-prompt-tokens {args.max_prompt_tokens} must be at least 1")
+    if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
+        raise UserError(f"--kv-cache-gb {args.kv_cache_gb} must be a positive number of GiB")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk {args.prefill_chunk} must be at least 1")
     if args.max_context is not None and args.max_context < 2:
         raise UserError(f"--max-context {args.max_context} must be at least 2 (a prompt token and a reply token)")
     if not os.path.isdir(args.model):
@@ -76,7 +87,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     settings = ServeSettings(n_slots=args.max_batch, max_queue=args.max_queue,
                              max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
-                             max_context=args.max_context)
+                             max_context=args.max_context, kv_cache_gb=args.kv_cache_gb,
+                             prefill_chunk=args.prefill_chunk)
     app = create_app(args.model, args.api_key, settings=settings, device=args.device, model_name=args.model_name)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=30)  # then open streams are cut (their slots freed)
@@ -112,7 +124,7 @@ def _announce_when_up(server, engine) -> None:
                 host, port = sock.getsockname()[:2]
                 shown = f"[{host}]" if ":" in host else host
                 print(f"lmforge serve: model '{engine.name}' at http://{shown}:{port}/ (OpenAI API at /v1); "
-                      f"{engine.settings.n_slots} slots x {engine.context} tokens, KV cache "
+                      f"{engine.settings.n_slots} slots x {engine.context} tokens, paged KV cache "
                       f"{_size(engine.cache_bytes())}", flush=True)
                 return
 
