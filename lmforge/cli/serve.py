@@ -16,7 +16,8 @@ def add_arguments(p) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LMFORGE_API_KEY)")
     p.add_argument("--model-name", default=None, help="the id clients use (default: the model dir's name)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every core but one, left to the HTTP "
+                   "side; at least 1)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before answering 429")
     p.add_argument("--max-context", type=int, default=None,
@@ -81,10 +82,11 @@ def run(args) -> int:
     except ModuleNotFoundError as e:
         raise UserError(f"lmforge serve needs the 'serve' extra ({e.name} is missing); "
                         "pip install 'lmforge[serve]'") from None
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    from lmforge.generate.batcher import serving_threads
+
+    torch.set_num_threads(args.threads or serving_threads())  # default: all cores but one (the HTTP loop)
     settings = ServeSettings(n_slots=args.max_batch, max_queue=args.max_queue,
                              max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
                              max_context=args.max_context, kv_cache_gb=args.kv_cache_gb,
@@ -124,7 +126,7 @@ def _announce_when_up(server, engine) -> None:
                 host, port = sock.getsockname()[:2]
                 shown = f"[{host}]" if ":" in host else host
                 print(f"lmforge serve: model '{engine.name}' at http://{shown}:{port}/ (OpenAI API at /v1); "
-                      f"{engine.settings.n_slots} slots x {engine.context} tokens, paged KV cache "
+                      f"{engine.settings.n_slots} slots x {engine.context} tokens, KV cache "
                       f"{_size(engine.cache_bytes())}", flush=True)
                 return
 
