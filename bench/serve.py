@@ -103,7 +103,7 @@ def start_server(model_dir: Path, max_batch: int, threads: int | None):
     return proc, line.split(" at ")[1].split("/ ")[0]
 
 
-def start_transformers(hf_dir: Path, port: int):
+def start_transformers(hf_dir: Path, port: int, threads: int | None = None):
     """`transformers serve --continuous-batching` on ``hf_dir`` (offline, CPU, its default threads)."""
     import httpx
 
@@ -111,6 +111,8 @@ def start_transformers(hf_dir: Path, port: int):
     cmd = [str(exe), "serve", "--continuous-batching", "--device", "cpu", "--port", str(port), "--host",
            "127.0.0.1", str(hf_dir)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if threads:  # torch takes its intra-op thread count from OMP_NUM_THREADS
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -250,7 +252,7 @@ def compare(args) -> int:
                             "--out", str(hf_dir)], check=True, stdout=subprocess.DEVNULL,
                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
             lm, lm_url = start_server(model_dir, max(args.levels), args.threads)
-            tf, tf_url = start_transformers(hf_dir, args.port)
+            tf, tf_url = start_transformers(hf_dir, args.port, args.transformers_threads)
             servers = {"lmforge": (lm_url, "bench"), "transformers": (tf_url, str(hf_dir))}
             n_prompts = max(args.requests, max(args.levels))
             prompts = [lines[(i * 97) % len(lines)] for i in range(n_prompts)]
@@ -346,6 +348,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--mix", action="store_true", help="with --against: also long prompts among 8 short streams")
     p.add_argument("--port", type=int, default=8791, help="with --against: the transformers server's port")
+    p.add_argument("--transformers-threads", type=int, default=None,
+                   help="with --against: OMP_NUM_THREADS of the transformers server (default: torch's choice)")
     args = p.parse_args(argv)
     if args.against:
         return compare(args)
