@@ -158,3 +158,29 @@ def test_serving_cache_is_sized_by_memory_and_refused_in_one_line(monkeypatch):
         paged_cache_plan(cfg, 8, 131072, None, 16, cuda, torch.bfloat16)
     small = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
     assert paged_cache_plan(small, 8, None, None, 16, cpu, torch.float32) == (64, 32)  # the model's own context
+
+
+def test_server_threads_leave_one_core_to_the_http_side(monkeypatch):
+    import os
+
+    from lmforge.generate.batcher import serving_threads
+
+    for cores, threads in [(1, 1), (2, 1), (16, 15)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert serving_threads() == threads
+
+
+@pytest.mark.parametrize("flag, value, message", [("kv_cache_gb", 0.0, "--kv-cache-gb 0.0 must be a positive"),
+                                                  ("kv_cache_gb", float("nan"), "--kv-cache-gb nan must be"),
+                                                  ("prefill_chunk", 0, "--prefill-chunk 0 must be at least 1")])
+def test_engine_flags_are_checked_before_the_model_loads(tmp_path, flag, value, message):
+    import argparse
+
+    from lmforge.cli import serve
+
+    p = argparse.ArgumentParser()
+    serve.add_arguments(p)
+    args = p.parse_args(["--model", str(tmp_path)])
+    setattr(args, flag, value)
+    with pytest.raises(UserError, match=message):
+        serve.check_args(args)
