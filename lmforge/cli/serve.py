@@ -17,13 +17,21 @@ def add_arguments(p) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LMFORGE_API_KEY)")
     p.add_argument("--model-name", default=None, help="the id clients use (default: the model dir's name)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every core but one, left to the HTTP "
+                   "side; at least 1)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before answering 429")
     p.add_argument("--max-context", type=int, default=None,
-                   help="tokens per sequence, prompt + reply; the KV cache holds --max-batch x this many tokens "
-                        "(default: the model's max_seq_len or less: what fits 80%% of the free GPU memory, or "
-                        "4 GiB on the CPU)")
+                   help="tokens per sequence, prompt + reply (default: the model's max_seq_len, or what the KV "
+                        "cache holds when that is less)")
+    # the serving engine: paged KV cache and chunked prefill
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="memory of the paged KV cache's block pool, shared by all sequences (default: --max-batch "
+                        "full contexts, at most 80%% of the free GPU memory, or on the CPU 4 GiB and half the "
+                        "available memory)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens one engine step computes (decode rows + prompt chunks): a longer prompt is "
+                        "prefilled over several steps while other streams keep decoding (default: 256)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted (413 above it; default: the model's context - 1)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above it)")
@@ -71,6 +79,10 @@ def check_args(args) -> None:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be a number of seconds in (0, 3600]")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise UserError(f"--max-prompt-tokens {args.max_prompt_tokens} must be at least 1")
+    if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
+        raise UserError(f"--kv-cache-gb {args.kv_cache_gb} must be a positive number of GiB")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk {args.prefill_chunk} must be at least 1")
     if args.max_context is not None and args.max_context < 2:
         raise UserError(f"--max-context {args.max_context} must be at least 2 (a prompt token and a reply token)")
     if not os.path.isdir(args.model):
@@ -89,13 +101,15 @@ def run(args) -> int:
     except ModuleNotFoundError as e:
         raise UserError(f"lmforge serve needs the 'serve' extra ({e.name} is missing); "
                         "pip install 'lmforge[serve]'") from None
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    from lmforge.generate.batcher import serving_threads
+
+    torch.set_num_threads(args.threads or serving_threads())  # default: all cores but one (the HTTP loop)
     settings = ServeSettings(n_slots=args.max_batch, max_queue=args.max_queue,
                              max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
-                             max_context=args.max_context, body_timeout=args.body_timeout,
+                             max_context=args.max_context, kv_cache_gb=args.kv_cache_gb,
+                             prefill_chunk=args.prefill_chunk, body_timeout=args.body_timeout,
                              allowed_hosts=(args.host, *args.allow_host))
     app = create_app(args.model, args.api_key, settings=settings, device=args.device, model_name=args.model_name)
     limits, note = fit_to_fd_limit(ConnectionLimits(max_connections=args.max_connections,

@@ -30,8 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.artifacts.identity import check_model_dir_tokenizer
 from lmforge.artifacts.model_dir import load_model_dir
 from lmforge.config import UserError
-from lmforge.generate.batcher import ContinuousBatcher, SamplingParams, Sequence, Update
-from lmforge.generate.kv_cache import slot_cache_context
+from lmforge.generate.batcher import DEFAULT_BLOCK_SIZE, ContinuousBatcher, SamplingParams, Sequence, Update
+from lmforge.generate.kv_cache import paged_cache_plan
 from lmforge.serve import protocol as P
 from lmforge.serve.limits import Guard
 from lmforge.serve.scheduler import Job, QueueFull, Scheduler, Unavailable
@@ -50,7 +50,9 @@ class ServeSettings:
     n_slots: int = 8  # sequences decoded together
     max_queue: int = 64  # requests waiting for a slot before 429
     max_prompt_tokens: int | None = None  # default: the context minus one
-    max_context: int | None = None  # tokens per slot (prompt + reply); default: what the KV-cache budget holds
+    max_context: int | None = None  # tokens per sequence (prompt + reply); default: the model's context
+    kv_cache_gb: float | None = None  # the paged KV cache's pool; default: n_slots full contexts within a budget
+    prefill_chunk: int | None = None  # tokens per engine step before a prompt's prefill is split
     max_body_bytes: int = 1 << 20
     body_timeout: float = 30.0  # seconds to receive a whole request body (408 after)
     allowed_hosts: tuple[str, ...] = ()  # Host names answered without an API key, beside the loopback ones
@@ -65,10 +67,12 @@ class Engine:
         self.model, self.tokenizer, self.name, self.settings = model, tokenizer, name, settings
 
         p = next(model.parameters())  # the cache is sized from the memory it may take, before allocating it
-        self.context = slot_cache_context(model.cfg, settings.n_slots, settings.max_context, p.device, p.dtype)
+        self.context, blocks = paged_cache_plan(model.cfg, settings.n_slots, settings.max_context,
+                                                settings.kv_cache_gb, DEFAULT_BLOCK_SIZE, p.device, p.dtype)
         self.max_prompt = min(settings.max_prompt_tokens or self.context - 1, self.context - 1)
-        self.scheduler = Scheduler(ContinuousBatcher(model, tokenizer, settings.n_slots, self.context),
-                                   settings.max_queue)
+        batcher = ContinuousBatcher(model, tokenizer, settings.n_slots, self.context, kv_blocks=blocks,
+                                    prefill_chunk=settings.prefill_chunk)
+        self.scheduler = Scheduler(batcher, settings.max_queue)
         eos = getattr(tokenizer, "eos_id", None)
         self.eos_ids = frozenset() if eos is None else frozenset([eos])
         specials = special_token_strings(tokenizer)

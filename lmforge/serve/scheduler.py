@@ -1,8 +1,8 @@
 """The engine thread: the one owner of the model. Requests wait in a bounded queue, join the running batch
 when a slot frees, and leave it when they finish or their client goes away.
 
-Each loop: drop cancelled sequences, prefill waiting requests into free slots, then one batched decode step
-for all active slots. Results go back through each job's ``sink`` (called on the engine thread; the HTTP
+Each loop: drop cancelled sequences, hand waiting requests to the batcher while it has free slots, then one
+engine step (`ContinuousBatcher.step`: admission by free KV blocks, prompt chunks and one batched decode). Results go back through each job's ``sink`` (called on the engine thread; the HTTP
 side hands them to its event loop). ``submit`` refuses with `QueueFull` (HTTP 429) when the queue is full and
 `Unavailable` (HTTP 503) once the server is shutting down or the engine has died.
 """
@@ -141,21 +141,19 @@ class Scheduler:
         for job in admit:
             if job.cancelled:
                 continue
-            self._active[job.seq.id] = job
             try:
-                update = self.batcher.add(job.seq)
-            except Exception as e:  # noqa: BLE001 — this request's fault (or a failed prefill): it alone fails
-                del self._active[job.seq.id]
+                self.batcher.add(job.seq)
+            except Exception as e:  # noqa: BLE001 — this request's fault: it alone fails
                 self._count("failed")
                 job.sink(e)
                 continue
-            self._deliver(job, update)
+            self._active[job.seq.id] = job
         if not self.batcher.active:
             return
         try:
             updates = self.batcher.step()
-        except Exception as e:  # a failed decode step fails the requests in it; the engine goes on
-            log.exception("decode step failed")
+        except Exception as e:  # a failed step fails the requests in the batch; the engine goes on
+            log.exception("engine step failed")
             for job in list(self._active.values()):
                 self.batcher.remove(job.seq, "error")
                 self._count("failed")

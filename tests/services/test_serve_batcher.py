@@ -1,13 +1,13 @@
-"""The model side of `lmforge serve`: slot KV cache, continuous batching and streaming detokenization,
+"""The model side of `lmforge serve`: paged KV cache, continuous batching and streaming detokenization,
 without HTTP. Served in a batch that sequences join and leave, every sequence must produce what it
-produces alone."""
+produces alone (paging, chunked prefill, prefix sharing and preemption: tests/unit/test_paged_kv.py)."""
 
 import pytest
 import torch
 
 from lmforge.generate.batcher import ContinuousBatcher, SamplingParams, Sequence
 from lmforge.generate.engine import cut_at_stop, generate
-from lmforge.generate.kv_cache import SlotKVCache
+from lmforge.generate.paged import PagedKVCache
 from lmforge.generate.text_stream import TextStream
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import build_model
@@ -41,27 +41,26 @@ def test_greedy_in_a_changing_batch_equals_alone(variant):
     for s, p in zip(seqs, PROMPTS):
         assert s.finish_reason == "length"
         assert s.out == generate(model, p, max_new_tokens=s.params.max_new_tokens)
-    assert batcher.free_slots == 3 and all(n >= 0 for n in batcher.cache.lengths)
+    assert batcher.free_slots == 3 and batcher.cache.available == batcher.cache.n_blocks
 
 
-@pytest.mark.parametrize("window", [None, 4], ids=["in-place", "right-aligned"])
-@pytest.mark.parametrize("order", [[0, 1], [1, 0]], ids=["consecutive-slots", "shuffled-slots"])
+@pytest.mark.parametrize("window", [None, 4], ids=["left-aligned", "right-aligned"])
+@pytest.mark.parametrize("order", [[0, 1], [1, 0]], ids=["in-order", "shuffled"])
 def test_decode_view_logits_equal_full_recompute(order, window):
     model = tiny(sliding_window=window)
-    cache = SlotKVCache(model.cfg, n_slots=2, max_len=32)
+    cache = PagedKVCache(model.cfg, n_blocks=8, block_size=4)
     prompts = {0: [4, 9, 1, 30, 22, 7], 1: [13, 5]}
-    for slot, p in prompts.items():
-        model(torch.tensor([p]), cache=cache.prefill(slot))
+    tables = {0: [5, 2], 1: [6]}  # blocks out of order: rows are gathered through the tables
+    for s, p in prompts.items():
+        model(torch.tensor([p]), cache=cache.prefill(tables[s], 0, len(p)))
     new = {0: 3, 1: 8}
-    view = cache.decode(order)  # rows of different lengths: 2 and 6 cached tokens
-    assert view.right_aligned == (window is not None)
+    view = cache.decode([tables[s] for s in order], [len(prompts[s]) for s in order])
     assert view.key_mask.shape == (2, 1, 1, 7) and view.key_mask.sum() == 3 + 7
     logits = model(torch.tensor([[new[s]] for s in order]), positions=view.pos[:, None], mask=view.key_mask,
                    cache=view)[:, -1]
-    for row, slot in enumerate(order):
-        full = model(torch.tensor([prompts[slot] + [new[slot]]]))[0, -1]
+    for row, s in enumerate(order):
+        full = model(torch.tensor([prompts[s] + [new[s]]]))[0, -1]
         torch.testing.assert_close(logits[row], full, rtol=1e-5, atol=1e-5)
-    assert cache.lengths == [7, 3]
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch():
@@ -88,12 +87,13 @@ def test_stop_ids_end_a_sequence_and_remove_frees_its_slot():
     left = Sequence([7, 7], SamplingParams(max_new_tokens=50))
     batcher.add(stopped)
     batcher.add(left)
-    for _ in range(5):
+    for _ in range(6):
         batcher.step()
     assert stopped.finish_reason == "stop" and stopped.out == free[: free.index(free[3])]
-    assert left.slot is not None and batcher.free_slots == 1
+    assert batcher.active == [left] and batcher.free_slots == 1 and left.blocks
     batcher.remove(left)
     assert left.finish_reason == "cancelled" and batcher.free_slots == 2 and batcher.step() == []
+    assert batcher.cache.available == batcher.cache.n_blocks and not left.blocks
 
 
 class ByteTok:

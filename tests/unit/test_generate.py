@@ -112,29 +112,3 @@ def test_decode_reads_back_once_per_step_and_prefill_runs_the_head_on_the_last_p
         assert head_rows[0] == (3,)  # prefill: (B,) last positions, not (B, L)
         assert all(r == (3, 1) for r in head_rows[1:]) and len(head_rows) == n
     assert counts[12] - counts[6] == 6, counts  # one read-back per decode step, whatever the batch size
-
-
-def test_serving_kv_cache_is_sized_from_memory_not_the_models_maximum(monkeypatch):
-    """llama3.1-8b (131,072 context) x 8 slots in bf16 would be 137 GB: the default context is what the
-    budget holds (CPU: a 4 GiB cap; CUDA: 80% of the free memory), and a request over it is refused in one
-    line before anything is allocated."""
-    from lmforge.config import UserError
-    from lmforge.generate.kv_cache import kv_bytes_per_token, slot_cache_context
-    from lmforge.models.presets import get_preset
-
-    cfg = get_preset("llama3.1-8b")
-    assert cfg.max_seq_len == 131072
-    assert kv_bytes_per_token(cfg, torch.bfloat16) == 2 * 32 * 8 * 128 * 2  # 128 KiB per token
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert slot_cache_context(cfg, 8, None, cpu, torch.bfloat16) == 4096  # 4 GiB / (8 x 128 KiB)
-    assert slot_cache_context(cfg, 8, 1000, cpu, torch.bfloat16) == 1000
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 2**30, 80 * 2**30))
-    assert slot_cache_context(cfg, 8, None, cuda, torch.bfloat16) == 16384  # 16 GiB / 1 MiB per position
-    with pytest.raises(UserError, match=r"8 slots x 131072 tokens needs 128.0 GiB, over 80% of the 20.0 GiB "
-                                        r"free on cuda:0; lower --max-batch or --max-context \(at most 16384"):
-        slot_cache_context(cfg, 8, 10**6, cuda, torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**28, 80 * 2**30))
-    with pytest.raises(UserError, match="holds only 204 tokens each"):
-        slot_cache_context(cfg, 8, None, cuda, torch.bfloat16)
-    small = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
-    assert slot_cache_context(small, 8, None, cpu, torch.float32) == 64  # a small model keeps its own context
