@@ -243,3 +243,18 @@ def test_live_stream_every_row_once_in_order_across_a_resume(server, roots):
     got = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     assert got == expected  # every row of the file once, in order (steps 0..12, the resume event, 13..40)
     assert [r["_line"] for r in rows] == list(range(len(expected)))
+
+
+def test_api_key_and_host_guard(roots):
+    from starlette.testclient import TestClient
+
+    from lmforge.dashboard.app import create_app
+
+    keyed = TestClient(create_app([str(roots)], api_key="k-123"), base_url="http://127.0.0.1")
+    assert keyed.get("/api/runs").status_code == 401
+    assert keyed.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert keyed.get("/api/runs", headers={"Authorization": "Bearer k-123"}).status_code == 200
+    assert keyed.get("/").status_code == 200  # the page itself is open; it asks for the key
+    open_ = TestClient(create_app([str(roots)]), base_url="http://evil.example")
+    r = open_.get("/api/runs")  # DNS rebinding: a foreign Host without a key is refused
+    assert r.status_code == 403 and "loopback" in r.json()["error"]["message"]

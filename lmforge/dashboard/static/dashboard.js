@@ -78,18 +78,21 @@
         $("compare").disabled = state.selected.size < 2;
       });
       const td0 = el("td"); td0.appendChild(box); tr.appendChild(td0);
-      const name = el("td", run.title); name.title = run.path; tr.appendChild(name);
+      const name = el("td", run.title); name.title = run.path + (run.data ? "\ndata: " + run.data : "");
+      if (run.model) { name.appendChild(document.createElement("br")); name.appendChild(el("small", run.model)); }
+      tr.appendChild(name);
       const st = el("td"); const badge = el("span", run.status.state, "status " + run.status.state);
       badge.title = run.status.reason || "";
       st.appendChild(badge);
       if (run.status.state === "running" && run.status.steps_per_s) st.appendChild(el("small", " " + fmtNum(run.status.steps_per_s, 3) + " steps/s"));
       tr.appendChild(st);
-      tr.appendChild(el("td", run.model || ""));
-      tr.appendChild(el("td", (run.step ?? "") + (run.total_steps ? " / " + run.total_steps : "")));
-      tr.appendChild(el("td", run.tokens ? run.tokens.toLocaleString("en-US") : ""));
-      const vl = run.last_eval.val_loss, best = run.best.val_loss;
-      tr.appendChild(el("td", vl === undefined ? "" : fmtNum(vl) + (best ? " (" + fmtNum(best.value) + ")" : "")));
-      tr.appendChild(el("td", run.last_eval.val_bpb === undefined ? "" : fmtNum(run.last_eval.val_bpb)));
+      const step = el("td", (run.step ?? "") + (run.total_steps ? " / " + run.total_steps : ""));
+      if (run.tokens) step.title = run.tokens.toLocaleString("en-US") + " tokens";
+      tr.appendChild(step);
+      const vl = run.last_eval.val_loss, best = run.best.val_loss, bpb = run.last_eval.val_bpb;
+      const val = el("td", vl === undefined ? "" : fmtNum(vl) + (best ? " (" + fmtNum(best.value) + ")" : ""));
+      if (bpb !== undefined) val.title = fmtNum(bpb) + " bits/byte";
+      tr.appendChild(val);
       const disk = el("td", fmtBytes(run.disk_bytes));
       if (run.bad_lines) disk.title = run.bad_lines + " unreadable metrics lines skipped";
       tr.appendChild(disk);
