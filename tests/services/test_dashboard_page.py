@@ -43,7 +43,7 @@ def training(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     write_run(root / "other", 30, "max_steps")
     run_dir = root / "tiny"
-    log = open(tmp_path_factory.mktemp("log") / "pretrain.log", "wb")
+    log = open(tmp_path_factory.mktemp("log") / "pretrain.log", "wb")  # noqa: SIM115 - open while it trains
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmforge", "pretrain", "--config", str(REPO / "lmforge/recipes/pretrain/tiny.yaml"),
          f"data.dir={shards}", f"run.dir={run_dir}", "data.seq_len=64", "train.global_batch=8", "train.micro_batch=8",
@@ -99,7 +99,7 @@ def row_state(driver, run_id: str):
 
 @pytest.mark.slow
 def test_live_run_list_curve_and_compare(server, training, browser):  # noqa: F811 - the fixture
-    root, proc = training
+    _root, proc = training
     driver = browser
     driver.get(server + "/")
     wait_for(driver, lambda d: d.execute_script("return !!window.lmforgeDash"), "dashboard.js to load")
