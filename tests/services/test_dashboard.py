@@ -258,3 +258,15 @@ def test_api_key_and_host_guard(roots):
     open_ = TestClient(create_app([str(roots)]), base_url="http://evil.example")
     r = open_.get("/api/runs")  # DNS rebinding: a foreign Host without a key is refused
     assert r.status_code == 403 and "loopback" in r.json()["error"]["message"]
+
+
+def test_cli_refuses_bad_flags_in_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LMFORGE_API_KEY", None)
+    for args, words in ((["--runs", str(tmp_path / "nope")], "is not a directory"),
+                        (["--runs", str(tmp_path), "--host", "0.0.0.0"], "--api-key"),
+                        (["--runs", str(tmp_path), "--port", "70000"], "not a port")):
+        p = subprocess.run([sys.executable, "-m", "lmforge", "dashboard", *args], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+        assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+        assert words in p.stderr
