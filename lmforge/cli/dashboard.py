@@ -1,4 +1,5 @@
-"""`lmforge dashboard [--runs DIR ...] [--host 127.0.0.1] [--port 8050] [--api-key KEY]`: watch runs in a browser."""
+"""`lmforge dashboard [--runs DIR ...] [--host 127.0.0.1] [--port 8050] [--api-key KEY] [--allow-launch]`:
+watch, compare (and with --allow-launch start and stop) runs in a browser."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="a Host name answered without --api-key, beside localhost, 127.0.0.1 and [::1] "
                         "(DNS-rebinding protection; repeatable)")
+    p.add_argument("--allow-launch", action="store_true",
+                   help="let the page start `lmforge pretrain` runs (in the first --runs dir) from a packaged "
+                        "recipe and stop the runs it started (SIGTERM: they checkpoint and exit)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -50,7 +54,8 @@ def run(args) -> int:
     except ModuleNotFoundError as e:
         raise UserError(f"lmforge dashboard needs the 'serve' extra ({e.name} is missing); "
                         "pip install 'lmforge[serve]'") from None
-    app = create_app(roots, api_key=args.api_key, allowed_hosts=(args.host, *args.allow_host))
+    app = create_app(roots, api_key=args.api_key, allowed_hosts=(args.host, *args.allow_host),
+                     allow_launch=args.allow_launch)
     server = make_server(app, args.host, args.port, log_level=args.log_level, access_log=False,
                          timeout_graceful_shutdown=2)  # open live streams are cut after 2 s
     original = server.startup

@@ -28,6 +28,8 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from lmforge.config import UserError
+from lmforge.dashboard import launch as launching
 from lmforge.dashboard.metrics import Cursor, MetricsReader
 from lmforge.dashboard.runs import (
     Refused,
@@ -64,12 +66,29 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
 
 
+def _same_origin(req: Request) -> bool:
+    """A state-changing request came from this page: JSON (a cross-site form cannot send it without a CORS
+    preflight, which this server never grants) and, when the browser names its origin, this host."""
+    if req.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return False
+    origin = req.headers.get("origin")
+    if origin is None:
+        return True
+    return origin.split("://", 1)[-1].rstrip("/").lower() == req.headers.get("host", "").lower()
+
+
 def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=(), budget_s: float = 1.0,
-               max_points: int | None = None, poll_s: float = POLL_S):
-    """The guarded ASGI app over ``roots``; ``budget_s``: reading time per request for a big metrics file."""
+               max_points: int | None = None, poll_s: float = POLL_S, allow_launch: bool = False):
+    """The guarded ASGI app over ``roots``; ``budget_s``: reading time per request for a big metrics file;
+    ``allow_launch``: pretrain runs may be started (in the first root) and stopped from the page."""
     app = FastAPI(title="lmforge dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     state = Roots(roots)
     cache = RunCache(budget_s=budget_s, max_points=max_points)
+    launcher = launching.Launcher(state.roots[0]) if allow_launch else None
+
+    def stoppable(path: Path) -> bool:
+        proc = launcher.procs.get(path) if launcher else None
+        return proc is not None and proc.poll() is None
     lock = asyncio.Lock()  # the cache's readers are advanced by one request at a time
 
     @app.exception_handler(Refused)
@@ -86,8 +105,9 @@ def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=()
             found = await asyncio.to_thread(state.discover)
             rows = []
             for name, path in found:
-                rows.append(await asyncio.to_thread(describe, state, cache, name, path, min(budget_s, 0.25)))
-        return {"roots": [str(r) for r in state.roots], "runs": rows}
+                row = await asyncio.to_thread(describe, state, cache, name, path, min(budget_s, 0.25))
+                rows.append({**row, "stoppable": stoppable(path)})
+        return {"roots": [str(r) for r in state.roots], "runs": rows, "launch": allow_launch}
 
     @app.get("/api/run")
     async def run(id: str = Query(..., max_length=4096)):
@@ -95,7 +115,7 @@ def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=()
         async with lock:
             row = await asyncio.to_thread(describe, state, cache, id, path)
             events = list(cache.readers[path].events)
-        return {**row, "events": events, "checkpoints": await asyncio.to_thread(checkpoints, path),
+        return {**row, "stoppable": stoppable(path), "events": events, "checkpoints": await asyncio.to_thread(checkpoints, path),
                 "eval_results": await asyncio.to_thread(eval_results, path), "config": read_config(path),
                 "report_md": read_small(path / "report.md", 1 << 20),
                 "report_png": (path / "report.png").is_file() and not (path / "report.png").is_symlink()}
@@ -143,6 +163,55 @@ def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=()
         reader.cursor = Cursor(ino=ino, offset=offset, line=line, bad=bad, t=t, last_step=last_step)
         return StreamingResponse(_events(req, reader, poll_s), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/api/launch")
+    async def launch_info():
+        if launcher is None:
+            return {"allowed": False, "recipes": []}
+        return {"allowed": True, "recipes": launching.recipes(), "root": str(state.roots[0]), "verbs": launching.VERBS}
+
+    @app.get("/api/launch/fields")
+    async def launch_fields(recipe: str = Query(..., max_length=200)):
+        if launcher is None:
+            return _error(403, "launching is off; start the dashboard with --allow-launch")
+        try:
+            return {"recipe": recipe, "fields": await asyncio.to_thread(launching.fields, recipe)}
+        except UserError as e:
+            return _error(400, str(e))
+
+    @app.post("/api/launch")
+    async def launch(req: Request):
+        if launcher is None:
+            return _error(403, "launching is off; start the dashboard with --allow-launch")
+        if not _same_origin(req):
+            return _error(403, "send the launch as JSON from the dashboard's own page")
+        try:
+            body = await req.json()
+        except ValueError:
+            return _error(400, "the request body is not JSON")
+        if not isinstance(body, dict):
+            return _error(400, "the request body must be a JSON object")
+        try:
+            started = await asyncio.to_thread(launcher.launch, body)
+        except UserError as e:  # ConfigError included: the CLI's own one-line message
+            return _error(400, str(e))
+        return {**started, "id": "0/" + Path(started["run_dir"]).name}
+
+    @app.post("/api/stop")
+    async def stop(req: Request):
+        if launcher is None:
+            return _error(403, "launching is off; start the dashboard with --allow-launch")
+        if not _same_origin(req):
+            return _error(403, "send the stop as JSON from the dashboard's own page")
+        try:
+            body = await req.json()
+        except ValueError:
+            return _error(400, "the request body is not JSON")
+        path = state.resolve(body.get("id") if isinstance(body, dict) else None)
+        try:
+            return launcher.stop(path)
+        except UserError as e:
+            return _error(409, str(e))
 
     @app.get("/", response_class=HTMLResponse)
     async def index():

@@ -270,3 +270,33 @@ def test_cli_refuses_bad_flags_in_one_line(tmp_path):
                            capture_output=True, text=True, timeout=120, check=False)
         assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
         assert words in p.stderr
+
+
+def test_launch_refusals(roots, tmp_path):
+    from starlette.testclient import TestClient
+
+    from lmforge.dashboard.app import create_app
+
+    off = TestClient(create_app([str(roots)]), base_url="http://127.0.0.1")
+    assert off.get("/api/launch").json() == {"allowed": False, "recipes": []}
+    r = off.post("/api/launch", json={"recipe": "pretrain/tiny", "name": "x"})
+    assert r.status_code == 403 and "--allow-launch" in r.json()["error"]["message"]
+    on = TestClient(create_app([str(tmp_path)], allow_launch=True), base_url="http://127.0.0.1")
+    assert "pretrain/tiny" in on.get("/api/launch").json()["recipes"]
+    keys = {f["key"]: f for f in on.get("/api/launch/fields", params={"recipe": "pretrain/tiny"}).json()["fields"]}
+    assert keys["train.max_steps"]["type"] == "int" and "optim.lr" in keys
+    # a cross-site form post (not JSON) or a foreign Origin is refused before anything runs
+    assert on.post("/api/launch", data={"recipe": "pretrain/tiny"}).status_code == 403
+    assert on.post("/api/launch", json={"recipe": "pretrain/tiny", "name": "x"},
+                   headers={"Origin": "http://evil.example"}).status_code == 403
+    for body, words in (({"recipe": "pretrain/tiny", "name": "../up"}, "run name"),
+                        ({"recipe": "../../etc/passwd", "name": "x"}, "unknown recipe"),
+                        ({"recipe": "pretrain/tiny", "name": "x", "overrides": {"run.dir": "/tmp/y"}}, "run.dir"),
+                        ({"recipe": "pretrain/tiny", "name": "x", "overrides": {"optim.lr": "fast"}}, "optim.lr"),
+                        ({"verb": "eval", "recipe": "pretrain/tiny", "name": "x"}, "cannot be launched")):
+        r = on.post("/api/launch", json=body)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], (body, r.json())
+    assert list(tmp_path.iterdir()) == []  # nothing was started or written
+    write_run(tmp_path / "notmine", 2, None)
+    r = on.post("/api/stop", json={"id": "0/notmine"})
+    assert r.status_code == 409 and "not launched by this dashboard" in r.json()["error"]["message"]

@@ -1,6 +1,8 @@
 """The dashboard page in headless Chromium (Selenium, as the chat page's tests) against the real `lmforge
 dashboard` over a real tiny `lmforge pretrain` run that trains while the page watches: the run shows in the
-list as running, its loss curve is drawn and grows live, and comparing it with a second run draws two series.
+list as running, its loss curve is drawn and grows live, and comparing it with a second run draws two series;
+the launch form refuses a bad value with the CLI's own message, launches a good one, and its stop button leaves
+a checkpoint and turns the run's status to stopped.
 
 With LMFORGE_DASHBOARD_SCREENSHOT=PATH the page is saved there as a PNG (docs/images/dashboard.png is made
 this way). Without Chromium, chromedriver or selenium the tests skip — and fail under LMFORGE_REQUIRE_DATA=1."""
@@ -66,8 +68,8 @@ def training(shards, tmp_path_factory):
 def server(training):
     root, _ = training
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "dashboard", "--runs", str(root), "--port", str(port)],
-                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "dashboard", "--runs", str(root), "--port", str(port),
+                             "--allow-launch"], cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + WAIT_S
     try:
@@ -133,3 +135,47 @@ def test_live_run_list_curve_and_compare(server, training, browser):  # noqa: F8
     assert error == "", error
     if shot:
         driver.save_screenshot(str(Path(shot).with_name(Path(shot).stem + "-compare.png")))
+
+
+def set_field(driver, key: str, value) -> None:
+    driver.execute_script("""const el = document.getElementById('field-' + arguments[0]);
+        el.value = arguments[1]; el.dispatchEvent(new Event('input'));""", key, str(value))
+
+
+@pytest.mark.slow
+def test_launch_form_refuses_bad_value_launches_and_stops(server, training, shards, browser):  # noqa: F811
+    root, _ = training
+    driver = browser
+    driver.get(server + "/")
+    wait_for(driver, lambda d: d.execute_script("return !document.getElementById('launch-pane').hidden && "
+                                                "!!document.getElementById('field-train.max_steps')"),
+             "the launch form with the recipe's fields")
+    driver.execute_script("document.getElementById('launch-pane').open = true")
+    driver.find_element("id", "launch-name").send_keys("launched")
+    set_field(driver, "train.max_steps", "many")
+    driver.find_element("id", "launch-submit").click()
+    wait_for(driver, lambda d: d.find_element("id", "launch-result").text.startswith("error: "), "the refusal")
+    shown = driver.find_element("id", "launch-result").text
+    cli = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--config", "pretrain/tiny",
+                          "train.max_steps=many", f"run.dir={root / 'launched'}"], cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert cli.returncode == 2 and shown == cli.stderr.strip()  # the CLI's own message, word for word
+    assert not (root / "launched").exists()
+    good = {"train.max_steps": 5000, "data.dir": shards, "data.seq_len": 64, "train.global_batch": 8,
+            "train.micro_batch": 8, "train.threads": 1, "checkpoint.interval": 4, "log.interval": 1,
+            "log.progress": "false", "eval.interval": 1000, "log.peak_tflops": 1}
+    for key, value in good.items():
+        set_field(driver, key, value)
+    driver.find_element("id", "launch-submit").click()
+    wait_for(driver, lambda d: d.find_element("id", "launch-result").text.startswith("started pid"), "the launch")
+    wait_for(driver, lambda d: row_state(d, "0/launched") == "running", "the launched run listed as running")
+    driver.find_element("css selector", '#runs tbody tr[data-id="0/launched"]').click()
+    wait_for(driver, lambda d: (chart(d, "loss") or {}).get("points", 0) >= 6, "the launched run's curve")
+    wait_for(driver, lambda d: d.find_element("id", "stop").is_displayed(), "the stop button")
+    driver.find_element("id", "stop").click()
+    wait_for(driver, lambda d: row_state(d, "0/launched") == "stopped", "the status to turn to stopped")
+    wait_for(driver, lambda d: d.execute_script(
+        "return Array.from(document.querySelectorAll('#checkpoints tbody tr')).some(r => r.textContent.includes('LATEST'))"),
+        "the checkpoint the stop left")
+    latest = (root / "launched" / "checkpoints" / "LATEST").read_text().strip()
+    assert (root / "launched" / "checkpoints" / latest / "MANIFEST.json").is_file()

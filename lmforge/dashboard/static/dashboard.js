@@ -360,6 +360,9 @@
   async function loadRun(id) {
     const run = await api("/api/run?" + q(id));
     const st = run.status;
+    $("stop").hidden = !run.stoppable;
+    $("stop").disabled = false;
+    $("stop").textContent = "stop (SIGTERM: checkpoint and exit)";
     $("view-status").textContent = st.state + (st.reason ? " — " + st.reason : "") +
       (st.steps_per_s ? " — " + fmtNum(st.steps_per_s, 3) + " steps/s" : "") +
       (run.bad_lines ? " — " + run.bad_lines + " unreadable metrics lines skipped" : "") +
@@ -394,6 +397,11 @@
     }
     if (run.report_md) rep.appendChild(el("pre", run.report_md));
     if (!run.report_png && !run.report_md) rep.appendChild(el("p", "written at the end of a run", "empty"));
+  }
+  async function refreshRun() { // the focused run's status and checkpoints, as the runs list refreshes
+    if (state.view && state.view.ids.length === 1) {
+      try { await loadRun(state.view.ids[0]); } catch (e) { showError(e); }
+    }
   }
   async function loadCompare(ids) {
     const body = await api("/api/compare?" + ids.map(q).join("&"));
@@ -450,6 +458,66 @@
     if (!body.config_diff.length) db.appendChild(el("tr", "the configs are the same"));
   }
 
+  // ---- launch and stop (with --allow-launch) ----------------------------------------------------------------
+  async function post(path, body) {
+    const r = await fetch(path, {method: "POST", headers: {...headers(), "Content-Type": "application/json"},
+                                 body: JSON.stringify(body)});
+    const out = await r.json().catch(() => ({}));
+    if (!r.ok) throw new Error((out.error && out.error.message) || ("HTTP " + r.status));
+    return out;
+  }
+  async function setupLaunch() {
+    let info;
+    try { info = await api("/api/launch"); } catch (e) { return; }
+    if (!info.allowed) return;
+    $("launch-pane").hidden = false;
+    const sel = $("launch-recipe");
+    sel.replaceChildren(...info.recipes.map((r) => { const o = el("option", r); o.value = r; return o; }));
+    if (info.recipes.includes("pretrain/tiny")) sel.value = "pretrain/tiny";
+    sel.addEventListener("change", loadFields);
+    await loadFields();
+  }
+  async function loadFields() {
+    const box = $("launch-fields");
+    box.replaceChildren();
+    const body = await api("/api/launch/fields?recipe=" + encodeURIComponent($("launch-recipe").value));
+    for (const f of body.fields) {
+      const label = el("label", f.key); label.htmlFor = "field-" + f.key; label.title = f.type;
+      const input = el("input"); input.id = "field-" + f.key; input.dataset.key = f.key;
+      const text = f.value === null ? "null" : typeof f.value === "object" ? JSON.stringify(f.value) : String(f.value);
+      input.value = text; input.dataset.default = text;
+      input.addEventListener("input", () => input.classList.toggle("changed", input.value !== input.dataset.default));
+      box.appendChild(label); box.appendChild(input);
+    }
+  }
+  $("launch-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const overrides = {};
+    for (const input of $("launch-fields").querySelectorAll("input")) {
+      if (input.value !== input.dataset.default) overrides[input.dataset.key] = input.value;
+    }
+    const result = $("launch-result");
+    result.className = ""; result.textContent = "launching…";
+    try {
+      const out = await post("/api/launch", {verb: "pretrain", recipe: $("launch-recipe").value,
+                                             name: $("launch-name").value, overrides});
+      result.textContent = "started pid " + out.pid + ": " + out.command;
+      result.dataset.id = out.id;
+      await loadRuns();
+    } catch (e) {
+      result.className = "error"; result.textContent = "error: " + e.message;
+    }
+  });
+  $("stop").addEventListener("click", async () => {
+    const id = state.view && state.view.ids[0];
+    if (!id) return;
+    try {
+      await post("/api/stop", {id});
+      $("stop").disabled = true;
+      $("stop").textContent = "stopping…";
+    } catch (e) { showError(e); }
+  });
+
   // ---- controls --------------------------------------------------------------------------------------------
   $("x-axis").addEventListener("change", () => renderCharts(true));
   $("log-scale").addEventListener("change", () => renderCharts(true));
@@ -463,7 +531,8 @@
     localStorage.setItem("lmforge-dashboard-key", $("api-key").value);
     loadRuns();
   });
-  window.lmforgeDash = {state, openRuns, loadRuns};
+  window.lmforgeDash = {state, openRuns, loadRuns, refreshRun};
   loadRuns();
-  setInterval(loadRuns, 5000);
+  setupLaunch();
+  setInterval(() => { loadRuns(); refreshRun(); }, 5000);
 })();
