@@ -133,6 +133,15 @@ def test_live_run_list_curve_and_compare(server, training, browser):  # noqa: F8
     assert "optim.lr" in diff_keys or "run.name" in diff_keys
     error = driver.execute_script("return document.getElementById('error').textContent")
     assert error == "", error
+    # a narrow window: one column, the charts redrawn to fit, nothing wider than the window
+    driver.set_window_size(360, 900)
+    try:
+        wait_for(driver, lambda d: d.execute_script(
+            "const c = document.querySelector('#chart-loss canvas'); const w = document.documentElement.clientWidth;"
+            "return c && c.getBoundingClientRect().right <= w && document.documentElement.scrollWidth <= w + 1"),
+            "the page to fit a narrow window")
+    finally:
+        driver.set_window_size(1200, 760)
     if shot:
         driver.save_screenshot(str(Path(shot).with_name(Path(shot).stem + "-compare.png")))
 
