@@ -13,8 +13,8 @@ import os
 import sys
 
 import lmforge
-from lmforge.cli import eval as eval_
 from lmforge.cli import (
+    dashboard,
     export,
     finetune,
     generate,
@@ -28,6 +28,7 @@ from lmforge.cli import (
     serve,
     tokenizer,
 )
+from lmforge.cli import eval as eval_
 from lmforge.config import UserError
 from lmforge.interrupts import sigterm_raises
 
@@ -45,6 +46,7 @@ COMMANDS = {
     "plan": plan,
     "report": report,
     "serve": serve,
+    "dashboard": dashboard,
 }
 
 

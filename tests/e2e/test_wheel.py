@@ -39,6 +39,7 @@ def test_the_wheel_holds_the_package_data_and_no_tests(wheel):
     assert {"lmforge/recipes/quickstart.yaml", "lmforge/recipes/pretrain/tiny.yaml",
             "lmforge/recipes/finetune/sft.yaml"} <= recipes
     for group in (recipes, source_files("eval/safety_data/*.jsonl"), source_files("serve/static/*"),
+                  source_files("dashboard/static/*"),
                   source_files("**/*.py")):
         assert group and group <= names, sorted(group - names)
     assert not [n for n in names if n.startswith("tests/") or "/tests/" in n or Path(n).name.startswith("test_")]

@@ -9,7 +9,7 @@ import sys
 from lmforge import cli
 
 VERBS = ["quickstart", "model", "tokenizer", "prepare", "pretrain", "finetune", "eval", "generate", "export",
-         "import", "plan", "report", "serve"]
+         "import", "plan", "report", "serve", "dashboard"]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -17,6 +17,7 @@ import of a higher layer, or of a sibling that is not below it, fails with the o
     layer 3  train, eval, generate                       eval and generate sit beside train, not on it
     layer 4  tasks                                       (every way of training; reuses train, eval and generate)
              serve                                       (the HTTP server over generate; never tasks)
+             dashboard                                   (the runs page; reads run dirs, reuses serve's guard)
     layer 5  cli (one module per verb), __main__         argument parsing and checks that glue a verb to its
                                                          package; nothing below them may import one
 
@@ -46,7 +47,7 @@ LAYERS: dict[str, int] = {
     "tokenizer": 1, "data": 1, "models": 1, "planner": 1,
     "distributed": 2, "artifacts": 2,
     "train": 3, "eval": 3, "generate": 3,
-    "tasks": 4, "serve": 4,
+    "tasks": 4, "serve": 4, "dashboard": 4,
     "cli": 5, "__main__": 5,
 }
 # Packages on one layer that must not import each other: (importer, imported).
@@ -54,7 +55,8 @@ FORBIDDEN_SIBLINGS = {("eval", "train"), ("generate", "train"), ("generate", "ev
                       ("planner", "tokenizer"), ("planner", "data"),
                       ("models", "planner"), ("models", "data"), ("models", "tokenizer"),
                       ("tokenizer", "data"),
-                      ("serve", "tasks"), ("tasks", "serve"),
+                      ("serve", "tasks"), ("tasks", "serve"), ("dashboard", "tasks"), ("tasks", "dashboard"),
+                      ("serve", "dashboard"),
                       ("artifacts", "distributed")}  # distributed reads model dirs; artifacts uses torch.distributed only
 # The one package whose modules may import a name computed at run time (the CLI lazy verb loading).
 DYNAMIC_IMPORTS_ALLOWED = "cli"
