@@ -50,6 +50,12 @@ def env():
     return {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
+def run_to_end(args):
+    p = subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 def rows(run_dir):
     f = Path(run_dir) / "metrics.jsonl"
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
@@ -93,9 +99,7 @@ def check_after_kill(run_dir) -> int:
 @pytest.mark.slow
 def test_sigkill_at_random_moments_of_async_saves(shards, tmp_path):
     ref = tmp_path / "ref"
-    p = subprocess.run([sys.executable, "-m", "lmforge", *cli(shards, ref, False)], cwd=REPO, env=env(),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    run_to_end(cli(shards, ref, False))
     run_dir = tmp_path / "run"
     rng = random.Random(time.time_ns())
     mid_save = resumed = 0
@@ -127,9 +131,7 @@ def test_sigkill_at_random_moments_of_async_saves(shards, tmp_path):
     assert resumed >= len(seen_latest) - 1  # every start after the first resumed
     assert mid_save >= len(seen_latest) // 2, f"only {mid_save} of {len(seen_latest)} kills hit a save in flight"
     assert seen_latest == sorted(seen_latest) and seen_latest[-1] > seen_latest[0], seen_latest
-    p = subprocess.run([sys.executable, "-m", "lmforge", *cli(shards, run_dir, True)], cwd=REPO, env=env(),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    run_to_end(cli(shards, run_dir, True))
     got = losses(run_dir)
     assert [s for s, _ in got] == list(range(1, STEPS + 1))
     assert got == losses(ref)  # bit-identical, step by step
