@@ -20,7 +20,7 @@ a DCP save with vs without it, alternated, medians).
     .venv/bin/python bench/checkpoint_stall.py --json out.json
     .venv/bin/python bench/checkpoint_stall.py --device cuda --shape tinyllama --seq 1024 --batch 1 \
         --saves 2 --every 4 --rounds 1                         # the GPU part of bench/gpu_check.sh
-    .venv/bin/python bench/checkpoint_stall.py --smoke         # tiny shapes: checks the script itself
+    .venv/bin/python bench/checkpoint_stall.py --smoke         # tiny shapes on CPU: checks the script itself
 
 Not part of the test suite.
 """
@@ -66,6 +66,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.seq, args.batch, args.saves, args.every, args.rounds = "smoke", 16, 2, 2, 2, 1
+        args.device = "cpu"
         args.hash_repeats = 1
     return args
 

@@ -11,8 +11,17 @@ Layout of one checkpoint (``RUN/checkpoints/step_000500/``)::
 
 Save order: everything goes into ``.tmp_step_000500/``; meta.json and then MANIFEST.json are written
 last inside it; the directory is renamed into place; only then is ``LATEST`` replaced (temp file +
-atomic rename). Old checkpoints are pruned after that, keeping the newest ``keep_last`` and never the
-one LATEST names.
+atomic rename). Old checkpoints are pruned after that, keeping the newest ``keep_last`` and every
+``keep_every``-th step, and never the one LATEST names nor one being written.
+
+Hashing: every rank's shards, DCP's index and the JSON files are hashed as they are written
+(`HashingWriter`; nothing is read back), the ranks' digests are pooled, rank 0 writes the manifest.
+
+Asynchronous saves (``checkpoint.async``): the state is copied to host memory in the caller (DCP's
+``async_save`` staging), DCP writes the copy in a background thread over a gloo group of its own, and a
+second background thread then pools the digests and publishes (meta.json, MANIFEST.json, rename, LATEST,
+prune) exactly as above, so a crash at any moment still leaves LATEST on a complete checkpoint. At most one
+save is in flight; the next one waits for it (`CheckpointManager.wait`).
 
 Trust model. A checkpoint is data, never code:
 
@@ -25,7 +34,7 @@ Trust model. A checkpoint is data, never code:
   every storage entry must name a ``__R_N.distcp`` file inside the checkpoint with no transforms.
   Tensor slices are read by DCP with ``weights_only=True``; :class:`SafeLoadPlanner` refuses byte
   entries as a second line of defence.
-* MANIFEST.json (size + sha256 of every file, streamed in 1 MiB chunks) detects truncation and
+* MANIFEST.json (size + sha256 of every file, taken while writing it) detects truncation and
   corruption, not tampering: whoever can rewrite the files can rewrite the manifest. Resuming picks
   the newest checkpoint whose manifest verifies and names each one it skipped and why.
 
@@ -777,7 +786,9 @@ class CheckpointManager:
 
     def load(self, path: str | os.PathLike, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load model (+ optimizer) state in place; returns (meta, this rank's state)."""
+        """Load model (+ optimizer) state in place; returns (meta, this rank's state). A save of this manager
+        still in flight is waited for first (it may be the one asked for)."""
+        self.wait()
         path = Path(path)
         meta = read_meta(path)
         read_dcp_index(path / DCP_INDEX)  # refuses a hostile or truncated index before DCP touches it
