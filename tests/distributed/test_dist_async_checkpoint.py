@@ -80,3 +80,52 @@ def test_latest_moves_after_every_ranks_shards_and_a_second_save_waits(runs):
     # rank 1 writes 0.5 s slower than a step takes: the saves of steps 2 and 3 waited for the one before
     assert saves[0]["wait_s"] == 0 and all(r["wait_s"] > 0.1 for r in saves[1:]), saves
     assert all(r["stall_s"] >= r["wait_s"] for r in saves)
+
+
+@pytest.fixture
+def slow_writes(monkeypatch):
+    """Every background shard write takes 1 s longer (a slow disk)."""
+    import time
+
+    from lmforge.train import checkpoint as ckpt
+
+    real = ckpt.HashingWriter.write_data
+
+    def write_data(self, plan, planner):
+        time.sleep(1.0)
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(ckpt.HashingWriter, "write_data", write_data)
+
+
+def test_a_time_limit_stop_waits_for_the_save_in_flight(tmp_path, slow_writes):
+    from lmforge.train.checkpoint import verify_checkpoint
+
+    data = h.write_token_dir(tmp_path / "data")
+    res = h.run_trainer(tmp_path / "run", data, 50, checkpoint={"async": True, "interval": 0},
+                        train={"time_limit_minutes": 1e-6})
+    assert res.stop_reason == "time_limit" and res.exit_code == 124 and res.step < 50
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "LATEST").read_text().strip() == f"step_{res.step:06d}"  # the stop's save, complete on return
+    assert verify_checkpoint(ck / f"step_{res.step:06d}") is None
+    assert res.checkpoint == str(ck / f"step_{res.step:06d}")
+
+
+def test_an_error_in_training_still_lets_the_save_in_flight_finish(tmp_path, slow_writes, monkeypatch):
+    from lmforge.train.checkpoint import verify_checkpoint
+    from lmforge.train.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def boom(self, batch):
+        if self.step == 2:
+            raise RuntimeError("injected failure")
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", boom)
+    data = h.write_token_dir(tmp_path / "data")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        h.run_trainer(tmp_path / "run", data, 6, checkpoint={"async": True, "interval": 2})
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "LATEST").read_text().strip() == "step_000002"  # written while step 3 failed, then waited for
+    assert verify_checkpoint(ck / "step_000002") is None
