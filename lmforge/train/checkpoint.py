@@ -707,8 +707,7 @@ class CheckpointManager:
             return final
         group = self._async_group()
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)  # the save runs in DCP's thread
-        response = dcp.async_save(state, checkpoint_id=str(tmp), storage_writer=writer, process_group=group,
-                                  no_dist=not _dist())
+        response = dcp.async_save(state, checkpoint_id=str(tmp), storage_writer=writer, process_group=group)
         upload = response.upload_completion if hasattr(response, "upload_completion") else response
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-checkpoint")
