@@ -187,6 +187,7 @@ def main(argv=None) -> int:
             order = sides[r % 3:] + sides[: r % 3]
             for side in order:
                 results[side].append(segment(side, args, model, opt, step, root, r))
+                print(f"round {r + 1} {side}: {results[side][-1]['total_s']:.1f}s", file=sys.stderr, flush=True)
         hashes = hash_cost(args, model, opt, root)
     finally:
         if not args.dir:
