@@ -611,6 +611,18 @@ def keep_set(steps: list[int], keep_last: int, keep_every: int = 0) -> set[int]:
     return kept
 
 
+def _remove_dir(path: Path) -> None:
+    """Delete a checkpoint dir: renamed to ``.trash_NAME`` first (one atomic step), then removed, so a kill
+    mid-delete leaves no half-deleted ``step_N`` (the next start's `clean_partial` removes the trash)."""
+    trash = path.parent / f".trash_{path.name}"
+    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(path, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 class CheckpointError(UserError):
     """A checkpoint save failed (raised where the run waits for it; LATEST still names the previous one)."""
 
@@ -761,10 +773,7 @@ class CheckpointManager:
         write_manifest(tmp, {**digests, META: _text_digest(meta_text)})  # last: without it nothing counts
         _fsync_dir(tmp)
         if final.exists():  # a complete-but-unreferenced save of this step from an interrupted run
-            trash = self.dir / f".trash_{name}"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove_dir(final)
         os.replace(tmp, final)
         _fsync_dir(self.dir)
         atomic_write_text(self.dir / LATEST, name + "\n")
@@ -781,7 +790,7 @@ class CheckpointManager:
                 continue
             if latest is not None and path.resolve() == latest.resolve():
                 continue
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_dir(path)
 
     def load(self, path: str | os.PathLike, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any]]:

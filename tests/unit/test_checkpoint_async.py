@@ -180,3 +180,29 @@ def test_config_spells_async_as_in_yaml(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.async='maybe' must be true or false"):
         load_config(None, ["checkpoint.async=maybe"], base=base)
 
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    model, opt = _trained()
+    mgr = ckpt.CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        mgr.save(step, model, opt, {"tokens": step}, {})
+    real = ckpt.shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        first = min(ckpt.Path(path).iterdir()) if ckpt.Path(path).is_dir() else None
+        if first is not None:
+            first.unlink()  # one file gone, then the process dies
+            raise SystemExit(137)
+        real(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    mgr.keep_last = 1
+    with pytest.raises(SystemExit):
+        mgr.prune()
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real)
+    for p in tmp_path.glob("step_*"):  # step_000001 went whole (renamed away first), the rest verify
+        assert ckpt.verify_checkpoint(p) is None, p
+    assert not (tmp_path / "step_000001").exists() and (tmp_path / ".trash_step_000001").is_dir()
+    mgr.clean_partial()
+    assert not (tmp_path / ".trash_step_000001").exists()
