@@ -752,7 +752,7 @@ class CheckpointManager:
             if self.rank == 0:
                 try:
                     self._publish(name, tmp, final, full_meta, digests)
-                except OSError as e:
+                except Exception as e:  # noqa: BLE001 - the other ranks wait for this outcome: never skip the broadcast
                     error = f"{type(e).__name__}: {e}"
             if _dist() and dist.get_world_size(group) > 1:
                 box = [error]
