@@ -145,7 +145,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
                 continue
             raise ConfigError(f"{key} {hint}")
         if name not in fields:
-            raise ConfigError(f"unknown config key '{key}'" + _suggest(name, fields))
+            spelled = {f: k for k, f in yaml_keys.items()}
+            raise ConfigError(f"unknown config key '{key}'" + _suggest(name, [spelled.get(f, f) for f in fields]))
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)

@@ -177,6 +177,8 @@ def test_config_spells_async_as_in_yaml(tmp_path):
     assert load_config(None, base=base).checkpoint.async_ is False
     with pytest.raises(ConfigError, match="checkpoint.keep_every=-1 must be >= 0"):
         load_config(None, ["checkpoint.keep_every=-1"], base=base)
+    with pytest.raises(ConfigError, match="unknown config key 'checkpoint.asynch'; did you mean 'async'"):
+        load_config(None, ["checkpoint.asynch=true"], base=base)
     with pytest.raises(ConfigError, match="checkpoint.async='maybe' must be true or false"):
         load_config(None, ["checkpoint.async=maybe"], base=base)
 
