@@ -421,6 +421,7 @@ class Trainer:
                 if stop != "diverged":
                     self.maybe_checkpoint(None, at_end=True)
                 self.wait_for_checkpoint()  # the end, a stop and a time limit leave with the save complete
+                self.ckpt.close()  # the host copy of async saves is freed before the export
             except BaseException:
                 self.wait_for_checkpoint(failing=True)
                 raise

@@ -47,12 +47,16 @@ def gate(monkeypatch):
 
 def test_async_save_snapshots_the_state_and_publishes_latest_when_complete(tmp_path, gate):
     model, opt = _trained()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = {k: v.clone() for k, v in model.state_dict().items()}
     mgr = ckpt.CheckpointManager(tmp_path, keep_last=3, async_save=True)
     mgr.save(1, model, opt, {"tokens": 1}, {})
     gate.set()
     mgr.wait()
     gate.clear()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     path = mgr.save(2, model, opt, {"tokens": 2}, {"loader": {"pos": 3}})
     assert mgr.in_flight and (tmp_path / ".tmp_step_000002").is_dir() and not path.exists()
     assert (tmp_path / "LATEST").read_text().strip() == "step_000001"  # the write is held: LATEST stays
@@ -68,6 +72,12 @@ def test_async_save_snapshots_the_state_and_publishes_latest_when_complete(tmp_p
     assert meta["step"] == 2 and rank_state == {"loader": {"pos": 3}}
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, before[k]), k  # the state at the call, not the one after it
+    # the host copy's buffers are reused from save to save: step 1 still holds step 1's state
+    mgr.load(tmp_path / "step_000001", fresh, build_optimizer(fresh, OptimConfig(lr=1e-2)))
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, first[k]), k
+    mgr.close()
+    assert mgr._staging is None
 
 
 def test_a_second_save_waits_for_the_one_in_flight(tmp_path, gate):
