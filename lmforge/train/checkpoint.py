@@ -591,14 +591,19 @@ def _text_digest(text: str) -> dict[str, Any]:
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _gather_digests(local: dict[str, dict[str, Any]], group: Any = None) -> dict[str, dict[str, Any]]:
-    """Every rank's {file: {size, sha256}} merged (our own small dicts, between our own processes)."""
+def _all_gather(local: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``local`` (our own small dicts, between our own processes), in rank order."""
     if not (_dist() and dist.get_world_size(group) > 1):
-        return dict(local)
+        return [local]
     got: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(got, local, group=group)
+    return got
+
+
+def _gather_digests(local: dict[str, dict[str, Any]], group: Any = None) -> dict[str, dict[str, Any]]:
+    """Every rank's {file: {size, sha256}} merged."""
     out: dict[str, dict[str, Any]] = {}
-    for part in got:
+    for part in _all_gather(local, group):
         out.update(part)
     return out
 
@@ -703,12 +708,12 @@ class CheckpointManager:
         model_sd = drop_frozen(model, model_sd)
         state = {"model": model_sd, "optim": optim_sd["state"]}
         rank_name = f"rank_{self.rank:05d}.json"
-        rank_text = json.dumps(to_jsonable(rank_state))
-        atomic_write_text(tmp / rank_name, rank_text)
+        rank_text = json.dumps(to_jsonable(rank_state))  # taken now; an async save writes it in the background
         full_meta = dict(to_jsonable(meta), step=step, complete=True,
                          world_size=dist.get_world_size() if _dist() else 1)
         writer = HashingWriter(tmp)
         if not self.async_save:
+            atomic_write_text(tmp / rank_name, rank_text)
             with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
                 warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
                 dcp.save(state, checkpoint_id=str(tmp), storage_writer=writer)
@@ -768,20 +773,26 @@ class CheckpointManager:
         rank 0 publishes (meta.json, manifest, rename, LATEST, prune), and every rank learns the outcome."""
         error = None
         try:
+            atomic_write_text(tmp / rank_name, rank_text)  # off the training thread (it fsyncs)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+        try:
             upload.result()
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP reports a failed rank on every rank
-            error = _reason(e)
-        if error is None:
-            digests = _gather_digests({**writer.digests, rank_name: _text_digest(rank_text)}, group)
-            if self.rank == 0:
-                try:
-                    self._publish(name, tmp, final, full_meta, digests)
-                except Exception as e:  # noqa: BLE001 - the other ranks wait for this outcome: never skip the broadcast
-                    error = f"{type(e).__name__}: {e}"
-            if _dist() and dist.get_world_size(group) > 1:
-                box = [error]
-                dist.broadcast_object_list(box, src=0, group=group)  # rank 0's outcome, to every rank
-                error = box[0]
+            error = error or _reason(e)
+        # every rank takes part whatever happened on it: its digests, or why it has none
+        parts = _all_gather({"error": error, "files": {} if error else
+                             {**writer.digests, rank_name: _text_digest(rank_text)}}, group)
+        error = next((p["error"] for p in parts if p["error"]), None)
+        if error is None and self.rank == 0:
+            try:
+                self._publish(name, tmp, final, full_meta, {n: e for p in parts for n, e in p["files"].items()})
+            except Exception as e:  # noqa: BLE001 - the other ranks wait for this outcome: never skip the broadcast
+                error = f"{type(e).__name__}: {e}"
+        if _dist() and dist.get_world_size(group) > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0, group=group)  # rank 0's outcome, to every rank
+            error = box[0]
         if error is not None:
             raise CheckpointError(f"the checkpoint of {name} was not saved ({error}); LATEST still names the "
                                   f"previous one; check free space and permissions of {self.dir}")
