@@ -18,6 +18,7 @@ a DCP save with vs without it, alternated, medians).
 
     .venv/bin/python bench/checkpoint_stall.py                 # small preset, CPU
     .venv/bin/python bench/checkpoint_stall.py --json out.json
+    .venv/bin/python bench/checkpoint_stall.py --storage-mb-per-s 100   # a slow (network) filesystem
     .venv/bin/python bench/checkpoint_stall.py --device cuda --shape tinyllama --seq 1024 --batch 1 \
         --saves 2 --every 4 --rounds 1                         # the GPU part of bench/gpu_check.sh
     .venv/bin/python bench/checkpoint_stall.py --smoke         # tiny shapes on CPU: checks the script itself
@@ -60,6 +61,8 @@ def parse(argv=None):
     p.add_argument("--every", type=int, default=3, help="training steps between checkpoints")
     p.add_argument("--rounds", type=int, default=2, help="segments per side")
     p.add_argument("--hash-repeats", type=int, default=3)
+    p.add_argument("--storage-mb-per-s", type=float, default=0.0,
+                   help="emulate slower storage: each checkpoint write also sleeps bytes / this rate (0: off)")
     p.add_argument("--dir", help="where checkpoints are written (default: a temp dir; removed after)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and counts (checks the script)")
@@ -172,6 +175,18 @@ def main(argv=None) -> int:
     if args.device == "cpu" and not args.smoke:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     _, model, opt, step = build(args)
+    real_write = None
+    if args.storage_mb_per_s > 0:  # a network filesystem's bandwidth: the write waits (GIL released), no CPU used
+        from lmforge.train import checkpoint as ckpt
+
+        real_write, rate = ckpt._HashingStream.write, args.storage_mb_per_s * 1e6
+
+        def slow_write(self, b):
+            n = real_write(self, b)
+            time.sleep(n / rate)
+            return n
+
+        ckpt._HashingStream.write = slow_write
     params = sum(p.numel() for p in model.parameters())
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="ckpt_stall_"))
     root.mkdir(parents=True, exist_ok=True)
@@ -188,13 +203,17 @@ def main(argv=None) -> int:
             for side in order:
                 results[side].append(segment(side, args, model, opt, step, root, r))
                 print(f"round {r + 1} {side}: {results[side][-1]['total_s']:.1f}s", file=sys.stderr, flush=True)
+        if args.storage_mb_per_s > 0:  # the hash cost is measured on the real storage
+            from lmforge.train import checkpoint as ckpt
+
+            ckpt._HashingStream.write = real_write
         hashes = hash_cost(args, model, opt, root)
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
     med = statistics.median
     base = med(x["total_s"] for x in results["none"])
-    out = {"model": args.shape or args.preset, "params": params, "device": args.device, "seq": args.seq,
+    out = {"model": args.shape or args.preset, "storage_mb_per_s": args.storage_mb_per_s or None, "params": params, "device": args.device, "seq": args.seq,
            "batch": args.batch, "saves": args.saves, "every": args.every, "rounds": args.rounds,
            "step_s": step_s, "checkpoint_bytes": hashes["bytes"], "load_avg": os.getloadavg()[0],
            "torch": torch.__version__, "sides": {}, "hash": hashes}
@@ -211,6 +230,7 @@ def main(argv=None) -> int:
     s, a, h = out["sides"]["sync"], out["sides"]["async"], hashes
     print(f"{out['model']} ({params / 1e6:.1f}M params, checkpoint {h['bytes'] / 1e6:.0f} MB) on {args.device}, "
           f"step {step_s:.2f}s, {args.saves} saves every {args.every} steps x {args.rounds} rounds, "
+          + (f"storage emulated at {args.storage_mb_per_s:g} MB/s, " if args.storage_mb_per_s else "") +
           f"load {out['load_avg']:.1f}")
     print("| side | blocked per checkpoint (median / max) | overhead per checkpoint | background write |")
     print("|---|---:|---:|---:|")
