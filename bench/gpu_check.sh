@@ -11,8 +11,11 @@
 #               unless KEEP_MODEL=1), loaded in a fresh process through the sharded path into DTensors
 #   tests       (120 s) the CUDA tests in tests/gpu/ (if pytest is installed)
 #   planner     (PARTS=all only, 100 s) bench/gpu_planner_check.py: measured vs planned memory, row by row
+#   ckpt1b      (only when named: PARTS="ckpt1b", 300 s) bench/checkpoint_stall.py on the ~1.1B shape: training
+#               stall per checkpoint, synchronous vs checkpoint.async (a ~13 GB checkpoint with AdamW state,
+#               written under $OUT/ckpt_stall and removed), and the hash cost read back vs while writing
 # Results: $OUT (default bench/out): probe.json, throughput.json, memory.json, write8b.json, load8b.json,
-# gpu_planner_check.json, gpu_check.log, summary.txt.
+# gpu_planner_check.json, checkpoint_stall.json, gpu_check.log, summary.txt.
 # Needs only torch (a CUDA build), numpy, pyyaml, safetensors (pytest for the tests part): never run `make`
 # or pip on the device. Runs from the checkout without installing (PYTHONPATH points at it).
 #
@@ -33,7 +36,7 @@ if [[ "$PARTS" == "all" ]]; then PARTS="$DEFAULT_PARTS planner"; fi
 SMOKE_FLAG=""
 if [[ "${SMOKE:-0}" == "1" ]]; then SMOKE_FLAG="--smoke"; fi
 mkdir -p "$OUT"
-rm -f "$OUT"/{probe,throughput,memory,write8b,load8b,gpu_planner_check}.json
+rm -f "$OUT"/{probe,throughput,memory,write8b,load8b,gpu_planner_check,checkpoint_stall}.json
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -90,7 +93,12 @@ for part in $PARTS; do
         say "== gpu-tests skipped (pytest not installed)"
       fi ;;
     planner) run_part planner 100 "$PY" bench/gpu_planner_check.py --out "$OUT" $SMOKE_FLAG || true ;;
-    *) say "error: unknown part '$part' (throughput, memory, load8b, tests, planner, or PARTS=all)"; status=1 ;;
+    ckpt1b)
+      run_part ckpt1b 300 "$PY" bench/checkpoint_stall.py --device cuda --shape tinyllama --seq 1024 --batch 1 \
+        --saves 2 --every 4 --rounds 1 --hash-repeats 1 --dir "$OUT/ckpt_stall" \
+        --json "$OUT/checkpoint_stall.json" $SMOKE_FLAG || true
+      rm -rf "$OUT/ckpt_stall" ;;
+    *) say "error: unknown part '$part' (throughput, memory, load8b, tests, planner, ckpt1b, or PARTS=all)"; status=1 ;;
   esac
 done
 

@@ -125,23 +125,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError.
 
-    A section may name keys of another stage's section in a class attribute ``OTHER_STAGE_KEYS``
+    A class attribute ``YAML_KEYS`` (``{"async": "async_"}``) spells a field named after a Python keyword
+    as the keyword in YAML (`to_dict` writes it back so). A section may name keys of another stage's
+    section in a class attribute ``OTHER_STAGE_KEYS``
     (``{key: (inert value, hint)}``): such a key holding its inert value (as older config.yaml files spell it
     out) is read and dropped; any other value is refused with ``<key> <hint>``."""
     data = dict(data or {})
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     other_stage: dict[str, tuple[Any, str]] = getattr(cls, "OTHER_STAGE_KEYS", {})
+    yaml_keys: dict[str, str] = getattr(cls, "YAML_KEYS", {})  # YAML spelling -> field (a Python keyword)
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
+        name = yaml_keys.get(name, name)
         if name not in fields and name in other_stage:
             inert, hint = other_stage[name]
             if value == inert:
                 continue
             raise ConfigError(f"{key} {hint}")
         if name not in fields:
-            raise ConfigError(f"unknown config key '{key}'" + _suggest(name, fields))
+            spelled = {f: k for k, f in yaml_keys.items()}
+            raise ConfigError(f"unknown config key '{key}'" + _suggest(name, [spelled.get(f, f) for f in fields]))
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)
@@ -154,7 +159,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
 def to_dict(obj: Any) -> Any:
     """Dataclass -> plain dict/list/scalars (JSON and YAML safe)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        spelled = {f: k for k, f in getattr(obj, "YAML_KEYS", {}).items()}  # field -> its YAML key
+        return {spelled.get(f.name, f.name): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

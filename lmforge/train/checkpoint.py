@@ -11,8 +11,17 @@ Layout of one checkpoint (``RUN/checkpoints/step_000500/``)::
 
 Save order: everything goes into ``.tmp_step_000500/``; meta.json and then MANIFEST.json are written
 last inside it; the directory is renamed into place; only then is ``LATEST`` replaced (temp file +
-atomic rename). Old checkpoints are pruned after that, keeping the newest ``keep_last`` and never the
-one LATEST names.
+atomic rename). Old checkpoints are pruned after that, keeping the newest ``keep_last`` and every
+``keep_every``-th step, and never the one LATEST names nor one being written.
+
+Hashing: every rank's shards, DCP's index and the JSON files are hashed as they are written
+(`HashingWriter`; nothing is read back), the ranks' digests are pooled, rank 0 writes the manifest.
+
+Asynchronous saves (``checkpoint.async``): the state is copied to host memory in the caller (DCP's
+``async_save`` staging), DCP writes the copy in a background thread over a gloo group of its own, and a
+second background thread then pools the digests and publishes (meta.json, MANIFEST.json, rename, LATEST,
+prune) exactly as above, so a crash at any moment still leaves LATEST on a complete checkpoint. At most one
+save is in flight; the next one waits for it (`CheckpointManager.wait`).
 
 Trust model. A checkpoint is data, never code:
 
@@ -25,7 +34,7 @@ Trust model. A checkpoint is data, never code:
   every storage entry must name a ``__R_N.distcp`` file inside the checkpoint with no transforms.
   Tensor slices are read by DCP with ``weights_only=True``; :class:`SafeLoadPlanner` refuses byte
   entries as a second line of defence.
-* MANIFEST.json (size + sha256 of every file, streamed in 1 MiB chunks) detects truncation and
+* MANIFEST.json (size + sha256 of every file, taken while writing it) detects truncation and
   corruption, not tampering: whoever can rewrite the files can rewrite the manifest. Resuming picks
   the newest checkpoint whose manifest verifies and names each one it skipped and why.
 
@@ -36,22 +45,28 @@ dir the run started from, so a LoRA checkpoint holds only the adapters (and head
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
+import io
 import json
 import os
 import random
 import re
 import shutil
+import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lmforge.config import UserError, atomic_write_text, read_json_bounded
@@ -500,24 +515,186 @@ def drop_frozen(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]
     return {k: v for k, v in state.items() if k not in frozen} if frozen else state
 
 
-class CheckpointManager:
-    """Saves and loads training state under ``ckpt_dir`` (all ranks call save/load together)."""
+# ---- hashing while writing ------------------------------------------------------------------
+class _HashingStream:
+    """A file opened for writing that feeds every byte written through sha256 (DCP writes each shard front
+    to back, never seeking back), so the manifest needs no second read of the file."""
 
-    def __init__(self, ckpt_dir: str | os.PathLike, keep_last: int = 3, rank: int = 0):
+    def __init__(self, f: Any):
+        self._f = f
+        self._h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, b: Any) -> int:
+        n = self._f.write(b)
+        view = memoryview(b).cast("B")
+        n = len(view) if n is None else n
+        self._h.update(view[:n])
+        self.size += n
+        return n
+
+    def seek(self, *args: Any) -> int:  # a rewrite behind the hash would make the digest wrong: refuse it
+        raise io.UnsupportedOperation("a hashed checkpoint stream is written front to back")
+
+    def seekable(self) -> bool:
+        return False
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, close, ...
+        return getattr(self._f, name)
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, recording {file name: {size, sha256}} of each file it writes (all threads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.digests: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with open(path, mode) as f:
+            stream = _HashingStream(f)
+            yield stream
+        with self._lock:
+            self.digests[Path(path).name] = {"size": stream.size, "sha256": stream.hexdigest()}
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        super().rename(path, new_path)  # DCP's .metadata.tmp -> .metadata
+        with self._lock:
+            if Path(path).name in self.digests:
+                self.digests[Path(new_path).name] = self.digests.pop(Path(path).name)
+
+
+class HashingWriter(FileSystemWriter):
+    """DCP's file writer that hashes every shard and the index as it writes them (`digests`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self.fs = _HashingFileSystem()
+        self.path = self.fs.init_path(path)
+
+    @property
+    def digests(self) -> dict[str, dict[str, Any]]:
+        return dict(self.fs.digests)
+
+
+def _text_digest(text: str) -> dict[str, Any]:
+    data = text.encode("utf-8")
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _all_gather(local: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``local`` (our own small dicts, between our own processes), in rank order."""
+    if not (_dist() and dist.get_world_size(group) > 1):
+        return [local]
+    got: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(got, local, group=group)
+    return got
+
+
+def _gather_digests(local: dict[str, dict[str, Any]], group: Any = None) -> dict[str, dict[str, Any]]:
+    """Every rank's {file: {size, sha256}} merged."""
+    out: dict[str, dict[str, Any]] = {}
+    for part in _all_gather(local, group):
+        out.update(part)
+    return out
+
+
+def keep_set(steps: list[int], keep_last: int, keep_every: int = 0) -> set[int]:
+    """The steps retention keeps: the newest ``keep_last`` plus every multiple of ``keep_every`` (> 0)."""
+    kept = set(sorted(steps)[-keep_last:]) if keep_last > 0 else set()
+    if keep_every > 0:
+        kept |= {s for s in steps if s % keep_every == 0}
+    return kept
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a checkpoint dir: renamed to ``.trash_NAME`` first (one atomic step), then removed, so a kill
+    mid-delete leaves no half-deleted ``step_N`` (the next start's `clean_partial` removes the trash)."""
+    trash = path.parent / f".trash_{path.name}"
+    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(path, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+class CheckpointError(UserError):
+    """A checkpoint save failed (raised where the run waits for it; LATEST still names the previous one)."""
+
+
+_SINGLE_PROCESS_WARNING = ".*assuming the intent is to save in a single process.*"
+
+
+class CheckpointManager:
+    """Saves and loads training state under ``ckpt_dir`` (all ranks call save/load together).
+
+    ``async_save``: `save` stages a host copy of the state (DCP's ``async_save``), writes it in a background
+    thread while training goes on, and a second thread of this manager then writes meta.json and the
+    manifest and moves LATEST; a crash at any moment leaves LATEST on a complete checkpoint. At most one save
+    is in flight: the next `save` (and `wait`) waits for it, and `last_wait_s` says how long. Every save
+    hashes the files as it writes them (`HashingWriter`), so nothing is read back for the manifest.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, keep_last: int = 3, rank: int = 0, *, keep_every: int = 0,
+                 async_save: bool = False):
         self.dir = Path(ckpt_dir)
         self.keep_last = keep_last
+        self.keep_every = keep_every
         self.rank = rank
+        self.async_save = async_save
+        self.last_wait_s = 0.0  # how long the last `save` waited for the one before it
+        self.last_stall_s = 0.0  # how long the last `save` held the caller (its whole time when synchronous)
+        self.last_write_s: float | None = None  # the last finished background save, call to LATEST
+        self._pending: Future | None = None
+        self._pending_name: str | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._group: Any = None
+        self._staging: Any = None  # DCP's DefaultStager: the host copy of async saves, reused
 
     def clean_partial(self) -> None:
-        """Remove temp dirs a killed save left behind (rank 0; call before training starts)."""
+        """Remove temp dirs a killed save left behind (rank 0; call before training starts, with no save of
+        this manager in flight)."""
+        self.wait()
         if self.rank == 0 and self.dir.is_dir():
             for p in self.dir.iterdir():
                 if p.name.startswith((".tmp_", ".trash_")) and p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
         _barrier()
 
+    @property
+    def in_flight(self) -> bool:
+        """A background save is still being written or published."""
+        return self._pending is not None and not self._pending.done()
+
+    def wait(self) -> float:
+        """Wait for the save in flight (if any); returns the seconds waited. A failed background save raises
+        CheckpointError here (on every rank)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return 0.0
+        t0 = time.perf_counter()
+        try:
+            pending.result()
+        finally:
+            self._pending_name = None
+        return time.perf_counter() - t0
+
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              meta: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        """Checkpoint ``step``; returns its final path (written by the time this returns, or when
+        ``async_save``, once `wait` returns)."""
+        t0 = time.perf_counter()
+        self.last_wait_s = self.wait()
         name = step_dir_name(step)
         final = self.dir / name
         tmp = self.dir / f".tmp_{name}"
@@ -529,43 +706,132 @@ class CheckpointManager:
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer, options=state_dict_options(model))
         model_sd = drop_frozen(model, model_sd)
-        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-            warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=str(tmp))
-        atomic_write_text(tmp / f"rank_{self.rank:05d}.json", json.dumps(to_jsonable(rank_state)))
-        _barrier()
-        # every rank hashes its share of the files at once (not rank 0 all of them while the rest wait)
-        hashed = hash_shares(tmp, sorted(f.name for f in tmp.iterdir() if f.is_file() and f.name != MANIFEST))
-        if self.rank == 0:
-            full_meta = dict(to_jsonable(meta), step=step, saved_at=time.time(), complete=True,
-                             world_size=dist.get_world_size() if _dist() else 1)
-            atomic_write_text(tmp / META, json.dumps(full_meta, indent=1))
-            write_manifest(tmp, hashed)  # last: a checkpoint without it never counts (META hashed here)
-            _fsync_dir(tmp)
-            if final.exists():  # a complete-but-unreferenced save of this step from an interrupted run
-                trash = self.dir / f".trash_{name}"
-                shutil.rmtree(trash, ignore_errors=True)
-                os.replace(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            atomic_write_text(self.dir / LATEST, name + "\n")
-            self.prune()
-        _barrier()
+        state = {"model": model_sd, "optim": optim_sd["state"]}
+        rank_name = f"rank_{self.rank:05d}.json"
+        rank_text = json.dumps(to_jsonable(rank_state))  # taken now; an async save writes it in the background
+        full_meta = dict(to_jsonable(meta), step=step, complete=True,
+                         world_size=dist.get_world_size() if _dist() else 1)
+        writer = HashingWriter(tmp)
+        if not self.async_save:
+            atomic_write_text(tmp / rank_name, rank_text)
+            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+                warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+                dcp.save(state, checkpoint_id=str(tmp), storage_writer=writer)
+            digests = _gather_digests({**writer.digests, rank_name: _text_digest(rank_text)})
+            if self.rank == 0:
+                self._publish(name, tmp, final, full_meta, digests)
+            _barrier()
+            self.last_stall_s = time.perf_counter() - t0
+            return final
+        group = self._async_group()
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)  # the save runs in DCP's thread
+        stager = self._stager()
+        response = dcp.async_save(state, checkpoint_id=str(tmp), storage_writer=writer, process_group=group,
+                                  **({"async_stager": stager} if stager is not None else {}))
+        upload = response.upload_completion if hasattr(response, "upload_completion") else response
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-checkpoint")
+        self._pending_name = name
+        self._pending = self._executor.submit(self._complete, upload, writer, rank_name, rank_text, name, tmp,
+                                              final, full_meta, group, t0)
+        self.last_stall_s = time.perf_counter() - t0
         return final
 
+    def _stager(self) -> Any:
+        """The host copy's buffers, kept from one save to the next (no new allocation, page faults or pinning
+        per save; pinned memory on CUDA for a faster device-to-host copy). None on a torch without DCP's
+        DefaultStager: the writer then stages into fresh buffers each time."""
+        if self._staging is None:
+            try:
+                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            except ImportError:
+                return None
+            self._staging = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                         use_shared_memory=False, use_async_staging=False,
+                                                         use_non_blocking_copy=False))
+        return self._staging
+
+    def close(self) -> None:
+        """Wait for the save in flight, then free the host copy's buffers (the run is done saving)."""
+        self.wait()
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
+
+    def _async_group(self) -> Any:
+        """A gloo group of its own for the background saves: their collectives never interleave with the
+        training loop's on the default group (and DCP's async save needs a CPU backend). All ranks call it."""
+        if not (_dist() and dist.get_world_size() > 1):
+            return None
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _complete(self, upload: Future, writer: HashingWriter, rank_name: str, rank_text: str, name: str,
+                  tmp: Path, final: Path, full_meta: dict[str, Any], group: Any, t0: float) -> Path:
+        """The background half of an async save, on every rank: wait for DCP's write, pool the digests,
+        rank 0 publishes (meta.json, manifest, rename, LATEST, prune), and every rank learns the outcome."""
+        error = None
+        try:
+            atomic_write_text(tmp / rank_name, rank_text)  # off the training thread (it fsyncs)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+        try:
+            upload.result()
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP reports a failed rank on every rank
+            error = error or _reason(e)
+        # every rank takes part whatever happened on it: its digests, or why it has none
+        parts = _all_gather({"error": error, "files": {} if error else
+                             {**writer.digests, rank_name: _text_digest(rank_text)}}, group)
+        error = next((p["error"] for p in parts if p["error"]), None)
+        if error is None and self.rank == 0:
+            try:
+                self._publish(name, tmp, final, full_meta, {n: e for p in parts for n, e in p["files"].items()})
+            except Exception as e:  # noqa: BLE001 - the other ranks wait for this outcome: never skip the broadcast
+                error = f"{type(e).__name__}: {e}"
+        if _dist() and dist.get_world_size(group) > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0, group=group)  # rank 0's outcome, to every rank
+            error = box[0]
+        if error is not None:
+            raise CheckpointError(f"the checkpoint of {name} was not saved ({error}); LATEST still names the "
+                                  f"previous one; check free space and permissions of {self.dir}")
+        self.last_write_s = time.perf_counter() - t0
+        return final
+
+    def _publish(self, name: str, tmp: Path, final: Path, full_meta: dict[str, Any],
+                 digests: dict[str, dict[str, Any]]) -> None:
+        """Rank 0, once every rank's files are written: meta.json, then MANIFEST.json (from the digests taken
+        while writing), rename into place, move LATEST, prune."""
+        meta_text = json.dumps(dict(full_meta, saved_at=time.time()), indent=1)
+        atomic_write_text(tmp / META, meta_text)
+        write_manifest(tmp, {**digests, META: _text_digest(meta_text)})  # last: without it nothing counts
+        _fsync_dir(tmp)
+        if final.exists():  # a complete-but-unreferenced save of this step from an interrupted run
+            _remove_dir(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        atomic_write_text(self.dir / LATEST, name + "\n")
+        self.prune()
+
     def prune(self) -> None:
-        """Keep the newest ``keep_last`` complete checkpoints; never delete the one LATEST names."""
+        """Keep the newest ``keep_last`` complete checkpoints and every ``keep_every``-th step; never delete
+        the one LATEST names nor one being written."""
         latest = latest_checkpoint(self.dir, verify=False)
         found = list_checkpoints(self.dir)
-        for _, path in found[: max(0, len(found) - self.keep_last)]:
+        kept = keep_set([step for step, _ in found], self.keep_last, self.keep_every)
+        for step, path in found:
+            if step in kept or path.name == self._pending_name:
+                continue
             if latest is not None and path.resolve() == latest.resolve():
                 continue
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_dir(path)
 
     def load(self, path: str | os.PathLike, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load model (+ optimizer) state in place; returns (meta, this rank's state)."""
+        """Load model (+ optimizer) state in place; returns (meta, this rank's state). A save of this manager
+        still in flight is waited for first (it may be the one asked for)."""
+        self.wait()
         path = Path(path)
         meta = read_meta(path)
         read_dcp_index(path / DCP_INDEX)  # refuses a hostile or truncated index before DCP touches it

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from lmforge.artifacts.metadata import read_metadata  # torch-free (model_dir imports torch)
 from lmforge.config import ConfigError, apply_overrides, from_dict, load_config_source, to_dict
@@ -211,8 +211,12 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    YAML_KEYS: ClassVar[dict[str, str]] = {"async": "async_"}  # `async` is a keyword: field async_, YAML key async
+
     interval: int = 0  # steps between checkpoints; 0 = only at the end
     keep_last: int = 3  # complete checkpoints to keep (the newest is never deleted)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, forever; 0 = off
+    async_: bool = False  # save in the background (DCP async save from a host copy; written `async:` in YAML)
     at_end: bool = True  # checkpoint the final step
     allow_mismatch: list[str] = field(default_factory=list)  # math-changing fields allowed to differ on resume
     save_model: bool = True  # write the consolidated RUN/model/ at the end
@@ -337,6 +341,9 @@ def validate_common(cfg) -> None:
         raise ConfigError("eval.patience needs periodic evaluation; set eval.interval > 0")
     if c.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={c.keep_last} must be at least 1 (the newest is always kept)")
+    if c.keep_every < 0:
+        raise ConfigError(f"checkpoint.keep_every={c.keep_every} must be >= 0 (0 keeps only the last "
+                          "checkpoint.keep_last; e.g. 1000 also keeps step 1000, 2000, ...)")
     if lg.interval <= 0:
         raise ConfigError(f"log.interval={lg.interval} must be positive")
     if lg.peak_tflops is not None and lg.peak_tflops <= 0:

@@ -202,7 +202,8 @@ class Trainer:
         self.model = parallelize_model(model, cfg, self.world, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, self.total_steps)
-        self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.world.rank)
+        self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.world.rank,
+                                           keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_)
         # experiment trackers (log.mlflow / log.wandb), rank 0 only; MetricsWriter hands them every row
         self.trackers = build_trackers(cfg.log, self.run_dir, getattr(cfg.run, "name", None), self.world.is_main)
         self.finish_tracking = job.finish_tracking  # False: the caller exports the model, then calls finish_run
@@ -258,10 +259,30 @@ class Trainer:
         return {"world_size": self.world.world_size, "dp_size": self.world.dp_size}
 
     def save_checkpoint(self) -> Path:
+        """Checkpoint this step. With ``checkpoint.async`` the files are written in the background and the
+        path is complete once `wait_for_checkpoint` returns; the metrics row says how long training stalled
+        (``stall_s``) and how much of it was waiting for the previous save (``wait_s``)."""
         rank_state = {"loader": self.train_batches.state_dict(), "rng": ckpt.rng_state()}
         path = self.ckpt.save(self.step, self.model, self.optimizer, self._meta(), rank_state)
         self.saved_at, self.last_saved = self.step, path
+        self.metrics.write({"kind": "event", "step": self.step, "event": "checkpoint", "path": path.name,
+                            "async": self.ckpt.async_save, "stall_s": round(self.ckpt.last_stall_s, 4),
+                            "wait_s": round(self.ckpt.last_wait_s, 4)})
         return path
+
+    def wait_for_checkpoint(self, failing: bool = False) -> None:
+        """Wait for the background save in flight (the run's end, a stop, an error). ``failing``: the run is
+        ending on another error, so a failed save is reported, not raised over it."""
+        try:
+            waited = self.ckpt.wait()
+        except ckpt.CheckpointError as e:
+            if not failing:
+                raise
+            self.message(f"note: {e}")
+            return
+        if waited > 0.001:
+            self.metrics.write({"kind": "event", "step": self.step, "event": "checkpoint_wait",
+                                "wait_s": round(waited, 4)})
 
     def _load_checkpoint(self, path: Path, notes: bool = True) -> None:
         meta, rank_state = self.ckpt.load(path, self.model, self.optimizer)
@@ -474,6 +495,11 @@ class Trainer:
                     self.final_evaluation()
                 if stop not in ("diverged", "spike"):
                     self.maybe_checkpoint(None, at_end=True)
+                self.wait_for_checkpoint()  # the end, a stop and a time limit leave with the save complete
+                self.ckpt.close()  # the host copy of async saves is freed before the export
+            except BaseException:
+                self.wait_for_checkpoint(failing=True)
+                raise
             finally:
                 self.progress.close()
         if stop == "diverged":
@@ -654,6 +680,7 @@ class Trainer:
         spike left it: the windows read since that checkpoint are skipped, exactly. Optionally lower the lr
         for ``train.spike.lr_factor_steps`` steps. False (and a stop) when there is no checkpoint to go to."""
         spike_step = self.step
+        self.wait_for_checkpoint()  # an async save in flight is the newest checkpoint once it is complete
         path = ckpt.latest_checkpoint(self.ckpt.dir, verify=True)  # every rank: rank 0 verifies, all get it
         target = int(ckpt.read_meta(path)["step"]) if path is not None else None
         if target is None or target >= spike_step:
