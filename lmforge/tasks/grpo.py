@@ -16,7 +16,8 @@ One optimizer step:
 4. the clipped policy-gradient loss (`lmforge.train.losses.GRPOLoss`, TRL's grpo / bnpo / dr_grpo), on
    micro-batches of ``train.micro_batch`` completions.
 
-The rollouts of a step are held in the batch source's state: a checkpoint taken between the iterations of
+One process for now: a multi-process launch is refused (generation from sharded weights would need every
+rank in step through each forward). The rollouts of a step are held in the batch source's state: a checkpoint taken between the iterations of
 one batch of rollouts resumes with them (exact resume); the data cursor and step count are in the same state.
 
 Metrics (TRL's names) join every train row of metrics.jsonl: ``reward``, ``reward_std``,
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 from lmforge.atomic import atomic_write_text
-from lmforge.config import ConfigError
+from lmforge.config import ConfigError, UserError
 from lmforge.console import info
 from lmforge.data.prompts import encode_prompts, load_prompts
 from lmforge.distributed.world import unwrap
@@ -305,6 +306,9 @@ class GRPOTask(FinetuneTask):
 
     def read_data(self, world, device) -> None:
         cfg, d = self.cfg, self.cfg.data
+        if world.world_size > 1:  # sharded generation needs every rank in step through each forward: not yet
+            raise UserError(f"finetune.mode=grpo runs in one process for now ({world.world_size} were started); "
+                            "launch it without torchrun")
         template = get_chat_template(self.tokenizer, d.chat_template)
         self.train, self.dev = read_train_dev(lambda paths, cap: load_prompts(paths, d.columns, cap), d,
                                               cfg.train.seed)
