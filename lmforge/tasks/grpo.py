@@ -293,7 +293,7 @@ class GRPOTask(FinetuneTask):
         return "GRPO with LoRA" if self.uses_lora() else "GRPO (full fine-tuning)"
 
     def unit_text(self) -> str:
-        return "prompts"
+        return f"completions ({self.cfg.grpo.num_generations} per prompt)"
 
     # ---- data ----
     def check(self) -> None:
