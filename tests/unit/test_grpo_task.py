@@ -115,3 +115,15 @@ def test_config_errors(model_dir, prompts_file, tmp_path):
         finetune(grpo_cfg(model_dir, prompts_file, tmp_path / "c", grpo={"max_completion_length": 48}))
     with pytest.raises(ConfigError, match="multiple of grpo.num_generations"):
         grpo_cfg(model_dir, prompts_file, tmp_path / "c", train={"global_batch": 6})
+
+
+@pytest.mark.slow
+def test_grpo_raises_an_easy_reward(model_dir, prompts_file, tmp_path):
+    """The loop optimises its reward: completions of a random model that start with a letter a–m earn 1."""
+    finetune(grpo_cfg(model_dir, prompts_file, tmp_path / "learn", train={"max_steps": 12, "global_batch": 16,
+                                                                           "micro_batch": 16},
+                      optim={"lr": 3e-2}, eval={"interval": 0, "at_start": False}, checkpoint={"interval": 0},
+                      grpo={"num_generations": 8, "num_iterations": 1, "beta": 0.0, "max_completion_length": 3,
+                            "sample_interval": 0, "rewards": [{"name": "format", "pattern": r"^\s*[a-mA-M]"}]}))
+    reward = [r["reward"] for r in rows(tmp_path / "learn", "train")]
+    assert sum(reward[-3:]) / 3 > sum(reward[:3]) / 3 + 0.25, reward
