@@ -109,7 +109,7 @@ class DpoSection:
 class RewardSpec:
     """One ``grpo.rewards`` entry: a reward function and its weight (lmforge/tasks/grpo_rewards.py)."""
 
-    name: Literal["answer", "format", "length", "python"] = "answer"
+    name: Literal["answer", "format", "length", "python"] = "answer"  # which reward function (see its keys below)
     weight: float = 1.0  # the reward is Σ weight × value over the entries
     mode: Literal["auto", "exact", "numeric"] = "auto"  # answer: how the answer is compared
     tolerance: float = 1e-6  # answer: numbers equal within tolerance × max(1, |answer|)
@@ -137,8 +137,8 @@ class GrpoSection:
     use_bias_correction_kl: bool = True  # multiply the KL term by the ratio (TRL's default)
     rewards: list[RewardSpec] = field(default_factory=list)  # empty: [{name: answer}]
     lora: bool = False  # train LoRA adapters (the lora: section); the reference is then the adapters-off base
-    sample_interval: int = 10  # write RUN/completions/step_N.jsonl every N steps (0 = never)
-    eval_max_prompts: int = 64  # dev prompts scored greedily at each evaluation (reward, accuracy)
+    sample_interval: int = 10  # RUN/completions/step_N.jsonl: the rollouts training every N-th step (0 = never)
+    eval_max_prompts: int = 64  # dev prompts scored greedily at each evaluation (reward, rewards/<fn>/mean)
 
 
 @dataclass
