@@ -29,7 +29,7 @@ CONFIG_SECTIONS: list[tuple[str, str, str, str, str]] = [
     ("Pretraining", "lmforge.train.config", "PretrainConfig",
      "`lmforge pretrain --config FILE` (and the quickstart's recipe)", ""),
     ("Fine-tuning", "lmforge.tasks.config", "FinetuneConfig",
-     "`lmforge finetune --config FILE` (every `finetune.mode`: sft, lora, classify, dpo, reward)", ""),
+     "`lmforge finetune --config FILE` (every `finetune.mode`: sft, lora, classify, dpo, reward, grpo)", ""),
     ("Model", "lmforge.models.config", "ModelConfig",
      ("the `model:` section of a pretraining config (any of these keys after `preset:`, which fills the rest) "
       "and the `config.json` of a model dir"), "model."),

@@ -1,10 +1,12 @@
-"""`lmforge finetune --config FILE [section.key=value ...]`: sft | lora | classify from a model dir."""
+"""`lmforge finetune --config FILE [section.key=value ...]`: sft | lora | classify | dpo | reward | grpo from a
+model dir."""
 
 from __future__ import annotations
 
 from lmforge.train.rank_output import emit_once, errors_name_rank
 
-HELP = "fine-tune a model dir: instruction SFT, LoRA or a classifier (resumes from RUN/checkpoints/LATEST)"
+HELP = ("fine-tune a model dir: instruction SFT, LoRA, a classifier, DPO, a reward model or GRPO (online RL) "
+        "(resumes from RUN/checkpoints/LATEST)")
 
 
 def add_arguments(p) -> None:

@@ -44,7 +44,7 @@ class Outputs:
 class RunResult:
     """The result of `lmforge.tasks.run.run`: the Trainer's result and what the task made of it."""
 
-    mode: str  # the task's name as the config spells it (clm | mlm | sft | lora | classify | dpo | reward)
+    mode: str  # the task's name as the config spells it (clm | mlm | sft | lora | classify | dpo | reward | grpo)
     train: TrainResult
     model_dir: str | None = None
     adapter_dir: str | None = None

@@ -1,7 +1,8 @@
 """The fine-tuning config: pretraining's sections (run, train, optim, schedule, eval, checkpoint, log,
-parallel) plus ``model.from``, ``finetune``, ``lora``, ``classify``, ``dpo`` and fine-tuning ``data`` keys.
+parallel) plus ``model.from``, ``finetune``, ``lora``, ``classify``, ``dpo``, ``grpo`` and fine-tuning ``data`` keys.
 
-Keys users' scripts rely on: ``model.from`` (a model dir), ``finetune.mode`` (``sft | lora | classify | dpo | reward``),
+Keys users' scripts rely on: ``model.from`` (a model dir), ``finetune.mode`` (``sft | lora | classify | dpo | reward |
+grpo``),
 ``data.train``, ``data.dev``, ``data.format`` (``alpaca | chat | sharegpt | prompt_completion | labels``),
 ``data.text_field``, ``data.label_field``, ``lora.rank``, ``lora.alpha``, ``lora.targets``, and from
 pretraining ``run.dir``, ``train.*``, ``optim.*``, ``eval.interval``, ``checkpoint.interval``,
@@ -36,7 +37,7 @@ class ModeSpec:
     """What the config must know of a fine-tuning task to check a recipe without importing the task (this
     module imports no torch); everything else about the task is in its module (`lmforge.tasks.registry`)."""
 
-    reads: Literal["chat", "labels", "pairs"]  # its data: which data.format values apply
+    reads: Literal["chat", "labels", "pairs", "prompts"]  # its data: which data.format values apply
     metrics: tuple[str, ...] = ()  # the higher-is-better metrics its evaluation reports (eval.metric choices)
     default_metric: str = "val_loss"  # eval.metric when unset
     lora: str | None = None  # what switches LoRA on: "always", or the config key (classify.method=lora, dpo.lora)
@@ -48,11 +49,12 @@ MODE_SPECS: dict[str, ModeSpec] = {
     "classify": ModeSpec("labels", ("accuracy", "macro_f1"), "accuracy", lora="classify.method"),
     "dpo": ModeSpec("pairs", ("rewards/accuracies", "rewards/margins"), lora="dpo.lora"),
     "reward": ModeSpec("pairs", ("accuracy", "margin"), "accuracy", lora="classify.method"),
+    "grpo": ModeSpec("prompts", ("reward",), "reward", lora="grpo.lora"),
 }
 MODES = tuple(MODE_SPECS)
 SFT_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion")
 # Metrics an evaluation reports, and which way is better.
-MAXIMIZE = ("accuracy", "macro_f1", "rewards/accuracies", "rewards/margins", "margin")  # every ModeSpec.metrics
+MAXIMIZE = ("accuracy", "macro_f1", "rewards/accuracies", "rewards/margins", "margin", "reward")  # ModeSpec.metrics
 MINIMIZE = ("val_loss", "val_ppl")
 
 
@@ -86,7 +88,7 @@ class ModelSource:
 
 @dataclass
 class FinetuneSection:
-    mode: Literal["sft", "lora", "classify", "dpo", "reward"] = "sft"
+    mode: Literal["sft", "lora", "classify", "dpo", "reward", "grpo"] = "sft"
 
 
 @dataclass
@@ -101,6 +103,42 @@ class DpoSection:
     lora: bool = False  # train LoRA adapters (the lora: section) instead of every weight
     precompute_ref: bool = False  # reference log-probs computed once and stored in the run dir
     max_prompt_len: int | None = None  # prompts are cut to their last N tokens when a pair is too long; None: seq_len/2
+
+
+@dataclass
+class RewardSpec:
+    """One ``grpo.rewards`` entry: a reward function and its weight (lmforge/tasks/grpo_rewards.py)."""
+
+    name: Literal["answer", "format", "length", "python"] = "answer"  # which reward function (see its keys below)
+    weight: float = 1.0  # the reward is Σ weight × value over the entries
+    mode: Literal["auto", "exact", "numeric"] = "auto"  # answer: how the answer is compared
+    tolerance: float = 1e-6  # answer: numbers equal within tolerance × max(1, |answer|)
+    pattern: str | None = None  # format: a regex the completion must match (re.search, DOTALL)
+    full: bool = False  # format: the whole completion must match
+    target_tokens: int = 0  # length: completions longer than this lose (tokens − target) / max_completion_length
+    function: str | None = None  # python: FILE.py:NAME (your own code; see the reward trust model)
+
+
+@dataclass
+class GrpoSection:
+    """``grpo:`` — online RL with verifiable rewards (finetune.mode=grpo); see lmforge/tasks/grpo.py. Names as
+    TRL's GRPOConfig. train.global_batch counts completions per step (num_generations per prompt)."""
+
+    num_generations: int = 8  # G: completions sampled per prompt (one group)
+    max_completion_length: int = 256  # tokens generated per completion at most
+    temperature: float = 1.0  # sampling temperature (the loss scores log-probs at the same temperature)
+    top_p: float = 1.0  # nucleus sampling (1 = off)
+    beta: float = 0.0  # weight of the KL penalty to the reference (0 = no reference model)
+    epsilon: float = 0.2  # clip range of the importance ratio: [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None  # None: epsilon (DAPO's clip-higher sets it larger)
+    num_iterations: int = 1  # optimizer steps on each batch of rollouts (μ); > 1 uses the importance ratio
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"  # how per-token losses are averaged
+    scale_rewards: bool = True  # divide advantages by the group's reward std (false: Dr. GRPO)
+    use_bias_correction_kl: bool = True  # multiply the KL term by the ratio (TRL's default)
+    rewards: list[RewardSpec] = field(default_factory=list)  # empty: [{name: answer}]
+    lora: bool = False  # train LoRA adapters (the lora: section); the reference is then the adapters-off base
+    sample_interval: int = 10  # RUN/completions/step_N.jsonl: the rollouts training every N-th step (0 = never)
+    eval_max_prompts: int = 64  # dev prompts scored greedily at each evaluation (reward, rewards/<fn>/mean)
 
 
 @dataclass
@@ -192,6 +230,7 @@ class FinetuneConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     classify: ClassifySection = field(default_factory=ClassifySection)
     dpo: DpoSection = field(default_factory=DpoSection)
+    grpo: GrpoSection = field(default_factory=GrpoSection)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0))
@@ -214,7 +253,7 @@ class FinetuneConfig:
         """True when only LoRA adapters (and a task's head) train, per the mode's switch (`ModeSpec.lora`)."""
         switch = self.spec.lora
         return (switch == "always" or (switch == "classify.method" and self.classify.method == "lora")
-                or (switch == "dpo.lora" and self.dpo.lora))
+                or (switch == "dpo.lora" and self.dpo.lora) or (switch == "grpo.lora" and self.grpo.lora))
 
     @property
     def global_batch_size(self) -> int:
@@ -261,6 +300,9 @@ def validate(cfg: FinetuneConfig) -> None:
     if reads == "pairs" and d.format != "auto":
         raise ConfigError(f"finetune.mode={cfg.mode} reads preference pairs (prompt/chosen/rejected, LLaMA-Factory "
                           f"ranking or ShareGPT pairs, detected per record); data.format={d.format} should be auto")
+    if reads == "prompts" and d.format != "auto":
+        raise ConfigError(f"finetune.mode={cfg.mode} reads prompts with answers ({{prompt, answer}} or "
+                          f"{{messages, answer}}, detected per record); data.format={d.format} should be auto")
     if reads != "labels" and d.format == "labels":
         labelled = " or ".join(m for m, spec in MODE_SPECS.items() if spec.reads == "labels")
         raise ConfigError(f"data.format=labels is for finetune.mode={labelled}, not {cfg.mode}; use alpaca, chat, "
@@ -308,6 +350,8 @@ def validate(cfg: FinetuneConfig) -> None:
     if dp.precompute_ref and dp.loss in ("simpo", "orpo"):
         raise ConfigError(f"dpo.precompute_ref applies to losses with a reference model; dpo.loss={dp.loss} "
                           "is reference-free: drop dpo.precompute_ref")
+    if cfg.mode == "grpo":
+        validate_grpo(cfg)
     if cfg.uses_lora:
         if cfg.lora.alpha <= 0:
             raise ConfigError(f"lora.alpha={cfg.lora.alpha} must be positive (typical: 2 × lora.rank)")
@@ -316,6 +360,39 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"classify.dropout={cfg.classify.dropout} must be in [0, 1)")
     if cfg.classify.labels is not None and len(set(cfg.classify.labels)) < 2:
         raise ConfigError(f"classify.labels={cfg.classify.labels} must list at least 2 distinct labels")
+
+
+def validate_grpo(cfg: FinetuneConfig) -> None:
+    g, t = cfg.grpo, cfg.train
+    if g.num_generations < 2:
+        raise ConfigError(f"grpo.num_generations={g.num_generations} must be at least 2 (advantages are relative "
+                          "to the group; typical: 8)")
+    if t.global_batch % g.num_generations:
+        raise ConfigError(f"train.global_batch={t.global_batch} counts completions and must be a multiple of "
+                          f"grpo.num_generations={g.num_generations}")
+    if g.max_completion_length < 1:
+        raise ConfigError(f"grpo.max_completion_length={g.max_completion_length} must be positive")
+    if not g.temperature > 0:
+        raise ConfigError(f"grpo.temperature={g.temperature} must be positive (rollouts are sampled)")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"grpo.top_p={g.top_p} must be in (0, 1]")
+    if g.beta < 0:
+        raise ConfigError(f"grpo.beta={g.beta} must be >= 0 (0 = no KL penalty, typical 0.04)")
+    if not 0 < g.epsilon < 1 or (g.epsilon_high is not None and not g.epsilon_high > 0):
+        raise ConfigError(f"grpo.epsilon={g.epsilon} must be in (0, 1) and grpo.epsilon_high positive")
+    if g.num_iterations < 1:
+        raise ConfigError(f"grpo.num_iterations={g.num_iterations} must be at least 1")
+    if g.sample_interval < 0 or g.eval_max_prompts < 0:
+        raise ConfigError("grpo.sample_interval and grpo.eval_max_prompts must be >= 0")
+    for i, r in enumerate(g.rewards):
+        if not math.isfinite(r.weight):
+            raise ConfigError(f"grpo.rewards[{i}].weight={r.weight} must be a finite number")
+        if r.name == "format" and not r.pattern:
+            raise ConfigError(f"grpo.rewards[{i}]: name=format needs pattern: REGEX")
+        if r.name == "python" and not r.function:
+            raise ConfigError(f"grpo.rewards[{i}]: name=python needs function: FILE.py:NAME")
+        if r.target_tokens < 0 or r.tolerance < 0:
+            raise ConfigError(f"grpo.rewards[{i}]: target_tokens and tolerance must be >= 0")
 
 
 SEQ_LEN_CAP = 2048  # the default data.seq_len: the model's context, capped (memory grows with the length)
@@ -384,8 +461,10 @@ __all__ = [
     "FinetuneEvalConfig",
     "FinetuneSection",
     "FinetuneTrainConfig",
+    "GrpoSection",
     "LoraSection",
     "ModelSource",
+    "RewardSpec",
     "TrainFile",
     "config_dict",
     "config_from_dict",

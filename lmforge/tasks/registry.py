@@ -8,6 +8,7 @@ from lmforge.config import ConfigError
 from lmforge.tasks.base import Task
 from lmforge.tasks.classify import ClassifyTask
 from lmforge.tasks.config import FinetuneConfig
+from lmforge.tasks.grpo import GRPOTask
 from lmforge.tasks.mlm import MLMTask
 from lmforge.tasks.preference import PreferenceTask
 from lmforge.tasks.pretrain import PretrainTask
@@ -23,6 +24,7 @@ TASKS: dict[str, type[Task]] = {
     "classify": ClassifyTask,
     "dpo": PreferenceTask,
     "reward": RewardTask,
+    "grpo": GRPOTask,  # finetune.mode: grpo (online RL with verifiable rewards)
 }
 
 

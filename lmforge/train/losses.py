@@ -11,6 +11,9 @@
   log-probabilities (`sequence_logps`); the task (`lmforge.tasks.preference`) supplies the reference model.
   (Reward modelling's Bradley–Terry loss is `lmforge.eval.pairwise.bradley_terry`, which its evaluation
   shares; eval never imports train.)
+- online RL with verifiable rewards (GRPO, Dr. GRPO; `GRPOLoss`, `grpo_token_losses`, `group_advantages`): the
+  clipped policy-gradient objective on per-token log-probabilities of sampled completions
+  (`completion_logps`); the task (`lmforge.tasks.grpo`) supplies rollouts, rewards and the reference.
 
 Every loss is ``loss_fn(model, batch) -> (loss_sum, n_targets)``: the summed loss and how many targets it
 covers; the Trainer normalizes by the global count.
@@ -268,6 +271,135 @@ def preference_losses(loss: str, logp_c: torch.Tensor, logp_r: torch.Tensor, n_c
         return losses, lam * avg_c.detach(), lam * avg_r.detach()
     raise ValueError(f"dpo.loss={loss} is not one of {', '.join(LOSSES)}")
 
+
+
+# ================================================================================================
+# Online RL with verifiable rewards (``finetune.mode: grpo``)
+# ================================================================================================
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative advantages of rewards (N·G,) laid out group after group (G = ``num_generations``
+    completions of one prompt in a row): ``A = r − mean(group)``, divided by ``std(group) + 1e-4`` (the
+    unbiased std, as TRL) when ``scale_rewards`` (GRPO; Dr. GRPO turns it off). Returns (advantages, the
+    std of each completion's group)."""
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not form groups of {num_generations}")
+    grouped = rewards.double().view(-1, num_generations)
+    mean = grouped.mean(1).repeat_interleave(num_generations)
+    std = (grouped.std(1) if num_generations > 1 else torch.zeros(grouped.size(0), dtype=torch.float64))
+    std = std.repeat_interleave(num_generations)
+    adv = rewards.double() - mean
+    if scale_rewards:
+        adv = adv / (std + 1e-4)
+    return adv.to(rewards.dtype if rewards.is_floating_point() else torch.float32), std
+
+
+def completion_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs (B, T) of ``targets`` (shifted: the token after each position; IGNORE_INDEX where
+    there is none) under ``logits / temperature`` (the sampling distribution, as TRL scores it); 0 where
+    ignored."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (targets != IGNORE_INDEX)
+
+
+def grpo_token_losses(logps: torch.Tensor, advantages: torch.Tensor, *, old_logps: torch.Tensor | None = None,
+                      ref_logps: torch.Tensor | None = None, beta: float = 0.0, epsilon: float = 0.2,
+                      epsilon_high: float | None = None, use_bias_correction_kl: bool = True
+                      ) -> dict[str, torch.Tensor]:
+    """Per-token GRPO loss (B, T) with its parts.
+
+        ratio  = exp(logp − old)              old = logp.detach() when None (one iteration: exactly 1)
+        loss_t = −min(ratio·A, clip(ratio, 1 − ε, 1 + ε_high)·A) + β·KL_t
+        KL_t   = exp(ref − logp) − (ref − logp) − 1     (the k3 estimator; only when β ≠ 0)
+        KL_t  ×= ratio                         with ``use_bias_correction_kl`` (TRL's default: the unbiased
+                                               reverse-KL gradient of DeepSeek-V3.2; the value is unchanged
+                                               on-policy, the gradient is not)
+
+    Returns ``loss`` (B, T), ``ratio``, ``kl`` (None without a reference) and ``clipped`` (bool, the tokens
+    whose ratio left the clip region on the side the advantage pushes)."""
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    old = logps.detach() if old_logps is None else old_logps
+    ratio = torch.exp(logps - old)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    loss = -torch.min(ratio * adv, clipped_ratio * adv)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("grpo.beta != 0 needs reference log-probs")
+        d = ref_logps - logps
+        kl = torch.exp(d) - d - 1
+        if use_bias_correction_kl:
+            kl = kl * ratio
+        loss = loss + beta * kl
+    clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    return {"loss": loss, "ratio": ratio, "kl": kl, "clipped": clipped}
+
+
+def grpo_reduce(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss_sum, n)`` of per-token losses, for the Trainer's Σ loss / Σ n over a step:
+
+        grpo     Σ_rows (Σ_t loss / |y_row|)   n = rows             -> the mean over completions of their
+                                                                       token mean (the GRPO paper)
+        bnpo     Σ_rows Σ_t loss               n = completion tokens -> the mean over every token of the step
+        dr_grpo  Σ_rows Σ_t loss               n = rows × max_completion_length (Dr. GRPO: a constant)
+
+    TRL normalises each micro-batch and averages micro-batches; with one micro-batch per step (or equal
+    token counts per micro-batch, for bnpo) the two are the same number."""
+    mask = mask.to(token_loss.dtype)
+    per_row = (token_loss * mask).sum(-1)
+    if loss_type == "grpo":
+        return (per_row / mask.sum(-1).clamp(min=1.0)).sum(), torch.tensor(float(mask.size(0)))
+    if loss_type == "bnpo":
+        return per_row.sum(), mask.sum().detach()
+    if loss_type == "dr_grpo":
+        return per_row.sum(), torch.tensor(float(mask.size(0) * max_completion_length))
+    raise ValueError(f"grpo.loss_type={loss_type} is not one of {', '.join(GRPO_LOSS_TYPES)}")
+
+
+class GRPOLoss:
+    """``loss_fn(model, batch) -> (loss_sum, n)`` for the Trainer on a rollout batch: ``tokens`` (B, T)
+    prompt + completion (right-padded), ``targets`` (B, T) the shifted completion tokens (IGNORE_INDEX on
+    the prompt and padding), ``advantages`` (B,), and optionally ``old_logps`` / ``ref_logps`` (B, T).
+
+    It keeps running sums of the masked KL and of the clipped tokens (``stats``; `take_stats` reads and
+    resets them) for the metrics ``kl`` and ``clip_ratio``."""
+
+    def __init__(self, loss_type: str = "grpo", *, beta: float = 0.0, epsilon: float = 0.2,
+                 epsilon_high: float | None = None, temperature: float = 1.0, max_completion_length: int = 256,
+                 use_bias_correction_kl: bool = True):
+        if loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"grpo.loss_type={loss_type} is not one of {', '.join(GRPO_LOSS_TYPES)}")
+        self.loss_type, self.beta, self.epsilon, self.epsilon_high = loss_type, beta, epsilon, epsilon_high
+        self.temperature, self.max_completion_length = temperature, max_completion_length
+        self.use_bias_correction_kl = use_bias_correction_kl
+        self.stats = torch.zeros(3, dtype=torch.float64)  # Σ kl, Σ clipped, Σ tokens
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = batch["targets"]
+        mask = targets != IGNORE_INDEX
+        logps = completion_logps(model(batch["tokens"]), targets, self.temperature)
+        parts = grpo_token_losses(logps, batch["advantages"], old_logps=batch.get("old_logps"),
+                                  ref_logps=batch.get("ref_logps"), beta=self.beta, epsilon=self.epsilon,
+                                  epsilon_high=self.epsilon_high,
+                                  use_bias_correction_kl=self.use_bias_correction_kl)
+        with torch.no_grad():
+            m = mask.double()
+            kl = (parts["kl"].double() * m).sum() if parts["kl"] is not None else m.new_zeros(())
+            self.stats += torch.stack([kl, (parts["clipped"].double() * m).sum(), m.sum()]).cpu()
+        return grpo_reduce(parts["loss"], mask, self.loss_type, self.max_completion_length)
+
+    def take_stats(self) -> dict[str, float]:
+        """``kl`` and ``clip_ratio`` (token means) since the last call; resets the sums."""
+        kl, clipped, n = self.stats.tolist()
+        self.stats.zero_()
+        n = max(n, 1.0)
+        return {"kl": kl / n, "clip_ratio": clipped / n}
 
 
 # ================================================================================================

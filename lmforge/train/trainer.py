@@ -140,7 +140,9 @@ class Job:
     value}`` adds metrics to every evaluation; ``on_best(trainer)`` runs on every rank at a new best;
     ``math_fields`` are the settings whose change alters the math a checkpoint encodes (a resume checks
     them); ``save_model(model, out)`` writes RUN/model when ``checkpoint.save_model`` is on;
-    ``finish_tracking`` False: the caller writes its outputs, then closes the trackers' run itself.
+    ``finish_tracking`` False: the caller writes its outputs, then closes the trackers' run itself;
+    ``step_metrics()`` (optional) returns the task's own metrics of the steps since its last call, added to
+    every train row (GRPO's rewards, KL, clip ratio).
     """
 
     model: nn.Module
@@ -162,6 +164,7 @@ class Job:
     val_groups: list[str] | None = None
     val_group_weights: dict[str, float] | None = None
     val_group_bytes_per_token: dict[str, float] | None = None
+    step_metrics: Callable[[], dict[str, float]] | None = None
 
 
 class Trainer:
@@ -783,6 +786,8 @@ class Trainer:
         skipped = window.pop("skipped")
         row = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
                "lr": out["lr"], **window, **memory_stats(self.device, reset=True)}  # peaks of this row's steps
+        if self.job.step_metrics is not None:
+            row.update(self.job.step_metrics())
         if skipped or self.nonfinite_total:
             row.update(skipped=skipped, nonfinite_total=self.nonfinite_total)
         self.metrics.write(row)

@@ -1,7 +1,6 @@
 """`lmforge finetune` with ``finetune.mode: grpo`` through the CLI on a tiny model dir: a YAML config with a
-user reward function from a file (the trust model: the user's own code, named by path), the one-line
-summary and --json payload, RUN/model, metrics.jsonl with TRL's names, samples; a bad reward reference is
-one error line with exit code 2."""
+user reward function from a file (the trust model: the user's own code, named by path), the --json payload,
+RUN/model, metrics.jsonl with TRL's names; a bad reward reference is one error line with exit code 2."""
 
 import json
 
@@ -63,15 +62,14 @@ def test_grpo_cli_run(setup, capsys):
     out, err = capsys.readouterr()
     assert rc == 0, err[-3000:]
     payload = json.loads(out.strip().splitlines()[-1])
-    assert payload["mode"] == "grpo" and payload["step"] == 3 and payload["model_dir"]
-    assert (run / "model" / "model.safetensors").is_file()
-    assert "finetune grpo:" in err or "finetune grpo" in out or payload["stop_reason"] == "max_steps"
+    assert payload["mode"] == "grpo" and payload["step"] == 3 and payload["stop_reason"] == "max_steps"
+    assert payload["model_dir"] and (run / "model" / "model.safetensors").is_file()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert len(train) == 3 and all("rewards/ends_with_digit/mean" in r and "reward" in r for r in train)
     evals = [r for r in rows if r["kind"] == "eval"]
-    assert evals and "rewards/answer/mean" in evals[-1]
-    assert sorted(p.name for p in (run / "completions").glob("*.jsonl")) == []  # sample_interval 10 > 3 steps
+    assert evals and "rewards/answer/mean" in evals[-1] and "reward" in payload["val"]
+    assert not (run / "completions").exists()  # grpo.sample_interval (10) > the run's 3 steps
 
 
 def test_grpo_cli_bad_reward_is_one_line(setup, capsys):
