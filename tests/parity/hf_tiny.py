@@ -34,6 +34,7 @@ CASES = {
                            dict(_SMALL, num_key_value_heads=2, sliding_window=7)),
     "qwen2-gqa-qkvbias": ("Qwen2Config", "Qwen2ForCausalLM", dict(_SMALL, num_key_value_heads=2)),
     "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(_SMALL, num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen3-gqa-qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(_SMALL, num_key_value_heads=2, head_dim=32)),
     "gpt2-tied": ("GPT2Config", "GPT2LMHeadModel",
                   dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)),
     "gpt2-untied-gelu": ("GPT2Config", "GPT2LMHeadModel",

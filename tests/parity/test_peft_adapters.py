@@ -26,7 +26,8 @@ ATOL = 1e-5
 # biases (llama-bias-headdim: every linear; qwen2: q/k/v), GQA, tied and untied heads, a sliding window.
 PEFT_CASES = [("llama-mha-untied", ["all-linear"]), ("llama-bias-headdim", ["attention"]),
               ("llama3-gqa-tied-ropescaling", ["mlp"]), ("mistral-gqa-window", ["wq", "wv", "w2"]),
-              ("qwen2-gqa-qkvbias", ["all-linear"]), ("qwen2-tied", ["wk", "wo", "w1", "w3"])]
+              ("qwen2-gqa-qkvbias", ["all-linear"]), ("qwen2-tied", ["wk", "wo", "w1", "w3"]),
+              ("qwen3-gqa-qknorm", ["all-linear"])]
 
 
 def _tokens(seed=0, b=2, t=16):
@@ -114,8 +115,8 @@ def test_peft_adapter_trained_elsewhere_loads_on_imported_base(hf_dir, tmp_path)
 def test_peft_options_lmforge_does_not_compute_are_refused(hf_dir, tmp_path):
     src = hf_dir(make_hf_model("llama-mha-untied"))
     import_hf(src, tmp_path / "base")
-    for extra, match in ((dict(use_dora=True), "DoRA"), (dict(bias="lora_only"), "bias"),
-                         (dict(target_modules=["q_proj", "lm_head"]), "lm_head")):
+    for extra, match in (({"use_dora": True}, "DoRA"), ({"bias": "lora_only"}, "bias"),
+                         ({"target_modules": ["q_proj", "lm_head"]}, "lm_head")):
         kw = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], **extra}
         pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(src), peft.LoraConfig(**kw))
         out = tmp_path / f"ad_{next(iter(extra))}"

@@ -328,8 +328,8 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str 
     prefix = "bert." if arch in ("BertForMaskedLM", "BertForPreTraining") else ""
     if fam.name == "bert" and arch == "BertModel":
         heads = {k: v for k, v in heads.items() if k.startswith("pooler.")}
+    hf_cfg = model_config_to_hf(cfg, fam, base)  # first: a family that cannot express cfg says why
     hf_sd = lmforge_to_hf_state_dict(fam, cfg, sd, heads, prefix)
-    hf_cfg = model_config_to_hf(cfg, fam, base)
     hf_cfg["architectures"] = [arch]
     weight_dtype = next(iter(sd.values())).dtype
     hf_cfg.pop("dtype", None)

@@ -182,6 +182,7 @@ def _llama_like_to_hf(cfg: ModelConfig, family: str) -> dict[str, Any]:
              and not cfg.type_vocab_size and not cfg.embed_scale and cfg.final_norm,
              f"this model's shape has no {family} equivalent; {family} needs a causal pre-norm RMSNorm/SwiGLU/RoPE "
              "decoder with an LM head")
+    _require(not cfg.qk_norm or family == "qwen3", f"{family} has no QK-norm; export this model as qwen3")
     out = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
@@ -362,6 +363,8 @@ def family_for_model_config(cfg: ModelConfig) -> Family:
     if cfg.pos_encoding == "learned":
         return FAMILIES["gpt2"]
     if cfg.pos_encoding == "rope":
+        if cfg.qk_norm and "qwen3" in FAMILIES:
+            return FAMILIES["qwen3"]
         if cfg.qkv_bias and not cfg.bias:
             return FAMILIES["qwen2"]
         if cfg.sliding_window is not None:
@@ -374,9 +377,7 @@ def family_for_model_config(cfg: ModelConfig) -> Family:
 def require_hf_expressible(cfg: ModelConfig) -> None:
     """Refuse the recipe options no exported family computes (Llama/Mistral/Qwen2/GPT-2/BERT would load the
     weights and silently run a different model)."""
-    options = []
-    if cfg.qk_norm:
-        options.append("model.qk_norm=true")
+    options = []  # model.qk_norm is Qwen3's (lmforge.artifacts.hf.qwen3)
     if cfg.logit_softcap is not None:
         options.append(f"model.logit_softcap={cfg.logit_softcap:g}")
     if cfg.activation == "relu2":
