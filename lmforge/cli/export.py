@@ -54,7 +54,7 @@ def run(args) -> int:
     if args.format == "peft" and args.dtype is not None:
         raise UserError("--dtype does not apply to --format peft; the adapter keeps its tensors' dtype")
     if args.format == "gguf" and args.family is not None:
-        raise UserError("--family applies to --format hf; GGUF picks llama or qwen2 from the model's shape")
+        raise UserError("--family applies to --format hf; GGUF picks llama, qwen2 or qwen3 from the model's shape")
     guard_output_dir(args.out, inputs=[args.model], overwrite=args.overwrite)
     from lmforge.lock import check_not_being_written
     from lmforge.outputs import exclusive_output

@@ -1,7 +1,8 @@
 """Write an lmforge model dir as a GGUF file (llama.cpp, Ollama, LM Studio, transformers' GGUF loader).
 
 Llama and Mistral shapes become llama.cpp's ``llama`` graph (q/k rows permuted, see ``tensors``), Qwen2
-(biases on q/k/v) its ``qwen2`` graph. The output is a directory holding ``model-<dtype>.gguf`` and an
+(biases on q/k/v) its ``qwen2`` graph, Qwen3 (``model.qk_norm``: RMSNorm over each q/k head) its ``qwen3``
+graph. The output is a directory holding ``model-<dtype>.gguf`` and an
 Ollama ``Modelfile`` that points at it; the directory appears whole or not at all.
 """
 
@@ -33,7 +34,7 @@ _EXPRESSED = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_di
 
 
 def gguf_architecture(cfg: ModelConfig) -> str:
-    """``llama`` or ``qwen2``; a UserError naming what does not fit otherwise."""
+    """``llama``, ``qwen2`` or ``qwen3``; a UserError naming what does not fit otherwise."""
     if not (cfg.causal and cfg.lm_head and cfg.pos_encoding == "rope" and cfg.activation == "swiglu"
             and cfg.norm == "rmsnorm" and cfg.norm_position == "pre" and cfg.final_norm
             and not cfg.embedding_norm and not cfg.type_vocab_size and not cfg.embed_scale):
@@ -42,12 +43,16 @@ def gguf_architecture(cfg: ModelConfig) -> str:
     if cfg.bias:
         raise UserError("this model has biases on every linear layer, which llama.cpp's llama graph does not "
                         "load; export it with --format hf")
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise UserError("this model has QK-norm and q/k/v biases; llama.cpp's qwen3 graph has no biases: export "
+                        "it with --format hf")
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    extra = sorted(k for k in defaults if k not in _EXPRESSED and getattr(cfg, k) != defaults[k])
+    expressed = _EXPRESSED | {"qk_norm"}  # qk_norm: the qwen3 graph
+    extra = sorted(k for k in defaults if k not in expressed and getattr(cfg, k) != defaults[k])
     if extra:
-        raise UserError(f"model option(s) {', '.join('model.' + k for k in extra)} have no GGUF (llama/qwen2) "
-                        "equivalent; a GGUF file needs a model trained without them")
-    return "qwen2" if cfg.qkv_bias else "llama"
+        raise UserError(f"model option(s) {', '.join('model.' + k for k in extra)} have no GGUF "
+                        "(llama/qwen2/qwen3) equivalent; a GGUF file needs a model trained without them")
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
 
 
 def modelfile_text(gguf_name: str, template: tuple[str, list[str]] | None, eos_token: str | None) -> str:
