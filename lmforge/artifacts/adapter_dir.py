@@ -186,6 +186,22 @@ def load_adapter(directory: str | os.PathLike, device="cpu", check_base: bool = 
     return model.to(device).eval(), meta
 
 
+def read_adapter_tensors(directory: str | os.PathLike, meta: dict[str, Any] | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """An lmforge adapter dir's tensors under lmforge's names (``layers.0.attention.wq.lora_A``), whichever
+    layout the dir has."""
+    d = Path(directory)
+    meta = meta if meta is not None else read_adapter_meta(d)
+    sd = load_weights(d, weights_name=ADAPTER_WEIGHTS)
+    if any(k.startswith(peft_format.PEFT_PREFIX) for k in sd):
+        fam = FAMILIES.get(meta.get("hf_family")) or _base_family(meta["base_model"])
+        if fam is None:
+            raise UserError(f"'{d}' holds PEFT tensor names but no family to read them with; its base "
+                            f"'{meta['base_model']}' changed or is gone")
+        sd = peft_format.from_peft_names(fam, sd)
+    return sd
+
+
 def export_peft(directory: str | os.PathLike, out: str | os.PathLike, family: str | None = None) -> dict[str, Any]:
     """`lmforge export --format peft`: an adapter dir (either layout) → a PEFT-format adapter dir for the
     Hugging Face export of its base (``family`` as `export --family`). Returns a summary."""
@@ -197,10 +213,7 @@ def export_peft(directory: str | os.PathLike, out: str | os.PathLike, family: st
     if not Path(meta["base_model"]).is_dir():
         raise UserError(f"the base model '{meta['base_model']}' named in '{d}' is gone; its family cannot be "
                         "checked")
-    sd = load_weights(d, weights_name=ADAPTER_WEIGHTS)
-    if any(k.startswith(peft_format.PEFT_PREFIX) for k in sd):
-        fam = FAMILIES.get(meta.get("hf_family")) or _base_family(meta["base_model"])
-        sd = peft_format.from_peft_names(fam, sd)
+    sd = read_adapter_tensors(d, meta)
     save_adapter_dir(out, sd, meta["base_model"], meta["base_fingerprint"], meta["rank"], meta["alpha"],
                      meta["targets"], task=meta.get("task", "lm"), labels=meta.get("labels"),
                      pooling=meta.get("pooling"), family=family, peft=True)

@@ -26,7 +26,8 @@ def parse_size(text: str) -> int:
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
-                   help="lmforge model dir (RUN/model, an import, …); an adapter dir (RUN/adapter) for --format peft")
+                   help="lmforge model dir (RUN/model, an import, …); an adapter dir (RUN/adapter) for --format "
+                        "peft, or for --format gguf to write a GGUF LoRA file")
     p.add_argument("--format", default="hf", choices=["hf", "gguf", "peft"],
                    help="hf: Hugging Face transformers dir; gguf: DIR/model-DTYPE.gguf + an Ollama Modelfile; "
                         "peft: a LoRA adapter dir peft.PeftModel.from_pretrained loads on the exported base")
@@ -68,9 +69,12 @@ def run(args) -> int:
 def _export(args) -> int:
     from lmforge.artifacts.hf.convert import export_hf
     from lmforge.artifacts.identity import check_model_dir_tokenizer
+    from lmforge.artifacts.metadata import is_adapter_dir, is_model_dir
 
     if args.format == "peft":
         return _run_peft(args)
+    if args.format == "gguf" and is_adapter_dir(args.model) and not is_model_dir(args.model):
+        return _run_gguf_lora(args)
     check_model_dir_tokenizer(args.model)
     if args.format == "gguf":
         return _run_gguf(args)
@@ -91,6 +95,22 @@ def _run_peft(args) -> int:
     s = export_peft(args.model, args.out, family=args.family)
     emit(args, f"exported PEFT LoRA adapter for {s['family']} (rank {s['rank']}, alpha {s['alpha']:g}, "
                f"{s['tensors']} tensors, {s['params']:,} params) -> {s['out']}", s)
+    return 0
+
+
+def _run_gguf_lora(args) -> int:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("--format gguf needs the gguf package; pip install 'lmforge[gguf]'") from None
+    from lmforge.artifacts.gguf.lora import export_gguf_lora
+
+    dtype = _GGUF_DTYPE[args.dtype or "f16"]
+    info(f"exporting adapter {args.model} as a GGUF LoRA file ({dtype}) …")
+    s = export_gguf_lora(args.model, args.out, dtype)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(s["tensor_types"].items()))
+    emit(args, f"exported GGUF LoRA adapter for {s['architecture']} (rank {s['rank']}, alpha {s['alpha']:g}, "
+               f"{types} tensors, {s['bytes'] / 1e6:.2f} MB) -> {s['file']}", s)
     return 0
 
 
