@@ -1,4 +1,4 @@
-"""Positional encodings: sinusoidal (Vaswani et al.), RoPE (with Llama-3 frequency scaling)."""
+"""Positional encodings: sinusoidal (Vaswani et al.), RoPE (with Llama-3 or YaRN frequency scaling)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     s = cfg.rope_scaling
     if s is None:
         return inv_freq
+    if s.type == "yarn":
+        return _yarn_inv_freq(cfg)
     low_wavelen = s.original_max_seq_len / s.low_freq_factor
     high_wavelen = s.original_max_seq_len / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -36,10 +38,45 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for positions (B, T) -> each (B, 1, T, head_dim), computed in fp32."""
+def _yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """YaRN: interpolated (÷ factor) frequencies below a linear ramp over the dimensions, extrapolated (as
+    they are) above it; the ramp's bounds are where a dimension turns beta_fast / beta_slow times over the
+    original context. The same float32 arithmetic as transformers' ``_compute_yarn_parameters``."""
+    s, d, base = cfg.rope_scaling, cfg.head_dim, cfg.rope_theta
+
+    def correction_dim(rotations: float) -> float:
+        return (d * math.log(s.original_max_seq_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, d, 2).to(dtype=torch.float) / d)
+    extrapolation = 1 - ramp
+    return (1.0 / (s.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def rope_attention_scale(cfg: ModelConfig) -> float:
+    """The factor cos/sin are scaled by: YaRN's attention factor (0.1·ln(factor) + 1 unless set), else 1."""
+    s = cfg.rope_scaling
+    if s is None or s.type != "yarn":
+        return 1.0
+    if s.attention_factor is not None:
+        return float(s.attention_factor)
+    return 1.0 if s.factor <= 1 else 0.1 * math.log(s.factor) + 1.0
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (times ``scale``, `rope_attention_scale`) for positions (B, T) -> each (B, 1, T, head_dim),
+    computed in fp32."""
     freqs = positions.float()[..., None] * inv_freq.float()[None, None, :]  # (B, T, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d): half-split layout (GPT-NeoX / HF)
+    if scale != 1.0:
+        return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 

@@ -43,6 +43,9 @@ def gguf_architecture(cfg: ModelConfig) -> str:
     if cfg.bias:
         raise UserError("this model has biases on every linear layer, which llama.cpp's llama graph does not "
                         "load; export it with --format hf")
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type != "llama3":
+        raise UserError(f"rope_scaling type '{cfg.rope_scaling.type}' is not written to GGUF (only Llama-3 scaling "
+                        "is); export it with --format hf")
     if cfg.qk_norm and cfg.qkv_bias:
         raise UserError("this model has QK-norm and q/k/v biases; llama.cpp's qwen3 graph has no biases: export "
                         "it with --format hf")

@@ -127,8 +127,19 @@ def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, Rope
     _require(partial in (None, 1, 1.0), f"partial_rotary_factor={partial} is not supported; lmforge rotates whole heads")
     if rope_type in (None, "default"):
         return float(theta), None
-    _require(rope_type == "llama3", f"rope scaling type '{rope_type}' is not supported; lmforge implements the "
-                                    "Llama-3 ('llama3') scaling only")
+    _require(rope_type in ("llama3", "yarn"), f"rope scaling type '{rope_type}' is not supported; lmforge "
+                                              "implements the Llama-3 ('llama3') and YaRN ('yarn') scalings")
+    if rope_type == "yarn":
+        _require(not spec.get("mscale") and not spec.get("mscale_all_dim"),
+                 "yarn rope scaling with mscale / mscale_all_dim (DeepSeek's variant) is not supported")
+        _require(spec.get("factor") is not None and spec.get("original_max_position_embeddings") is not None,
+                 "yarn rope scaling needs factor and original_max_position_embeddings")
+        af = spec.get("attention_factor")
+        return float(theta), RopeScaling(
+            type="yarn", factor=float(spec["factor"]), original_max_seq_len=int(spec["original_max_position_embeddings"]),
+            beta_fast=float(spec.get("beta_fast") or 32), beta_slow=float(spec.get("beta_slow") or 1),
+            attention_factor=float(af) if af is not None else None,
+            truncate=bool(params.get("truncate", scaling.get("truncate", True))))
     return float(theta), RopeScaling(factor=float(spec["factor"]), low_freq_factor=float(spec["low_freq_factor"]),
                                      high_freq_factor=float(spec["high_freq_factor"]),
                                      original_max_seq_len=int(spec["original_max_position_embeddings"]))
@@ -137,7 +148,15 @@ def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, Rope
 def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """v4 layout (``rope_theta`` + ``rope_scaling``): read by every transformers release and by converters."""
     out: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_scaling": None}
-    if cfg.rope_scaling is not None:
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "yarn":
+        s = cfg.rope_scaling
+        out["rope_scaling"] = {"rope_type": "yarn", "factor": s.factor, "original_max_position_embeddings":
+                               s.original_max_seq_len, "beta_fast": s.beta_fast, "beta_slow": s.beta_slow}
+        if s.attention_factor is not None:
+            out["rope_scaling"]["attention_factor"] = s.attention_factor
+        if not s.truncate:
+            out["rope_scaling"]["truncate"] = False
+    elif cfg.rope_scaling is not None:
         s = cfg.rope_scaling
         out["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
                                "high_freq_factor": s.high_freq_factor,
