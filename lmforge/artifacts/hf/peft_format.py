@@ -57,6 +57,7 @@ def peft_family(cfg: ModelConfig, record: Mapping[str, Any] | None, family: str 
             fam = FAMILIES[record["family"]]
         else:
             fam = family_for_model_config(cfg)
+        fam.to_hf(cfg)  # the base exports as this family (else its adapter names would be for nothing)
     except (UserError, KeyError):
         return None
     present = [s for s in _LM_TEMPLATES if fam.modules.get(_LM_TEMPLATES[s]) is not None]
