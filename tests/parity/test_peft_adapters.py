@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,37 @@ def test_gpt2_adapters_keep_lmforge_layout(hf_dir, tmp_path):
     with pytest.raises(UserError, match="PEFT adapter"):
         save_adapter_dir(tmp_path / "x", lora_state_dict(load_adapter(adapter)[0]), str(tmp_path / "base"),
                          "f", 4, 8.0, ["wq", "wv"], peft=True)
+
+
+def test_finetune_run_adapter_loads_in_peft_with_run_model_logits(tmp_path, make_tokenizer):
+    """The whole path: `lmforge finetune` (LoRA on every projection) → RUN/adapter → peft on the HF export of
+    the base gives RUN/model's logits."""
+    from lmforge.artifacts.model_dir import save_model_dir
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import build_model
+    from lmforge.tasks.config import config_from_dict
+    from lmforge.tasks.run import run as finetune
+
+    rows = [{"instruction": "Say hello.", "input": "", "output": "Hello there."},
+            {"instruction": "What is two plus two?", "input": "", "output": "Four."}] * 8
+    make_tokenizer(tmp_path, [r["instruction"] + " " + r["output"] for r in rows] * 5, vocab_size=300, name="tok")
+    cfg = ModelConfig(vocab_size=320, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64,
+                      tie_embeddings=True)
+    base = save_model_dir(build_model(cfg, seed=0), tmp_path / "base", tokenizer_dir=str(tmp_path / "tok"))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    res = finetune(config_from_dict({
+        "run": {"dir": str(tmp_path / "run")}, "model": {"from": str(base)},
+        "data": {"train": [str(tmp_path / "train.jsonl")], "seq_len": 32, "batching": "pack"},
+        "train": {"global_batch": 4, "micro_batch": 4, "max_steps": 4, "device": "cpu", "threads": 1},
+        "optim": {"lr": 5e-2}, "schedule": {"name": "constant"}, "finetune": {"mode": "lora"},
+        "lora": {"rank": 4, "alpha": 8, "targets": ["all-linear"], "dropout": 0.0},
+        "log": {"interval": 1, "progress": False, "peak_tflops": 1.0}}))
+    cfg_json = json.loads((Path(res.adapter_dir) / "adapter_config.json").read_text())
+    assert cfg_json["peft_type"] == "LORA" and len(cfg_json["target_modules"]) == 7
+    export_hf(base, tmp_path / "hf_base")
+    x = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_model_dir(res.model_dir).eval()(x)
+        plain = load_model_dir(base).eval()(x)
+    assert (want - plain).abs().max() > 1e-3  # training moved the model
+    torch.testing.assert_close(_peft_logits(tmp_path / "hf_base", res.adapter_dir, x), want, atol=ATOL, rtol=0)
