@@ -19,8 +19,9 @@ def sinusoidal_table(n_positions: int, dim: int, base: float = 10000.0) -> torch
     return table.float()
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d) for i < d/2, Llama-3 scaled when configured. Shape (head_dim/2,)."""
+def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) for i < d/2, Llama-3 / YaRN / dynamic-NTK scaled when configured
+    (dynamic: for a forward pass whose longest position is ``seq_len - 1``). Shape (head_dim/2,)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     s = cfg.rope_scaling
@@ -28,6 +29,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         return inv_freq
     if s.type == "yarn":
         return _yarn_inv_freq(cfg)
+    if s.type == "dynamic":
+        return _dynamic_inv_freq(cfg, seq_len)
     low_wavelen = s.original_max_seq_len / s.low_freq_factor
     high_wavelen = s.original_max_seq_len / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -57,6 +60,27 @@ def _yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     pos_freqs = base ** (torch.arange(0, d, 2).to(dtype=torch.float) / d)
     extrapolation = 1 - ramp
     return (1.0 / (s.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def _dynamic_inv_freq(cfg: ModelConfig, seq_len: int | None) -> torch.Tensor:
+    """Dynamic NTK: base · (factor·L/L0 − (factor − 1))^(d/(d−2)) with L = max(seq_len, L0), L0 the original
+    context; the same float32 arithmetic as transformers' ``_compute_dynamic_ntk_parameters``."""
+    s, d = cfg.rope_scaling, cfg.head_dim
+    length = torch.maximum(torch.tensor(seq_len or s.original_max_seq_len), torch.tensor(s.original_max_seq_len))
+    base = cfg.rope_theta * ((s.factor * length / s.original_max_seq_len) - (s.factor - 1)) ** (d / (d - 2))
+    return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(dtype=torch.float) / d))
+
+
+def rope_dynamic_inv_freq(cfg: ModelConfig, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The inverse frequencies for this forward pass: ``inv_freq`` (the buffer) unless the scaling is dynamic
+    and ``positions`` reach beyond the original context (then recomputed for the longest one)."""
+    s = cfg.rope_scaling
+    if s is None or s.type != "dynamic":
+        return inv_freq
+    n = int(positions.max()) + 1
+    if n <= s.original_max_seq_len:
+        return inv_freq
+    return _dynamic_inv_freq(cfg, n).to(inv_freq.device)
 
 
 def rope_attention_scale(cfg: ModelConfig) -> float:

@@ -21,6 +21,7 @@ from lmforge.models.positional import (
     apply_rope,
     rope_attention_scale,
     rope_cos_sin,
+    rope_dynamic_inv_freq,
     rope_inv_freq,
     sinusoidal_table,
 )
@@ -194,8 +195,10 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         h = embed_inputs(self, tokens, positions, token_type_ids)  # (B, T, dim)
         h = self.dropout(h)
-        rope = (rope_cos_sin(self.rope_inv_freq, positions, h.dtype, rope_attention_scale(self.cfg))
-                if self.cfg.pos_encoding == "rope" else None)
+        rope = None
+        if self.cfg.pos_encoding == "rope":
+            inv_freq = rope_dynamic_inv_freq(self.cfg, self.rope_inv_freq, positions)  # the buffer unless dynamic
+            rope = rope_cos_sin(inv_freq, positions, h.dtype, rope_attention_scale(self.cfg))
         if cache is None:  # causality, window and the caller's mask folded once here, not in every layer
             mask = StepMask(*attention_mask(T, T, causal=self.cfg.causal, window=self.cfg.sliding_window,
                                             mask=mask, device=tokens.device))

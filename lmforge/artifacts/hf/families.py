@@ -127,8 +127,14 @@ def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, Rope
     _require(partial in (None, 1, 1.0), f"partial_rotary_factor={partial} is not supported; lmforge rotates whole heads")
     if rope_type in (None, "default"):
         return float(theta), None
-    _require(rope_type in ("llama3", "yarn"), f"rope scaling type '{rope_type}' is not supported; lmforge "
-                                              "implements the Llama-3 ('llama3') and YaRN ('yarn') scalings")
+    _require(rope_type in ("llama3", "yarn", "dynamic"),
+             f"rope scaling type '{rope_type}' is not supported; lmforge implements the Llama-3 ('llama3'), YaRN "
+             "('yarn') and dynamic NTK ('dynamic') scalings")
+    if rope_type == "dynamic":  # transformers grows the base beyond max_position_embeddings (the original context)
+        _require(hf.get("max_position_embeddings") is not None and spec.get("factor") is not None,
+                 "dynamic rope scaling needs factor and max_position_embeddings in config.json")
+        return float(theta), RopeScaling(type="dynamic", factor=float(spec["factor"]),
+                                         original_max_seq_len=int(hf["max_position_embeddings"]))
     if rope_type == "yarn":
         _require(not spec.get("mscale") and not spec.get("mscale_all_dim"),
                  "yarn rope scaling with mscale / mscale_all_dim (DeepSeek's variant) is not supported")
@@ -148,7 +154,12 @@ def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, Rope
 def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """v4 layout (``rope_theta`` + ``rope_scaling``): read by every transformers release and by converters."""
     out: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_scaling": None}
-    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "yarn":
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic":
+        _require(cfg.rope_scaling.original_max_seq_len == cfg.max_seq_len,
+                 "dynamic rope scaling grows beyond max_position_embeddings in transformers: export needs "
+                 "model.rope_scaling.original_max_seq_len equal to model.max_seq_len")
+        out["rope_scaling"] = {"rope_type": "dynamic", "factor": cfg.rope_scaling.factor}
+    elif cfg.rope_scaling is not None and cfg.rope_scaling.type == "yarn":
         s = cfg.rope_scaling
         out["rope_scaling"] = {"rope_type": "yarn", "factor": s.factor, "original_max_position_embeddings":
                                s.original_max_seq_len, "beta_fast": s.beta_fast, "beta_slow": s.beta_slow}

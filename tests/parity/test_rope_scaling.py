@@ -1,6 +1,7 @@
-"""YaRN RoPE scaling (``rope_type: yarn``, as Qwen2.5 / Qwen3 ship it for long contexts) equal to `transformers`:
-the frequencies and attention factor, and the logits of imported tiny models on positions far beyond the
-original context; export writes it back; GGUF refuses it."""
+"""YaRN (``rope_type: yarn``, as Qwen2.5 / Qwen3 ship it for long contexts) and dynamic NTK (``rope_type:
+dynamic``) RoPE scaling equal to `transformers`: the frequencies (and YaRN's attention factor), and the logits
+of imported tiny models on positions far beyond the original context; export writes them back; GGUF refuses
+them."""
 
 from __future__ import annotations
 
@@ -102,10 +103,66 @@ def test_v4_type_key_and_refusals():
         hf_to_model_config({**base, "rope_scaling": {"type": "linear", "factor": 4.0}})
 
 
-def test_gguf_refuses_yarn():
+@pytest.mark.parametrize("kind", ["yarn", "dynamic"])
+def test_gguf_refuses_yarn_and_dynamic(kind):
     from lmforge.artifacts.gguf.export import gguf_architecture
 
     cfg = ModelConfig(vocab_size=V, dim=64, n_layers=1, n_heads=4, ffn_hidden=96,
-                      rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_seq_len=64))
-    with pytest.raises(UserError, match="rope_scaling type 'yarn' is not written to GGUF"):
+                      rope_scaling=RopeScaling(type=kind, factor=4.0, original_max_seq_len=64))
+    with pytest.raises(UserError, match=f"rope_scaling type '{kind}' is not written to GGUF"):
         gguf_architecture(cfg)
+
+
+# ---- dynamic NTK ---------------------------------------------------------------------------------------
+DYNAMIC = {"rope_type": "dynamic", "factor": 4.0}
+
+
+@pytest.mark.parametrize("seq_len", [10, 32, 33, 100, 1000])
+@pytest.mark.parametrize("theta,head_dim", [(1000000.0, 128), (10000.0, 16)])
+def test_dynamic_frequencies_equal_transformers(seq_len, theta, head_dim):
+    hf_cfg = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, num_key_value_heads=4,
+                                      head_dim=head_dim, num_hidden_layers=1, vocab_size=V, max_position_embeddings=32,
+                                      rope_parameters={"rope_theta": theta, **DYNAMIC})
+    want, _ = ROPE_INIT_FUNCTIONS["dynamic"](hf_cfg, "cpu", seq_len=torch.tensor(seq_len))  # as its forward calls it
+    from lmforge.artifacts.hf.families import hf_to_model_config
+    from lmforge.models.positional import rope_dynamic_inv_freq
+
+    cfg = hf_to_model_config(hf_cfg.to_dict())
+    assert cfg.rope_scaling == RopeScaling(type="dynamic", factor=4.0, original_max_seq_len=32)
+    positions = torch.arange(seq_len)[None]
+    got = rope_dynamic_inv_freq(cfg, rope_inv_freq(cfg), positions)
+    assert torch.equal(got, want)
+    assert rope_attention_scale(cfg) == 1.0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dynamic_long_positions_generation_and_export_equal_transformers(family, hf_dir, tmp_path):
+    cls, cfgc = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config")}[family]
+
+    def fresh():  # transformers keeps the longest length seen: each comparison starts from a fresh model
+        return _model(cls, cfgc, max_position_embeddings=32, rope_scaling=dict(DYNAMIC), rope_theta=10000.0)
+
+    import_hf(hf_dir(fresh()), tmp_path / "lm")
+    lm = load_model_dir(tmp_path / "lm").eval()
+    x = torch.randint(3, V, (1, 100), generator=torch.Generator().manual_seed(0))  # 3x the original context
+    with torch.no_grad():
+        want = fresh()(x).logits
+        torch.testing.assert_close(lm(x), want, atol=ATOL, rtol=0)
+        short = fresh()(x[:, :20]).logits  # within the original context: plain RoPE
+        torch.testing.assert_close(lm(x[:, :20]), short, atol=ATOL, rtol=0)
+        plain = _model(cls, cfgc, max_position_embeddings=32, rope_theta=10000.0)(x).logits
+    assert (plain - want).abs().max() > 1e-3  # the same weights without the scaling: far off
+    # greedy decoding with the KV cache across the original context (positions 20 -> 60)
+    from lmforge.generate.engine import generate
+
+    hf = fresh()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    prompt = x[0, :20].tolist()
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[:, 20:].tolist()
+    assert generate(lm, [prompt], max_new_tokens=40) == theirs
+    export_hf(tmp_path / "lm", tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, want, atol=ATOL, rtol=0)
