@@ -57,6 +57,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def _base_family(base_model: str | os.PathLike, family: str | None = None) -> Family | None:
     """The PEFT-expressible HF family of a base model dir (as `export_hf` exports it), or None."""
+    if not is_model_dir(base_model):
+        return None
     info = read_metadata(base_model)
     if info.kind != "model" or info.task != "lm":
         return None
