@@ -296,7 +296,8 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str 
     _check_out(model_dir, out)
     meta = read_metadata(model_dir)
     if meta.kind == "adapter":
-        raise UserError(f"'{model_dir}' is an adapter dir; export the merged RUN/model instead")
+        raise UserError(f"'{model_dir}' is an adapter dir; export the merged RUN/model, or the adapter with "
+                        "--format peft")
     if meta.task == "reward":  # a scalar-head reward model -> *ForSequenceClassification (num_labels=1)
         return export_reward_hf(model_dir, out, dtype)
     if meta.task == "classify":
