@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
                    help="hf: Hugging Face transformers dir; gguf: DIR/model-DTYPE.gguf + an Ollama Modelfile; "
                         "peft: a LoRA adapter dir peft.PeftModel.from_pretrained loads on the exported base")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
-    p.add_argument("--family", choices=["llama", "mistral", "qwen2", "qwen3", "gpt2", "bert"], default=None,
+    p.add_argument("--family", choices=["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "bert"], default=None,
                    help="HF architecture family (default: the imported one, else chosen from the model's shape)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "f32", "f16", "q8_0"], default=None,
                    help="hf: float32|bfloat16|float16 (default: keep the weights' dtype); "
