@@ -15,6 +15,10 @@ An adapter dir's ``adapter_config.json``::
                  "lmforge_version": "…"},
      "base_model": "/abs/base", "base_fingerprint": "…", "rank": 8, "alpha": 16.0, "targets": [...]}
 
+An adapter for a base with a PEFT-expressible Hugging Face family keeps that same object in
+``lmforge_adapter.json`` instead, and ``adapter_config.json`` is PEFT's (`lmforge.artifacts.hf.peft_format`
+owns that format), so ``peft.PeftModel.from_pretrained(hf_base, dir)`` loads the dir too.
+
 Dirs written before the schema (format 0) kept those fields at the top level (``task``, ``labels``,
 ``pooling``, ``max_tokens``, ``heads``, ``tokenizer_hash``, ``lmforge_version``; a plain LM had no
 ``task``), and the oldest config.json held the bare ModelConfig. `read_metadata` converts every one of
@@ -38,6 +42,7 @@ FORMAT_VERSION = 1
 BLOCK = "lmforge"  # the schema's key in config.json / adapter_config.json
 CONFIG_NAME = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_META = "lmforge_adapter.json"  # beside a PEFT-format adapter_config.json (lmforge.artifacts.hf.peft_format)
 TASKS = ("lm", "classify", "reward")
 KINDS = ("model", "adapter")
 # The fields the schema owns. Format 0 kept them at the top level of the JSON.
@@ -209,6 +214,9 @@ def _info(directory: Path, path: Path, kind: str) -> ArtifactInfo:
     adapter = {k: rest.pop(k) for k in ADAPTER_FIELDS if k in rest} if kind == "adapter" else {}
     if kind == "adapter":
         missing = [k for k in ADAPTER_FIELDS if k not in adapter]
+        if missing and "peft_type" in rest:
+            raise UserError(f"'{directory}' is a PEFT adapter without lmforge's {ADAPTER_META}; load it on an "
+                            "imported base with lmforge.artifacts.adapter_dir.load_adapter(DIR, base=BASE_DIR)")
         if missing:
             raise UserError(f"'{path}' lacks {', '.join(missing)}; pass RUN/adapter of a finetune.mode=lora run")
     return ArtifactInfo(
@@ -224,6 +232,8 @@ def read_metadata(directory: str | os.PathLike) -> ArtifactInfo:
     d = Path(directory)
     if (d / CONFIG_NAME).is_file():
         return _info(d, d / CONFIG_NAME, "model")
+    if (d / ADAPTER_META).is_file():  # a PEFT-format adapter dir: lmforge's fields sit beside PEFT's config
+        return _info(d, d / ADAPTER_META, "adapter")
     if (d / ADAPTER_CONFIG).is_file():
         return _info(d, d / ADAPTER_CONFIG, "adapter")
     raise UserError(f"'{directory}' is not a model dir: {CONFIG_NAME} is missing "
@@ -241,7 +251,7 @@ def is_model_dir(directory: str | os.PathLike) -> bool:
 
 
 def is_adapter_dir(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / ADAPTER_CONFIG).is_file()
+    return (Path(directory) / ADAPTER_CONFIG).is_file() or (Path(directory) / ADAPTER_META).is_file()
 
 
 def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
@@ -255,6 +265,6 @@ def read_config_json(directory: str | os.PathLike) -> dict[str, Any]:
                              tokenizer_hash=info.tokenizer_hash)
 
 
-__all__ = ["ADAPTER_CONFIG", "BLOCK", "CONFIG_NAME", "FORMAT_VERSION", "TASKS", "ArtifactInfo",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_META", "BLOCK", "CONFIG_NAME", "FORMAT_VERSION", "TASKS", "ArtifactInfo",
            "adapter_config_json", "is_adapter_dir", "is_model_dir", "kind", "metadata_block",
            "model_config_json", "normalize", "read_config_json", "read_metadata", "read_raw", "write_json"]

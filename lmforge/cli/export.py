@@ -1,5 +1,6 @@
-"""`lmforge export --model DIR --format hf|gguf --out DIR`: an lmforge model dir → a Hugging Face model dir,
-or a GGUF file for llama.cpp / Ollama (``lmforge.artifacts.gguf``)."""
+"""`lmforge export --model DIR --format hf|gguf|peft --out DIR`: an lmforge model dir → a Hugging Face model
+dir, or a GGUF file for llama.cpp / Ollama (``lmforge.artifacts.gguf``); an adapter dir → a PEFT LoRA adapter
+for the Hugging Face export of its base (``--format peft``)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,14 @@ def parse_size(text: str) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="lmforge model dir (RUN/model, an import, …)")
-    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
-                   help="hf: Hugging Face transformers dir; gguf: DIR/model-DTYPE.gguf + an Ollama Modelfile")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="lmforge model dir (RUN/model, an import, …); an adapter dir (RUN/adapter) for --format "
+                        "peft, or for --format gguf to write a GGUF LoRA file")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf", "peft"],
+                   help="hf: Hugging Face transformers dir; gguf: DIR/model-DTYPE.gguf + an Ollama Modelfile; "
+                        "peft: a LoRA adapter dir peft.PeftModel.from_pretrained loads on the exported base")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
-    p.add_argument("--family", choices=["llama", "mistral", "qwen2", "gpt2", "bert"], default=None,
+    p.add_argument("--family", choices=["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "bert"], default=None,
                    help="HF architecture family (default: the imported one, else chosen from the model's shape)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "f32", "f16", "q8_0"], default=None,
                    help="hf: float32|bfloat16|float16 (default: keep the weights' dtype); "
@@ -48,8 +52,10 @@ def run(args) -> int:
         raise UserError(f"--dtype {args.dtype} is a GGUF type; with --format hf use float32, bfloat16 or float16")
     if args.format == "gguf" and args.dtype is not None and args.dtype not in _GGUF_DTYPE:
         raise UserError(f"--dtype {args.dtype} is not a GGUF type; with --format gguf use f32, f16 or q8_0")
+    if args.format == "peft" and args.dtype is not None:
+        raise UserError("--dtype does not apply to --format peft; the adapter keeps its tensors' dtype")
     if args.format == "gguf" and args.family is not None:
-        raise UserError("--family applies to --format hf; GGUF picks llama or qwen2 from the model's shape")
+        raise UserError("--family applies to --format hf; GGUF picks llama, qwen2 or qwen3 from the model's shape")
     guard_output_dir(args.out, inputs=[args.model], overwrite=args.overwrite)
     from lmforge.lock import check_not_being_written
     from lmforge.outputs import exclusive_output
@@ -63,7 +69,12 @@ def run(args) -> int:
 def _export(args) -> int:
     from lmforge.artifacts.hf.convert import export_hf
     from lmforge.artifacts.identity import check_model_dir_tokenizer
+    from lmforge.artifacts.metadata import is_adapter_dir, is_model_dir
 
+    if args.format == "peft":
+        return _run_peft(args)
+    if args.format == "gguf" and is_adapter_dir(args.model) and not is_model_dir(args.model):
+        return _run_gguf_lora(args)
     check_model_dir_tokenizer(args.model)
     if args.format == "gguf":
         return _run_gguf(args)
@@ -74,6 +85,32 @@ def _export(args) -> int:
     tok = "tokenizer" if "tokenizer.json" in s["tokenizer"]["files"] else "no tokenizer"
     emit(args, f"exported {s['architecture']} ({s['params']:,} params, {s['dtype']}, {n_shards} safetensors "
                f"file{'s' if n_shards > 1 else ''}, {tok}) -> {s['out']}", s)
+    return 0
+
+
+def _run_peft(args) -> int:
+    from lmforge.artifacts.adapter_dir import export_peft
+
+    info(f"exporting {args.model} as a PEFT adapter …")
+    s = export_peft(args.model, args.out, family=args.family)
+    emit(args, f"exported PEFT LoRA adapter for {s['family']} (rank {s['rank']}, alpha {s['alpha']:g}, "
+               f"{s['tensors']} tensors, {s['params']:,} params) -> {s['out']}", s)
+    return 0
+
+
+def _run_gguf_lora(args) -> int:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("--format gguf needs the gguf package; pip install 'lmforge[gguf]'") from None
+    from lmforge.artifacts.gguf.lora import export_gguf_lora
+
+    dtype = _GGUF_DTYPE[args.dtype or "f16"]
+    info(f"exporting adapter {args.model} as a GGUF LoRA file ({dtype}) …")
+    s = export_gguf_lora(args.model, args.out, dtype)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(s["tensor_types"].items()))
+    emit(args, f"exported GGUF LoRA adapter for {s['architecture']} (rank {s['rank']}, alpha {s['alpha']:g}, "
+               f"{types} tensors, {s['bytes'] / 1e6:.2f} MB) -> {s['file']}", s)
     return 0
 
 

@@ -15,12 +15,21 @@ PosEncoding = Literal["sinusoidal", "learned", "rope", "none"]
 
 @dataclass
 class RopeScaling:
-    """Llama-3-style RoPE frequency scaling (``rope_type: llama3`` in HF configs)."""
+    """RoPE frequency scaling for long contexts, as HF configs name it (``rope_type``): ``llama3`` (Llama 3.1,
+    ``low_freq_factor`` / ``high_freq_factor``), ``yarn`` (YaRN, Peng et al. 2023, as Qwen ships it:
+    ``beta_fast`` / ``beta_slow`` bound the frequency ramp, cos/sin scaled by ``attention_factor``, default
+    0.1·ln(factor) + 1) or ``dynamic`` (dynamic NTK: beyond ``original_max_seq_len`` positions the RoPE base
+    grows with the longest position of the forward pass)."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+    type: Literal["llama3", "yarn", "dynamic"] = "llama3"
+    beta_fast: float = 32.0  # yarn only
+    beta_slow: float = 1.0  # yarn only
+    attention_factor: float | None = None  # yarn only; None = 0.1 * ln(factor) + 1
+    truncate: bool = True  # yarn only: round the ramp's bounds to whole dimensions (HF's default)
 
 
 @dataclass
@@ -97,6 +106,8 @@ class ModelConfig:
             self.final_norm = self.norm_position == "pre"
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.rope_scaling is not None and self.rope_scaling.type not in ("llama3", "yarn", "dynamic"):
+            raise ConfigError(f"model.rope_scaling.type={self.rope_scaling.type!r} must be llama3, yarn or dynamic")
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property

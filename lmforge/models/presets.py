@@ -45,6 +45,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-7b": dict(_LLAMA, vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
                        ffn_hidden=18944, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True,
                        max_seq_len=32768),
+    # Qwen3: QK-norm, head_dim 128 independent of dim (lmforge.artifacts.hf.qwen3).
+    "qwen3-0.6b": dict(_LLAMA, vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+                       ffn_hidden=3072, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True, tie_embeddings=True,
+                       max_seq_len=40960),
+    "qwen3-8b": dict(_LLAMA, vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
+                     ffn_hidden=12288, norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True, max_seq_len=40960),
+    # Phi-3-mini-4k: the Llama computation (fused qkv / gate_up in HF, lmforge.artifacts.hf.phi3), window 2047.
+    "phi3-mini": dict(_LLAMA, vocab_size=32064, dim=3072, n_layers=32, n_heads=32, ffn_hidden=8192, norm_eps=1e-5,
+                      sliding_window=2047, max_seq_len=4096),
 }
 
 # Figures published by the model authors (model cards / papers), held exactly by tests.
@@ -55,6 +64,9 @@ PUBLISHED_PARAMS = {
     "llama3-8b": 8_030_261_248,
     "mistral-7b": 7_241_732_096,
     "qwen2.5-7b": 7_615_616_512,
+    "qwen3-0.6b": 596_049_920,  # "0.6B" on the model card; the exact count of transformers' Qwen3ForCausalLM
+    "qwen3-8b": 8_190_735_360,  # "8.2B"
+    "phi3-mini": 3_821_079_552,  # "3.8B"; transformers' Phi3ForCausalLM
     "gpt2-124m": 124_439_808,
     "bert-base": 108_891_648,  # BertModel without the pooler (109,482,240 with it)
 }

@@ -17,7 +17,14 @@ from lmforge.models.attention import KERNELS, reference_attention  # noqa: F401 
 from lmforge.models.config import ModelConfig
 from lmforge.models.embeddings import add_input_embeddings, embed_inputs
 from lmforge.models.masks import StepMask, attention_mask
-from lmforge.models.positional import apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_table
+from lmforge.models.positional import (
+    apply_rope,
+    rope_attention_scale,
+    rope_cos_sin,
+    rope_dynamic_inv_freq,
+    rope_inv_freq,
+    sinusoidal_table,
+)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -188,7 +195,10 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         h = embed_inputs(self, tokens, positions, token_type_ids)  # (B, T, dim)
         h = self.dropout(h)
-        rope = rope_cos_sin(self.rope_inv_freq, positions, h.dtype) if self.cfg.pos_encoding == "rope" else None
+        rope = None
+        if self.cfg.pos_encoding == "rope":
+            inv_freq = rope_dynamic_inv_freq(self.cfg, self.rope_inv_freq, positions)  # the buffer unless dynamic
+            rope = rope_cos_sin(inv_freq, positions, h.dtype, rope_attention_scale(self.cfg))
         if cache is None:  # causality, window and the caller's mask folded once here, not in every layer
             mask = StepMask(*attention_mask(T, T, causal=self.cfg.causal, window=self.cfg.sliding_window,
                                             mask=mask, device=tokens.device))

@@ -6,6 +6,7 @@ package (llama.cpp's own writer).
 * ``vocab``: the tokenizer as GGUF metadata (``tokenizer.ggml.*``: tokens, token types, merges, special ids,
   pre-tokenizer name, chat template).
 * ``export``: the file itself (architecture hyper-parameters, atomic write) and an Ollama ``Modelfile``.
+* ``lora``: a LoRA adapter dir → a GGUF LoRA file (``llama-cli --lora``) for the base's graph.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Write an lmforge model dir as a GGUF file (llama.cpp, Ollama, LM Studio, transformers' GGUF loader).
 
 Llama and Mistral shapes become llama.cpp's ``llama`` graph (q/k rows permuted, see ``tensors``), Qwen2
-(biases on q/k/v) its ``qwen2`` graph, a squared-ReLU MLP (``activation: relu2``, the quickstart's) its
-``arcee`` graph (llama's, with a non-gated relu² MLP). The output is a directory holding
-``model-<dtype>.gguf`` and an Ollama ``Modelfile`` that points at it; the directory appears whole or not at
-all.
+(biases on q/k/v) its ``qwen2`` graph, Qwen3 (``model.qk_norm``: RMSNorm over each q/k head) its ``qwen3``
+graph, a squared-ReLU MLP (``activation: relu2``, the quickstart's) its ``arcee`` graph (llama's, with a
+non-gated relu² MLP). The output is a directory holding ``model-<dtype>.gguf`` and an Ollama ``Modelfile``
+that points at it; the directory appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ _EXPRESSED = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_di
 
 
 def gguf_architecture(cfg: ModelConfig) -> str:
-    """``llama``, ``qwen2`` or (a squared-ReLU MLP) ``arcee``; a UserError naming what does not fit otherwise."""
+    """``llama``, ``qwen2``, ``qwen3`` or (a squared-ReLU MLP) ``arcee``; a UserError naming what does not fit
+    otherwise."""
     if not (cfg.causal and cfg.lm_head and cfg.pos_encoding == "rope" and cfg.activation in ("swiglu", "relu2")
             and cfg.norm == "rmsnorm" and cfg.norm_position == "pre" and cfg.final_norm
             and not cfg.embedding_norm and not cfg.type_vocab_size and not cfg.embed_scale):
@@ -45,17 +46,24 @@ def gguf_architecture(cfg: ModelConfig) -> str:
     if cfg.bias:
         raise UserError("this model has biases on every linear layer, which llama.cpp's llama graph does not "
                         "load; export it with --format hf")
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type != "llama3":
+        raise UserError(f"rope_scaling type '{cfg.rope_scaling.type}' is not written to GGUF (only Llama-3 scaling "
+                        "is); export it with --format hf")
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise UserError("this model has QK-norm and q/k/v biases; llama.cpp's qwen3 graph has no biases: export "
+                        "it with --format hf")
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    extra = sorted(k for k in defaults if k not in _EXPRESSED and getattr(cfg, k) != defaults[k])
+    expressed = _EXPRESSED | {"qk_norm"}  # qk_norm: the qwen3 graph
+    extra = sorted(k for k in defaults if k not in expressed and getattr(cfg, k) != defaults[k])
     if extra:
-        raise UserError(f"model option(s) {', '.join('model.' + k for k in extra)} have no GGUF (llama/qwen2) "
-                        "equivalent; a GGUF file needs a model trained without them")
+        raise UserError(f"model option(s) {', '.join('model.' + k for k in extra)} have no GGUF "
+                        "(llama/qwen2/qwen3/arcee) equivalent; a GGUF file needs a model trained without them")
     if cfg.activation == "relu2":
-        if cfg.qkv_bias or cfg.sliding_window is not None:
-            raise UserError("llama.cpp's arcee graph (squared-ReLU MLP) has no q/k/v-only biases or sliding window; "
-                            "a GGUF file needs a model trained without them")
+        if cfg.qkv_bias or cfg.qk_norm or cfg.sliding_window is not None:
+            raise UserError("llama.cpp's arcee graph (squared-ReLU MLP) has no q/k/v-only biases, QK-norm or sliding "
+                            "window; a GGUF file needs a model trained without them")
         return "arcee"
-    return "qwen2" if cfg.qkv_bias else "llama"
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
 
 
 def modelfile_text(gguf_name: str, template: tuple[str, list[str]] | None, eos_token: str | None) -> str:

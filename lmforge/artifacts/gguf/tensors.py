@@ -4,8 +4,8 @@ RoPE layout: lmforge (like Hugging Face) rotates the two halves of each head, ``
 ``llama`` graph of llama.cpp rotates adjacent pairs ``(x_{2i}, x_{2i+1})`` (``LLAMA_ROPE_TYPE_NORM``). So, as
 llama.cpp's own ``convert_hf_to_gguf.py`` does, the rows of ``wq`` / ``wk`` (and their biases) are
 reordered per head from ``[0 .. d/2-1 | d/2 .. d-1]`` to ``[0, d/2, 1, d/2+1, …]``: the dot products,
-hence the logits, are unchanged (the ``arcee`` graph rotates like ``llama``). The ``qwen2`` graph rotates
-halves (``NEOX``) and takes the rows as they are.
+hence the logits, are unchanged (the ``arcee`` graph rotates like ``llama``). The ``qwen2`` and ``qwen3``
+graphs rotate halves (``NEOX``) and take the rows as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ _NAMES = {
     "layers.{i}.attention.wk": "blk.{i}.attn_k",
     "layers.{i}.attention.wv": "blk.{i}.attn_v",
     "layers.{i}.attention.wo": "blk.{i}.attn_output",
+    "layers.{i}.attention.q_norm": "blk.{i}.attn_q_norm",  # qwen3 graph only
+    "layers.{i}.attention.k_norm": "blk.{i}.attn_k_norm",
     "layers.{i}.ffn_norm": "blk.{i}.ffn_norm",
     "layers.{i}.feed_forward.w1": "blk.{i}.ffn_gate",
     "layers.{i}.feed_forward.w3": "blk.{i}.ffn_up",

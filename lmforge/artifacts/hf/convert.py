@@ -104,7 +104,11 @@ def _split_param(lm_key: str) -> tuple[str, str]:
     return module, param
 
 
-def _fused_sizes(cfg: ModelConfig) -> list[int]:
+def _fused_sizes(cfg: ModelConfig, layout: tuple) -> list[int]:
+    """Row counts of the parts of a fused tensor: q/k/v (GPT-2's c_attn, Phi-3's qkv_proj) or, for a layout
+    tagged "gate_up" (Phi-3's gate_up_proj), gate and up."""
+    if layout[3:] == ("gate_up",):
+        return [cfg.hidden_dim, cfg.hidden_dim]
     return [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]
 
 
@@ -137,10 +141,10 @@ def hf_to_lmforge_state_dict(family: Family, cfg: ModelConfig, hf_sd: dict[str, 
                             "the checkpoint and its config.json disagree")
         t = canon[hf_key]
         used.add(hf_key)
-        if isinstance(layout, tuple):  # ("fused", part, "conv1d"): a slice of GPT-2's c_attn
-            _, part, inner = layout
+        if isinstance(layout, tuple):  # ("fused", part, "conv1d" | "linear"[, "gate_up"]): a slice of a fused tensor
+            _, part, inner = layout[:3]
             full = t.t() if (inner == "conv1d" and param == "weight") else t
-            sizes = _fused_sizes(cfg)
+            sizes = _fused_sizes(cfg, layout)
             start = sum(sizes[:part])
             t = full[start:start + sizes[part]]
         elif layout == "conv1d" and param == "weight":
@@ -182,10 +186,11 @@ def lmforge_to_hf_state_dict(family: Family, cfg: ModelConfig, sd: dict[str, tor
         hf_key = ("" if hf_module == "lm_head" else prefix) + f"{hf_module}.{param}"
         t = sd[lm_key]
         if isinstance(layout, tuple):
-            _, part, inner = layout
+            _, part, inner = layout[:3]
             fused.setdefault(hf_key, {})[part] = t
-            if len(fused[hf_key]) == 3:
-                full = torch.cat([fused[hf_key][i] for i in range(3)], dim=0)
+            n_parts = len(_fused_sizes(cfg, layout))
+            if len(fused[hf_key]) == n_parts:
+                full = torch.cat([fused[hf_key][i] for i in range(n_parts)], dim=0)
                 out[hf_key] = (full.t() if inner == "conv1d" and param == "weight" else full).contiguous()
             continue
         if layout == "conv1d" and param == "weight":
@@ -296,7 +301,8 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str 
     _check_out(model_dir, out)
     meta = read_metadata(model_dir)
     if meta.kind == "adapter":
-        raise UserError(f"'{model_dir}' is an adapter dir; export the merged RUN/model instead")
+        raise UserError(f"'{model_dir}' is an adapter dir; export the merged RUN/model, or the adapter with "
+                        "--format peft")
     if meta.task == "reward":  # a scalar-head reward model -> *ForSequenceClassification (num_labels=1)
         return export_reward_hf(model_dir, out, dtype)
     if meta.task == "classify":
@@ -328,8 +334,8 @@ def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike, family: str 
     prefix = "bert." if arch in ("BertForMaskedLM", "BertForPreTraining") else ""
     if fam.name == "bert" and arch == "BertModel":
         heads = {k: v for k, v in heads.items() if k.startswith("pooler.")}
+    hf_cfg = model_config_to_hf(cfg, fam, base)  # first: a family that cannot express cfg says why
     hf_sd = lmforge_to_hf_state_dict(fam, cfg, sd, heads, prefix)
-    hf_cfg = model_config_to_hf(cfg, fam, base)
     hf_cfg["architectures"] = [arch]
     weight_dtype = next(iter(sd.values())).dtype
     hf_cfg.pop("dtype", None)

@@ -127,8 +127,25 @@ def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, Rope
     _require(partial in (None, 1, 1.0), f"partial_rotary_factor={partial} is not supported; lmforge rotates whole heads")
     if rope_type in (None, "default"):
         return float(theta), None
-    _require(rope_type == "llama3", f"rope scaling type '{rope_type}' is not supported; lmforge implements the "
-                                    "Llama-3 ('llama3') scaling only")
+    _require(rope_type in ("llama3", "yarn", "dynamic"),
+             f"rope scaling type '{rope_type}' is not supported; lmforge implements the Llama-3 ('llama3'), YaRN "
+             "('yarn') and dynamic NTK ('dynamic') scalings")
+    if rope_type == "dynamic":  # transformers grows the base beyond max_position_embeddings (the original context)
+        _require(hf.get("max_position_embeddings") is not None and spec.get("factor") is not None,
+                 "dynamic rope scaling needs factor and max_position_embeddings in config.json")
+        return float(theta), RopeScaling(type="dynamic", factor=float(spec["factor"]),
+                                         original_max_seq_len=int(hf["max_position_embeddings"]))
+    if rope_type == "yarn":
+        _require(not spec.get("mscale") and not spec.get("mscale_all_dim"),
+                 "yarn rope scaling with mscale / mscale_all_dim (DeepSeek's variant) is not supported")
+        _require(spec.get("factor") is not None and spec.get("original_max_position_embeddings") is not None,
+                 "yarn rope scaling needs factor and original_max_position_embeddings")
+        af = spec.get("attention_factor")
+        return float(theta), RopeScaling(
+            type="yarn", factor=float(spec["factor"]), original_max_seq_len=int(spec["original_max_position_embeddings"]),
+            beta_fast=float(spec.get("beta_fast") or 32), beta_slow=float(spec.get("beta_slow") or 1),
+            attention_factor=float(af) if af is not None else None,
+            truncate=bool(params.get("truncate", scaling.get("truncate", True))))
     return float(theta), RopeScaling(factor=float(spec["factor"]), low_freq_factor=float(spec["low_freq_factor"]),
                                      high_freq_factor=float(spec["high_freq_factor"]),
                                      original_max_seq_len=int(spec["original_max_position_embeddings"]))
@@ -137,7 +154,20 @@ def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, Rope
 def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """v4 layout (``rope_theta`` + ``rope_scaling``): read by every transformers release and by converters."""
     out: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_scaling": None}
-    if cfg.rope_scaling is not None:
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic":
+        _require(cfg.rope_scaling.original_max_seq_len == cfg.max_seq_len,
+                 "dynamic rope scaling grows beyond max_position_embeddings in transformers: export needs "
+                 "model.rope_scaling.original_max_seq_len equal to model.max_seq_len")
+        out["rope_scaling"] = {"rope_type": "dynamic", "factor": cfg.rope_scaling.factor}
+    elif cfg.rope_scaling is not None and cfg.rope_scaling.type == "yarn":
+        s = cfg.rope_scaling
+        out["rope_scaling"] = {"rope_type": "yarn", "factor": s.factor, "original_max_position_embeddings":
+                               s.original_max_seq_len, "beta_fast": s.beta_fast, "beta_slow": s.beta_slow}
+        if s.attention_factor is not None:
+            out["rope_scaling"]["attention_factor"] = s.attention_factor
+        if not s.truncate:
+            out["rope_scaling"]["truncate"] = False
+    elif cfg.rope_scaling is not None:
         s = cfg.rope_scaling
         out["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
                                "high_freq_factor": s.high_freq_factor,
@@ -182,6 +212,7 @@ def _llama_like_to_hf(cfg: ModelConfig, family: str) -> dict[str, Any]:
              and not cfg.type_vocab_size and not cfg.embed_scale and cfg.final_norm,
              f"this model's shape has no {family} equivalent; {family} needs a causal pre-norm RMSNorm/SwiGLU/RoPE "
              "decoder with an LM head")
+    _require(not cfg.qk_norm or family == "qwen3", f"{family} has no QK-norm; export this model as qwen3")
     out = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
@@ -364,6 +395,8 @@ def family_for_model_config(cfg: ModelConfig) -> Family:
     if cfg.pos_encoding == "rope":
         if cfg.activation == "relu2":  # a non-gated squared-ReLU MLP: Arcee (registered by lmforge.artifacts.hf)
             return FAMILIES["arcee"]
+        if cfg.qk_norm and "qwen3" in FAMILIES:
+            return FAMILIES["qwen3"]
         if cfg.qkv_bias and not cfg.bias:
             return FAMILIES["qwen2"]
         if cfg.sliding_window is not None:
@@ -374,11 +407,12 @@ def family_for_model_config(cfg: ModelConfig) -> Family:
 
 
 def require_hf_expressible(cfg: ModelConfig) -> None:
-    """Refuse the recipe options no exported family computes (Llama/Mistral/Qwen2/Arcee/GPT-2/BERT would load
-    the weights and silently run a different model). A squared-ReLU MLP exports as Arcee."""
+    """Refuse the recipe options no exported family computes (Llama/Mistral/Qwen2/Qwen3/Arcee/GPT-2/BERT would
+    load the weights and silently run a different model). A squared-ReLU MLP exports as Arcee, QK-norm as Qwen3
+    (lmforge.artifacts.hf.qwen3), not both at once."""
     options = []
-    if cfg.qk_norm:
-        options.append("model.qk_norm=true")
+    if cfg.qk_norm and cfg.activation == "relu2":
+        options.append("model.qk_norm=true with model.activation=relu2")
     if cfg.logit_softcap is not None:
         options.append(f"model.logit_softcap={cfg.logit_softcap:g}")
     if options:
