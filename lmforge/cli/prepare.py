@@ -85,12 +85,12 @@ def run(args) -> int:
                         quality_config=args.quality_config, decontaminate=args.decontaminate,
                         decontaminate_mode=args.decontaminate_mode, decontaminate_ngram=args.decontaminate_ngram)
 
-    mixture = _mixture_preflight(args)
     for flag, paths in (("--input", args.input), ("--tokenizer", [args.tokenizer]), ("--out", [args.out])):
         for path in paths:  # before the output guard, which resolves them
             refuse_symlink_loop(path, flag)
     if not is_remote(args.out):  # an s3:// / gs:// --out is checked by prepare itself (data/remote.py)
         guard_output_dir(args.out, inputs=[*args.input, args.tokenizer], overwrite=args.overwrite)
+    mixture = _mixture_preflight(args)
     r = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
                 dedup=args.dedup, seed=args.seed, text_field=args.text_field, min_chars=args.min_chars,
                 txt_mode=args.txt_mode, pii=args.pii, shard_tokens=args.shard_tokens, add_bos=args.add_bos,
@@ -134,11 +134,13 @@ def _mixture_preflight(args) -> str | None:
                 raise ConfigError(f"--{flag.replace('_', '-')} needs --mixture RECIPE.yaml; add it or drop the flag")
         return None
     from lmforge.data.mixture_recipe import preflight
+    from lmforge.tokenizer.core import load_tokenizer
 
     name = args.source_name or os.path.basename(str(args.out).rstrip("/"))
     if args.weight is not None and not (math.isfinite(args.weight) and args.weight >= 0):
         raise ConfigError(f"--weight {args.weight} must be a finite number >= 0")
-    preflight(args.mixture, name=name, dir=args.out, on_exhaust=args.on_exhaust, validate=_validate_recipe)
+    preflight(args.mixture, name=name, dir=args.out, on_exhaust=args.on_exhaust,
+              tokenizer_hash=load_tokenizer(args.tokenizer).hash, validate=_validate_recipe)
     return name
 
 

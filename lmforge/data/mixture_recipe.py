@@ -135,9 +135,11 @@ def _checked(doc: dict[str, Any], recipe: str | os.PathLike, name: str,
 
 
 def preflight(recipe: str | os.PathLike, *, name: str, dir: str, on_exhaust: str | None,
-              validate: Callable[[dict[str, Any]], Any]) -> None:
-    """Before the (long) prepare: the recipe can be read and, with this source added, is valid."""
+              tokenizer_hash: str | None, validate: Callable[[dict[str, Any]], Any]) -> None:
+    """Before the (long) prepare: the recipe can be read, its sources share ``tokenizer_hash`` and, with this
+    source added, it is valid."""
     data, _ = read_recipe(recipe)
+    check_tokenizer(data, recipe, name, dir, tokenizer_hash)
     doc, _ = with_source(data, recipe, name=name, dir=dir, weight=1.0, on_exhaust=on_exhaust)
     _checked(doc, recipe, name, validate)
 
