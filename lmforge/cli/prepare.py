@@ -111,7 +111,9 @@ def run(args) -> int:
         m = _add_to_mixture(args, mixture, r)
         payload["mixture"] = m
         recipe = m["recipe"]
-        summary += (f"\n{'updated' if m['updated'] else 'added'} source '{m['source']}' (weight {m['weight']:g}) "
+        w = m["weight"]
+        weight = f"{int(w):,}" if float(w).is_integer() else f"{w:g}"
+        summary += (f"\n{'updated' if m['updated'] else 'added'} source '{m['source']}' (weight {weight}) "
                     f"in {recipe} ({len(m['sources'])} source(s): {', '.join(m['sources'])}); see its tokens per "
                     f"source with `lmforge plan --model {recipe}`, train with `lmforge pretrain --config {recipe}`")
     emit(args, summary, payload)
