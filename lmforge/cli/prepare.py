@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 from lmforge.console import emit
 
 HELP = "tokenize text into token shards (dedup, PII scrub, val split, parallel workers)"
@@ -55,6 +58,18 @@ def add_arguments(p) -> None:
     p.add_argument("--decontaminate-ngram", type=int, default=13,
                    help="n-gram length in words (a CJK character counts as one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
+    p.add_argument("--mixture", default=None, metavar="RECIPE.yaml",
+                   help="after a successful prepare, add (or update, by name) --out as a source of this "
+                        "pretraining recipe's data.sources (created, minimal and valid, when missing; other keys "
+                        "kept); run it with `lmforge pretrain --config RECIPE.yaml`")
+    p.add_argument("--source-name", default=None, metavar="NAME",
+                   help="with --mixture: the source's name (default: the --out dir's basename)")
+    p.add_argument("--weight", type=float, default=None,
+                   help="with --mixture: the source's weight (default: the number of train tokens prepared, so an "
+                        "unedited recipe mixes by size)")
+    p.add_argument("--on-exhaust", default=None, choices=["repeat", "stop"],
+                   help="with --mixture: what the source does after its last window (default repeat; an "
+                        "updated source keeps its own)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
 
@@ -75,6 +90,7 @@ def run(args) -> int:
             refuse_symlink_loop(path, flag)
     if not is_remote(args.out):  # an s3:// / gs:// --out is checked by prepare itself (data/remote.py)
         guard_output_dir(args.out, inputs=[*args.input, args.tokenizer], overwrite=args.overwrite)
+    mixture = _mixture_preflight(args)
     r = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
                 dedup=args.dedup, seed=args.seed, text_field=args.text_field, min_chars=args.min_chars,
                 txt_mode=args.txt_mode, pii=args.pii, shard_tokens=args.shard_tokens, add_bos=args.add_bos,
@@ -90,5 +106,50 @@ def run(args) -> int:
                + (f", {r['skipped_too_large']:,} too large skipped" if r["skipped_too_large"] else "")
                + (f", {len(r['bad_files'])} bad file(s) skipped" if r["bad_files"] else "")
                + f") in {r['seconds']:.1f}s, {r['mb_per_s']:.2f} MB/s -> {args.out}")
-    emit(args, summary, {"out": args.out, **r})
+    payload = {"out": args.out, **r}
+    if mixture is not None:
+        m = _add_to_mixture(args, mixture, r)
+        payload["mixture"] = m
+        recipe = m["recipe"]
+        w = m["weight"]
+        weight = f"{int(w):,}" if float(w).is_integer() else f"{w:g}"
+        summary += (f"\n{'updated' if m['updated'] else 'added'} source '{m['source']}' (weight {weight}) "
+                    f"in {recipe} ({len(m['sources'])} source(s): {', '.join(m['sources'])}); see its tokens per "
+                    f"source with `lmforge plan --model {recipe}`, train with `lmforge pretrain --config {recipe}`")
+    emit(args, summary, payload)
     return 0
+
+
+def _validate_recipe(doc) -> None:
+    from lmforge.train.config import load_config
+
+    load_config(None, base=doc)
+
+
+def _mixture_preflight(args) -> str | None:
+    """The source name for --mixture, after checking the recipe (before the long prepare); None without it."""
+    from lmforge.config import ConfigError
+
+    if args.mixture is None:
+        for flag in ("source_name", "weight", "on_exhaust"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} needs --mixture RECIPE.yaml; add it or drop the flag")
+        return None
+    from lmforge.data.mixture_recipe import preflight
+    from lmforge.tokenizer.core import load_tokenizer
+
+    name = args.source_name or os.path.basename(str(args.out).rstrip("/"))
+    if args.weight is not None and not (math.isfinite(args.weight) and args.weight >= 0):
+        raise ConfigError(f"--weight {args.weight} must be a finite number >= 0")
+    preflight(args.mixture, name=name, dir=args.out, on_exhaust=args.on_exhaust,
+              tokenizer_hash=load_tokenizer(args.tokenizer).hash, validate=_validate_recipe)
+    return name
+
+
+def _add_to_mixture(args, name: str, r: dict) -> dict:
+    from lmforge.data.mixture_recipe import add_source
+    from lmforge.data.shards import read_index
+
+    weight = args.weight if args.weight is not None else float(r["train_tokens"])
+    return add_source(args.mixture, name=name, dir=args.out, weight=weight, on_exhaust=args.on_exhaust,
+                      tokenizer_hash=read_index(args.out).get("tokenizer_hash"), validate=_validate_recipe)
