@@ -11,6 +11,8 @@ Routes (every run named as the runs list names it, ``ROOT_INDEX/REL/PATH``; see 
   by a resume / rollback or replaced: fetch the series again and reopen the stream from its cursor);
 * ``GET /api/compare?id=A&id=B…`` — each run's summary and series, and the config keys that differ;
 * ``GET /api/file?id=&name=report.png|report.md`` — the run's report;
+* ``GET /api/launch``, ``GET /api/launch/fields?recipe=``, ``POST /api/launch/plan`` (the planner's memory
+  verdict for this machine), ``POST /api/launch``, ``POST /api/stop`` — with ``--allow-launch`` only;
 * ``GET /`` and ``/static/*`` — the page (``lmforge/dashboard/static``), ``GET /health``.
 
 The front door is serve's :class:`lmforge.serve.limits.Guard` (Host check against DNS rebinding without a key;
@@ -78,9 +80,13 @@ def _same_origin(req: Request) -> bool:
 
 
 def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=(), budget_s: float = 1.0,
-               max_points: int | None = None, poll_s: float = POLL_S, allow_launch: bool = False):
+               max_points: int | None = None, poll_s: float = POLL_S, allow_launch: bool = False,
+               machine: dict[str, Any] | None = None):
     """The guarded ASGI app over ``roots``; ``budget_s``: reading time per request for a big metrics file;
-    ``allow_launch``: pretrain runs may be started (in the first root) and stopped from the page."""
+    ``allow_launch``: pretrain / finetune runs may be started (in the first root) and stopped from the page;
+    ``machine``: ``{"device": "cuda"|"cpu", "name", "memory_gb"}`` the launch plans are checked against
+    (default: this machine's RAM)."""
+    machine = machine or launching.machine_memory()
     app = FastAPI(title="lmforge dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     state = Roots(roots)
     cache = RunCache(budget_s=budget_s, max_points=max_points)
@@ -179,8 +185,7 @@ def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=()
         except UserError as e:
             return _error(400, str(e))
 
-    @app.post("/api/launch")
-    async def launch(req: Request):
+    async def launch_body(req: Request) -> dict[str, Any] | JSONResponse:
         if launcher is None:
             return _error(403, "launching is off; start the dashboard with --allow-launch")
         if not _same_origin(req):
@@ -191,6 +196,23 @@ def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=()
             return _error(400, "the request body is not JSON")
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object")
+        return body
+
+    @app.post("/api/launch/plan")
+    async def launch_plan(req: Request):
+        body = await launch_body(req)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            return await asyncio.to_thread(launching.plan, body, state.roots[0], machine)
+        except UserError as e:  # ConfigError included: the CLI's own one-line message
+            return _error(400, str(e))
+
+    @app.post("/api/launch")
+    async def launch(req: Request):
+        body = await launch_body(req)
+        if isinstance(body, JSONResponse):
+            return body
         try:
             started = await asyncio.to_thread(launcher.launch, body)
         except UserError as e:  # ConfigError included: the CLI's own one-line message
