@@ -102,7 +102,7 @@ def check(body: dict[str, Any], root: Path) -> tuple[str, str, list[str], Path, 
         raise UserError(f"verb '{str(verb)[:50]}' cannot be launched here; pick one of {', '.join(VERBS)}")
     recipe = body.get("recipe")
     if recipe not in recipes() or not recipe.startswith(verb + "/"):
-        raise UserError(f"unknown {verb} recipe '{str(recipe)[:100]}'; pick one of "
+        raise UserError(f"unknown recipe '{str(recipe)[:100]}' for {verb}; pick one of "
                         f"{', '.join(r for r in recipes() if r.startswith(verb + '/'))}")
     name = body.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):

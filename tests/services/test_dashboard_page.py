@@ -162,8 +162,10 @@ def test_launch_form_refuses_bad_value_launches_and_stops(server, training, shar
     driver.execute_script("document.getElementById('launch-pane').open = true")
     driver.find_element("id", "launch-name").send_keys("launched")
     set_field(driver, "train.max_steps", "many")
-    driver.find_element("id", "launch-submit").click()
+    assert not driver.find_element("id", "launch-submit").is_enabled()  # no plan shown yet
+    driver.find_element("id", "launch-check").click()
     wait_for(driver, lambda d: d.find_element("id", "launch-result").text.startswith("error: "), "the refusal")
+    assert not driver.find_element("id", "launch-submit").is_enabled()
     shown = driver.find_element("id", "launch-result").text
     cli = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--config", "pretrain/tiny",
                           "train.max_steps=many", f"run.dir={root / 'launched'}"], cwd=REPO, env=env(),
@@ -175,6 +177,11 @@ def test_launch_form_refuses_bad_value_launches_and_stops(server, training, shar
             "log.progress": "false", "eval.interval": 1000, "log.peak_tflops": 1}
     for key, value in good.items():
         set_field(driver, key, value)
+    driver.find_element("id", "launch-check").click()
+    wait_for(driver, lambda d: d.find_element("id", "launch-submit").is_enabled(), "the plan and the launch button")
+    verdict = driver.find_element("id", "launch-plan").text
+    assert verdict.startswith("memory plan: tiny pretrain, seq 64 x micro batch 8, fp32: weights "), verdict
+    assert " GB of CPU RAM " in verdict and verdict.endswith("-> fits"), verdict
     driver.find_element("id", "launch-submit").click()
     wait_for(driver, lambda d: d.find_element("id", "launch-result").text.startswith("started pid"), "the launch")
     wait_for(driver, lambda d: row_state(d, "0/launched") == "running", "the launched run listed as running")

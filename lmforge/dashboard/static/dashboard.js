@@ -486,21 +486,50 @@
       const input = el("input"); input.id = "field-" + f.key; input.dataset.key = f.key;
       const text = f.value === null ? "null" : typeof f.value === "object" ? JSON.stringify(f.value) : String(f.value);
       input.value = text; input.dataset.default = text;
-      input.addEventListener("input", () => input.classList.toggle("changed", input.value !== input.dataset.default));
+      input.addEventListener("input", () => {
+        input.classList.toggle("changed", input.value !== input.dataset.default);
+        unplanned();
+      });
       box.appendChild(label); box.appendChild(input);
     }
   }
-  $("launch-form").addEventListener("submit", async (ev) => {
-    ev.preventDefault();
+  // The launch button opens only once the planner's verdict for exactly these values is shown.
+  function unplanned() {
+    $("launch-submit").disabled = true;
+    $("launch-plan").textContent = "";
+    $("launch-plan").className = "";
+  }
+  function launchBody() {
     const overrides = {};
     for (const input of $("launch-fields").querySelectorAll("input")) {
       if (input.value !== input.dataset.default) overrides[input.dataset.key] = input.value;
     }
+    const recipe = $("launch-recipe").value;
+    return {verb: recipe.split("/")[0], recipe, name: $("launch-name").value, overrides};
+  }
+  $("launch-name").addEventListener("input", unplanned);
+  $("launch-recipe").addEventListener("change", unplanned);
+  $("launch-check").addEventListener("click", async () => {
+    unplanned();
+    const result = $("launch-result"), plan = $("launch-plan");
+    result.className = ""; result.textContent = "checking…";
+    try {
+      const out = await post("/api/launch/plan", launchBody());
+      plan.textContent = "memory plan: " + out.verdict;
+      plan.className = out.fits ? "" : "error";
+      result.textContent = "";
+      $("launch-submit").disabled = false;
+    } catch (e) {
+      result.className = "error"; result.textContent = "error: " + e.message;
+    }
+  });
+  $("launch-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if ($("launch-submit").disabled) return;
     const result = $("launch-result");
     result.className = ""; result.textContent = "launching…";
     try {
-      const out = await post("/api/launch", {verb: "pretrain", recipe: $("launch-recipe").value,
-                                             name: $("launch-name").value, overrides});
+      const out = await post("/api/launch", launchBody());
       result.textContent = "started pid " + out.pid + ": " + out.command;
       result.dataset.id = out.id;
       await loadRuns();
