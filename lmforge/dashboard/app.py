@@ -4,13 +4,16 @@ Routes (every run named as the runs list names it, ``ROOT_INDEX/REL/PATH``; see 
 
 * ``GET /api/runs`` — every run with its status, model, data, steps / tokens, last and best validation loss /
   bits per byte, disk used, garbage lines skipped;
-* ``GET /api/run?id=`` — one run: the same, plus checkpoints, eval results, config, report.md, events;
+* ``GET /api/run?id=`` — one run: the same, plus checkpoints, eval results, samples files, config, report.md,
+  events;
 * ``GET /api/series?id=`` — its downsampled series (train and eval columns) and the cursor the stream continues at;
 * ``GET /api/stream?id=&ino=&offset=&line=&bad=&t=&last_step=`` — server-sent events: ``rows`` (new rows, in
   file order, each once, with ``_line`` / ``_t``, and the cursor after them), ``reset`` (the file was rewritten
   by a resume / rollback or replaced: fetch the series again and reopen the stream from its cursor);
 * ``GET /api/compare?id=A&id=B…`` — each run's summary and series, and the config keys that differ;
 * ``GET /api/file?id=&name=report.png|report.md`` — the run's report;
+* ``GET /api/samples?id=[&name=]`` — the sample generations the run logged (GRPO's ``completions/step_N.jsonl``):
+  the files, or one file's rows (bounded);
 * ``GET /api/launch``, ``GET /api/launch/fields?recipe=``, ``POST /api/launch/plan`` (the planner's memory
   verdict for this machine), ``POST /api/launch``, ``POST /api/stop`` — with ``--allow-launch`` only;
 * ``GET /`` and ``/static/*`` — the page (``lmforge/dashboard/static``), ``GET /health``.
@@ -42,7 +45,9 @@ from lmforge.dashboard.runs import (
     describe,
     eval_results,
     read_config,
+    read_samples,
     read_small,
+    sample_files,
 )
 from lmforge.serve.limits import Guard
 
@@ -123,6 +128,7 @@ def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=()
             events = list(cache.readers[path].events)
         return {**row, "stoppable": stoppable(path), "events": events, "checkpoints": await asyncio.to_thread(checkpoints, path),
                 "eval_results": await asyncio.to_thread(eval_results, path), "config": read_config(path),
+                "samples": await asyncio.to_thread(sample_files, path),
                 "report_md": read_small(path / "report.md", 1 << 20),
                 "report_png": (path / "report.png").is_file() and not (path / "report.png").is_symlink()}
 
@@ -158,6 +164,13 @@ def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=()
         if name == "report.md":
             return PlainTextResponse(read_small(f, 1 << 20) or "")
         return FileResponse(f, media_type="image/png")
+
+    @app.get("/api/samples")
+    async def samples(id: str = Query(..., max_length=4096), name: str | None = Query(None, max_length=300)):
+        path = state.resolve(id)
+        if name is None:
+            return {"id": id, "files": await asyncio.to_thread(sample_files, path)}
+        return {"id": id, **await asyncio.to_thread(read_samples, path, name)}
 
     @app.get("/api/stream")
     async def stream(req: Request, id: str = Query(..., max_length=4096), ino: int = 0,

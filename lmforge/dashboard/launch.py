@@ -135,7 +135,8 @@ def plan(body: dict[str, Any], root: Path, machine: dict[str, Any]) -> dict[str,
         par = config.get("parallel") or {}
         ac = par.get("activation_checkpoint") or "none"
     else:
-        source = (config.get("model") or {}).get("from") or ""
+        model_source = config.get("model") or {}
+        source = str(model_source.get("from") or model_source.get("path") or "")
         try:
             model_dict = read_metadata(Path(source)).model
         except UserError as e:

@@ -93,7 +93,8 @@ def model_dir(shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("base") / "run"
     subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--config", "pretrain/tiny", f"data.dir={shards}",
                     f"run.dir={run_dir}", "train.max_steps=4", *(f"{k}={v}" for k, v in GOOD.items()),
-                    "train.threads=1", "eval.interval=1000", "log.progress=false", "log.peak_tflops=1"],
+                    "train.threads=1", "eval.interval=1000", "log.progress=false", "log.peak_tflops=1",
+                    "schedule.warmup_steps=0"],
                    cwd=REPO, env=env(), capture_output=True, timeout=600, check=True)
     return run_dir / "model"
 

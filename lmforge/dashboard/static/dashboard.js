@@ -388,6 +388,7 @@
       er.appendChild(el("h4", r.file));
       er.appendChild(el("pre", JSON.stringify(r.result, null, 1).slice(0, 4000)));
     }
+    showSampleFiles(id, run.samples || []);
     const rep = $("report"); rep.replaceChildren();
     if (run.report_png) {
       const img = el("img"); img.alt = "report.png";
@@ -398,6 +399,52 @@
     if (run.report_md) rep.appendChild(el("pre", run.report_md));
     if (!run.report_png && !run.report_md) rep.appendChild(el("p", "written at the end of a run", "empty"));
   }
+  // ---- sample generations (GRPO's RUN/completions/step_N.jsonl) ----------------------------------------------
+  function showSampleFiles(id, files) {
+    const sel = $("samples-file"), rows = $("samples-rows");
+    const names = files.map((f) => f.name);
+    if (sel.dataset.id === id && sel.dataset.names === names.join("|")) return; // unchanged: keep the shown file
+    sel.dataset.id = id; sel.dataset.names = names.join("|");
+    sel.hidden = !files.length;
+    sel.replaceChildren(...files.slice().reverse().map((f) => {
+      const o = el("option", "step " + f.step + " (" + fmtBytes(f.bytes) + ")"); o.value = f.name; return o;
+    }));
+    if (!files.length) {
+      rows.replaceChildren(el("p", "none (GRPO writes RUN/completions/step_N.jsonl every grpo.sample_interval steps)",
+                              "empty"));
+      return;
+    }
+    loadSamples(id, sel.value);
+  }
+  async function loadSamples(id, name) {
+    const box = $("samples-rows");
+    let body;
+    try { body = await api("/api/samples?" + q(id) + "&name=" + encodeURIComponent(name)); } catch (e) {
+      box.replaceChildren(el("p", "error: " + e.message, "error")); return;
+    }
+    const table = el("table"); table.id = "samples-table";
+    const cols = ["step", "prompt", "completion", "reward", "advantage"];
+    const head = el("tr"); cols.forEach((c) => head.appendChild(el("th", c)));
+    table.appendChild(el("thead")).appendChild(head);
+    const tb = table.appendChild(el("tbody"));
+    for (const r of body.rows) {
+      const tr = el("tr");
+      for (const c of cols) {
+        const v = r[c];
+        tr.appendChild(el("td", v === undefined || v === null ? "" : typeof v === "number" ? fmtNum(v, 4) :
+                                 typeof v === "object" ? JSON.stringify(v) : String(v), "sample-" + c));
+      }
+      tb.appendChild(tr);
+    }
+    const wrap = el("div", "", "table-wrap"); wrap.appendChild(table);
+    const note = (body.truncated ? "first " + body.rows.length + " rows shown" : body.rows.length + " rows") +
+      (body.bad_lines ? ", " + body.bad_lines + " unreadable lines skipped" : "");
+    box.replaceChildren(el("p", note, "hint"), wrap);
+  }
+  $("samples-file").addEventListener("change", () => {
+    const sel = $("samples-file");
+    loadSamples(sel.dataset.id, sel.value);
+  });
   async function refreshRun() { // the focused run's status and checkpoints, as the runs list refreshes
     if (state.view && state.view.ids.length === 1) {
       try { await loadRun(state.view.ids[0]); } catch (e) { showError(e); }
