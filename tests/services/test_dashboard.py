@@ -73,6 +73,7 @@ def roots(tmp_path_factory):
     live.mkdir()
     (live / ".lmforge.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                     "command": "lmforge pretrain", "started": "2026-12-07T20:00:00Z"}))
+    write_run(base / "outside", 2, "max_steps")
     ck = root / "done" / "checkpoints" / "step_000006"
     ck.mkdir(parents=True)
     (ck / "meta.json").write_text(json.dumps({"complete": True}))
@@ -81,11 +82,21 @@ def roots(tmp_path_factory):
         "meta.json": {"size": (ck / "meta.json").stat().st_size, "sha256": "0"},
         ".metadata": {"size": 10, "sha256": "0"}}}))
     (root / "done" / "checkpoints" / "LATEST").write_text("step_000006\n")
+    samples = root / "done" / "completions"  # GRPO's sample generations
+    samples.mkdir()
+    rows = [{"step": 2, "prompt": f"What is {i}+{i}?", "answer": str(2 * i), "completion": f"It is {2 * i}.",
+             "reward": 1.0, "rewards": {"answer": 1.0}, "advantage": 0.5 - i} for i in range(3)]
+    rows[2]["completion"] = "x" * 10000  # clipped for the page
+    (samples / "step_000002.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "garbage\n")
+    with open(samples / "step_000004.jsonl", "w") as f:  # over the read bound: the first rows only
+        f.write("".join(json.dumps({**rows[0], "step": 4, "prompt": f"p{i}" * 500}) + "\n" for i in range(3000)))
+    (samples / "notes.txt").write_text("not a samples file")
+    (samples / "step_000009.jsonl").symlink_to(base / "outside" / "config.yaml")  # a link out: never listed or read
     big = root / "big"
     big.mkdir()
     with open(big / "metrics.jsonl", "w") as f:
         f.write("".join(json.dumps(train(s, 5.0 / s)) + "\n" for s in range(1, 60001)))
-    outside = write_run(base / "outside", 2, "max_steps")
+    outside = base / "outside"  # written before the link above points into it
     (root / "escape").symlink_to(outside)
     return root
 
@@ -175,6 +186,30 @@ def test_big_metrics_file_is_downsampled(server):
     train_s = body["series"]["train"]
     assert train_s["rows_seen"] == 60000 and len(train_s["x"]["step"]) <= 4001
     assert train_s["x"]["step"][-1] == 60000 and train_s["y"]["loss"][-1] == pytest.approx(5.0 / 60000)
+
+
+def test_sample_generations(server):
+    status, run = get(server + "/api/run?" + q(id="0/done"))
+    assert status == 200 and [(f["name"], f["step"]) for f in run["samples"]] == [
+        ("completions/step_000002.jsonl", 2), ("completions/step_000004.jsonl", 4)]
+    status, body = get(server + "/api/samples?" + q(id="0/done"))
+    assert status == 200 and body["files"] == run["samples"]
+    status, body = get(server + "/api/samples?" + q(id="0/done", name="completions/step_000002.jsonl"))
+    assert status == 200 and body["bad_lines"] == 1 and not body["truncated"]
+    assert [r["completion"][:8] for r in body["rows"]] == ["It is 0.", "It is 2.", "xxxxxxxx"]
+    assert body["rows"][0]["rewards"] == {"answer": 1.0} and body["rows"][1]["advantage"] == -0.5
+    assert len(body["rows"][2]["completion"]) < 4100 and body["rows"][2]["completion"].endswith("more characters)")
+    status, body = get(server + "/api/samples?" + q(id="0/done", name="completions/step_000004.jsonl"))
+    assert status == 200 and body["truncated"] and 0 < len(body["rows"]) <= 200
+    assert all(r["step"] == 4 for r in body["rows"])
+    for name in ("completions/step_000009.jsonl", "../outside/config.yaml", "completions/notes.txt", "config.yaml",
+                 "/etc/passwd"):
+        status, body = get(server + "/api/samples?" + q(id="0/done", name=name))
+        assert status == 404 and "not a samples file" in body["error"]["message"], name
+    status, body = get(server + "/api/samples?" + q(id="0/escape"))
+    assert status == 403
+    status, body = get(server + "/api/samples?" + q(id="0/crashed"))
+    assert status == 200 and body["files"] == []
 
 
 def test_compare_and_config_diff(server):
