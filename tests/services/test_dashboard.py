@@ -335,3 +335,49 @@ def test_launch_refusals(roots, tmp_path):
     write_run(tmp_path / "notmine", 2, None)
     r = on.post("/api/stop", json={"id": "0/notmine"})
     assert r.status_code == 409 and "not launched by this dashboard" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_a_200mb_metrics_file_answers_within_a_bound_downsampled(tmp_path):
+    """A 200 MB metrics.jsonl (1.4M rows of the trainer's shape, a resume's repeated steps included): every
+    /api/series answer comes within a bound while the file is still being indexed (each request reads for at
+    most its budget), and the series stay downsampled to a few thousand points."""
+    from starlette.testclient import TestClient
+
+    from lmforge.dashboard.app import create_app
+
+    run = tmp_path / "runs" / "huge"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("run:\n  name: huge\n")
+    row = json.dumps(train(1, 1.0)).replace('"step": 1,', '"step": %d,').replace('"loss": 1.0,', '"loss": %.9g,')
+    target, step, written = 200 << 20, 0, 0
+    with open(run / "metrics.jsonl", "w") as f:
+        while f.tell() < target:
+            block = "".join(row % (s, 5.0 / s) + "\n" for s in range(step + 1, step + 10001))
+            if step == 500000:  # a resume from step 400000 writes steps again (the reader keeps the rows in order)
+                block += "".join(row % (s, 4.0 / s) + "\n" for s in range(400001, 410001))
+                written += 10000
+            f.write(block)
+            step, written = step + 10000, written + 10000
+    size = (run / "metrics.jsonl").stat().st_size
+    assert size >= target
+    client = TestClient(create_app([str(tmp_path / "runs")], budget_s=0.5), base_url="http://127.0.0.1")
+    answers, start = [], time.monotonic()
+    while True:
+        t0 = time.monotonic()
+        r = client.get("/api/series", params={"id": "0/huge"})
+        answers.append(time.monotonic() - t0)
+        assert r.status_code == 200
+        body = r.json()
+        n = len(body["series"]["train"]["x"]["step"])
+        assert 0 < n <= 4001, n  # downsampled, whatever was read so far
+        if body["indexed"]:
+            break
+        assert time.monotonic() - start < 600, f"indexed {body['cursor']['offset']} of {size} bytes in 10 minutes"
+    assert len(answers) > 1 and max(answers[:-1]) < 10, answers  # answered while indexing, each within the bound
+    train_s = body["series"]["train"]
+    assert train_s["rows_seen"] == written and train_s["x"]["step"][-1] == step
+    assert train_s["y"]["loss"][-1] == pytest.approx(5.0 / step, rel=1e-4)
+    assert body["summary"]["step"] == step and body["size"] == size
+    runs = client.get("/api/runs").json()["runs"]  # the runs list stays quick on the indexed file
+    assert [r["id"] for r in runs] == ["0/huge"] and runs[0]["step"] == step
