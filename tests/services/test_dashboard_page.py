@@ -7,6 +7,7 @@ a checkpoint and turns the run's status to stopped.
 With LMFORGE_DASHBOARD_SCREENSHOT=PATH the page is saved there as a PNG (docs/images/dashboard.png is made
 this way). Without Chromium, chromedriver or selenium the tests skip — and fail under LMFORGE_REQUIRE_DATA=1."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,7 +44,12 @@ def shards(tmp_path_factory):
 def training(shards, tmp_path_factory):
     """(runs root, the pretrain process) — a tiny run training in RUNS/tiny, stopped at the end."""
     root = tmp_path_factory.mktemp("runs")
-    write_run(root / "other", 30, "max_steps")
+    other = write_run(root / "other", 30, "max_steps")
+    (other / "completions").mkdir()  # sample generations, as GRPO logs them
+    for step in (10, 20):
+        (other / "completions" / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(
+            {"step": step, "prompt": f"What is {i}+{i}?", "answer": str(2 * i), "completion": f"{2 * i} at step {step}",
+             "reward": 1.0, "rewards": {"answer": 1.0}, "advantage": 0.25 * i}) + "\n" for i in range(3)))
     run_dir = root / "tiny"
     log = open(tmp_path_factory.mktemp("log") / "pretrain.log", "wb")  # noqa: SIM115 - open while it trains
     proc = subprocess.Popen(
@@ -144,6 +150,27 @@ def test_live_run_list_curve_and_compare(server, training, browser):  # noqa: F8
         driver.set_window_size(1200, 760)
     if shot:
         driver.save_screenshot(str(Path(shot).with_name(Path(shot).stem + "-compare.png")))
+
+
+@pytest.mark.slow
+def test_sample_generations_shown(server, browser):  # noqa: F811 - the fixture
+    driver = browser
+    driver.get(server + "/")
+    wait_for(driver, lambda d: row_state(d, "0/other") is not None, "the runs list")
+    driver.find_element("css selector", '#runs tbody tr[data-id="0/other"]').click()
+
+    def completions(d):
+        return d.execute_script("return Array.from(document.querySelectorAll('#samples-table td.sample-completion'))"
+                                ".map(t => t.textContent)")
+    wait_for(driver, lambda d: completions(d) == ["0 at step 20", "2 at step 20", "4 at step 20"],
+             "the newest step's sample generations")
+    options = driver.execute_script("return Array.from(document.querySelectorAll('#samples-file option'))"
+                                    ".map(o => o.value)")
+    assert options == ["completions/step_000020.jsonl", "completions/step_000010.jsonl"]
+    driver.execute_script("const s = document.getElementById('samples-file'); s.value = arguments[0];"
+                          "s.dispatchEvent(new Event('change'));", options[1])
+    wait_for(driver, lambda d: completions(d) == ["0 at step 10", "2 at step 10", "4 at step 10"],
+             "another step's sample generations")
 
 
 def set_field(driver, key: str, value) -> None:
