@@ -316,6 +316,8 @@ def test_launch_refusals(roots, tmp_path):
     assert off.get("/api/launch").json() == {"allowed": False, "recipes": []}
     r = off.post("/api/launch", json={"recipe": "pretrain/tiny", "name": "x"})
     assert r.status_code == 403 and "--allow-launch" in r.json()["error"]["message"]
+    r = off.post("/api/launch/plan", json={"recipe": "pretrain/tiny", "name": "x"})
+    assert r.status_code == 403 and "--allow-launch" in r.json()["error"]["message"]
     on = TestClient(create_app([str(tmp_path)], allow_launch=True), base_url="http://127.0.0.1")
     assert "pretrain/tiny" in on.get("/api/launch").json()["recipes"]
     keys = {f["key"]: f for f in on.get("/api/launch/fields", params={"recipe": "pretrain/tiny"}).json()["fields"]}
