@@ -44,6 +44,16 @@ def check_args(args) -> list[str]:
     return roots
 
 
+def cuda_machine() -> dict | None:
+    """The first CUDA device's memory, for the launch form's planner verdict (None without one)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"device": "cuda", "name": props.name, "memory_gb": round(props.total_memory / 1e9, 2)}
+
+
 def run(args) -> int:
     from lmforge.config import UserError
 
@@ -55,7 +65,7 @@ def run(args) -> int:
         raise UserError(f"lmforge dashboard needs the 'serve' extra ({e.name} is missing); "
                         "pip install 'lmforge[serve]'") from None
     app = create_app(roots, api_key=args.api_key, allowed_hosts=(args.host, *args.allow_host),
-                     allow_launch=args.allow_launch)
+                     allow_launch=args.allow_launch, machine=cuda_machine() if args.allow_launch else None)
     server = make_server(app, args.host, args.port, log_level=args.log_level, access_log=False,
                          timeout_graceful_shutdown=2)  # open live streams are cut after 2 s
     original = server.startup

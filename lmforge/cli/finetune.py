@@ -15,6 +15,16 @@ def add_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. model.from=runs/tiny/model finetune.mode=lora lora.rank=16")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary line")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config (and its input files' tokenizer) and exit: 0 and 'config ok' (with "
+                        "--json the resolved config), or the one-line error and 2; nothing is trained or written")
+
+
+def _checked(args, cfg) -> int:
+    from lmforge.config import to_dict
+
+    emit_once(args, f"config ok: lmforge finetune would write {cfg.run.dir}", {"ok": True, "config": to_dict(cfg)})
+    return 0
 
 
 def run(args) -> int:
@@ -26,6 +36,8 @@ def run(args) -> int:
         from lmforge.outputs import run_dir_claim
 
         check_model_dir_tokenizer(cfg.model.path)
+        if args.check:
+            return _checked(args, cfg)
         # model.from inside run.dir (e.g. its own RUN/model) is refused: the run would replace its own base.
         with run_dir_claim(cfg.run.dir, "lmforge finetune", overwrite=cfg.run.overwrite,
                            inputs=[cfg.model.path, *cfg.data.train_paths(), *cfg.data.dev]):

@@ -13,6 +13,16 @@ def add_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. train.max_steps=100 optim.lr=1e-3 run.dir=runs/try")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary line")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config (and its input files' tokenizer) and exit: 0 and 'config ok' (with "
+                        "--json the resolved config), or the one-line error and 2; nothing is trained or written")
+
+
+def _checked(args, cfg) -> int:
+    from lmforge.config import to_dict
+
+    emit_once(args, f"config ok: lmforge pretrain would write {cfg.run.dir}", {"ok": True, "config": to_dict(cfg)})
+    return 0
 
 
 def run(args) -> int:
@@ -25,6 +35,8 @@ def run(args) -> int:
 
         for shard_dir in cfg.data.shard_dirs():  # every run, with or without a val split; each mixture source
             check_shards_tokenizer(shard_dir, cfg.data.tokenizer)
+        if args.check:
+            return _checked(args, cfg)
         with run_dir_claim(cfg.run.dir, "lmforge pretrain", overwrite=cfg.run.overwrite,
                            inputs=[*cfg.data.shard_dirs(), cfg.data.tokenizer,
                                    cfg.model.get("init_embeddings_from")]):

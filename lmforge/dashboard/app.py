@@ -4,13 +4,18 @@ Routes (every run named as the runs list names it, ``ROOT_INDEX/REL/PATH``; see 
 
 * ``GET /api/runs`` — every run with its status, model, data, steps / tokens, last and best validation loss /
   bits per byte, disk used, garbage lines skipped;
-* ``GET /api/run?id=`` — one run: the same, plus checkpoints, eval results, config, report.md, events;
+* ``GET /api/run?id=`` — one run: the same, plus checkpoints, eval results, samples files, config, report.md,
+  events;
 * ``GET /api/series?id=`` — its downsampled series (train and eval columns) and the cursor the stream continues at;
 * ``GET /api/stream?id=&ino=&offset=&line=&bad=&t=&last_step=`` — server-sent events: ``rows`` (new rows, in
   file order, each once, with ``_line`` / ``_t``, and the cursor after them), ``reset`` (the file was rewritten
   by a resume / rollback or replaced: fetch the series again and reopen the stream from its cursor);
 * ``GET /api/compare?id=A&id=B…`` — each run's summary and series, and the config keys that differ;
 * ``GET /api/file?id=&name=report.png|report.md`` — the run's report;
+* ``GET /api/samples?id=[&name=]`` — the sample generations the run logged (GRPO's ``completions/step_N.jsonl``):
+  the files, or one file's rows (bounded);
+* ``GET /api/launch``, ``GET /api/launch/fields?recipe=``, ``POST /api/launch/plan`` (the planner's memory
+  verdict for this machine), ``POST /api/launch``, ``POST /api/stop`` — with ``--allow-launch`` only;
 * ``GET /`` and ``/static/*`` — the page (``lmforge/dashboard/static``), ``GET /health``.
 
 The front door is serve's :class:`lmforge.serve.limits.Guard` (Host check against DNS rebinding without a key;
@@ -40,7 +45,9 @@ from lmforge.dashboard.runs import (
     describe,
     eval_results,
     read_config,
+    read_samples,
     read_small,
+    sample_files,
 )
 from lmforge.serve.limits import Guard
 
@@ -78,9 +85,13 @@ def _same_origin(req: Request) -> bool:
 
 
 def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=(), budget_s: float = 1.0,
-               max_points: int | None = None, poll_s: float = POLL_S, allow_launch: bool = False):
+               max_points: int | None = None, poll_s: float = POLL_S, allow_launch: bool = False,
+               machine: dict[str, Any] | None = None):
     """The guarded ASGI app over ``roots``; ``budget_s``: reading time per request for a big metrics file;
-    ``allow_launch``: pretrain runs may be started (in the first root) and stopped from the page."""
+    ``allow_launch``: pretrain / finetune runs may be started (in the first root) and stopped from the page;
+    ``machine``: ``{"device": "cuda"|"cpu", "name", "memory_gb"}`` the launch plans are checked against
+    (default: this machine's RAM)."""
+    machine = machine or launching.machine_memory()
     app = FastAPI(title="lmforge dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     state = Roots(roots)
     cache = RunCache(budget_s=budget_s, max_points=max_points)
@@ -117,6 +128,7 @@ def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=()
             events = list(cache.readers[path].events)
         return {**row, "stoppable": stoppable(path), "events": events, "checkpoints": await asyncio.to_thread(checkpoints, path),
                 "eval_results": await asyncio.to_thread(eval_results, path), "config": read_config(path),
+                "samples": await asyncio.to_thread(sample_files, path),
                 "report_md": read_small(path / "report.md", 1 << 20),
                 "report_png": (path / "report.png").is_file() and not (path / "report.png").is_symlink()}
 
@@ -153,6 +165,13 @@ def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=()
             return PlainTextResponse(read_small(f, 1 << 20) or "")
         return FileResponse(f, media_type="image/png")
 
+    @app.get("/api/samples")
+    async def samples(id: str = Query(..., max_length=4096), name: str | None = Query(None, max_length=300)):
+        path = state.resolve(id)
+        if name is None:
+            return {"id": id, "files": await asyncio.to_thread(sample_files, path)}
+        return {"id": id, **await asyncio.to_thread(read_samples, path, name)}
+
     @app.get("/api/stream")
     async def stream(req: Request, id: str = Query(..., max_length=4096), ino: int = 0,
                      offset: int = 0, line: int = 0, bad: int = 0, t: float = 0.0, last_step: int = 0):
@@ -179,8 +198,7 @@ def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=()
         except UserError as e:
             return _error(400, str(e))
 
-    @app.post("/api/launch")
-    async def launch(req: Request):
+    async def launch_body(req: Request) -> dict[str, Any] | JSONResponse:
         if launcher is None:
             return _error(403, "launching is off; start the dashboard with --allow-launch")
         if not _same_origin(req):
@@ -191,6 +209,23 @@ def create_app(roots: list[str], *, api_key: str | None = None, allowed_hosts=()
             return _error(400, "the request body is not JSON")
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object")
+        return body
+
+    @app.post("/api/launch/plan")
+    async def launch_plan(req: Request):
+        body = await launch_body(req)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            return await asyncio.to_thread(launching.plan, body, state.roots[0], machine)
+        except UserError as e:  # ConfigError included: the CLI's own one-line message
+            return _error(400, str(e))
+
+    @app.post("/api/launch")
+    async def launch(req: Request):
+        body = await launch_body(req)
+        if isinstance(body, JSONResponse):
+            return body
         try:
             started = await asyncio.to_thread(launcher.launch, body)
         except UserError as e:  # ConfigError included: the CLI's own one-line message

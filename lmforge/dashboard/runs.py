@@ -282,6 +282,83 @@ def eval_results(run: Path) -> list[dict[str, Any]]:
     return out
 
 
+SAMPLES_DIRS = ("completions",)  # GRPO: RUN/completions/step_NNNNNN.jsonl (prompts, completions, rewards)
+_SAMPLES_RE = re.compile(r"^step_(\d+)\.jsonl$")
+MAX_SAMPLE_FILES = 500  # the newest, in the run view's list
+MAX_SAMPLE_BYTES = 2 << 20  # read from the start of one samples file
+MAX_SAMPLE_ROWS = 200
+MAX_SAMPLE_TEXT = 4000  # characters of one prompt / completion shown
+
+
+def sample_files(run: Path) -> list[dict[str, Any]]:
+    """Sample generations a run logged: ``[{"name": "completions/step_000012.jsonl", "step", "bytes"}]`` by step
+    (regular files only, the newest ``MAX_SAMPLE_FILES``)."""
+    out = []
+    for sub in SAMPLES_DIRS:
+        d = run / sub
+        if d.is_symlink() or not d.is_dir():
+            continue
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            m = _SAMPLES_RE.match(e.name)
+            if not m or not e.is_file(follow_symlinks=False):
+                continue
+            try:
+                size = e.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+            out.append({"name": f"{sub}/{e.name}", "step": int(m.group(1)), "bytes": size})
+    return sorted(out, key=lambda f: (f["step"], f["name"]))[-MAX_SAMPLE_FILES:]
+
+
+def _clip(v: Any) -> Any:
+    if isinstance(v, str) and len(v) > MAX_SAMPLE_TEXT:
+        return v[:MAX_SAMPLE_TEXT] + f"… ({len(v) - MAX_SAMPLE_TEXT} more characters)"
+    if isinstance(v, dict):
+        return {str(k)[:200]: _clip(x) for k, x in list(v.items())[:50]}
+    if isinstance(v, list):
+        return [_clip(x) for x in v[:50]]
+    return v
+
+
+def read_samples(run: Path, name: str) -> dict[str, Any]:
+    """The rows of one file :func:`sample_files` lists (any other name is refused: nothing outside the run's
+    samples dirs is read), at most ``MAX_SAMPLE_ROWS`` rows from its first ``MAX_SAMPLE_BYTES``; unreadable lines
+    are counted, long texts clipped."""
+    listed = {f["name"] for f in sample_files(run)}
+    if name not in listed:
+        raise Refused(404, f"'{name[:200]}' is not a samples file of this run; pick one /api/samples lists")
+    try:
+        with open(run / name, "rb") as f:
+            data = f.read(MAX_SAMPLE_BYTES + 1)
+    except OSError as e:
+        raise Refused(404, f"{name} cannot be read ({e.strerror})") from None
+    truncated = len(data) > MAX_SAMPLE_BYTES
+    lines = data[:MAX_SAMPLE_BYTES].split(b"\n")
+    if truncated:
+        lines = lines[:-1]  # the last line is cut
+    rows, bad = [], 0
+    for raw in lines:
+        if not raw.strip():
+            continue
+        if len(rows) >= MAX_SAMPLE_ROWS:
+            truncated = True
+            break
+        try:
+            row = json.loads(raw)
+        except (ValueError, RecursionError):
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(_clip(row))
+        else:
+            bad += 1
+    return {"name": name, "rows": rows, "bad_lines": bad, "truncated": truncated}
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         out = {}

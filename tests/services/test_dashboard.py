@@ -73,6 +73,7 @@ def roots(tmp_path_factory):
     live.mkdir()
     (live / ".lmforge.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                     "command": "lmforge pretrain", "started": "2026-12-07T20:00:00Z"}))
+    write_run(base / "outside", 2, "max_steps")
     ck = root / "done" / "checkpoints" / "step_000006"
     ck.mkdir(parents=True)
     (ck / "meta.json").write_text(json.dumps({"complete": True}))
@@ -81,11 +82,21 @@ def roots(tmp_path_factory):
         "meta.json": {"size": (ck / "meta.json").stat().st_size, "sha256": "0"},
         ".metadata": {"size": 10, "sha256": "0"}}}))
     (root / "done" / "checkpoints" / "LATEST").write_text("step_000006\n")
+    samples = root / "done" / "completions"  # GRPO's sample generations
+    samples.mkdir()
+    rows = [{"step": 2, "prompt": f"What is {i}+{i}?", "answer": str(2 * i), "completion": f"It is {2 * i}.",
+             "reward": 1.0, "rewards": {"answer": 1.0}, "advantage": 0.5 - i} for i in range(3)]
+    rows[2]["completion"] = "x" * 10000  # clipped for the page
+    (samples / "step_000002.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "garbage\n")
+    with open(samples / "step_000004.jsonl", "w") as f:  # over the read bound: the first rows only
+        f.write("".join(json.dumps({**rows[0], "step": 4, "prompt": f"p{i}" * 500}) + "\n" for i in range(3000)))
+    (samples / "notes.txt").write_text("not a samples file")
+    (samples / "step_000009.jsonl").symlink_to(base / "outside" / "config.yaml")  # a link out: never listed or read
     big = root / "big"
     big.mkdir()
     with open(big / "metrics.jsonl", "w") as f:
         f.write("".join(json.dumps(train(s, 5.0 / s)) + "\n" for s in range(1, 60001)))
-    outside = write_run(base / "outside", 2, "max_steps")
+    outside = base / "outside"  # written before the link above points into it
     (root / "escape").symlink_to(outside)
     return root
 
@@ -175,6 +186,30 @@ def test_big_metrics_file_is_downsampled(server):
     train_s = body["series"]["train"]
     assert train_s["rows_seen"] == 60000 and len(train_s["x"]["step"]) <= 4001
     assert train_s["x"]["step"][-1] == 60000 and train_s["y"]["loss"][-1] == pytest.approx(5.0 / 60000)
+
+
+def test_sample_generations(server):
+    status, run = get(server + "/api/run?" + q(id="0/done"))
+    assert status == 200 and [(f["name"], f["step"]) for f in run["samples"]] == [
+        ("completions/step_000002.jsonl", 2), ("completions/step_000004.jsonl", 4)]
+    status, body = get(server + "/api/samples?" + q(id="0/done"))
+    assert status == 200 and body["files"] == run["samples"]
+    status, body = get(server + "/api/samples?" + q(id="0/done", name="completions/step_000002.jsonl"))
+    assert status == 200 and body["bad_lines"] == 1 and not body["truncated"]
+    assert [r["completion"][:8] for r in body["rows"]] == ["It is 0.", "It is 2.", "xxxxxxxx"]
+    assert body["rows"][0]["rewards"] == {"answer": 1.0} and body["rows"][1]["advantage"] == -0.5
+    assert len(body["rows"][2]["completion"]) < 4100 and body["rows"][2]["completion"].endswith("more characters)")
+    status, body = get(server + "/api/samples?" + q(id="0/done", name="completions/step_000004.jsonl"))
+    assert status == 200 and body["truncated"] and 0 < len(body["rows"]) <= 200
+    assert all(r["step"] == 4 for r in body["rows"])
+    for name in ("completions/step_000009.jsonl", "../outside/config.yaml", "completions/notes.txt", "config.yaml",
+                 "/etc/passwd"):
+        status, body = get(server + "/api/samples?" + q(id="0/done", name=name))
+        assert status == 404 and "not a samples file" in body["error"]["message"], name
+    status, body = get(server + "/api/samples?" + q(id="0/escape"))
+    assert status == 403
+    status, body = get(server + "/api/samples?" + q(id="0/crashed"))
+    assert status == 200 and body["files"] == []
 
 
 def test_compare_and_config_diff(server):
@@ -281,6 +316,8 @@ def test_launch_refusals(roots, tmp_path):
     assert off.get("/api/launch").json() == {"allowed": False, "recipes": []}
     r = off.post("/api/launch", json={"recipe": "pretrain/tiny", "name": "x"})
     assert r.status_code == 403 and "--allow-launch" in r.json()["error"]["message"]
+    r = off.post("/api/launch/plan", json={"recipe": "pretrain/tiny", "name": "x"})
+    assert r.status_code == 403 and "--allow-launch" in r.json()["error"]["message"]
     on = TestClient(create_app([str(tmp_path)], allow_launch=True), base_url="http://127.0.0.1")
     assert "pretrain/tiny" in on.get("/api/launch").json()["recipes"]
     keys = {f["key"]: f for f in on.get("/api/launch/fields", params={"recipe": "pretrain/tiny"}).json()["fields"]}
@@ -300,3 +337,49 @@ def test_launch_refusals(roots, tmp_path):
     write_run(tmp_path / "notmine", 2, None)
     r = on.post("/api/stop", json={"id": "0/notmine"})
     assert r.status_code == 409 and "not launched by this dashboard" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_a_200mb_metrics_file_answers_within_a_bound_downsampled(tmp_path):
+    """A 200 MB metrics.jsonl (1.4M rows of the trainer's shape, a resume's repeated steps included): every
+    /api/series answer comes within a bound while the file is still being indexed (each request reads for at
+    most its budget), and the series stay downsampled to a few thousand points."""
+    from starlette.testclient import TestClient
+
+    from lmforge.dashboard.app import create_app
+
+    run = tmp_path / "runs" / "huge"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("run:\n  name: huge\n")
+    row = json.dumps(train(1, 1.0)).replace('"step": 1,', '"step": %d,').replace('"loss": 1.0,', '"loss": %.9g,')
+    target, step, written = 200 << 20, 0, 0
+    with open(run / "metrics.jsonl", "w") as f:
+        while f.tell() < target:
+            block = "".join(row % (s, 5.0 / s) + "\n" for s in range(step + 1, step + 10001))
+            if step == 500000:  # a resume from step 400000 writes steps again (the reader keeps the rows in order)
+                block += "".join(row % (s, 4.0 / s) + "\n" for s in range(400001, 410001))
+                written += 10000
+            f.write(block)
+            step, written = step + 10000, written + 10000
+    size = (run / "metrics.jsonl").stat().st_size
+    assert size >= target
+    client = TestClient(create_app([str(tmp_path / "runs")], budget_s=0.5), base_url="http://127.0.0.1")
+    answers, start = [], time.monotonic()
+    while True:
+        t0 = time.monotonic()
+        r = client.get("/api/series", params={"id": "0/huge"})
+        answers.append(time.monotonic() - t0)
+        assert r.status_code == 200
+        body = r.json()
+        n = len(body["series"]["train"]["x"]["step"])
+        assert 0 < n <= 4001, n  # downsampled, whatever was read so far
+        if body["indexed"]:
+            break
+        assert time.monotonic() - start < 600, f"indexed {body['cursor']['offset']} of {size} bytes in 10 minutes"
+    assert len(answers) > 1 and max(answers[:-1]) < 10, answers  # answered while indexing, each within the bound
+    train_s = body["series"]["train"]
+    assert train_s["rows_seen"] == written and train_s["x"]["step"][-1] == step
+    assert train_s["y"]["loss"][-1] == pytest.approx(5.0 / step, rel=1e-4)
+    assert body["summary"]["step"] == step and body["size"] == size
+    runs = client.get("/api/runs").json()["runs"]  # the runs list stays quick on the indexed file
+    assert [r["id"] for r in runs] == ["0/huge"] and runs[0]["step"] == step

@@ -7,6 +7,7 @@ a checkpoint and turns the run's status to stopped.
 With LMFORGE_DASHBOARD_SCREENSHOT=PATH the page is saved there as a PNG (docs/images/dashboard.png is made
 this way). Without Chromium, chromedriver or selenium the tests skip — and fail under LMFORGE_REQUIRE_DATA=1."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,7 +44,12 @@ def shards(tmp_path_factory):
 def training(shards, tmp_path_factory):
     """(runs root, the pretrain process) — a tiny run training in RUNS/tiny, stopped at the end."""
     root = tmp_path_factory.mktemp("runs")
-    write_run(root / "other", 30, "max_steps")
+    other = write_run(root / "other", 30, "max_steps")
+    (other / "completions").mkdir()  # sample generations, as GRPO logs them
+    for step in (10, 20):
+        (other / "completions" / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(
+            {"step": step, "prompt": f"What is {i}+{i}?", "answer": str(2 * i), "completion": f"{2 * i} at step {step}",
+             "reward": 1.0, "rewards": {"answer": 1.0}, "advantage": 0.25 * i}) + "\n" for i in range(3)))
     run_dir = root / "tiny"
     log = open(tmp_path_factory.mktemp("log") / "pretrain.log", "wb")  # noqa: SIM115 - open while it trains
     proc = subprocess.Popen(
@@ -146,6 +152,27 @@ def test_live_run_list_curve_and_compare(server, training, browser):  # noqa: F8
         driver.save_screenshot(str(Path(shot).with_name(Path(shot).stem + "-compare.png")))
 
 
+@pytest.mark.slow
+def test_sample_generations_shown(server, browser):  # noqa: F811 - the fixture
+    driver = browser
+    driver.get(server + "/")
+    wait_for(driver, lambda d: row_state(d, "0/other") is not None, "the runs list")
+    driver.find_element("css selector", '#runs tbody tr[data-id="0/other"]').click()
+
+    def completions(d):
+        return d.execute_script("return Array.from(document.querySelectorAll('#samples-table td.sample-completion'))"
+                                ".map(t => t.textContent)")
+    wait_for(driver, lambda d: completions(d) == ["0 at step 20", "2 at step 20", "4 at step 20"],
+             "the newest step's sample generations")
+    options = driver.execute_script("return Array.from(document.querySelectorAll('#samples-file option'))"
+                                    ".map(o => o.value)")
+    assert options == ["completions/step_000020.jsonl", "completions/step_000010.jsonl"]
+    driver.execute_script("const s = document.getElementById('samples-file'); s.value = arguments[0];"
+                          "s.dispatchEvent(new Event('change'));", options[1])
+    wait_for(driver, lambda d: completions(d) == ["0 at step 10", "2 at step 10", "4 at step 10"],
+             "another step's sample generations")
+
+
 def set_field(driver, key: str, value) -> None:
     driver.execute_script("""const el = document.getElementById('field-' + arguments[0]);
         el.value = arguments[1]; el.dispatchEvent(new Event('input'));""", key, str(value))
@@ -162,8 +189,10 @@ def test_launch_form_refuses_bad_value_launches_and_stops(server, training, shar
     driver.execute_script("document.getElementById('launch-pane').open = true")
     driver.find_element("id", "launch-name").send_keys("launched")
     set_field(driver, "train.max_steps", "many")
-    driver.find_element("id", "launch-submit").click()
+    assert not driver.find_element("id", "launch-submit").is_enabled()  # no plan shown yet
+    driver.find_element("id", "launch-check").click()
     wait_for(driver, lambda d: d.find_element("id", "launch-result").text.startswith("error: "), "the refusal")
+    assert not driver.find_element("id", "launch-submit").is_enabled()
     shown = driver.find_element("id", "launch-result").text
     cli = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--config", "pretrain/tiny",
                           "train.max_steps=many", f"run.dir={root / 'launched'}"], cwd=REPO, env=env(),
@@ -175,6 +204,11 @@ def test_launch_form_refuses_bad_value_launches_and_stops(server, training, shar
             "log.progress": "false", "eval.interval": 1000, "log.peak_tflops": 1}
     for key, value in good.items():
         set_field(driver, key, value)
+    driver.find_element("id", "launch-check").click()
+    wait_for(driver, lambda d: d.find_element("id", "launch-submit").is_enabled(), "the plan and the launch button")
+    verdict = driver.find_element("id", "launch-plan").text
+    assert verdict.startswith("memory plan: tiny pretrain, seq 64 x micro batch 8, fp32: weights "), verdict
+    assert " GB of CPU RAM " in verdict and verdict.endswith("-> fits"), verdict
     driver.find_element("id", "launch-submit").click()
     wait_for(driver, lambda d: d.find_element("id", "launch-result").text.startswith("started pid"), "the launch")
     wait_for(driver, lambda d: row_state(d, "0/launched") == "running", "the launched run listed as running")

@@ -388,6 +388,7 @@
       er.appendChild(el("h4", r.file));
       er.appendChild(el("pre", JSON.stringify(r.result, null, 1).slice(0, 4000)));
     }
+    showSampleFiles(id, run.samples || []);
     const rep = $("report"); rep.replaceChildren();
     if (run.report_png) {
       const img = el("img"); img.alt = "report.png";
@@ -398,6 +399,52 @@
     if (run.report_md) rep.appendChild(el("pre", run.report_md));
     if (!run.report_png && !run.report_md) rep.appendChild(el("p", "written at the end of a run", "empty"));
   }
+  // ---- sample generations (GRPO's RUN/completions/step_N.jsonl) ----------------------------------------------
+  function showSampleFiles(id, files) {
+    const sel = $("samples-file"), rows = $("samples-rows");
+    const names = files.map((f) => f.name);
+    if (sel.dataset.id === id && sel.dataset.names === names.join("|")) return; // unchanged: keep the shown file
+    sel.dataset.id = id; sel.dataset.names = names.join("|");
+    sel.hidden = !files.length;
+    sel.replaceChildren(...files.slice().reverse().map((f) => {
+      const o = el("option", "step " + f.step + " (" + fmtBytes(f.bytes) + ")"); o.value = f.name; return o;
+    }));
+    if (!files.length) {
+      rows.replaceChildren(el("p", "none (GRPO writes RUN/completions/step_N.jsonl every grpo.sample_interval steps)",
+                              "empty"));
+      return;
+    }
+    loadSamples(id, sel.value);
+  }
+  async function loadSamples(id, name) {
+    const box = $("samples-rows");
+    let body;
+    try { body = await api("/api/samples?" + q(id) + "&name=" + encodeURIComponent(name)); } catch (e) {
+      box.replaceChildren(el("p", "error: " + e.message, "error")); return;
+    }
+    const table = el("table"); table.id = "samples-table";
+    const cols = ["step", "prompt", "completion", "reward", "advantage"];
+    const head = el("tr"); cols.forEach((c) => head.appendChild(el("th", c)));
+    table.appendChild(el("thead")).appendChild(head);
+    const tb = table.appendChild(el("tbody"));
+    for (const r of body.rows) {
+      const tr = el("tr");
+      for (const c of cols) {
+        const v = r[c];
+        tr.appendChild(el("td", v === undefined || v === null ? "" : typeof v === "number" ? fmtNum(v, 4) :
+                                 typeof v === "object" ? JSON.stringify(v) : String(v), "sample-" + c));
+      }
+      tb.appendChild(tr);
+    }
+    const wrap = el("div", "", "table-wrap"); wrap.appendChild(table);
+    const note = (body.truncated ? "first " + body.rows.length + " rows shown" : body.rows.length + " rows") +
+      (body.bad_lines ? ", " + body.bad_lines + " unreadable lines skipped" : "");
+    box.replaceChildren(el("p", note, "hint"), wrap);
+  }
+  $("samples-file").addEventListener("change", () => {
+    const sel = $("samples-file");
+    loadSamples(sel.dataset.id, sel.value);
+  });
   async function refreshRun() { // the focused run's status and checkpoints, as the runs list refreshes
     if (state.view && state.view.ids.length === 1) {
       try { await loadRun(state.view.ids[0]); } catch (e) { showError(e); }
@@ -486,21 +533,50 @@
       const input = el("input"); input.id = "field-" + f.key; input.dataset.key = f.key;
       const text = f.value === null ? "null" : typeof f.value === "object" ? JSON.stringify(f.value) : String(f.value);
       input.value = text; input.dataset.default = text;
-      input.addEventListener("input", () => input.classList.toggle("changed", input.value !== input.dataset.default));
+      input.addEventListener("input", () => {
+        input.classList.toggle("changed", input.value !== input.dataset.default);
+        unplanned();
+      });
       box.appendChild(label); box.appendChild(input);
     }
   }
-  $("launch-form").addEventListener("submit", async (ev) => {
-    ev.preventDefault();
+  // The launch button opens only once the planner's verdict for exactly these values is shown.
+  function unplanned() {
+    $("launch-submit").disabled = true;
+    $("launch-plan").textContent = "";
+    $("launch-plan").className = "";
+  }
+  function launchBody() {
     const overrides = {};
     for (const input of $("launch-fields").querySelectorAll("input")) {
       if (input.value !== input.dataset.default) overrides[input.dataset.key] = input.value;
     }
+    const recipe = $("launch-recipe").value;
+    return {verb: recipe.split("/")[0], recipe, name: $("launch-name").value, overrides};
+  }
+  $("launch-name").addEventListener("input", unplanned);
+  $("launch-recipe").addEventListener("change", unplanned);
+  $("launch-check").addEventListener("click", async () => {
+    unplanned();
+    const result = $("launch-result"), plan = $("launch-plan");
+    result.className = ""; result.textContent = "checking…";
+    try {
+      const out = await post("/api/launch/plan", launchBody());
+      plan.textContent = "memory plan: " + out.verdict;
+      plan.className = out.fits ? "" : "error";
+      result.textContent = "";
+      $("launch-submit").disabled = false;
+    } catch (e) {
+      result.className = "error"; result.textContent = "error: " + e.message;
+    }
+  });
+  $("launch-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if ($("launch-submit").disabled) return;
     const result = $("launch-result");
     result.className = ""; result.textContent = "launching…";
     try {
-      const out = await post("/api/launch", {verb: "pretrain", recipe: $("launch-recipe").value,
-                                             name: $("launch-name").value, overrides});
+      const out = await post("/api/launch", launchBody());
       result.textContent = "started pid " + out.pid + ": " + out.command;
       result.dataset.id = out.id;
       await loadRuns();
