@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.data.records import DataError, as_text, read_records
-from lmforge.data.sft import ROLES
+from lmforge.data.sft import parse_messages
 from lmforge.tokenizer.chat_template import encode_prompt, encode_text, uses_bos
 
 
@@ -48,13 +48,7 @@ def record_to_prompt(record: Any, where: str, columns: dict[str, str] | None = N
         raw = record[key["messages"]]
         if not isinstance(raw, list) or not raw:
             raise DataError(f"{where}: '{key['messages']}' must be a non-empty list of {{role, content}} objects")
-        messages = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DataError(f"{where}: message {i} must be an object with 'role' and 'content'")
-            if m["role"] not in ROLES:
-                raise DataError(f"{where}: message {i} has role '{m['role']}'; use one of {', '.join(ROLES)}")
-            messages.append({"role": m["role"], "content": as_text(m["content"], where, f"message {i} content")})
+        messages = parse_messages(raw, where)
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages or messages[-1]["role"] != "user":

@@ -73,6 +73,18 @@ def _field(record: dict, name: str, columns: dict[str, str], where: str, require
     return default if value is None else value
 
 
+def parse_messages(raw: list, where: str) -> list[dict[str, str]]:
+    """``[{role, content}, ...]`` as plain {role, content} dicts: each an object, a known role, text content."""
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: message {i} has role '{m['role']}'; use one of {', '.join(ROLES)}")
+        messages.append({"role": m["role"], "content": as_text(m["content"], where, f"message {i} content")})
+    return messages
+
+
 def _check_messages(messages: list[dict[str, str]], where: str) -> list[dict[str, str]]:
     if not messages:
         raise DataError(f"{where}: the conversation is empty")
@@ -116,14 +128,7 @@ def record_to_example(record: Any, fmt: str = "auto", where: str = "",
         raw = _field(record, "messages", columns, where)
         if not isinstance(raw, list):
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-        messages = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DataError(f"{where}: message {i} must be an object with 'role' and 'content'")
-            if m["role"] not in ROLES:
-                raise DataError(f"{where}: message {i} has role '{m['role']}'; use one of {', '.join(ROLES)}")
-            messages.append({"role": m["role"], "content": as_text(m["content"], where, f"message {i} content")})
-        return SFTExample(messages=_check_messages(messages, where), where=where)
+        return SFTExample(messages=_check_messages(parse_messages(raw, where), where), where=where)
     if fmt == "sharegpt":
         raw = _field(record, "conversations", columns, where)
         if not isinstance(raw, list):
