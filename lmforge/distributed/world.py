@@ -176,6 +176,15 @@ class World:
 
 
 # ---- building the world --------------------------------------------------------------------------
+def side_group(backend: str = "gloo"):
+    """A process group of every rank, of its own, for work beside training (asynchronous checkpoint saves run
+    DCP on gloo in a background thread), so its collectives never interleave with the training loop's on the
+    World's groups. Every rank calls it at the same point; None without a process group of 2+ ranks."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return dist.new_group(backend=backend)
+
+
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     """``train.device`` (auto | cuda | cpu) -> this rank's device (`process_group.cuda_device` on CUDA)."""
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):

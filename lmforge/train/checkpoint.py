@@ -71,6 +71,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from lmforge.config import UserError, atomic_write_text, read_json_bounded
 from lmforge.console import info
+from lmforge.distributed.world import side_group
 from lmforge.train.dcp_safe import DCP_INDEX, SafeLoadPlanner, SafeReader, read_dcp_index
 
 LATEST = "LATEST"
@@ -761,10 +762,8 @@ class CheckpointManager:
     def _async_group(self) -> Any:
         """A gloo group of its own for the background saves: their collectives never interleave with the
         training loop's on the default group (and DCP's async save needs a CPU backend). All ranks call it."""
-        if not (_dist() and dist.get_world_size() > 1):
-            return None
         if self._group is None:
-            self._group = dist.new_group(backend="gloo")
+            self._group = side_group("gloo")  # None in a single process
         return self._group
 
     def _complete(self, upload: Future, writer: HashingWriter, rank_name: str, rank_text: str, name: str,

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,10 @@ def s3():
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # moto keeps its buckets in process-wide state, shared by every server this process starts (another test
+    # module reuses this fixture): start from an empty store
+    urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"),
+                           timeout=30).close()
     s3fs.S3FileSystem.clear_instance_cache()
     s3fs.S3FileSystem().mkdir(BUCKET)
     yield env["AWS_ENDPOINT_URL"]
