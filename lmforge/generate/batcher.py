@@ -11,7 +11,8 @@
 3. take the blocks the planned tokens need; when the pool is empty, the most recently admitted sequence is
    *preempted*: its blocks are given back and it waits again, to be recomputed (from its prompt and the
    tokens it has produced, its full blocks often still in the prefix cache) when blocks free up;
-4. one forward per prefill chunk, one forward for all decoding sequences (a row each, positions per row);
+4. one forward for all decoding sequences (a row each, positions per row), one right-padded forward for
+   the chunks of prompts with nothing cached yet, one forward per other prefill chunk;
    sample, and finished sequences leave at once.
 
 Each sequence keeps its own sampling settings and seeded generator, so its output does not depend on which
