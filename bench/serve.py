@@ -242,7 +242,7 @@ def compare(args) -> int:
     lines = corpus_lines()
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
+        for i_model, name in enumerate(args.models):
             spec = dict(MODELS[name])
             work = Path(tmp) / name
             work.mkdir()
@@ -252,7 +252,8 @@ def compare(args) -> int:
                             "--out", str(hf_dir)], check=True, stdout=subprocess.DEVNULL,
                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
             lm, lm_url = start_server(model_dir, max(args.levels), args.threads)
-            tf, tf_url = start_transformers(hf_dir, args.port, args.transformers_threads)
+            # a port per model: the previous model's server may still hold its port for a moment
+            tf, tf_url = start_transformers(hf_dir, args.port + i_model, args.transformers_threads)
             servers = {"lmforge": (lm_url, "bench"), "transformers": (tf_url, str(hf_dir))}
             n_prompts = max(args.requests, max(args.levels))
             prompts = [lines[(i * 97) % len(lines)] for i in range(n_prompts)]
@@ -275,6 +276,10 @@ def compare(args) -> int:
                             else:
                                 runs[k][c].append(run_level(url, c, prompts[:max(args.requests, c)],
                                                             args.new_tokens, m))
+                        for k, proc in (("lmforge", lm), ("transformers", tf)):
+                            if proc.poll() is not None or runs[k][c][-1]["tok_per_s"] == 0:
+                                raise SystemExit(f"error: the {k} server stopped answering during {name} "
+                                                 f"(exit {proc.poll()}); rerun with --models {name}")
                         print(f"{name} round {rnd + 1} {c}: " + ", ".join(
                             f"{k} {runs[k][c][-1]['tok_per_s']:.0f} tok/s" for k in servers), flush=True)
             finally:

@@ -11,7 +11,8 @@
 3. take the blocks the planned tokens need; when the pool is empty, the most recently admitted sequence is
    *preempted*: its blocks are given back and it waits again, to be recomputed (from its prompt and the
    tokens it has produced, its full blocks often still in the prefix cache) when blocks free up;
-4. one forward per prefill chunk, one forward for all decoding sequences (a row each, positions per row);
+4. one forward for all decoding sequences (a row each, positions per row), one right-padded forward for
+   the chunks of prompts with nothing cached yet, one forward per other prefill chunk;
    sample, and finished sequences leave at once.
 
 Each sequence keeps its own sampling settings and seeded generator, so its output does not depend on which
@@ -34,6 +35,7 @@ from lmforge.generate.engine import last_logits
 from lmforge.generate.paged import PagedKVCache, PoolExhausted, block_hash
 from lmforge.generate.sampling import apply_logit_bias, check_sampling, sample_next
 from lmforge.generate.text_stream import TextStream
+from lmforge.models.transformer import logits_at
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV-cache block
 DEFAULT_PREFILL_CHUNK = 256  # tokens per step (decode rows included) before a prompt's prefill is split
@@ -269,9 +271,13 @@ class ContinuousBatcher:
             for s in decode:
                 s.cached += 1
             updates += self._finish_tokens(decode, logits)
-        decoded = {id(s) for s in decode}
+        done = {id(s) for s in decode}
+        fresh = [(s, n) for s, n in plan if id(s) not in done and s.cached == 0]
+        if len(fresh) > 1:  # prompts with nothing cached: one padded forward for all of them
+            updates += self._prefill_fresh(fresh)
+            done |= {id(s) for s, _ in fresh}
         for s, n in plan:
-            if id(s) in decoded:
+            if id(s) in done:
                 continue
             tokens = s.tokens[s.cached:s.cached + n]
             positions = torch.arange(s.cached, s.cached + n, device=self.device)[None]
@@ -283,6 +289,25 @@ class ContinuousBatcher:
             elif self.prefix_cache:
                 self._register(s)
         return updates
+
+    def _prefill_fresh(self, plan: list[tuple[Sequence, int]]) -> list[Update]:
+        counts = [n for _, n in plan]
+        width = max(counts)
+        tokens = torch.tensor([s.tokens[:n] + [0] * (width - n) for s, n in plan], device=self.device)
+        last = torch.tensor(counts, device=self.device) - 1
+        rows = torch.arange(len(plan), device=self.device)
+        logits = logits_at(self.model, tokens, lambda logits_of: logits_of((rows, last)),
+                           cache=self.cache.prefill_fresh([s.blocks for s, _ in plan], counts))  # (B, V)
+        complete = []
+        for i, (s, n) in enumerate(plan):
+            s.cached = n
+            if s.cached == len(s.prompt) + len(s.out):
+                complete.append(i)
+            elif self.prefix_cache:
+                self._register(s)
+        if not complete:
+            return []
+        return self._finish_tokens([plan[i][0] for i in complete], logits[complete])
 
     def _finish_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Update]:
         if self.prefix_cache:

@@ -112,6 +112,12 @@ class PagedKVCache:
         model's own causal mask (offset ``start``) applies."""
         return _PrefillView(self, table, start, n)
 
+    def prefill_fresh(self, tables: Sequence[Sequence[int]], counts: Sequence[int]) -> _FreshPrefillView:
+        """A view for the first ``counts[b]`` tokens of ``len(tables)`` sequences with nothing cached yet, run
+        as one batch right-padded to the longest: the model's causal mask keeps each row's tokens from
+        the padding after them, and only the real tokens' keys and values are written."""
+        return _FreshPrefillView(self, tables, counts)
+
     def decode(self, tables: Sequence[Sequence[int]], lengths: Sequence[int]) -> _DecodeView:
         """A view for one new token in each of ``len(tables)`` sequences, row ``b`` holding
         ``lengths[b]`` cached tokens; pass ``view.pos[:, None]`` as positions and ``view.key_mask``
@@ -139,6 +145,24 @@ class _PrefillView:
             return k, v
         return (ck.index_select(0, self._read).transpose(0, 1)[None],
                 cv.index_select(0, self._read).transpose(0, 1)[None])
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+
+class _FreshPrefillView:
+    def __init__(self, cache: PagedKVCache, tables: Sequence[Sequence[int]], counts: Sequence[int]):
+        dev = cache.k.device
+        self.cache, self.length = cache, 0
+        self._write = torch.cat([cache.rows(t, 0, n) for t, n in zip(tables, counts)])
+        width = max(counts)
+        self._real = torch.arange(width, device=dev)[None, :] < torch.tensor(list(counts), device=dev)[:, None]
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (rows, KV, d)
+        ck.index_copy_(0, self._write, k.transpose(1, 2)[self._real])  # k: (B, KV, T, d) -> (real tokens, KV, d)
+        cv.index_copy_(0, self._write, v.transpose(1, 2)[self._real])
+        return k, v  # nothing cached before: the keys are the batch's own
 
     def advance(self, t: int) -> None:
         self.length += t

@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import json
 import time
+import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,17 +126,59 @@ class Engine:
         return Sequence(ids, params, self.tokenizer)
 
 
+class _Mailbox:
+    """Hands the engine thread's updates to one event loop: one wake-up per engine step for every stream
+    together (``call_soon_threadsafe`` writes to the loop's self-pipe and costs a loop iteration), not one
+    per token per stream. ``post`` is called on the engine thread; ``_drain`` runs on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = weakref.ref(loop)  # (the mailbox must not keep a finished loop alive)
+        self.items: deque = deque()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        self.items.append((queue, item))
+        if not self.scheduled:  # the drain already scheduled (and not yet begun) takes this item too
+            self.scheduled = True
+            try:
+                loop = self.loop()
+                if loop is None:
+                    raise RuntimeError("the event loop is gone")
+                loop.call_soon_threadsafe(self._drain)
+            except BaseException:  # a closed loop: nothing will drain; the caller cancels the job
+                self.items.clear()
+                self.scheduled = False
+                raise
+
+    def _drain(self) -> None:
+        self.scheduled = False  # before taking: an item posted from here on schedules another drain
+        items = self.items
+        while items:
+            queue, item = items.popleft()
+            queue.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its _Mailbox
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = _Mailbox(loop)
+    return box
+
+
 class _Stream:
     """The HTTP side of one request: its jobs in the scheduler and a queue their updates arrive on."""
 
     def __init__(self, scheduler: Scheduler, seqs: list[Sequence]):
-        loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.scheduler = scheduler
         self.index = {s.id: i for i, s in enumerate(seqs)}
+        post = _mailbox(asyncio.get_running_loop()).post
 
-        def sink(item, _loop=loop, _q=self.queue):
-            _loop.call_soon_threadsafe(_q.put_nowait, item)
+        def sink(item, _post=post, _q=self.queue):
+            _post(_q, item)
 
         self.jobs = [Job(s, sink) for s in seqs]
         self.open = len(seqs)
@@ -178,6 +222,23 @@ class _Stream:
 
 def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+_INDEX_MARK, _TEXT_MARK = 918273645, "\ue000lmforge-text\ue000"
+
+
+def _sse_template(rendered: bytes):
+    """``fill(index, text)`` giving the bytes of the event ``rendered`` with ``_INDEX_MARK`` and
+    ``_TEXT_MARK`` replaced: the JSON of the envelope is built once per stream, not once per token."""
+    # from the right: the id, model name and timestamp come first and could contain a marker's digits
+    front, tail = rendered.rsplit(json.dumps(_TEXT_MARK, ensure_ascii=False).encode(), 1)
+    head, middle = front.rsplit(str(_INDEX_MARK).encode(), 1)
+    dumps = json.JSONEncoder(ensure_ascii=False).encode
+
+    def fill(index: int, text: str) -> bytes:
+        return b"".join((head, str(index).encode(), middle, dumps(text).encode(), tail))
+
+    return fill
 
 
 def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings | None = None,
@@ -275,6 +336,10 @@ def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings
         def chunk(choices, **extra):
             return _sse(P.envelope(rid, obj, engine.name, created, choices=choices, **extra))
 
+        # the per-token event, rendered once with markers and then filled in (equal to `chunk`'s bytes)
+        delta = _sse_template(chunk([P.chat_delta(_INDEX_MARK, {"content": _TEXT_MARK}, None) if chat else
+                                     P.completion_choice(_INDEX_MARK, _TEXT_MARK, None)]))
+
         try:
             if chat:
                 yield chunk([P.chat_delta(0, {"role": "assistant", "content": ""}, None)])
@@ -284,9 +349,11 @@ def create_app(model_dir, api_key: str | None = None, *, settings: ServeSettings
                     continue  # held-back text (a possible stop string, half a character)
                 if chat:
                     if u.text:
-                        yield chunk([P.chat_delta(i, {"content": u.text}, None)])
+                        yield delta(i, u.text)
                     if reason:
                         yield chunk([P.chat_delta(i, {}, reason)])
+                elif reason is None:
+                    yield delta(i, u.text)
                 else:
                     yield chunk([P.completion_choice(i, u.text, reason)])
             if req.include_usage():

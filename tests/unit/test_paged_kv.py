@@ -52,6 +52,22 @@ def test_paging_chunking_and_prefix_sharing_keep_greedy_output(variant):
     assert batcher.cache.available == batcher.cache.n_blocks and all(r == 0 for r in batcher.cache.refs)
 
 
+@pytest.mark.parametrize("variant", [{}, {"sliding_window": 7}, {"pos_encoding": "learned"}],
+                         ids=["rope", "sliding-window", "learned-positions"])
+def test_prompts_arriving_together_are_prefilled_in_one_padded_forward_with_the_same_output(variant):
+    model = tiny(**variant)
+    prompts = [[5, 6, 7], [9] * 13, [1], list(range(20, 45)), [3, 4], [8, 7, 6, 5, 4, 3, 2, 1, 0, 1, 2]]
+    seqs = [Sequence(p, SamplingParams(max_new_tokens=5 + i)) for i, p in enumerate(prompts)]
+    batcher = ContinuousBatcher(model, n_slots=6, block_size=4, prefill_chunk=32)
+    fresh = []
+    original = batcher._prefill_fresh
+    batcher._prefill_fresh = lambda plan: fresh.append([n for _, n in plan]) or original(plan)
+    drain(batcher, {0: seqs[:4], 3: seqs[4:]})  # the 25-token prompt is cut by the 32-token budget
+    check_against_generate(model, seqs)
+    assert fresh[:2] == [[3, 13, 15], [2, 11]]  # one forward per step (the 1-token prompt decodes at once)
+    assert batcher.cache.available == batcher.cache.n_blocks
+
+
 def test_a_shared_prefix_across_50_requests_is_computed_once():
     model = tiny()
     system = [(7 * i) % 61 for i in range(1, 34)]  # 33 tokens: 8 full blocks of 4, then the suffixes
